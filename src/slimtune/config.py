@@ -1,0 +1,160 @@
+"""Typed method configs with HF PEFT's field names, validated on construction.
+
+Every method config is a dataclass deriving from :class:`MethodConfig`. Field names are spelled the
+way PEFT spells them so an ``adapter_config.json`` written by either library reads in the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+_CONFIG_CLASSES: dict[str, type[MethodConfig]] = {}
+
+
+def register_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make a config readable by :func:`config_from_dict` through its ``peft_type``."""
+    _CONFIG_CLASSES[cls.peft_type] = cls
+    return cls
+
+
+def _is_default_like(value: Any) -> bool:
+    """PEFT writes dozens of optional keys as null/false/empty; those carry no meaning for us."""
+    return value in (None, False, "", [], {}, 0) or (isinstance(value, str) and value.startswith("megatron"))
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares (PEFT's ``PeftConfig``)."""
+
+    peft_type: ClassVar[str] = ""
+    # PEFT keys we read but do not act on; ignored without a warning whatever their value.
+    ignored_keys: ClassVar[frozenset[str]] = frozenset(
+        {"peft_version", "revision", "auto_mapping", "peft_type", "library_name"}
+    )
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r} is not supported; use one of {TASK_TYPES} or None.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``peft_type`` included (what ``adapter_config.json`` holds)."""
+        data = {f.name: _to_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["peft_type"] = self.peft_type
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """Build from a dict, tolerating keys of newer PEFT versions (warns when such a key is set)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        unknown = {k: v for k, v in data.items() if k not in names and k not in cls.ignored_keys}
+        meaningful = sorted(k for k, v in unknown.items() if not _is_default_like(v))
+        if meaningful:
+            warnings.warn(
+                f"{cls.__name__}: ignoring config keys slimtune does not support: {meaningful} "
+                f"(values {[unknown[k] for k in meaningful]}); the adapter may behave differently than in PEFT.",
+                stacklevel=2,
+            )
+        return cls(**known)
+
+    def replace(self, **changes: Any) -> MethodConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return value
+
+
+def _check_str_list(name: str, value: Any, allow_str: bool = True) -> Any:
+    """Normalise a PEFT 'list of names or a regex string' field; sets become sorted lists."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"{name}={value!r} must be a list of module names" + (" or a regex string." if allow_str else "."))
+
+
+BIAS_MODES = ("none", "all", "lora_only")
+LORA_INITS = (True, False, "gaussian")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """LoRA (Hu et al., 2021, arXiv:2106.09685): ``h = W x + s · B A dropout(x)``.
+
+    ``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``). ``target_modules`` is a
+    list (exact module name or dotted suffix), a full-match regex string, or ``"all-linear"``.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    ignored_keys: ClassVar[frozenset[str]] = MethodConfig.ignored_keys | {"megatron_core", "loftq_config", "qalora_group_size"}
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} must be a positive integer (the LoRA rank, e.g. 8 or 16).")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number (scaling is alpha / r).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias={self.bias!r} is not a bias mode; use one of {BIAS_MODES}.")
+        if self.init_lora_weights not in LORA_INITS:
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {LORA_INITS}."
+            )
+        self.target_modules = _check_str_list("target_modules", self.target_modules)
+        self.exclude_modules = _check_str_list("exclude_modules", self.exclude_modules)
+        self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"rank_pattern[{key!r}]={rank!r} must be a positive integer.")
+        for key, alpha in self.alpha_pattern.items():
+            if not isinstance(alpha, (int, float)) or alpha <= 0:
+                raise ValueError(f"alpha_pattern[{key!r}]={alpha!r} must be a positive number.")
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Read any registered method config from its dict (``peft_type`` picks the class)."""
+    peft_type = data.get("peft_type")
+    if peft_type not in _CONFIG_CLASSES:
+        raise ValueError(
+            f"peft_type={peft_type!r} is not supported by slimtune; known types: {sorted(_CONFIG_CLASSES)}."
+        )
+    return _CONFIG_CLASSES[peft_type].from_dict(data)
+
+
+register_config(LoraConfig)

@@ -1,0 +1,52 @@
+"""How much of a model trains, and how big its adapter is on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from slimtune.inject import get_state
+from slimtune.io import serialize_adapter
+try:  # TEMP-INTEGRATION
+    from slimtune.quant.linear import QuantizedLinear
+except ImportError:  # TEMP-INTEGRATION
+    class QuantizedLinear: pass  # TEMP-INTEGRATION
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    trainable: int
+    total: int
+    adapter_bytes: int | None
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        size = f" | adapter on disk: {_human(self.adapter_bytes)}" if self.adapter_bytes is not None else ""
+        return (f"trainable params: {self.trainable:,} | all params: {self.total:,} | "
+                f"trainable: {self.percent:.4f}%{size}")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def trainable_parameters(model: nn.Module, adapter_name: str | None = None) -> TrainableReport:
+    """Trainable / total parameter counts (quantized weights counted by their logical size) and the
+    size of the active adapter's safetensors file."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    state = get_state(model, required=False)
+    size = None
+    if state is not None and state.configs:
+        name = adapter_name or (state.active[0] if state.active else next(iter(state.configs)))
+        size = len(serialize_adapter(model, name))
+    return TrainableReport(trainable, total, size)

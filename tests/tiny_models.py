@@ -1,0 +1,68 @@
+"""Tiny transformer models built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    return BertForSequenceClassification(config).eval()
+
+
+def sample_inputs(family: str, seed: int = 0, batch: int = 2, seq: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    if family == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(3, VOCAB, (batch, 6), generator=g)}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# family -> (builder, LoRA targets, extra LoraConfig kwargs)
+FAMILIES = {
+    "llama": (tiny_llama, ["q_proj", "v_proj"], {}),
+    "gpt2": (tiny_gpt2, ["c_attn"], {}),
+    "t5": (tiny_t5, ["q", "v"], {}),
+    "bert": (tiny_bert_cls, ["query", "value"], {"modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
+}
