@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (
     BertConfig,
@@ -10,6 +11,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -23,6 +25,15 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_llama_cls(seed: int = 0, num_labels: int = 3) -> LlamaForSequenceClassification:
+    """A decoder model with a classification head (``score``), pooled at the last non-pad token."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=num_labels)
+    return LlamaForSequenceClassification(config).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -52,6 +63,16 @@ def sample_inputs(family: str, seed: int = 0, batch: int = 2, seq: int = 10) -> 
     if family == "t5":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(3, VOCAB, (batch, 6), generator=g)}
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: two threads on a busy 2-core machine spin ~100x longer.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (and import it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def logits(model, inputs) -> torch.Tensor:

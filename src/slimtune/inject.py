@@ -70,6 +70,8 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
     # Validate everything before the first change to the model.
     custom = getattr(config, "inject_into", None)
+    if custom and hasattr(config, "check_model"):  # methods without wrapped layers validate here, too
+        config.check_model(model)
     plan = None if custom else _plan_wrapping(model, config)
     to_save = _modules_to_save(model, getattr(config, "modules_to_save", None))
 
@@ -98,7 +100,9 @@ def inject(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
 def _plan_wrapping(model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Module]]:
     """(module name, module to wrap or an existing wrapper of the same method) for each target."""
     make_layer, layer_types = layer_factory(config.peft_type)
-    wrapped = {n for n, _ in tuner_layers(model)}
+    # Everything inside an existing wrapper (its base_layer and the adapters' own nn.Linear A/B, which
+    # "all-linear" or a regex would otherwise match) is off limits; the wrapper itself is a valid target.
+    wrapped = {f"{n}.{child}" for n, layer in tuner_layers(model) for child, _ in layer.named_children()}
     names = find_targets(
         model,
         getattr(config, "target_modules", None),
@@ -106,16 +110,18 @@ def _plan_wrapping(model: nn.Module, config: MethodConfig) -> list[tuple[str, nn
         getattr(config, "layers_to_transform", None),
         getattr(config, "layers_pattern", None),
         getattr(config, "modules_to_save", None),
-        skip={f"{n}.base_layer" for n in wrapped} | {n for n, _ in saved_modules(model)},
+        skip=wrapped | {n for n, _ in saved_modules(model)},
     )
     plan = []
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, TunerLayer):
-            if not isinstance(module, layer_types):
+            needed = type(make_layer(module.base_layer, config))  # e.g. DoraLinear for use_dora=True
+            if not isinstance(module, layer_types) or not isinstance(module, needed):
                 raise ValueError(
-                    f"{name} already holds a {type(module).__name__}; a {config.peft_type} adapter cannot be "
-                    "stacked on it. Use other target_modules or remove the existing adapter first."
+                    f"{name} already holds a {type(module).__name__}; a {config.peft_type} adapter (which needs a "
+                    f"{needed.__name__}) cannot be stacked on it. Use other target_modules or remove the existing "
+                    "adapter first."
                 )
         else:
             make_layer(module, config)  # raises a clear TypeError for unsupported layer types, before any change
@@ -178,7 +184,7 @@ def _apply_bias_modes(model: nn.Module, state: AdapterState) -> None:
         name
         for name in params
         if name.endswith("bias") and not _in_saved_copy(name)
-        and ("all" in modes or ("lora_only" in modes and name.startswith(wrapped)))
+        and ("all" in modes or (modes & {"lora_only", "vera_only"} and name.startswith(wrapped)))
     ]
     for name in state.trainable_biases:
         params[name].requires_grad_(True)
@@ -222,6 +228,8 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
     """Fold the active (or named) adapters into the base weights; forward stays the same, faster."""
     state = get_state(model)
     names = adapter_names or state.active
+    for custom in _custom_hooks(model, "merge"):  # methods without wrapped layers (sparse, prompts)
+        custom(model, list(names))
     for _, layer in tuner_layers(model):
         layer.merge([a for a in names if a in layer.adapter_names])
     return model
@@ -232,6 +240,8 @@ def unmerge(model: nn.Module) -> nn.Module:
     get_state(model)
     for _, layer in tuner_layers(model):
         layer.unmerge()
+    for custom in _custom_hooks(model, "unmerge"):
+        custom(model)
     return model
 
 
@@ -273,9 +283,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         layer.unmerge()
     for module in switchable:
         module.disabled = True
+    toggles = _custom_hooks(model, "set_disabled")  # methods without wrapped layers (sparse, prompts)
+    for toggle in toggles:
+        toggle(model, True)
     try:
         yield model
     finally:
+        for toggle in toggles:
+            toggle(model, False)
         for module in switchable:
             module.disabled = False
         for layer in layers:

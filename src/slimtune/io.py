@@ -36,9 +36,10 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
     for name, layer in tuner_layers(model):
         if adapter_name in layer.adapter_names:
             out.update({f"{PEFT_PREFIX}{name}.{k}": v for k, v in layer.adapter_tensors(adapter_name).items()})
+    prefix = getattr(config, "saved_modules_prefix", PEFT_PREFIX)  # PEFT's prompt methods use "base_model."
     for name, module in saved_modules(model):
         if adapter_name in module.adapter_names:
-            out.update({f"{PEFT_PREFIX}{name}.{k}": v for k, v in module.adapter_tensors(adapter_name).items()})
+            out.update({f"{prefix}{name}.{k}": v for k, v in module.adapter_tensors(adapter_name).items()})
     out.update({PEFT_PREFIX + k: v for k, v in _bias_tensors(model, getattr(config, "bias", "none")).items()})
     custom = getattr(config, "adapter_tensors", None)
     if custom:
@@ -72,7 +73,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     if adapter_name not in state.configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {sorted(state.configs)}.")
     config = state.configs[adapter_name]
-    data = config.to_dict()
+    # LoRA variants PEFT knows as plain LoRA (LoRA-FA, Delta-LoRA, LoRA+) export a "LORA" config.
+    data = config.to_peft_dict() if hasattr(config, "to_peft_dict") else config.to_dict()
     data["inference_mode"] = True
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
     data["base_model_name_or_path"] = name_or_path or None

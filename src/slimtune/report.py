@@ -8,10 +8,7 @@ from torch import nn
 
 from slimtune.inject import get_state
 from slimtune.io import serialize_adapter
-try:  # TEMP-INTEGRATION
-    from slimtune.quant.linear import QuantizedLinear
-except ImportError:  # TEMP-INTEGRATION
-    class QuantizedLinear: pass  # TEMP-INTEGRATION
+from slimtune.quant.linear import QuantizedLinear
 
 
 @dataclass(frozen=True)

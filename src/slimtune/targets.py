@@ -12,10 +12,7 @@ try:  # GPT-2 style transposed linear layer; transformers is a run-time dependen
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment,misc]
 
-try:  # TEMP-INTEGRATION
-    from slimtune.quant.linear import QuantizedLinear
-except ImportError:  # TEMP-INTEGRATION
-    class QuantizedLinear: pass  # TEMP-INTEGRATION
+from slimtune.quant.linear import QuantizedLinear
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, QuantizedLinear)  # type: ignore[arg-type]
 EMBEDDING_TYPES: tuple[type, ...] = (nn.Embedding,)
@@ -95,7 +92,7 @@ def find_targets(
         if not name or name in skip or any(name.startswith(s + ".") for s in skip):
             continue
         if all_linear:
-            if not is_linear(module) or name in heads:
+            if not is_linear(getattr(module, "base_layer", module)) or name in heads:  # a wrapper counts as its base
                 continue
         elif not name_matches(name, target_modules):
             continue

@@ -34,6 +34,15 @@ def layer_factory(peft_type: str) -> tuple[LayerFactory, tuple[type[TunerLayer],
 
 register_method("LORA", make_lora_layer, (LoraLinear, LoraEmbedding))
 
+# Bottleneck adapters, (IA)³, prompt/prefix methods, sparse methods: imported here so their configs are
+# registered (for config_from_dict and recipes) whenever slimtune.methods is.
+from slimtune.methods import prefix, prompt_tuning, prompts, sparse  # noqa: E402,F401
+from slimtune.methods.adapter import BottleneckLinear, make_bottleneck_layer  # noqa: E402
+from slimtune.methods.ia3 import IA3Linear, make_ia3_layer  # noqa: E402
+
+register_method("IA3", make_ia3_layer, (IA3Linear,))
+register_method("BOTTLENECK", make_bottleneck_layer, (BottleneckLinear,))
+
 __all__ = [
     "LoraEmbedding",
     "LoraLinear",

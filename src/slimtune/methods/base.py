@@ -32,6 +32,15 @@ class TunerLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: some models read it from the layer they own (T5's ``wo``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # ---- adapters -------------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:

@@ -143,6 +143,10 @@ class LoraEmbedding(TunerLayer):
 
 def make_lora_layer(base: nn.Module, config: LoraConfig) -> TunerLayer:
     """An empty LoRA wrapper for ``base``; raise for layer types LoRA does not support."""
+    if config.use_dora:  # DoRA lives in its own module (imported here: it builds on this one)
+        from slimtune.methods.dora import make_dora_layer
+
+        return make_dora_layer(base, config)
     if isinstance(base, EMBEDDING_TYPES):
         return LoraEmbedding(base)
     if isinstance(base, LINEAR_TYPES):

@@ -1,0 +1,203 @@
+"""The ``slimtune`` command: train | recipes | generate | eval | merge.
+
+    slimtune train                                   # the default recipe (QLoRA, SmolLM2, pycode)
+    slimtune train lora-smollm2-pycode training.max_steps=20 output.dir=runs/try
+    slimtune train lora-smollm2-pycode --resume      # continue after Ctrl-C
+    slimtune generate --adapter runs/qlora-smollm2-pycode/adapter -p "Write a function that ..."
+    slimtune eval --adapter runs/qlora-smollm2-pycode/adapter
+    slimtune merge --adapter runs/qlora-smollm2-pycode/adapter --output merged/
+
+User errors (bad recipe key, missing file, ...) print ``error: <message>`` and exit with status 2;
+set ``SLIMTUNE_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)  # RecipeError is a ValueError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from slimtune.train.recipe import DEFAULT_RECIPE, load_recipe
+    from slimtune.train.runner import run_recipe
+
+    recipe_arg, overrides = args.recipe, list(args.overrides)
+    if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
+        recipe_arg, overrides = None, [recipe_arg, *overrides]  # `slimtune train key=value` uses the default
+    recipe = load_recipe(recipe_arg or DEFAULT_RECIPE, overrides)
+    if args.dry_run:
+        print(recipe.to_yaml(), end="")
+        return 0
+    result = run_recipe(recipe, resume=args.resume, show_progress=not args.no_progress)
+    return 0 if result.finished else 130
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from slimtune.train.recipe import RECIPE_DIR, list_recipes, recipe_summary
+
+    recipes = list_recipes()
+    if not recipes:
+        print(f"no shipped recipes found in {RECIPE_DIR}")
+        return 1
+    print(f"shipped recipes ({RECIPE_DIR}):")
+    width = max(len(p.stem) for p in recipes)
+    for path in recipes:
+        description, command = recipe_summary(path)
+        print(f"  {path.stem:<{width}}  {description}\n  {'':<{width}}  run: {command}")
+    return 0
+
+
+def _adapters(args: argparse.Namespace):
+    from slimtune.train.loading import parse_adapter_arg
+
+    return [parse_adapter_arg(text, i) for i, text in enumerate(args.adapter or [])]
+
+
+def _load(args: argparse.Namespace, active: list[str] | None = None):
+    from slimtune.train.loading import load_with_adapters
+
+    return load_with_adapters(args.model, _adapters(args), args.load_in_4bit, args.device, args.dtype, active,
+                              log=lambda m: print(m, file=sys.stderr))
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from slimtune.train.generation import generate_text
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    active = [a for a in args.active.split(",") if a] if args.active else None
+    model, tokenizer = _load(args, active)
+    generate_text(model, tokenizer, prompt, args.max_new_tokens, False if args.no_chat_template else None,
+                  stream=sys.stdout, temperature=args.temperature)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from slimtune.train.data import load_examples
+    from slimtune.train.tokenization import tokenize_examples
+    from slimtune.train.trainer import evaluate_loss
+
+    examples = load_examples(args.data, split=args.split, max_examples=args.max_examples)
+    model, tokenizer = _load(args)
+    rows = tokenize_examples(examples, tokenizer, args.max_seq_length, False, False if args.no_chat_template else None)
+    device = next(model.parameters()).device
+    loss = evaluate_loss(model, rows.rows, args.batch_size, tokenizer.pad_token_id, device)
+    print(f"eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | "
+          f"{len(rows)} examples, {rows.stats.n_label_tokens:,} response tokens ({args.data!r}, split {args.split!r})")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from slimtune.train.loading import export_merged
+
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"--output {output} already exists and is not empty; pass --overwrite or another folder.")
+    model, tokenizer = _load(args)
+    export_merged(model, tokenizer, output)
+    print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser, adapters: str) -> None:
+    parser.add_argument("--model", default=None,
+                        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf file or a "
+                             "hub id; default: the base the adapter names, else 'default'")
+    parser.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help=adapters)
+    parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="quantize the base to 4 bits (NF4); default: as the adapter's training run did")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:N'")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype of the base model (default float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtune",
+                                     description="Parameter-efficient fine-tuning, natively in PyTorch.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run `slimtune COMMAND --help` for a command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune as a YAML recipe says",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune as a YAML recipe says. RECIPE is a .yaml path or a shipped recipe "
+                                   "name (see `slimtune recipes`; default: qlora-smollm2-pycode). Overrides "
+                                   "key.sub=value change any recipe key (values are YAML: 16, true, 2e-4, [a, b]).",
+                       epilog="example: slimtune train lora-smollm2-pycode training.max_steps=10 output.dir=runs/x")
+    p.add_argument("recipe", nargs="?", help="recipe file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it resolved; train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes and how to run them")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("generate", help="generate text with a base model and optional adapters (streamed)")
+    _model_options(p, "adapter folder; repeat for several adapters (NAME=PATH names them)")
+    p.add_argument("-p", "--prompt", required=True, help="the user prompt ('-' reads stdin)")
+    p.add_argument("--active", help="comma-separated adapter names to use together (default: the first)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a dataset")
+    _model_options(p, "adapter folder (optional)")
+    p.add_argument("--data", default="pycode", help="'pycode' or a .jsonl/.json/.csv/.tsv file (default pycode)")
+    p.add_argument("--split", default="validation", choices=["train", "validation", "all"])
+    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-seq-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("merge", help="merge an adapter into its base and export a plain transformers model folder")
+    _model_options(p, "adapter folder to merge")
+    p.add_argument("-o", "--output", required=True, help="folder for the merged model (safetensors + tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_merge)
+    return parser
+
+
+def _quiet_transformers() -> None:
+    """transformers draws a progress bar for every model load ("Loading weights"): noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``slimtune`` console script; returns the exit status."""
+    parser = build_parser()
+    # parse_known_args: argparse cannot take positionals after an option (`train r.yaml --resume a=1`),
+    # so overrides that follow an option come back as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    if args.command == "merge" and not args.adapter:
+        print("error: merge needs --adapter PATH (the adapter to merge).", file=sys.stderr)
+        return 2
+    try:
+        if args.command != "recipes" and not getattr(args, "dry_run", False):
+            _quiet_transformers()
+        return args.func(args)
+    except USER_ERRORS as error:
+        if os.environ.get("SLIMTUNE_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\naborted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Delta-LoRA: the frozen weight follows the change of the low-rank product.
+
+Zi et al., "Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of Low-Rank Matrices",
+arXiv:2309.02411.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from slimtune.config import LoraConfig, register_config
+from slimtune.methods import register_method
+from slimtune.methods.lora import LoraLinear
+from slimtune.targets import LINEAR_TYPES
+
+
+@register_config
+@dataclass
+class DeltaLoraConfig(LoraConfig):
+    """Delta-LoRA: LoRA whose base weight also moves, after every optimizer step t > ``delta_start_step``:
+    ``W ← W + λ · s · (B_{t+1} A_{t+1} − B_t A_t)``; W itself gets no gradient nor optimizer state.
+
+    ``delta_lambda`` is the paper's update ratio λ (0.5) and ``delta_start_step`` its warm-up K (500
+    steps of plain LoRA first). The paper drops dropout on the LoRA path, so ``lora_dropout`` must be 0.
+    The trainer calls :meth:`after_optimizer_step`; in your own loop call it after ``optimizer.step()``.
+
+    Saved as a plain PEFT LoRA adapter of rank 2r that holds the whole change relative to the
+    original base: ``ΔW = (1 + λ) s B A − λ s B_K A_K`` (the updates telescope), so PEFT and slimtune
+    reproduce the trained model from the untouched base.
+    """
+
+    peft_type: ClassVar[str] = "DELTA_LORA"
+
+    delta_lambda: float = 0.5
+    delta_start_step: int = 500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora_dropout:
+            raise ValueError(f"DeltaLoraConfig(lora_dropout={self.lora_dropout!r}): Delta-LoRA runs without "
+                             "dropout on the LoRA path (the W update assumes B A is the model's own update); "
+                             "set lora_dropout=0.")
+        if self.use_dora:
+            raise ValueError("DeltaLoraConfig(use_dora=True) contradicts itself: DoRA renormalises W + sBA per row "
+                             "while Delta-LoRA moves W by sBA's change; use one or the other.")
+        lam = self.delta_lambda
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
+            raise ValueError(f"delta_lambda={self.delta_lambda!r} must be a number ≥ 0 (the paper uses 0.5).")
+        if not isinstance(self.delta_start_step, int) or self.delta_start_step < 0:
+            raise ValueError(f"delta_start_step={self.delta_start_step!r} must be an integer ≥ 0 "
+                             "(the paper uses 500).")
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Apply the W update of this config's adapters; call once after every optimizer step."""
+        from slimtune.inject import get_state, tuner_layers  # the injector imports the method registry
+
+        names = [name for name, c in get_state(model).configs.items() if c is self]
+        for _, layer in tuner_layers(model):
+            for name in names:
+                if isinstance(layer, DeltaLoraLinear) and name in layer.delta_state:
+                    layer.delta_update(name)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The rank-2r LoRA config of the exported adapter (every scaling s kept)."""
+        factor = math.sqrt(2) if self.use_rslora else 2  # alpha/r (or alpha/√r) unchanged with r → 2r
+        data = {k: v for k, v in self.to_dict().items() if k not in ("delta_lambda", "delta_start_step")}
+        data.update(peft_type="LORA", r=2 * self.r, lora_alpha=factor * self.lora_alpha,
+                    rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                    alpha_pattern={k: factor * v for k, v in self.alpha_pattern.items()})
+        return data
+
+
+class DeltaState(nn.Module):
+    """Per adapter: B_t, A_t from the last step, and B_K, A_K from just before the first W update."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, delta_lambda: float, start_step: int) -> None:
+        super().__init__()
+        for name, value in (("prev_A", A), ("prev_B", B), ("start_A", A), ("start_B", B)):
+            self.register_buffer(name, value.detach().clone(), persistent=False)
+        self.delta_lambda, self.start_step, self.steps = delta_lambda, start_step, 0
+
+
+class DeltaLoraLinear(LoraLinear):
+    """Delta-LoRA on a linear layer: ``h = W_t x + b + s · B A x`` (no dropout), and after step t:
+    ``W_{t+1} = W_t + λ · s · (B_{t+1} A_{t+1} − B_t A_t)`` (one rank-2r matmul, no full-size copy kept).
+
+    Plain LoRA adapters can share this layer. Deleting a Delta-LoRA adapter takes its updates back
+    out of W; ``slimtune.unload`` keeps them (W then holds ``λ s (B A − B_K A_K)``).
+    """
+
+    adapter_values = LoraLinear.adapter_values + ("delta_state",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.delta_state = nn.ModuleDict()
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        super().add_adapter(adapter_name, config, module_name)
+        if isinstance(config, DeltaLoraConfig):
+            A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            self.delta_state[adapter_name] = DeltaState(A, B, config.delta_lambda, config.delta_start_step)
+
+    @torch.no_grad()
+    def delta_update(self, adapter_name: str) -> None:
+        """After an optimizer step: move W by ``λ s (B A − B_prev A_prev)`` once past the start step."""
+        state = self.delta_state[adapter_name]
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        state.steps += 1
+        if state.steps <= state.start_step:  # the reference B_K A_K follows until the first update
+            state.start_A.copy_(A)
+            state.start_B.copy_(B)
+        elif adapter_name not in self.merged_adapters:
+            BB, AA = torch.cat([B, -state.prev_B], 1), torch.cat([A, state.prev_A])  # B A − B_t A_t as one product
+            self._add_to_weight(adapter_name, BB, AA, state.delta_lambda)
+        state.prev_A.copy_(A)
+        state.prev_B.copy_(B)
+
+    def _add_to_weight(self, adapter_name: str, B: torch.Tensor, A: torch.Tensor, factor: float) -> None:
+        """``W += factor · s · B A`` in W's layout; B (out, k), A (k, in)."""
+        weight = self.base_layer.weight
+        delta = B @ A * (factor * self.scaling[adapter_name])
+        weight.add_((delta.T if self.fan_in_fan_out else delta).to(weight.dtype))
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Delta-LoRA adapters export the rank-2r LoRA ``[(1+λ)B, −λB_K] [A; A_K]`` (not live tensors)."""
+        if adapter_name not in self.delta_state:
+            return super().adapter_tensors(adapter_name)
+        state = self.delta_state[adapter_name]
+        A, B, lam = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, state.delta_lambda
+        return {"lora_A.weight": torch.cat([A, state.start_A]).detach(),
+                "lora_B.weight": torch.cat([(1 + lam) * B, -lam * state.start_B], 1).detach()}
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.delta_state and adapter_name not in self.merged_adapters:
+            state = self.delta_state[adapter_name]
+            if state.steps > state.start_step:  # take the updates back out of W
+                with torch.no_grad():
+                    A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+                    self._add_to_weight(adapter_name, torch.cat([B, -state.start_B], 1),
+                                        torch.cat([A, state.start_A]), -state.delta_lambda)
+        super().delete_adapter(adapter_name)
+
+
+def make_delta_lora_layer(base: nn.Module, config: DeltaLoraConfig) -> DeltaLoraLinear:
+    if not isinstance(base, LINEAR_TYPES) or not isinstance(getattr(base, "weight", None), torch.Tensor) \
+            or not base.weight.is_floating_point():
+        raise TypeError(f"Delta-LoRA updates the base weight, so it needs a floating-point linear layer, not a "
+                        f"{type(base).__name__}; pick nn.Linear / Conv1D target_modules (not quantized ones).")
+    return DeltaLoraLinear(base)
+
+
+register_method("DELTA_LORA", make_delta_lora_layer, (DeltaLoraLinear,))

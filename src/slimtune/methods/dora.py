@@ -1,0 +1,142 @@
+"""DoRA: weight-decomposed low-rank adaptation, selected with ``LoraConfig(use_dora=True)`` as in PEFT.
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv:2402.09353.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from slimtune.config import LoraConfig
+from slimtune.methods.lora import LoraLinear
+from slimtune.targets import EMBEDDING_TYPES, LINEAR_TYPES
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as a float ``(out, in)`` tensor: dequantized for 4/8-bit layers, transposed for Conv1D."""
+    if hasattr(base, "dequantize"):
+        return base.dequantize(torch.float32)
+    weight = base.weight
+    return weight.T if not isinstance(base, nn.Linear) and hasattr(base, "nf") else weight
+
+
+class DoraLinear(LoraLinear):
+    """DoRA on a linear layer: ``h = m ⊙ (W x + s B A dropout(x)) / ‖W + s B A‖_row + b``.
+
+    The weight is split into a magnitude ``m`` (size out, initialised to ``‖W + s B A‖_row``, i.e.
+    ``‖W‖_row`` for the default B = 0) and a direction ``(W + s B A) / ‖W + s B A‖_row``; the norm is a
+    constant for backprop (paper §4.3), so m, A and B train and W stays frozen.
+
+    - The norm never builds an ``(out, in)`` matrix: row-wise,
+      ``‖W + sBA‖² = ‖W‖² + 2s·Σ B ⊙ (W Aᵀ) + s²·Σ B (A Aᵀ) ⊙ B``, where ``W Aᵀ`` is the base layer applied to the r rows of A (so 4-bit bases work
+      unchanged) and ``‖W‖²_row`` is cached until the base weight changes.
+    - Dropout touches only the LoRA branch, so training runs ONE base matmul even with dropout > 0
+      (PEFT runs a second one on the dropped-out input); in eval mode the two agree exactly.
+    - Adapters added here with ``use_dora=False`` are plain LoRA adapters.
+    """
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_scale: dict[str, torch.Tensor] = {}  # m / ‖·‖ used when merging, kept to unmerge exactly
+        self._w_norm2: tuple[tuple, torch.Tensor] | None = None  # (base version key, ‖W‖²_row)
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        super().add_adapter(adapter_name, config, module_name)
+        if config.use_dora:
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer(x, *args, **kwargs)  # W x + b
+        bias = self.base_layer.bias
+        result = base
+        for name in self.unmerged_active():
+            A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            lora = B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]  # s B A x̃
+            if name in self.lora_magnitude_vector:
+                wx = (base if bias is None else base - bias).to(lora.dtype)  # W x
+                g = self.magnitude_scale(name)  # m / ‖W + sBA‖_row, the norm detached
+                lora = g * (wx + lora) - wx  # DoRA's output minus the W x the base already gave
+            result = result + lora.to(result.dtype)
+        return result
+
+    # ---- the norm -------------------------------------------------------------------------------
+    def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
+        """``m / ‖W + s B A‖_row`` (size out); gradient flows to m only."""
+        return self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)
+
+    @torch.no_grad()
+    def weight_norm(self, adapter_name: str) -> torch.Tensor:
+        """``‖W + s B A‖`` per output row, from the current base weight (merged adapters included)."""
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight  # (r, in), (out, r)
+        s = self.scaling[adapter_name]
+        wa = self._base_matmul(A).T  # W Aᵀ: (out, r)
+        norm2 = self._base_row_norm2() + 2 * s * (B * wa).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
+        return norm2.clamp_min(0).sqrt().clamp_min(torch.finfo(norm2.dtype).tiny)
+
+    def _base_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows Wᵀ`` (bias excluded) through the base layer itself, whatever its storage."""
+        weight = getattr(self.base_layer, "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else rows.dtype
+        out = self.base_layer(rows.to(dtype)).to(rows.dtype)
+        bias = self.base_layer.bias
+        return out if bias is None else out - bias.to(out.dtype)
+
+    def _base_row_norm2(self) -> torch.Tensor:
+        tensors = itertools.chain(self.base_layer.parameters(), self.base_layer.buffers())
+        key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+        if self._w_norm2 is None or self._w_norm2[0] != key:
+            w = dense_weight(self.base_layer).float()
+            self._w_norm2 = (key, torch.linalg.vector_norm(w, dim=1).square())
+        return self._w_norm2[1]
+
+    # ---- merging --------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """For DoRA ``g ⊙ (W + s B A) − W`` with ``g = m / ‖W + s B A‖`` on the current weight."""
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().delta_weight(adapter_name)
+        w = dense_weight(self.base_layer).float()
+        g = self.magnitude_scale(adapter_name).detach()[:, None]
+        lora = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        delta = (g - 1) * w + g * lora
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        for name in [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]:
+            if name in self.lora_magnitude_vector:
+                self._merge_scale[name] = self.magnitude_scale(name).detach()
+            super().merge([name])
+
+    def unmerge(self) -> None:
+        """Undo merges last-first; a DoRA merge is undone with its kept scale: ``W = W' / g − s B A``."""
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            g = self._merge_scale.pop(name, None)
+            weight = self.base_layer.weight
+            with torch.no_grad():
+                if g is None:  # a plain LoRA adapter of this layer
+                    weight.sub_(LoraLinear.delta_weight(self, name).to(weight.dtype))
+                else:
+                    w = weight.T if self.fan_in_fan_out else weight  # (out, in) view
+                    lora = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+                    w.copy_((w.float() / g[:, None] - lora).to(w.dtype))
+            self.merged_adapters.pop()
+
+
+def make_dora_layer(base: nn.Module, config: LoraConfig) -> DoraLinear:
+    """The DoRA wrapper for a linear-like layer; embeddings and other types get a clear error."""
+    if isinstance(base, EMBEDDING_TYPES):
+        raise ValueError(
+            f"DoRA (use_dora=True) adapts linear layers only, but target_modules matched an "
+            f"nn.Embedding({base.num_embeddings}, {base.embedding_dim}). Remove the embedding from "
+            "target_modules, or use a separate adapter with use_dora=False for it."
+        )
+    if isinstance(base, LINEAR_TYPES):
+        return DoraLinear(base)
+    raise TypeError(f"DoRA cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, "
+                    "slimtune quantized linear. Pick other target_modules.")

@@ -1,0 +1,144 @@
+"""(IA)³: learned vectors that rescale keys, values and the feed-forward intermediate activation.
+
+Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", arXiv:2205.05638. On disk exactly as HF PEFT: ``...<module>.ia3_l`` of shape ``(out, 1)``
+for attention targets and ``(1, in)`` for feed-forward targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimtune.config import MethodConfig, _check_str_list, register_config
+from slimtune.methods.base import NotMergeableError, TunerLayer, _mergeable_weight
+from slimtune.methods.lora import is_transposed, linear_dims
+from slimtune.methods.prompts import default_head
+from slimtune.targets import LINEAR_TYPES, name_matches
+
+
+@register_config
+@dataclass
+class IA3Config(MethodConfig):
+    """(IA)³ config with PEFT's field names.
+
+    ``target_modules`` are the layers that get a vector (e.g. ``["k_proj", "v_proj", "down_proj"]``);
+    ``feedforward_modules`` names those among them whose *input* is rescaled (the feed-forward
+    output projection, whose input is the activation ``γ(W1 x)``); the others rescale their output.
+    PEFT's defaults: llama ``k_proj, v_proj, down_proj`` / ff ``down_proj``; gpt2 ``c_attn, mlp.c_proj``
+    / ff ``mlp.c_proj``; t5 ``k, v, wo`` / ff ``wo``; bert ``key, value, output.dense`` / ff ``output.dense``.
+    With ``task_type="SEQ_CLS"`` the ``classifier``/``score`` head trains too unless ``modules_to_save=[]``.
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.target_modules = _check_str_list("target_modules", self.target_modules)
+        self.exclude_modules = _check_str_list("exclude_modules", self.exclude_modules)
+        self.feedforward_modules = _check_str_list("feedforward_modules", self.feedforward_modules)
+        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
+        if self.target_modules is not None and self.feedforward_modules is None:
+            raise ValueError(
+                "feedforward_modules=None: name which of target_modules are feed-forward layers (their input, the "
+                "FFN activation, is rescaled), e.g. ['down_proj'] for Llama or ['mlp.c_proj'] for GPT-2; "
+                "pass [] if none is."
+            )
+        if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
+            stray = [f for f in self.feedforward_modules if not name_matches(f, self.target_modules)]
+            if stray:
+                raise ValueError(
+                    f"feedforward_modules {stray} are not among target_modules {self.target_modules}; an (IA)³ "
+                    "feed-forward module must also be a target. Add it to target_modules or remove it."
+                )
+
+
+class IA3Linear(TunerLayer):
+    """(IA)³ on a linear layer: ``h = l ⊙ (W x + b)`` (keys, values) or ``h = W (l ⊙ x) + b`` (feed-forward).
+
+    ``l`` starts at ones, so a new adapter is a no-op. Params per layer: ``out`` (attention) or ``in``
+    (feed-forward). Mergeable: ``W ← diag(l) W`` (and ``b ← l ⊙ b``) or ``W ← W diag(l)``; unmerge divides.
+    """
+
+    adapter_attrs = ("ia3_l",)
+    adapter_values = ("is_feedforward",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = is_transposed(base_layer)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward: dict[str, bool] = {}
+
+    def add_adapter(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
+        feedforward = name_matches(module_name, config.feedforward_modules) if config.feedforward_modules else False
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        device = next((t.device for t in self.base_layer.parameters()), torch.device("cpu"))
+        weight = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
+        self.ia3_l[adapter_name] = nn.Parameter(weight)
+        self.is_feedforward[adapter_name] = feedforward
+        self.active_adapters.append(adapter_name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self.unmerged_active()
+        for name in active:
+            if self.is_feedforward[name]:
+                x = (x * self.ia3_l[name].flatten()).to(x.dtype)  # (…, in): scale the FFN activation
+        result = self.base_layer(x, *args, **kwargs)
+        for name in active:
+            if not self.is_feedforward[name]:
+                result = (result * self.ia3_l[name].flatten()).to(result.dtype)  # (…, out): scale K / V
+        return result
+
+    def _weight_scale(self, adapter_name: str) -> torch.Tensor:
+        """``l`` shaped to broadcast against ``base_layer.weight`` ((out, in), or (in, out) for Conv1D)."""
+        vector = self.ia3_l[adapter_name].detach()
+        return vector.T if self.fan_in_fan_out else vector
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotMergeableError("(IA)³ rescales the weight rather than adding to it; use merge()/unmerge().")
+
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        weight = _mergeable_weight(self.base_layer)
+        bias = getattr(self.base_layer, "bias", None)
+        with torch.no_grad():
+            for name in [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]:
+                weight.mul_(self._weight_scale(name).to(weight.dtype))
+                if not self.is_feedforward[name] and bias is not None:
+                    bias.mul_(self.ia3_l[name].detach().flatten().to(bias.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        weight = _mergeable_weight(self.base_layer)
+        bias = getattr(self.base_layer, "bias", None)
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight.div_(self._weight_scale(name).to(weight.dtype) + 1e-8)  # PEFT's guard against l = 0
+                if not self.is_feedforward[name] and bias is not None:
+                    bias.div_(self.ia3_l[name].detach().flatten().to(bias.dtype) + 1e-8)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, feedforward={self.is_feedforward}"
+
+
+def make_ia3_layer(base: nn.Module, config: IA3Config) -> TunerLayer:
+    """An empty (IA)³ wrapper for ``base``; raise for layer types (IA)³ does not support."""
+    if isinstance(base, LINEAR_TYPES):
+        return IA3Linear(base)
+    raise TypeError(
+        f"(IA)³ cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, slimtune quantized "
+        "linear. Pick other target_modules."
+    )

@@ -1,0 +1,179 @@
+"""Prefix tuning: trainable key/value prefixes at every attention layer, through the model's cache.
+
+Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", arXiv:2101.00190.
+
+On the first call the forward pre-hook (see :mod:`slimtune.methods.prompts`) writes the prefix into
+the model's key/value cache (transformers' ``DynamicCache``; for encoder-decoder models the decoder's
+self-attention cache of an ``EncoderDecoderCache``, as PEFT does), grows the attention mask by
+``num_virtual_tokens`` and moves ``position_ids`` right; later cached ``generate`` steps find the
+prefix already in the cache. On disk as HF PEFT: ``prompt_embeddings`` of shape
+``(num_virtual_tokens, 2 · num_layers · token_dim)`` (for grouped-query attention ``token_dim`` is
+``num_key_value_heads · head_dim``); the reparametrization MLP is folded away when saving.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimtune.config import register_config
+from slimtune.methods.prompts import (
+    PromptLearningConfig,
+    PromptModule,
+    _check_positive,
+    _forward_params,
+    is_decoding,
+    model_dims,
+    pad_left,
+    shift_positions,
+)
+
+PREFIX_INITS = (None, "zero")
+
+
+class PrefixEncoder(PromptModule):
+    """Prefix tuning: per layer ``l``, ``K_l ← [P_k^l; K_l]``, ``V_l ← [P_v^l; V_l]``.
+
+    ``P ∈ R^{p × 2·L·d_kv}`` is trainable directly, or reparametrized as ``P = MLP(E)`` with
+    ``E ∈ R^{p×d}`` and ``MLP: d → h → 2·L·d`` (tanh), which the paper finds more stable; the MLP is
+    dropped after training (:meth:`fold`). Params: ``p·2·L·d`` or ``p·d + d·h + h + h·2Ld + 2Ld``.
+    """
+
+    head_names = ("transform",)
+
+    def __init__(self, p: int, token_dim: int, num_layers: int, hidden: int, projection: bool, zero: bool) -> None:
+        super().__init__()
+        width = 2 * num_layers * token_dim
+        if projection:
+            self.embedding = nn.Embedding(p, token_dim)
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+            last = self.transform[-1]
+            if zero:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+        else:
+            self.embedding = nn.Embedding(p, width)
+            if zero:
+                nn.init.zeros_(self.embedding.weight)
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.transform(rows)  # (p, 2·L·d_kv)
+
+
+@register_config
+@dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Prefix tuning (Li & Liang, 2021, arXiv:2101.00190) with PEFT's field names.
+
+    ``prefix_projection=True`` trains through the reparametrization MLP of hidden size
+    ``encoder_hidden_size``; ``init_weights="zero"`` starts the prefix (or the MLP's output) at zero.
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("encoder_hidden_size", self.encoder_hidden_size)
+        if self.init_weights not in PREFIX_INITS:
+            raise ValueError(f"init_weights={self.init_weights!r} is not supported; use None (random) or 'zero'.")
+
+    def check_model(self, model: nn.Module) -> None:
+        if getattr(model, "config", None) is None:
+            raise TypeError(f"prefix tuning needs a transformers model with a .config; got {type(model).__name__}.")
+        if not accepts_cache(model):
+            raise ValueError(
+                f"prefix tuning needs a model whose forward takes a key/value cache (past_key_values), and "
+                f"{type(model).__name__} has none. Use prompt tuning (PROMPT_TUNING) or P-tuning (P_TUNING) instead."
+            )
+        if checkpointing(model):
+            raise ValueError("prefix tuning feeds the prefix through the key/value cache, which gradient checkpointing "
+                             "turns off; call model.gradient_checkpointing_disable() or use prompt tuning.")
+        self._fill_dims(model)
+
+    def _fill_dims(self, model: nn.Module) -> None:
+        super()._fill_dims(model)
+        dims = model_dims(model)
+        if dims["num_key_value_heads"] is not None and dims["num_key_value_heads"] != self.num_attention_heads:
+            # Grouped-query attention: the cache holds num_key_value_heads heads of head_dim each (as PEFT sizes it).
+            head_dim = dims["head_dim"] or self.token_dim // self.num_attention_heads
+            self.token_dim = head_dim * dims["num_key_value_heads"]
+            self.num_attention_heads = dims["num_key_value_heads"]
+        if self.encoder_hidden_size is None:
+            self.encoder_hidden_size = self.token_dim
+
+    def build_module(self, model: nn.Module) -> nn.Module:
+        projection = self.prefix_projection and not self.inference_mode
+        return PrefixEncoder(self.num_virtual_tokens, self.token_dim, self.num_layers, self.encoder_hidden_size,
+                             projection, zero=self.init_weights == "zero")
+
+    def rewrite_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
+        if model.training and checkpointing(model):
+            raise ValueError("prefix tuning does not work with gradient checkpointing (it disables the cache); "
+                             "call model.gradient_checkpointing_disable().")
+        p, encoder_decoder = self.num_virtual_tokens, model.config.is_encoder_decoder
+        # With use_cache=False a cache handed back by an earlier call (generate does that) is not reused.
+        fresh = kwargs.get("use_cache") is False
+        if fresh or not is_decoding(kwargs):
+            cache = None if fresh else kwargs.get("past_key_values")
+            if cache is None:
+                cache = new_cache(model)
+            self.write_prefix(cache, module(), batch_size(kwargs), model.dtype)
+            kwargs["past_key_values"] = cache
+        mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
+        kwargs[mask_key] = pad_left(kwargs.get(mask_key), p, 1)
+        if not encoder_decoder:
+            shift_positions(kwargs, "position_ids", p, prepend=False)
+        return kwargs
+
+    def write_prefix(self, cache, prefix: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
+        """Put each layer's (key, value) prefix, (batch, heads, p, head_dim), into an empty cache."""
+        layers, heads, p = self.num_layers, self.num_attention_heads, self.num_virtual_tokens
+        kv = prefix.to(dtype).view(p, 2 * layers, heads, self.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, p, hd)
+        target = getattr(cache, "self_attention_cache", cache)
+        # PEFT's row layout: layer l reads rows (s·l, s·l + 1) mod 2L, s = 2 · num_transformer_submodules.
+        step = 2 * self.num_transformer_submodules
+        for layer in range(layers):
+            key, value = kv[(step * layer) % (2 * layers)], kv[(step * layer + 1) % (2 * layers)]
+            target.update(key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1), layer)
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on; transformers renamed the flag in v5."""
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+def accepts_cache(model: nn.Module) -> bool:
+    """Whether the model's forward (or its backbone's, reached through ``**kwargs``) takes ``past_key_values``."""
+    params = _forward_params(model)
+    if "past_key_values" in params:
+        return True
+    backbone = getattr(model, "base_model", None)
+    passes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return passes_kwargs and backbone is not None and backbone is not model and \
+        "past_key_values" in _forward_params(backbone)
+
+
+def new_cache(model: nn.Module):
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    if model.config.is_encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    return DynamicCache(config=model.config)
+
+
+def batch_size(kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "encoder_outputs"):
+        value = kwargs.get(key)
+        if value is not None:
+            return (value[0] if key == "encoder_outputs" else value).shape[0]
+    raise ValueError("prefix tuning needs input_ids or inputs_embeds in the forward call to size the prefix.")

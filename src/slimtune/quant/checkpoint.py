@@ -1,0 +1,77 @@
+"""Quantized checkpoints in safetensors, in transformers+bitsandbytes' key layout.
+
+A model quantized by slimtune saves the same keys and bytes that transformers writes for a
+bitsandbytes 4-bit / 8-bit model (see :mod:`slimtune.quant.state`), so either side reads the other's
+files. Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.quant.loading import ModelSource, load_quantized
+from slimtune.quant.model import quant_summary
+
+__all__ = ["save_quantized", "load_quantized_checkpoint", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "model.safetensors"
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per shared storage (tied embeddings): safetensors refuses aliases, and
+    transformers drops the later name the same way; ``tie_weights`` restores it on load."""
+    seen: set[tuple] = set()
+    out = {}
+    for key, t in state.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
+            if t.numel() else (key,)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Save ``model.state_dict()`` (quantized layers included) to ``path``.
+
+    ``path`` is a ``.safetensors`` file or a folder (then ``model.safetensors`` inside). Returns the file.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / CHECKPOINT_NAME
+    summary = quant_summary(model)
+    if summary.layers == 0:
+        raise ValueError("the model has no quantized layer; quantize(model, QuantConfig(...)) first, or save it "
+                         "with save_pretrained / safetensors directly")
+    tensors = _dedupe_shared(model.state_dict())
+    meta = {"format": "pt", "slimtune_quant": json.dumps({"layers": summary.layers, "params": summary.params})}
+    meta.update(metadata or {})
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_quantized_checkpoint(model: ModelSource, path: str | os.PathLike | list,
+                              device: torch.device | str = "cpu") -> nn.Module:
+    """Load a quantized checkpoint (slimtune's or transformers+bitsandbytes') into ``model``.
+
+    ``model`` is an (empty) module of the checkpoint's architecture or a function building one;
+    each quantized layer is recreated from its stored state (quant type, block size, double quant).
+    """
+    return load_quantized(model, path, config=None, device=device)

@@ -1,0 +1,88 @@
+"""``QuantConfig``: how to quantize a model's linear layers (QLoRA defaults, not bitsandbytes').
+
+bitsandbytes and transformers default to FP4, no double quantization and fp32 compute; QLoRA
+(Dettmers et al. 2023) uses NF4 + double quantization + bf16 compute, which is what we default to
+(fp32 compute on CPUs, which lack fast bf16 matmuls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from slimtune.quant.codebooks import QUANT_TYPES
+from slimtune.quant.nf4 import BLOCKSIZES
+from slimtune.quant.state import dtype_name, parse_dtype
+
+__all__ = ["QuantConfig", "DEFAULT_SKIP_MODULES"]
+
+# The output head stays in full precision (QLoRA keeps it 16-bit; it is often tied to the embedding).
+DEFAULT_SKIP_MODULES = ("lm_head",)
+
+
+@dataclass
+class QuantConfig:
+    """Quantization of the frozen base model.
+
+    Args:
+        bits: 4 (NF4 / FP4 block-wise, QLoRA) or 8 (row-wise absmax int8, LLM.int8() storage).
+        quant_type: "nf4" (normal float, best for normally distributed weights) or "fp4" (4-bit only).
+        double_quant: quantize the per-block scales too (4-bit only; ~0.37 bits per weight saved).
+        blocksize: weights per scale for 4-bit, a power of two from 32 to 4096.
+        compute_dtype: dtype of the matmuls: "bfloat16" | "float16" | "float32" or a torch dtype;
+            None picks bf16 on CUDA and fp32 on CPU when the model is quantized.
+        skip_modules: module names kept in full precision; a module is skipped when its name equals
+            an entry or ends with "." + entry, and everything inside it too. None = ["lm_head"]
+            (the model's output embedding is always skipped as well).
+    """
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str | torch.dtype | None = None
+    skip_modules: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8) or isinstance(self.bits, bool):
+            raise ValueError(f"bits={self.bits!r} is not supported; use 4 (NF4/FP4) or 8 (int8)")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type={self.quant_type!r} is not supported; use one of {list(QUANT_TYPES)}")
+        if self.blocksize not in BLOCKSIZES or isinstance(self.blocksize, bool):
+            raise ValueError(f"blocksize={self.blocksize!r} is not supported; use a power of two from 32 to "
+                             f"4096: {list(BLOCKSIZES)}")
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant={self.double_quant!r} must be True or False")
+        if self.compute_dtype is not None:
+            self.compute_dtype = parse_dtype(self.compute_dtype, "compute_dtype")
+        if self.skip_modules is None:
+            self.skip_modules = list(DEFAULT_SKIP_MODULES)
+        elif isinstance(self.skip_modules, str) or not all(isinstance(m, str) for m in self.skip_modules):
+            raise ValueError(f"skip_modules={self.skip_modules!r} must be a list of module names, e.g. ['lm_head']")
+        else:
+            self.skip_modules = list(self.skip_modules)
+
+    def resolved_compute_dtype(self, device: torch.device | str | None) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+
+    def skips(self, name: str) -> bool:
+        """Whether the module called ``name`` stays in full precision."""
+        return any(name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in f".{name}"
+                   for s in self.skip_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["compute_dtype"] = None if self.compute_dtype is None else dtype_name(self.compute_dtype)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        unknown = set(d) - {"bits", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules"}
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; allowed: bits, quant_type, "
+                             "double_quant, blocksize, compute_dtype, skip_modules")
+        return cls(**d)

@@ -1,0 +1,176 @@
+"""State-dict (de)serialization of quantized layers in transformers+bitsandbytes' key layout.
+
+4-bit layer at prefix P (keys as ``Params4bit`` / ``QuantState.as_dict(packed=True)`` write them):
+  ``P.weight``                       uint8 ((n + 1) // 2, 1)  packed codes, first in the high nibble
+  ``P.bias``                         optional
+  ``P.weight.absmax``                uint8 (nb,) with double quant, fp32 (nb,) without
+  ``P.weight.quant_map``             fp32 (16,)   the 4-bit code book
+  ``P.weight.nested_absmax``         fp32 (ceil(nb / 256),)   double quant only
+  ``P.weight.nested_quant_map``      fp32 (256,)  the 8-bit dynamic map, double quant only
+  ``P.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``)  uint8 UTF-8 JSON: quant_type, blocksize,
+      dtype, shape, and with double quant nested_blocksize, nested_dtype, nested_offset.
+8-bit layer: ``P.weight`` int8 (out, in), ``P.SCB`` fp32 (out,), ``P.weight_format`` uint8 0 ("row").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from slimtune.quant.codebooks import QUANT_TYPES
+from slimtune.quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE
+
+__all__ = ["dtype_name", "parse_dtype", "write_4bit_state", "read_4bit_state", "write_8bit_state",
+           "read_8bit_state", "quant_state_key", "is_4bit_prefix", "is_8bit_prefix"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_QS = "weight.quant_state.bitsandbytes__"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
+    """``"bfloat16"`` / ``"float32"`` / ``"float16"`` (or a torch dtype among them) -> torch dtype."""
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"{what}={value!r} is not supported; use one of {list(_DTYPES)}")
+
+
+def quant_state_key(prefix: str, quant_type: str) -> str:
+    return prefix + _QS + quant_type
+
+
+def is_4bit_prefix(keys, prefix: str) -> bool:
+    return any(quant_state_key(prefix, qt) in keys for qt in QUANT_TYPES)
+
+
+def is_8bit_prefix(keys, prefix: str) -> bool:
+    return prefix + "SCB" in keys
+
+
+def _out(t: torch.Tensor, keep_vars: bool) -> torch.Tensor:
+    return t if keep_vars else t.detach()
+
+
+def write_4bit_state(layer, dest: dict, prefix: str, keep_vars: bool) -> None:
+    dest[prefix + "weight"] = _out(layer.weight, keep_vars)
+    if layer.bias is not None:
+        dest[prefix + "bias"] = _out(layer.bias, keep_vars)
+    dest[prefix + "weight.absmax"] = _out(layer.absmax, keep_vars)
+    dest[prefix + "weight.quant_map"] = _out(layer.quant_map, keep_vars)
+    meta: dict[str, Any] = {"quant_type": layer.quant_type, "blocksize": layer.blocksize,
+                            "dtype": dtype_name(layer.dtype), "shape": [layer.out_features, layer.in_features]}
+    if layer.double_quant:
+        dest[prefix + "weight.nested_absmax"] = _out(layer.nested_absmax, keep_vars)
+        dest[prefix + "weight.nested_quant_map"] = _out(layer.nested_quant_map, keep_vars)
+        offset = 0.0 if layer.nested_offset.is_meta else layer.nested_offset.item()
+        meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
+    # json.dumps' default separators give byte-identical blobs to bitsandbytes' pack_dict_to_tensor.
+    blob = json.dumps(meta).encode("utf-8")
+    dest[quant_state_key(prefix, layer.quant_type)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def _require(state_dict: dict, key: str, why: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(f"quantized checkpoint is missing key {key!r} ({why})")
+    return state_dict[key]
+
+
+def _check_numel(key: str, t: torch.Tensor, numel: int, detail: str) -> None:
+    if t.numel() != numel:
+        raise ValueError(f"{key} has {t.numel()} values but {detail} needs {numel}")
+
+
+def read_4bit_state(state_dict: dict, prefix: str, shape: tuple[int, int], unexpected: list[str]) -> dict:
+    """Validate and decode the 4-bit state at ``prefix`` for a layer of weight ``shape`` (out, in)."""
+    own = [k for k in state_dict if k.startswith(prefix + _QS)]
+    if not own:
+        w = state_dict[prefix + "weight"]
+        raise ValueError(f"{prefix}weight is a {w.dtype} tensor of shape {tuple(w.shape)} without a 4-bit quant "
+                         f"state (expected key {quant_state_key(prefix, 'nf4')!r} or ...__fp4); load full-precision "
+                         "weights with load_quantized(..., config=QuantConfig(...)) to quantize them")
+    if len(own) > 1:
+        raise ValueError(f"several 4-bit quant states for {prefix!r}: {own}")
+    qs_key = own[0]
+    quant_type = qs_key[len(prefix + _QS):]
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{qs_key}: quant type {quant_type!r} is not supported; use one of {list(QUANT_TYPES)}")
+    try:
+        meta = json.loads(bytes(state_dict[qs_key].to(torch.uint8).cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{qs_key} is not a UTF-8 JSON quant state: {e}") from None
+    if meta.get("quant_type", quant_type) != quant_type:
+        raise ValueError(f"{qs_key} says quant_type={meta['quant_type']!r}, its key says {quant_type!r}")
+    blocksize = meta.get("blocksize")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"{qs_key}: blocksize={blocksize!r} is not supported; use one of {list(BLOCKSIZES)}")
+    stored_shape = tuple(meta.get("shape") or ())
+    if stored_shape != tuple(shape):
+        raise ValueError(f"{qs_key}: the stored weight has shape {list(stored_shape)} but the module at "
+                         f"{prefix.rstrip('.')!r} is (out_features, in_features) = {tuple(shape)}")
+    n = shape[0] * shape[1]
+    nb = -(-n // blocksize)
+    weight = state_dict[prefix + "weight"]
+    if weight.dtype != torch.uint8:  # bitsandbytes' quant_storage may hold the bytes in a wider dtype
+        weight = weight.contiguous().view(-1).view(torch.uint8)
+    weight = weight.reshape(-1, 1)
+    _check_numel(prefix + "weight", weight, (n + 1) // 2, f"a packed {tuple(shape)} weight")
+    absmax = _require(state_dict, prefix + "weight.absmax", "per-block scales")
+    _check_numel(prefix + "weight.absmax", absmax, nb, f"blocksize {blocksize} over {n} weights")
+    quant_map = _require(state_dict, prefix + "weight.quant_map", "the 4-bit code book").float()
+    _check_numel(prefix + "weight.quant_map", quant_map, 16, "a 4-bit code book")
+    state = {"weight": weight, "quant_type": quant_type, "blocksize": blocksize, "quant_map": quant_map,
+             "dtype": parse_dtype(meta.get("dtype", "float32"), f"{qs_key} dtype")}
+    known = {prefix + "weight", prefix + "bias", prefix + "weight.absmax", prefix + "weight.quant_map", qs_key}
+    nested = "nested_offset" in meta or prefix + "weight.nested_absmax" in state_dict
+    if nested:
+        if "nested_offset" not in meta:
+            raise ValueError(f"{qs_key} lacks 'nested_offset' although {prefix}weight.nested_absmax is present")
+        if meta.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE:
+            raise ValueError(f"{qs_key}: nested_blocksize={meta['nested_blocksize']!r} is not supported; "
+                             f"bitsandbytes and slimtune use {NESTED_BLOCKSIZE}")
+        state["nested_absmax"] = _require(state_dict, prefix + "weight.nested_absmax", "double quantization").float()
+        _check_numel(prefix + "weight.nested_absmax", state["nested_absmax"], -(-nb // NESTED_BLOCKSIZE),
+                     f"{nb} block scales in groups of {NESTED_BLOCKSIZE}")
+        state["nested_quant_map"] = _require(state_dict, prefix + "weight.nested_quant_map",
+                                             "double quantization").float()
+        _check_numel(prefix + "weight.nested_quant_map", state["nested_quant_map"], 256, "an 8-bit map")
+        state["nested_offset"] = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32)
+        state["absmax"] = absmax.to(torch.uint8).reshape(-1)
+        known |= {prefix + "weight.nested_absmax", prefix + "weight.nested_quant_map"}
+    else:
+        state["absmax"] = absmax.float().reshape(-1)
+    unexpected.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+    return state
+
+
+def write_8bit_state(layer, dest: dict, prefix: str, keep_vars: bool) -> None:
+    dest[prefix + "weight"] = _out(layer.weight, keep_vars)
+    if layer.bias is not None:
+        dest[prefix + "bias"] = _out(layer.bias, keep_vars)
+    dest[prefix + "SCB"] = _out(layer.SCB, keep_vars)
+    dest[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)  # bitsandbytes: 0 = "row"
+
+
+def read_8bit_state(state_dict: dict, prefix: str, shape: tuple[int, int],
+                    unexpected: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = state_dict[prefix + "weight"]
+    scb = _require(state_dict, prefix + "SCB", "row scales of an 8-bit weight")
+    if weight.dtype != torch.int8:
+        raise ValueError(f"{prefix}weight is {weight.dtype}; an 8-bit layer stores int8")
+    if tuple(weight.shape) != tuple(shape) or tuple(scb.shape) != (shape[0],):
+        raise ValueError(f"8-bit state at {prefix.rstrip('.')!r}: weight {tuple(weight.shape)} and SCB "
+                         f"{tuple(scb.shape)} do not fit the module's (out, in) = {tuple(shape)}")
+    fmt = state_dict.get(prefix + "weight_format", 0)
+    fmt = fmt.item() if isinstance(fmt, torch.Tensor) else fmt
+    if fmt not in (0, "row"):
+        raise ValueError(f"{prefix}weight_format={fmt!r} is not supported; only row-major (0 / 'row') is")
+    known = {prefix + "weight", prefix + "bias", prefix + "SCB", prefix + "weight_format"}
+    unexpected.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+    return weight, scb.float()

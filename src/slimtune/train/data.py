@@ -1,0 +1,253 @@
+"""Training data: read user datasets (or the built-in ``pycode``) into normalized examples.
+
+A normalized example is a dict with ``prompt`` (str) and ``response`` (str), and optionally
+``system`` (str) and ``history`` (earlier turns, ``[{"role": "user"|"assistant", "content": str}]``).
+The loss is put on ``response`` only (see :mod:`slimtune.train.tokenization`).
+
+Accepted rows (JSONL / JSON / CSV / TSV files, in-memory lists, HF ``datasets``):
+
+- ``{"prompt": ..., "response": ...}`` (``completion`` or ``output`` also name the response);
+- Alpaca style ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` is appended to the
+  instruction after a blank line when non-empty);
+- chat ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` ending with an
+  assistant turn: the last assistant turn is the response, the user turn before it the prompt,
+  earlier turns the history, a leading system turn the system prompt;
+- an optional ``system`` field on the non-chat forms.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from slimtune.train.pycode import VALIDATION_FRACTION, build_pycode
+
+BUILTIN_DATASETS = ("pycode",)
+SPLITS = ("train", "validation", "all")
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+PROMPT_KEYS = ("prompt", "instruction", "input")
+RESPONSE_KEYS = ("response", "output", "completion")
+_EXPECTED = "'prompt' and 'response' (or 'instruction'/'input' and 'output', or chat 'messages')"
+
+
+def _text(row: Mapping[str, Any], key: str, where: str) -> str:
+    value = row[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}.")
+    return value
+
+
+def _from_messages(messages: Any, where: str) -> dict[str, Any]:
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ValueError(f"{where}: 'messages' must be a list of at least a user and an assistant turn.")
+    turns = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise ValueError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {msg!r:.80}.")
+        if msg["role"] not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}: messages[{i}] has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
+        turns.append({"role": msg["role"], "content": _text(msg, "content", f"{where}: messages[{i}]")})
+    example: dict[str, Any] = {}
+    if turns[0]["role"] == "system":
+        example["system"] = turns.pop(0)["content"]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        roles = [m["role"] for m in messages]
+        raise ValueError(f"{where}: messages must end with a user turn then an assistant turn; roles are {roles}.")
+    example["prompt"], example["response"] = turns[-2]["content"], turns[-1]["content"]
+    if len(turns) > 2:
+        example["history"] = turns[:-2]
+    return example
+
+
+def normalize_example(row: Any, where: str) -> dict[str, Any]:
+    """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
+    if "messages" in row:
+        example = _from_messages(row["messages"], where)
+    else:
+        prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
+        response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
+        if prompt_key is None or response_key is None:
+            raise ValueError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
+        prompt = _text(row, prompt_key, where)
+        extra = row.get("input") if prompt_key != "input" else None
+        if extra is not None and _text(row, "input", where).strip():
+            prompt = f"{prompt}\n\n{extra}" if prompt else extra
+        example = {"prompt": prompt, "response": _text(row, response_key, where)}
+        if row.get("system") is not None:
+            example["system"] = _text(row, "system", where)
+    if not example["response"].strip():
+        raise ValueError(f"{where}: the response is empty; every example needs text to learn.")
+    return example
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}: line {number}", json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg} at column {error.colno}).") from None
+
+
+def _read_json(path: Path, split: str) -> tuple[Iterator[tuple[str, Any]], bool]:
+    """Rows of a JSON file; the flag says whether the file itself named the split (no hash split then)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+    named_split = False
+    if isinstance(data, Mapping):
+        if isinstance(data.get(split), list):
+            data, named_split = data[split], True
+        elif isinstance(data.get("data"), list):
+            data = data["data"]
+        elif split == "all" and data and all(isinstance(v, list) for v in data.values()):
+            data, named_split = [row for part in data.values() for row in part], True  # every named split
+        else:
+            raise ValueError(
+                f"{path}: expected a JSON list of rows, or an object with a {split!r} list or a 'data' list; "
+                f"found an object with keys {sorted(data)[:20]}."
+            )
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
+    return ((f"{path}: item {i}", row) for i, row in enumerate(data, start=1)), named_split
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        start = 2  # line of the first record, after the header
+        for row in reader:
+            # Keep only named columns: a ragged row puts its extra cells under the key None.
+            yield f"{path}: line {start}", {k: v for k, v in row.items() if k is not None}
+            start = reader.line_num + 1
+
+
+def _example_key(example: Mapping[str, Any]) -> str:
+    return json.dumps(example, sort_keys=True, ensure_ascii=False)
+
+
+def split_examples(
+    examples: Sequence[dict[str, Any]], split: str, validation_fraction: float = VALIDATION_FRACTION
+) -> list[dict[str, Any]]:
+    """Deterministic train/validation split by a SHA-256 hash of each example's content.
+
+    Duplicated rows land in the same split, so validation never contains a training example.
+    """
+    if split == "all":
+        return list(examples)
+    threshold = validation_fraction * 1_000_000
+
+    def is_val(ex: Mapping[str, Any]) -> bool:
+        digest = hashlib.sha256(_example_key(ex).encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") % 1_000_000 < threshold
+
+    return [ex for ex in examples if is_val(ex) == (split == "validation")]
+
+
+def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
+    """Rows of a Hugging Face dataset (a ``save_to_disk`` folder or a hub id); needs ``datasets``."""
+    try:
+        import datasets
+    except ImportError:
+        raise FileNotFoundError(
+            f"Dataset {source!r} is not a file, and it is not the built-in {list(BUILTIN_DATASETS)}. Pass a "
+            f"{'/'.join(sorted(FORMATS))} file, or `pip install datasets` to load Hugging Face datasets."
+        ) from None
+    try:
+        if Path(source).is_dir():
+            data = datasets.load_from_disk(source)
+        else:
+            data = datasets.load_dataset(source, split=None if split == "all" else split)
+    except Exception as error:  # offline hub, unknown id, missing split: all need the same advice
+        raise FileNotFoundError(
+            f"Could not load dataset {source!r} with `datasets` ({type(error).__name__}: {error}). Pass a local "
+            f"{'/'.join(sorted(FORMATS))} file, a `save_to_disk` folder, or {list(BUILTIN_DATASETS)}."
+        ) from error
+    if isinstance(data, Mapping):  # DatasetDict: the named split, or every split in name order
+        if split != "all" and split not in data:
+            raise ValueError(f"Dataset {source!r} has no split {split!r}; it has {sorted(data)}.")
+        parts = [(split, data[split])] if split != "all" else sorted(data.items())
+    else:
+        parts = [(split, data)]
+    return ((f"{source} [{name}] row {i}", row) for name, part in parts for i, row in enumerate(part))
+
+
+def load_examples(
+    source: str | os.PathLike | Sequence[Mapping[str, Any]],
+    split: str = "all",
+    validation_fraction: float = VALIDATION_FRACTION,
+    max_examples: int | None = None,
+) -> list[dict[str, Any]]:
+    """Load normalized examples from ``source``.
+
+    Args:
+        source: ``"pycode"`` (built-in), a ``.jsonl``/``.ndjson``/``.json``/``.csv``/``.tsv`` file,
+            an in-memory list of rows, or (with ``datasets`` installed) a ``save_to_disk`` folder or
+            a hub dataset id.
+        split: ``"all"``, ``"train"`` or ``"validation"``. A file or list holds one set of rows: its
+            train/validation split is by content hash (``validation_fraction`` of the rows). A JSON
+            object of named lists (``{"train": [...], "validation": [...]}``) and HF datasets name
+            their own splits (``"all"`` joins them).
+        validation_fraction: share of rows in the hash-based validation split.
+        max_examples: keep the first N examples (in file order) after splitting.
+
+    Raises:
+        FileNotFoundError: the file does not exist (and is not a loadable dataset name).
+        ValueError: unknown format, empty dataset or split, or a row without the needed fields
+            (the message gives the file, the line or item number, and the fields it has).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; use one of {list(SPLITS)}.")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples={max_examples!r} must be a positive integer or None.")
+    if isinstance(source, str) and source in BUILTIN_DATASETS:
+        return build_pycode(split, max_examples=max_examples, validation_fraction=validation_fraction)
+    named_split = False
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        path = Path(name).expanduser()
+        if path.is_file():
+            fmt = FORMATS.get(path.suffix.lower())
+            if fmt is None:
+                raise ValueError(
+                    f"Dataset file {name!r} has an unknown format {path.suffix!r}; use one of "
+                    f"{sorted(FORMATS)} with prompt/response or messages fields."
+                )
+            if fmt == "json":
+                rows, named_split = _read_json(path, split)
+            elif fmt == "jsonl":
+                rows = _read_jsonl(path)
+            else:
+                rows = _read_csv(path, "," if fmt == "csv" else "\t")
+        elif path.is_dir() or (
+            "/" in name and not name.startswith((".", "/", "~")) and path.suffix.lower() not in FORMATS
+        ):  # a save_to_disk folder or an "owner/name" hub id
+            rows, named_split = _load_hf(name, split), True
+        else:
+            raise FileNotFoundError(
+                f"Dataset {name!r} does not exist. Pass an existing {'/'.join(sorted(FORMATS))} file, "
+                f"or the built-in {list(BUILTIN_DATASETS)}."
+            )
+    else:
+        name = "in-memory examples"
+        rows = ((f"example {i}", row) for i, row in enumerate(source))
+    examples = [normalize_example(row, where) for where, row in rows]
+    if not examples:
+        raise ValueError(f"Dataset {name!r} is empty: it has no rows.")
+    if not named_split:
+        examples = split_examples(examples, split, validation_fraction)
+        if not examples:
+            raise ValueError(
+                f"Split {split!r} of dataset {name!r} is empty (validation_fraction={validation_fraction}); "
+                f"use a larger validation_fraction or pass a separate evaluation file."
+            )
+    return examples[:max_examples] if max_examples is not None else examples

@@ -1,0 +1,93 @@
+"""Text generation for the demo and `slimtune generate`: the prompt in the training template, greedy
+decoding, tokens streamed to the terminal as they come."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import torch
+
+from slimtune.train.templates import PLAIN_PROMPT, has_chat_template
+
+
+def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = None) -> list[int]:
+    """Token ids of ``prompt`` rendered exactly as training renders an example's prompt part."""
+    chat = has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(PLAIN_PROMPT.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+
+
+# Largest dequantized copy fast_inference makes (bytes of the original weights).
+FAST_COPY_LIMIT = 4 * 2**30
+
+
+@contextlib.contextmanager
+def fast_inference(model: Any) -> Iterator[Any]:
+    """The model to run inference with: on CPU, a dequantized copy of a 4-bit model.
+
+    A quantized layer rebuilds its weight on every forward. Long forwards (training, evaluation)
+    hide that cost; token-by-token generation on a CPU does not (SmolLM2-135M: about 20x slower
+    than fp32). The copy holds the very weights the 4-bit layers rebuild and computes the same
+    ``F.linear``, so it gives the same outputs at float speed; it costs the float weights' memory,
+    so it is only made for small models (FAST_COPY_LIMIT). Elsewhere: the model itself.
+    """
+    from slimtune.quant import QuantizedLinear, dequantize_model, quant_summary
+
+    device = next(model.parameters()).device
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    if device.type != "cpu" or not quantized or quant_summary(model).bytes_before > FAST_COPY_LIMIT:
+        yield model
+        return
+    clone = dequantize_model(copy.deepcopy(model))
+    try:
+        yield clone
+    finally:
+        del clone
+
+
+def _streamer(tokenizer: Any, out: TextIO) -> Any:
+    """transformers' TextStreamer, writing to ``out`` rather than always to stdout."""
+    from transformers import TextStreamer
+
+    class ToStream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
+                  use_chat_template: bool | None = None, stream: TextIO | None = None,
+                  temperature: float = 0.0, silent: bool = False) -> str:
+    """Continue ``prompt``; greedy when ``temperature`` is 0 (the same text on every run).
+
+    Tokens are written to ``stream`` (default: the current ``sys.stdout``) as they are generated,
+    unless ``silent``. Returns the new text.
+    """
+    stream = None if silent else (stream or sys.stdout)
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, use_chat_template)], device=device)
+    was_training = model.training
+    model.eval()
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    try:
+        with fast_inference(model) as runner:
+            out = runner.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                streamer=_streamer(tokenizer, stream) if stream is not None else None,
+                # the model's generation_config may ask for sampling (top_p ...): greedy means greedy
+                top_p=None, top_k=None, **sampling,
+            )
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,113 @@
+"""A base model plus saved adapters, ready for `slimtune generate`, `eval` and `merge`.
+
+An adapter trained with QLoRA learned on top of the *dequantized 4-bit* base, so using it on the
+full-precision weights changes its output a little. When an adapter sits in a run folder
+(``<run>/adapter`` next to ``<run>/recipe.yaml``) the run's ``quantization`` section is reused,
+unless the caller decides (``load_in_4bit=True/False``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from slimtune.inject import set_active_adapters
+from slimtune.io import load_adapter, read_adapter_config
+from slimtune.quant import QuantConfig
+from slimtune.train.quantize import apply_quantization
+
+
+def parse_adapter_arg(text: str, index: int) -> tuple[str, Path]:
+    """``NAME=PATH`` or ``PATH`` (named "default" for the first, "adapter<i>" for later ones)."""
+    name, sep, path = text.partition("=")
+    if sep and name and "/" not in name and os.sep not in name:
+        return name, Path(path)
+    return ("default" if index == 0 else f"adapter{index}"), Path(text)
+
+
+def run_quantization(adapter_dir: Path) -> QuantConfig | None:
+    """The ``quantization`` section of the run that wrote ``adapter_dir``, if it is a run's adapter."""
+    for recipe_file in (adapter_dir.parent / "recipe.yaml", adapter_dir.parent.parent.parent / "recipe.yaml"):
+        if recipe_file.is_file():
+            try:
+                section = (yaml.safe_load(recipe_file.read_text()) or {}).get("quantization")
+            except yaml.YAMLError:
+                return None
+            return QuantConfig.from_dict(section) if isinstance(section, dict) else None
+    return None
+
+
+def base_model_of(adapter_dir: Path) -> str:
+    """The base model an adapter names (a local folder that exists), else the default model."""
+    name = read_adapter_config(adapter_dir).base_model_name_or_path
+    return name if name and Path(name).is_dir() else "default"
+
+
+def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]], load_in_4bit: bool | None = None,
+                       device: str = "auto", dtype: str = "float32", active: list[str] | None = None,
+                       log=print) -> tuple[Any, Any]:
+    """(model, tokenizer): the base model, 4-bit if asked (or as its run was), with adapters loaded.
+
+    ``active`` names the adapters to use (several are combined); default: the first one.
+    """
+    from slimtune.train.models import load_model_and_tokenizer
+    from slimtune.train.runner import resolve_device
+
+    for _, path in adapters:
+        read_adapter_config(path)  # a clear error for a wrong folder before the model loads
+    if model_name is None:
+        model_name = base_model_of(adapters[0][1]) if adapters else "default"
+    quant = None
+    if load_in_4bit or (load_in_4bit is None and adapters):
+        quant = (run_quantization(adapters[0][1]) if adapters else None) or (QuantConfig() if load_in_4bit else None)
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=resolve_device(device))
+    summary = apply_quantization(model, quant)
+    if summary:
+        log(summary)
+    names = [name for name, _ in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be unique, got {names}; name them with --adapter NAME=PATH.")
+    for name, path in adapters:
+        load_adapter(model, path, adapter_name=name, activate=False)
+    if adapters:
+        chosen = active or [names[0]]
+        unknown = [a for a in chosen if a not in names]
+        if unknown:
+            raise ValueError(f"--active {unknown} is not a loaded adapter; loaded: {names}.")
+        set_active_adapters(model, chosen)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def export_merged(model: Any, tokenizer: Any, output: Path) -> Path:
+    """Merge the active adapter into a full-precision copy of the weights and save a plain HF folder.
+
+    A 4-bit base is dequantized first (what the adapter was trained on). The folder is written to a
+    temporary name and renamed, so it is complete or absent.
+    """
+    import shutil
+    import tempfile
+
+    from slimtune.inject import merge_and_unload
+    from slimtune.quant import dequantize_model
+
+    dequantize_model(model)
+    merge_and_unload(model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

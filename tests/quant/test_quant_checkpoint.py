@@ -1,0 +1,179 @@
+"""Quantized checkpoints: slimtune round trip, streaming load from full precision, and checkpoints
+written by transformers + bitsandbytes."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from slimtune.quant import (
+    Linear4bit,
+    Linear8bit,
+    QuantConfig,
+    init_empty_weights,
+    load_in_4bit,
+    load_quantized,
+    load_quantized_checkpoint,
+    load_quantized_from_state_dict,
+    quantize,
+    save_quantized,
+)
+
+
+@pytest.fixture(scope="module")
+def fp_folder(tmp_path_factory):
+    """A tiny LLaMA saved by transformers in full precision."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("fp")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _factory(path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    return lambda: AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(quant_type="fp4", double_quant=False, blocksize=128),
+                                    QuantConfig(bits=8)], ids=["nf4-dq", "fp4", "int8"])
+@torch.no_grad()
+def test_save_load_round_trip_gives_identical_outputs(make_llama, input_ids, tmp_path, config):
+    q = quantize(make_llama(), config).eval()
+    path = save_quantized(q, tmp_path / "ckpt")
+    assert path.name == "model.safetensors" and os.listdir(path.parent) == ["model.safetensors"]  # no temp file
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata()["format"] == "pt"
+    prefix = "model.layers.0.self_attn.q_proj."
+    if config.bits == 4:
+        assert {prefix + "weight.absmax", prefix + "weight.quant_map",
+                f"{prefix}weight.quant_state.bitsandbytes__{config.quant_type}"} <= keys
+    else:
+        assert {prefix + "SCB", prefix + "weight_format"} <= keys
+    back = load_quantized_checkpoint(lambda: make_llama(seed=1), path).eval()  # other seed: weights must load
+    layer_type = Linear8bit if config.bits == 8 else Linear4bit
+    assert isinstance(back.model.layers[1].mlp.up_proj, layer_type)
+    assert torch.equal(back(input_ids).logits, q(input_ids).logits)
+
+
+@torch.no_grad()
+def test_streaming_load_equals_quantizing_the_loaded_model(fp_folder, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    built_on_meta = []
+
+    def factory():
+        model = _factory(fp_folder)()
+        built_on_meta.append(all(p.is_meta for p in model.parameters()))
+        return model
+
+    streamed = load_in_4bit(factory, fp_folder, QuantConfig()).eval()
+    assert built_on_meta == [True]  # the full-precision model was never allocated
+    assert torch.equal(streamed.model.rotary_emb.inv_freq,
+                       AutoModelForCausalLM.from_pretrained(fp_folder).model.rotary_emb.inv_freq)
+    reference = quantize(AutoModelForCausalLM.from_pretrained(fp_folder).eval(), QuantConfig())
+    assert torch.equal(streamed(input_ids).logits, reference(input_ids).logits)
+    state = load_file(str(fp_folder / "model.safetensors"))
+    from_dict = load_quantized_from_state_dict(_factory(fp_folder), state, QuantConfig(bits=8)).eval()
+    assert isinstance(from_dict.model.layers[0].mlp.gate_proj, Linear8bit)
+
+
+def test_init_empty_weights_keeps_buffers_real():
+    with init_empty_weights():
+        lin = torch.nn.Linear(4, 4)
+        norm = torch.nn.BatchNorm1d(4)
+    assert lin.weight.is_meta and lin.bias.is_meta and norm.weight.is_meta
+    assert not norm.running_mean.is_meta
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # the hook is gone afterwards
+
+
+@pytest.fixture(scope="module")
+def bnb_folder(fp_folder, tmp_path_factory):
+    """The same model quantized and saved by transformers + bitsandbytes (NF4, double quant)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config, device_map="cpu",
+                                                 dtype=torch.float32).eval()
+    path = tmp_path_factory.mktemp("bnb")
+    model.save_pretrained(path)
+    return path, model
+
+
+@torch.no_grad()
+def test_reads_transformers_bitsandbytes_checkpoint(bnb_folder, input_ids):
+    import bitsandbytes.functional as bnbF
+
+    path, bnb_model = bnb_folder
+    model = load_quantized_checkpoint(_factory(path), path).eval()
+    ours = model.model.layers[0].mlp.down_proj
+    theirs = bnb_model.model.layers[0].mlp.down_proj
+    assert isinstance(ours, Linear4bit) and ours.double_quant and ours.quant_type == "nf4"
+    assert torch.equal(ours.dequantize(), bnbF.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state))
+    torch.testing.assert_close(model(input_ids).logits, bnb_model(input_ids).logits, atol=1e-5, rtol=1e-5)
+    # and our own save of it is byte-identical to theirs
+    saved = load_file(str(save_quantized(model, path.parent / "ours")))
+    theirs_sd = load_file(str(path / "model.safetensors"))
+    assert set(saved) == set(theirs_sd)
+    assert all(torch.equal(saved[k], theirs_sd[k]) for k in saved)
+
+
+def test_bad_checkpoints_are_explained(bnb_folder, fp_folder, make_llama, tmp_path):
+    path, _ = bnb_folder
+    state = load_file(str(path / "model.safetensors"))
+    key = "model.layers.1.self_attn.v_proj.weight.nested_absmax"
+    broken = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(ValueError, match=f"missing key '{key}'"):
+        load_quantized_from_state_dict(_factory(path), broken)
+    with pytest.raises(ValueError, match=r"stored weight has shape \[64, 64\] but the module .* \(128, 128\)"):
+        load_quantized_from_state_dict(lambda: make_llama(hidden_size=128), state)
+    no_norm = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match=r"no tensor for 1 model entries, e.g. \['model.norm.weight'\]"):
+        load_quantized_from_state_dict(_factory(path), no_norm)
+    pickle = tmp_path / "pytorch_model.bin"
+    pickle.write_bytes(b"")
+    with pytest.raises(ValueError, match="pickle checkpoints can run arbitrary code"):
+        load_quantized(_factory(fp_folder), pickle, QuantConfig())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors file"):
+        load_quantized(_factory(fp_folder), tmp_path, QuantConfig())
+    with pytest.raises(ValueError, match="bits=8; use load_quantized"):
+        load_in_4bit(_factory(fp_folder), fp_folder, QuantConfig(bits=8))
+    with pytest.raises(ValueError, match="no quantized layer"):
+        save_quantized(make_llama(), tmp_path / "x")
+    # a full-precision checkpoint without a config is loaded as it is
+    plain = load_quantized(_factory(fp_folder), fp_folder)
+    assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in plain.modules())
+
+
+def test_checkpoint_of_a_quantized_model_can_be_loaded_into_a_real_model(make_llama, input_ids, tmp_path):
+    q = quantize(make_llama(), QuantConfig())
+    path = save_quantized(q, tmp_path / "m.safetensors")
+    target = make_llama(seed=3)  # an existing full-precision module, not a factory
+    loaded = load_quantized_checkpoint(target, path)
+    assert loaded is target and isinstance(target.model.layers[0].self_attn.o_proj, Linear4bit)
+    with torch.no_grad():
+        assert torch.equal(target(input_ids).logits, q(input_ids).logits)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no tensor for"):
+        load_quantized_checkpoint(_factory_from(make_llama), tmp_path / "other.safetensors")
+
+
+def _factory_from(make_llama):
+    from transformers import LlamaForCausalLM
+
+    cfg = make_llama().config
+    return lambda: LlamaForCausalLM(copy.deepcopy(cfg))

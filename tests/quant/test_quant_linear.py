@@ -1,0 +1,189 @@
+"""Linear4bit / Linear8bit: forward and backward against full precision, frozen state, state dicts
+identical to bitsandbytes' modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.quant import Linear4bit, Linear8bit, QuantizedLinear, dequantize_int8_rowwise, quantize_int8_rowwise
+from slimtune.quant import linear as linear_mod
+
+
+def _linear(out_f=48, in_f=80, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+@pytest.mark.parametrize("make", [
+    lambda lin: Linear4bit.from_linear(lin, "nf4", double_quant=True),
+    lambda lin: Linear4bit.from_linear(lin, "fp4", double_quant=False, blocksize=32),
+    lambda lin: Linear8bit.from_linear(lin),
+])
+def test_forward_and_input_grad_match_full_precision_with_dequantized_weight(make):
+    lin = _linear()
+    q = make(lin)
+    assert isinstance(q, QuantizedLinear) and (q.in_features, q.out_features) == (80, 48)
+    w = q.dequantize()
+    assert w.shape == (48, 80) and w.dtype == torch.float32
+    assert (w - lin.weight).abs().max() < 0.25 * lin.weight.abs().max()  # a quantization of lin.weight
+    x = torch.randn(3, 5, 80, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = q(x)
+    ref = F.linear(x_ref, w, lin.bias.detach())
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-5)
+    assert not any(p.requires_grad for p in q.parameters())
+    assert all(b.grad is None for b in q.buffers())
+
+
+def test_backward_dequantizes_again_instead_of_keeping_the_weight(monkeypatch):
+    q = Linear4bit.from_linear(_linear(bias=False))
+    calls = []
+    original = Linear4bit.dequantize
+    monkeypatch.setattr(Linear4bit, "dequantize", lambda self, dtype=None: calls.append(dtype) or original(self, dtype))
+    x = torch.randn(4, 80, requires_grad=True)
+    out = q(x)
+    assert len(calls) == 1
+    # nothing but the graph's own bookkeeping is saved: no (out, in) weight tensor
+    saved = [t for t in getattr(out.grad_fn, "saved_tensors", ())]
+    assert all(t.shape != (48, 80) for t in saved)
+    out.sum().backward()
+    assert len(calls) == 2 and x.grad is not None
+    q(torch.randn(4, 80)).sum()  # no input grad: forward only
+    assert len(calls) == 3
+
+
+def test_compute_dtype_and_output_dtype():
+    q = Linear4bit.from_linear(_linear(), compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 80)
+    out = q(x)
+    assert out.dtype == torch.float32 and q.dequantize().dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x, q.dequantize(torch.float32), q.bias), atol=0.1, rtol=0.05)
+    assert Linear4bit.from_linear(_linear()).compute_dtype == torch.float32  # CPU default
+
+
+def test_quantizing_a_quantized_layer_is_refused():
+    q = Linear4bit.from_linear(_linear())
+    with pytest.raises(ValueError, match="already quantized"):
+        Linear4bit.from_linear(q)
+    with pytest.raises(ValueError, match="already quantized"):
+        Linear8bit.from_linear(Linear8bit.from_linear(_linear()))
+    with pytest.raises(ValueError, match="Embedding"):
+        Linear4bit.from_linear(nn.Embedding(4, 4))
+
+
+def test_extra_repr_names_the_format():
+    text = repr(Linear4bit.from_linear(_linear(), "nf4", double_quant=True, blocksize=128))
+    for part in ("in_features=80", "out_features=48", "bias=True", "quant_type=nf4", "blocksize=128",
+                 "double_quant", "compute_dtype=float32"):
+        assert part in text
+    assert "int8 row-wise" in repr(Linear8bit.from_linear(_linear()))
+
+
+def test_gpt2_conv1d_is_quantized_with_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 80)  # nf=48 outputs, nx=80 inputs; weight (80, 48)
+    nn.init.normal_(conv.weight, std=0.02)
+    nn.init.normal_(conv.bias, std=0.02)
+    q = Linear4bit.from_linear(conv)
+    x = torch.randn(3, 80)
+    assert (q.in_features, q.out_features) == (80, 48)
+    torch.testing.assert_close(q(x), conv(x), atol=0.05, rtol=0.1)
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantize(), conv.bias), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128)])
+def test_state_dict_identical_to_bitsandbytes_linear4bit(quant_type, double_quant, blocksize):
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = _linear(out_f=64, in_f=96)
+    ref = bnb.nn.Linear4bit(96, 64, bias=True, compute_dtype=torch.float32, compress_statistics=double_quant,
+                            quant_type=quant_type)
+    ref.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
+                                   compress_statistics=double_quant, quant_type=quant_type)
+    ref.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    ref = ref.to("cpu")  # moving a Params4bit to a device quantizes it
+    expected = ref.state_dict()
+    got = Linear4bit.from_linear(lin, quant_type, double_quant, blocksize).state_dict()
+    assert list(got) == list(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    x = torch.randn(5, 96)
+    back = Linear4bit(96, 64, True, quant_type, blocksize, double_quant)
+    back.load_state_dict(expected)
+    torch.testing.assert_close(back(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_int8_rowwise_matches_bitsandbytes(bnbF):
+    w = torch.randn(40, 72, generator=torch.Generator().manual_seed(2))
+    cb, scb = quantize_int8_rowwise(w)
+    ref_cb, ref_scb, _ = bnbF.int8_vectorwise_quant(w.clone())
+    assert cb.dtype == torch.int8 and torch.equal(cb, ref_cb) and torch.equal(scb, ref_scb)
+    assert torch.equal(dequantize_int8_rowwise(cb, scb), bnbF.int8_vectorwise_dequant(cb, scb))
+    ties = quantize_int8_rowwise(torch.tensor([[127.0, 0.5, 1.5, -2.5, 2.5000002]]))[0]
+    assert ties.tolist() == [[127, 0, 2, -2, 3]]  # round half to even, like torch.round
+    zero = quantize_int8_rowwise(torch.zeros(2, 8))
+    assert torch.equal(zero[0], torch.zeros(2, 8, dtype=torch.int8)) and torch.equal(zero[1], torch.zeros(2))
+
+
+def test_linear8bit_state_dict_reads_bitsandbytes_keys():
+    bnb = pytest.importorskip("bitsandbytes")
+    lin = _linear(out_f=32, in_f=64)
+    ref = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=False)
+    ref.load_state_dict(lin.state_dict())
+    ref = ref.to("cpu")
+    sd = ref.state_dict()
+    assert {"weight", "bias", "SCB", "weight_format"} <= set(sd)
+    ours = Linear8bit(64, 32, bias=True)
+    ours.load_state_dict(sd)
+    assert torch.equal(ours.weight, sd["weight"]) and torch.equal(ours.SCB, sd["SCB"])
+    assert set(ours.state_dict()) == set(sd)
+    with pytest.raises(ValueError, match=r"missing key 'SCB'"):
+        Linear8bit(64, 32).load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
+
+
+def test_state_dict_errors_name_the_problem():
+    q = Linear4bit.from_linear(_linear(out_f=64, in_f=96))
+    sd = q.state_dict()
+    qs_key = "weight.quant_state.bitsandbytes__nf4"
+    with pytest.raises(ValueError, match=r"\[64, 96\] but the module .* \(48, 80\)"):
+        Linear4bit(80, 48).load_state_dict(sd)
+    for missing in ("weight.absmax", "weight.nested_absmax", "weight.quant_map"):
+        with pytest.raises(ValueError, match=f"missing key '{missing}'"):
+            Linear4bit(96, 64).load_state_dict({k: v for k, v in sd.items() if k != missing})
+    bad = dict(sd)
+    bad["weight.quant_state.bitsandbytes__int4"] = bad.pop(qs_key)
+    with pytest.raises(ValueError, match=r"quant type 'int4' is not supported"):
+        Linear4bit(96, 64).load_state_dict(bad)
+    bad = dict(sd)
+    bad[qs_key] = torch.tensor(list(bytes(sd[qs_key].tolist()).replace(b'"blocksize": 64', b'"blocksize": 48')),
+                               dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"blocksize=48 is not supported"):
+        Linear4bit(96, 64).load_state_dict(bad)
+    with pytest.raises(ValueError, match=r"without a 4-bit quant state"):
+        Linear4bit(96, 64).load_state_dict({"weight": torch.randn(64, 96), "bias": torch.zeros(64)})
+
+
+def test_default_compute_dtype():
+    assert linear_mod.default_compute_dtype("cpu") == torch.float32
+    assert linear_mod.default_compute_dtype("cuda") == torch.bfloat16
+
+
+def test_dtype_casts_leave_the_quantized_state_alone():
+    q = Linear4bit.from_linear(_linear(), "fp4", double_quant=False)
+    before = {k: v.clone() for k, v in q.state_dict().items() if k != "bias"}
+    w = q.dequantize()
+    q.to(torch.bfloat16)
+    assert q.bias.dtype == torch.bfloat16 and q.absmax.dtype == torch.float32
+    after = q.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert torch.equal(q.dequantize(), w)
+    q8 = Linear8bit.from_linear(_linear()).half()
+    assert q8.SCB.dtype == torch.float32 and q8.weight.dtype == torch.int8

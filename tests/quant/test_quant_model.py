@@ -1,0 +1,90 @@
+"""Whole-model quantization on tiny transformers models built from configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune.quant import (
+    Linear4bit,
+    Linear8bit,
+    QuantConfig,
+    QuantizedLinear,
+    dequantize_model,
+    quant_summary,
+    quantize,
+    requantization_error,
+)
+from slimtune.quant.model import absmax_int4_error
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def test_quantized_llama_is_close_and_equals_its_dequantized_self(make_llama, input_ids):
+    model = make_llama()
+    ref = model(input_ids).logits
+    q = quantize(copy.deepcopy(model), QuantConfig())
+    assert isinstance(q.model.layers[0].self_attn.q_proj, Linear4bit)
+    assert type(q.lm_head) is nn.Linear  # the output head stays full precision
+    out = q(input_ids).logits
+    assert _rel_err(out, ref) < 0.15
+    deq = dequantize_model(copy.deepcopy(q))
+    assert not any(isinstance(m, QuantizedLinear) for m in deq.modules())
+    torch.testing.assert_close(deq(input_ids).logits, out, atol=1e-5, rtol=1e-5)
+    q8 = quantize(copy.deepcopy(model), QuantConfig(bits=8))
+    assert isinstance(q8.model.layers[1].mlp.down_proj, Linear8bit)
+    assert _rel_err(q8(input_ids).logits, ref) < _rel_err(out, ref) / 4
+
+
+def test_summary_counts_layers_bytes_and_kept_modules(make_llama):
+    q = quantize(make_llama(), QuantConfig(skip_modules=["lm_head", "down_proj"]))
+    s = quant_summary(q)
+    assert s.layers == 2 * 6  # q, k, v, o, gate, up per layer; down_proj skipped
+    assert s.unquantized == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    assert s.params == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 2)
+    assert s.bytes_before == 4 * s.params
+    assert 4.1 < s.bits_per_param < 4.3 and "12 linear layers" in str(s)
+
+
+def test_quantizing_twice_is_refused(make_llama):
+    q = quantize(make_llama())
+    with pytest.raises(ValueError, match=r"already quantized \(14 quantized layers"):
+        quantize(q)
+
+
+def test_tied_output_head_is_skipped_by_default(make_llama, input_ids):
+    model = make_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    q = quantize(model, QuantConfig(skip_modules=[]))  # the output embedding is skipped regardless
+    assert type(q.lm_head) is nn.Linear and q.lm_head.weight is q.model.embed_tokens.weight
+
+
+@torch.no_grad()
+def test_gpt2_conv1d_layers_are_quantized():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 100, (2, 10))
+    ref = model(ids).logits
+    q = quantize(copy.deepcopy(model), QuantConfig())
+    assert isinstance(q.transformer.h[0].attn.c_attn, Linear4bit)
+    assert q.transformer.h[0].attn.c_attn.out_features == 192
+    assert _rel_err(q(ids).logits, ref) < 0.15
+
+
+def test_requantization_error_orders_the_formats():
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    nf4 = requantization_error(w, QuantConfig())
+    fp4 = requantization_error(w, QuantConfig(quant_type="fp4", double_quant=False))
+    int8 = requantization_error(w, QuantConfig(bits=8))
+    int4 = absmax_int4_error(w, 64)
+    assert int8["rel_frobenius"] < nf4["rel_frobenius"] < fp4["rel_frobenius"]
+    assert nf4["rel_frobenius"] < int4["rel_frobenius"]
+    assert nf4["bits_per_param"] < fp4["bits_per_param"] == pytest.approx(4.5)

@@ -1,0 +1,119 @@
+"""`slimtune` end to end on a tiny offline model: train, generate, eval, merge; and clear user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "train"))  # the tiny model and recipe helpers live there
+from run_helpers import tiny_recipe, write_recipe  # noqa: E402
+
+from slimtune.cli import main  # noqa: E402
+
+
+def test_train_generate_eval_merge(capsys, tmp_path):
+    # train: a QLoRA run of the tiny recipe, with the demo's generations before and after. The
+    # layers are named rather than "all-linear" (the same set): a second "all-linear" adapter
+    # would also wrap the first one's lora_A/lora_B (reported to the lead).
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path, method={"target_modules": linear}))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    out = capsys.readouterr().out
+    assert "── base model ──" in out and "── after fine-tuning ──" in out and "── summary" in out
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter", "checkpoints", "loss.png", "metrics.jsonl", "recipe.yaml", "summary.json"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] and summary["steps"] == 8
+    adapter = run / "adapter"
+
+    # generate: base + adapter, the run's 4-bit base rebuilt from its recipe; two named adapters
+    assert main(["generate", "--adapter", str(adapter), "-p", "Repeat kilo9 twice.", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "quantized 14 linear layers" in captured.err and captured.out.strip()
+    assert main(["generate", "--adapter", f"a={adapter}", "--adapter", f"b={adapter}", "--active", "a,b",
+                 "-p", "hi", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "--adapter", str(adapter), "--active", "zzz", "-p", "hi"]) == 2
+    assert "--active ['zzz'] is not a loaded adapter" in capsys.readouterr().err
+
+    # eval: loss and perplexity on a dataset
+    assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all"]) == 0
+    line = capsys.readouterr().out
+    assert f"eval loss {summary['eval_loss_after']:.4f}" in line and "perplexity" in line
+
+    # merge: a plain transformers folder with the logits of 4-bit base + adapter
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--output", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimtune.train.loading import load_with_adapters
+
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert AutoTokenizer.from_pretrained(merged).eos_token == "<|im_end|>"
+    model, _ = load_with_adapters(None, [("default", adapter)], log=lambda m: None)
+    ids = torch.tensor([[1, 5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert main(["merge", "--adapter", str(adapter), "--output", str(merged)]) == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+
+
+def test_recipes_command_lists_shipped_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "qlora-smollm2-pycode" in out and "run: slimtune train lora-smollm2-pycode" in out
+
+
+def test_dry_run_and_default_recipe(capsys):
+    assert main(["train", "--dry-run", "training.max_steps=3"]) == 0  # the default recipe, overridden
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "quant_type: nf4" in out
+
+
+def _bad(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty data", "row without fields", "unknown model",
+                                  "unwritable output", "unknown key", "method fits no module"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    override, expected = {
+        "missing data": ("data.dataset=" + str(tmp_path / "nope.jsonl"), r"nope.jsonl' does not exist"),
+        "empty data": ("data.dataset=" + _bad(tmp_path, "empty.jsonl", "\n"), "is empty: it has no rows"),
+        "row without fields": ("data.dataset=" + _bad(tmp_path, "bad.jsonl", '{"prompt": "a", "response": "b"}\n'
+                                                      '{"question": "c"}\n'), r"bad.jsonl: line 2: row has no"),
+        "unknown model": ("model.name_or_path=" + str(tmp_path / "no-model"), r"no-model' does not exist"),
+        "unwritable output": ("output.dir=" + _bad(tmp_path, "a-file", "x") + "/run", "is a file, not a folder"),
+        "unknown key": ("training.max_step=3", r"training.max_step: unknown key. Did you mean 'max_steps'"),
+        "method fits no module": ("method.target_modules=[nothing_here]", "nothing_here"),
+    }[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    assert main(["train", str(recipe_file), override, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert re.search(expected, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["r.yaml"])  # no run folder
+
+
+def test_console_script_in_a_subprocess(tmp_path):
+    """The installed entry point: a short real run, and a user error without a traceback."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path, quantized=False, demo={"enabled": False}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "slimtune.cli", "train", str(recipe), "training.max_steps=2", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "eval loss        :" in done.stdout and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    done = subprocess.run(command[:-2] + ["training.lr=1"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: training.lr: unknown key")
+    assert "Traceback" not in done.stderr

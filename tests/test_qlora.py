@@ -1,0 +1,108 @@
+"""QLoRA: LoRA on frozen 4-bit layers, and moving adapters between 4-bit and full-precision bases."""
+
+import copy
+
+import torch
+from tiny_models import logits, sample_inputs, tiny_llama
+from transformers import LlamaForCausalLM
+
+import slimtune
+from slimtune.export import merge_for_export
+from slimtune.methods import LoraLinear
+from slimtune.quant import Linear4bit, QuantConfig, quantize
+
+QLORA = QuantConfig(bits=4, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32")
+
+
+def test_lora_gradients_through_4bit_equal_those_through_the_dequantized_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64)
+    q = Linear4bit.from_linear(copy.deepcopy(linear), compute_dtype=torch.float32)
+    dense = torch.nn.Linear(96, 64)
+    with torch.no_grad():
+        dense.weight.copy_(q.dequantize(torch.float32))
+        dense.bias.copy_(linear.bias)
+    config = slimtune.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    layers = []
+    for base in (q, dense):
+        torch.manual_seed(1)
+        layer = LoraLinear(base.requires_grad_(False))
+        layer.add_adapter("default", config, "proj")
+        layers.append(layer)
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    grads = []
+    for layer in layers:
+        x.grad = None
+        (layer(x) ** 2).sum().backward()
+        grads.append([layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad, x.grad.clone()])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def _qlora_model(seed=0):
+    model = quantize(tiny_llama(seed), QLORA)
+    return slimtune.inject(model, slimtune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+
+
+def test_qlora_fine_tune_lowers_the_loss_and_base_stays_frozen():
+    model = _qlora_model()
+    assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
+    packed = {n: b.clone() for n, b in model.named_buffers()}
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = sample_inputs("llama", batch=4, seq=16)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    assert all(torch.equal(b, packed[n]) for n, b in model.named_buffers())
+
+
+def _random_adapter(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_adapter_moves_between_4bit_and_full_precision(tmp_path):
+    full = tiny_llama()
+    deq_ref = quantize(copy.deepcopy(full), QLORA)  # same rounding as any 4-bit copy of `full`
+    inputs = sample_inputs("llama")
+    # trained on 4-bit → loads into full precision (same adapter, so outputs differ only by rounding)
+    q = _random_adapter(slimtune.inject(copy.deepcopy(deq_ref), slimtune.LoraConfig(r=4, target_modules="all-linear")))
+    slimtune.save_adapter(q, tmp_path / "from4bit")
+    on_full = slimtune.load_adapter(copy.deepcopy(full), tmp_path / "from4bit")
+    exported, _ = merge_for_export(q)
+    full_deq = copy.deepcopy(exported)  # exported = dequantized base + merged adapter
+    torch.testing.assert_close(logits(full_deq, inputs), logits(q, inputs), atol=1e-4, rtol=0)
+    assert (logits(on_full, inputs) - logits(q, inputs)).abs().max() < 0.5  # only 4-bit rounding apart
+    # trained on full precision → loads into 4-bit
+    f = _random_adapter(slimtune.inject(copy.deepcopy(full), slimtune.LoraConfig(r=4, target_modules="all-linear")))
+    slimtune.save_adapter(f, tmp_path / "fromfull")
+    on_q = slimtune.load_adapter(copy.deepcopy(deq_ref), tmp_path / "fromfull")
+    for name, p in on_q.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p, f.get_parameter(name))
+
+
+def test_merge_for_export_gives_a_plain_model_and_reports_requantization_error(tmp_path):
+    q = _random_adapter(_qlora_model())
+    inputs = sample_inputs("llama")
+    expected = logits(q, inputs)
+    exported, report = merge_for_export(q)
+    assert report.dequantized_layers == 14
+    assert isinstance(exported, LlamaForCausalLM)
+    assert not any(isinstance(m, (LoraLinear, Linear4bit)) for m in exported.modules())
+    assert not hasattr(exported, "slimtune_state") and hasattr(q, "slimtune_state")  # q untouched
+    torch.testing.assert_close(logits(exported, inputs), expected, atol=1e-4, rtol=0)
+    exported.save_pretrained(tmp_path / "merged")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded, inputs), expected, atol=1e-4, rtol=0)
+    _, requant = merge_for_export(q, requantize=QLORA)
+    assert 0.01 < requant.requantized_rel_error < 0.2  # NF4 re-rounding: a few percent

@@ -1,0 +1,274 @@
+"""Loading user data, templates and tokenization (masking, truncation, packing), collation, batching."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from train_helpers import tiny_llama
+
+from slimtune.train.batching import BatchIterator, collate, epoch_order
+from slimtune.train.data import load_examples, split_examples
+from slimtune.train.templates import encode_example, encode_prompt, render_plain
+from slimtune.train.tokenization import IGNORE_INDEX, tokenize_examples
+
+ROWS = [
+    {"prompt": "Say hi", "response": "hello world"},
+    {"instruction": "Add", "input": "1 and 2", "output": "3"},
+    {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"},
+    ]},
+]
+NORMALIZED = [
+    {"prompt": "Say hi", "response": "hello world"},
+    {"prompt": "Add\n\n1 and 2", "response": "3"},
+    {"system": "Be brief.", "prompt": "second", "response": "two",
+     "history": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "one"}]},
+]
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- loading
+def test_jsonl_json_and_memory_rows_normalize(tmp_path):
+    jsonl = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    assert load_examples(jsonl) == NORMALIZED
+    assert load_examples(write(tmp_path / "d.json", json.dumps(ROWS))) == NORMALIZED
+    assert load_examples(write(tmp_path / "w.json", json.dumps({"data": ROWS}))) == NORMALIZED
+    assert load_examples(ROWS) == NORMALIZED
+    # A JSON object that names its splits is split by the file, not by hash.
+    named = write(tmp_path / "s.json", json.dumps({"train": ROWS[:2], "validation": ROWS[2:]}))
+    assert load_examples(named, split="validation") == NORMALIZED[2:]
+    assert load_examples(named) == NORMALIZED
+
+
+def test_csv_and_tsv(tmp_path):
+    csv_file = write(tmp_path / "d.csv", 'prompt,response\nSay hi,"hello, world"\n"two\nlines",ok\n')
+    assert load_examples(csv_file) == [
+        {"prompt": "Say hi", "response": "hello, world"}, {"prompt": "two\nlines", "response": "ok"},
+    ]
+    tsv = write(tmp_path / "d.tsv", "instruction\tinput\toutput\tsystem\nAdd\t\t3\tBe brief.\n")
+    assert load_examples(tsv) == [{"prompt": "Add", "response": "3", "system": "Be brief."}]
+
+
+def test_hash_split_is_disjoint_and_complete():
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(400)]
+    train = load_examples(rows, split="train")
+    val = load_examples(rows, split="validation", max_examples=1000)
+    assert len(train) + len(val) == 400 and 5 <= len(val) <= 40
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in val}
+    assert split_examples(load_examples(rows), "validation") == val  # pure function of the content
+
+
+@pytest.mark.parametrize(
+    "name, text, error, message",
+    [
+        ("d.jsonl", '{"prompt": "a", "response": "b"}\n\n{"question": "q", "answer": "a"}\n', ValueError,
+         r"d.jsonl: line 3: row has no 'prompt' and 'response' .* its fields are \['answer', 'question'\]"),
+        ("d.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": \n', ValueError, r"line 2: not valid JSON"),
+        ("d.jsonl", "", ValueError, r"d.jsonl' is empty: it has no rows"),
+        ("d.csv", "prompt,answer\nq,a\n", ValueError, r"d.csv: line 2: row has no .* \['answer', 'prompt'\]"),
+        ("d.json", '{"rows": 3}', ValueError, r"or an object with a 'all' list or a 'data' list; .* \['rows'\]"),
+        ("d.json", '[{"prompt": "a", "response": ""}]', ValueError, r"d.json: item 1: the response is empty"),
+        ("d.json", '[{"prompt": 3, "response": "b"}]', ValueError, r"item 1: field 'prompt' must be a string, got int"),
+        ("d.json", '[{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}]',
+         ValueError, r"must end with a user turn then an assistant turn; roles are \['assistant', 'user'\]"),
+        ("d.json", '[{"messages": [{"role": "bot", "content": "a"}, {"role": "user", "content": "q"}]}]',
+         ValueError, r"messages\[0\] has role 'bot'"),
+        ("d.parquet", "x", ValueError, r"unknown format '.parquet'; use one of \['.csv', '.json'"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(tmp_path, name, text, error, message):
+    path = write(tmp_path / name, text)
+    with pytest.raises(error, match=message):
+        load_examples(path)
+
+
+def test_missing_file_empty_split_and_bad_arguments(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"Dataset '.*nope.jsonl' does not exist"):
+        load_examples(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match=r"Split 'validation' of dataset 'in-memory examples' is empty"):
+        load_examples(ROWS[:1], split="validation", validation_fraction=0.0)
+    with pytest.raises(ValueError, match=r"split 'dev' is unknown"):
+        load_examples(ROWS, split="dev")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: import raises
+    with pytest.raises(FileNotFoundError, match=r"'someone/data' is not a file.*pip install datasets"):
+        load_examples("someone/data")
+
+
+def test_hf_datasets_are_used_when_installed(monkeypatch):
+    calls = []
+
+    def load_dataset(name, split=None):
+        calls.append((name, split))
+        return {"train": ROWS[:2], "test": ROWS[2:]} if split is None else ROWS[:1]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert load_examples("someone/data", split="train") == NORMALIZED[:1]
+    assert load_examples("someone/data") == [NORMALIZED[2]] + NORMALIZED[:2]  # every split, by name
+    assert calls == [("someone/data", "train"), ("someone/data", None)]
+
+
+def test_pycode_is_a_builtin_source():
+    rows = load_examples("pycode", split="validation", max_examples=3)
+    assert len(rows) == 3 and all(r["prompt"].startswith("Write ") for r in rows)
+
+
+# ------------------------------------------------------------------------------------ tokenization
+def test_chat_template_masks_the_prompt_and_ends_with_eos(chat_tokenizer):
+    tok = chat_tokenizer
+    (row,) = tokenize_examples(NORMALIZED[2:], tok, max_length=256).rows
+    n_prompt = row["labels"].count(IGNORE_INDEX)
+    assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt  # prompt first, all masked
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]  # response kept as is
+    assert tok.decode(row["input_ids"][:n_prompt]) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nfirst<|im_end|>\n"
+        "<|im_start|>assistant\none<|im_end|>\n<|im_start|>user\nsecond<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # One EOS at the end: ChatML's "\n" after <|im_end|> is cut.
+    assert tok.decode(row["input_ids"][n_prompt:]) == "two<|im_end|>"
+
+
+def test_plain_template_without_chat_template(plain_tokenizer):
+    prompt, response = encode_example(NORMALIZED[0], plain_tokenizer)
+    assert plain_tokenizer.decode(prompt) == "### Instruction:\nSay hi\n\n### Response:\n"
+    assert response[-1] == plain_tokenizer.eos_token_id and plain_tokenizer.decode(response[:-1]) == "hello world"
+    assert render_plain(NORMALIZED[2])[0] == (
+        "Be brief.\n\n### Instruction:\nfirst\n\n### Response:\none\n\n### Instruction:\nsecond\n\n### Response:\n"
+    )
+    with pytest.raises(ValueError, match="has no chat_template"):
+        encode_example(NORMALIZED[0], plain_tokenizer, use_chat_template=True)
+
+
+@pytest.mark.parametrize("fixture", ["chat_tokenizer", "plain_tokenizer"])
+def test_generation_prompt_matches_the_training_prompt(request, fixture):
+    tok = request.getfixturevalue(fixture)
+    for example in NORMALIZED:
+        assert encode_prompt(example, tok) == encode_example(example, tok)[0]
+    assert encode_prompt("Say hi", tok) == encode_example(NORMALIZED[0], tok)[0]
+
+
+def test_truncation_and_dropping_are_counted(chat_tokenizer):
+    examples = [{"prompt": "hi", "response": "hello world " * 20}, {"prompt": "long " * 60, "response": "x"},
+                {"prompt": "hi", "response": "ok"}]
+    lengths = [sum(map(len, encode_example(e, chat_tokenizer))) for e in examples]
+    prompt_len = len(encode_example(examples[1], chat_tokenizer)[0])
+    max_length = 30
+    assert lengths[0] > max_length and prompt_len > max_length and lengths[2] <= max_length
+    ds = tokenize_examples(examples, chat_tokenizer, max_length=max_length)
+    assert (ds.stats.n_examples, ds.stats.n_truncated, ds.stats.n_dropped, len(ds)) == (3, 1, 1, 2)
+    assert len(ds[0]["input_ids"]) == max_length and ds[0]["labels"][-1] != chat_tokenizer.eos_token_id
+    assert ds.stats.n_tokens == max_length + lengths[2]
+    with pytest.raises(ValueError, match="No example fits max_length=4"):
+        tokenize_examples(examples[1:2], chat_tokenizer, max_length=4)
+
+
+def _examples(n):
+    return [{"prompt": f"question {i}", "response": "word " * (1 + (i * 7) % 13)} for i in range(n)]
+
+
+def test_packing_keeps_every_example_intact(chat_tokenizer):
+    examples = _examples(40)
+    plain = tokenize_examples(examples, chat_tokenizer, max_length=128)
+    packed = tokenize_examples(examples, chat_tokenizer, max_length=128, packing=True)
+    # First-fit decreasing wastes little: at most one sequence more than the tokens strictly need.
+    assert packed.stats.n_sequences <= -(-plain.stats.n_tokens // 128) + 1 < len(examples) // 2
+    assert packed.stats.n_tokens == plain.stats.n_tokens
+    assert packed.stats.n_label_tokens == plain.stats.n_label_tokens
+    pieces = []
+    for row in packed:
+        assert len(row["input_ids"]) <= 128 and len(row["labels"]) == len(row["position_ids"]) == len(row["input_ids"])
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        assert row["position_ids"] == [p for a, b in zip(starts, starts[1:]) for p in range(b - a)]
+        for a, b in zip(starts, starts[1:]):
+            assert row["labels"][a] == IGNORE_INDEX  # never predicted from the previous example
+            pieces.append((row["input_ids"][a:b], row["labels"][a:b]))
+    originals = [(r["input_ids"], r["labels"]) for r in plain]
+    assert sorted(pieces) == sorted(originals)
+
+
+def test_packed_rows_do_not_attend_across_examples(chat_tokenizer):
+    """Logits of a packed batch equal those of each example run alone (transformers' packed masking)."""
+    model = tiny_llama(vocab_size=len(chat_tokenizer))
+    examples = _examples(6)
+    plain = tokenize_examples(examples, chat_tokenizer, max_length=256)
+    packed = tokenize_examples(examples, chat_tokenizer, max_length=80, packing=True)
+    batch = collate(packed.rows, chat_tokenizer.pad_token_id)
+    assert "attention_mask" not in batch and len(packed) >= 2
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+        alone = {tuple(r["input_ids"]): model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in plain}
+    for b, row in enumerate(packed):
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for a, e in zip(starts, starts[1:]):
+            torch.testing.assert_close(logits[b, a:e], alone[tuple(row["input_ids"][a:e])], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- collation
+def test_collate_pads_by_length(chat_tokenizer):
+    eos = chat_tokenizer.eos_token_id
+    rows = [{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]}, {"input_ids": [7], "labels": [7]}]
+    out = collate(rows, pad_id=eos, pad_to_multiple_of=4)
+    assert out["input_ids"].tolist() == [[5, 6, eos, eos], [7, eos, eos, eos]]
+    # The real EOS label survives although pad == EOS; padding is -100 and masked out.
+    assert out["labels"].tolist() == [[-100, 6, eos, -100], [7, -100, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    packed = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 0, 1]},
+                      {"input_ids": [8], "labels": [8], "position_ids": [0]}], pad_id=0)
+    assert packed["position_ids"].tolist() == [[0, 0, 1], [0, 0, 1]]  # padding: a segment of its own
+    with pytest.raises(ValueError, match="pad_id is None"):
+        collate(rows, pad_id=None)
+
+
+# -------------------------------------------------------------------------------------- batching
+def _rows(n):
+    return [{"input_ids": [i, i + 1], "labels": [i, i + 1]} for i in range(n)]
+
+
+def test_batch_iterator_is_deterministic_and_covers_each_epoch():
+    data = _rows(10)
+
+    def epochs(iterator, n):
+        return [[[r["input_ids"][0] for r in batch] for batch in iterator] for _ in range(n)]
+
+    first = epochs(BatchIterator(data, batch_size=3, seed=7), 2)
+    assert first == epochs(BatchIterator(data, batch_size=3, seed=7), 2)
+    assert first != epochs(BatchIterator(data, batch_size=3, seed=8), 2)
+    assert first[0] != first[1]  # reshuffled each epoch
+    for epoch in first:
+        assert sorted(i for batch in epoch for i in batch) == list(range(10)) and len(epoch) == 4
+    assert epoch_order(10, 0, 0, shuffle=False) == list(range(10))
+    assert len(BatchIterator(data, batch_size=3, drop_last=True)) == 3
+
+
+def test_batch_iterator_resumes_mid_epoch_exactly():
+    data = _rows(23)
+    reference = BatchIterator(data, batch_size=4, seed=3, pad_id=0)
+    expected = [b["input_ids"].tolist() for _ in range(2) for b in reference]
+
+    interrupted = BatchIterator(data, batch_size=4, seed=3, pad_id=0)
+    seen = []
+    for batch in interrupted:
+        seen.append(batch["input_ids"].tolist())
+        if len(seen) == 4:
+            break  # "checkpoint" after the 4th training step
+    state = json.loads(json.dumps(interrupted.state_dict()))  # survives a JSON checkpoint
+    assert (state["epoch"], state["index"]) == (0, 4)
+    resumed = BatchIterator(data, batch_size=4, seed=3, pad_id=0)
+    resumed.load_state_dict(state)
+    seen += [b["input_ids"].tolist() for b in resumed]  # the rest of epoch 0
+    seen += [b["input_ids"].tolist() for b in resumed]  # epoch 1
+    assert seen == expected and resumed.state_dict()["epoch"] == 2
+
+    with pytest.raises(ValueError, match=r"different settings .*'seed': \(3, 4\)"):
+        BatchIterator(data, batch_size=4, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="gives no batch of 4 with drop_last=True"):
+        BatchIterator(data[:3], batch_size=4, drop_last=True)

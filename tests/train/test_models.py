@@ -1,0 +1,177 @@
+"""Model loading: local folders, pickle refusal, task types, the GGUF cache, the default model."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import make_tokenizer, tiny_llama
+
+from slimtune.train import models
+from slimtune.train.models import cache_root, ensure_converted, load_model_and_tokenizer, resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------- local folders
+def test_local_folder_loads_with_same_weights(llama_dir):
+    model, tok = load_model_and_tokenizer(llama_dir)
+    reference = tiny_llama(vocab_size=len(tok))
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value)
+    assert tok.pad_token == "<|im_end|>" and model.config.pad_token_id == tok.pad_token_id
+    assert model.config.use_cache is False and model.generation_config.use_cache is True
+    half, _ = load_model_and_tokenizer(str(llama_dir), dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+
+
+def test_task_types(llama_dir, tmp_path, tokenizer):
+    classifier, _ = load_model_and_tokenizer(llama_dir, task_type="SEQ_CLS", num_labels=3)
+    assert type(classifier).__name__ == "LlamaForSequenceClassification" and classifier.score.out_features == 3
+    with pytest.raises(ValueError, match=r"model_type 'llama'\) has no SEQ_2_SEQ_LM variant"):
+        load_model_and_tokenizer(llama_dir, task_type="SEQ_2_SEQ_LM")
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1,
+                                             num_heads=2, decoder_start_token_id=0))
+    t5.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    seq2seq, _ = load_model_and_tokenizer(tmp_path, task_type="SEQ_2_SEQ_LM")
+    assert type(seq2seq).__name__ == "T5ForConditionalGeneration"
+
+
+def test_argument_errors(llama_dir):
+    with pytest.raises(ValueError, match=r"task_type 'CLM' is not supported; use one of \['CAUSAL_LM'"):
+        load_model_and_tokenizer(llama_dir, task_type="CLM")
+    with pytest.raises(ValueError, match="num_labels=2 only applies to task_type 'SEQ_CLS'"):
+        load_model_and_tokenizer(llama_dir, num_labels=2)
+    with pytest.raises(ValueError, match="dtype 'float33' is not a torch dtype"):
+        load_model_and_tokenizer(llama_dir, dtype="float33")
+
+
+def test_pickle_weights_are_refused_unless_allowed(llama_dir, tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.from_pretrained(llama_dir).save_pretrained(tmp_path)
+    torch.save(tiny_llama(vocab_size=387).state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"only pickle weights \['pytorch_model.bin'\].*arbitrary code.*allow_pickle=True"):
+        resolve_model_path(tmp_path)
+    assert resolve_model_path(tmp_path, allow_pickle=True) == tmp_path
+    model, _ = load_model_and_tokenizer(tmp_path, allow_pickle=True, tokenizer_name_or_path=llama_dir)
+    torch.testing.assert_close(model.lm_head.weight, tiny_llama(vocab_size=387).lm_head.weight)
+
+
+def test_bad_paths_name_the_path_and_the_fix(tmp_path, llama_dir):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"Model path '{missing}' does not exist. Pass 'default'")):
+        resolve_model_path(missing)
+    with pytest.raises(ValueError, match=r"has no config.json \(it contains \['notes.txt'\]\)"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("x")
+        resolve_model_path(tmp_path / "empty")
+    with pytest.raises(ValueError, match="is a file; pass the folder"):
+        resolve_model_path(llama_dir / "config.json")
+    with pytest.raises(ValueError, match="Could not load a tokenizer from"):
+        load_model_and_tokenizer(llama_dir, tokenizer_name_or_path=tmp_path / "empty")
+
+
+def test_unknown_hub_id_fails_offline_with_advice(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = "slimtune-tests/no-such-model"
+    with pytest.raises(FileNotFoundError, match=rf"'{name}' is not a local folder or file.*"
+                                                rf"huggingface-cli download {name} --local-dir DIR"):
+        resolve_model_path(name)
+
+
+# ------------------------------------------------------------------------------------ GGUF cache
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
+    monkeypatch.delenv("SLIMTUNE_CACHE")
+    assert cache_root() == models.Path.home() / ".cache" / "slimtune"
+
+
+def test_conversion_is_cached_and_atomic(tmp_path):
+    gguf = tmp_path / "toy.gguf"
+    gguf.write_bytes(b"GGUF-v1")
+    calls = []
+
+    def fake_convert(source, dest):
+        calls.append(dest)
+        (dest / "config.json").write_text("{}")
+
+    def failing_convert(source, dest):
+        (dest / "half-written.safetensors").write_text("x")
+        raise RuntimeError("disk full")
+
+    target = tmp_path / "cache" / "toy"
+    with pytest.raises(RuntimeError, match="disk full"):
+        ensure_converted(gguf, target, convert=failing_convert)
+    assert not target.exists() and os.listdir(target.parent) == []  # nothing half-written is left
+    assert ensure_converted(gguf, target, convert=fake_convert) == target
+    assert ensure_converted(gguf, target, convert=fake_convert) == target
+    assert len(calls) == 1 and calls[0] != target and (target / "config.json").exists()
+    gguf.write_bytes(b"GGUF-v2, another size")  # another file under the same name: converted again
+    ensure_converted(gguf, target, convert=fake_convert)
+    assert len(calls) == 2 and sorted(os.listdir(target.parent)) == ["toy"]
+    with pytest.raises(FileNotFoundError, match="GGUF file .*missing.gguf' does not exist"):
+        ensure_converted(tmp_path / "missing.gguf", convert=fake_convert)
+
+
+# --------------------------------------------------------------------------------- default model
+needs_default = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec(models.DEFAULT_MODEL_PACKAGE) is None,
+    reason=f"{models.DEFAULT_MODEL_DISTRIBUTION} is not installed",
+)
+
+
+@needs_default
+def test_default_gguf_is_located_without_importing_its_package():
+    path = models.default_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    with path.open("rb") as fh:
+        assert fh.read(4) == b"GGUF"
+    assert models.DEFAULT_MODEL_PACKAGE not in sys.modules  # its __init__ needs `llm`, not installed
+
+
+def _slow_selected(config) -> bool:
+    markexpr = config.getoption("markexpr") or ""
+    return os.environ.get("SLIMTUNE_SLOW") == "1" or bool(re.search(r"(?<!not )\bslow\b", markexpr))
+
+
+@needs_default
+@pytest.mark.slow
+def test_default_model_converts_once_then_loads_from_cache(request, tmp_path, monkeypatch):
+    """~50 s: runs with `pytest -m slow` or SLIMTUNE_SLOW=1 (the default suite stays fast)."""
+    if not _slow_selected(request.config):
+        pytest.skip("converts the real default model (~50 s); select with -m slow or SLIMTUNE_SLOW=1")
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
+    model, tok = load_model_and_tokenizer("default")
+    assert (tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1" / "model.safetensors").exists()
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    start = time.perf_counter()
+    again, _ = load_model_and_tokenizer("default")
+    assert time.perf_counter() - start < 20
+    torch.testing.assert_close(again.model.embed_tokens.weight, model.model.embed_tokens.weight, atol=0, rtol=0)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.isfinite(model(ids).logits).all() and out.shape[1] > ids.shape[1]

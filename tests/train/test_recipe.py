@@ -1,0 +1,130 @@
+"""Recipes: shipped files validate, overrides parse as YAML, bad keys and values name their dotted path."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from slimtune.config import LoraConfig, register_config
+from slimtune.quant import QuantConfig
+from slimtune.train.recipe import (
+    RECIPE_DIR,
+    RecipeError,
+    apply_overrides,
+    find_recipe,
+    list_recipes,
+    load_recipe,
+    recipe_from_dict,
+    recipe_summary,
+)
+
+MINIMAL = {"method": {"peft_type": "LORA"}}
+
+
+def test_shipped_recipes_exist_and_validate():
+    names = [p.stem for p in list_recipes()]
+    assert {"qlora-smollm2-pycode", "lora-smollm2-pycode"} <= set(names)
+    for path in list_recipes():
+        recipe = load_recipe(path)
+        assert recipe.name == path.stem and recipe.description
+        description, command = recipe_summary(path)
+        assert command.startswith("slimtune train") and path.stem in command, f"{path.name}: header lacks '# Run:'"
+        assert recipe_from_dict(recipe.to_dict(), name=recipe.name) == recipe  # lossless round trip
+
+
+def test_default_recipe_is_qlora_on_the_default_model():
+    recipe = load_recipe("qlora-smollm2-pycode")
+    assert recipe.model.name_or_path == "default" and recipe.data.dataset == "pycode"
+    assert isinstance(recipe.quantization, QuantConfig) and recipe.quantization.quant_type == "nf4"
+    assert isinstance(recipe.method, LoraConfig) and recipe.method.target_modules == "all-linear"
+    assert recipe.demo.enabled and recipe.data.max_seq_length == 256
+
+
+def test_find_by_name_or_path(tmp_path):
+    assert find_recipe("lora-smollm2-pycode") == RECIPE_DIR / "lora-smollm2-pycode.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("method: {peft_type: LORA}\n")
+    assert find_recipe(own) == own and load_recipe(own).name == "mine"
+    with pytest.raises(RecipeError, match=r"not found.*qlora-smollm2-pycode"):
+        find_recipe("no-such-recipe")
+    own.write_text("")
+    with pytest.raises(RecipeError, match="is empty"):
+        load_recipe(own)
+    own.write_text("method: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(own)
+
+
+def test_overrides_are_yaml_values_and_create_sections():
+    data = apply_overrides({"method": {"peft_type": "LORA"}}, [
+        "training.max_steps=12", "training.learning_rate=3e-4", "method.target_modules=[q_proj, v_proj]",
+        "demo.enabled=true", "data.max_eval_examples=null", "quantization.bits=4", "output.dir=runs/x=y",
+    ])
+    recipe = recipe_from_dict(data)
+    assert recipe.training.max_steps == 12 and recipe.training.learning_rate == pytest.approx(3e-4)
+    assert recipe.method.target_modules == ["q_proj", "v_proj"]
+    assert recipe.demo.enabled is True and recipe.data.max_eval_examples is None
+    assert recipe.quantization == QuantConfig(bits=4)
+    assert recipe.output.dir == "runs/x=y"  # only the first '=' splits
+    for bad in ["training.max_steps", "=3", "training..x=1"]:
+        with pytest.raises(RecipeError, match="key.sub=value"):
+            apply_overrides({}, [bad])
+    with pytest.raises(RecipeError, match=r"override training.max_steps.sub: training.max_steps is 3, not a section"):
+        apply_overrides({"training": {"max_steps": 3}}, ["training.max_steps.sub=1"])
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"trainin": {}, **MINIMAL}, r"^trainin: unknown key\. Did you mean 'training'\?"),
+    ({"training": {"lerning_rate": 1.0}, **MINIMAL},
+     r"^training\.lerning_rate: unknown key\. Did you mean 'learning_rate'"),
+    ({"method": {"peft_type": "LORA", "rr": 4}}, r"^method\.rr: unknown key\. Did you mean 'r'\?.*lora_alpha"),
+    ({"quantization": {"bitz": 4}, **MINIMAL}, r"^quantization\.bitz: unknown key.*quant_type"),
+    ({"method": {"peft_type": "LORA", "r": "sixteen"}}, r"^method\.r: expected an integer, got str 'sixteen'"),
+    ({"method": {"peft_type": "LORA", "r": 0}}, r"^method\.r: r=0 must be a positive integer"),
+    ({"method": {"peft_type": "LORA", "target_modules": ["q", 3]}}, r"^method\.target_modules\[1\]: expected a string"),
+    ({"method": {"peft_type": "NOPE"}}, r"^method\.peft_type: 'NOPE' is not a known method; use one of \[.*'LORA'"),
+    ({"method": {"r": 4}}, r"^method\.peft_type: missing"),
+    ({}, r"^method: missing"),
+    ({"training": {"max_steps": 2.5}, **MINIMAL}, r"^training\.max_steps: expected an integer or null, got float"),
+    ({"training": {"lr_scheduler": "cos"}, **MINIMAL}, r"^training\.lr_scheduler: expected one of 'cosine', 'linear'"),
+    ({"training": {"batch_size": 0}, **MINIMAL}, r"^training\.batch_size: batch_size=0 must be at least 1"),
+    ({"training": {"adam_betas": [0.9]}, **MINIMAL}, r"^training\.adam_betas: "),
+    ({"training": "fast", **MINIMAL}, r"^training: expected a mapping with keys \["),
+    ({"model": {"device": "gpu"}, **MINIMAL}, r"^model\.device: device='gpu' is not a device"),
+    ({"model": {"gradient_checkpointing": "yes"}, **MINIMAL}, r"^model\.gradient_checkpointing: expected true/false"),
+    ({"quantization": {"blocksize": 48}, **MINIMAL}, r"^quantization\.blocksize: blocksize=48 is not supported"),
+    ({"data": {"max_seq_length": 1}, **MINIMAL}, r"^data\.max_seq_length: "),
+    ({"method": {"peft_type": "LORA", "task_type": "SEQ_CLS"}}, r"^method\.task_type: 'SEQ_CLS' is not supported"),
+    ({"description": 3, **MINIMAL}, r"^description: expected a string"),
+])
+def test_bad_recipes_name_the_dotted_key(data, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict(data)
+
+
+def test_methods_come_from_the_registry():
+    """A method config registered by any module is usable in recipes, with its own fields checked."""
+    from slimtune import config as config_module
+
+    @dataclasses.dataclass
+    class ToyConfig(LoraConfig):
+        peft_type = "TOY_TEST"
+        toy_ratio: float = 1.0
+
+    register_config(ToyConfig)
+    try:
+        recipe = recipe_from_dict({"method": {"peft_type": "TOY_TEST", "toy_ratio": "2e0", "r": 2}})
+        assert isinstance(recipe.method, ToyConfig) and recipe.method.toy_ratio == 2.0
+        assert recipe.method.task_type == "CAUSAL_LM"  # filled in for causal LM training
+        with pytest.raises(RecipeError, match=r"method\.toy_ratio: expected a number"):
+            recipe_from_dict({"method": {"peft_type": "TOY_TEST", "toy_ratio": "big"}})
+    finally:
+        del config_module._CONFIG_CLASSES["TOY_TEST"]
+
+
+def test_output_dir_uses_the_recipe_name():
+    recipe = recipe_from_dict(MINIMAL, name="my-run")
+    assert str(recipe.output_dir) == "runs/my-run"
+    assert re.search(r"dir: runs/\{name\}", recipe.to_yaml())

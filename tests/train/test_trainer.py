@@ -1,0 +1,174 @@
+"""The training loop's parts: schedule, loss, accumulation, optimizer hooks, Ctrl-C, metrics and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+
+import pytest
+import torch
+from run_helpers import rows
+from train_helpers import make_tokenizer, tiny_llama
+
+import slimtune
+from slimtune.train.batching import BatchIterator, collate
+from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
+from slimtune.train.recipe import TrainingSection
+from slimtune.train.schedule import lr_multiplier
+from slimtune.train.tokenization import tokenize_examples
+from slimtune.train.trainer import StopRequest, Trainer, evaluate_loss
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def token_rows(tokenizer):
+    return tokenize_examples(rows(16), tokenizer, max_length=48).rows
+
+
+def lora_model(tokenizer, config=None, seed=0):
+    model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
+    torch.manual_seed(seed)
+    slimtune.inject(model, config or slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                         init_lora_weights=False))
+    return model
+
+
+def make_trainer(model, token_rows, tmp_path, tokenizer, **settings):
+    training = TrainingSection(**{"max_steps": 2, "learning_rate": 1e-2, **settings})
+    batches = BatchIterator(token_rows, training.batch_size, seed=0, pad_id=tokenizer.pad_token_id)
+    return Trainer(model, batches, token_rows[:4], training, tmp_path, CPU, tokenizer.pad_token_id,
+                   show_progress=False, log=lambda message: None)
+
+
+def test_schedules():
+    cosine = lr_multiplier("cosine", total_steps=10, warmup_steps=3, min_ratio=0.1)
+    assert [cosine(s) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])  # warmup never starts at 0
+    assert cosine(3) == pytest.approx(1.0) and cosine(9) == pytest.approx(0.1)
+    assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    linear = lr_multiplier("linear", total_steps=5, warmup_steps=0)
+    assert [linear(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert lr_multiplier("constant", 5, 1)(4) == 1.0
+    with pytest.raises(ValueError, match="lr_scheduler='step'"):
+        lr_multiplier("step", 5, 0)
+
+
+def test_eval_loss_is_the_models_own_mean_token_loss(tokenizer, token_rows):
+    model = tiny_llama(vocab_size=len(tokenizer))
+    batch = collate(token_rows[:1], tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = model(**batch).loss.item()  # transformers shifts labels and averages over label tokens
+    assert evaluate_loss(model, token_rows[:1], 1, tokenizer.pad_token_id, CPU) == pytest.approx(expected, rel=1e-5)
+    # Padding in a bigger batch changes nothing: the mean is over every label token of the set.
+    one_by_one = [evaluate_loss(model, [r], 1, tokenizer.pad_token_id, CPU) for r in token_rows[:4]]
+    counts = [sum(t != -100 for t in r["labels"][1:]) for r in token_rows[:4]]
+    pooled = sum(l * c for l, c in zip(one_by_one, counts)) / sum(counts)
+    assert evaluate_loss(model, token_rows[:4], 3, tokenizer.pad_token_id, CPU) == pytest.approx(pooled, rel=1e-5)
+
+
+def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):
+    """2 micro-batches of 2 rows = 1 batch of 4 rows: the loss is the mean over all label tokens."""
+    params = []
+    for i, (batch_size, accum) in enumerate([(4, 1), (2, 2)]):
+        model = lora_model(tokenizer)
+        trainer = make_trainer(model, token_rows, tmp_path / str(i), tokenizer, batch_size=batch_size,
+                               gradient_accumulation_steps=accum, max_steps=1, max_grad_norm=None)
+        metrics = trainer.train_step()
+        params.append((metrics["loss"], [p.detach().clone() for p in trainer.params]))
+    assert params[0][0] == pytest.approx(params[1][0], rel=1e-5)
+    for a, b in zip(params[0][1], params[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_the_loss_and_only_trains_the_adapter(tmp_path, tokenizer, token_rows):
+    model = lora_model(tokenizer)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = make_trainer(model, token_rows, tmp_path, tokenizer, max_steps=12, batch_size=4, learning_rate=5e-2)
+    before = trainer.evaluate()
+    assert trainer.train() is True and trainer.state.step == 12
+    assert trainer.evaluate() < before - 0.05  # a tiny random model learns slowly, but it must learn
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+    logged = MetricsLog(tmp_path).rows()
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 13))
+    assert {"lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb"} <= set(logged[1])
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine ends at min_lr_ratio 0
+    assert plot_loss(tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@dataclasses.dataclass
+class HookedLora(slimtune.LoraConfig):
+    """LoRA+-style groups (B learns 16x faster) and a post-step hook, as methods may provide them."""
+
+    calls: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+    def param_groups(self, model, lr):
+        a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+        b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+        return [{"params": a, "lr": lr}, {"params": b, "lr": 16 * lr}]
+
+    def after_optimizer_step(self, model):
+        self.calls.append(sum(float(p.detach().abs().sum()) for p in model.parameters() if p.requires_grad))
+
+
+def test_method_hooks_shape_the_optimizer(tmp_path, tokenizer, token_rows):
+    config = HookedLora(r=2, target_modules=["q_proj"])
+    trainer = make_trainer(lora_model(tokenizer, config), token_rows, tmp_path, tokenizer, max_steps=3,
+                           warmup_steps=0, lr_scheduler="constant")
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-2, 16e-2])
+    trainer.train()
+    assert len(config.calls) == 3  # once per optimizer step, after the update
+
+    class Partial(HookedLora):
+        def param_groups(self, model, lr):
+            return super().param_groups(model, lr)[:1]
+
+    with pytest.raises(ValueError, match="every trainable parameter exactly once"):
+        make_trainer(lora_model(tokenizer, Partial(r=2, target_modules=["q_proj"])), token_rows, tmp_path,
+                     tokenizer)
+
+
+def test_ctrl_c_asks_to_stop_then_aborts():
+    notes = []
+    with StopRequest(notes.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and "saving a checkpoint" in notes[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_in_training_saves_a_resumable_checkpoint(tmp_path, tokenizer, token_rows, monkeypatch):
+    trainer = make_trainer(lora_model(tokenizer), token_rows, tmp_path, tokenizer, max_steps=6)
+    step = trainer.train_step
+
+    def interrupted_step():
+        out = step()
+        if trainer.state.step == 2:  # the step being run is the 3rd: Ctrl-C arrives during it
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", interrupted_step)
+    assert trainer.train() is False and trainer.state.step == 3
+    saved = tmp_path / "checkpoints" / "step-000003"
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "adapter", "optimizer.pt", "rng.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_metrics_truncate_and_memory(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in range(5):
+        log.write({"step": step, "loss": float(step)})
+    with open(log.path, "a") as fh:
+        fh.write('{"step": 9, "lo')  # a line cut by a crash
+    log.truncate_after(2)
+    assert [r["step"] for r in log.rows()] == [0, 1, 2]
+    assert peak_memory_mb(CPU) > 10
+    assert math.isfinite(peak_memory_mb(CPU))
