@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,10 +57,12 @@ def train_step(model, optimizer, ids) -> None:
 
 
 def timed_rounds(variants: dict, run, args) -> dict[str, float]:
-    """Median seconds per call; each round runs every variant once, so load drifts hit all alike."""
+    """Median seconds per call; each round runs every variant once, in a rotated order, so load drifts
+    and position effects (e.g. running right after the variant with the largest allocations) hit all alike."""
     times = {name: [] for name in variants}
+    order = list(variants.items())
     for round_ in range(1 + args.steps):  # round 0 warms up
-        for name, state in variants.items():
+        for name, state in order[round_ % len(order):] + order[: round_ % len(order)]:
             sync(args.device)
             start = time.perf_counter()
             run(state)
@@ -171,7 +174,9 @@ def bench_memory(args) -> list[tuple[str, str]]:
     for variant in ("slimtune LoRA", "slimtune LoRA-FA", "PEFT LoRA"):
         cmd = [sys.executable, __file__, "--memory-child", variant, "--seq", str(args.seq), "--rank", str(args.rank),
                "--layers", str(args.layers), "--device", args.device, "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        # A fixed mmap threshold makes glibc hand large blocks back on free, so RSS tracks live tensors.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
     mib = 1 << 20
     kind = "peak allocated" if args.device.startswith("cuda") else "peak RSS"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.quant import QuantConfig, quantize, requantization_error
+from slimtune.quant import QuantConfig, dequantize_model, quantize, requantization_error
 from slimtune.quant import nf4
 from slimtune.quant.model import absmax_int4_error
 
@@ -105,7 +105,9 @@ def timing_table(path: Path, limit: int | None) -> None:
         bnbF.dequantize_4bit(packed, state)
     bnb_dq = time.perf_counter() - t
     same = all(torch.equal(p, q[0]) for (p, _, _), q in zip(stored, theirs))
-    print(f"bitsandbytes {bnbF.__name__.split('.')[0]}: quantize {bnb_q:.2f} s, dequantize {bnb_dq:.2f} s; "
+    import bitsandbytes
+
+    print(f"bitsandbytes {bitsandbytes.__version__}: quantize {bnb_q:.2f} s, dequantize {bnb_dq:.2f} s; "
           f"speed-up slimtune/bnb: quantize {bnb_q / ours:.2f}x, dequantize {bnb_dq / ours_dq:.2f}x; "
           f"identical packed weights: {same}")
 
@@ -137,7 +139,8 @@ def model_table(path: Path, texts_file: Path | None) -> None:
     if texts_file is not None:
         tokenizer = AutoTokenizer.from_pretrained(path)
         texts = [t for t in texts_file.read_text().split("\n\n") if t.strip()]
-        print(f"\nperplexity on {len(texts)} passages of {texts_file.name}: fp32 {perplexity(base, tokenizer, texts):.3f}")
+        ppl = perplexity(base, tokenizer, texts)
+        print(f"\nperplexity on {len(texts)} passages of {texts_file.name}: fp32 {ppl:.3f}")
     for name in ("nf4+dq", "fp4", "int8"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         t = time.perf_counter()
@@ -145,7 +148,9 @@ def model_table(path: Path, texts_file: Path | None) -> None:
         took = time.perf_counter() - t
         line = f"quantize() whole model to {name}: {took:.2f} s"
         if texts is not None:
-            line += f", perplexity {perplexity(model, tokenizer, texts):.3f}"
+            # The quantized forward multiplies by exactly these dequantized weights; scoring the
+            # dequantized copy gives the same perplexity without re-dequantizing every passage.
+            line += f", perplexity {perplexity(dequantize_model(model), tokenizer, texts):.3f}"
         print(line)
         del model
 

@@ -107,13 +107,10 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
 
 
 def test_console_script_in_a_subprocess(tmp_path):
-    """The installed entry point: a short real run, and a user error without a traceback."""
+    """The entry point in a process of its own: a short real run."""
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path, quantized=False, demo={"enabled": False}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "slimtune.cli", "train", str(recipe), "training.max_steps=2", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "eval loss        :" in done.stdout and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
-    done = subprocess.run(command[:-2] + ["training.lr=1"], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith("error: training.lr: unknown key")
-    assert "Traceback" not in done.stderr

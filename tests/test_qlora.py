@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from tiny_models import logits, sample_inputs, tiny_llama
+from tiny_models import logits, sample_inputs, tiny_llama, train_losses
 from transformers import LlamaForCausalLM
 
 import slimtune
@@ -49,15 +49,7 @@ def test_qlora_fine_tune_lowers_the_loss_and_base_stays_frozen():
     assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
     packed = {n: b.clone() for n, b in model.named_buffers()}
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = sample_inputs("llama", batch=4, seq=16)
-    losses = []
-    for _ in range(8):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(b, packed[n]) for n, b in model.named_buffers())
 

@@ -87,3 +87,24 @@ FAMILIES = {
     "t5": (tiny_t5, ["q", "v"], {}),
     "bert": (tiny_bert_cls, ["query", "value"], {"modules_to_save": ["classifier"], "task_type": "SEQ_CLS"}),
 }
+
+
+def train_losses(model, batch: dict, steps: int, lr: float) -> list[float]:
+    """A few AdamW steps on ``batch`` (labels = input ids) over the trainable parameters; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_base_unchanged(model, before: dict) -> None:
+    """Every base weight (``before``: name → tensor taken before injection) is bit-identical."""
+    for name, p in model.named_parameters():
+        plain = name.replace(".base_layer", "")
+        if plain in before:
+            assert torch.equal(p, before[plain]), name

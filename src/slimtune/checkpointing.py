@@ -19,6 +19,7 @@ needed) and the input. A call whose other tensor arguments require grad falls ba
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch import nn
@@ -100,13 +101,25 @@ class _LayerCheckpoint(torch.autograd.Function):
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-def _without_cache(kwargs: dict) -> dict:
+def _without_cache(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """No KV cache in a checkpointed layer: the recomputation would append its keys and values a second
-    time (and a training step has no use for them), as transformers does under its own checkpointing."""
-    if kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in _CACHE_ARGS):
-        kwargs = {**kwargs, **({"use_cache": False} if "use_cache" in kwargs else {}),
-                  **{k: None for k in _CACHE_ARGS if k in kwargs}}
-    return kwargs
+    time (and a training step has no use for them), as transformers does under its own checkpointing.
+    Caches may come positionally (GPT-2 blocks), by name, or through ``**kwargs``."""
+    if signature is None:
+        return args, kwargs
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:  # let the real call raise its own error
+        return args, kwargs
+    scopes = [bound.arguments] + [bound.arguments[p.name] for p in signature.parameters.values()
+                                  if p.kind is p.VAR_KEYWORD and p.name in bound.arguments]
+    for scope in scopes:
+        for name in _CACHE_ARGS:
+            if scope.get(name) is not None:
+                scope[name] = None
+        if scope.get("use_cache"):
+            scope["use_cache"] = False
+    return bound.args, bound.kwargs
 
 
 class CheckpointedForward:
@@ -115,6 +128,10 @@ class CheckpointedForward:
     def __init__(self, layer: nn.Module, offload: bool) -> None:
         self.layer, self.offload = layer, offload
         self.inner = layer.__dict__.get("forward")  # an existing instance-level forward, else the class's
+        try:
+            self.signature = inspect.signature(self.inner or type(layer).forward.__get__(layer))
+        except (TypeError, ValueError):  # a builtin without a signature
+            self.signature = None
 
     def original(self, *args, **kwargs):
         if self.inner is not None:
@@ -125,7 +142,7 @@ class CheckpointedForward:
         layer = self.layer
         if not (layer.training and torch.is_grad_enabled()):
             return self.original(*args, **kwargs)
-        kwargs = _without_cache(kwargs)
+        args, kwargs = _without_cache(self.signature, args, kwargs)
         if args:
             hidden, rest, key = args[0], args[1:], None
         else:

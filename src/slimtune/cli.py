@@ -98,7 +98,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise FileExistsError(f"--output {output} already exists and is not empty; pass --overwrite or another folder.")
     model, tokenizer = _load(args)
-    export_merged(model, tokenizer, output)
+    export_merged(model, tokenizer, output, args.dtype)
     print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
 

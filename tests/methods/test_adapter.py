@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, logits, sample_inputs, tiny_gpt2, tiny_llama
+from tiny_models import FAMILIES, assert_base_unchanged, logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
 from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
 
 import slimtune
@@ -57,19 +57,9 @@ def test_training_lowers_loss_and_leaves_the_base_untouched():
     model.train()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     slimtune.inject(model, slimtune.BottleneckConfig(reduction_factor=2, non_linearity="gelu"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = sample_inputs("gpt2", batch=4, seq=16)
-    losses = []
-    for _ in range(8):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, sample_inputs("gpt2", batch=4, seq=16), steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05
-    for name, p in model.named_parameters():
-        if name.replace(".base_layer", "") in base:
-            assert torch.equal(p, base[name.replace(".base_layer", "")]), name
+    assert_base_unchanged(model, base)
 
 
 def _randomise(model, adapter_name, seed):

@@ -5,7 +5,7 @@ import copy
 import peft
 import pytest
 import torch
-from tiny_models import FAMILIES, logits, sample_inputs, tiny_gpt2, tiny_llama
+from tiny_models import FAMILIES, logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
 from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
 
 import slimtune
@@ -104,15 +104,7 @@ def test_trainable_count_equals_the_formula_and_training_lowers_loss():
     slimtune.inject(model, _configs("llama")[1])
     # per layer: d_k + d_v (= 2 · kv_heads · head_dim = 16 each) + d_ff (64)
     assert slimtune.trainable_parameters(model).trainable == 2 * (16 + 16 + 64)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.3)
-    batch = sample_inputs("llama", batch=4, seq=16)
-    losses = []
-    for _ in range(8):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=8, lr=0.3)
     assert losses[-1] < losses[0] - 0.03
 
 

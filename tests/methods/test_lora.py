@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, logits, sample_inputs, tiny_gpt2, tiny_llama
+from tiny_models import FAMILIES, assert_base_unchanged, logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
 
 import slimtune
 from slimtune.methods import LoraEmbedding, LoraLinear, TunerLayer
@@ -118,20 +118,9 @@ def test_training_lowers_loss_and_keeps_base_weights_bit_identical():
     slimtune.inject(model, slimtune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.1))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    batch = sample_inputs("llama", batch=4, seq=16)
-    losses = []
-    for _ in range(8):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05
-    for name, p in model.named_parameters():
-        plain = name.replace(".base_layer", "")
-        if plain in base:
-            assert torch.equal(p, base[plain]), name
+    assert_base_unchanged(model, base)
 
 
 def test_all_linear_skips_the_output_head():

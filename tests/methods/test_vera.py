@@ -7,7 +7,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama
+from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
 
 import slimtune
 from slimtune.methods.vera import HOLDER, VeraLinear
@@ -130,15 +130,7 @@ def test_training_touches_only_the_scaling_vectors():
     projection = getattr(model, HOLDER)["default"].vera_A.clone()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all("vera_lambda" in n or n.endswith("bias") for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = sample_inputs("llama", batch=2, seq=12)
-    losses = []
-    for _ in range(4):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, sample_inputs("llama", batch=2, seq=12), steps=4, lr=1e-2)
     assert losses[-1] < losses[0]
     assert torch.equal(getattr(model, HOLDER)["default"].vera_A, projection)
 

@@ -96,6 +96,10 @@ def test_chunked_quantization_equals_single_pass(monkeypatch):
     monkeypatch.setattr(nf4, "_CHUNK", 1024)  # 62 chunks of 16 blocks + a partial one
     chunked = nf4.quantize_4bit(w, "fp4", 64)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    # dequantization, chunked too, against the formula code[q] * absmax[i // blocksize]
+    q = nf4.unpack_4bit(whole[0], w.numel()).long()
+    expected = codebooks.codebook("fp4")[q] * whole[1][torch.arange(w.numel()) // 64]
+    assert torch.equal(nf4.dequantize_4bit(*whole, w.shape, "fp4", 64), expected)
 
 
 def test_zero_blocks_match_bitsandbytes(bnbF):

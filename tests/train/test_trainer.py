@@ -65,7 +65,9 @@ def test_eval_loss_is_the_models_own_mean_token_loss(tokenizer, token_rows):
     batch = collate(token_rows[:1], tokenizer.pad_token_id)
     with torch.no_grad():
         expected = model(**batch).loss.item()  # transformers shifts labels and averages over label tokens
-    assert evaluate_loss(model, token_rows[:1], 1, tokenizer.pad_token_id, CPU) == pytest.approx(expected, rel=1e-5)
+    for loss in ("full", "chunked"):  # chunked: slimtune.losses, logits never materialized whole
+        got = evaluate_loss(model, token_rows[:1], 1, tokenizer.pad_token_id, CPU, loss=loss)
+        assert got == pytest.approx(expected, rel=1e-5), loss
     # Padding in a bigger batch changes nothing: the mean is over every label token of the set.
     one_by_one = [evaluate_loss(model, [r], 1, tokenizer.pad_token_id, CPU) for r in token_rows[:4]]
     counts = [sum(t != -100 for t in r["labels"][1:]) for r in token_rows[:4]]
@@ -84,6 +86,24 @@ def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):
         params.append((metrics["loss"], [p.detach().clone() for p in trainer.params]))
     assert params[0][0] == pytest.approx(params[1][0], rel=1e-5)
     for a, b in zip(params[0][1], params[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", [{"loss": "full"}, {"optim": "adamw_8bit"}, "gradient_checkpointing"])
+def test_loss_paths_optimizers_and_checkpointing_agree(variant, tmp_path, tokenizer, token_rows):
+    """Full vs chunked loss, 8-bit AdamW (fp32 below 4096 elements) and layer checkpointing: same step."""
+    from slimtune.checkpointing import checkpoint_layers
+
+    results = []
+    for i, options in enumerate([{}, variant]):
+        model = lora_model(tokenizer)
+        if options == "gradient_checkpointing":
+            checkpoint_layers(model)
+            options = {}
+        trainer = make_trainer(model, token_rows, tmp_path / str(i), tokenizer, batch_size=4, **options)
+        results.append((trainer.train_step()["loss"], [p.detach().clone() for p in trainer.params]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -82,6 +82,20 @@ def _triton_importable() -> str | None:
     return None
 
 
+def _interpreter_mismatch() -> str | None:
+    """triton.language's own helpers (tl.zeros …) are compiled-mode objects if triton was imported before
+    TRITON_INTERPRET=1 was set, and then fail inside interpreted kernels."""
+    try:
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a future layout: nothing to check
+        return None
+    helper = getattr(standard, "zeros", None)
+    if helper is not None and not isinstance(helper, InterpretedFunction):
+        return "triton was imported before TRITON_INTERPRET=1 was set; set it before the first import of triton"
+    return None
+
+
 def triton_status(device: torch.device | str) -> str | None:
     """None when the Triton kernels can run on ``device``; otherwise why not (a sentence for users)."""
     device = torch.device(device)
@@ -89,8 +103,8 @@ def triton_status(device: torch.device | str) -> str | None:
         return _triton_importable()
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
-            return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before the first kernel call"
-        return _triton_importable()
+            return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
+        return _triton_importable() or _interpreter_mismatch()
     return f"no Triton kernels for device type {device.type!r}; only 'cuda' (and 'cpu' under TRITON_INTERPRET=1)"
 
 

@@ -56,7 +56,7 @@ def gemv_4bit_triton(x: torch.Tensor, w) -> torch.Tensor:
     rows = xs.shape[0]
     y = torch.empty((rows, out_f), dtype=kernel_dtype(x.dtype), device=x.device)
     absmax, nested_absmax, nested_code, offset = scale_args(w)
-    bn, bkh = (16, 32) if interpreting() else (8, 256)
+    bn, bkh = (16, 128) if interpreting() else (8, 256)
     grid = (triton.cdiv(out_f, bn), rows)
     if rows and out_f:
         _gemv_4bit_kernel[grid](xs, w.packed, w.code.float(), absmax, nested_absmax, nested_code, offset, y,

@@ -96,6 +96,8 @@ class TunerLayer(nn.Module):
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
         weight = _mergeable_weight(self.base_layer)
         with torch.no_grad():
             while self.merged_adapters:

@@ -52,15 +52,16 @@ class DoraLinear(LoraLinear):
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(self.weight_norm(adapter_name))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer(x, *args, **kwargs)  # W x + b
+        dora = [n for n in self.unmerged_active() if n in self.lora_magnitude_vector]
+        base, probes = self._base_and_probes(x, dora, *args, **kwargs)  # W x + b, and W Aᵀ for each DoRA norm
         bias = self.base_layer.bias
         result = base
         for name in self.unmerged_active():
             A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             lora = B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]  # s B A x̃
-            if name in self.lora_magnitude_vector:
+            if name in probes:
                 wx = (base if bias is None else base - bias).to(lora.dtype)  # W x
-                g = self.magnitude_scale(name)  # m / ‖W + sBA‖_row, the norm detached
+                g = self.lora_magnitude_vector[name] / self.weight_norm(name, probes[name])  # norm detached
                 lora = g * (wx + lora) - wx  # DoRA's output minus the W x the base already gave
             result = result + lora.to(result.dtype)
         return result
@@ -71,13 +72,30 @@ class DoraLinear(LoraLinear):
         return self.lora_magnitude_vector[adapter_name] / self.weight_norm(adapter_name)
 
     @torch.no_grad()
-    def weight_norm(self, adapter_name: str) -> torch.Tensor:
-        """``‖W + s B A‖`` per output row, from the current base weight (merged adapters included)."""
+    def weight_norm(self, adapter_name: str, wa: torch.Tensor | None = None) -> torch.Tensor:
+        """``‖W + s B A‖`` per output row, from the current base weight (merged adapters included);
+        ``wa = W Aᵀ`` (out, r) when the forward already has it."""
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight  # (r, in), (out, r)
         s = self.scaling[adapter_name]
-        wa = self._base_matmul(A).T  # W Aᵀ: (out, r)
+        wa = self._base_matmul(A).T if wa is None else wa
         norm2 = self._base_row_norm2() + 2 * s * (B * wa).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
         return norm2.clamp_min(0).sqrt().clamp_min(torch.finfo(norm2.dtype).tiny)
+
+    def _base_and_probes(self, x: torch.Tensor, names: list[str], *args, **kwargs):
+        """The base output and ``W Aᵀ`` per named DoRA adapter from ONE base call on ``[x; A₁; A₂ …]``:
+        the base weight is read once per forward, as for plain LoRA (a weight pass dominates on big models)."""
+        if not names or args or kwargs:
+            return self.base_layer(x, *args, **kwargs), {}
+        flat = x.reshape(-1, x.shape[-1])
+        rows = [self.lora_A[n].weight.detach().to(x.dtype) for n in names]
+        out = self.base_layer(torch.cat([flat, *rows]))
+        bias = self.base_layer.bias
+        probes, start = {}, flat.shape[0]
+        for name, r in zip(names, rows):
+            wa = out[start: start + r.shape[0]].detach().to(self.lora_A[name].weight.dtype)
+            probes[name] = (wa if bias is None else wa - bias.to(wa.dtype)).T  # (out, r)
+            start += r.shape[0]
+        return out[: flat.shape[0]].reshape(*x.shape[:-1], out.shape[-1]), probes
 
     def _base_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows Wᵀ`` (bias excluded) through the base layer itself, whatever its storage."""

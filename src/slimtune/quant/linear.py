@@ -109,7 +109,8 @@ class QuantizedLinear(nn.Module):
             return
         value = state_dict[key]
         if value.shape != self.bias.shape:
-            raise ValueError(f"{key}: stored bias has shape {tuple(value.shape)}, the layer needs {tuple(self.bias.shape)}")
+            raise ValueError(f"{key}: stored bias has shape {tuple(value.shape)}, "
+                             f"the layer needs {tuple(self.bias.shape)}")
         if assign or self.bias.is_meta:
             device = None if self.bias.is_meta else self.bias.device
             self.bias = nn.Parameter(value.detach().to(device or value.device), requires_grad=False)
@@ -135,7 +136,8 @@ def _linear_weight(linear: nn.Module) -> torch.Tensor:
         return linear.weight
     if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
         return linear.weight.t()
-    raise ValueError(f"cannot quantize a {type(linear).__name__}: only nn.Linear and transformers' Conv1D are supported")
+    raise ValueError(f"cannot quantize a {type(linear).__name__}: only nn.Linear and transformers' Conv1D "
+                     "are supported")
 
 
 class Linear4bit(QuantizedLinear):
@@ -159,7 +161,8 @@ class Linear4bit(QuantizedLinear):
         self.compute_dtype = compute_dtype or default_compute_dtype(device)
         n = self.in_features * self.out_features
         nb = -(-n // blocksize)
-        self.register_buffer("weight", torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device), persistent=False)
+        packed = torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+        self.register_buffer("weight", packed, persistent=False)
         self.register_buffer("quant_map", codebook(quant_type).to(device), persistent=False)
         if double_quant:
             self.register_buffer("absmax", torch.zeros(nb, dtype=torch.uint8, device=device), persistent=False)

@@ -62,7 +62,8 @@ _LUT_BINS = 1 << 16  # bins of bitsandbytes' 8-bit CPU quantization table
 
 def check_blocksize(blocksize: int) -> int:
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize={blocksize!r} is not supported; use a power of two from 32 to 4096: {list(BLOCKSIZES)}")
+        raise ValueError(f"blocksize={blocksize!r} is not supported; use a power of two from 32 to 4096: "
+                         f"{list(BLOCKSIZES)}")
     return blocksize
 
 

@@ -57,8 +57,16 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     from slimtune.train.models import load_model_and_tokenizer
     from slimtune.train.runner import resolve_device
 
+    # Clear errors for wrong folders or names before the (slow) model load.
+    names = [name for name, _ in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names must be unique, got {names}; name them with --adapter NAME=PATH.")
+    chosen = active or names[:1]
+    unknown = [a for a in chosen if a not in names]
+    if unknown:
+        raise ValueError(f"--active {unknown} is not a loaded adapter; loaded: {names}.")
     for _, path in adapters:
-        read_adapter_config(path)  # a clear error for a wrong folder before the model loads
+        read_adapter_config(path)
     if model_name is None:
         model_name = base_model_of(adapters[0][1]) if adapters else "default"
     quant = None
@@ -68,24 +76,17 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     summary = apply_quantization(model, quant)
     if summary:
         log(summary)
-    names = [name for name, _ in adapters]
-    if len(set(names)) != len(names):
-        raise ValueError(f"adapter names must be unique, got {names}; name them with --adapter NAME=PATH.")
     for name, path in adapters:
         load_adapter(model, path, adapter_name=name, activate=False)
     if adapters:
-        chosen = active or [names[0]]
-        unknown = [a for a in chosen if a not in names]
-        if unknown:
-            raise ValueError(f"--active {unknown} is not a loaded adapter; loaded: {names}.")
         set_active_adapters(model, chosen)
     model.eval()
     return model, tokenizer
 
 
 @torch.no_grad()
-def export_merged(model: Any, tokenizer: Any, output: Path) -> Path:
-    """Merge the active adapter into a full-precision copy of the weights and save a plain HF folder.
+def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float32") -> Path:
+    """Merge the active adapter into the weights (in ``dtype``) and save a plain transformers folder.
 
     A 4-bit base is dequantized first (what the adapter was trained on). The folder is written to a
     temporary name and renamed, so it is complete or absent.
@@ -93,11 +94,9 @@ def export_merged(model: Any, tokenizer: Any, output: Path) -> Path:
     import shutil
     import tempfile
 
-    from slimtune.inject import merge_and_unload
-    from slimtune.quant import dequantize_model
+    from slimtune.export import merge_for_export
 
-    dequantize_model(model)
-    merge_and_unload(model)
+    model, _ = merge_for_export(model, dtype=getattr(torch, dtype), inplace=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:

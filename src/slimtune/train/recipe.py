@@ -45,7 +45,9 @@ class ModelSection:
     tokenizer: str | None = None  # load the tokenizer from elsewhere (default: the model's folder)
     dtype: DTYPES = "float32"  # weight dtype of the non-quantized parts
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Recompute each decoder layer in backward (less memory, ~30% slower); "offload" also keeps the
+    # layer inputs in CPU memory (GPU only). See slimtune.checkpointing.
+    gradient_checkpointing: bool | Literal["offload"] = False
     allow_pickle: bool = False  # accept pytorch_model.bin (runs code from the file: trusted sources only)
 
     def __post_init__(self) -> None:
@@ -82,6 +84,8 @@ class TrainingSection:
     """The optimization: AdamW, warmup + decay schedule, accumulation, clipping, eval and checkpoints."""
 
     seed: int = 0
+    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (slimtune.optimizers)
+    loss: Literal["auto", "chunked", "full"] = "auto"  # chunked: no full-vocabulary logits (auto: when possible)
     max_steps: int | None = None  # optimizer steps; null = ``epochs`` passes over the data
     epochs: float = 1.0
     batch_size: int = 1
@@ -103,6 +107,11 @@ class TrainingSection:
     log_every: int = 1  # steps between metrics.jsonl rows
 
     def __post_init__(self) -> None:
+        from slimtune import optimizers
+
+        known = list(optimizers.OPTIMIZER_NAMES) + sorted(getattr(optimizers, "_ALIASES", {}))
+        if self.optim.lower() not in known:
+            raise ValueError(f"optim={self.optim!r} is not an optimizer; use one of {known}.")
         positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:

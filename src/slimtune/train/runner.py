@@ -111,13 +111,11 @@ def _checkpoint_config(checkpoint: Path | None) -> dict[str, Any] | None:
     return json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
-    """Non-reentrant activation checkpointing (frozen inputs need no ``requires_grad`` hack then)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def enable_gradient_checkpointing(model: Any, mode: bool | str) -> None:
+    """Checkpoint every decoder layer (slimtune.checkpointing); ``"offload"`` keeps layer inputs on the CPU."""
+    from slimtune.checkpointing import checkpoint_layers
+
+    checkpoint_layers(model, offload=mode == "offload")
 
 
 def load_data(recipe: Recipe) -> tuple[list[dict], list[dict]]:
@@ -175,7 +173,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
     eval_before = None
     if checkpoint is None:
         eval_before = evaluate_loss(model, eval_rows.rows, settings.eval_batch_size, tokenizer.pad_token_id, device,
-                                    settings.mixed_precision)
+                                    settings.mixed_precision, settings.loss)
         log(f"eval loss of the base model: {eval_before:.4f}")
         if demo.enabled:
             log(f"\n── sample prompt ──\n{demo_prompt}\n── base model ──")
@@ -185,7 +183,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
     torch.manual_seed(settings.seed)  # the adapter's initial weights
     inject(model, recipe.method)
     if recipe.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, recipe.model.gradient_checkpointing)
     model.config.use_cache = False  # training never reuses a KV cache
     log(str(trainable_parameters(model)))
 

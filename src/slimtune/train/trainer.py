@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.inject import get_state
+from slimtune.losses import causal_lm_loss
+from slimtune.optimizers import make_optimizer
 from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.checkpoint import (
     latest_checkpoint,
@@ -55,8 +57,34 @@ def autocast_context(device: torch.device, mixed_precision: str) -> Callable[[],
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
+def chunked_loss_works(model: nn.Module, mode: str) -> bool:
+    """Whether to use :func:`slimtune.losses.causal_lm_loss` (logits chunk by chunk, never all at once).
+
+    ``auto`` uses it where it applies (plain decoder + output layer, no forward hooks such as prompt
+    tuning's); ``chunked`` insists, ``full`` never does.
+    """
+    if mode == "full":
+        return False
+    dummy = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()  # a 2-token probe; eval mode and a forked RNG leave the run's random stream alone
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            causal_lm_loss(model, {"input_ids": dummy, "labels": dummy})
+        return True
+    except ValueError:
+        if mode == "chunked":
+            raise
+        return False
+    finally:
+        model.train(was_training)
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast, chunked: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over the label tokens of ``batch`` (fp32)."""
+    if chunked:
+        with autocast():
+            return causal_lm_loss(model, batch, reduction="sum", ignore_index=IGNORE_INDEX).float()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with autocast():
         logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
@@ -75,16 +103,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int,
-                  device: torch.device, mixed_precision: str = "auto") -> float:
+                  device: torch.device, mixed_precision: str = "auto", loss: str = "auto") -> float:
     """Mean per-token loss of ``model`` on tokenized ``rows`` (dataset order, no dropout)."""
     autocast = autocast_context(device, mixed_precision)
+    chunked = chunked_loss_works(model, loss)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for start in range(0, len(rows), batch_size):
             batch = to_device(collate(rows[start:start + batch_size], pad_id), device)
-            total += float(loss_sum(model, batch, autocast))
+            total += float(loss_sum(model, batch, autocast, chunked))
             count += label_tokens(batch)
     finally:
         model.train(was_training)
@@ -140,8 +169,10 @@ def method_hooks(model: nn.Module) -> tuple[Callable | None, list[Callable]]:
     return (groups[0] if groups else None), after
 
 
-def build_optimizer(model: nn.Module, settings: TrainingSection, param_groups: Callable | None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+def build_optimizer(model: nn.Module, settings: TrainingSection, param_groups: Callable | None
+                    ) -> torch.optim.Optimizer:
+    """``settings.optim`` (AdamW or its 8-bit / paged kinds) over the trainable parameters; no weight
+    decay on biases and norms (1-D tensors) unless the method's ``param_groups`` says otherwise."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters; check the method's target_modules.")
@@ -154,8 +185,8 @@ def build_optimizer(model: nn.Module, settings: TrainingSection, param_groups: C
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
-    return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=tuple(settings.adam_betas),
-                             eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
+    return make_optimizer(settings.optim, groups, lr=settings.learning_rate, betas=tuple(settings.adam_betas),
+                          eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
 
 
 class Trainer:
@@ -180,6 +211,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
                                         settings.min_lr_ratio)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.chunked = chunked_loss_works(model, settings.loss)
         self.state = TrainerState()
         self.metrics = MetricsLog(run_dir)
         self.peak_memory_mb = 0.0  # during training steps in this process
@@ -203,7 +235,7 @@ class Trainer:
         n_labels = sum(label_tokens(b) for b in micro)
         total = 0.0
         for batch in micro:
-            loss = loss_sum(self.model, batch, self.autocast) / max(n_labels, 1)
+            loss = loss_sum(self.model, batch, self.autocast, self.chunked) / max(n_labels, 1)
             loss.backward()
             total += float(loss.detach())
         grad_norm = None
@@ -242,7 +274,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------
     def evaluate(self) -> float:
         loss = evaluate_loss(self.model, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
-                             self.settings.mixed_precision)
+                             self.settings.mixed_precision, self.settings.loss)
         self.record_eval(loss)
         return loss
 
