@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import platform
@@ -26,6 +27,16 @@ def smollm2_shaped(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaFo
 def random_batch(batch: int, seq: int, vocab: int = 49152, seed: int = 0) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "labels": ids}
+
+
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    return parser
 
 
 def train_step(model, optimizer, batch) -> float:

@@ -8,23 +8,18 @@ Steps alternate between the two libraries so machine noise hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import copy
+import time
 
 import peft
 import torch
-from common import machine, median, random_batch, smollm2_shaped, train_step
+from common import machine, median, random_batch, smollm2_shaped, step_parser, train_step
 
 import slimtune
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=16)
-    args = parser.parse_args()
+    args = step_parser(__doc__.splitlines()[0]).parse_args()
 
     base = smollm2_shaped()
     batch = random_batch(args.batch, args.seq)
@@ -41,7 +36,6 @@ def main() -> None:
         model.train()
         train_step(model, optimizers[name], batch)
     times: dict[str, list[float]] = {k: [] for k in models}
-    import time
     for _ in range(args.steps):
         for name, model in models.items():
             start = time.perf_counter()
@@ -53,7 +47,7 @@ def main() -> None:
     print(f"# LoRA r={args.rank} all-linear, SmolLM2-135M shape, bs {args.batch}, seq {args.seq}, "
           f"median of {args.steps} steps; {machine()}")
     print(f"trainable params: {trainable['slimtune']:,} (both)")
-    print(f"| library  | s/step |")
+    print("| library  | s/step |")
     print(f"| slimtune | {ours:6.2f} |")
     print(f"| peft     | {theirs:6.2f} |")
     print(f"ratio slimtune/peft: {ours / theirs:.3f}")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import SMOLLM2_135M, machine, median, peak_rss_bytes, random_batch, smollm2_shaped, train_step
+from common import (SMOLLM2_135M, machine, median, peak_rss_bytes, random_batch, smollm2_shaped, step_parser,
+                    time_steps, train_step)
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,21 +61,12 @@ def _steps(model, args) -> dict:
     batch = random_batch(args.batch, args.seq)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train_step(model, optimizer, batch)  # warm-up
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        train_step(model, optimizer, batch)
-        times.append(time.perf_counter() - start)
+    times = time_steps(lambda: train_step(model, optimizer, batch), warmup=1, steps=args.steps)
     return {"step_s": median(times), "peak_rss": peak_rss_bytes(), "trainable": trainable}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=16)
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=["slimtune", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

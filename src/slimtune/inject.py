@@ -172,20 +172,25 @@ def _custom_hooks(model: nn.Module, hook: str):
     return [getattr(c, hook) for c in state.configs.values() if hasattr(c, hook)]
 
 
-def _apply_bias_modes(model: nn.Module, state: AdapterState) -> None:
-    """``bias="all"`` trains every bias; ``"lora_only"`` the biases of wrapped layers (PEFT's modes)."""
-    modes = {getattr(state.configs[a], "bias", "none") for a in state.active}
+def bias_names(model: nn.Module, modes: set[str]) -> list[str]:
+    """Biases a ``bias`` mode trains: every one for "all"; those of wrapped layers for "lora_only" /
+    "vera_only" (PEFT's modes). Head copies (``modules_to_save``) carry their own biases."""
     wrapped = tuple(f"{n}.base_layer." for n, _ in tuner_layers(model))
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith("bias") and not _in_saved_copy(name)
+        and ("all" in modes or (modes & {"lora_only", "vera_only"} and name.startswith(wrapped)))
+    ]
+
+
+def _apply_bias_modes(model: nn.Module, state: AdapterState) -> None:
+    modes = {getattr(state.configs[a], "bias", "none") for a in state.active}
     params = dict(model.named_parameters())
     for name in state.trainable_biases:  # undo what an earlier activation switched on
         if name in params:
             params[name].requires_grad_(False)
-    state.trainable_biases = [
-        name
-        for name in params
-        if name.endswith("bias") and not _in_saved_copy(name)
-        and ("all" in modes or (modes & {"lora_only", "vera_only"} and name.startswith(wrapped)))
-    ]
+    state.trainable_biases = bias_names(model, modes)
     for name in state.trainable_biases:
         params[name].requires_grad_(True)
 

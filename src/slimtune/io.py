@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from slimtune.config import MethodConfig, config_from_dict
-from slimtune.inject import get_state, inject, remove_adapter, saved_modules, tuner_layers
+from slimtune.inject import bias_names, get_state, inject, remove_adapter, saved_modules, tuner_layers
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -48,17 +48,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 
 def _bias_tensors(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    if mode == "none":
-        return {}
-    wrapped = tuple(f"{n}.base_layer." for n, _ in tuner_layers(model))
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if name.endswith("bias")
-        and "modules_to_save" not in name.split(".")
-        and "original_module" not in name.split(".")
-        and (mode == "all" or name.startswith(wrapped))
-    }
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in bias_names(model, {mode})}
 
 
 def serialize_adapter(model: nn.Module, adapter_name: str = "default") -> bytes:

@@ -24,7 +24,6 @@ State memory: 2 × (1 + 4/256) = 2.03 bytes per weight instead of 8 for fp32 mom
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 
@@ -69,7 +68,6 @@ class AdamW8bit(PagedStateOptimizer):
                          min_paged_size)
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        state["step"] = torch.tensor(0.0)
         if p.numel() < self.min_8bit_size:
             state["exp_avg"] = self.new_state(p, p.shape, torch.float32)
             state["exp_avg_sq"] = self.new_state(p, p.shape, torch.float32)
@@ -79,31 +77,19 @@ class AdamW8bit(PagedStateOptimizer):
             state[f"{name}_codes"] = self.new_state(p, p.shape, torch.uint8)
             state[f"{name}_absmax"] = self.new_state(p, (blocks,), torch.float32)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group, p, grad in self._grads():
-            state = self.state[p]
-            if not state:
-                self._init_state(p, state)
-            state["step"] += 1
-            step = state["step"].item()
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            p32 = p if p.dtype == torch.float32 else p.float()
-            if "exp_avg" in state:  # small tensor: fp32 moments, torch's update
-                m, v = self.fetch(state["exp_avg"], p.device), self.fetch(state["exp_avg_sq"], p.device)
-                adamw_step_(p32, grad.float(), m, v, step, lr, beta1, beta2, eps, wd)
-                self.put_back(state["exp_avg"], m)
-                self.put_back(state["exp_avg_sq"], v)
-            else:
-                self._step_8bit(state, p32, grad.float(), step, lr, beta1, beta2, eps, wd)
-            if p32 is not p:
-                p.copy_(p32)
-        return loss
+    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, step: float) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        p32 = p if p.dtype == torch.float32 else p.float()
+        if "exp_avg" in state:  # small tensor: fp32 moments, torch's update
+            m, v = self.fetch(state["exp_avg"], p.device), self.fetch(state["exp_avg_sq"], p.device)
+            adamw_step_(p32, grad.float(), m, v, step, lr, beta1, beta2, eps, wd)
+            self.put_back(state["exp_avg"], m)
+            self.put_back(state["exp_avg_sq"], v)
+        else:
+            self._step_8bit(state, p32, grad.float(), step, lr, beta1, beta2, eps, wd)
+        if p32 is not p:
+            p.copy_(p32)
 
     def _step_8bit(self, state: dict, p: torch.Tensor, g: torch.Tensor, step: float, lr: float, beta1: float,
                    beta2: float, eps: float, weight_decay: float) -> None:

@@ -124,16 +124,6 @@ class PagedStateOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support complex parameters")
                 yield group, p, p.grad
 
-
-class PagedAdamW(PagedStateOptimizer):
-    """AdamW with states in pinned CPU memory (see the module docstring). torch.optim.AdamW's defaults."""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, paged: bool = True, min_paged_size: int = MIN_PAGED_SIZE) -> None:
-        check_hyperparameters(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), paged,
-                         min_paged_size)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -144,13 +134,34 @@ class PagedAdamW(PagedStateOptimizer):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = self.new_state(p, p.shape, p.dtype)
-                state["exp_avg_sq"] = self.new_state(p, p.shape, p.dtype)
+                self._init_state(p, state)
             state["step"] += 1
-            m, v = self.fetch(state["exp_avg"], p.device), self.fetch(state["exp_avg_sq"], p.device)
-            beta1, beta2 = group["betas"]
-            adamw_step_(p, grad, m, v, state["step"].item(), group["lr"], beta1, beta2, group["eps"],
-                        group["weight_decay"])
-            self.put_back(state["exp_avg"], m)
-            self.put_back(state["exp_avg_sq"], v)
+            self._update(group, p, grad, state, state["step"].item())
         return loss
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, step: float) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class PagedAdamW(PagedStateOptimizer):
+    """AdamW with states in pinned CPU memory (see the module docstring). torch.optim.AdamW's defaults."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, paged: bool = True, min_paged_size: int = MIN_PAGED_SIZE) -> None:
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), paged,
+                         min_paged_size)
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["exp_avg"] = self.new_state(p, p.shape, p.dtype)
+        state["exp_avg_sq"] = self.new_state(p, p.shape, p.dtype)
+
+    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, step: float) -> None:
+        m, v = self.fetch(state["exp_avg"], p.device), self.fetch(state["exp_avg_sq"], p.device)
+        beta1, beta2 = group["betas"]
+        adamw_step_(p, grad, m, v, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        self.put_back(state["exp_avg"], m)
+        self.put_back(state["exp_avg_sq"], v)

@@ -122,6 +122,17 @@ class QuantizedLinear(nn.Module):
         """Where loaded tensors go: the layer's current device, unless it is still on meta."""
         return tensor.device if getattr(self, "weight", None) is None or self.weight.is_meta else self.weight.device
 
+    def _check_weight_shape(self, w: torch.Tensor) -> None:
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a {type(self).__name__} "
+                             f"({self.out_features}, {self.in_features})")
+
+    def _copy_bias(self, linear: nn.Module) -> "QuantizedLinear":
+        """Take a frozen copy of ``linear``'s bias (the original module stays untouched)."""
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return self
+
     @staticmethod
     def _check_not_quantized(linear: nn.Module) -> None:
         if isinstance(linear, QuantizedLinear):
@@ -187,17 +198,12 @@ class Linear4bit(QuantizedLinear):
         w = _linear_weight(linear)  # (out, in)
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None, quant_type, blocksize, double_quant,
                     compute_dtype or default_compute_dtype(w.device), w.dtype, device="meta")
-        layer.quantize_(w)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return layer
+        return layer.quantize_(w)._copy_bias(linear)
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor) -> "Linear4bit":
         """Fill this layer from the full-precision weight ``w`` (out, in), on ``w``'s device."""
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a Linear4bit "
-                             f"({self.out_features}, {self.in_features})")
+        self._check_weight_shape(w)
         self.dtype = w.dtype
         packed, absmax = nf4.quantize_4bit(w, self.quant_type, self.blocksize)
         self.weight, self.quant_map = packed, codebook(self.quant_type, w.device)
@@ -272,16 +278,11 @@ class Linear8bit(QuantizedLinear):
         w = _linear_weight(linear)
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     compute_dtype or default_compute_dtype(w.device), w.dtype, device="meta")
-        layer.quantize_(w)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return layer
+        return layer.quantize_(w)._copy_bias(linear)
 
     @torch.no_grad()
     def quantize_(self, w: torch.Tensor) -> "Linear8bit":
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a Linear8bit "
-                             f"({self.out_features}, {self.in_features})")
+        self._check_weight_shape(w)
         self.dtype = w.dtype
         self.weight, self.SCB = int8.quantize_int8_rowwise(w)
         return self
