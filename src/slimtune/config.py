@@ -147,6 +147,11 @@ class LoraConfig(MethodConfig):
                 raise ValueError(f"alpha_pattern[{key!r}]={alpha!r} must be a positive number.")
 
 
+def registered_configs() -> dict[str, type[MethodConfig]]:
+    """Every registered method config class by ``peft_type`` (methods register on import of slimtune)."""
+    return dict(_CONFIG_CLASSES)
+
+
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     """Read any registered method config from its dict (``peft_type`` picks the class)."""
     peft_type = data.get("peft_type")

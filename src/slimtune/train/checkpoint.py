@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.io import save_adapter
+from slimtune.io import atomic_folder, save_adapter
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -55,20 +54,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_folder(final) as tmp:  # re-saving a step after a resume replaces it whole
         save_adapter(model, tmp / "adapter")
         save_file(trainable_tensors(model), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():  # e.g. re-saving the same step after a resume: replace it whole
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from slimtune.inject import set_active_adapters
-from slimtune.io import load_adapter, read_adapter_config
+from slimtune.io import atomic_folder, load_adapter, read_adapter_config
 from slimtune.quant import QuantConfig
 from slimtune.train.quantize import apply_quantization
 
@@ -91,22 +91,12 @@ def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float3
     A 4-bit base is dequantized first (what the adapter was trained on). The folder is written to a
     temporary name and renamed, so it is complete or absent.
     """
-    import shutil
-    import tempfile
 
     from slimtune.export import merge_for_export
 
     model, _ = merge_for_export(model, dtype=getattr(torch, dtype), inplace=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -216,10 +216,9 @@ def method_classes() -> dict[str, type[MethodConfig]]:
     Importing :mod:`slimtune` imports every method module, which registers its config.
     """
     import slimtune  # noqa: F401  (registration happens on import)
-    from slimtune import config as config_module
+    from slimtune.config import registered_configs
 
-    # config.py keeps its registry private; a public ``config_class(peft_type)`` would be nicer.
-    return dict(config_module._CONFIG_CLASSES)
+    return registered_configs()
 
 
 def _build_method(data: Any, task_default: str) -> MethodConfig:

@@ -20,7 +20,7 @@ from typing import Any, Callable, TextIO
 import torch
 
 from slimtune.inject import inject
-from slimtune.io import atomic_write, save_adapter
+from slimtune.io import atomic_folder, atomic_write, save_adapter
 from slimtune.report import trainable_parameters
 from slimtune.train.checkpoint import latest_checkpoint
 from slimtune.train.progress import METRICS, human_bytes, human_seconds, plot_loss
@@ -235,15 +235,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
 def _save_final_adapter(model: Any, run_dir: Path) -> Path:
     """``<run>/adapter`` written whole into a temp folder, then renamed into place."""
     final = run_dir / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=run_dir))
-    try:
+    with atomic_folder(final) as tmp:
         save_adapter(model, tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
