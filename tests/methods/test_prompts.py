@@ -1,12 +1,33 @@
 """Prompt tuning, P-tuning and prefix tuning: PEFT parity (outputs, generation, files both ways),
-init modes, folding, training, round trips, clean removal and the errors users hit."""
+init modes, folding, training, round trips, clean removal and the errors users hit.
+
+Two oracles: HF PEFT itself, wherever it works with the installed transformers, and PEFT's outputs
+captured as fixtures under the newest transformers where it is verified correct (5.23.0, see
+tests/fixtures/peft_prompts/capture.py): PEFT 0.21.2 refuses prefix tuning on BERT from transformers
+5.24 and its cached generation there disagrees with its own greedy decoding, so live checks skip
+those (saying why) and the captured ones always run.
+"""
 
 import copy
 import json
 
-import peft
 import pytest
 import torch
+from oracles import CapturedCase
+from prompt_cases import (
+    CASES,
+    GENERATE_CASES,
+    METHODS,
+    TASKS,
+    base_model,
+    generate_inputs,
+    greedy_by_forward,
+    ours_for,
+    peft_adapter_state,
+    peft_for,
+    randomise_heads,
+    strengthen_prompts,
+)
 from tiny_models import FAMILIES, VOCAB, logits, sample_inputs, tiny_gpt2, tiny_llama
 from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
 
@@ -14,50 +35,45 @@ import slimtune
 from slimtune.methods.prompts import PROMPT_CONTAINER
 
 TOL = 1e-5
-TASKS = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM", "bert": "SEQ_CLS"}
-METHODS = {  # name -> (PEFT config class, our config class, extra kwargs)
-    "prompt": (peft.PromptTuningConfig, slimtune.PromptTuningConfig, {}),
-    "p_mlp": (peft.PromptEncoderConfig, slimtune.PromptEncoderConfig, {"encoder_hidden_size": 16}),
-    "p_lstm": (peft.PromptEncoderConfig, slimtune.PromptEncoderConfig,
-               {"encoder_hidden_size": 8, "encoder_reparameterization_type": "LSTM"}),
-    "prefix": (peft.PrefixTuningConfig, slimtune.PrefixTuningConfig, {}),
-    "prefix_mlp": (peft.PrefixTuningConfig, slimtune.PrefixTuningConfig,
-                   {"prefix_projection": True, "encoder_hidden_size": 8}),
-}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(family, method, p=3):
-    """Base model, PEFT's prompt adapter and ours holding the same (random) prompt weights."""
-    theirs_cls, ours_cls, extra = METHODS[method]
-    base = FAMILIES[family][0]()
-    kwargs = {"task_type": TASKS[family], "num_virtual_tokens": p, **extra}
-    theirs = peft.get_peft_model(copy.deepcopy(base), theirs_cls(**kwargs))
-    ours = slimtune.inject(copy.deepcopy(base), ours_cls(**kwargs))
-    shared = {k.removeprefix("base_model."): v for k, v in theirs.state_dict().items() if "prompt_encoder" in k}
+    """Base model, PEFT's prompt adapter and ours holding the same (random) prompt weights; skips with
+    the reason when PEFT cannot build this case on the installed transformers."""
+    base = base_model(family)
+    try:
+        theirs = peft_for(base, family, method, p)
+    except ValueError as error:  # e.g. "Model does not support past key values": PEFT's check of the old name
+        pytest.skip(f"PEFT refuses {family}-{method} on this transformers ({error}); "
+                    "checked against PEFT's captured outputs instead")
+    ours = ours_for(base, family, method, p)
+    shared = {k: v for k, v in peft_adapter_state(theirs).items() if PROMPT_CONTAINER in k}
     assert shared and not ours.load_state_dict(shared, strict=False).unexpected_keys
     return base, theirs, ours
 
 
-def _randomise_heads(*models):
-    """Make the SEQ_CLS head copies differ from the originals, identically in every model."""
-    for model in models:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "modules_to_save" in name:
-                    p.add_(0.1)
+def _peft_logits(theirs, inputs):
+    try:
+        return logits(theirs, inputs)
+    except ValueError as error:
+        if "past key values" not in str(error):
+            raise
+        pytest.skip(f"PEFT refuses prefix tuning here on this transformers ({error}): its check looks for the "
+                    "argument name `past_key_values`; checked against PEFT's captured outputs instead")
 
 
-CASES = [(f, m) for f in TASKS for m in METHODS if not (f == "t5" and m == "p_lstm")]
+def _ours(family, method):
+    return ours_for(base_model(family), family, method)
 
 
 @pytest.mark.parametrize("family, method", CASES)
 def test_forward_matches_peft(family, method):
     base, theirs, ours = _pair(family, method)
-    _randomise_heads(theirs, ours)
+    randomise_heads(theirs, ours)
     inputs = sample_inputs(family)
-    expected = logits(theirs, inputs)
+    expected = _peft_logits(theirs, inputs)
     got = logits(ours, inputs)
     assert got.shape == expected.shape  # causal LMs: logits for the virtual positions too, as PEFT
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
@@ -65,48 +81,111 @@ def test_forward_matches_peft(family, method):
         assert (expected - logits(base, inputs)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family, method", CASES)
+def test_forward_matches_captured_peft(family, method):
+    case = CapturedCase("forward", family, method)
+    base = case.base(FAMILIES[family][0])
+    ours = ours_for(base, family, method)
+    case.load_adapter_into(ours)
+    inputs = case.part("input")
+    expected = case.tensors["expected.logits"]
+    torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
+    if expected.shape == case.tensors["base.logits"].shape:
+        torch.testing.assert_close(logits(base, inputs), case.tensors["base.logits"], atol=TOL, rtol=0)
+        assert (expected - case.tensors["base.logits"]).abs().max() > 1e-4  # the prompt matters
+
+
 @pytest.mark.parametrize("family, method", [(f, m) for f in TASKS for m in ("prompt", "p_mlp", "prefix_mlp")])
 def test_adapter_files_move_both_ways(family, method, tmp_path):
     base, theirs, ours = _pair(family, method)
-    _randomise_heads(theirs, ours)
+    randomise_heads(theirs, ours)
     inputs = sample_inputs(family)
     slimtune.save_adapter(ours, tmp_path / "ours")
-    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(logits(in_peft, inputs), logits(ours, inputs), atol=TOL, rtol=0)
+    in_peft = __import__("peft").PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(_peft_logits(in_peft, inputs), logits(ours, inputs), atol=TOL, rtol=0)
     theirs.save_pretrained(tmp_path / "theirs")
     in_ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
-    torch.testing.assert_close(logits(in_ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+    torch.testing.assert_close(logits(in_ours, inputs), _peft_logits(theirs, inputs), atol=TOL, rtol=0)
     # both folders hold the same keys: one prompt_embeddings tensor (+ the head copy for SEQ_CLS)
     from safetensors.torch import load_file
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
         set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("family, method", [(f, m) for f in ("llama", "gpt2", "t5") for m in ("prompt", "p_mlp",
-                                                                                            "prefix")])
-def test_generate_matches_peft_and_the_uncached_result(family, method):
+@pytest.mark.parametrize("family, method", [(f, m) for f in TASKS for m in ("prompt", "p_mlp", "prefix_mlp")])
+def test_adapter_files_match_captured_peft_both_ways(family, method, tmp_path):
+    """PEFT's saved folder loads in slimtune with PEFT's outputs; slimtune's save of the same adapter holds
+    the tensors and config values PEFT wrote (so PEFT loads it as it loads its own)."""
+    from safetensors.torch import load_file, save_file
+
+    case = CapturedCase("files", family, method)
+    base = case.base(FAMILIES[family][0])
+    theirs_dir = tmp_path / "theirs"
+    theirs_dir.mkdir()
+    save_file(case.part("file"), theirs_dir / "adapter_model.safetensors")
+    (theirs_dir / "adapter_config.json").write_text(json.dumps(case.meta["adapter_config"]))
+    inputs = case.part("input")
+    loaded = slimtune.load_adapter(copy.deepcopy(base), theirs_dir)
+    torch.testing.assert_close(logits(loaded, inputs), case.tensors["expected.logits"], atol=TOL, rtol=0)
+    ours = ours_for(base, family, method)
+    case.load_adapter_into(ours)
+    slimtune.save_adapter(ours, tmp_path / "ours")
+    written = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(written) == set(case.part("file"))
+    for key, value in case.part("file").items():
+        torch.testing.assert_close(written[key], value, atol=1e-6, rtol=0)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs_config = case.meta["adapter_config"]
+    same = lambda k: set(config[k] or ()) == set(theirs_config[k] or ()) if k == "modules_to_save" else \
+        config[k] == theirs_config[k]  # noqa: E731 (PEFT appends its head names again on every save)
+    differ = {k for k in config if k in theirs_config and not same(k)}
+    assert differ <= {"base_model_name_or_path", "revision"}, {k: (config[k], theirs_config[k]) for k in differ}
+
+
+@pytest.mark.parametrize("family, method", GENERATE_CASES)
+def test_generate_is_greedy_decoding_from_first_principles(family, method):
+    """Cached and uncached generation equal greedy decoding by full forward passes, and the prompt matters."""
+    ours = _ours(family, method)
+    strengthen_prompts(ours)
+    kwargs = generate_inputs()
+    steps = kwargs["max_new_tokens"]
+    cached = ours.generate(**kwargs)[:, -steps:]
+    torch.testing.assert_close(cached, greedy_by_forward(ours, family, kwargs["input_ids"], steps), atol=0, rtol=0)
+    torch.testing.assert_close(ours.generate(**kwargs, use_cache=False)[:, -steps:], cached, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family, method", GENERATE_CASES)
+def test_generate_matches_captured_peft(family, method):
+    case = CapturedCase("generate", family, method)
+    base = case.base(FAMILIES[family][0])
+    ours = ours_for(base, family, method)
+    case.load_adapter_into(ours)
+    kwargs = {**generate_inputs(), "input_ids": case.tensors["input.input_ids"]}
+    steps = case.meta["max_new_tokens"]
+    torch.testing.assert_close(ours.generate(**kwargs)[:, -steps:], case.tensors["expected.tokens"], atol=0, rtol=0)
+    with slimtune.disable_adapters(ours):
+        torch.testing.assert_close(ours.generate(**kwargs)[:, -steps:], case.tensors["base.tokens"], atol=0, rtol=0)
+    assert not torch.equal(case.tensors["expected.tokens"], case.tensors["base.tokens"])  # the prompt matters
+
+
+@pytest.mark.parametrize("family, method", GENERATE_CASES)
+def test_generate_matches_live_peft(family, method):
+    """Where PEFT's own cached generation is right on the installed transformers (it equals PEFT's greedy
+    decoding by full forward passes), ours equals it token for token."""
     _, theirs, ours = _pair(family, method)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():  # a strong prompt, so generation depends on it
-            if PROMPT_CONTAINER in name:
-                p.mul_(3)
-        for name, p in theirs.named_parameters():
-            if PROMPT_CONTAINER in name:
-                p.mul_(3)
-    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                  pad_token_id=0)
-    expected = theirs.generate(**kwargs)[:, -6:]
-    cached = ours.generate(**kwargs)
-    torch.testing.assert_close(cached[:, -6:], expected, atol=0, rtol=0)
-    torch.testing.assert_close(ours.generate(**kwargs, use_cache=False), cached, atol=0, rtol=0)
-    with slimtune.disable_adapters(ours):  # and the prompt matters
-        assert not torch.equal(ours.generate(**kwargs), cached)
+    strengthen_prompts(theirs, ours)
+    kwargs = generate_inputs()
+    steps = kwargs["max_new_tokens"]
+    expected = theirs.generate(**kwargs)[:, -steps:]
+    if not torch.equal(expected, greedy_by_forward(theirs, family, kwargs["input_ids"], steps)):
+        pytest.skip("PEFT's cached generation disagrees with its own greedy decoding on this transformers; "
+                    "test_generate_matches_captured_peft holds the oracle")
+    torch.testing.assert_close(ours.generate(**kwargs)[:, -steps:], expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_left_padded_batch_generates_like_single_rows(method):
-    _, _, ours = _pair("llama", method)
+    ours = _ours("llama", method)
     with torch.no_grad():
         for p in getattr(ours, PROMPT_CONTAINER).parameters():
             p.mul_(3)

@@ -10,11 +10,12 @@ import torch
 
 from slimtune.optimizers import AdamW8bit, make_optimizer, state_bytes
 from slimtune.optimizers.adamw_8bit import dequantize_state, quantize_state
+from oracles import bitsandbytes_oracle
 
 
 @pytest.fixture(scope="module")
 def bnb():
-    return pytest.importorskip("bitsandbytes")
+    return bitsandbytes_oracle()
 
 
 def _params(*shapes, seed=0, dtype=torch.float32):

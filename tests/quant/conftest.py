@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import bitsandbytes_oracle
 
 
 @pytest.fixture(scope="session")
 def bnbF():
     """bitsandbytes.functional (the oracle; its CPU path is what these tests compare against)."""
-    return pytest.importorskip("bitsandbytes.functional")
+    return bitsandbytes_oracle().functional
 
 
 @pytest.fixture

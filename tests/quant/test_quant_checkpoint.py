@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from oracles import bitsandbytes_oracle
 from slimtune.quant import (
     Linear4bit,
     Linear8bit,
@@ -102,7 +103,7 @@ def test_init_empty_weights_keeps_buffers_real():
 @pytest.fixture(scope="module")
 def bnb_folder(fp_folder, tmp_path_factory):
     """The same model quantized and saved by transformers + bitsandbytes (NF4, double quant)."""
-    pytest.importorskip("bitsandbytes")
+    bitsandbytes_oracle()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -115,9 +116,7 @@ def bnb_folder(fp_folder, tmp_path_factory):
 
 
 @torch.no_grad()
-def test_reads_transformers_bitsandbytes_checkpoint(bnb_folder, input_ids):
-    import bitsandbytes.functional as bnbF
-
+def test_reads_transformers_bitsandbytes_checkpoint(bnb_folder, input_ids, bnbF):
     path, bnb_model = bnb_folder
     model = load_quantized_checkpoint(_factory(path), path).eval()
     ours = model.model.layers[0].mlp.down_proj

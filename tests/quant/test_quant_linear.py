@@ -10,6 +10,7 @@ from torch import nn
 
 from slimtune.quant import Linear4bit, Linear8bit, QuantizedLinear, dequantize_int8_rowwise, quantize_int8_rowwise
 from slimtune.quant import linear as linear_mod
+from oracles import bitsandbytes_oracle
 
 
 def _linear(out_f=48, in_f=80, bias=True, seed=0):
@@ -102,7 +103,7 @@ def test_gpt2_conv1d_is_quantized_with_its_transposed_weight():
 
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128)])
 def test_state_dict_identical_to_bitsandbytes_linear4bit(quant_type, double_quant, blocksize):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = bitsandbytes_oracle()
     lin = _linear(out_f=64, in_f=96)
     ref = bnb.nn.Linear4bit(96, 64, bias=True, compute_dtype=torch.float32, compress_statistics=double_quant,
                             quant_type=quant_type)
@@ -134,7 +135,7 @@ def test_int8_rowwise_matches_bitsandbytes(bnbF):
 
 
 def test_linear8bit_state_dict_reads_bitsandbytes_keys():
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = bitsandbytes_oracle()
     lin = _linear(out_f=32, in_f=64)
     ref = bnb.nn.Linear8bitLt(64, 32, bias=True, has_fp16_weights=False)
     ref.load_state_dict(lin.state_dict())

@@ -13,19 +13,18 @@ prefix already in the cache. On disk as HF PEFT: ``prompt_embeddings`` of shape
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from slimtune.compat import activation_checkpointing_on, cache_entry, pop_cache
 from slimtune.config import register_config
 from slimtune.methods.prompts import (
     PromptLearningConfig,
     PromptModule,
     _check_positive,
-    _forward_params,
     is_decoding,
     model_dims,
     pad_left,
@@ -88,12 +87,13 @@ class PrefixTuningConfig(PromptLearningConfig):
     def check_model(self, model: nn.Module) -> None:
         if getattr(model, "config", None) is None:
             raise TypeError(f"prefix tuning needs a transformers model with a .config; got {type(model).__name__}.")
-        if not accepts_cache(model):
+        if cache_entry(model) is None:
             raise ValueError(
-                f"prefix tuning needs a model whose forward takes a key/value cache (past_key_values), and "
-                f"{type(model).__name__} has none. Use prompt tuning (PROMPT_TUNING) or P-tuning (P_TUNING) instead."
+                f"prefix tuning needs a model whose forward takes a key/value cache (`cache` or `past_key_values`), "
+                f"and {type(model).__name__} has none. Use prompt tuning (PROMPT_TUNING) or P-tuning (P_TUNING) "
+                "instead."
             )
-        if checkpointing(model):
+        if activation_checkpointing_on(model):
             raise ValueError("prefix tuning feeds the prefix through the key/value cache, which gradient checkpointing "
                              "turns off; call model.gradient_checkpointing_disable() or use prompt tuning.")
         self._fill_dims(model)
@@ -115,23 +115,26 @@ class PrefixTuningConfig(PromptLearningConfig):
                              projection, zero=self.init_weights == "zero")
 
     def rewrite_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
-        if model.training and checkpointing(model):
+        if model.training and activation_checkpointing_on(model):
             raise ValueError("prefix tuning does not work with gradient checkpointing (it disables the cache); "
                              "call model.gradient_checkpointing_disable().")
         p, encoder_decoder = self.num_virtual_tokens, model.config.is_encoder_decoder
         # With use_cache=False a cache handed back by an earlier call (generate does that) is not reused.
         fresh = kwargs.get("use_cache") is False
         if fresh or not is_decoding(kwargs):
-            cache = None if fresh else kwargs.get("past_key_values")
-            if cache is None:
+            cache = pop_cache(kwargs)
+            if fresh or cache is None:
                 cache = new_cache(model)
             self.write_prefix(cache, module(), batch_size(kwargs), model.dtype)
-            kwargs["past_key_values"] = cache
+            kwargs[cache_entry(model)[1]] = cache
         mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
         kwargs[mask_key] = pad_left(kwargs.get(mask_key), p, 1)
-        if not encoder_decoder:
-            shift_positions(kwargs, "position_ids", p, prepend=False)
+        shift_positions(kwargs, p, prepend=False)  # real tokens sit after the p prefix positions
         return kwargs
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The backbone when the head model cannot carry a cache to it (BERT's head in transformers 4)."""
+        return cache_entry(model)[0]
 
     def write_prefix(self, cache, prefix: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
         """Put each layer's (key, value) prefix, (batch, heads, p, head_dim), into an empty cache."""
@@ -143,24 +146,6 @@ class PrefixTuningConfig(PromptLearningConfig):
         for layer in range(layers):
             key, value = kv[(step * layer) % (2 * layers)], kv[(step * layer + 1) % (2 * layers)]
             target.update(key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1), layer)
-
-
-def checkpointing(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on; transformers renamed the flag in v5."""
-    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"
-    return bool(getattr(model, flag, False))
-
-
-def accepts_cache(model: nn.Module) -> bool:
-    """Whether the model's forward (or its backbone's, reached through ``**kwargs``) takes ``past_key_values``."""
-    params = _forward_params(model)
-    if "past_key_values" in params:
-        return True
-    backbone = getattr(model, "base_model", None)
-    passes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return passes_kwargs and backbone is not None and backbone is not model and \
-        "past_key_values" in _forward_params(backbone)
 
 
 def new_cache(model: nn.Module):

@@ -58,7 +58,7 @@ def prepend_prompt(model: nn.Module, prompt: nn.Module, p: int, kwargs: dict, to
         kwargs["labels"] = pad_left(labels, p, -100)
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = pad_left(kwargs["token_type_ids"], p, 0)
-    shift_positions(kwargs, "position_ids", p, prepend=True)
+    shift_positions(kwargs, p, prepend=True)
     return kwargs
 
 
@@ -77,7 +77,7 @@ class VirtualTokenConfig(PromptLearningConfig):
             return kwargs
         if is_decoding(kwargs):
             kwargs["attention_mask"] = pad_left(kwargs.get("attention_mask"), p, 1)
-            shift_positions(kwargs, "position_ids", p, prepend=False)
+            shift_positions(kwargs, p, prepend=False)
             return kwargs
         return prepend_prompt(model, module, p, kwargs, token_labels=self.task_type != "SEQ_CLS")
 

@@ -11,6 +11,7 @@ tensor. See :mod:`slimtune.methods.prompt_tuning` and :mod:`slimtune.methods.pre
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from slimtune.compat import get_cache
 from slimtune.config import MethodConfig, _check_str_list
 
 PROMPT_CONTAINER = "prompt_encoder"  # model attribute holding one prompt module per adapter (PEFT's name)
@@ -66,7 +68,7 @@ class PromptLearningConfig(MethodConfig):
             container = nn.ModuleDict()
             setattr(model, PROMPT_CONTAINER, container)
         container[adapter_name] = module.to(model.get_input_embeddings().weight.device)
-        _install_hooks(model)
+        _install_hooks(model, self)
 
     def adapter_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": getattr(model, PROMPT_CONTAINER)[adapter_name].to_save()}
@@ -78,7 +80,7 @@ class PromptLearningConfig(MethodConfig):
         if container is not None and (adapter_name is None or not len(container)):
             delattr(model, PROMPT_CONTAINER)
         if not hasattr(model, PROMPT_CONTAINER):
-            for handle in model.__dict__.pop(_HOOKS, []):
+            for handle in model.__dict__.pop(_HOOKS, {}).values():
                 handle.remove()
 
     def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
@@ -107,6 +109,10 @@ class PromptLearningConfig(MethodConfig):
     def build_module(self, model: nn.Module) -> nn.Module:
         """The prompt module of this method (each method defines it)."""
         raise NotImplementedError
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The module whose forward calls :meth:`rewrite_inputs` rewrites (the model itself by default)."""
+        return model
 
     def rewrite_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
         """The forward call's keyword arguments with this method's prompt applied (each method defines it)."""
@@ -181,33 +187,36 @@ def active_prompt(model: nn.Module) -> tuple[str, PromptLearningConfig, nn.Modul
     return None if name is None else (name, state.configs[name], container[name])
 
 
-def _install_hooks(model: nn.Module) -> None:
-    if _HOOKS in model.__dict__:
-        return
-
-    def model_hook(module, args, kwargs):
-        active = active_prompt(model)
-        if active is None:
-            return None
-        _, config, prompt = active
-        return (), config.rewrite_inputs(model, prompt, _as_kwargs(module, args, kwargs))
-
-    handles = [model.register_forward_pre_hook(model_hook, with_kwargs=True)]
+def _install_hooks(model: nn.Module, config: PromptLearningConfig) -> None:
+    """Forward pre-hooks that let the active prompt adapter rewrite calls: on the module whose inputs
+    ``config`` rewrites (the model, or its backbone) and, for encoder-decoder models, on the encoder."""
+    handles = model.__dict__.setdefault(_HOOKS, {})
+    targets = [(config.input_module(model), "inputs")]
     if model.config.is_encoder_decoder:
-        def encoder_hook(module, args, kwargs):
-            active = active_prompt(model)
-            if active is None or not hasattr(active[1], "rewrite_encoder_inputs"):
-                return None
-            _, config, prompt = active
-            return (), config.rewrite_encoder_inputs(model, prompt, _as_kwargs(module, args, kwargs))
+        targets.append((model.get_encoder(), "encoder"))
+    for module, role in targets:
+        if id(module) not in handles:
+            hook = functools.partial(_rewrite_call, model, role)
+            handles[id(module)] = module.register_forward_pre_hook(hook, with_kwargs=True)
 
-        handles.append(model.get_encoder().register_forward_pre_hook(encoder_hook, with_kwargs=True))
-    model.__dict__[_HOOKS] = handles
+
+def _rewrite_call(model: nn.Module, role: str, module: nn.Module, args: tuple, kwargs: dict):
+    active = active_prompt(model)
+    if active is None:
+        return None
+    _, config, prompt = active
+    if role == "encoder":
+        if not hasattr(config, "rewrite_encoder_inputs"):
+            return None
+        return (), config.rewrite_encoder_inputs(model, prompt, _as_kwargs(module, args, kwargs))
+    if config.input_module(model) is not module:
+        return None
+    return (), config.rewrite_inputs(model, prompt, _as_kwargs(module, args, kwargs))
 
 
 def is_decoding(kwargs: dict) -> bool:
     """True on a cached step: the key/value cache already holds the prompt (or prefix)."""
-    cache = kwargs.get("past_key_values")
+    cache = get_cache(kwargs)
     return cache is not None and callable(getattr(cache, "get_seq_length", None)) and cache.get_seq_length() > 0
 
 
@@ -222,16 +231,20 @@ def pad_left(tensor: torch.Tensor | None, p: int, value: int | float) -> torch.T
     return torch.cat([pad, tensor], dim=1)
 
 
-def shift_positions(kwargs: dict, key: str, p: int, prepend: bool) -> None:
-    """Real tokens move ``p`` positions right; with ``prepend`` the virtual tokens take 0…p-1."""
-    positions = kwargs.get(key)
-    if positions is None:
-        return
-    shifted = positions + p
-    if prepend:
-        virtual = torch.arange(p, device=positions.device, dtype=positions.dtype).expand(*positions.shape[:-1], p)
-        shifted = torch.cat([virtual, shifted], dim=-1)
-    kwargs[key] = shifted
+def shift_positions(kwargs: dict, p: int, prepend: bool) -> None:
+    """Real tokens move ``p`` positions right; with ``prepend`` the virtual tokens take the ``p`` before them.
+
+    Covers ``position_ids`` (batch, seq) and ``cache_position`` (seq,), which transformers 4.x's
+    ``generate`` passes and derives positions and masks from."""
+    for key in ("position_ids", "cache_position"):
+        positions = kwargs.get(key)
+        if positions is None:
+            continue
+        shifted = positions + p
+        if prepend:
+            virtual = torch.arange(p, device=positions.device, dtype=positions.dtype)  # an uncached call starts at 0
+            shifted = torch.cat([virtual.expand(*positions.shape[:-1], p), shifted], dim=-1)
+        kwargs[key] = shifted
 
 
 # ---- prompt modules -------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def load_model_and_tokenizer(
     tok_source = tokenizer_name_or_path if tokenizer_name_or_path is not None else folder
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(tok_source)
-    except (OSError, ValueError, TypeError) as error:
+    except Exception as error:  # transformers raises anything from OSError to AttributeError for a bad folder
         raise ValueError(
             f"Could not load a tokenizer from {os.fspath(tok_source)!r} ({type(error).__name__}: {error}). "
             f"Save one there with `tokenizer.save_pretrained(dir)` or pass tokenizer_name_or_path."

@@ -1,0 +1,79 @@
+"""What differs between the transformers releases slimtune supports, detected by capability.
+
+Versions are never compared: each helper looks at what the installed release offers (a forward's
+parameter names, an attribute) so a renamed argument is followed the day it ships.
+
+- The key/value cache argument of a model's ``forward`` is ``cache`` from transformers 5.24 (the old
+  ``past_key_values`` survives there only as a deprecated alias) and ``past_key_values`` before.
+  Decoder layers took ``past_key_value`` or ``layer_past`` in older releases.
+- The activation-checkpointing flag is ``is_activation_checkpointing`` in transformers 5 and
+  ``is_gradient_checkpointing`` before (deprecated in 5).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+# A model's cache argument, newest name first.
+MODEL_CACHE_NAMES = ("cache", "past_key_values")
+# Every name a model or one of its layers has used for the cache it reads and appends to.
+LAYER_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def forward_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
+    """The parameters of ``module.forward`` (bound: without ``self``)."""
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+
+
+def takes_var_keyword(params: dict[str, inspect.Parameter]) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def cache_entry(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """Where a key/value cache enters ``model``: ``(module, argument name)``, or None if it takes none.
+
+    The model's own forward when it takes the cache, or passes ``**kwargs`` on to a backbone that does
+    (transformers 5's heads); else the backbone (``model.base_model``) itself, for heads whose forward
+    neither takes a cache nor passes extra arguments on (BERT's classification head in transformers 4).
+    """
+    params = forward_parameters(model)
+    found = next((name for name in MODEL_CACHE_NAMES if name in params), None)
+    if found is not None:
+        return model, found
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        return None
+    inner = forward_parameters(backbone)
+    found = next((name for name in MODEL_CACHE_NAMES if name in inner), None)
+    if found is None:
+        return None
+    return (model if takes_var_keyword(params) else backbone), found
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove the cache from a forward call's keyword arguments (under any of its names) and return it."""
+    found = None
+    for name in MODEL_CACHE_NAMES:
+        value = kwargs.pop(name, None)
+        if value is not None and found is None:
+            found = value
+    return found
+
+
+def get_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache passed in a forward call's keyword arguments (under any of its names), or None."""
+    return next((kwargs[name] for name in MODEL_CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def activation_checkpointing_on(model: nn.Module) -> bool:
+    """Whether transformers' own activation (gradient) checkpointing is on for ``model``."""
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if flag in dir(type(model)):  # look on the class: reading the old property warns in transformers 5
+            return bool(getattr(model, flag))
+    return False
