@@ -30,7 +30,7 @@ from safetensors.torch import save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slimtune
-from slimtune.io import serialize_adapter
+from slimtune.adapter_files import serialize_adapter
 
 DIGITS, N = 10, 8  # tokens 3..12 are digits, 13 is "=", 1 BOS, 2 EOS, 0 pad
 EQ, BOS, EOS = 13, 1, 2
@@ -45,22 +45,22 @@ LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 METHODS = {
     "full fine-tuning": (lambda m: m, 1e-3),
     "full FT + layer-wise LR 0.8": (lambda m: m, 2e-3),
-    "LoRA r=8 (q,v)": (lambda m: slimtune.inject(m, slimtune.LoraConfig(**LORA)), 1e-2),
-    "LoRA + LayerDrop 0.1": (lambda m: slimtune.apply_layerdrop(slimtune.inject(
+    "LoRA r=8 (q,v)": (lambda m: slimtune.add_adapter(m, slimtune.LoraConfig(**LORA)), 1e-2),
+    "LoRA + LayerDrop 0.1": (lambda m: slimtune.apply_layerdrop(slimtune.add_adapter(
         m, slimtune.LoraConfig(**LORA)), 0.1), 1e-2),
-    "(IA)3": (lambda m: slimtune.inject(m, slimtune.IA3Config(
+    "(IA)3": (lambda m: slimtune.add_adapter(m, slimtune.IA3Config(
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])), 0.15),
-    "bottleneck Houlsby (rf 16)": (lambda m: slimtune.inject(m, slimtune.BottleneckConfig()), 1e-2),
-    "bottleneck Pfeiffer (rf 16)": (lambda m: slimtune.inject(m, slimtune.BottleneckConfig(
+    "bottleneck Houlsby (rf 16)": (lambda m: slimtune.add_adapter(m, slimtune.BottleneckConfig()), 1e-2),
+    "bottleneck Pfeiffer (rf 16)": (lambda m: slimtune.add_adapter(m, slimtune.BottleneckConfig(
         adapter_type="pfeiffer")), 1e-2),
-    "prompt tuning (p=8)": (lambda m: slimtune.inject(m, slimtune.PromptTuningConfig(
+    "prompt tuning (p=8)": (lambda m: slimtune.add_adapter(m, slimtune.PromptTuningConfig(
         num_virtual_tokens=8, prompt_tuning_init="SAMPLE_VOCAB")), 1.7e-2),
-    "P-tuning MLP (p=8)": (lambda m: slimtune.inject(m, slimtune.PromptEncoderConfig(num_virtual_tokens=8)), 3e-3),
-    "prefix tuning (p=8)": (lambda m: slimtune.inject(m, slimtune.PrefixTuningConfig(num_virtual_tokens=8)), 0.1),
-    "prefix + MLP reparam (p=8)": (lambda m: slimtune.inject(m, slimtune.PrefixTuningConfig(
+    "P-tuning MLP (p=8)": (lambda m: slimtune.add_adapter(m, slimtune.PromptEncoderConfig(num_virtual_tokens=8)), 3e-3),
+    "prefix tuning (p=8)": (lambda m: slimtune.add_adapter(m, slimtune.PrefixTuningConfig(num_virtual_tokens=8)), 0.1),
+    "prefix + MLP reparam (p=8)": (lambda m: slimtune.add_adapter(m, slimtune.PrefixTuningConfig(
         num_virtual_tokens=8, prefix_projection=True, encoder_hidden_size=128)), 3e-3),
-    "BitFit": (lambda m: slimtune.inject(m, slimtune.BitFitConfig()), 3e-2),
-    "selective (norms + last block)": (lambda m: slimtune.inject(m, slimtune.SelectiveConfig(
+    "BitFit": (lambda m: slimtune.add_adapter(m, slimtune.BitFitConfig()), 3e-2),
+    "selective (norms + last block)": (lambda m: slimtune.add_adapter(m, slimtune.SelectiveConfig(
         target_parameters=["input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight"],
         target_modules=["model.layers.3"])), 2e-3),
 }

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from slimtune import kernels
+from slimtune.perf import kernels
 
 
 def timed(fn, device: str, iters: int) -> float:

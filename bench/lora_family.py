@@ -77,7 +77,7 @@ def bench_dora(args) -> list[tuple[str, str]]:
     ids = torch.randint(3, 49152, (1, args.seq), device=args.device)
     variants = {}
     for name, dora in (("LoRA", False), ("DoRA", True)):
-        ours = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(**lora_kwargs(args, lora_dropout=0.05,
+        ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**lora_kwargs(args, lora_dropout=0.05,
                                                                                        use_dora=dora)))
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs(args, lora_dropout=0.05,
                                                                                         use_dora=dora)))
@@ -143,7 +143,7 @@ def memory_child(args) -> None:
         model = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
     else:
         fa = args.memory_child == "slimtune LoRA-FA"
-        slimtune.inject(model, slimtune.LoraFAConfig(**kwargs) if fa else slimtune.LoraConfig(**kwargs))
+        slimtune.add_adapter(model, slimtune.LoraFAConfig(**kwargs) if fa else slimtune.LoraConfig(**kwargs))
     ids = torch.randint(3, 49152, (1, args.seq), device=args.device)
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     saved = {}

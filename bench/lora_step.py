@@ -24,7 +24,7 @@ def main() -> None:
     base = smollm2_shaped()
     batch = random_batch(args.batch, args.seq)
     models = {
-        "slimtune": slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(
+        "slimtune": slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(
             r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")),
         "peft": peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
             r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")),

@@ -19,8 +19,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import (SMOLLM2_135M, machine, median, peak_rss_bytes, random_batch, smollm2_shaped, step_parser,
-                    time_steps, train_step)
+from common import (
+    SMOLLM2_135M,
+    machine,
+    median,
+    peak_rss_bytes,
+    random_batch,
+    smollm2_shaped,
+    step_parser,
+    time_steps,
+    train_step,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,7 +47,7 @@ def run_slimtune(folder: Path, args) -> dict:
     model = load_in_4bit(empty, folder, QuantConfig(compute_dtype="float32"))
     load_s = time.perf_counter() - start
     summary = quant_summary(model)
-    slimtune.inject(model, slimtune.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
     return {"load_s": load_s, "summary": str(summary), **_steps(model, args)}
 
 
@@ -86,7 +95,7 @@ def main() -> None:
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                    "--rank", str(args.rank)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results[worker] = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+            results[worker] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     ours, theirs = results["slimtune"], results["peft"]
     gb = 1e9
     print(f"# QLoRA (NF4 + DQ, fp32 compute) r={args.rank} all-linear, SmolLM2-135M shape "

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from slimtune.quant import QuantConfig, dequantize_model, quantize, requantization_error
-from slimtune.quant import nf4
+from slimtune.quant import QuantConfig, dequantize_model, nf4, quantize, requantization_error
 from slimtune.quant.model import absmax_int4_error
 
 FORMATS = {

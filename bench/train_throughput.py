@@ -12,7 +12,7 @@ checkpointing of every decoder layer, bs × seq tokens per step, ``--steps`` tim
 
 - ``slimtune``: NF4 + double quantization (bf16 compute on GPU), fused LoRA autograd function
   (Triton 4-bit matmuls on CUDA), chunked cross-entropy from the hidden states, slimtune's own
-  checkpointing (``--offload``: layer inputs in pinned CPU memory), ``--optim`` from slimtune.optimizers.
+  checkpointing (``--offload``: layer inputs in pinned CPU memory), ``--optim`` from slimtune.optim.
 - ``peft``: bitsandbytes ``Linear4bit`` (NF4 + DQ, bf16 compute) + ``peft.get_peft_model``,
   transformers' gradient checkpointing (non-reentrant), torch AdamW (``--peft-optim`` for bnb's).
 - ``peft-prepare``: the same after ``peft.prepare_model_for_kbit_training`` (the common recipe, which
@@ -61,16 +61,16 @@ def dense_model(shape: str, device: str, dtype: torch.dtype) -> nn.Module:
 
 def slimtune_side(args, device: str, dtype: torch.dtype):
     import slimtune
-    from slimtune.checkpointing import checkpoint_layers
-    from slimtune.fused_lora import use_fused_lora
-    from slimtune.losses import causal_lm_loss
-    from slimtune.optimizers import make_optimizer
+    from slimtune.optim import make_optimizer
+    from slimtune.perf.activation_checkpointing import checkpoint_layers
+    from slimtune.perf.fused_lora import use_fused_lora
+    from slimtune.perf.losses import causal_lm_loss
     from slimtune.quant import QuantConfig, quantize
 
     model = dense_model(args.shape, device, dtype)
     if args.method == "qlora":
         quantize(model, QuantConfig(compute_dtype=dtype))
-    slimtune.inject(model, slimtune.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
     use_fused_lora(model)
     if not args.no_checkpointing:
         checkpoint_layers(model, offload=args.offload)

@@ -64,11 +64,7 @@ def trained(model: torch.nn.Module, steps: int = 3) -> torch.nn.Module:
         for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-        state = model.slimtune_state
-        for name in state.active:
-            hook = getattr(state.configs[name], "after_optimizer_step", None)
-            if hook is not None:
-                hook(model)
+        slimtune.after_optimizer_step(model)
     return model
 
 
@@ -76,5 +72,5 @@ def build(case: str) -> torch.nn.Module:
     make_model, make_config = CASES[case]
     model = seeded_weights(make_model())
     torch.manual_seed(7)
-    slimtune.inject(model, make_config())
+    slimtune.add_adapter(model, make_config())
     return trained(model)

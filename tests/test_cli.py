@@ -53,7 +53,7 @@ def test_train_generate_eval_merge(capsys, tmp_path):
     assert main(["merge", "--adapter", str(adapter), "--output", str(merged)]) == 0
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slimtune.train.loading import load_with_adapters
+    from slimtune.train.inference import load_with_adapters
 
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
     assert AutoTokenizer.from_pretrained(merged).eos_token == "<|im_end|>"

@@ -18,7 +18,8 @@ def _peft_pair(family: str, **extra):
     kwargs = {**kwargs, **extra}
     peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs))
-    ours = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kwargs))
+    config = slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets, **kwargs)
+    ours = slimtune.add_adapter(copy.deepcopy(base), config)
     # Copy PEFT's random adapter (and head copy) into ours: in-memory names differ only by the prefix.
     theirs = {k.removeprefix("base_model.model."): v for k, v in peft_model.state_dict().items()}
     ours_sd = ours.state_dict()

@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 import slimtune
 from slimtune.export import merge_for_export
-from slimtune.methods import LoraLinear
+from slimtune.methods.lora_layers import LoraLinear
 from slimtune.quant import Linear4bit, QuantConfig, quantize
 
 QLORA = QuantConfig(bits=4, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32")
@@ -41,7 +41,7 @@ def test_lora_gradients_through_4bit_equal_those_through_the_dequantized_weight(
 
 def _qlora_model(seed=0):
     model = quantize(tiny_llama(seed), QLORA)
-    return slimtune.inject(model, slimtune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    return slimtune.add_adapter(model, slimtune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
 
 
 def test_qlora_fine_tune_lowers_the_loss_and_base_stays_frozen():
@@ -67,7 +67,8 @@ def test_adapter_moves_between_4bit_and_full_precision(tmp_path):
     deq_ref = quantize(copy.deepcopy(full), QLORA)  # same rounding as any 4-bit copy of `full`
     inputs = sample_inputs("llama")
     # trained on 4-bit → loads into full precision (same adapter, so outputs differ only by rounding)
-    q = _random_adapter(slimtune.inject(copy.deepcopy(deq_ref), slimtune.LoraConfig(r=4, target_modules="all-linear")))
+    config = slimtune.LoraConfig(r=4, target_modules="all-linear")
+    q = _random_adapter(slimtune.add_adapter(copy.deepcopy(deq_ref), config))
     slimtune.save_adapter(q, tmp_path / "from4bit")
     on_full = slimtune.load_adapter(copy.deepcopy(full), tmp_path / "from4bit")
     exported, _ = merge_for_export(q)
@@ -75,7 +76,7 @@ def test_adapter_moves_between_4bit_and_full_precision(tmp_path):
     torch.testing.assert_close(logits(full_deq, inputs), logits(q, inputs), atol=1e-4, rtol=0)
     assert (logits(on_full, inputs) - logits(q, inputs)).abs().max() < 0.5  # only 4-bit rounding apart
     # trained on full precision → loads into 4-bit
-    f = _random_adapter(slimtune.inject(copy.deepcopy(full), slimtune.LoraConfig(r=4, target_modules="all-linear")))
+    f = _random_adapter(slimtune.add_adapter(copy.deepcopy(full), config.replace()))
     slimtune.save_adapter(f, tmp_path / "fromfull")
     on_q = slimtune.load_adapter(copy.deepcopy(deq_ref), tmp_path / "fromfull")
     for name, p in on_q.named_parameters():

@@ -4,8 +4,14 @@ outputs have the right shape, a few training steps lower the loss, and only what
 
 import pytest
 import torch
-from tiny_models import sample_inputs, tiny_bert_cls, tiny_llama, tiny_llama_cls, tiny_t5
-from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
+from tiny_models import (
+    one_thread,  # noqa: F401 (a fixture, used by pytestmark)
+    sample_inputs,
+    tiny_bert_cls,
+    tiny_llama,
+    tiny_llama_cls,
+    tiny_t5,
+)
 
 import slimtune
 
@@ -75,7 +81,7 @@ def _batch(task):
 def test_method_trains_on_task(method, task):
     model = TASKS[task][0]()
     config = _config(method, task)
-    slimtune.inject(model, config)
+    slimtune.add_adapter(model, config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if TASKS[task][2] == "SEQ_CLS":  # the randomly initialised head always trains (PEFT's default)
         assert any("modules_to_save" in n for n in trainable)
@@ -92,7 +98,7 @@ def test_method_trains_on_task(method, task):
 def test_layerdrop_with_lora_trains_on_task(task):
     model = TASKS[task][0]()
     targets = {"causal_llama": ["q_proj", "v_proj"], "seq2seq_t5": ["q", "v"], "cls_bert": ["query", "value"]}[task]
-    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=targets, modules_to_save=(
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, modules_to_save=(
         ["classifier"] if task == "cls_bert" else None)))
     slimtune.apply_layerdrop(model, 0.2)
     torch.manual_seed(0)

@@ -53,13 +53,13 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _adapters(args: argparse.Namespace):
-    from slimtune.train.loading import parse_adapter_arg
+    from slimtune.train.inference import parse_adapter_arg
 
     return [parse_adapter_arg(text, i) for i, text in enumerate(args.adapter or [])]
 
 
 def _load(args: argparse.Namespace, active: list[str] | None = None):
-    from slimtune.train.loading import load_with_adapters
+    from slimtune.train.inference import load_with_adapters
 
     return load_with_adapters(args.model, _adapters(args), args.load_in_4bit, args.device, args.dtype, active,
                               log=lambda m: print(m, file=sys.stderr))
@@ -92,7 +92,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from slimtune.train.loading import export_merged
+    from slimtune.train.inference import export_merged
 
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:

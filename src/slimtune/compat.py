@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import transformers
 from torch import nn
 
 # A model's cache argument, newest name first.
@@ -77,3 +78,10 @@ def activation_checkpointing_on(model: nn.Module) -> bool:
         if flag in dir(type(model)):  # look on the class: reading the old property warns in transformers 5
             return bool(getattr(model, flag))
     return False
+
+
+def gguf_dequantize_config(gguf_file: str) -> Any:
+    """transformers' ``GgufConfig(dequantize=True)`` where it exists (newer releases can keep GGUF blocks
+    packed unless told otherwise); None where every GGUF load dequantizes anyway."""
+    config_class = getattr(transformers, "GgufConfig", None)
+    return None if config_class is None else config_class(gguf_file=gguf_file, dequantize=True)

@@ -1,7 +1,9 @@
-"""Typed method configs with HF PEFT's field names, validated on construction.
+"""Method configs as plain, validated data, with HF PEFT's field names.
 
-Every method config is a dataclass deriving from :class:`MethodConfig`. Field names are spelled the
-way PEFT spells them so an ``adapter_config.json`` written by either library reads in the other.
+Every method config is a dataclass deriving from :class:`MethodConfig`; it holds settings only (what a
+method *does* lives in its :class:`slimtune.methods.contract.Method`). Field names are spelled the way
+PEFT spells them, so an ``adapter_config.json`` written by either library reads in the other.
+:func:`slimtune.methods.config_from_dict` picks the class by ``peft_type``.
 """
 
 from __future__ import annotations
@@ -10,22 +12,63 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# PEFT's task types, with the transformers auto class that loads a model for each.
+TASK_TYPES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+BIAS_MODES = ("none", "all", "lora_only")
+LORA_INITS = (True, False, "gaussian")
 
-_CONFIG_CLASSES: dict[str, type[MethodConfig]] = {}
-
-
-def register_config(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Class decorator: make a config readable by :func:`config_from_dict` through its ``peft_type``."""
-    _CONFIG_CLASSES[cls.peft_type] = cls
-    return cls
+ConfigT = TypeVar("ConfigT", bound="MethodConfig")
 
 
 def _is_default_like(value: Any) -> bool:
     """PEFT writes dozens of optional keys as null/false/empty; those carry no meaning for us."""
     return value in (None, False, "", [], {}, 0) or (isinstance(value, str) and value.startswith("megatron"))
+
+
+# ---- validators the method configs share ------------------------------------------------------------
+def str_list(name: str, value: Any, allow_str: bool = True) -> Any:
+    """Normalise a PEFT "list of names or a regex string" field; sets become sorted lists."""
+    if value is None or (allow_str and isinstance(value, str)):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"{name}={value!r} must be a list of module names" + (" or a regex string." if allow_str else "."))
+
+
+def check_positive_int(name: str, value: Any, optional: bool = False, hint: str = "") -> None:
+    """Raise unless ``value`` is a positive integer (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        allowed = " or None (read from the model)" if optional else ""
+        raise ValueError(f"{name}={value!r} must be a positive integer{allowed}{hint}.")
+
+
+def check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1).")
+
+
+def layer_list(value: Any) -> Any:
+    """``layers_to_transform``: one index becomes a one-element list, as PEFT reads it."""
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def default_head(task_type: str | None, modules_to_save: list[str] | None) -> list[str] | None:
+    """PEFT trains a copy of the classification head for SEQ_CLS unless told otherwise (``[]`` = no head)."""
+    modules_to_save = str_list("modules_to_save", modules_to_save, allow_str=False)
+    if task_type == "SEQ_CLS" and modules_to_save is None:
+        return ["classifier", "score"]
+    return modules_to_save
 
 
 @dataclass
@@ -44,7 +87,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
-            raise ValueError(f"task_type={self.task_type!r} is not supported; use one of {TASK_TYPES} or None.")
+            raise ValueError(f"task_type={self.task_type!r} is not supported; use one of {list(TASK_TYPES)} or None.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with ``peft_type`` included (what ``adapter_config.json`` holds)."""
@@ -56,7 +99,7 @@ class MethodConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
         """Build from a dict, tolerating keys of newer PEFT versions (warns when such a key is set)."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
@@ -70,7 +113,7 @@ class MethodConfig:
             )
         return cls(**known)
 
-    def replace(self, **changes: Any) -> MethodConfig:
+    def replace(self: ConfigT, **changes: Any) -> ConfigT:
         return dataclasses.replace(self, **changes)
 
 
@@ -80,29 +123,19 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def _check_str_list(name: str, value: Any, allow_str: bool = True) -> Any:
-    """Normalise a PEFT 'list of names or a regex string' field; sets become sorted lists."""
-    if value is None or (allow_str and isinstance(value, str)):
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-        return sorted(set(value)) if isinstance(value, (set, frozenset)) else list(value)
-    raise TypeError(f"{name}={value!r} must be a list of module names" + (" or a regex string." if allow_str else "."))
-
-
-BIAS_MODES = ("none", "all", "lora_only")
-LORA_INITS = (True, False, "gaussian")
-
-
 @dataclass
 class LoraConfig(MethodConfig):
     """LoRA (Hu et al., 2021, arXiv:2106.09685): ``h = W x + s · B A dropout(x)``.
 
     ``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``). ``target_modules`` is a
     list (exact module name or dotted suffix), a full-match regex string, or ``"all-linear"``.
+    ``fan_in_fan_out`` is read from the layer itself (True for GPT-2's ``Conv1D``), as PEFT corrects it;
+    a value that contradicts the layer gets a warning.
     """
 
     peft_type: ClassVar[str] = "LORA"
-    ignored_keys: ClassVar[frozenset[str]] = MethodConfig.ignored_keys | {"megatron_core", "loftq_config", "qalora_group_size"}
+    ignored_keys: ClassVar[frozenset[str]] = MethodConfig.ignored_keys | {"megatron_core", "loftq_config",
+                                                                           "qalora_group_size"}
 
     r: int = 8
     lora_alpha: float = 8
@@ -122,44 +155,22 @@ class LoraConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} must be a positive integer (the LoRA rank, e.g. 8 or 16).")
+        check_positive_int("r", self.r, hint=" (the LoRA rank, e.g. 8 or 16)")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number (scaling is alpha / r).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        check_probability("lora_dropout", self.lora_dropout)
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a bias mode; use one of {BIAS_MODES}.")
         if self.init_lora_weights not in LORA_INITS:
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {LORA_INITS}."
             )
-        self.target_modules = _check_str_list("target_modules", self.target_modules)
-        self.exclude_modules = _check_str_list("exclude_modules", self.exclude_modules)
-        self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save, allow_str=False)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
+        self.target_modules = str_list("target_modules", self.target_modules)
+        self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
+        self.modules_to_save = str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        self.layers_to_transform = layer_list(self.layers_to_transform)
         for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"rank_pattern[{key!r}]={rank!r} must be a positive integer.")
+            check_positive_int(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():
             if not isinstance(alpha, (int, float)) or alpha <= 0:
                 raise ValueError(f"alpha_pattern[{key!r}]={alpha!r} must be a positive number.")
-
-
-def registered_configs() -> dict[str, type[MethodConfig]]:
-    """Every registered method config class by ``peft_type`` (methods register on import of slimtune)."""
-    return dict(_CONFIG_CLASSES)
-
-
-def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Read any registered method config from its dict (``peft_type`` picks the class)."""
-    peft_type = data.get("peft_type")
-    if peft_type not in _CONFIG_CLASSES:
-        raise ValueError(
-            f"peft_type={peft_type!r} is not supported by slimtune; known types: {sorted(_CONFIG_CLASSES)}."
-        )
-    return _CONFIG_CLASSES[peft_type].from_dict(data)
-
-
-register_config(LoraConfig)

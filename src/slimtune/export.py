@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimtune.inject import merge_and_unload
+from slimtune.lifecycle import merge_and_unload
 from slimtune.quant import QuantConfig, QuantizedLinear, dequantize_model, quantize
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from slimtune.inject import get_state
-from slimtune.io import serialize_adapter
+from slimtune.adapter_files import serialize_adapter
+from slimtune.core.state import find_state
 from slimtune.quant.linear import QuantizedLinear
 
 
@@ -41,7 +41,7 @@ def trainable_parameters(model: nn.Module, adapter_name: str | None = None) -> T
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
-    state = get_state(model, required=False)
+    state = find_state(model)
     size = None
     if state is not None and state.configs:
         name = adapter_name or (state.active[0] if state.active else next(iter(state.configs)))

@@ -32,14 +32,15 @@ def config_kwargs(family: str, method: str, p: int = 3) -> dict:
 
 def ours_for(base, family: str, method: str, p: int = 3):
     """Our prompt adapter on a copy of ``base`` (random prompt weights)."""
-    return slimtune.inject(copy.deepcopy(base), METHODS[method][1](**config_kwargs(family, method, p)))
+    return slimtune.add_adapter(copy.deepcopy(base), METHODS[method][1](**config_kwargs(family, method, p)))
 
 
 def peft_for(base, family: str, method: str, p: int = 3):
     """PEFT's prompt adapter on a copy of ``base`` (random prompt weights); raises where PEFT refuses."""
     import peft
 
-    return peft.get_peft_model(copy.deepcopy(base), getattr(peft, METHODS[method][0])(**config_kwargs(family, method, p)))
+    config = getattr(peft, METHODS[method][0])(**config_kwargs(family, method, p))
+    return peft.get_peft_model(copy.deepcopy(base), config)
 
 
 def peft_adapter_state(theirs) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ def _setup(start_step, builder=tiny_llama, targets=("q_proj",)):
     model = builder().train()
     config = slimtune.DeltaLoraConfig(r=2, lora_alpha=6, target_modules=list(targets), delta_lambda=0.5,
                                       delta_start_step=start_step, init_lora_weights=False)
-    slimtune.inject(model, config)
+    slimtune.add_adapter(model, config)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     return model, config, optimizer
 
@@ -25,7 +25,7 @@ def _step(model, config, optimizer, batch):
     model(**batch, labels=batch["input_ids"]).loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    config.after_optimizer_step(model)  # what the trainer calls after every optimizer step
+    slimtune.after_optimizer_step(model)  # what the trainer calls after every optimizer step
 
 
 def _snapshot(layer):
@@ -101,4 +101,4 @@ def test_bad_options_are_named(kwargs, fragment):
 
 def test_quantized_or_embedding_targets_are_refused():
     with pytest.raises(TypeError, match="floating-point linear"):
-        slimtune.inject(tiny_llama(), slimtune.DeltaLoraConfig(target_modules=["embed_tokens"]))
+        slimtune.add_adapter(tiny_llama(), slimtune.DeltaLoraConfig(target_modules=["embed_tokens"]))

@@ -19,7 +19,7 @@ def _peft_pair(family: str):
     base = builder()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False, **kwargs))
-    ours = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                                       use_dora=True, **kwargs))
     with torch.no_grad():  # magnitudes away from their init, so the adapter clearly changes the output
         for name, p in theirs.named_parameters():
@@ -61,7 +61,8 @@ def test_files_move_both_ways(family, tmp_path):
 def test_new_adapter_is_a_no_op_and_magnitude_is_the_row_norm():
     base = tiny_llama()
     inputs = sample_inputs("llama")
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model = slimtune.add_adapter(copy.deepcopy(base),
+                                 slimtune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, DoraLinear)
     torch.testing.assert_close(layer.lora_magnitude_vector["default"], layer.base_layer.weight.norm(dim=1))
@@ -73,16 +74,17 @@ def test_merge_unmerge_round_trip(family):
     builder, targets, kwargs = FAMILIES[family]
     model = builder()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=targets, use_dora=True, init_lora_weights=False))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, use_dora=True,
+                                                    init_lora_weights=False))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1.3)
     inputs = sample_inputs(family)
     unmerged = logits(model, inputs)
-    slimtune.merge(model)
+    slimtune.merge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
-    slimtune.unmerge(model)
+    slimtune.unmerge_adapter(model)
     for name, p in model.named_parameters():
         plain = name.replace(".base_layer", "")
         if plain in weights:
@@ -121,7 +123,7 @@ def test_gradients_treat_the_norm_as_a_constant():
         (fn() ** 2).sum().backward()
         grads[key] = [p.grad.clone() for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
                                                 layer.lora_magnitude_vector["default"])]
-    for ours, ref, other in zip(grads["ours"], grads["detached"], grads["through_norm"]):
+    for ours, ref, _ in zip(grads["ours"], grads["detached"], grads["through_norm"]):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     assert (grads["ours"][0] - grads["through_norm"][0]).abs().max() > 1e-4  # the detach matters
 
@@ -146,8 +148,8 @@ def test_works_on_a_4bit_base():
     quantized = quantize(tiny_llama(), QuantConfig())
     dense = dequantize_model(copy.deepcopy(quantized))
     config = slimtune.LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False)
-    slimtune.inject(quantized, config)
-    slimtune.inject(dense, config)
+    slimtune.add_adapter(quantized, config)
+    slimtune.add_adapter(dense, config)
     dense.load_state_dict({k: v for k, v in quantized.state_dict().items() if "lora_" in k}, strict=False)
     torch.testing.assert_close(logits(quantized, inputs), logits(dense, inputs), atol=1e-4, rtol=0)
     quantized.train()
@@ -164,11 +166,11 @@ def test_contradicting_options_are_refused():
         slimtune.DeltaLoraConfig(use_dora=True, delta_start_step=0)
     model = tiny_llama()
     with pytest.raises(ValueError, match="Embedding"):
-        slimtune.inject(model, slimtune.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
     assert not hasattr(model, "slimtune_state")
-    slimtune.inject(model, slimtune.LoraConfig(target_modules=["q_proj"]), "plain")
+    slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"]), "plain")
     with pytest.raises(ValueError, match="needs a DoraLinear"):
-        slimtune.inject(model, slimtune.LoraConfig(target_modules=["q_proj"], use_dora=True), "dora")
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"], use_dora=True), "dora")
     assert slimtune.list_adapters(model) == ["plain"]
 
 
@@ -176,9 +178,10 @@ def test_plain_lora_adapter_can_join_a_dora_layer():
     base = tiny_llama()
     inputs = sample_inputs("llama")
     plain_cfg = slimtune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    model = slimtune.add_adapter(copy.deepcopy(base),
+                                 slimtune.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     slimtune.add_adapter(model, plain_cfg, "plain")
-    alone = slimtune.inject(copy.deepcopy(base), plain_cfg)
+    alone = slimtune.add_adapter(copy.deepcopy(base), plain_cfg)
     alone.load_state_dict({k.replace(".plain.", ".default."): v for k, v in model.state_dict().items()
                            if ".plain." in k}, strict=False)
     slimtune.set_adapter(model, "plain")
@@ -188,7 +191,7 @@ def test_plain_lora_adapter_can_join_a_dora_layer():
 def test_training_lowers_loss_and_keeps_base_weights():
     model = tiny_llama().train()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    slimtune.inject(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
                                                lora_dropout=0.05))
     losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=6, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05

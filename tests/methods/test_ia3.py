@@ -5,8 +5,15 @@ import copy
 import peft
 import pytest
 import torch
-from tiny_models import FAMILIES, logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
-from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
+from tiny_models import (
+    FAMILIES,
+    logits,
+    one_thread,  # noqa: F401 (a fixture, used by pytestmark)
+    sample_inputs,
+    tiny_gpt2,
+    tiny_llama,
+    train_losses,
+)
 
 import slimtune
 from slimtune.methods.ia3 import IA3Linear
@@ -36,7 +43,7 @@ def _pair(family):
     base = FAMILIES[family][0]()
     theirs_config, ours_config = _configs(family)
     theirs = peft.get_peft_model(copy.deepcopy(base), theirs_config)
-    ours = slimtune.inject(copy.deepcopy(base), ours_config)
+    ours = slimtune.add_adapter(copy.deepcopy(base), ours_config)
     state = {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items() if "ia3_l" in k}
     assert state and not ours.load_state_dict(state, strict=False).unexpected_keys
     return base, theirs, ours
@@ -45,7 +52,7 @@ def _pair(family):
 def test_new_adapter_is_a_no_op_with_peft_shapes():
     base = tiny_llama()
     inputs = sample_inputs("llama")
-    model = slimtune.inject(copy.deepcopy(base), _configs("llama")[1])
+    model = slimtune.add_adapter(copy.deepcopy(base), _configs("llama")[1])
     torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
     layer = model.model.layers[0]
     assert isinstance(layer.self_attn.k_proj, IA3Linear)
@@ -79,16 +86,16 @@ def test_adapter_files_move_both_ways(family, tmp_path):
 def test_merge_unmerge_round_trip(builder, family):
     model = builder()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    slimtune.inject(model, _configs(family)[1])
+    slimtune.add_adapter(model, _configs(family)[1])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ia3_l" in name:
                 p.uniform_(0.5, 1.5)
     inputs = sample_inputs(family)
     unmerged = logits(model, inputs)
-    slimtune.merge(model)
+    slimtune.merge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
-    slimtune.unmerge(model)
+    slimtune.unmerge_adapter(model)
     for name, p in model.named_parameters():
         plain = name.replace(".base_layer", "")
         if plain in weights:
@@ -101,7 +108,7 @@ def test_merge_unmerge_round_trip(builder, family):
 def test_trainable_count_equals_the_formula_and_training_lowers_loss():
     model = tiny_llama()
     model.train()
-    slimtune.inject(model, _configs("llama")[1])
+    slimtune.add_adapter(model, _configs("llama")[1])
     # per layer: d_k + d_v (= 2 · kv_heads · head_dim = 16 each) + d_ff (64)
     assert slimtune.trainable_parameters(model).trainable == 2 * (16 + 16 + 64)
     losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=8, lr=0.3)
@@ -110,7 +117,7 @@ def test_trainable_count_equals_the_formula_and_training_lowers_loss():
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     base = tiny_llama()
-    model = slimtune.inject(copy.deepcopy(base), _configs("llama")[1])
+    model = slimtune.add_adapter(copy.deepcopy(base), _configs("llama")[1])
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ia3_l" in name:

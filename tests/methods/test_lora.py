@@ -7,7 +7,8 @@ import torch
 from tiny_models import FAMILIES, assert_base_unchanged, logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
 
 import slimtune
-from slimtune.methods import LoraEmbedding, LoraLinear, TunerLayer
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear
 
 
 def _randomise_adapters(model):
@@ -21,7 +22,7 @@ def test_new_adapter_is_a_no_op_and_init_follows_peft():
     base = tiny_llama()
     inputs = sample_inputs("llama")
     expected = logits(base, inputs)
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj"]))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj"]))
     torch.testing.assert_close(logits(model, inputs), expected, atol=0, rtol=0)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoraLinear)
@@ -32,7 +33,7 @@ def test_new_adapter_is_a_no_op_and_init_follows_peft():
 
 @pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 4), (True, 16 / 2)])
 def test_scaling(use_rslora, expected):
-    model = slimtune.inject(tiny_llama(), slimtune.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"],
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"],
                                                               use_rslora=use_rslora))
     assert model.model.layers[0].self_attn.q_proj.scaling["default"] == expected
 
@@ -42,13 +43,13 @@ def test_merge_unmerge_round_trip(family):
     builder, targets, kwargs = FAMILIES[family]
     model = builder()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=targets, **kwargs))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, **kwargs))
     _randomise_adapters(model)
     inputs = sample_inputs(family)
     unmerged = logits(model, inputs)
-    slimtune.merge(model)
+    slimtune.merge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
-    slimtune.unmerge(model)
+    slimtune.unmerge_adapter(model)
     for name, p in model.named_parameters():
         plain = name.replace(".base_layer", "").replace("original_module.", "")
         if plain in weights:
@@ -63,7 +64,7 @@ def test_unload_restores_original_classes(family):
     before = {n: type(m) for n, m in model.named_modules()}
     modules = dict(model.named_modules())
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=targets, **kwargs))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, **kwargs))
     assert any(isinstance(m, TunerLayer) for m in model.modules())
     slimtune.unload(model)
     assert {n: type(m) for n, m in model.named_modules()} == before
@@ -77,7 +78,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_output(family):
     builder, targets, kwargs = FAMILIES[family]
     model = builder()
     before = {n: type(m) for n, m in model.named_modules()}
-    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=targets, **kwargs))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, **kwargs))
     _randomise_adapters(model)
     inputs = sample_inputs(family)
     expected = logits(model, inputs)
@@ -90,12 +91,12 @@ def test_disable_adapters_context_gives_base_output_even_when_merged():
     base = tiny_llama()
     inputs = sample_inputs("llama")
     expected = logits(base, inputs)
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules="all-linear"))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules="all-linear"))
     _randomise_adapters(model)
     adapted = logits(model, inputs)
     for merged in (False, True):
         if merged:
-            slimtune.merge(model)
+            slimtune.merge_adapter(model)
         with slimtune.disable_adapters(model):
             torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(logits(model, inputs), adapted, atol=1e-5, rtol=0)
@@ -103,11 +104,11 @@ def test_disable_adapters_context_gives_base_output_even_when_merged():
 
 def test_embedding_merge_round_trip():
     model = tiny_llama()
-    slimtune.inject(model, slimtune.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False))
     assert isinstance(model.model.embed_tokens, LoraEmbedding)
     inputs = sample_inputs("llama")
     expected = logits(model, inputs)
-    slimtune.merge(model)
+    slimtune.merge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
 
 
@@ -115,7 +116,7 @@ def test_training_lowers_loss_and_keeps_base_weights_bit_identical():
     model = tiny_llama()
     model.train()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    slimtune.inject(model, slimtune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.1))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.1))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=8, lr=1e-2)
@@ -124,12 +125,12 @@ def test_training_lowers_loss_and_keeps_base_weights_bit_identical():
 
 
 def test_all_linear_skips_the_output_head():
-    model = slimtune.inject(tiny_llama(), slimtune.LoraConfig(r=2, target_modules="all-linear"))
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=2, target_modules="all-linear"))
     wrapped = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, TunerLayer)}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_gpt2_conv1d_is_wrapped_transposed():
-    model = slimtune.inject(tiny_gpt2(), slimtune.LoraConfig(r=2, target_modules=["c_attn"]))
+    model = slimtune.add_adapter(tiny_gpt2(), slimtune.LoraConfig(r=2, target_modules=["c_attn"]))
     layer = model.transformer.h[0].attn.c_attn
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (32, 96)

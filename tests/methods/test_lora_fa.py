@@ -23,11 +23,11 @@ def _train(model, steps=3):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_only_b_trains(dropout):
-    model = slimtune.inject(tiny_llama().train(), slimtune.LoraFAConfig(r=4, target_modules="all-linear",
+    model = slimtune.add_adapter(tiny_llama().train(), slimtune.LoraFAConfig(r=4, target_modules="all-linear",
                                                                         lora_dropout=dropout))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_B." in n for n in trainable)
-    slimtune.set_active_adapters(model, ["default"])  # re-activation must not unfreeze A
+    slimtune.set_adapter(model, ["default"])  # re-activation must not unfreeze A
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     _train(model)
@@ -56,8 +56,8 @@ def test_layer_input_is_not_kept_for_a(dropout):
     base = tiny_llama().train()
     batch = sample_inputs("llama", batch=2, seq=64)
     kwargs = dict(r=4, target_modules="all-linear", lora_dropout=dropout)
-    lora = _saved_bytes(slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(**kwargs)), batch)
-    fa = _saved_bytes(slimtune.inject(copy.deepcopy(base), slimtune.LoraFAConfig(**kwargs)), batch)
+    lora = _saved_bytes(slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**kwargs)), batch)
+    fa = _saved_bytes(slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraFAConfig(**kwargs)), batch)
     # Per layer and block, LoRA keeps the inputs of o_proj (32 wide) and down_proj (64 wide) that nothing
     # else keeps, plus with dropout every dropout mask / dropped input (7 layers): LoRA-FA keeps none.
     tokens = 2 * 64
@@ -77,7 +77,7 @@ def test_dropout_mask_is_regenerated_exactly_in_backward():
 
 def test_saved_as_plain_lora_that_peft_loads(tmp_path):
     base = tiny_llama()
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraFAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraFAConfig(r=4, target_modules=["q_proj", "v_proj"]))
     _train(model.train(), steps=2)
     model.eval()
     slimtune.save_adapter(model, tmp_path)
@@ -90,13 +90,13 @@ def test_saved_as_plain_lora_that_peft_loads(tmp_path):
 
 def test_merge_round_trip_and_recipe_round_trip():
     config = slimtune.LoraFAConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
-    model = slimtune.inject(tiny_llama(), config)
+    model = slimtune.add_adapter(tiny_llama(), config)
     assert isinstance(model.model.layers[0].self_attn.q_proj, LoraFALinear)
     inputs = sample_inputs("llama")
     expected = logits(model, inputs)
-    slimtune.merge(model)
+    slimtune.merge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
-    slimtune.unmerge(model)
+    slimtune.unmerge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
     config = slimtune.LoraFAConfig(r=4, target_modules=["q_proj"])
     assert slimtune.config_from_dict(config.to_dict()) == config  # a recipe can name peft_type LORA_FA
@@ -104,4 +104,4 @@ def test_merge_round_trip_and_recipe_round_trip():
 
 def test_embedding_target_is_refused():
     with pytest.raises(TypeError, match="LoRA-FA wraps linear layers"):
-        slimtune.inject(tiny_llama(), slimtune.LoraFAConfig(target_modules=["embed_tokens"]))
+        slimtune.add_adapter(tiny_llama(), slimtune.LoraFAConfig(target_modules=["embed_tokens"]))

@@ -28,8 +28,15 @@ from prompt_cases import (
     randomise_heads,
     strengthen_prompts,
 )
-from tiny_models import FAMILIES, VOCAB, logits, sample_inputs, tiny_gpt2, tiny_llama
-from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
+from tiny_models import (
+    FAMILIES,
+    VOCAB,
+    logits,
+    one_thread,  # noqa: F401 (a fixture, used by pytestmark)
+    sample_inputs,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import slimtune
 from slimtune.methods.prompts import PROMPT_CONTAINER
@@ -230,7 +237,7 @@ FORMULAS = {
 def test_trainable_count_training_and_save_load_round_trip(method, tmp_path):
     _, ours_cls, extra = METHODS[method]
     base = tiny_llama()
-    model = slimtune.inject(copy.deepcopy(base), ours_cls(task_type="CAUSAL_LM", num_virtual_tokens=4, **extra))
+    model = slimtune.add_adapter(copy.deepcopy(base), ours_cls(task_type="CAUSAL_LM", num_virtual_tokens=4, **extra))
     assert slimtune.trainable_parameters(model).trainable == FORMULAS[method]
     assert all(PROMPT_CONTAINER in n for n, p in model.named_parameters() if p.requires_grad)
     losses = _train(model, "llama")
@@ -265,17 +272,17 @@ def test_prompt_init_from_vocabulary_and_from_text(tmp_path):
     table = base.get_input_embeddings().weight
     text = slimtune.PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT", tokenizer_name_or_path=str(
         tmp_path), prompt_tuning_init_text="classify the sentiment")
-    rows = getattr(slimtune.inject(copy.deepcopy(base), text), PROMPT_CONTAINER)["default"].embedding.weight
+    rows = getattr(slimtune.add_adapter(copy.deepcopy(base), text), PROMPT_CONTAINER)["default"].embedding.weight
     torch.testing.assert_close(rows, table[[11, 12, 13, 11, 12]], atol=0, rtol=0)  # text ids, repeated
     vocab = slimtune.PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="SAMPLE_VOCAB")
-    rows = getattr(slimtune.inject(copy.deepcopy(base), vocab), PROMPT_CONTAINER)["default"].embedding.weight
+    rows = getattr(slimtune.add_adapter(copy.deepcopy(base), vocab), PROMPT_CONTAINER)["default"].embedding.weight
     assert all(any(torch.equal(r, t) for t in table) for r in rows)
 
 
 def test_unload_and_disable_give_back_the_base_model():
     base = tiny_gpt2()
     inputs = sample_inputs("gpt2")
-    model = slimtune.inject(copy.deepcopy(base), slimtune.PromptTuningConfig(num_virtual_tokens=3))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.PromptTuningConfig(num_virtual_tokens=3))
     assert logits(model, inputs).shape[1] == 13
     with slimtune.disable_adapters(model):
         torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
@@ -287,7 +294,7 @@ def test_unload_and_disable_give_back_the_base_model():
 
 
 def test_saved_config_is_complete_and_peft_shaped(tmp_path):
-    model = slimtune.inject(tiny_llama(), slimtune.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    model = slimtune.add_adapter(tiny_llama(), slimtune.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     slimtune.save_adapter(model, tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
     assert data["peft_type"] == "PREFIX_TUNING" and data["inference_mode"] is True
@@ -309,12 +316,12 @@ def test_prefix_tuning_needs_a_usable_cache():
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4,
                                                                  hidden_dim=64))
     with pytest.raises(ValueError, match="past_key_values.*DistilBertForSequenceClassification has none"):
-        slimtune.inject(model, slimtune.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
+        slimtune.add_adapter(model, slimtune.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
     assert not hasattr(model, "slimtune_state")  # nothing was changed
     llama = tiny_llama()
     getattr(llama, "activation_checkpointing_enable", llama.gradient_checkpointing_enable)()
     with pytest.raises(ValueError, match="gradient checkpointing"):
-        slimtune.inject(llama, slimtune.PrefixTuningConfig(num_virtual_tokens=2))
+        slimtune.add_adapter(llama, slimtune.PrefixTuningConfig(num_virtual_tokens=2))
 
 
 def test_prompt_tuning_text_init_needs_its_inputs():

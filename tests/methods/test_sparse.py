@@ -5,12 +5,19 @@ import copy
 
 import pytest
 import torch
-from tiny_models import logits, sample_inputs, tiny_bert_cls, tiny_gpt2, tiny_llama, tiny_t5
-from tiny_models import one_thread  # noqa: F401 (a fixture, used by pytestmark)
+from tiny_models import (
+    logits,
+    one_thread,  # noqa: F401 (a fixture, used by pytestmark)
+    sample_inputs,
+    tiny_bert_cls,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
 
 import slimtune
-from slimtune.inject import remove_adapter
-from slimtune.methods.sparse import LayerDropList
+from slimtune.lifecycle import remove_adapter
+from slimtune.methods.layerdrop import LayerDropList
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +41,7 @@ def _train(model, family, steps=6, lr=1e-2, labels=None):
 def test_bitfit_trains_only_biases_and_counts_them():
     model = tiny_gpt2()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    slimtune.inject(model, slimtune.BitFitConfig())
+    slimtune.add_adapter(model, slimtune.BitFitConfig())
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
     assert slimtune.trainable_parameters(model).trainable == biases
     losses = _train(model, "gpt2")
@@ -45,7 +52,7 @@ def test_bitfit_trains_only_biases_and_counts_them():
 
 def test_bitfit_for_classification_adds_the_head_and_round_trips(tmp_path):
     base = tiny_bert_cls()
-    model = slimtune.inject(copy.deepcopy(base), slimtune.BitFitConfig(task_type="SEQ_CLS"))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.BitFitConfig(task_type="SEQ_CLS"))
     head = sum(p.numel() for p in base.classifier.parameters())
     biases = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias") and "classifier" not in n)
     assert slimtune.trainable_parameters(model).trainable == biases + head
@@ -60,7 +67,7 @@ def test_bitfit_for_classification_adds_the_head_and_round_trips(tmp_path):
 def test_removal_restores_the_base_and_merge_keeps_the_training():
     base = tiny_gpt2()
     inputs = sample_inputs("gpt2")
-    model = slimtune.inject(copy.deepcopy(base), slimtune.BitFitConfig())
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.BitFitConfig())
     _train(model, "gpt2")
     trained = logits(model, inputs)
     assert (trained - logits(base, inputs)).abs().max() > 1e-3
@@ -78,34 +85,35 @@ def test_removal_restores_the_base_and_merge_keeps_the_training():
 def test_bitfit_on_a_model_without_biases_says_what_to_use():
     model = tiny_llama()
     with pytest.raises(ValueError, match="no bias parameters in LlamaForCausalLM.*SELECTIVE"):
-        slimtune.inject(model, slimtune.BitFitConfig())
+        slimtune.add_adapter(model, slimtune.BitFitConfig())
     assert not hasattr(model, "slimtune_state")
 
 
 def test_selective_by_parameter_name_and_by_layer():
-    model = slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(target_parameters=["input_layernorm.weight",
+    model = slimtune.add_adapter(tiny_llama(), slimtune.SelectiveConfig(target_parameters=["input_layernorm.weight",
                                                                                       "post_attention_layernorm.weight"]))
     assert slimtune.trainable_parameters(model).trainable == 2 * 2 * 32
     losses = _train(model, "llama", steps=8, lr=0.3)
     assert losses[-1] < losses[0] - 0.03
-    whole = slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(layers_to_transform=[1]))
+    whole = slimtune.add_adapter(tiny_llama(), slimtune.SelectiveConfig(layers_to_transform=[1]))
     layer = whole.model.layers[1]
     assert {n for n, p in whole.named_parameters() if p.requires_grad} == \
         {f"model.layers.1.{n}" for n, _ in layer.named_parameters()}
-    modules = slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(target_modules=["mlp"], layers_to_transform=0))
+    modules = slimtune.add_adapter(tiny_llama(),
+                                   slimtune.SelectiveConfig(target_modules=["mlp"], layers_to_transform=0))
     assert slimtune.trainable_parameters(modules).trainable == sum(
         p.numel() for p in modules.model.layers[0].mlp.parameters())
 
 
 def test_selective_combines_with_lora_and_two_sparse_adapters_cannot_share_a_parameter(tmp_path):
     base = tiny_llama()
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
-    slimtune.inject(model, slimtune.SelectiveConfig(target_parameters=["norm.weight"]), "norms")
-    slimtune.set_active_adapters(model, ["default", "norms"])
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["norm.weight"]), "norms")
+    slimtune.set_adapter(model, ["default", "norms"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and "model.norm.weight" in trainable
     with pytest.raises(ValueError, match="already trained in place by adapter 'norms'"):
-        slimtune.inject(model, slimtune.SelectiveConfig(target_parameters=["model.norm.weight"]), "again")
+        slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["model.norm.weight"]), "again")
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
     slimtune.save_adapter(model, tmp_path, "norms")
@@ -121,7 +129,7 @@ def test_selective_combines_with_lora_and_two_sparse_adapters_cannot_share_a_par
 ])
 def test_selective_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        slimtune.inject(tiny_llama(), slimtune.SelectiveConfig(**kwargs))
+        slimtune.add_adapter(tiny_llama(), slimtune.SelectiveConfig(**kwargs))
 
 
 def _count_block_calls(model, blocks):
@@ -133,7 +141,7 @@ def _count_block_calls(model, blocks):
 def test_layerdrop_skips_layers_in_training_only_and_composes_with_lora():
     base = tiny_llama(layers=4)
     inputs = sample_inputs("llama")
-    model = slimtune.inject(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
     slimtune.apply_layerdrop(model, 0.5)
     assert isinstance(model.model.layers, LayerDropList)
     assert model.slimtune_state.active == ["default"]  # LoRA stays active and trainable
@@ -161,7 +169,7 @@ def test_layerdrop_skips_layers_in_training_only_and_composes_with_lora():
 
 
 def test_layerdrop_on_encoder_decoder_drops_in_both_stacks():
-    model = slimtune.inject(tiny_t5(), slimtune.LayerDropConfig(layerdrop=0.3))
+    model = slimtune.add_adapter(tiny_t5(), slimtune.LayerDropConfig(layerdrop=0.3))
     assert isinstance(model.encoder.block, LayerDropList) and isinstance(model.decoder.block, LayerDropList)
     model.train()
     model(**sample_inputs("t5"))

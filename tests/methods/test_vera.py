@@ -23,7 +23,7 @@ def _pair(family: str, seed: int = 7, save_projection: bool = True):
         warnings.simplefilter("ignore")  # PEFT warns about save_projection=False and Conv1D
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.VeraConfig(
             r=8, target_modules=targets, projection_prng_key=seed, save_projection=save_projection))
-    ours = slimtune.inject(copy.deepcopy(base), slimtune.VeraConfig(
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.VeraConfig(
         r=8, target_modules=targets, projection_prng_key=seed, save_projection=save_projection))
     torch.manual_seed(1)
     with torch.no_grad():  # a non-trivial adapter: random λ_b, λ_d in both
@@ -76,7 +76,7 @@ def test_saved_projection_wins_over_the_seed(tmp_path):
 def test_new_adapter_is_a_no_op_with_out_plus_r_trainables_per_layer():
     base = tiny_llama()
     inputs = sample_inputs("llama")
-    model = slimtune.inject(copy.deepcopy(base), slimtune.VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all("vera_lambda" in n for n in trainable)
@@ -86,7 +86,8 @@ def test_new_adapter_is_a_no_op_with_out_plus_r_trainables_per_layer():
 
 
 def test_one_projection_pair_is_shared_and_not_in_the_state_dict():
-    model = slimtune.inject(tiny_llama(), slimtune.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = slimtune.add_adapter(tiny_llama(),
+                                 slimtune.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     layers = [m for m in model.modules() if isinstance(m, VeraLinear)]
     assert len(layers) == 6 and len({id(m.vera_projection["default"]) for m in layers}) == 1
     projection = layers[0].vera_projection["default"]
@@ -103,9 +104,9 @@ def test_merge_unmerge_round_trip(family):
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     inputs = sample_inputs(family)
     unmerged = logits(model, inputs)
-    slimtune.merge(model)
+    slimtune.merge_adapter(model)
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
-    slimtune.unmerge(model)
+    slimtune.unmerge_adapter(model)
     for name, p in model.named_parameters():
         if name in weights:
             torch.testing.assert_close(p, weights[name], atol=1e-6, rtol=0)
@@ -115,7 +116,7 @@ def test_merge_unmerge_round_trip(family):
 def test_removal_and_unload_drop_the_projections():
     model = tiny_llama()
     before = {n: type(m) for n, m in model.named_modules()}
-    slimtune.inject(model, slimtune.VeraConfig(r=8, target_modules=["q_proj"]), "a")
+    slimtune.add_adapter(model, slimtune.VeraConfig(r=8, target_modules=["q_proj"]), "a")
     slimtune.add_adapter(model, slimtune.VeraConfig(r=4, target_modules=["q_proj"], projection_prng_key=5), "b")
     assert set(getattr(model, HOLDER).keys()) == {"a", "b"}
     slimtune.delete_adapter(model, "b")
@@ -125,7 +126,7 @@ def test_removal_and_unload_drop_the_projections():
 
 
 def test_training_touches_only_the_scaling_vectors():
-    model = slimtune.inject(tiny_llama().train(), slimtune.VeraConfig(r=16, target_modules="all-linear",
+    model = slimtune.add_adapter(tiny_llama().train(), slimtune.VeraConfig(r=16, target_modules="all-linear",
                                                                      bias="vera_only"))
     projection = getattr(model, HOLDER)["default"].vera_A.clone()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -142,4 +143,4 @@ def test_bad_config_values_are_named():
         with pytest.raises(ValueError, match=fragment):
             slimtune.VeraConfig(**kwargs)
     with pytest.raises(TypeError, match="VeRA wraps linear layers"):
-        slimtune.inject(tiny_llama(), slimtune.VeraConfig(target_modules=["embed_tokens"]))
+        slimtune.add_adapter(tiny_llama(), slimtune.VeraConfig(target_modules=["embed_tokens"]))

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
+from oracles import bitsandbytes_oracle
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from oracles import bitsandbytes_oracle
 from slimtune.quant import (
     Linear4bit,
     Linear8bit,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import bitsandbytes_oracle
 from torch import nn
 
 from slimtune.quant import Linear4bit, Linear8bit, QuantizedLinear, dequantize_int8_rowwise, quantize_int8_rowwise
 from slimtune.quant import linear as linear_mod
-from oracles import bitsandbytes_oracle
 
 
 def _linear(out_f=48, in_f=80, bias=True, seed=0):

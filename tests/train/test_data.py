@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import pytest
 import torch
 from train_helpers import tiny_llama
 
+from slimtune.train import data as data_module
 from slimtune.train.batching import BatchIterator, collate, epoch_order
 from slimtune.train.data import load_examples, split_examples
 from slimtune.train.templates import encode_example, encode_prompt, render_plain
@@ -99,7 +99,7 @@ def test_missing_file_empty_split_and_bad_arguments(tmp_path, monkeypatch):
         load_examples(ROWS[:1], split="validation", validation_fraction=0.0)
     with pytest.raises(ValueError, match=r"split 'dev' is unknown"):
         load_examples(ROWS, split="dev")
-    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: import raises
+    monkeypatch.setattr(data_module, "datasets", None)  # as if not installed
     with pytest.raises(FileNotFoundError, match=r"'someone/data' is not a file.*pip install datasets"):
         load_examples("someone/data")
 
@@ -111,7 +111,7 @@ def test_hf_datasets_are_used_when_installed(monkeypatch):
         calls.append((name, split))
         return {"train": ROWS[:2], "test": ROWS[2:]} if split is None else ROWS[:1]
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(data_module, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     assert load_examples("someone/data", split="train") == NORMALIZED[:1]
     assert load_examples("someone/data") == [NORMALIZED[2]] + NORMALIZED[:2]  # every split, by name
     assert calls == [("someone/data", "train"), ("someone/data", None)]

@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from slimtune.config import LoraConfig, register_config
+from slimtune.config import LoraConfig, MethodConfig
+from slimtune.methods import REGISTRY
+from slimtune.methods.lora import LoraMethod
 from slimtune.quant import QuantConfig
 from slimtune.train.recipe import (
     RECIPE_DIR,
@@ -109,15 +111,18 @@ def test_bad_recipes_name_the_dotted_key(data, message):
 
 
 def test_methods_come_from_the_registry():
-    """A method config registered by any module is usable in recipes, with its own fields checked."""
-    from slimtune import config as config_module
+    """A registered method (a plug-in's too) is usable in recipes, with its own config fields checked."""
 
     @dataclasses.dataclass
     class ToyConfig(LoraConfig):
         peft_type = "TOY_TEST"
         toy_ratio: float = 1.0
 
-    register_config(ToyConfig)
+    class ToyMethod(LoraMethod):
+        peft_type = "TOY_TEST"
+        config_class: type[MethodConfig] = ToyConfig
+
+    REGISTRY.register(ToyMethod)
     try:
         recipe = recipe_from_dict({"method": {"peft_type": "TOY_TEST", "toy_ratio": "2e0", "r": 2}})
         assert isinstance(recipe.method, ToyConfig) and recipe.method.toy_ratio == 2.0
@@ -125,7 +130,7 @@ def test_methods_come_from_the_registry():
         with pytest.raises(RecipeError, match=r"method\.toy_ratio: expected a number"):
             recipe_from_dict({"method": {"peft_type": "TOY_TEST", "toy_ratio": "big"}})
     finally:
-        del config_module._CONFIG_CLASSES["TOY_TEST"]
+        REGISTRY.unregister("TOY_TEST")
 
 
 def test_output_dir_uses_the_recipe_name():

@@ -13,6 +13,8 @@ from run_helpers import rows
 from train_helpers import make_tokenizer, tiny_llama
 
 import slimtune
+from slimtune.methods import REGISTRY
+from slimtune.methods.lora import LoraMethod
 from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
@@ -36,7 +38,7 @@ def token_rows(tokenizer):
 def lora_model(tokenizer, config=None, seed=0):
     model = tiny_llama(vocab_size=len(tokenizer), seed=seed)
     torch.manual_seed(seed)
-    slimtune.inject(model, config or slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+    slimtune.add_adapter(model, config or slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                          init_lora_weights=False))
     return model
 
@@ -65,13 +67,13 @@ def test_eval_loss_is_the_models_own_mean_token_loss(tokenizer, token_rows):
     batch = collate(token_rows[:1], tokenizer.pad_token_id)
     with torch.no_grad():
         expected = model(**batch).loss.item()  # transformers shifts labels and averages over label tokens
-    for loss in ("full", "chunked"):  # chunked: slimtune.losses, logits never materialized whole
+    for loss in ("full", "chunked"):  # chunked: slimtune.perf.losses, logits never materialized whole
         got = evaluate_loss(model, token_rows[:1], 1, tokenizer.pad_token_id, CPU, loss=loss)
         assert got == pytest.approx(expected, rel=1e-5), loss
     # Padding in a bigger batch changes nothing: the mean is over every label token of the set.
     one_by_one = [evaluate_loss(model, [r], 1, tokenizer.pad_token_id, CPU) for r in token_rows[:4]]
     counts = [sum(t != -100 for t in r["labels"][1:]) for r in token_rows[:4]]
-    pooled = sum(l * c for l, c in zip(one_by_one, counts)) / sum(counts)
+    pooled = sum(loss * c for loss, c in zip(one_by_one, counts)) / sum(counts)
     assert evaluate_loss(model, token_rows[:4], 3, tokenizer.pad_token_id, CPU) == pytest.approx(pooled, rel=1e-5)
 
 
@@ -92,7 +94,7 @@ def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):
 @pytest.mark.parametrize("variant", [{"loss": "full"}, {"optim": "adamw_8bit"}, "gradient_checkpointing"])
 def test_loss_paths_optimizers_and_checkpointing_agree(variant, tmp_path, tokenizer, token_rows):
     """Full vs chunked loss, 8-bit AdamW (fp32 below 4096 elements) and layer checkpointing: same step."""
-    from slimtune.checkpointing import checkpoint_layers
+    from slimtune.perf.activation_checkpointing import checkpoint_layers
 
     results = []
     for i, options in enumerate([{}, variant]):
@@ -123,34 +125,44 @@ def test_training_lowers_the_loss_and_only_trains_the_adapter(tmp_path, tokenize
 
 
 @dataclasses.dataclass
-class HookedLora(slimtune.LoraConfig):
+class HookedConfig(slimtune.LoraConfig):
+    peft_type = "HOOKED_TEST"
+
+
+class HookedMethod(LoraMethod):
     """LoRA+-style groups (B learns 16x faster) and a post-step hook, as methods may provide them."""
 
-    calls: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+    peft_type = "HOOKED_TEST"
+    config_class = HookedConfig
+    calls: list = []
+    keep_groups: int | None = None
 
-    def param_groups(self, model, lr):
+    def param_groups(self, model, config, lr):
         a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
         b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
-        return [{"params": a, "lr": lr}, {"params": b, "lr": 16 * lr}]
+        return [{"params": a, "lr": lr}, {"params": b, "lr": 16 * lr}][:self.keep_groups]
 
-    def after_optimizer_step(self, model):
+    def after_optimizer_step(self, model, adapter_name, state):
         self.calls.append(sum(float(p.detach().abs().sum()) for p in model.parameters() if p.requires_grad))
 
 
-def test_method_hooks_shape_the_optimizer(tmp_path, tokenizer, token_rows):
-    config = HookedLora(r=2, target_modules=["q_proj"])
-    trainer = make_trainer(lora_model(tokenizer, config), token_rows, tmp_path, tokenizer, max_steps=3,
-                           warmup_steps=0, lr_scheduler="constant")
+@pytest.fixture
+def hooked_method():
+    REGISTRY.register(HookedMethod)
+    yield REGISTRY.method("HOOKED_TEST")
+    REGISTRY.unregister("HOOKED_TEST")
+
+
+def test_method_hooks_shape_the_optimizer(tmp_path, tokenizer, token_rows, hooked_method):
+    trainer = make_trainer(lora_model(tokenizer, HookedConfig(r=2, target_modules=["q_proj"])), token_rows, tmp_path,
+                           tokenizer, max_steps=3, warmup_steps=0, lr_scheduler="constant")
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([1e-2, 16e-2])
     trainer.train()
-    assert len(config.calls) == 3  # once per optimizer step, after the update
+    assert len(hooked_method.calls) == 3  # once per optimizer step, after the update
 
-    class Partial(HookedLora):
-        def param_groups(self, model, lr):
-            return super().param_groups(model, lr)[:1]
-
+    hooked_method.keep_groups = 1
     with pytest.raises(ValueError, match="every trainable parameter exactly once"):
-        make_trainer(lora_model(tokenizer, Partial(r=2, target_modules=["q_proj"])), token_rows, tmp_path,
+        make_trainer(lora_model(tokenizer, HookedConfig(r=2, target_modules=["q_proj"])), token_rows, tmp_path,
                      tokenizer)
 
 

@@ -1,54 +1,59 @@
-"""Method registry: how each ``peft_type`` wraps a target module.
+"""The PEFT methods, one module each, and the registry: each method is registered exactly once, here.
 
-A layer-wrapping method registers ``make_layer(base_module, config) -> TunerLayer`` (an empty
-wrapper; the injector then calls ``add_adapter``). Methods that do not wrap layers (prompt tuning, sparse
-fine-tuning) instead give their config an ``inject_into(model, adapter_name)`` method.
+To add a method: write its module (a :class:`~slimtune.methods.contract.Method`, usually a
+:class:`~slimtune.methods.contract.LayerMethod`, with its config class) and list it below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from torch import nn
+from typing import Any
 
 from slimtune.config import MethodConfig
-from slimtune.methods.base import ModulesToSave, NotMergeableError, TunerLayer
-from slimtune.methods.lora import LoraEmbedding, LoraLinear, make_lora_layer
+from slimtune.methods.bottleneck import BottleneckMethod
+from slimtune.methods.contract import LayerMethod, Method, Registry
+from slimtune.methods.delta_lora import DeltaLoraMethod
+from slimtune.methods.ia3 import IA3Method
+from slimtune.methods.layerdrop import LayerDropMethod
+from slimtune.methods.loha import LohaMethod
+from slimtune.methods.lora import LoraMethod
+from slimtune.methods.lora_fa import LoraFAMethod
+from slimtune.methods.lora_plus import LoraPlusMethod
+from slimtune.methods.prefix import PrefixTuningMethod
+from slimtune.methods.prompt_tuning import PromptTuningMethod, PTuningMethod
+from slimtune.methods.sparse import BitFitMethod, SelectiveMethod
+from slimtune.methods.vera import VeraMethod
 
-LayerFactory = Callable[[nn.Module, MethodConfig], TunerLayer]
+REGISTRY = Registry([
+    LoraMethod,
+    LoraFAMethod,
+    DeltaLoraMethod,
+    LoraPlusMethod,
+    VeraMethod,
+    LohaMethod,
+    IA3Method,
+    BottleneckMethod,
+    PromptTuningMethod,
+    PTuningMethod,
+    PrefixTuningMethod,
+    BitFitMethod,
+    SelectiveMethod,
+    LayerDropMethod,
+])
 
-_LAYER_FACTORIES: dict[str, tuple[LayerFactory, tuple[type[TunerLayer], ...]]] = {}
+
+def method_for(config: MethodConfig) -> Method:
+    """The registered method of a config (by its ``peft_type``)."""
+    return REGISTRY.for_config(config)
 
 
-def register_method(peft_type: str, make_layer: LayerFactory, layer_types: tuple[type[TunerLayer], ...]) -> None:
-    """Register a layer-wrapping method: its factory and the TunerLayer classes it produces."""
-    _LAYER_FACTORIES[peft_type] = (make_layer, layer_types)
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Read any registered method's config from its dict (``peft_type`` picks the class)."""
+    return REGISTRY.config_from_dict(data)
 
 
-def layer_factory(peft_type: str) -> tuple[LayerFactory, tuple[type[TunerLayer], ...]]:
-    if peft_type not in _LAYER_FACTORIES:
-        raise ValueError(f"no layer-wrapping method registered for peft_type={peft_type!r}; "
-                         f"known: {sorted(_LAYER_FACTORIES)}.")
-    return _LAYER_FACTORIES[peft_type]
+def config_classes() -> dict[str, type[MethodConfig]]:
+    """Every registered method's config class by ``peft_type``."""
+    return REGISTRY.config_classes()
 
 
-register_method("LORA", make_lora_layer, (LoraLinear, LoraEmbedding))
-
-# Bottleneck adapters, (IA)³, prompt/prefix methods, sparse methods: imported here so their configs are
-# registered (for config_from_dict and recipes) whenever slimtune.methods is.
-from slimtune.methods import prefix, prompt_tuning, prompts, sparse  # noqa: E402,F401
-from slimtune.methods.adapter import BottleneckLinear, make_bottleneck_layer  # noqa: E402
-from slimtune.methods.ia3 import IA3Linear, make_ia3_layer  # noqa: E402
-
-register_method("IA3", make_ia3_layer, (IA3Linear,))
-register_method("BOTTLENECK", make_bottleneck_layer, (BottleneckLinear,))
-
-__all__ = [
-    "LoraEmbedding",
-    "LoraLinear",
-    "ModulesToSave",
-    "NotMergeableError",
-    "TunerLayer",
-    "layer_factory",
-    "register_method",
-]
+__all__ = ["REGISTRY", "LayerMethod", "Method", "config_classes", "config_from_dict", "method_for"]

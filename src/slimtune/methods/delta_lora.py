@@ -13,13 +13,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimtune.config import LoraConfig, register_config
-from slimtune.methods import register_method
-from slimtune.methods.lora import LoraLinear
-from slimtune.targets import LINEAR_TYPES
+from slimtune.config import LoraConfig, MethodConfig
+from slimtune.core.modules import is_dense_linear
+from slimtune.core.state import AdapterState
+from slimtune.methods.contract import tuner_layers
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.lora import LoraMethod
+from slimtune.methods.lora_layers import LoraLinear
 
 
-@register_config
 @dataclass
 class DeltaLoraConfig(LoraConfig):
     """Delta-LoRA: LoRA whose base weight also moves, after every optimizer step t > ``delta_start_step``:
@@ -27,7 +29,8 @@ class DeltaLoraConfig(LoraConfig):
 
     ``delta_lambda`` is the paper's update ratio λ (0.5) and ``delta_start_step`` its warm-up K (500
     steps of plain LoRA first). The paper drops dropout on the LoRA path, so ``lora_dropout`` must be 0.
-    The trainer calls :meth:`after_optimizer_step`; in your own loop call it after ``optimizer.step()``.
+    The trainer runs the W update after every optimizer step; in your own loop call
+    ``slimtune.after_optimizer_step(model)`` after ``optimizer.step()``.
 
     Saved as a plain PEFT LoRA adapter of rank 2r that holds the whole change relative to the
     original base: ``ΔW = (1 + λ) s B A − λ s B_K A_K`` (the updates telescope), so PEFT and slimtune
@@ -55,25 +58,6 @@ class DeltaLoraConfig(LoraConfig):
             raise ValueError(f"delta_start_step={self.delta_start_step!r} must be an integer ≥ 0 "
                              "(the paper uses 500).")
 
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        """Apply the W update of this config's adapters; call once after every optimizer step."""
-        from slimtune.inject import get_state, tuner_layers  # the injector imports the method registry
-
-        names = [name for name, c in get_state(model).configs.items() if c is self]
-        for _, layer in tuner_layers(model):
-            for name in names:
-                if isinstance(layer, DeltaLoraLinear) and name in layer.delta_state:
-                    layer.delta_update(name)
-
-    def to_peft_dict(self) -> dict[str, Any]:
-        """The rank-2r LoRA config of the exported adapter (every scaling s kept)."""
-        factor = math.sqrt(2) if self.use_rslora else 2  # alpha/r (or alpha/√r) unchanged with r → 2r
-        data = {k: v for k, v in self.to_dict().items() if k not in ("delta_lambda", "delta_start_step")}
-        data.update(peft_type="LORA", r=2 * self.r, lora_alpha=factor * self.lora_alpha,
-                    rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
-                    alpha_pattern={k: factor * v for k, v in self.alpha_pattern.items()})
-        return data
-
 
 class DeltaState(nn.Module):
     """Per adapter: B_t, A_t from the last step, and B_K, A_K from just before the first W update."""
@@ -94,6 +78,10 @@ class DeltaLoraLinear(LoraLinear):
     """
 
     adapter_values = LoraLinear.adapter_values + ("delta_state",)
+
+    def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Delta-LoRA adapter also moved W, so ``B A`` is not its whole change (see :meth:`adapter_tensors`)."""
+        return None if adapter_name in self.delta_state else super().low_rank_factors(adapter_name)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -146,12 +134,30 @@ class DeltaLoraLinear(LoraLinear):
         super().delete_adapter(adapter_name)
 
 
-def make_delta_lora_layer(base: nn.Module, config: DeltaLoraConfig) -> DeltaLoraLinear:
-    if not isinstance(base, LINEAR_TYPES) or not isinstance(getattr(base, "weight", None), torch.Tensor) \
-            or not base.weight.is_floating_point():
-        raise TypeError(f"Delta-LoRA updates the base weight, so it needs a floating-point linear layer, not a "
-                        f"{type(base).__name__}; pick nn.Linear / Conv1D target_modules (not quantized ones).")
-    return DeltaLoraLinear(base)
+class DeltaLoraMethod(LoraMethod):
+    peft_type: ClassVar[str] = "DELTA_LORA"
+    config_class: ClassVar[type[MethodConfig]] = DeltaLoraConfig
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (DeltaLoraLinear,)
+    changes_base_weights: ClassVar[bool] = True
 
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        if not is_dense_linear(base) or not base.weight.is_floating_point():
+            raise TypeError(f"Delta-LoRA updates the base weight, so it needs a floating-point linear layer, not a "
+                            f"{type(base).__name__}; pick nn.Linear / Conv1D target_modules (not quantized ones).")
+        return DeltaLoraLinear(base)
 
-register_method("DELTA_LORA", make_delta_lora_layer, (DeltaLoraLinear,))
+    def after_optimizer_step(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
+        """Apply the W update of this adapter; runs once after every optimizer step."""
+        for _, layer in tuner_layers(model):
+            if isinstance(layer, DeltaLoraLinear) and adapter_name in layer.delta_state:
+                layer.delta_update(adapter_name)
+
+    def saved_config(self, config: MethodConfig) -> dict[str, Any]:
+        """The rank-2r LoRA config of the exported adapter (every scaling s kept)."""
+        assert isinstance(config, DeltaLoraConfig)
+        factor = math.sqrt(2) if config.use_rslora else 2  # alpha/r (or alpha/√r) unchanged with r → 2r
+        data = {k: v for k, v in config.to_dict().items() if k not in ("delta_lambda", "delta_start_step")}
+        data.update(peft_type="LORA", r=2 * config.r, lora_alpha=factor * config.lora_alpha,
+                    rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                    alpha_pattern={k: factor * v for k, v in config.alpha_pattern.items()})
+        return data

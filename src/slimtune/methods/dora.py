@@ -11,16 +11,8 @@ import torch
 from torch import nn
 
 from slimtune.config import LoraConfig
-from slimtune.methods.lora import LoraLinear
-from slimtune.targets import EMBEDDING_TYPES, LINEAR_TYPES
-
-
-def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The base weight as a float ``(out, in)`` tensor: dequantized for 4/8-bit layers, transposed for Conv1D."""
-    if hasattr(base, "dequantize"):
-        return base.dequantize(torch.float32)
-    weight = base.weight
-    return weight.T if not isinstance(base, nn.Linear) and hasattr(base, "nf") else weight
+from slimtune.core.modules import dense_weight
+from slimtune.methods.lora_layers import LoraLinear
 
 
 class DoraLinear(LoraLinear):
@@ -31,7 +23,8 @@ class DoraLinear(LoraLinear):
     constant for backprop (paper §4.3), so m, A and B train and W stays frozen.
 
     - The norm never builds an ``(out, in)`` matrix: row-wise,
-      ``‖W + sBA‖² = ‖W‖² + 2s·Σ B ⊙ (W Aᵀ) + s²·Σ B (A Aᵀ) ⊙ B``, where ``W Aᵀ`` is the base layer applied to the r rows of A (so 4-bit bases work
+      ``‖W + sBA‖² = ‖W‖² + 2s·Σ B ⊙ (W Aᵀ) + s²·Σ B (A Aᵀ) ⊙ B``, where ``W Aᵀ`` is the base layer applied
+      to the r rows of A (so 4-bit bases work
       unchanged) and ``‖W‖²_row`` is cached until the base weight changes.
     - Dropout touches only the LoRA branch, so training runs ONE base matmul even with dropout > 0
       (PEFT runs a second one on the dropped-out input); in eval mode the two agree exactly.
@@ -39,6 +32,7 @@ class DoraLinear(LoraLinear):
     """
 
     adapter_attrs = ("lora_A", "lora_B", "lora_magnitude_vector")
+    fusable = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -113,6 +107,16 @@ class DoraLinear(LoraLinear):
             self._w_norm2 = (key, torch.linalg.vector_norm(w, dim=1).square())
         return self._w_norm2[1]
 
+    def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if adapter_name in self.lora_magnitude_vector else super().low_rank_factors(adapter_name)
+
+    def mixed_batch_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """DoRA rows: ``g ⊙ (W x + s B A x)`` with ``g = m / ‖W + s B A‖``."""
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().mixed_batch_factors(adapter_name)
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight * self.scaling[adapter_name]
+        return A, B, self.magnitude_scale(adapter_name)
+
     # ---- merging --------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """For DoRA ``g ⊙ (W + s B A) − W`` with ``g = m / ‖W + s B A‖`` on the current weight."""
@@ -144,17 +148,3 @@ class DoraLinear(LoraLinear):
                     lora = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
                     w.copy_((w.float() / g[:, None] - lora).to(w.dtype))
             self.merged_adapters.pop()
-
-
-def make_dora_layer(base: nn.Module, config: LoraConfig) -> DoraLinear:
-    """The DoRA wrapper for a linear-like layer; embeddings and other types get a clear error."""
-    if isinstance(base, EMBEDDING_TYPES):
-        raise ValueError(
-            f"DoRA (use_dora=True) adapts linear layers only, but target_modules matched an "
-            f"nn.Embedding({base.num_embeddings}, {base.embedding_dim}). Remove the embedding from "
-            "target_modules, or use a separate adapter with use_dora=False for it."
-        )
-    if isinstance(base, LINEAR_TYPES):
-        return DoraLinear(base)
-    raise TypeError(f"DoRA cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, "
-                    "slimtune quantized linear. Pick other target_modules.")

@@ -13,14 +13,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimtune.config import MethodConfig, _check_str_list, register_config
-from slimtune.methods.base import NotMergeableError, TunerLayer, _mergeable_weight
-from slimtune.methods.lora import is_transposed, linear_dims
-from slimtune.methods.prompts import default_head
-from slimtune.targets import LINEAR_TYPES, name_matches
+from slimtune.config import MethodConfig, default_head, str_list
+from slimtune.core.modules import is_conv1d, linear_dims
+from slimtune.errors import NotMergeableError
+from slimtune.methods.contract import LayerMethod
+from slimtune.methods.layers import TunerLayer, mergeable_weight
+from slimtune.methods.targets import is_adaptable_linear, name_matches
 
 
-@register_config
 @dataclass
 class IA3Config(MethodConfig):
     """(IA)³ config with PEFT's field names.
@@ -44,9 +44,9 @@ class IA3Config(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.target_modules = _check_str_list("target_modules", self.target_modules)
-        self.exclude_modules = _check_str_list("exclude_modules", self.exclude_modules)
-        self.feedforward_modules = _check_str_list("feedforward_modules", self.feedforward_modules)
+        self.target_modules = str_list("target_modules", self.target_modules)
+        self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
+        self.feedforward_modules = str_list("feedforward_modules", self.feedforward_modules)
         self.modules_to_save = default_head(self.task_type, self.modules_to_save)
         if self.target_modules is not None and self.feedforward_modules is None:
             raise ValueError(
@@ -76,14 +76,14 @@ class IA3Linear(TunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = is_transposed(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
 
     def add_adapter(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
         feedforward = name_matches(module_name, config.feedforward_modules) if config.feedforward_modules else False
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        device = next((t.device for t in self.base_layer.parameters()), torch.device("cpu"))
+        device = self.adapter_device()
         weight = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
         self.ia3_l[adapter_name] = nn.Parameter(weight)
         self.is_feedforward[adapter_name] = feedforward
@@ -109,7 +109,7 @@ class IA3Linear(TunerLayer):
         raise NotMergeableError("(IA)³ rescales the weight rather than adding to it; use merge()/unmerge().")
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        weight = _mergeable_weight(self.base_layer)
+        weight = mergeable_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
             for name in [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]:
@@ -121,7 +121,7 @@ class IA3Linear(TunerLayer):
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
-        weight = _mergeable_weight(self.base_layer)
+        weight = mergeable_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
             while self.merged_adapters:
@@ -134,11 +134,15 @@ class IA3Linear(TunerLayer):
         return f"in={self.in_features}, out={self.out_features}, feedforward={self.is_feedforward}"
 
 
-def make_ia3_layer(base: nn.Module, config: IA3Config) -> TunerLayer:
-    """An empty (IA)³ wrapper for ``base``; raise for layer types (IA)³ does not support."""
-    if isinstance(base, LINEAR_TYPES):
-        return IA3Linear(base)
-    raise TypeError(
-        f"(IA)³ cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, slimtune quantized "
-        "linear. Pick other target_modules."
-    )
+class IA3Method(LayerMethod):
+    peft_type: ClassVar[str] = "IA3"
+    config_class: ClassVar[type[MethodConfig]] = IA3Config
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (IA3Linear,)
+
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        if is_adaptable_linear(base):
+            return IA3Linear(base)
+        raise TypeError(
+            f"(IA)³ cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, slimtune "
+            "quantized linear. Pick other target_modules."
+        )

@@ -1,157 +1,70 @@
-"""LoRA layers: low-rank updates on linear, GPT-2 ``Conv1D``, quantized linear and embedding layers.
+"""LoRA (and DoRA through ``use_dora``, as in PEFT): the method that wraps target layers with LoRA layers.
 
-Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685.
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685 (the layers:
+:mod:`slimtune.methods.lora_layers`); Liu et al., "DoRA", arXiv:2402.09353 (:mod:`slimtune.methods.dora`).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import LoraConfig
-from slimtune.methods.base import TunerLayer
-from slimtune.targets import EMBEDDING_TYPES, LINEAR_TYPES, pattern_value
-
-
-def linear_dims(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear-like layer; GPT-2's Conv1D stores its weight as (in, out)."""
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return base.in_features, base.out_features
-    in_features, out_features = base.weight.shape  # Conv1D
-    return in_features, out_features
-
-
-def is_transposed(base: nn.Module) -> bool:
-    """True for layers computing ``x @ W`` with W of shape (in, out) (transformers' Conv1D)."""
-    return not isinstance(base, nn.Linear) and hasattr(base, "nf")
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def rank_and_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
-    r = pattern_value(config.rank_pattern, module_name, config.r)
-    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
-    return r, alpha
-
-
-class LoraLinear(TunerLayer):
-    """LoRA on a linear layer: ``h = W x + b + s · B A dropout(x)``.
-
-    A: (r, in) Kaiming-uniform (a=√5), B: (out, r) zeros, so a new adapter is a no-op.
-    ``s = alpha / r`` (rsLoRA: ``alpha / √r``). Merging adds ``s · B A`` to W (transposed for Conv1D).
-    """
-
-    adapter_attrs = ("lora_A", "lora_B")
-    adapter_values = ("scaling", "lora_dropout")
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = is_transposed(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-
-    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        r, alpha = rank_and_alpha(config, module_name)
-        weight = getattr(self.base_layer, "weight", None)
-        # Adapters train in fp32 unless the base is a float type wider than half precision.
-        dtype = weight.dtype if weight is not None and weight.dtype == torch.float64 else torch.float32
-        device = next((t.device for t in self.base_layer.parameters()), None) or next(
-            (t.device for t in self.base_layer.buffers()), torch.device("cpu")
-        )
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
-        self.reset_adapter(adapter_name, config.init_lora_weights)
-        self.active_adapters.append(adapter_name)
-
-    @torch.no_grad()
-    def reset_adapter(self, adapter_name: str, init: bool | str) -> None:
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        if init is False:  # both random: only useful for tests of a non-trivial adapter
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            return
-        if init == "gaussian":
-            nn.init.normal_(a, std=1.0 / a.shape[0])
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        nn.init.zeros_(b)
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
-        return delta.T if self.fan_in_fan_out else delta  # (out, in) or Conv1D's (in, out)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
-            A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            result = result + (B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]).to(result.dtype)
-        return result
-
-    def extra_repr(self) -> str:
-        ranks = {n: m.out_features for n, m in self.lora_A.items()}
-        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}"
-
-
-class LoraEmbedding(TunerLayer):
-    """LoRA on an embedding: ``E[x] + s · (A^T[x]) B^T``, A: (r, num_embeddings) zeros, B: (dim, r) N(0, 1)."""
-
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
-    adapter_values = ("scaling",)
-
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-
-    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        r, alpha = rank_and_alpha(config, module_name)
-        base = self.base_layer
-        weight = base.weight
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.zeros(r, base.num_embeddings, device=weight.device))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(base.embedding_dim, r, device=weight.device))
-        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
-        with torch.no_grad():
-            if config.init_lora_weights is False:
-                nn.init.normal_(self.lora_embedding_A[adapter_name])
-            nn.init.normal_(self.lora_embedding_B[adapter_name])
-        self.active_adapters.append(adapter_name)
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        return (B @ A).T * self.scaling[adapter_name]  # (num_embeddings, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        result = base(x)
-        for name in self.unmerged_active():
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
-            result = result + (rows @ B.T * self.scaling[name]).to(result.dtype)
-        return result
+from slimtune.config import LoraConfig, MethodConfig
+from slimtune.core.modules import is_conv1d
+from slimtune.core.state import AdapterState
+from slimtune.methods.contract import LayerMethod
+from slimtune.methods.dora import DoraLinear
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear
+from slimtune.methods.targets import is_adaptable_linear
 
 
 def make_lora_layer(base: nn.Module, config: LoraConfig) -> TunerLayer:
-    """An empty LoRA wrapper for ``base``; raise for layer types LoRA does not support."""
-    if config.use_dora:  # DoRA lives in its own module (imported here: it builds on this one)
-        from slimtune.methods.dora import make_dora_layer
-
-        return make_dora_layer(base, config)
-    if isinstance(base, EMBEDDING_TYPES):
+    """An empty LoRA (or, with ``use_dora``, DoRA) wrapper for ``base``; raise for layer types it cannot wrap."""
+    if config.use_dora:
+        if isinstance(base, nn.Embedding):
+            raise ValueError(
+                f"DoRA (use_dora=True) adapts linear layers only, but target_modules matched an "
+                f"nn.Embedding({base.num_embeddings}, {base.embedding_dim}). Remove the embedding from "
+                "target_modules, or use a separate adapter with use_dora=False for it."
+            )
+        if is_adaptable_linear(base):
+            return DoraLinear(base)
+        raise TypeError(f"DoRA cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, "
+                        "slimtune quantized linear. Pick other target_modules.")
+    if isinstance(base, nn.Embedding):
         return LoraEmbedding(base)
-    if isinstance(base, LINEAR_TYPES):
+    if is_adaptable_linear(base):
         return LoraLinear(base)
     raise TypeError(
         f"LoRA cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, "
         "slimtune quantized linear, nn.Embedding. Pick other target_modules."
     )
+
+
+def warn_on_fan_in_fan_out(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
+    """``fan_in_fan_out`` follows the layer (GPT-2's Conv1D stores (in, out)); say so when the config disagrees,
+    as PEFT does."""
+    wrong = [n for n in names if is_conv1d(model.get_submodule(n)) != config.fan_in_fan_out]
+    if wrong:
+        warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not match {wrong[0]} (and {len(wrong) - 1} more): "
+                      f"{'it is' if is_conv1d(model.get_submodule(wrong[0])) else 'it is not'} a transformers "
+                      "Conv1D; slimtune follows the layer.", stacklevel=4)
+
+
+class LoraMethod(LayerMethod):
+    peft_type: ClassVar[str] = "LORA"
+    config_class: ClassVar[type[MethodConfig]] = LoraConfig
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LoraLinear, LoraEmbedding)
+
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        assert isinstance(config, LoraConfig)
+        return make_lora_layer(base, config)
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        assert isinstance(config, LoraConfig)
+        warn_on_fan_in_fan_out(model, config, [n for n, m in self.plan(model, config)
+                                               if not isinstance(m, (TunerLayer, nn.Embedding))])
+        super().add(model, config, adapter_name, state)

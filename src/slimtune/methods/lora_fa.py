@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import LoraConfig, register_config
-from slimtune.methods import register_method
-from slimtune.methods.lora import LoraLinear
-from slimtune.targets import LINEAR_TYPES
+from slimtune.config import LoraConfig, MethodConfig
+from slimtune.core.dropout import draw_seed, dropout_mask
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.lora import LoraMethod
+from slimtune.methods.lora_layers import LoraLinear
+from slimtune.methods.targets import is_adaptable_linear
 
 
-@register_config
 @dataclass
 class LoraFAConfig(LoraConfig):
     """LoRA-FA: ``h = W x + s · B A dropout(x)`` with A frozen (Kaiming init) and only B trainable.
@@ -35,9 +36,6 @@ class LoraFAConfig(LoraConfig):
             raise ValueError("LoraFAConfig(use_dora=True) contradicts itself: DoRA trains the direction through "
                              "A and B; use LoraConfig(use_dora=True), or LoRA-FA with use_dora=False.")
 
-    def to_peft_dict(self) -> dict[str, Any]:
-        return {**self.to_dict(), "peft_type": "LORA"}
-
 
 class _FrozenProjection(torch.autograd.Function):
     """``dropout(x) Aᵀ`` for a frozen A that keeps nothing of size (batch, seq, in) for backward:
@@ -45,20 +43,15 @@ class _FrozenProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-        ctx.seed, ctx.p = int(torch.randint(1 << 62, ())), p  # drawn from the global RNG: manual_seed reproduces it
+        ctx.seed, ctx.p = draw_seed(), p
         ctx.save_for_backward(weight)  # A itself: a parameter, no extra memory
-        return F.linear(x * _mask(x, p, ctx.seed), weight)
+        return F.linear(x * dropout_mask(x, p, ctx.seed), weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
         grad_x = grad @ weight.to(grad.dtype)
-        return grad_x * _mask(grad_x, ctx.p, ctx.seed), None, None
-
-
-def _mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1 - p, generator=generator).div_(1 - p)
+        return grad_x * dropout_mask(grad_x, ctx.p, ctx.seed), None, None
 
 
 class LoraFALinear(LoraLinear):
@@ -70,6 +63,8 @@ class LoraFALinear(LoraLinear):
     gradient; with dropout the mask is regenerated in backward instead of stored.
     Plain LoRA adapters can share this layer (their A trains).
     """
+
+    fusable = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -104,11 +99,18 @@ class LoraFALinear(LoraLinear):
         return result
 
 
-def make_lora_fa_layer(base: nn.Module, config: LoraFAConfig) -> LoraFALinear:
-    if not isinstance(base, LINEAR_TYPES):
-        raise TypeError(f"LoRA-FA wraps linear layers only, not a {type(base).__name__}; pick linear "
-                        "target_modules (an embedding has no input activation to save: use LoraConfig there).")
-    return LoraFALinear(base)
+class LoraFAMethod(LoraMethod):
+    """Saved as a plain PEFT LoRA adapter (``peft_type: "LORA"``): at inference it is one."""
 
+    peft_type: ClassVar[str] = "LORA_FA"
+    config_class: ClassVar[type[MethodConfig]] = LoraFAConfig
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LoraFALinear,)
 
-register_method("LORA_FA", make_lora_fa_layer, (LoraFALinear,))
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        if not is_adaptable_linear(base):
+            raise TypeError(f"LoRA-FA wraps linear layers only, not a {type(base).__name__}; pick linear "
+                            "target_modules (an embedding has no input activation to save: use LoraConfig there).")
+        return LoraFALinear(base)
+
+    def saved_config(self, config: MethodConfig) -> dict[str, Any]:
+        return {**config.to_dict(), "peft_type": "LORA"}

@@ -14,17 +14,18 @@ prefix already in the cache. On disk as HF PEFT: ``prompt_embeddings`` of shape
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
 from slimtune.compat import activation_checkpointing_on, cache_entry, pop_cache
-from slimtune.config import register_config
+from slimtune.config import MethodConfig, check_positive_int
 from slimtune.methods.prompts import (
     PromptLearningConfig,
+    PromptLearningMethod,
     PromptModule,
-    _check_positive,
     is_decoding,
     model_dims,
     pad_left,
@@ -63,7 +64,6 @@ class PrefixEncoder(PromptModule):
         return self.transform(rows)  # (p, 2·L·d_kv)
 
 
-@register_config
 @dataclass
 class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning (Li & Liang, 2021, arXiv:2101.00190) with PEFT's field names.
@@ -80,11 +80,30 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive("encoder_hidden_size", self.encoder_hidden_size)
+        check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
         if self.init_weights not in PREFIX_INITS:
             raise ValueError(f"init_weights={self.init_weights!r} is not supported; use None (random) or 'zero'.")
 
-    def check_model(self, model: nn.Module) -> None:
+
+def new_cache(model: nn.Module) -> DynamicCache | EncoderDecoderCache:
+    if model.config.is_encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    return DynamicCache(config=model.config)
+
+
+def batch_size(kwargs: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "encoder_outputs"):
+        value = kwargs.get(key)
+        if value is not None:
+            return (value[0] if key == "encoder_outputs" else value).shape[0]
+    raise ValueError("prefix tuning needs input_ids or inputs_embeds in the forward call to size the prefix.")
+
+
+class PrefixTuningMethod(PromptLearningMethod):
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    config_class: ClassVar[type[MethodConfig]] = PrefixTuningConfig
+
+    def check(self, model: nn.Module, config: MethodConfig) -> None:
         if getattr(model, "config", None) is None:
             raise TypeError(f"prefix tuning needs a transformers model with a .config; got {type(model).__name__}.")
         if cache_entry(model) is None:
@@ -96,69 +115,65 @@ class PrefixTuningConfig(PromptLearningConfig):
         if activation_checkpointing_on(model):
             raise ValueError("prefix tuning feeds the prefix through the key/value cache, which gradient checkpointing "
                              "turns off; call model.gradient_checkpointing_disable() or use prompt tuning.")
-        self._fill_dims(model)
+        assert isinstance(config, PrefixTuningConfig)
+        self.fill_dims(model, config)
 
-    def _fill_dims(self, model: nn.Module) -> None:
-        super()._fill_dims(model)
+    def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        super().fill_dims(model, config)
+        assert isinstance(config, PrefixTuningConfig) and config.token_dim and config.num_attention_heads
         dims = model_dims(model)
-        if dims["num_key_value_heads"] is not None and dims["num_key_value_heads"] != self.num_attention_heads:
+        if dims["num_key_value_heads"] is not None and dims["num_key_value_heads"] != config.num_attention_heads:
             # Grouped-query attention: the cache holds num_key_value_heads heads of head_dim each (as PEFT sizes it).
-            head_dim = dims["head_dim"] or self.token_dim // self.num_attention_heads
-            self.token_dim = head_dim * dims["num_key_value_heads"]
-            self.num_attention_heads = dims["num_key_value_heads"]
-        if self.encoder_hidden_size is None:
-            self.encoder_hidden_size = self.token_dim
+            head_dim = dims["head_dim"] or config.token_dim // config.num_attention_heads
+            config.token_dim = head_dim * dims["num_key_value_heads"]
+            config.num_attention_heads = dims["num_key_value_heads"]
+        if config.encoder_hidden_size is None:
+            config.encoder_hidden_size = config.token_dim
 
-    def build_module(self, model: nn.Module) -> nn.Module:
-        projection = self.prefix_projection and not self.inference_mode
-        return PrefixEncoder(self.num_virtual_tokens, self.token_dim, self.num_layers, self.encoder_hidden_size,
-                             projection, zero=self.init_weights == "zero")
+    def build_module(self, model: nn.Module, config: PromptLearningConfig) -> PromptModule:
+        assert isinstance(config, PrefixTuningConfig)
+        assert config.token_dim and config.num_layers and config.encoder_hidden_size
+        projection = config.prefix_projection and not config.inference_mode
+        return PrefixEncoder(config.num_virtual_tokens, config.token_dim, config.num_layers,
+                             config.encoder_hidden_size, projection, zero=config.init_weights == "zero")
 
-    def rewrite_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The backbone when the head model cannot carry a cache to it (BERT's head in transformers 4)."""
+        entry = cache_entry(model)
+        return model if entry is None else entry[0]
+
+    def rewrite_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
+                       kwargs: dict[str, Any]) -> dict[str, Any]:
+        assert isinstance(config, PrefixTuningConfig)
         if model.training and activation_checkpointing_on(model):
             raise ValueError("prefix tuning does not work with gradient checkpointing (it disables the cache); "
                              "call model.gradient_checkpointing_disable().")
-        p, encoder_decoder = self.num_virtual_tokens, model.config.is_encoder_decoder
+        p, encoder_decoder = config.num_virtual_tokens, model.config.is_encoder_decoder
         # With use_cache=False a cache handed back by an earlier call (generate does that) is not reused.
         fresh = kwargs.get("use_cache") is False
         if fresh or not is_decoding(kwargs):
             cache = pop_cache(kwargs)
             if fresh or cache is None:
                 cache = new_cache(model)
-            self.write_prefix(cache, module(), batch_size(kwargs), model.dtype)
-            kwargs[cache_entry(model)[1]] = cache
+            write_prefix(config, cache, prompt(), batch_size(kwargs), model.dtype)
+            entry = cache_entry(model)
+            assert entry is not None
+            kwargs[entry[1]] = cache
         mask_key = "decoder_attention_mask" if encoder_decoder else "attention_mask"
         kwargs[mask_key] = pad_left(kwargs.get(mask_key), p, 1)
         shift_positions(kwargs, p, prepend=False)  # real tokens sit after the p prefix positions
         return kwargs
 
-    def input_module(self, model: nn.Module) -> nn.Module:
-        """The backbone when the head model cannot carry a cache to it (BERT's head in transformers 4)."""
-        return cache_entry(model)[0]
 
-    def write_prefix(self, cache, prefix: torch.Tensor, batch: int, dtype: torch.dtype) -> None:
-        """Put each layer's (key, value) prefix, (batch, heads, p, head_dim), into an empty cache."""
-        layers, heads, p = self.num_layers, self.num_attention_heads, self.num_virtual_tokens
-        kv = prefix.to(dtype).view(p, 2 * layers, heads, self.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, p, hd)
-        target = getattr(cache, "self_attention_cache", cache)
-        # PEFT's row layout: layer l reads rows (s·l, s·l + 1) mod 2L, s = 2 · num_transformer_submodules.
-        step = 2 * self.num_transformer_submodules
-        for layer in range(layers):
-            key, value = kv[(step * layer) % (2 * layers)], kv[(step * layer + 1) % (2 * layers)]
-            target.update(key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1), layer)
-
-
-def new_cache(model: nn.Module):
-    from transformers import DynamicCache, EncoderDecoderCache
-
-    if model.config.is_encoder_decoder:
-        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
-    return DynamicCache(config=model.config)
-
-
-def batch_size(kwargs: dict) -> int:
-    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "encoder_outputs"):
-        value = kwargs.get(key)
-        if value is not None:
-            return (value[0] if key == "encoder_outputs" else value).shape[0]
-    raise ValueError("prefix tuning needs input_ids or inputs_embeds in the forward call to size the prefix.")
+def write_prefix(config: PrefixTuningConfig, cache: DynamicCache | EncoderDecoderCache, prefix: torch.Tensor,
+                 batch: int, dtype: torch.dtype) -> None:
+    """Put each layer's (key, value) prefix, (batch, heads, p, head_dim), into an empty cache."""
+    assert config.num_layers and config.num_attention_heads and config.token_dim and config.num_transformer_submodules
+    layers, heads, p = config.num_layers, config.num_attention_heads, config.num_virtual_tokens
+    kv = prefix.to(dtype).view(p, 2 * layers, heads, config.token_dim // heads).permute(1, 2, 0, 3)  # (2L, H, p, hd)
+    target = getattr(cache, "self_attention_cache", cache)
+    # PEFT's row layout: layer l reads rows (s·l, s·l + 1) mod 2L, s = 2 · num_transformer_submodules.
+    step = 2 * config.num_transformer_submodules
+    for layer in range(layers):
+        key, value = kv[(step * layer) % (2 * layers)], kv[(step * layer + 1) % (2 * layers)]
+        target.update(key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1), layer)

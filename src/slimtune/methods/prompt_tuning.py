@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from slimtune.config import register_config
+from slimtune.config import MethodConfig, check_positive_int, check_probability
 from slimtune.methods.prompts import (
     PromptLearningConfig,
+    PromptLearningMethod,
     PromptModule,
-    _check_positive,
     is_decoding,
     pad_left,
     shift_positions,
@@ -62,12 +63,12 @@ def prepend_prompt(model: nn.Module, prompt: nn.Module, p: int, kwargs: dict, to
     return kwargs
 
 
-@dataclass
-class VirtualTokenConfig(PromptLearningConfig):
+class VirtualTokenMethod(PromptLearningMethod):
     """Shared forward rewrite of prompt tuning and P-tuning: ``[P; E(x)]`` on the (encoder) input."""
 
-    def rewrite_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
-        p = self.num_virtual_tokens
+    def rewrite_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
+                       kwargs: dict[str, Any]) -> dict[str, Any]:
+        p = config.num_virtual_tokens
         if model.config.is_encoder_decoder:  # the encoder hook prepends; the cross-attention mask must cover P
             mask, encoded = kwargs.get("attention_mask"), kwargs.get("encoder_outputs")
             source = encoded[0] if encoded is not None else _first(kwargs, "input_ids", "inputs_embeds")
@@ -79,14 +80,15 @@ class VirtualTokenConfig(PromptLearningConfig):
             kwargs["attention_mask"] = pad_left(kwargs.get("attention_mask"), p, 1)
             shift_positions(kwargs, p, prepend=False)
             return kwargs
-        return prepend_prompt(model, module, p, kwargs, token_labels=self.task_type != "SEQ_CLS")
+        return prepend_prompt(model, prompt, p, kwargs, token_labels=config.task_type != "SEQ_CLS")
 
-    def rewrite_encoder_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
+    def rewrite_encoder_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
+                               kwargs: dict[str, Any]) -> dict[str, Any]:
         """Encoder-decoder models: the encoder reads ``[P; E(x)]``."""
-        return prepend_prompt(model, module, self.num_virtual_tokens, kwargs)
+        return prepend_prompt(model, prompt, config.num_virtual_tokens, kwargs)
 
 
-def _first(kwargs: dict, *keys: str) -> torch.Tensor | None:
+def _first(kwargs: dict[str, Any], *keys: str) -> torch.Tensor | None:
     return next((kwargs[k] for k in keys if kwargs.get(k) is not None), None)
 
 
@@ -133,9 +135,8 @@ class PromptEncoder(PromptModule):
 
 
 # ---- configs --------------------------------------------------------------------------------------
-@register_config
 @dataclass
-class PromptTuningConfig(VirtualTokenConfig):
+class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning (Lester et al., 2021, arXiv:2104.08691) with PEFT's field names."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
@@ -154,30 +155,9 @@ class PromptTuningConfig(VirtualTokenConfig):
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text (the text) and "
                              "tokenizer_name_or_path (a local tokenizer folder or a hub id) to turn it into tokens.")
 
-    def build_module(self, model: nn.Module) -> nn.Module:
-        rows = self.num_virtual_tokens * self.num_transformer_submodules
-        module = PromptEmbedding(rows, self.token_dim)
-        if self.inference_mode or self.prompt_tuning_init == "RANDOM":
-            return module
-        words = model.get_input_embeddings()
-        if self.prompt_tuning_init == "SAMPLE_VOCAB":
-            ids = torch.randint(0, words.num_embeddings, (rows,))
-        else:
-            from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **(self.tokenizer_kwargs or {}))
-            text_ids = tokenizer(self.prompt_tuning_init_text)["input_ids"]
-            if not text_ids:
-                raise ValueError(f"prompt_tuning_init_text={self.prompt_tuning_init_text!r} gives no tokens.")
-            ids = torch.tensor((text_ids * math.ceil(rows / len(text_ids)))[:rows])
-        with torch.no_grad():
-            module.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
-        return module
-
-
-@register_config
 @dataclass
-class PromptEncoderConfig(VirtualTokenConfig):
+class PromptEncoderConfig(PromptLearningConfig):
     """P-tuning (Liu et al., 2021, arXiv:2103.10385) with PEFT's field names (PEFT's ``P_TUNING``)."""
 
     peft_type: ClassVar[str] = "P_TUNING"
@@ -192,17 +172,48 @@ class PromptEncoderConfig(VirtualTokenConfig):
         if self.encoder_reparameterization_type not in ENCODER_TYPES:
             raise ValueError(f"encoder_reparameterization_type={self.encoder_reparameterization_type!r} is not "
                              f"supported; use one of {ENCODER_TYPES}.")
-        _check_positive("encoder_hidden_size", self.encoder_hidden_size)
-        _check_positive("encoder_num_layers", self.encoder_num_layers, optional=False)
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout={self.encoder_dropout!r} must be in [0, 1).")
+        check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
+        check_positive_int("encoder_num_layers", self.encoder_num_layers)
+        check_probability("encoder_dropout", self.encoder_dropout)
 
-    def _fill_dims(self, model: nn.Module) -> None:
-        super()._fill_dims(model)
-        if self.encoder_hidden_size is None:
-            self.encoder_hidden_size = self.token_dim
 
-    def build_module(self, model: nn.Module) -> nn.Module:
-        return PromptEncoder(self.num_virtual_tokens * self.num_transformer_submodules, self.token_dim,
-                             self.encoder_hidden_size, self.encoder_reparameterization_type, self.encoder_num_layers,
-                             self.encoder_dropout, folded=self.inference_mode)
+class PromptTuningMethod(VirtualTokenMethod):
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    config_class: ClassVar[type[MethodConfig]] = PromptTuningConfig
+
+    def build_module(self, model: nn.Module, config: PromptLearningConfig) -> PromptModule:
+        assert isinstance(config, PromptTuningConfig) and config.token_dim and config.num_transformer_submodules
+        rows = config.num_virtual_tokens * config.num_transformer_submodules
+        module = PromptEmbedding(rows, config.token_dim)
+        if config.inference_mode or config.prompt_tuning_init == "RANDOM":
+            return module
+        words = model.get_input_embeddings()
+        if config.prompt_tuning_init == "SAMPLE_VOCAB":
+            ids = torch.randint(0, words.num_embeddings, (rows,))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+            text_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+            if not text_ids:
+                raise ValueError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens.")
+            ids = torch.tensor((text_ids * math.ceil(rows / len(text_ids)))[:rows])
+        with torch.no_grad():
+            module.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
+        return module
+
+
+class PTuningMethod(VirtualTokenMethod):
+    peft_type: ClassVar[str] = "P_TUNING"
+    config_class: ClassVar[type[MethodConfig]] = PromptEncoderConfig
+
+    def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        super().fill_dims(model, config)
+        assert isinstance(config, PromptEncoderConfig)
+        if config.encoder_hidden_size is None:
+            config.encoder_hidden_size = config.token_dim
+
+    def build_module(self, model: nn.Module, config: PromptLearningConfig) -> PromptModule:
+        assert isinstance(config, PromptEncoderConfig) and config.token_dim and config.num_transformer_submodules
+        assert config.encoder_hidden_size is not None
+        return PromptEncoder(config.num_virtual_tokens * config.num_transformer_submodules, config.token_dim,
+                             config.encoder_hidden_size, config.encoder_reparameterization_type,
+                             config.encoder_num_layers, config.encoder_dropout, folded=config.inference_mode)

@@ -2,45 +2,36 @@
 the model, and the forward pre-hooks that apply a prompt without a wrapper model.
 
 slimtune edits the model in place, so there is no wrapper model to prepend a prompt: a forward
-pre-hook on the model rewrites each call for the active prompt adapter (its config's
-``rewrite_inputs``), and for encoder-decoder models a hook on ``model.get_encoder()`` — which
-``generate`` calls directly — applies ``rewrite_encoder_inputs``. One prompt module per adapter lives
-in ``model.prompt_encoder`` (PEFT's name); on disk each adapter is PEFT's single ``prompt_embeddings``
-tensor. See :mod:`slimtune.methods.prompt_tuning` and :mod:`slimtune.methods.prefix`.
+pre-hook rewrites each call for the active prompt adapter (its method's ``rewrite_inputs``) on the
+module whose inputs the method changes (the model, or its backbone), and for encoder-decoder models a
+hook on ``model.get_encoder()`` — which ``generate`` calls directly — applies
+``rewrite_encoder_inputs``. One prompt module per adapter lives in ``model.prompt_encoder`` (PEFT's
+name); on disk each adapter is PEFT's single ``prompt_embeddings`` tensor. See
+:mod:`slimtune.methods.prompt_tuning` and :mod:`slimtune.methods.prefix`.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from slimtune.compat import get_cache
-from slimtune.config import MethodConfig, _check_str_list
+from slimtune.compat import forward_parameters, get_cache
+from slimtune.config import MethodConfig, check_positive_int, default_head
+from slimtune.core.state import AdapterState, find_state
+from slimtune.errors import NotMergeableError
+from slimtune.methods.contract import Method
 
 PROMPT_CONTAINER = "prompt_encoder"  # model attribute holding one prompt module per adapter (PEFT's name)
-_HOOKS = "_slimtune_prompt_hooks"
-
-
-def _check_positive(name: str, value: Any, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer" + (" or None (read from the model)."
-                                                                            if optional else "."))
 
 
 @dataclass
 class PromptLearningConfig(MethodConfig):
-    """Fields PEFT's prompt-learning methods share. Sizes left at None are read from the model at
-    injection and written into this config (as PEFT does), so the saved config is complete."""
-
-    # PEFT keys head copies of prompt-learning adapters as ``base_model.<path>`` (no ``.model``).
-    saved_modules_prefix: ClassVar[str] = "base_model."
+    """Fields PEFT's prompt-learning methods share. Sizes left at None are read from the model when the
+    adapter is added and written into this config (as PEFT does), so the saved config is complete."""
 
     num_virtual_tokens: int = 20
     token_dim: int | None = None
@@ -51,101 +42,11 @@ class PromptLearningConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \
-                or self.num_virtual_tokens <= 0:
-            raise ValueError(f"num_virtual_tokens={self.num_virtual_tokens!r} must be a positive integer "
-                             "(how many virtual tokens to learn, e.g. 20).")
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens,
+                           hint=" (how many virtual tokens to learn, e.g. 20)")
         for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
-            _check_positive(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name), optional=True)
         self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-
-    # ---- hooks the injector calls ---------------------------------------------------------------
-    def inject_into(self, model: nn.Module, adapter_name: str) -> None:
-        self.check_model(model)
-        module = self.build_module(model)
-        container = getattr(model, PROMPT_CONTAINER, None)
-        if container is None:
-            container = nn.ModuleDict()
-            setattr(model, PROMPT_CONTAINER, container)
-        container[adapter_name] = module.to(model.get_input_embeddings().weight.device)
-        _install_hooks(model, self)
-
-    def adapter_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": getattr(model, PROMPT_CONTAINER)[adapter_name].to_save()}
-
-    def remove_from(self, model: nn.Module, adapter_name: str | None) -> None:
-        container = getattr(model, PROMPT_CONTAINER, None)
-        if container is not None and adapter_name in container:
-            del container[adapter_name]
-        if container is not None and (adapter_name is None or not len(container)):
-            delattr(model, PROMPT_CONTAINER)
-        if not hasattr(model, PROMPT_CONTAINER):
-            for handle in model.__dict__.pop(_HOOKS, {}).values():
-                handle.remove()
-
-    def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
-        container = getattr(model, PROMPT_CONTAINER)
-        prompts = [a for a in adapter_names if a in container]
-        if len(prompts) > 1:
-            raise ValueError(f"only one prompt-learning adapter can be active at a time, got {prompts}; "
-                             "activate one of them (virtual tokens of several prompts do not compose).")
-        for name, module in container.items():
-            module.requires_grad_(name in prompts)
-
-    def set_disabled(self, model: nn.Module, disabled: bool) -> None:
-        """Inside ``disable_adapters`` the forward hooks leave every call as it is."""
-        model.__dict__["_slimtune_prompts_disabled"] = disabled
-
-    def merge(self, model: nn.Module, adapter_names: list[str]) -> None:
-        from slimtune.methods.base import NotMergeableError
-
-        container = getattr(model, PROMPT_CONTAINER, {})
-        merged = [a for a in adapter_names if a in container and model.slimtune_state.configs[a] is self]
-        if merged:
-            raise NotMergeableError(f"{self.peft_type} adapter(s) {merged} add virtual tokens and cannot be merged "
-                                    "into the weights; keep the adapter on the model (or save it) instead.")
-
-    # ---- per-method parts -----------------------------------------------------------------------
-    def build_module(self, model: nn.Module) -> nn.Module:
-        """The prompt module of this method (each method defines it)."""
-        raise NotImplementedError
-
-    def input_module(self, model: nn.Module) -> nn.Module:
-        """The module whose forward calls :meth:`rewrite_inputs` rewrites (the model itself by default)."""
-        return model
-
-    def rewrite_inputs(self, model: nn.Module, module: nn.Module, kwargs: dict) -> dict:
-        """The forward call's keyword arguments with this method's prompt applied (each method defines it)."""
-        raise NotImplementedError
-
-    def check_model(self, model: nn.Module) -> None:
-        """Raise if this method cannot run on ``model`` (called before the model is changed); read the
-        sizes left at None from the model."""
-        if not callable(getattr(model, "get_input_embeddings", None)) or getattr(model, "config", None) is None:
-            raise TypeError(f"{self.peft_type} needs a transformers model (with .config and get_input_embeddings()); "
-                            f"got {type(model).__name__}.")
-        if "inputs_embeds" not in _forward_params(model) and not model.config.is_encoder_decoder:
-            raise TypeError(f"{type(model).__name__}.forward takes no inputs_embeds, so virtual tokens cannot be "
-                            "prepended; use LoRA or (IA)³ on this model.")
-        self._fill_dims(model)
-
-    def _fill_dims(self, model: nn.Module) -> None:
-        dims = model_dims(model)
-        for name in ("num_layers", "token_dim", "num_attention_heads"):
-            if getattr(self, name) is None:
-                if dims[name] is None:
-                    raise ValueError(f"cannot read {name} from {type(model.config).__name__}; set {name} in the config.")
-                setattr(self, name, dims[name])
-        if self.num_transformer_submodules is None:
-            self.num_transformer_submodules = 2 if self.task_type == "SEQ_2_SEQ_LM" else 1
-
-
-def default_head(task_type: str | None, modules_to_save: list[str] | None) -> list[str] | None:
-    """PEFT trains a copy of the classification head for SEQ_CLS unless told otherwise (``[]`` = no head)."""
-    modules_to_save = _check_str_list("modules_to_save", modules_to_save, allow_str=False)
-    if task_type == "SEQ_CLS" and modules_to_save is None:
-        return ["classifier", "score"]
-    return modules_to_save
 
 
 def model_dims(model: nn.Module) -> dict[str, int | None]:
@@ -164,54 +65,137 @@ def model_dims(model: nn.Module) -> dict[str, int | None]:
     }
 
 
-# ---- the forward pre-hooks ------------------------------------------------------------------------
-def _forward_params(module: nn.Module) -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(module.forward).parameters)
+class PromptLearningMethod(Method):
+    """Shared steps of the prompt-learning methods; each says how to build its prompt module and how it
+    rewrites a forward call (:meth:`build_module`, :meth:`rewrite_inputs`)."""
+
+    # PEFT keys head copies of prompt-learning adapters as ``base_model.<path>`` (no ``.model``).
+    saved_modules_prefix: ClassVar[str] = "base_model."
+
+    # ---- what each prompt method defines --------------------------------------------------------------
+    def build_module(self, model: nn.Module, config: PromptLearningConfig) -> PromptModule:
+        raise NotImplementedError
+
+    def rewrite_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
+                       kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward call's keyword arguments with the prompt applied."""
+        raise NotImplementedError
+
+    def rewrite_encoder_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
+                               kwargs: dict[str, Any]) -> dict[str, Any]:
+        """For encoder-decoder models: the encoder's call (unchanged unless the method prompts the encoder)."""
+        return kwargs
+
+    def input_module(self, model: nn.Module) -> nn.Module:
+        """The module whose forward calls :meth:`rewrite_inputs` rewrites (the model itself by default)."""
+        return model
+
+    # ---- the contract ---------------------------------------------------------------------------------
+    def check(self, model: nn.Module, config: MethodConfig) -> None:
+        """Raise if this method cannot run on ``model``; read the sizes left at None from the model."""
+        assert isinstance(config, PromptLearningConfig)
+        if not callable(getattr(model, "get_input_embeddings", None)) or getattr(model, "config", None) is None:
+            raise TypeError(f"{config.peft_type} needs a transformers model (with .config and "
+                            f"get_input_embeddings()); got {type(model).__name__}.")
+        if "inputs_embeds" not in forward_parameters(model) and not model.config.is_encoder_decoder:
+            raise TypeError(f"{type(model).__name__}.forward takes no inputs_embeds, so virtual tokens cannot be "
+                            "prepended; use LoRA or (IA)³ on this model.")
+        self.fill_dims(model, config)
+
+    def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        dims = model_dims(model)
+        for name in ("num_layers", "token_dim", "num_attention_heads"):
+            if getattr(config, name) is None:
+                if dims[name] is None:
+                    raise ValueError(f"cannot read {name} from {type(model.config).__name__}; set {name} in the "
+                                     "config.")
+                setattr(config, name, dims[name])
+        if config.num_transformer_submodules is None:
+            config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        assert isinstance(config, PromptLearningConfig)
+        module = self.build_module(model, config)
+        container = getattr(model, PROMPT_CONTAINER, None)
+        if container is None:
+            container = nn.ModuleDict()
+            setattr(model, PROMPT_CONTAINER, container)
+        container[adapter_name] = module.to(model.get_input_embeddings().weight.device)
+        self._install_hooks(model, state)
+
+    def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
+        container = getattr(model, PROMPT_CONTAINER, None)
+        if container is not None and adapter_name in container:
+            del container[adapter_name]
+        if container is not None and not len(container):
+            delattr(model, PROMPT_CONTAINER)
+        if not state.adapters_of(self.peft_type):  # this method's last adapter is gone: so are its hooks
+            for handle in state.shared.pop(self.peft_type, {}).values():
+                handle.remove()
+
+    def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        container = getattr(model, PROMPT_CONTAINER)
+        prompts = [a for a in adapter_names if a in container]
+        if len(prompts) > 1:
+            raise ValueError(f"only one prompt-learning adapter can be active at a time, got {prompts}; "
+                             "activate one of them (virtual tokens of several prompts do not compose).")
+        for name, module in container.items():
+            if state.configs[name].peft_type == self.peft_type:
+                module.requires_grad_(name in prompts)
+
+    def merge(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        raise NotMergeableError(f"{self.peft_type} adapter(s) {adapter_names} add virtual tokens and cannot be "
+                                "merged into the weights; keep the adapter on the model (or save it) instead.")
+
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": getattr(model, PROMPT_CONTAINER)[adapter_name].to_save()}
+
+    # ---- the forward pre-hooks ------------------------------------------------------------------------
+    def _install_hooks(self, model: nn.Module, state: AdapterState) -> None:
+        """Hooks on the module whose inputs this method rewrites and, for encoder-decoder models, the encoder;
+        kept in the state under this method's peft_type."""
+        handles = state.shared.setdefault(self.peft_type, {})
+        targets = [(self.input_module(model), "inputs")]
+        if model.config.is_encoder_decoder:
+            targets.append((model.get_encoder(), "encoder"))
+        for module, role in targets:
+            if role not in handles:
+                hook = functools.partial(self._rewrite_call, model, role)
+                handles[role] = module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def _rewrite_call(self, model: nn.Module, role: str, module: nn.Module, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> tuple[tuple[()], dict[str, Any]] | None:
+        active = active_prompt(model)
+        if active is None or active[1].peft_type != self.peft_type:
+            return None
+        _, config, prompt = active
+        call = as_kwargs(module, args, kwargs)
+        if role == "encoder":
+            return (), self.rewrite_encoder_inputs(model, config, prompt, call)
+        return (), self.rewrite_inputs(model, config, prompt, call)
 
 
-def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+def as_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional arguments of ``module.forward`` turned into keyword arguments."""
     if not args:
         return dict(kwargs)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [n for n, p in _forward_params(module).items() if p.kind in kinds]
+    kinds = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD")
+    names = [n for n, p in forward_parameters(module).items() if p.kind.name in kinds]
     return {**dict(zip(names, args)), **kwargs}
 
 
-def active_prompt(model: nn.Module) -> tuple[str, PromptLearningConfig, nn.Module] | None:
-    state = model.__dict__.get("slimtune_state")
+def active_prompt(model: nn.Module) -> tuple[str, PromptLearningConfig, PromptModule] | None:
+    """The active prompt adapter (name, config, module), or None when none is active or adapters are off."""
+    state = find_state(model)
     container = getattr(model, PROMPT_CONTAINER, None)
-    if state is None or container is None or getattr(model, "_slimtune_prompts_disabled", False):
+    if state is None or container is None or state.disabled:
         return None
     name = next((a for a in state.active if a in container), None)
-    return None if name is None else (name, state.configs[name], container[name])
-
-
-def _install_hooks(model: nn.Module, config: PromptLearningConfig) -> None:
-    """Forward pre-hooks that let the active prompt adapter rewrite calls: on the module whose inputs
-    ``config`` rewrites (the model, or its backbone) and, for encoder-decoder models, on the encoder."""
-    handles = model.__dict__.setdefault(_HOOKS, {})
-    targets = [(config.input_module(model), "inputs")]
-    if model.config.is_encoder_decoder:
-        targets.append((model.get_encoder(), "encoder"))
-    for module, role in targets:
-        if id(module) not in handles:
-            hook = functools.partial(_rewrite_call, model, role)
-            handles[id(module)] = module.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def _rewrite_call(model: nn.Module, role: str, module: nn.Module, args: tuple, kwargs: dict):
-    active = active_prompt(model)
-    if active is None:
+    if name is None:
         return None
-    _, config, prompt = active
-    if role == "encoder":
-        if not hasattr(config, "rewrite_encoder_inputs"):
-            return None
-        return (), config.rewrite_encoder_inputs(model, prompt, _as_kwargs(module, args, kwargs))
-    if config.input_module(model) is not module:
-        return None
-    return (), config.rewrite_inputs(model, prompt, _as_kwargs(module, args, kwargs))
+    config = state.configs[name]
+    assert isinstance(config, PromptLearningConfig)
+    return name, config, container[name]
 
 
 def is_decoding(kwargs: dict) -> bool:
@@ -225,7 +209,8 @@ def pad_left(tensor: torch.Tensor | None, p: int, value: int | float) -> torch.T
     if tensor is None:
         return None
     if tensor.dim() != 2:
-        raise ValueError(f"prompt-learning adapters need 2-D (batch, seq) masks and ids, got shape {tuple(tensor.shape)}; "
+        raise ValueError(f"prompt-learning adapters need 2-D (batch, seq) masks and ids, got shape "
+                         f"{tuple(tensor.shape)}; "
                          "a static or compiled cache builds 4-D masks, use the default dynamic cache.")
     pad = torch.full((tensor.shape[0], p), value, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([pad, tensor], dim=1)

@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import MethodConfig, _check_str_list, register_config
-from slimtune.methods import register_method
-from slimtune.methods.base import TunerLayer
-from slimtune.methods.lora import is_transposed, linear_dims
-from slimtune.targets import LINEAR_TYPES
+from slimtune.config import MethodConfig, check_probability, layer_list, str_list
+from slimtune.core.modules import is_conv1d, linear_dims
+from slimtune.core.state import AdapterState
+from slimtune.methods.contract import LayerMethod, tuner_layers
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.targets import is_adaptable_linear
 
 HOLDER = "slimtune_vera"  # the model attribute holding every VeRA adapter's shared projections
 VERA_BIAS_MODES = ("none", "all", "vera_only")
 
 
-@register_config
 @dataclass
 class VeraConfig(MethodConfig):
     """VeRA with PEFT's field names: ``h = W x + b + λ_b ⊙ B (λ_d ⊙ A dropout(x))``.
@@ -56,58 +56,16 @@ class VeraConfig(MethodConfig):
             raise ValueError(f"r={self.r!r} must be a positive integer (VeRA's shared rank, e.g. 256).")
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ValueError(f"projection_prng_key={self.projection_prng_key!r} must be an integer seed.")
-        if not 0.0 <= self.vera_dropout < 1.0:
-            raise ValueError(f"vera_dropout={self.vera_dropout!r} must be in [0, 1).")
+        check_probability("vera_dropout", self.vera_dropout)
         if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
             raise ValueError(f"d_initial={self.d_initial!r} must be a number (the initial λ_d, e.g. 0.1).")
         if self.bias not in VERA_BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a VeRA bias mode; use one of {VERA_BIAS_MODES}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (which layer indices).")
-        self.target_modules = _check_str_list("target_modules", self.target_modules)
-        self.modules_to_save = _check_str_list("modules_to_save", self.modules_to_save, allow_str=False)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-
-    # ---- injector hooks -------------------------------------------------------------------------
-    def set_active(self, model: nn.Module, adapter_names: list[str]) -> None:
-        """Runs after every injection and activation: make sure this config's adapters have their
-        shared projections, created from the seed on first use, and that their layers see them."""
-        holder = _holder(model)
-        for name in _own_adapters(model, self):
-            layers = [m for m in model.modules() if isinstance(m, VeraLinear) and name in m.adapter_names]
-            if name not in holder:
-                max_out = max(m.out_features for m in layers)
-                max_in = max(m.in_features for m in layers)
-                holder[name] = VeraProjection(self.r, max_in, max_out, self.projection_prng_key,
-                                              device=layers[0].vera_lambda_b[name].device)
-            for layer in layers:
-                layer.vera_projection[name] = holder[name]
-
-    def adapter_tensors(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        if not self.save_projection:
-            return {}
-        projection = _holder(model)[adapter_name]
-        return {"base_model.vera_A": projection.vera_A, "base_model.vera_B": projection.vera_B}
-
-    def remove_from(self, model: nn.Module, adapter_name: str | None) -> None:
-        holder = model._modules.get(HOLDER)
-        if holder is not None and adapter_name in holder:
-            del holder[adapter_name]
-        if holder is not None and (adapter_name is None or not len(holder)):
-            delattr(model, HOLDER)
-
-
-def _holder(model: nn.Module) -> nn.ModuleDict:
-    if HOLDER not in model._modules:
-        model.add_module(HOLDER, nn.ModuleDict())
-    return model._modules[HOLDER]
-
-
-def _own_adapters(model: nn.Module, config: VeraConfig) -> list[str]:
-    from slimtune.inject import get_state  # the injector imports the method registry: import late
-
-    return [name for name, c in get_state(model).configs.items() if c is config]
+        self.target_modules = str_list("target_modules", self.target_modules)
+        self.modules_to_save = str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        self.layers_to_transform = layer_list(self.layers_to_transform)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -142,14 +100,14 @@ class VeraLinear(TunerLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features = linear_dims(base_layer)
-        self.fan_in_fan_out = is_transposed(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
-        self.vera_projection: dict[str, VeraProjection] = {}  # set by VeraConfig.set_active; not submodules
+        self.vera_projection: dict[str, VeraProjection] = {}  # set by VeraMethod.add; not submodules
 
     def add_adapter(self, adapter_name: str, config: VeraConfig, module_name: str) -> None:
-        device = next((t.device for t in self.base_layer.parameters()), torch.device("cpu"))
+        device = self.adapter_device()
         if config.init_weights:
             b, d = torch.zeros(self.out_features), torch.full((config.r,), float(config.d_initial))
         else:  # PEFT's non-default init, for tests of a non-trivial adapter
@@ -164,16 +122,19 @@ class VeraLinear(TunerLayer):
         projection = self.vera_projection.get(adapter_name)
         if projection is None:
             raise RuntimeError(f"VeRA adapter {adapter_name!r} has no shared projections; add VeRA adapters with "
-                               "slimtune.inject(model, VeraConfig(...)) so they are created.")
+                               "slimtune.add_adapter(model, VeraConfig(...)) so they are created.")
         return projection.vera_A[:, : self.in_features], projection.vera_B[: self.out_features]
 
-    def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.vera_factors(adapter_name)
+
+    def vera_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(λ_d ⊙ A, λ_b ⊙ B)``: the adapter as a LoRA pair with ``ΔW = B' A'``."""
         A, B = self.projections(adapter_name)
         return self.vera_lambda_d[adapter_name][:, None] * A, self.vera_lambda_b[adapter_name][:, None] * B
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.low_rank_factors(adapter_name)
+        A, B = self.vera_factors(adapter_name)
         delta = B @ A  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
@@ -190,11 +151,51 @@ class VeraLinear(TunerLayer):
         return f"in={self.in_features}, out={self.out_features}, adapters={self.adapter_names}"
 
 
-def make_vera_layer(base: nn.Module, config: VeraConfig) -> VeraLinear:
-    if not isinstance(base, LINEAR_TYPES):
-        raise TypeError(f"VeRA wraps linear layers only, not a {type(base).__name__}; pick linear target_modules "
-                        "(e.g. ['q_proj', 'v_proj']).")
-    return VeraLinear(base)
+class VeraMethod(LayerMethod):
+    """VeRA adapters share one frozen random pair per adapter, held in ``model.slimtune_vera`` (a submodule, so
+    it follows the model's device) and referenced by each layer."""
+
+    peft_type: ClassVar[str] = "VERA"
+    config_class: ClassVar[type[MethodConfig]] = VeraConfig
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (VeraLinear,)
+
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        if not is_adaptable_linear(base):
+            raise TypeError(f"VeRA wraps linear layers only, not a {type(base).__name__}; pick linear "
+                            "target_modules (e.g. ['q_proj', 'v_proj']).")
+        return VeraLinear(base)
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        """Wrap the targets, then draw the shared pair from the seed, sized for the largest layer."""
+        assert isinstance(config, VeraConfig)
+        super().add(model, config, adapter_name, state)
+        layers = [m for _, m in tuner_layers(model) if isinstance(m, VeraLinear) and adapter_name in m.adapter_names]
+        holder = _holder(model)
+        holder[adapter_name] = VeraProjection(config.r, max(m.in_features for m in layers),
+                                              max(m.out_features for m in layers), config.projection_prng_key,
+                                              device=layers[0].vera_lambda_b[adapter_name].device)
+        for layer in layers:
+            layer.vera_projection[adapter_name] = holder[adapter_name]
+
+    def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
+        holder = model._modules.get(HOLDER)
+        if holder is not None and adapter_name in holder:
+            del holder[adapter_name]
+        if holder is not None and not len(holder):
+            delattr(model, HOLDER)
+
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
+        config = state.configs[adapter_name]
+        assert isinstance(config, VeraConfig)
+        if not config.save_projection:
+            return {}
+        projection = _holder(model)[adapter_name]
+        return {"base_model.vera_A": projection.vera_A, "base_model.vera_B": projection.vera_B}
 
 
-register_method("VERA", make_vera_layer, (VeraLinear,))
+def _holder(model: nn.Module) -> nn.ModuleDict:
+    if HOLDER not in model._modules:
+        model.add_module(HOLDER, nn.ModuleDict())
+    holder = model._modules[HOLDER]
+    assert isinstance(holder, nn.ModuleDict)
+    return holder

@@ -10,7 +10,6 @@ from slimtune.quant.codebooks import codebook, dynamic_map
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.int8 import dequantize_int8_rowwise, quantize_int8_rowwise
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear
-from slimtune.quant.loading import init_empty_weights, load_in_4bit, load_quantized, load_quantized_from_state_dict
 from slimtune.quant.model import (
     QuantSummary,
     dequantize_model,
@@ -19,13 +18,14 @@ from slimtune.quant.model import (
     requantization_error,
 )
 from slimtune.quant.nf4 import (
+    dequantize_4bit,
     double_dequantize,
     double_quantize,
-    dequantize_4bit,
     pack_4bit,
     quantize_4bit,
     unpack_4bit,
 )
+from slimtune.quant.streaming import init_empty_weights, load_in_4bit, load_quantized, load_quantized_from_state_dict
 
 __all__ = [
     "QuantConfig",

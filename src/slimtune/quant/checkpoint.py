@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from slimtune.quant.loading import ModelSource, load_quantized
+from slimtune.core.files import atomic_file
 from slimtune.quant.model import quant_summary
+from slimtune.quant.streaming import ModelSource, load_quantized
 
 __all__ = ["save_quantized", "load_quantized_checkpoint", "CHECKPOINT_NAME"]
 
@@ -43,8 +44,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
 
     ``path`` is a ``.safetensors`` file or a folder (then ``model.safetensors`` inside). Returns the file.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
@@ -56,14 +55,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
     tensors = _dedupe_shared(model.state_dict())
     meta = {"format": "pt", "slimtune_quant": json.dumps({"layers": summary.layers, "params": summary.params})}
     meta.update(metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -50,7 +50,7 @@ def check_quant_type(quant_type: str) -> str:
     return quant_type
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codebook_cpu(quant_type: str) -> torch.Tensor:
     check_quant_type(quant_type)
     if quant_type == "nf4":
@@ -70,7 +70,7 @@ def codebook(quant_type: str, device: torch.device | str | None = None) -> torch
 GRID_BINS = 1 << 14
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rounding_table_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     code = _codebook_cpu(quant_type)
     # A stable sort keeps +0 (index 0) before -0 (index 8) for FP4, the order bitsandbytes gets.
@@ -107,7 +107,7 @@ def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack((code[b >> 4], code[b & 15]), dim=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     max_exponent_bits, total_bits = 7, 8
     non_sign_bits = total_bits - 1

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from slimtune.core.dtypes import default_compute_dtype, dtype_name, parse_dtype
 from slimtune.quant.codebooks import QUANT_TYPES
 from slimtune.quant.nf4 import BLOCKSIZES
-from slimtune.quant.state import dtype_name, parse_dtype
 
 __all__ = ["QuantConfig", "DEFAULT_SKIP_MODULES"]
 
@@ -66,8 +66,9 @@ class QuantConfig:
 
     def resolved_compute_dtype(self, device: torch.device | str | None) -> torch.dtype:
         if self.compute_dtype is not None:
+            assert isinstance(self.compute_dtype, torch.dtype)
             return self.compute_dtype
-        return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+        return default_compute_dtype(device)
 
     def skips(self, name: str) -> bool:
         """Whether the module called ``name`` stays in full precision."""
@@ -80,7 +81,7 @@ class QuantConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         unknown = set(d) - {"bits", "quant_type", "double_quant", "blocksize", "compute_dtype", "skip_modules"}
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; allowed: bits, quant_type, "

@@ -16,30 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.core.dtypes import default_compute_dtype, dtype_name
+from slimtune.core.modules import dense_weight, is_dense_linear
 from slimtune.quant import int8, nf4
 from slimtune.quant.codebooks import check_quant_type, codebook, dynamic_map
 from slimtune.quant.state import (
-    dtype_name,
     read_4bit_state,
     read_8bit_state,
     write_4bit_state,
     write_8bit_state,
 )
 
-__all__ = ["QuantizedLinear", "Linear4bit", "Linear8bit", "default_compute_dtype"]
-
-
-def default_compute_dtype(device: torch.device | str | None) -> torch.dtype:
-    """bf16 on CUDA (QLoRA's choice), fp32 elsewhere: CPUs without native bf16 run bf16 matmuls
-    tens of times slower than fp32."""
-    return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+__all__ = ["QuantizedLinear", "Linear4bit", "Linear8bit", "linear_weight"]
 
 
 class _DequantLinear(torch.autograd.Function):
     """``x Wᵀ`` with ``W = layer.dequantize()`` computed in forward and recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer  # the packed state only; the dequantized weight is freed on return
         return F.linear(x, layer.dequantize(x.dtype))
 
@@ -127,7 +122,7 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a {type(self).__name__} "
                              f"({self.out_features}, {self.in_features})")
 
-    def _copy_bias(self, linear: nn.Module) -> "QuantizedLinear":
+    def _copy_bias(self, linear: nn.Module) -> QuantizedLinear:
         """Take a frozen copy of ``linear``'s bias (the original module stays untouched)."""
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -140,15 +135,13 @@ class QuantizedLinear(nn.Module):
                              "weights, or call dequantize_model() first")
 
 
-def _linear_weight(linear: nn.Module) -> torch.Tensor:
+def linear_weight(linear: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or of transformers' GPT-2 ``Conv1D`` (stored (in, out))."""
     QuantizedLinear._check_not_quantized(linear)
-    if isinstance(linear, nn.Linear):
-        return linear.weight
-    if type(linear).__name__ == "Conv1D" and hasattr(linear, "nf"):
-        return linear.weight.t()
-    raise ValueError(f"cannot quantize a {type(linear).__name__}: only nn.Linear and transformers' Conv1D "
-                     "are supported")
+    if not is_dense_linear(linear):
+        raise ValueError(f"cannot quantize a {type(linear).__name__}: only nn.Linear and transformers' Conv1D "
+                         "are supported")
+    return dense_weight(linear)
 
 
 class Linear4bit(QuantizedLinear):
@@ -193,15 +186,15 @@ class Linear4bit(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                    blocksize: int = 64, compute_dtype: torch.dtype | None = None) -> "Linear4bit":
+                    blocksize: int = 64, compute_dtype: torch.dtype | None = None) -> Linear4bit:
         """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``); the original module is left untouched."""
-        w = _linear_weight(linear)  # (out, in)
+        w = linear_weight(linear)  # (out, in)
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None, quant_type, blocksize, double_quant,
                     compute_dtype or default_compute_dtype(w.device), w.dtype, device="meta")
         return layer.quantize_(w)._copy_bias(linear)
 
     @torch.no_grad()
-    def quantize_(self, w: torch.Tensor) -> "Linear4bit":
+    def quantize_(self, w: torch.Tensor) -> Linear4bit:
         """Fill this layer from the full-precision weight ``w`` (out, in), on ``w``'s device."""
         self._check_weight_shape(w)
         self.dtype = w.dtype
@@ -274,14 +267,14 @@ class Linear8bit(QuantizedLinear):
         self._init_bias(bias, device, dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None) -> "Linear8bit":
-        w = _linear_weight(linear)
+    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None) -> Linear8bit:
+        w = linear_weight(linear)
         layer = cls(w.shape[1], w.shape[0], linear.bias is not None,
                     compute_dtype or default_compute_dtype(w.device), w.dtype, device="meta")
         return layer.quantize_(w)._copy_bias(linear)
 
     @torch.no_grad()
-    def quantize_(self, w: torch.Tensor) -> "Linear8bit":
+    def quantize_(self, w: torch.Tensor) -> Linear8bit:
         self._check_weight_shape(w)
         self.dtype = w.dtype
         self.weight, self.SCB = int8.quantize_int8_rowwise(w)

@@ -7,36 +7,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimtune.core.modules import is_dense_linear, output_embedding_name, replace_module
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
-from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, _linear_weight
+from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
 
 __all__ = ["QuantSummary", "quantize", "quant_summary", "dequantize_model", "requantization_error",
-           "is_linear", "skipped_linear_names", "make_quantized_layer", "set_submodule"]
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or transformers' GPT-2 ``Conv1D`` (weight stored (in, out))."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-
-
-def _output_embedding_name(model: nn.Module) -> str | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
+           "skipped_linear_names", "make_quantized_layer"]
 
 
 def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """Linear layers that ``config`` keeps in full precision (skip_modules and the output head)."""
-    head = _output_embedding_name(model)
-    return [n for n, m in model.named_modules() if is_linear(m) and (config.skips(n) or n == head)]
+    head = output_embedding_name(model)
+    return [n for n, m in model.named_modules() if is_dense_linear(m) and (config.skips(n) or n == head)]
 
 
 def make_quantized_layer(in_features: int, out_features: int, bias: bool, config: QuantConfig,
@@ -81,7 +64,7 @@ def quant_summary(model: nn.Module) -> QuantSummary:
             s.params += n
             s.bytes_before += n * m.dtype.itemsize
             s.bytes_after += m.storage_bytes()
-        elif is_linear(m):
+        elif is_dense_linear(m):
             s.unquantized.append(name)
     return s
 
@@ -100,15 +83,15 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         raise ValueError(f"the model is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
                          "quantize the full-precision model, or call dequantize_model() first")
     skipped = set(skipped_linear_names(model, config))
-    names = [n for n, m in model.named_modules() if is_linear(m) and n not in skipped]
+    names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
     for name in names:  # names only: holding the modules would keep every fp32 weight alive
         linear = model.get_submodule(name)
-        w = _linear_weight(linear)
+        w = linear_weight(linear)
         layer = make_quantized_layer(w.shape[1], w.shape[0], linear.bias is not None, config, w.device, w.dtype)
         layer.quantize_(w)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        set_submodule(model, name, layer)
+        replace_module(model, name, layer)
         del linear, w, layer
     return model
 
@@ -128,7 +111,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         linear.weight = nn.Parameter(w, requires_grad=False)
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=False)
-        set_submodule(model, name, linear)
+        replace_module(model, name, linear)
     return model
 
 

@@ -22,7 +22,7 @@ temporary memory and keeps the cheap element-wise passes in cache.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

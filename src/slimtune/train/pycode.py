@@ -28,9 +28,10 @@ import logging
 import os
 import sys
 import sysconfig
-import tempfile
 import tokenize
 from pathlib import Path
+
+from slimtune.core.files import atomic_file, cache_root
 
 VALIDATION_FRACTION = 0.05
 MIN_SUMMARY_WORDS = 4
@@ -215,8 +216,6 @@ def _own_source_digest() -> str:
 
 def _cache_file(root: Path, files: list[tuple[str, Path]]) -> Path:
     """Cache file whose name hashes everything the result depends on (so stale files are never read)."""
-    from slimtune.train.models import cache_root  # lazy: models pulls in nothing heavy at import
-
     stats = [(name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in files]
     key = json.dumps([sys.version, str(root), stats, _own_source_digest()])
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
@@ -227,7 +226,7 @@ def pycode_examples(stdlib_root: str | os.PathLike | None = None, cache: bool = 
     """Every pycode example (both splits), sorted by id, as ``{"prompt", "response", "id"}`` dicts.
 
     With ``cache=True`` the result is stored as JSON under ``<cache root>/datasets/`` (see
-    :func:`slimtune.train.models.cache_root`), keyed by the interpreter version and the size and
+    :func:`slimtune.core.files.cache_root`), keyed by the interpreter version and the size and
     mtime of every source file: parsing the stdlib takes several seconds on a small CPU, reading
     the cache a fraction of one. The file is written atomically (temp file, then rename).
     """
@@ -244,17 +243,10 @@ def pycode_examples(stdlib_root: str | os.PathLike | None = None, cache: bool = 
     examples = _scan(files)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps([[e["id"], e["prompt"], e["response"]] for e in examples]), encoding="utf-8")
     except OSError as error:  # e.g. a read-only home: the data is still good, just not cached
         logger.warning("Could not cache the pycode dataset in %s (%s); it will be rebuilt next time.", path, error)
-        return examples
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump([[e["id"], e["prompt"], e["response"]] for e in examples], fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return examples
 
 

@@ -27,7 +27,9 @@ from typing import Any, Literal
 import yaml
 
 from slimtune.config import MethodConfig
-from slimtune.train.quantize import QUANT_SECTION_CLASS, quant_dict
+from slimtune.methods import config_classes
+from slimtune.optim import OPTIMIZER_ALIASES, OPTIMIZER_NAMES
+from slimtune.quant import QuantConfig
 from slimtune.train.schema import RecipeError, build, unknown_key_error
 
 # Shipped recipes live inside the package (so a wheel carries them); the repository's top-level
@@ -105,11 +107,14 @@ class TrainingSection:
     save_every: int = 0  # steps between checkpoints (0: at the end and on Ctrl-C only)
     keep_checkpoints: int = 2
     log_every: int = 1  # steps between metrics.jsonl rows
+    # Optimizer groups (slimtune.optim): LoRA+ trains B at ratio × the learning rate (null: off) …
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
+    # … and layer-wise decay multiplies the learning rate by this per block downwards (null: off).
+    layerwise_lr_decay: float | None = None
 
     def __post_init__(self) -> None:
-        from slimtune import optimizers
-
-        known = list(optimizers.OPTIMIZER_NAMES) + sorted(getattr(optimizers, "_ALIASES", {}))
+        known = list(OPTIMIZER_NAMES) + sorted(OPTIMIZER_ALIASES)
         if self.optim.lower() not in known:
             raise ValueError(f"optim={self.optim!r} is not an optimizer; use one of {known}.")
         positive = ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every", "keep_checkpoints")
@@ -135,6 +140,15 @@ class TrainingSection:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive, or null for no clipping.")
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
+            raise ValueError(f"loraplus_lr_ratio={self.loraplus_lr_ratio} must be ≥ 1 (lr_B / lr_A; the paper "
+                             "suggests 16), or null for off.")
+        if self.layerwise_lr_decay is not None and not 0 < self.layerwise_lr_decay <= 1:
+            raise ValueError(f"layerwise_lr_decay={self.layerwise_lr_decay} must be in (0, 1] (0.8 is common), "
+                             "or null for off.")
+        if self.loraplus_lr_ratio is not None and self.layerwise_lr_decay is not None:
+            raise ValueError("loraplus_lr_ratio and layerwise_lr_decay both set: each defines the optimizer's "
+                             "parameter groups; use one of them.")
 
 
 @dataclass
@@ -175,7 +189,7 @@ class Recipe:
 
     method: MethodConfig
     model: ModelSection = field(default_factory=ModelSection)
-    quantization: Any | None = None  # a slimtune.quant.QuantConfig, or None for a full-precision base
+    quantization: QuantConfig | None = None  # None: a full-precision base
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -195,7 +209,7 @@ class Recipe:
             if key == "method":
                 value = _method_dict(value)
             elif key == "quantization":
-                value = quant_dict(value)
+                value = None if value is None else value.to_dict()
             elif value is not None:
                 value = dataclasses.asdict(value)
             out[key] = value
@@ -210,21 +224,10 @@ def _method_dict(config: MethodConfig) -> dict[str, Any]:
     return {"peft_type": data.pop("peft_type"), **data}
 
 
-def method_classes() -> dict[str, type[MethodConfig]]:
-    """Every registered method config class by ``peft_type``.
-
-    Importing :mod:`slimtune` imports every method module, which registers its config.
-    """
-    import slimtune  # noqa: F401  (registration happens on import)
-    from slimtune.config import registered_configs
-
-    return registered_configs()
-
-
 def _build_method(data: Any, task_default: str) -> MethodConfig:
     if not isinstance(data, dict):
         raise RecipeError("method: missing or not a mapping; give at least `method: {peft_type: LORA}`.")
-    classes = method_classes()
+    classes = config_classes()
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise RecipeError(f"method.peft_type: missing; use one of {sorted(classes)}.")
@@ -248,7 +251,7 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         raise RecipeError(f"description: expected a string, got {type(description).__name__}.")
     sections = {key: build(cls, data.get(key), key) for key, cls in SECTIONS.items()}
     quant = data.get("quantization")
-    quantization = build(QUANT_SECTION_CLASS, quant, "quantization") if quant is not None else None
+    quantization = build(QuantConfig, quant, "quantization") if quant is not None else None
     method = _build_method(data.get("method"), "CAUSAL_LM")
     if method.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "

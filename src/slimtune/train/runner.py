@@ -1,34 +1,45 @@
-"""`slimtune train` end to end: recipe → data → model (→ 4-bit) → method → train → adapter + report.
+"""`slimtune train` end to end, as small stages:
 
-Every input is checked before the run folder is created (the output folder is writable, the data
-loads, the model loads), so a bad recipe leaves nothing behind. The run folder then holds
-``recipe.yaml`` (the resolved recipe), ``metrics.jsonl``, ``loss.png``, ``checkpoints/``,
-``adapter/`` (the final adapter, PEFT format) and ``summary.json`` (written last: the run finished).
+    validate (run folder, resume compatibility) → data → model (→ 4-bit) → method → train → finalize
+
+Every input is checked before the run folder is written (the output folder is writable, a resume
+matches its checkpoint, the data loads, the model loads, the method fits the model), so a bad recipe
+leaves nothing behind. The run folder's layout is :class:`~slimtune.train.run_folder.RunFolder`'s.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import torch
+from torch import nn
 
-from slimtune.inject import inject
-from slimtune.io import atomic_folder, atomic_write, save_adapter
-from slimtune.report import trainable_parameters
-from slimtune.train.checkpoint import latest_checkpoint
-from slimtune.train.progress import METRICS, human_bytes, human_seconds, plot_loss
-from slimtune.train.quantize import apply_quantization
+from slimtune.adapter_files import save_adapter
+from slimtune.core.dtypes import resolve_device
+from slimtune.core.files import atomic_folder, atomic_write
+from slimtune.lifecycle import add_adapter, disable_adapters
+from slimtune.perf.activation_checkpointing import checkpoint_layers
+from slimtune.quant import quant_summary, quantize
+from slimtune.report import TrainableReport, trainable_parameters
+from slimtune.train.batching import BatchIterator
+from slimtune.train.checkpoint import STATE_FILE, latest_checkpoint
+from slimtune.train.data import load_examples
+from slimtune.train.generation import generate_text
+from slimtune.train.models import load_model_and_tokenizer
+from slimtune.train.progress import human_bytes, human_seconds, plot_loss
 from slimtune.train.recipe import Recipe, RecipeError
-
-SUMMARY = "summary.json"
-RECIPE_COPY = "recipe.yaml"
+from slimtune.train.run_folder import RunFolder
+from slimtune.train.tokenization import TokenizedDataset, tokenize_examples
+from slimtune.train.trainer import Trainer
 
 
 @dataclass
@@ -38,15 +49,7 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"model.device: {name!r} asked for, but no CUDA GPU is available; use 'auto' or 'cpu'.")
-    return device
-
-
+# ---- 1. validate --------------------------------------------------------------------------------------
 def check_writable(folder: Path) -> None:
     """Raise unless ``folder`` exists as a writable folder or can be created (nothing is left behind)."""
     probe = folder
@@ -62,41 +65,15 @@ def check_writable(folder: Path) -> None:
                           "choose another output.dir.") from None
 
 
-def _is_run_folder(folder: Path) -> bool:
-    return any((folder / name).exists() for name in (RECIPE_COPY, METRICS, SUMMARY, "checkpoints"))
-
-
-def check_run_dir(recipe: Recipe, resume: bool) -> Path | None:
-    """Validate the run folder for a new run or a resume; return the checkpoint to resume from."""
-    run_dir = recipe.output_dir
-    check_writable(run_dir)
-    if resume:
-        if (run_dir / SUMMARY).is_file():
-            raise RecipeError(f"run {run_dir} already finished ({SUMMARY} exists); nothing to resume.")
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise RecipeError(f"--resume: {run_dir} has no checkpoint to resume from; start the run without --resume.")
-        return checkpoint
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not _is_run_folder(run_dir):
-            raise RecipeError(f"output.dir: {run_dir} exists and is not a slimtune run folder; "
-                              "use a new or empty folder.")
-        if not recipe.output.overwrite:
-            raise RecipeError(f"output.dir: {run_dir} already holds a run. Continue it with --resume, replace it "
-                              "with output.overwrite=true, or pick another output.dir=...")
-    return None
-
-
-def _comparable(recipe: Recipe) -> dict[str, Any]:
+def comparable(recipe: Recipe) -> dict[str, Any]:
     """The recipe parts a resumed run must share with the original (output and demo may differ)."""
     data = recipe.to_dict()
     return {k: data[k] for k in ("model", "method", "quantization", "data", "training")}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
     out = []
-    for key in keys:
+    for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{key}.")
@@ -105,23 +82,37 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _checkpoint_config(checkpoint: Path | None) -> dict[str, Any] | None:
-    if checkpoint is None:
-        return None
-    return json.loads((checkpoint / "trainer_state.json").read_text()).get("config", {})
+def validate(recipe: Recipe, resume: bool) -> Path | None:
+    """Check the run folder for a new run or a resume (and that a resume keeps the recipe); return the
+    checkpoint to resume from. Cheap: nothing is loaded yet."""
+    run = RunFolder(recipe.output_dir)
+    check_writable(run.path)
+    if resume:
+        if run.finished():
+            raise RecipeError(f"run {run.path} already finished ({run.SUMMARY} exists); nothing to resume.")
+        checkpoint = latest_checkpoint(run.path)
+        if checkpoint is None:
+            raise RecipeError(f"--resume: {run.path} has no checkpoint to resume from; start the run without "
+                              "--resume.")
+        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("config", {})
+        changed = _differences(saved, comparable(recipe))
+        if changed:
+            raise RecipeError(f"--resume: the recipe differs from the one {run.path} was started with: "
+                              f"{'; '.join(changed[:6])}. Resume with the same recipe and overrides.")
+        return checkpoint
+    if run.path.is_dir() and any(run.path.iterdir()):
+        if not run.is_run():
+            raise RecipeError(f"output.dir: {run.path} exists and is not a slimtune run folder; "
+                              "use a new or empty folder.")
+        if not recipe.output.overwrite:
+            raise RecipeError(f"output.dir: {run.path} already holds a run. Continue it with --resume, replace it "
+                              "with output.overwrite=true, or pick another output.dir=...")
+    return None
 
 
-def enable_gradient_checkpointing(model: Any, mode: bool | str) -> None:
-    """Checkpoint every decoder layer (slimtune.checkpointing); ``"offload"`` keeps layer inputs on the CPU."""
-    from slimtune.checkpointing import checkpoint_layers
-
-    checkpoint_layers(model, offload=mode == "offload")
-
-
-def load_data(recipe: Recipe) -> tuple[list[dict], list[dict]]:
+# ---- 2. data -------------------------------------------------------------------------------------------
+def load_data(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train examples, eval examples) as the data section says."""
-    from slimtune.train.data import load_examples
-
     data = recipe.data
     separate = data.eval_dataset is not None
     train = load_examples(data.dataset, split="all" if separate else "train",
@@ -131,118 +122,116 @@ def load_data(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
-               log: Callable[[str], None] = print, stream: TextIO | None = None) -> RunResult:
-    """Train as ``recipe`` says; see the module docstring for what the run folder holds."""
-    from slimtune.train.batching import BatchIterator
-    from slimtune.train.generation import generate_text
-    from slimtune.train.models import load_model_and_tokenizer
-    from slimtune.train.tokenization import tokenize_examples
-    from slimtune.train.trainer import Trainer, evaluate_loss
-
-    wall_start = time.perf_counter()
-    checkpoint = check_run_dir(recipe, resume)
-    run_dir = recipe.output_dir
-    device = resolve_device(recipe.model.device)
-    train_examples, eval_examples = load_data(recipe)
-    log(f"data: {len(train_examples)} training and {len(eval_examples)} evaluation examples "
-        f"from {recipe.data.dataset!r}")
-
+# ---- 3. model --------------------------------------------------------------------------------------------
+def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> tuple[nn.Module, Any]:
+    """The base model and tokenizer, quantized as the ``quantization`` section says."""
     model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=recipe.model.dtype, device=device,
                                                 allow_pickle=recipe.model.allow_pickle,
                                                 tokenizer_name_or_path=recipe.model.tokenizer)
-    quant = apply_quantization(model, recipe.quantization)
-    if quant:
-        log(quant)
+    if recipe.quantization is not None:
+        quantize(model, recipe.quantization)
+        log(str(quant_summary(model)))
+    return model, tokenizer
+
+
+# ---- 4. method -------------------------------------------------------------------------------------------
+def add_method(model: nn.Module, recipe: Recipe) -> None:
+    """The recipe's adapter (initialised from ``training.seed``), activation checkpointing, no KV cache."""
+    random.seed(recipe.training.seed)
+    torch.manual_seed(recipe.training.seed)  # the adapter's initial weights
+    add_adapter(model, recipe.method)
+    if recipe.model.gradient_checkpointing:
+        checkpoint_layers(model, offload=recipe.model.gradient_checkpointing == "offload")
+    model.config.use_cache = False  # training never reuses a KV cache
+
+
+# ---- 5. train, 6. finalize ---------------------------------------------------------------------------------
+def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
+               log: Callable[[str], None] = print, stream: TextIO | None = None) -> RunResult:
+    """Train as ``recipe`` says; see the module docstring for the stages."""
+    wall_start = time.perf_counter()
+    checkpoint = validate(recipe, resume)
+    run = RunFolder(recipe.output_dir)
+    device = _device(recipe)
+    train_examples, eval_examples = load_data(recipe)
+    log(f"data: {len(train_examples)} training and {len(eval_examples)} evaluation examples "
+        f"from {recipe.data.dataset!r}")
+    model, tokenizer = load_model(recipe, device, log)
     data = recipe.data
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
     eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
-    stats = train_rows.stats
-    log(f"tokens: {stats.n_tokens:,} in {stats.n_sequences} training rows of at most {data.max_seq_length} "
-        f"({stats.n_truncated} examples truncated, {stats.n_dropped} dropped); {len(eval_rows)} evaluation rows")
-    saved_config = _checkpoint_config(checkpoint)
-    if saved_config is not None:
-        changed = _differences(saved_config, _comparable(recipe))
-        if changed:
-            raise RecipeError(f"--resume: the recipe differs from the one {run_dir} was started with: "
-                              f"{'; '.join(changed[:6])}. Resume with the same recipe and overrides.")
-
-    # "Before" is the base model itself, measured before any adapter exists (nothing is written yet).
-    settings, demo = recipe.training, recipe.demo
-    demo_prompt = demo.prompt or eval_examples[0]["prompt"]
-    eval_before = None
-    if checkpoint is None:
-        eval_before = evaluate_loss(model, eval_rows.rows, settings.eval_batch_size, tokenizer.pad_token_id, device,
-                                    settings.mixed_precision, settings.loss)
-        log(f"eval loss of the base model: {eval_before:.4f}")
-        if demo.enabled:
-            log(f"\n── sample prompt ──\n{demo_prompt}\n── base model ──")
-            generate_text(model, tokenizer, demo_prompt, demo.max_new_tokens, data.use_chat_template, stream)
-
-    random.seed(settings.seed)
-    torch.manual_seed(settings.seed)  # the adapter's initial weights
-    inject(model, recipe.method)
-    if recipe.model.gradient_checkpointing:
-        enable_gradient_checkpointing(model, recipe.model.gradient_checkpointing)
-    model.config.use_cache = False  # training never reuses a KV cache
+    _log_tokens(train_rows, eval_rows, data.max_seq_length, log)
+    add_method(model, recipe)
     log(str(trainable_parameters(model)))
-
+    settings = recipe.training
     batches = BatchIterator(train_rows, settings.batch_size, seed=settings.seed, pad_id=tokenizer.pad_token_id)
-    trainer = Trainer(model, batches, eval_rows, settings, run_dir, device, tokenizer.pad_token_id,
-                      config_snapshot=_comparable(recipe), show_progress=show_progress, log=log)
+    trainer = Trainer(model, batches, eval_rows.rows, settings, run.path, device, tokenizer.pad_token_id,
+                      config_snapshot=comparable(recipe), show_progress=show_progress, log=log)
 
-    # Every input is valid (the method fits the model too): from here on the run folder is written.
-    if not resume and run_dir.exists() and _is_run_folder(run_dir):
-        shutil.rmtree(run_dir)  # output.overwrite=true (check_run_dir refused otherwise)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write(run_dir / RECIPE_COPY, recipe.to_yaml().encode())
-
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-        eval_before = trainer.state.evals[0]["eval_loss"]
-        log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
+    # Every input is valid: from here on the run folder is written.
+    if not resume and run.path.exists() and run.is_run():
+        shutil.rmtree(run.path)  # output.overwrite=true (validate refused otherwise)
+    run.path.mkdir(parents=True, exist_ok=True)
+    demo_prompt = recipe.demo.prompt or eval_examples[0]["prompt"]
+    if checkpoint is None:
+        atomic_write(run.recipe_file, recipe.to_yaml().encode())
+        log(f"eval loss of the base model: {trainer.evaluate_base():.4f}")
+        if recipe.demo.enabled:
+            log(f"\n── sample prompt ──\n{demo_prompt}\n── base model ──")
+            with disable_adapters(model):
+                generate_text(model, tokenizer, demo_prompt, recipe.demo.max_new_tokens, data.use_chat_template, stream)
     else:
-        trainer.record_eval(eval_before)
-
+        trainer.resume(checkpoint)
+        log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
     log(f"training {trainer.total_steps - trainer.state.step} steps on {device.type} ...")
     if not trainer.train():
         log(f"resume with: slimtune train {recipe.name if recipe.name != 'recipe' else '<recipe>'} --resume "
-            f"(same overrides; the run folder is {run_dir})")
-        return RunResult(run_dir, False, {})
+            f"(same overrides; the run folder is {run.path})")
+        return RunResult(run.path, False, {})
+    return finalize(recipe, model, tokenizer, trainer, run, demo_prompt, wall_start, log, stream)
 
-    adapter_dir = _save_final_adapter(model, run_dir)  # first: the result is safe whatever happens next
+
+def _device(recipe: Recipe) -> torch.device:
+    try:
+        return resolve_device(recipe.model.device)
+    except ValueError as error:
+        raise RecipeError(f"model.device: {error}") from None
+
+
+def _log_tokens(train_rows: TokenizedDataset, eval_rows: TokenizedDataset, max_len: int,
+                log: Callable[[str], None]) -> None:
+    stats = train_rows.stats
+    log(f"tokens: {stats.n_tokens:,} in {stats.n_sequences} training rows of at most {max_len} "
+        f"({stats.n_truncated} examples truncated, {stats.n_dropped} dropped); {len(eval_rows)} evaluation rows")
+
+
+def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer, run: RunFolder, demo_prompt: str,
+             wall_start: float, log: Callable[[str], None], stream: TextIO | None) -> RunResult:
+    """Save the adapter first (the result is safe whatever happens next), evaluate, plot, summarise."""
+    with atomic_folder(run.adapter) as tmp:
+        save_adapter(model, tmp)
     eval_after = trainer.evaluate()
-    if demo.enabled:
+    if recipe.demo.enabled:
         log("── after fine-tuning ──")
-        generate_text(model, tokenizer, demo_prompt, demo.max_new_tokens, data.use_chat_template, stream)
-    plot = plot_loss(run_dir) if recipe.output.plot else None
+        generate_text(model, tokenizer, demo_prompt, recipe.demo.max_new_tokens, recipe.data.use_chat_template,
+                      stream)
+    plot = plot_loss(run.path) if recipe.output.plot else None
     report = trainable_parameters(model)
     summary = {
         "steps": trainer.state.step, "tokens": trainer.state.tokens,
         "trainable_params": report.trainable, "total_params": report.total, "adapter_bytes": report.adapter_bytes,
-        "peak_memory_mb": round(trainer.peak_memory_mb, 1), "device": device.type,
+        "peak_memory_mb": round(trainer.peak_memory_mb, 1), "device": trainer.device.type,
         "train_seconds": round(trainer.state.train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - wall_start, 2),
-        "eval_loss_before": eval_before, "eval_loss_after": eval_after,
-        "adapter": str(adapter_dir), "loss_plot": str(plot) if plot else None,
+        "eval_loss_before": trainer.eval_before, "eval_loss_after": eval_after,
+        "adapter": str(run.adapter), "loss_plot": str(plot) if plot else None,
     }
-    atomic_write(run_dir / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-    log(format_summary(summary, report, run_dir))
-    return RunResult(run_dir, True, summary)
+    atomic_write(run.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+    log(format_summary(summary, report, run.path))
+    return RunResult(run.path, True, summary)
 
 
-def _save_final_adapter(model: Any, run_dir: Path) -> Path:
-    """``<run>/adapter`` written whole into a temp folder, then renamed into place."""
-    final = run_dir / "adapter"
-    with atomic_folder(final) as tmp:
-        save_adapter(model, tmp)
-    return final
-
-
-def format_summary(s: dict[str, Any], report: Any, run_dir: Path) -> str:
-    import math
-
+def format_summary(s: dict[str, Any], report: TrainableReport, run_dir: Path) -> str:
     memory = "GPU max allocated" if s["device"] == "cuda" else "peak RSS"
     rate = s["tokens"] / s["train_seconds"] if s["train_seconds"] else 0.0
     before, after = s["eval_loss_before"], s["eval_loss_after"]

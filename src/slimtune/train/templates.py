@@ -16,7 +16,8 @@ token (ChatML writes ``<|im_end|>\\n``) has that tail cut, since the model shoul
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 

@@ -10,8 +10,9 @@ each other (:func:`slimtune.train.batching.collate` relies on this).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from slimtune.train.templates import encode_examples
 

@@ -7,12 +7,11 @@ Plain PyTorch, one step at a time (see :meth:`Trainer.train_step`)::
     backward per micro-batch → clip → optimizer.step → method hooks → scheduler.step → zero_grad
 
 The loss is the mean over every label token of the step (not a mean of per-batch means), so an
-accumulated step equals the same batch run at once. Methods may change the optimizer through two
-optional hooks on their config (found with ``getattr``, so the trainer knows no method internals):
-
-- ``param_groups(model, lr) -> list[dict]``: AdamW parameter groups (LoRA+, layer-wise LR);
-  every trainable parameter must be in exactly one group;
-- ``after_optimizer_step(model) -> None``: runs after each update (Delta-LoRA's W update).
+accumulated step equals the same batch run at once. The trainer knows no method internals: the
+optimizer's parameter groups come from :func:`slimtune.optim.training_param_groups` (a method's own
+groups, LoRA+ or layer-wise rates), and after each update :func:`slimtune.lifecycle.after_optimizer_step`
+runs what the active methods need (Delta-LoRA's W update). The trainer also owns both evaluations:
+of the base model before training (adapters disabled) and of the fine-tune after it.
 """
 
 from __future__ import annotations
@@ -30,10 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from slimtune.inject import get_state
-from slimtune.losses import causal_lm_loss
-from slimtune.optimizers import make_optimizer
+from slimtune.lifecycle import after_optimizer_step, disable_adapters, method_param_groups
+from slimtune.optim import make_optimizer, training_param_groups
+from slimtune.perf.losses import causal_lm_loss
 from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.checkpoint import (
     latest_checkpoint,
@@ -158,33 +158,12 @@ class TrainerState:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-def method_hooks(model: nn.Module) -> tuple[Callable | None, list[Callable]]:
-    """The active adapters' optional ``param_groups`` and ``after_optimizer_step`` hooks."""
-    state = get_state(model)
-    configs = [state.configs[name] for name in state.active]
-    groups = [c.param_groups for c in configs if callable(getattr(c, "param_groups", None))]
-    if len(groups) > 1:
-        raise ValueError("several active adapters define param_groups; train one adapter at a time.")
-    after = [c.after_optimizer_step for c in configs if callable(getattr(c, "after_optimizer_step", None))]
-    return (groups[0] if groups else None), after
-
-
-def build_optimizer(model: nn.Module, settings: TrainingSection, param_groups: Callable | None
-                    ) -> torch.optim.Optimizer:
-    """``settings.optim`` (AdamW or its 8-bit / paged kinds) over the trainable parameters; no weight
-    decay on biases and norms (1-D tensors) unless the method's ``param_groups`` says otherwise."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters; check the method's target_modules.")
-    if param_groups is not None:
-        groups = param_groups(model, settings.learning_rate)
-        grouped = [p for g in groups for p in g["params"]]
-        if len(grouped) != len(trainable) or {id(p) for p in grouped} != {id(p) for p in trainable}:
-            raise ValueError("the method's param_groups must list every trainable parameter exactly once.")
-    else:
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]
-        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+def build_optimizer(model: nn.Module, settings: TrainingSection) -> torch.optim.Optimizer:
+    """``settings.optim`` (AdamW or its 8-bit / paged kinds) over the trainable parameters, grouped as
+    :func:`slimtune.optim.training_param_groups` says."""
+    groups = training_param_groups(model, settings.learning_rate, method_param_groups(model, settings.learning_rate),
+                                   settings.loraplus_lr_ratio, settings.loraplus_lr_embedding,
+                                   settings.layerwise_lr_decay)
     return make_optimizer(settings.optim, groups, lr=settings.learning_rate, betas=tuple(settings.adam_betas),
                           eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
 
@@ -206,8 +185,7 @@ class Trainer:
         warmup = settings.warmup_steps
         if warmup is None:
             warmup = int(settings.warmup_ratio * self.total_steps)
-        groups_hook, self.after_step_hooks = method_hooks(model)
-        self.optimizer = build_optimizer(model, settings, groups_hook)
+        self.optimizer = build_optimizer(model, settings)
         self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
                                         settings.min_lr_ratio)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -243,8 +221,7 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        for hook in self.after_step_hooks:
-            hook(self.model)
+        after_optimizer_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
@@ -273,20 +250,30 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def evaluate(self) -> float:
+        """Evaluate the model as it is now (adapters on) and record the loss at the current step."""
         loss = evaluate_loss(self.model, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
                              self.settings.mixed_precision, self.settings.loss)
-        self.record_eval(loss)
+        self._record_eval(loss)
         return loss
 
-    def record_eval(self, loss: float) -> None:
-        """Keep an evaluation (also one measured outside the trainer) in the state and metrics.jsonl."""
+    def evaluate_base(self) -> float:
+        """Evaluate the base model alone (adapters disabled): the "before" of a fresh run, at step 0."""
+        with disable_adapters(self.model):
+            loss = evaluate_loss(self.model, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
+                                 self.settings.mixed_precision, self.settings.loss)
+        self._record_eval(loss)
+        return loss
+
+    @property
+    def eval_before(self) -> float | None:
+        return self.state.evals[0]["eval_loss"] if self.state.evals else None
+
+    def _record_eval(self, loss: float) -> None:
         self.state.evals.append({"step": self.state.step, "eval_loss": loss})
         self.metrics.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
 
     def train(self) -> bool:
         """Run until ``total_steps``; return False if stopped early by Ctrl-C (a checkpoint is saved)."""
-        from tqdm.auto import tqdm
-
         settings = self.settings
         self.model.train()
         reset_peak_memory(self.device)

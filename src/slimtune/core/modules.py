@@ -1,0 +1,111 @@
+"""Module surgery and layer geometry: one helper for each job, shared by every layer above.
+
+- :func:`replace_module`: put a module at a dotted name.
+- Layer geometry: :func:`is_conv1d` (transformers' GPT-2 ``Conv1D``, weight stored ``(in, out)``),
+  :func:`is_dense_linear` (``nn.Linear`` or ``Conv1D``), :func:`linear_dims`, :func:`dense_weight`.
+- The model's parts: :func:`output_embedding_name` / :func:`output_head_names` (the output layer) and
+  :func:`block_lists` / :func:`transformer_blocks` (the repeated blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# Names of the output head (PEFT leaves them out of "all-linear" too).
+OUTPUT_HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "embed_out", "output")
+# Names of the ModuleList that holds a model's transformer blocks, across architectures.
+BLOCK_LIST_NAMES = ("layers", "h", "layer", "block", "blocks")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` inside ``model`` (``name`` must not be empty)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a linear layer computing ``x @ W + b`` with W stored ``(in, out)``."""
+    return isinstance(module, Conv1D)
+
+
+def is_dense_linear(module: nn.Module) -> bool:
+    """A full-precision linear layer: ``nn.Linear`` or ``Conv1D`` (quantized layers are not)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer (``nn.Linear``, ``Conv1D``, quantized)."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features)
+    return int(module.in_features), int(module.out_features)
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight as a float ``(out, in)`` tensor: dequantized for quantized layers (anything with a
+    ``dequantize(dtype)``), a transposed view for ``Conv1D``, the parameter itself for ``nn.Linear``."""
+    dequantize = getattr(module, "dequantize", None)
+    if callable(dequantize) and not isinstance(module, nn.Linear):
+        return dequantize(dtype or torch.float32)
+    weight = module.weight.T if is_conv1d(module) else module.weight
+    return weight if dtype is None else weight.to(dtype)
+
+
+def output_embedding_name(model: nn.Module) -> str | None:
+    """Name of the module transformers' ``get_output_embeddings()`` returns (the LM head), if any."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module names of the output layer: named like one (``lm_head``, ``score`` …) or the output embedding."""
+    names = {n for n, _ in model.named_modules() if n.split(".")[-1] in OUTPUT_HEAD_NAMES}
+    head = output_embedding_name(model)
+    return names | ({head} if head is not None else set())
+
+
+def block_lists(model: nn.Module, layers_pattern: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the ``nn.ModuleList``\\ s of transformer blocks, outermost only, in model order (encoder first).
+
+    A block list is named like ``layers_pattern`` (default: ``layers``, ``h``, ``layer``, ``block``,
+    ``blocks``) and all its entries share one class. Raises with the lists that exist when none matches.
+    """
+    names = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or BLOCK_LIST_NAMES)
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or name.split(".")[-1] not in names:
+            continue
+        if len({type(m) for m in module}) != 1 or any(name.startswith(f + ".") for f in found):
+            continue
+        found.append(name)
+    if not found:
+        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        raise ValueError(f"found no list of transformer blocks named {names} in {type(model).__name__}; "
+                         f"pass layers_pattern naming one of its ModuleLists: {lists}.")
+    return found
+
+
+def transformer_blocks(model: nn.Module, layers_pattern: str | Sequence[str] | None = None
+                       ) -> list[tuple[str, nn.Module]]:
+    """Every transformer block as ``(name, module)``, in model order (see :func:`block_lists`); for a
+    model whose block list has another name, the modules of the classes transformers lists in its
+    ``_no_split_modules`` (``LlamaDecoderLayer``, ``GPT2Block`` …)."""
+    if isinstance(model, nn.ModuleList) and layers_pattern is None:  # the block list itself
+        return [(str(i), block) for i, block in enumerate(model)]
+    try:
+        lists = block_lists(model, layers_pattern)
+    except ValueError:
+        kinds = set(getattr(model, "_no_split_modules", None) or ())
+        found = [(n, m) for n, m in model.named_modules() if type(m).__name__ in kinds]
+        if layers_pattern is not None or not found:
+            raise
+        return found
+    return [(f"{name}.{i}", block) for name in lists for i, block in enumerate(model.get_submodule(name))]

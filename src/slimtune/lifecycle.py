@@ -1,0 +1,290 @@
+"""Adding, switching, merging and removing adapters: the lifecycle every method goes through.
+
+slimtune edits the user's model in place (no wrapper model): ``model(...)`` and ``model.generate``
+keep working, and :func:`unload` gives back the original module objects. What all methods share is
+done here — wrapped layers, head copies (``modules_to_save``), bias modes, which parameters train —
+and each step calls the adapter's :class:`~slimtune.methods.contract.Method` for the rest.
+
+    slimtune.add_adapter(model, LoraConfig(...))                 # "default", active (the model's first)
+    slimtune.add_adapter(model, LoraConfig(...), "math")          # more adapters: added inactive
+    slimtune.set_adapter(model, "math")                           # what model(...) runs (or several: summed)
+    slimtune.merge_adapter(model); slimtune.unmerge_adapter(model)
+    with slimtune.disable_adapters(model): ...                   # the base model alone
+    slimtune.merge_and_unload(model)                              # original classes, the fine-tune baked in
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from slimtune.config import MethodConfig
+from slimtune.core.modules import replace_module
+from slimtune.core.state import AdapterState, create_state, drop_state, find_state, get_state
+from slimtune.methods import REGISTRY, method_for
+from slimtune.methods.contract import saved_modules, tuner_layers
+from slimtune.methods.layerdrop import LayerDropConfig
+from slimtune.methods.layers import ModulesToSave
+from slimtune.methods.targets import name_matches
+
+
+# ---- adding and removing ----------------------------------------------------------------------------
+def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "default",
+                activate: bool | None = None) -> nn.Module:
+    """Add an adapter described by ``config`` to ``model`` in place and return the model.
+
+    Every base parameter is frozen; the new adapter's parameters (and, per ``bias`` and
+    ``modules_to_save``, biases and head copies) train while it is active. ``activate``: make it the
+    active adapter (default: only if it is the model's first). Nothing changes if the config does not
+    fit the model.
+    """
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"config must be a slimtune method config (e.g. LoraConfig), got {type(config).__name__}.")
+    method = method_for(config)
+    state = find_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
+    method.check(model, config)  # everything is validated before the first change to the model
+    heads = _modules_to_save(model, getattr(config, "modules_to_save", None))
+    first = state is None or not state.configs
+    state = state or create_state(model)
+    method.add(model, config, adapter_name, state)
+    for name in heads:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name)
+    state.configs[adapter_name] = config
+    _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
+    return model
+
+
+def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    if not names:
+        return []
+    found = [n for n, _ in model.named_modules()
+             if n and name_matches(n, names) and not in_head_copy(n) and ".base_layer" not in n]
+    if not found:
+        heads = [n for n, m in model.named_modules() if n and "." not in n and any(m.parameters())]
+        raise ValueError(f"modules_to_save={names!r} matched no module; top-level modules are: {heads}.")
+    return found
+
+
+def in_head_copy(name: str) -> bool:
+    """Whether a module or parameter name lies inside a ``modules_to_save`` wrapper."""
+    parts = name.split(".")
+    return "modules_to_save" in parts or "original_module" in parts
+
+
+def remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter (active or not); layers left without adapters turn back into their original modules."""
+    state = get_state(model)
+    state.check_known([adapter_name])
+    config = state.configs.pop(adapter_name)
+    for name, layer in list(tuner_layers(model)):
+        layer.delete_adapter(adapter_name)
+        if not layer.adapter_names:
+            replace_module(model, name, layer.base_layer)
+    for name, module in list(saved_modules(model)):
+        module.delete_adapter(adapter_name)
+        if not module.adapter_names:
+            replace_module(model, name, module.original_module)
+    method_for(config).remove(model, adapter_name, state)
+    if not state.configs:
+        drop_state(model)
+    else:
+        _activate(model, state, [a for a in state.active if a != adapter_name] or [next(iter(state.configs))])
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an inactive, unmerged adapter (layers left without adapters become their originals again)."""
+    state = get_state(model)
+    state.check_known([adapter_name])
+    if adapter_name in state.active:
+        others = [n for n in state.configs if n not in state.active]
+        fix = (f"switch first, e.g. slimtune.set_adapter(model, {others[0]!r})" if others
+               else "remove slimtune entirely with slimtune.unload(model)")
+        raise ValueError(f"adapter {adapter_name!r} is active and cannot be deleted; {fix}.")
+    if any(adapter_name in layer.merged_adapters for _, layer in tuner_layers(model)):
+        raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; call "
+                         "slimtune.unmerge_adapter(model) before deleting it.")
+    remove_adapter(model, adapter_name)
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    return list(get_state(model).configs)
+
+
+def apply_layerdrop(model: nn.Module, layerdrop: float, adapter_name: str = "layerdrop",
+                    layers_pattern: list[str] | str | None = None) -> nn.Module:
+    """Add LayerDrop beside the model's adapters (without changing which adapters are active)."""
+    return add_adapter(model, LayerDropConfig(layerdrop=layerdrop, layers_pattern=layers_pattern), adapter_name,
+                       activate=False)
+
+
+# ---- switching ---------------------------------------------------------------------------------------
+def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
+    """Make ``adapter_name`` (or several names, their outputs summed) the active adapter(s); only active
+    adapters' parameters are trainable."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    state = get_state(model)
+    state.check_known(names)
+    _activate(model, state, names)
+
+
+def _activate(model: nn.Module, state: AdapterState, names: list[str]) -> None:
+    for _, layer in tuner_layers(model):
+        layer.set_active(names)
+    for _, module in saved_modules(model):
+        module.set_active(names)
+    for peft_type in _methods_present(state):
+        REGISTRY.method(peft_type).set_active(model, names, state)
+    state.active = list(names)
+    _apply_bias_modes(model, state)
+
+
+def _methods_present(state: AdapterState) -> list[str]:
+    return list(dict.fromkeys(config.peft_type for config in state.configs.values()))
+
+
+def bias_names(model: nn.Module, modes: set[str]) -> list[str]:
+    """Biases a ``bias`` mode trains: every one for "all"; those of wrapped layers for "lora_only" /
+    "vera_only" (PEFT's modes). Head copies (``modules_to_save``) carry their own biases."""
+    wrapped = tuple(f"{n}.base_layer." for n, _ in tuner_layers(model))
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith("bias") and not in_head_copy(name)
+        and ("all" in modes or (bool(modes & {"lora_only", "vera_only"}) and name.startswith(wrapped)))
+    ]
+
+
+def bias_mode(config: MethodConfig) -> str:
+    """The config's ``bias`` mode (methods without one train no biases)."""
+    return str(getattr(config, "bias", "none"))
+
+
+def _apply_bias_modes(model: nn.Module, state: AdapterState) -> None:
+    modes = {bias_mode(state.configs[a]) for a in state.active}
+    params = dict(model.named_parameters())
+    for name in state.trainable_biases:  # undo what an earlier activation switched on
+        if name in params:
+            params[name].requires_grad_(False)
+    state.trainable_biases = bias_names(model, modes)
+    for name in state.trainable_biases:
+        params[name].requires_grad_(True)
+
+
+# ---- merging ----------------------------------------------------------------------------------------
+def merge_adapter(model: nn.Module, adapter_names: str | Sequence[str] | None = None) -> nn.Module:
+    """Fold the active (or named) adapters into the base weights: the forward stays the same, faster. A
+    named adapter needs not be active: once merged it always applies."""
+    state = get_state(model)
+    names = list(state.active if adapter_names is None else
+                 [adapter_names] if isinstance(adapter_names, str) else adapter_names)
+    state.check_known(names)
+    for peft_type in _methods_present(state):
+        mine = [a for a in names if state.configs[a].peft_type == peft_type]
+        if mine:
+            REGISTRY.method(peft_type).merge(model, mine, state)
+    for _, layer in tuner_layers(model):
+        layer.merge([a for a in names if a in layer.adapter_names])
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Subtract every merged adapter from the base weights again."""
+    state = get_state(model)
+    for _, layer in tuner_layers(model):
+        layer.unmerge()
+    for peft_type in _methods_present(state):
+        REGISTRY.method(peft_type).unmerge(model, state)
+    return model
+
+
+def unload(model: nn.Module, merge_adapters: bool = False) -> nn.Module:
+    """Remove slimtune entirely, giving back the original module objects.
+
+    With ``merge_adapters=True`` the active adapters are merged first and the active copies of
+    ``modules_to_save`` replace the originals: a standard model with the fine-tune baked in.
+    """
+    state = get_state(model)
+    if merge_adapters:
+        merge_adapter(model)
+    else:
+        unmerge_adapter(model)
+    for name, layer in list(tuner_layers(model)):
+        replace_module(model, name, layer.base_layer)
+    for name, module in list(saved_modules(model)):
+        keep = module.modules_to_save[module.active_adapter] if merge_adapters and module.active_adapter else None
+        replace_module(model, name, keep if keep is not None else module.original_module)
+    for adapter_name in list(state.configs):
+        method_for(state.configs.pop(adapter_name)).remove(model, adapter_name, state)
+    drop_state(model)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    return unload(model, merge_adapters=True)
+
+
+# ---- the base model alone ------------------------------------------------------------------------------
+def _set_disabled(model: nn.Module, state: AdapterState, disabled: bool) -> None:
+    state.disabled = disabled
+    for _, layer in tuner_layers(model):
+        layer.disabled = disabled
+    for _, module in saved_modules(model):
+        module.disabled = disabled
+    for peft_type in _methods_present(state):
+        REGISTRY.method(peft_type).set_disabled(model, disabled, state)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged, then merged back)."""
+    state = get_state(model)
+    layers = [layer for _, layer in tuner_layers(model)]
+    merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    for layer in layers:
+        layer.unmerge()
+    _set_disabled(model, state, True)
+    try:
+        yield model
+    finally:
+        _set_disabled(model, state, False)
+        for layer in layers:
+            if merged[id(layer)]:
+                layer.merge(merged[id(layer)])
+
+
+def disable_adapter_layers(model: nn.Module) -> None:
+    """Run the base model alone until :func:`enable_adapter_layers` (merged adapters are unmerged first)."""
+    unmerge_adapter(model)
+    _set_disabled(model, get_state(model), True)
+
+
+def enable_adapter_layers(model: nn.Module) -> None:
+    _set_disabled(model, get_state(model), False)
+
+
+# ---- what training asks of the adapters --------------------------------------------------------------
+def method_param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]] | None:
+    """Optimizer parameter groups the active adapters' methods need (LoRA+), or None for the defaults."""
+    state = get_state(model)
+    groups = [g for g in (method_for(state.configs[a]).param_groups(model, state.configs[a], lr)
+                          for a in state.active) if g is not None]
+    if len(groups) > 1:
+        raise ValueError("several active adapters define optimizer parameter groups; train one adapter at a time.")
+    return groups[0] if groups else None
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Run the active adapters' work after an optimizer update (Delta-LoRA's W update); the trainer calls it,
+    and so should your own loop after ``optimizer.step()``."""
+    state = get_state(model)
+    for adapter_name in state.active:
+        method_for(state.configs[adapter_name]).after_optimizer_step(model, adapter_name, state)

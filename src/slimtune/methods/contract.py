@@ -1,0 +1,176 @@
+"""The method contract: what slimtune's lifecycle asks of every PEFT method, and the registry.
+
+A method is one :class:`Method` subclass, registered once (``slimtune/methods/__init__.py``). The
+lifecycle (:mod:`slimtune.lifecycle`) handles what all methods share — wrapped layers
+(:class:`~slimtune.methods.layers.TunerLayer`), head copies (``modules_to_save``), bias modes,
+trainability — and calls the method's steps below; each has a default (a no-op or the common case),
+so a method overrides only what it does differently. Methods hold no state: what they keep for an
+adapter lives in ``model.slimtune_state`` (:class:`~slimtune.core.state.AdapterState`), keyed by
+adapter name.
+
+Layer-wrapping methods (LoRA and its family, VeRA, LoHa, (IA)³, bottleneck adapters) derive from
+:class:`LayerMethod` and only say how to wrap one layer (:meth:`LayerMethod.make_layer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from slimtune.config import MethodConfig
+from slimtune.core.modules import replace_module
+from slimtune.core.state import AdapterState
+from slimtune.methods.layers import ModulesToSave, TunerLayer
+from slimtune.methods.targets import find_targets
+
+PEFT_PREFIX = "base_model.model."
+
+
+class Method:
+    """A PEFT method as the lifecycle drives it; every step has a default."""
+
+    peft_type: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    # Prefix of head copies (modules_to_save) on disk: PEFT's prompt-learning methods use "base_model.".
+    saved_modules_prefix: ClassVar[str] = PEFT_PREFIX
+    # Whether the method changes base weights in place (then a mixed batch cannot separate its rows).
+    changes_base_weights: ClassVar[bool] = False
+
+    # ---- adding and removing ----------------------------------------------------------------------
+    def check(self, model: nn.Module, config: MethodConfig) -> None:
+        """Raise if ``config`` cannot apply to ``model``; change nothing (sizes left open may be filled in)."""
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        """Build the adapter on the model (after :meth:`check` passed)."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
+        """Undo :meth:`add` beyond wrapped layers and head copies, which the lifecycle removes."""
+
+    # ---- switching --------------------------------------------------------------------------------
+    def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        """After the active set changed (``adapter_names`` may include other methods' adapters)."""
+
+    def set_disabled(self, model: nn.Module, disabled: bool, state: AdapterState) -> None:
+        """Entering (True) or leaving (False) "base model only" mode."""
+
+    # ---- merging ----------------------------------------------------------------------------------
+    def merge(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        """Fold these adapters (this method's only) into the model, beyond their wrapped layers."""
+
+    def unmerge(self, model: nn.Module, state: AdapterState) -> None:
+        """Take every merged adapter of this method out again."""
+
+    # ---- files ------------------------------------------------------------------------------------
+    def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
+        """Tensors to save beyond wrapped layers, head copies and biases, under their on-disk keys."""
+        return {}
+
+    def saved_config(self, config: MethodConfig) -> dict[str, Any]:
+        """What ``adapter_config.json`` holds for ``config`` (variants PEFT knows as another type change it)."""
+        return config.to_dict()
+
+    # ---- training ---------------------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, config: MethodConfig, lr: float) -> list[dict[str, Any]] | None:
+        """Optimizer parameter groups the method needs (None: the trainer's defaults)."""
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
+        """Runs after each optimizer update while the adapter is active."""
+
+
+def tuner_layers(model: nn.Module) -> Iterator[tuple[str, TunerLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, TunerLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+class LayerMethod(Method):
+    """A method that wraps target layers with its :class:`TunerLayer` classes."""
+
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]]
+
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        """An empty wrapper for ``base``; raise a clear ``TypeError`` for layer types the method cannot wrap."""
+        raise NotImplementedError
+
+    def target_names(self, model: nn.Module, config: MethodConfig, skip: Iterable[str]) -> list[str]:
+        """Names of the modules ``config`` targets (PEFT's matching rules)."""
+        return find_targets(model, getattr(config, "target_modules", None), getattr(config, "exclude_modules", None),
+                            getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None),
+                            getattr(config, "modules_to_save", None), skip=skip)
+
+    def plan(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Module]]:
+        """``(name, module to wrap or an existing wrapper this method can add to)`` for every target."""
+        # Inside an existing wrapper (its base_layer, the adapters' own nn.Linear A/B, which "all-linear" or a
+        # regex would otherwise match) is off limits; the wrapper itself is a valid target.
+        inside = {f"{n}.{child}" for n, layer in tuner_layers(model) for child, _ in layer.named_children()}
+        names = self.target_names(model, config, skip=inside | {n for n, _ in saved_modules(model)})
+        plan = []
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, TunerLayer):
+                needed = type(self.make_layer(module.base_layer, config))  # e.g. DoraLinear for use_dora=True
+                if not isinstance(module, self.layer_types) or not isinstance(module, needed):
+                    raise ValueError(
+                        f"{name} already holds a {type(module).__name__}; a {config.peft_type} adapter (which needs "
+                        f"a {needed.__name__}) cannot be stacked on it. Use other target_modules or remove the "
+                        "existing adapter first."
+                    )
+            else:
+                self.make_layer(module, config)  # raises a clear TypeError for unsupported layer types
+            plan.append((name, module))
+        return plan
+
+    def check(self, model: nn.Module, config: MethodConfig) -> None:
+        self.plan(model, config)
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        for name, module in self.plan(model, config):
+            layer = module if isinstance(module, TunerLayer) else self.make_layer(module, config)
+            layer.add_adapter(adapter_name, config, name)
+            if layer is not module:
+                replace_module(model, name, layer)
+
+
+class Registry:
+    """Every method by ``peft_type``: one registration each."""
+
+    def __init__(self, methods: Iterable[type[Method]]) -> None:
+        self._methods: dict[str, Method] = {}
+        for method in methods:
+            self.register(method)
+
+    def register(self, method: type[Method]) -> None:
+        """Add a method (a plug-in, or a test's); its ``peft_type`` must be new."""
+        if method.peft_type in self._methods:
+            raise ValueError(f"peft_type {method.peft_type!r} is registered twice")
+        self._methods[method.peft_type] = method()
+
+    def unregister(self, peft_type: str) -> None:
+        del self._methods[peft_type]
+
+    def method(self, peft_type: Any) -> Method:
+        if not isinstance(peft_type, str) or peft_type not in self._methods:
+            raise ValueError(f"peft_type={peft_type!r} is not supported by slimtune; known types: "
+                             f"{sorted(self._methods)}.")
+        return self._methods[peft_type]
+
+    def for_config(self, config: MethodConfig) -> Method:
+        return self.method(config.peft_type)
+
+    def config_classes(self) -> dict[str, type[MethodConfig]]:
+        return {peft_type: method.config_class for peft_type, method in self._methods.items()}
+
+    def config_from_dict(self, data: dict[str, Any]) -> MethodConfig:
+        """Read any registered method's config from its dict (``peft_type`` picks the class)."""
+        return self.method(data.get("peft_type")).config_class.from_dict(data)

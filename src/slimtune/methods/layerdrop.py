@@ -1,0 +1,107 @@
+"""LayerDrop: skip whole transformer blocks at random while training.
+
+Fan et al., "Reducing Transformer Depth on Demand with Structured Dropout", arXiv:1909.11556.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from slimtune.config import MethodConfig
+from slimtune.core.modules import block_lists, replace_module
+from slimtune.core.state import AdapterState
+from slimtune.methods.contract import Method
+
+
+class LayerDropList(nn.ModuleList):
+    """A block list that, in training, skips each block with probability ``p``: ``h_{l+1} = h_l`` w.p. ``p``.
+
+    Shares its entries with the list it replaces (same module names and state-dict keys); in eval
+    mode it is the plain list. If every block would be skipped, one random block runs. Fan et al., 2019,
+    arXiv:1909.11556.
+    """
+
+    def __init__(self, layers: nn.ModuleList, p: float) -> None:
+        nn.Module.__init__(self)
+        self._modules = layers._modules  # the very same entries, so later surgery shows up in both
+        self.p = p
+        self.disabled = False
+
+    def _kept(self, layers: list[Any]) -> list[Any]:
+        if not self.training or self.p == 0 or self.disabled:
+            return layers
+        keep = torch.rand(len(layers)) >= self.p
+        if layers and not keep.any():  # never skip them all: the loss must still depend on the blocks
+            keep[torch.randint(len(layers), ())] = True
+        return [layer for layer, k in zip(layers, keep.tolist()) if k]
+
+    def __iter__(self):
+        return iter(self._kept(list(self._modules.values())))
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            return nn.ModuleList(self._kept(list(self._modules.values())[idx]))
+        return super().__getitem__(idx)
+
+    def extra_repr(self) -> str:
+        return f"layerdrop={self.p}"
+
+
+@dataclass
+class LayerDropConfig(MethodConfig):
+    """LayerDrop: skip whole transformer blocks with probability ``layerdrop`` while training.
+
+    Adds no parameters and composes with any method: add it beside another adapter with
+    :func:`apply_layerdrop` (or ``add_adapter(..., activate=False)``); it acts whether or not it is active,
+    in ``model.train()`` mode only. ``layers_pattern`` names the block list if auto-detection fails.
+    """
+
+    peft_type: ClassVar[str] = "LAYERDROP"
+
+    layerdrop: float = 0.1
+    layers_pattern: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layerdrop, bool) or not isinstance(self.layerdrop, (int, float)) \
+                or not 0.0 <= self.layerdrop < 1.0:
+            raise ValueError(f"layerdrop={self.layerdrop!r} must be a probability in [0, 1) (e.g. 0.1); "
+                             "1 would skip every layer.")
+
+
+class LayerDropMethod(Method):
+    """Replaces each block list by a :class:`LayerDropList` sharing its entries; the originals are kept in
+    the state to be put back."""
+
+    peft_type: ClassVar[str] = "LAYERDROP"
+    config_class: ClassVar[type[MethodConfig]] = LayerDropConfig
+
+    def check(self, model: nn.Module, config: MethodConfig) -> None:
+        """Raise (before the model is changed) if the model has no block list to drop from, or already drops."""
+        assert isinstance(config, LayerDropConfig)
+        if any(isinstance(m, LayerDropList) for m in model.modules()):
+            raise ValueError("LayerDrop is already applied to this model; remove that adapter before adding another.")
+        block_lists(model, config.layers_pattern)
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        assert isinstance(config, LayerDropConfig)
+        replaced = []
+        for name in block_lists(model, config.layers_pattern):
+            original = model.get_submodule(name)
+            assert isinstance(original, nn.ModuleList)
+            replace_module(model, name, LayerDropList(original, config.layerdrop))
+            replaced.append((name, original))
+        state.data[adapter_name] = replaced
+
+    def set_disabled(self, model: nn.Module, disabled: bool, state: AdapterState) -> None:
+        for module in model.modules():
+            if isinstance(module, LayerDropList):
+                module.disabled = disabled
+
+    def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
+        for name, original in state.data.pop(adapter_name, []):
+            replace_module(model, name, original)

@@ -1,0 +1,155 @@
+"""LoHa: low-rank Hadamard product adaptation, PEFT's ``LOHA``.
+
+Hyeon-Woo et al., "FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated
+Learning", arXiv:2108.06098 (as used by LyCORIS and HF PEFT).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.config import MethodConfig, check_positive_int, check_probability, layer_list, str_list
+from slimtune.core.modules import is_conv1d, linear_dims
+from slimtune.methods.contract import LayerMethod
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.targets import is_adaptable_linear, pattern_value
+
+
+@dataclass
+class LohaConfig(MethodConfig):
+    """LoHa with PEFT's field names: ``ΔW = (alpha / r) · (W1a W1b) ⊙ (W2a W2b)``.
+
+    ``rank_dropout`` drops output rows of ΔW while training (rescaled by the kept fraction, as PEFT);
+    ``module_dropout`` skips the whole adapter for a forward call with that probability.
+    """
+
+    peft_type: ClassVar[str] = "LOHA"
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("r", self.r, hint=" (the rank of each of LoHa's two pairs, e.g. 8)")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ValueError(f"alpha={self.alpha!r} must be a positive number (scaling is alpha / r).")
+        check_probability("rank_dropout", self.rank_dropout)
+        check_probability("module_dropout", self.module_dropout)
+        self.target_modules = str_list("target_modules", self.target_modules)
+        self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
+        self.modules_to_save = str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        self.layers_to_transform = layer_list(self.layers_to_transform)
+
+
+class _HadamardDelta(torch.autograd.Function):
+    """``s · (W1a W1b) ⊙ (W2a W2b)`` keeping only the four factors for backward (each product is rebuilt
+    there instead of being stored: two ``(out, in)`` tensors less per layer)."""
+
+    @staticmethod
+    def forward(ctx: Any, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)  # dL/d(W1a W1b)
+        g2 = grad * (w1a @ w1b)  # dL/d(W2a W2b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
+class LohaLinear(TunerLayer):
+    """LoHa on a linear layer: ``h = W x + b + ΔW x`` with ``ΔW = s · (W1a W1b) ⊙ (W2a W2b)``.
+
+    W1a, W2a: (out, r); W1b, W2b: (r, in); ``s = alpha / r``. W1a, W1b, W2a start Kaiming-uniform (a=√5)
+    and W2b at zero, so a new adapter is a no-op. ΔW has rank up to r² with 2r(in + out) parameters.
+    Mergeable: ``W += ΔW`` (transposed for Conv1D).
+    """
+
+    adapter_attrs = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    adapter_values = ("scaling", "rank_dropout", "module_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.hada_w1_a, self.hada_w1_b = nn.ParameterDict(), nn.ParameterDict()
+        self.hada_w2_a, self.hada_w2_b = nn.ParameterDict(), nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.rank_dropout: dict[str, float] = {}
+        self.module_dropout: dict[str, float] = {}
+
+    def add_adapter(self, adapter_name: str, config: Any, module_name: str) -> None:
+        assert isinstance(config, LohaConfig)
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, module_name, config.alpha)
+        device, out_f, in_f = self.adapter_device(), self.out_features, self.in_features
+        shapes = {"hada_w1_a": (out_f, r), "hada_w1_b": (r, in_f), "hada_w2_a": (out_f, r), "hada_w2_b": (r, in_f)}
+        for attr, shape in shapes.items():
+            weight = torch.empty(shape, device=device)
+            if attr != "hada_w2_b" or not config.init_weights:
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(weight)
+            getattr(self, attr)[adapter_name] = nn.Parameter(weight)
+        self.scaling[adapter_name] = alpha / r
+        self.rank_dropout[adapter_name] = config.rank_dropout
+        self.module_dropout[adapter_name] = config.module_dropout
+        self.active_adapters.append(adapter_name)
+
+    def hadamard_delta(self, adapter_name: str) -> torch.Tensor:
+        """``ΔW`` (out, in)."""
+        factors = [getattr(self, attr)[adapter_name] for attr in self.adapter_attrs]
+        return _HadamardDelta.apply(*factors, self.scaling[adapter_name])
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.hadamard_delta(adapter_name).detach()
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            if self.training and torch.rand(1).item() < self.module_dropout[name]:
+                continue  # the whole adapter skipped for this call
+            delta = self.hadamard_delta(name)  # (out, in)
+            if self.training and self.rank_dropout[name]:
+                keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
+                delta = delta * (keep / keep.mean().clamp_min(1e-12))[:, None]
+            result = result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = {n: w.shape[1] for n, w in self.hada_w1_a.items()}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}"
+
+
+class LohaMethod(LayerMethod):
+    peft_type: ClassVar[str] = "LOHA"
+    config_class: ClassVar[type[MethodConfig]] = LohaConfig
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LohaLinear,)
+
+    def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
+        if is_adaptable_linear(base):
+            return LohaLinear(base)
+        raise TypeError(f"LoHa wraps linear layers (nn.Linear, transformers Conv1D, slimtune quantized linear), not a "
+                        f"{type(base).__name__}; pick other target_modules.")

@@ -1,0 +1,150 @@
+"""LoRA layers: low-rank updates on linear, GPT-2 ``Conv1D``, quantized linear and embedding layers.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685. The LoRA family's
+layers (DoRA, LoRA-FA, Delta-LoRA) derive from :class:`LoraLinear`; :mod:`slimtune.methods.lora`
+holds the method that picks among them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.config import LoraConfig
+from slimtune.core.modules import is_conv1d, linear_dims
+from slimtune.methods.layers import TunerLayer
+from slimtune.methods.targets import pattern_value
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def rank_and_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
+    r = pattern_value(config.rank_pattern, module_name, config.r)
+    alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+    return r, alpha
+
+
+class LoraLinear(TunerLayer):
+    """LoRA on a linear layer: ``h = W x + b + s · B A dropout(x)``.
+
+    A: (r, in) Kaiming-uniform (a=√5), B: (out, r) zeros, so a new adapter is a no-op.
+    ``s = alpha / r`` (rsLoRA: ``alpha / √r``). Merging adds ``s · B A`` to W (transposed for Conv1D).
+    """
+
+    adapter_attrs = ("lora_A", "lora_B")
+    adapter_values = ("scaling", "lora_dropout")
+    fusable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.in_features, self.out_features = linear_dims(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = rank_and_alpha(config, module_name)
+        weight = getattr(self.base_layer, "weight", None)
+        # Adapters train in fp32 unless the base is a float type wider than half precision.
+        dtype = weight.dtype if weight is not None and weight.dtype == torch.float64 else torch.float32
+        device = self.adapter_device()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
+        self.reset_adapter(adapter_name, config.init_lora_weights)
+        self.active_adapters.append(adapter_name)
+
+    @torch.no_grad()
+    def reset_adapter(self, adapter_name: str, init: bool | str) -> None:
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init is False:  # both random: only useful for tests of a non-trivial adapter
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            return
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / a.shape[0])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+    def lora_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """The live ``(A (r, in), B (out, r))`` of one adapter."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight * self.scaling[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        return delta.T if self.fan_in_fan_out else delta  # (out, in) or Conv1D's (in, out)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            result = result + (B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = {n: m.out_features for n, m in self.lora_A.items()}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}"
+
+
+class LoraEmbedding(TunerLayer):
+    """LoRA on an embedding: ``E[x] + s · (A^T[x]) B^T``, A: (r, num_embeddings) zeros, B: (dim, r) N(0, 1)."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+    adapter_values = ("scaling",)
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = rank_and_alpha(config, module_name)
+        base = self.base_layer
+        weight = base.weight
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.zeros(r, base.num_embeddings, device=weight.device))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(base.embedding_dim, r, device=weight.device))
+        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
+        with torch.no_grad():
+            if config.init_lora_weights is False:
+                nn.init.normal_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+        self.active_adapters.append(adapter_name)
+
+    def lora_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """The live ``(A (r, num_embeddings), B (dim, r))`` of one adapter."""
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A, s·B)`` as PEFT stores embedding factors: the change to the ``(num_embeddings, dim)`` table
+        is ``(s·B A)ᵀ``."""
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name] * self.scaling[adapter_name]
+
+    def mixed_batch_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        raise ValueError(f"mixed batches route adapters of linear layers; adapter {adapter_name!r} adapts an "
+                         "embedding. Run it in its own batch.")
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return (B @ A).T * self.scaling[adapter_name]  # (num_embeddings, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        result = base(x)
+        for name in self.unmerged_active():
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
+            result = result + (rows @ B.T * self.scaling[name]).to(result.dtype)
+        return result

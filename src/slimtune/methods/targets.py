@@ -1,0 +1,106 @@
+"""Which modules a method wraps: PEFT's matching rules as plain functions over module names."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from slimtune.core.modules import is_dense_linear, output_head_names
+from slimtune.methods.layers import TunerLayer
+from slimtune.quant.linear import QuantizedLinear
+
+
+def name_matches(name: str, patterns: str | Sequence[str] | None) -> bool:
+    """PEFT's rule: a list entry matches the whole name or a dotted suffix; a string is a full-match regex."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """Index of the (first) numbered block a module sits in, e.g. 3 for ``model.layers.3.mlp.up_proj``."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        return int(match["idx"]) if match else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """Per-module override (``rank_pattern`` / ``alpha_pattern``): first key matching a dotted suffix, as PEFT."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def is_adaptable_linear(module: nn.Module) -> bool:
+    """A linear layer an adapter can wrap: ``nn.Linear``, GPT-2's ``Conv1D`` or a slimtune quantized linear."""
+    return is_dense_linear(module) or isinstance(module, QuantizedLinear)
+
+
+def wrappable_names(model: nn.Module) -> list[str]:
+    """Every module a LoRA-style method can wrap (linear, Conv1D, quantized linear, embedding)."""
+    return [n for n, m in model.named_modules() if n and (is_adaptable_linear(m) or isinstance(m, nn.Embedding))]
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None,
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: Iterable[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    skip: Iterable[str] = (),
+) -> list[str]:
+    """Names of the modules to wrap, in model order. Raises with the available names when nothing matches."""
+    if target_modules is None:
+        raise ValueError(
+            "target_modules is None; name the layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. "
+            f"Layers that can be adapted: {_summarise(wrappable_names(model))}."
+        )
+    all_linear = target_modules == "all-linear"
+    heads = output_head_names(model) if all_linear else set()
+    skip = set(skip)
+    layers = set(layers_to_transform) if layers_to_transform is not None else None
+    found = []
+    for name, module in model.named_modules():
+        if not name or name in skip or any(name.startswith(s + ".") for s in skip):
+            continue
+        if all_linear:
+            base = module.base_layer if isinstance(module, TunerLayer) else module  # a wrapper counts as its base
+            if not is_adaptable_linear(base) or name in heads:
+                continue
+        elif not name_matches(name, target_modules):
+            continue
+        if name_matches(name, exclude_modules):
+            continue
+        if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save):
+            continue
+        if layers is not None and layer_index(name, layers_pattern) not in layers:
+            continue
+        found.append(name)
+    if not found:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module"
+            + (f" (after exclude_modules={exclude_modules!r})" if exclude_modules else "")
+            + (f" in layers {sorted(layers)}" if layers is not None else "")
+            + f". Layers that can be adapted: {_summarise(wrappable_names(model))}."
+        )
+    return found
+
+
+def _summarise(names: list[str]) -> str:
+    """Short names (last component) with one full example each, so the message stays readable."""
+    by_suffix: dict[str, str] = {}
+    for name in names:
+        by_suffix.setdefault(name.split(".")[-1], name)
+    return ", ".join(f"{suffix} (e.g. {full})" if suffix != full else suffix for suffix, full in by_suffix.items())

@@ -1,0 +1,194 @@
+"""One autograd function for a LoRA-wrapped (quantized) linear layer: base + LoRA, forward and backward.
+
+Forward (x ``(M, in)``, W ``(out, in)`` frozen, A ``(r, in)``, B ``(out, r)``, mask m of inverted dropout)::
+
+    xa = (x ⊙ m) Aᵀ                      (M, r)    kept for backward (``A x`` is computed once)
+    h  = x Wᵀ + b + s · xa Bᵀ             (M, out)  one matmul + one addmm, no (M, out) temporaries
+
+Backward (g = dL/dh)::
+
+    dB = s · gᵀ xa                       dA = (s · g B)ᵀ (x ⊙ m)          db = Σ_rows g
+    dx = g W + ((s · g B) A) ⊙ m
+
+What is kept for backward: x (only when A trains — LoRA-FA keeps nothing of size ``in``) and xa. Not
+kept: the dequantized W (rebuilt from the 4-bit storage in backward, as QLoRA does), the dropped-out
+input (the mask is regenerated from a seed, as in :mod:`slimtune.methods.lora_fa`), the base output.
+Since q/k/v (and gate/up) share their input x, keeping x instead of a per-layer ``dropout(x)`` copy
+saves activation memory whenever dropout is on. A 4-bit base on CUDA uses the Triton kernels of
+:mod:`slimtune.perf.kernels` (W decoded inside the matmul; the batch-1 GEMV in generation); elsewhere W is
+dequantized by the pure-torch reference for the duration of one matmul.
+
+Dtypes follow :class:`~slimtune.methods.lora.LoraLinear` exactly: under autocast every matmul runs in
+the autocast dtype; otherwise the base runs in its compute dtype (quantized) or the weight's dtype and
+the LoRA branch in the adapter's dtype. :func:`use_fused_lora` switches a model's LoRA linear layers
+to this function; layers it cannot serve (several active adapters, GPT-2 ``Conv1D``, a trainable base
+weight, extra forward arguments) keep the original forward call by call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimtune.core.dropout import draw_seed, dropout_mask
+from slimtune.methods.lora_layers import LoraLinear
+from slimtune.perf import kernels
+from slimtune.quant.linear import Linear4bit, QuantizedLinear
+
+__all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "FusedLoraForward"]
+
+
+def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Tensor:
+    """``t Wᵀ`` (forward) or ``t W`` (backward) for the frozen base weight, in ``t``'s dtype."""
+    if isinstance(base, Linear4bit):
+        return kernels.matmul_4bit(t, kernels.weight_4bit(base), transpose)
+    weight = base.dequantize(t.dtype) if isinstance(base, QuantizedLinear) else base.weight.to(t.dtype)
+    return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, bias, base, scaling, p, seed, dtypes):
+        mm_dtype, out_dtype, lora_dtype = dtypes
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        xb = x2.to(mm_dtype)
+        if (isinstance(base, Linear4bit) and xb.shape[0] == 1 and base.in_features % 2 == 0
+                and kernels.use_triton_for(xb.device, None)):
+            out = kernels.gemv_4bit(xb, kernels.weight_4bit(base))  # batch-1 generation
+        else:
+            out = _base_matmul(xb, base, transpose=True)  # (M, out)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        out = out.to(out_dtype)
+        xl = x2.to(lora_dtype)
+        if p:
+            xl = xl * dropout_mask(xl, p, seed)
+        xa = xl @ lora_A.to(lora_dtype).T  # (M, r)
+        if lora_dtype == out.dtype:
+            out.addmm_(xa, lora_B.to(lora_dtype).T, alpha=scaling)
+        else:  # LoraLinear's rounding: the LoRA term in its own dtype, then cast
+            out = out + (xa @ lora_B.to(lora_dtype).T * scaling).to(out.dtype)
+        ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = base, scaling, p, seed, dtypes
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.save_for_backward(x2 if lora_A.requires_grad else None, xa if lora_B.requires_grad else None,
+                              lora_A, lora_B)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, lora_A, lora_B = ctx.saved_tensors
+        mm_dtype, _, lora_dtype = ctx.dtypes
+        s = ctx.scaling
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (M, out)
+        grad_x = grad_A = grad_B = grad_bias = None
+        gl = g.to(lora_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_B = (gl.T @ xa).mul_(s).to(lora_B.dtype)  # (out, r)
+        need_x, need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_x or need_A:
+            g_xa = (gl @ lora_B.to(lora_dtype)).mul_(s)  # (M, r) = dL/d(xa)
+            mask = dropout_mask(g_xa.new_empty(g.shape[0], lora_A.shape[1]), ctx.p, ctx.seed) if ctx.p else None
+            if need_A:
+                xl = x2.to(lora_dtype)
+                grad_A = (g_xa.T @ (xl * mask if mask is not None else xl)).to(lora_A.dtype)  # (r, in)
+            if need_x:
+                grad_x = _base_matmul(g.to(mm_dtype), ctx.base, transpose=False).to(ctx.x_dtype)  # (M, in)
+                lora_x = g_xa @ lora_A.to(lora_dtype)
+                grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
+                grad_x = grad_x.reshape(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_bias = g.sum(0).to(ctx.base.bias.dtype)
+        return grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None
+
+
+def _dtypes(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(base matmul dtype, output dtype, LoRA-branch dtype), as LoraLinear's forward would produce them."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    auto = torch.get_autocast_dtype(device_type) if autocast else None
+    if isinstance(base, QuantizedLinear):
+        mm = auto or base.compute_dtype
+        return mm, x.dtype, auto or lora_A.dtype
+    mm = auto or x.dtype
+    return mm, mm, auto or lora_A.dtype
+
+
+def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      scaling: float, dropout_p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    """``base(x) + scaling · dropout(x) Aᵀ Bᵀ`` in one autograd node (see the module docstring).
+
+    ``base``: an ``nn.Linear`` or a slimtune :class:`~slimtune.quant.QuantizedLinear` whose weight is
+    frozen (its bias may train). ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``. ``seed`` fixes the
+    dropout mask (drawn from the global RNG when None).
+    """
+    if isinstance(base, nn.Linear) and base.weight.requires_grad:
+        raise ValueError("fused_lora_linear needs a frozen base weight (LoRA freezes it); this nn.Linear's weight "
+                         "requires grad. Freeze it (weight.requires_grad_(False)) or use the unfused layer.")
+    if not isinstance(base, (nn.Linear, QuantizedLinear)):
+        raise TypeError(f"fused_lora_linear wraps nn.Linear or a slimtune QuantizedLinear, not {type(base).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+    if dropout_p and seed is None:
+        seed = draw_seed()
+    return _FusedLoraLinear.apply(x, lora_A, lora_B, base.bias, base, float(scaling), float(dropout_p), seed,
+                                  _dtypes(x, base, lora_A))
+
+
+class FusedLoraForward:
+    """Replacement ``forward`` of one :class:`LoraLinear` (set as an instance attribute by :func:`use_fused_lora`).
+
+    Falls back to the class's forward for what the fused function does not cover.
+    """
+
+    def __init__(self, layer: LoraLinear) -> None:
+        self.layer = layer
+
+    def fallback_reason(self, args: tuple, kwargs: dict) -> str | None:
+        layer = self.layer
+        base = layer.base_layer
+        if args or kwargs:
+            return "extra forward arguments"
+        if len(layer.unmerged_active()) != 1:
+            return "not exactly one active unmerged adapter"
+        if not isinstance(base, (nn.Linear, QuantizedLinear)):
+            return f"base layer {type(base).__name__}"
+        if isinstance(base, nn.Linear) and base.weight.requires_grad:
+            return "trainable base weight"
+        dropout = layer.lora_dropout[layer.unmerged_active()[0]]
+        if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+            return f"dropout module {type(dropout).__name__}"
+        return None
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer
+        if self.fallback_reason(args, kwargs) is not None:
+            return type(layer).forward(layer, x, *args, **kwargs)
+        name = layer.unmerged_active()[0]
+        dropout = layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
+        return fused_lora_linear(x, layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                 layer.scaling[name], p)
+
+
+def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
+    """Route every :class:`LoraLinear` of ``model`` (and subclasses keeping its forward, e.g. Delta-LoRA)
+    through :func:`fused_lora_linear`, or back with ``enabled=False``. Returns the number of layers changed.
+
+    Layers whose equation differs (DoRA, LoRA-FA: ``fusable`` is False) are left alone.
+    """
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or not module.fusable:
+            continue
+        installed = isinstance(module.__dict__.get("forward"), FusedLoraForward)
+        if enabled and not installed:
+            module.forward = FusedLoraForward(module)
+            changed += 1
+        elif not enabled and installed:
+            del module.forward
+            changed += 1
+    if enabled and not changed and not any(isinstance(m.__dict__.get("forward"), FusedLoraForward)
+                                           for m in model.modules()):
+        raise ValueError("use_fused_lora found no LoRA linear layer to fuse; add a LoRA adapter first "
+                         "(slimtune.inject(model, LoraConfig(...))). DoRA and LoRA-FA layers keep their own forward.")
+    return changed

@@ -1,0 +1,65 @@
+"""Triton kernel: 4-bit matrix-vector product for batch-1 generation, ``y = W x`` with W ``(out, in)`` packed.
+
+Generation at batch 1 is bound by reading the weight, so the kernel reads every packed byte exactly once
+and never writes a dequantized copy: one program owns ``BN`` output rows and walks ``in`` in chunks of
+``BKH`` bytes (``2·BKH`` weights)::
+
+    byte = packed[o · in/2 + j]          # weights (o, 2j) in the high nibble, (o, 2j + 1) in the low one
+    y[o] += (code[byte >> 4] · x[2j] + code[byte & 15] · x[2j + 1]) · scale[(o · in + 2j) // blocksize]
+
+in fp32, with the double-quantized scales decoded in place (1/blocksize byte per weight instead of
+4/blocksize). Traffic: 0.5 + 1/64 byte per weight for NF4 + DQ at blocksize 64, against 2 bytes for a
+bf16 weight, so the bandwidth limit is ~3.9× a bf16 GEMV. ``in_features`` must be even (a byte never
+straddles two rows) and there may be up to 16 rows of x (the second grid axis).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slimtune.perf.kernels.nf4_dequant import block_scale, interpreting, kernel_dtype, scale_args
+from slimtune.quant.nf4 import NESTED_BLOCKSIZE
+
+
+@triton.jit
+def _gemv_4bit_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, y_ptr,
+                      N, K, stride_xm, stride_ym,
+                      BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+                      BN: tl.constexpr, BKH: tl.constexpr):
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)  # row of x
+    o = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)  # (BN,) output features
+    half_k = K // 2
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for j0 in range(0, half_k, BKH):
+        j = (j0 + tl.arange(0, BKH)).to(tl.int64)  # (BKH,) byte column
+        mask = (o[:, None] < N) & (j[None, :] < half_k)
+        b = o[:, None] * half_k + j[None, :]  # (BN, BKH) byte number in the packed weight
+        packed = tl.load(packed_ptr + b, mask=mask, other=0).to(tl.int32)
+        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, (2 * b) // BLOCKSIZE, mask,
+                            DOUBLE_QUANT, NESTED)
+        x_even = tl.load(x_ptr + row * stride_xm + 2 * j, mask=j < half_k, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + row * stride_xm + 2 * j + 1, mask=j < half_k, other=0.0).to(tl.float32)
+        part = tl.load(code_ptr + (packed >> 4)) * x_even[None, :] + tl.load(code_ptr + (packed & 15)) * x_odd[None, :]
+        acc += tl.sum(part * scale, axis=1)
+    tl.store(y_ptr + row * stride_ym + o, acc.to(y_ptr.dtype.element_ty), mask=o < N)
+
+
+def gemv_4bit_triton(x: torch.Tensor, w) -> torch.Tensor:
+    """Kernel version of :func:`slimtune.perf.kernels.gemv_4bit` (same arguments)."""
+    out_f, in_f = w.shape
+    xs = x.reshape(-1, in_f)
+    if xs.stride(-1) != 1:
+        xs = xs.contiguous()
+    rows = xs.shape[0]
+    y = torch.empty((rows, out_f), dtype=kernel_dtype(x.dtype), device=x.device)
+    absmax, nested_absmax, nested_code, offset = scale_args(w)
+    bn, bkh = (16, 128) if interpreting() else (8, 256)
+    grid = (triton.cdiv(out_f, bn), rows)
+    if rows and out_f:
+        _gemv_4bit_kernel[grid](xs, w.packed, w.code.float(), absmax, nested_absmax, nested_code, offset, y,
+                                out_f, in_f, xs.stride(0), y.stride(0), BLOCKSIZE=w.blocksize,
+                                DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE, BN=bn, BKH=bkh)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)

@@ -1,0 +1,191 @@
+"""Cross-entropy from the last hidden states and the output weight, in chunks of tokens: the full
+``(tokens, vocab)`` fp32 logits never exist (at 2048 tokens × 128,256 vocab they are 1 GiB, plus as
+much again for their gradient).
+
+For each chunk of ``C`` label tokens (``h`` ``(C, H)``, ``W`` ``(V, H)``, targets ``y``)::
+
+    z    = (h Wᵀ + b) in fp32            (C, V)   the only vocabulary-sized buffer, freed per chunk
+    loss = Σ logsumexp(z) − z[y]
+    dz   = softmax(z) − onehot(y)        (times 1/N for the mean)     computed right away, in place:
+    dh   = dz W          dW += dzᵀ h     db += Σ dz                  stored until backward
+
+so the forward does the three matmuls of forward + backward (the trick of Liger-Kernel's fused linear
+cross-entropy) and backward only scales the stored gradients by ``dL/dloss``. Tokens whose label is
+``ignore_index`` (-100) are skipped before any matmul. Matches ``F.cross_entropy(h Wᵀ + b, y,
+ignore_index=-100)`` to fp32 rounding ("mean" of zero tokens is NaN, as there).
+
+:func:`causal_lm_loss` runs a transformers causal LM's decoder and applies this to its output layer;
+an output layer that is not a plain ``nn.Linear`` (a LoRA-wrapped or trainable-copy ``lm_head``) is
+handled by checkpointing each chunk instead (same memory bound, one more matmul per chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["IGNORE_INDEX", "default_chunk_size", "chunked_cross_entropy", "chunked_head_cross_entropy",
+           "causal_lm_loss"]
+
+IGNORE_INDEX = -100
+_CHUNK_BYTES = 256 << 20  # fp32 logits per chunk
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk's fp32 logits take about 256 MiB (512 tokens at 128,256)."""
+    return max(16, _CHUNK_BYTES // (4 * vocab_size))
+
+
+def _check(hidden: torch.Tensor, labels: torch.Tensor, reduction: str, chunk_size: int | None) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r} is not supported; use 'mean' or 'sum'")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of tokens (or None for the default)")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: labels "
+                         "must have the hidden states' shape without the last (hidden) dimension")
+
+
+def _kept(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions of label tokens, their labels) of the flattened labels; raises on out-of-range labels."""
+    flat = labels.reshape(-1)
+    idx = (flat != ignore_index).nonzero().squeeze(1)
+    y = flat[idx]
+    bad = (y < 0) | (y >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"label {int(y[bad][0])} is outside the vocabulary [0, {vocab}); mark positions without "
+                         f"a target with ignore_index={ignore_index}")
+    return idx, y
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction):
+        h2 = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+        idx, y = _kept(labels, ignore_index, weight.shape[0])
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h2.dtype
+        w = weight.to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # logits and sums: at least fp32
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h2) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        n = idx.numel()
+        scale = 1.0 / n if reduction == "mean" and n else 1.0
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, n, chunk_size):
+                rows, yc = idx[start:start + chunk_size], y[start:start + chunk_size]
+                hc = h2.index_select(0, rows).to(dtype)  # (C, H)
+                z = (hc @ w.T).to(acc)  # (C, V)
+                if bias is not None:
+                    z += bias.to(acc)
+                lse = torch.logsumexp(z, dim=-1)  # (C,)
+                total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+                if need_h or need_w or need_b:
+                    dz = z.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+                    dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
+                    if scale != 1.0:
+                        dz.mul_(scale)
+                    if need_b:
+                        grad_b += dz.sum(0)
+                    dz = dz.to(dtype)
+                    if need_h:
+                        grad_h.index_copy_(0, rows, (dz @ w).to(h2.dtype))
+                    if need_w and dtype == acc:
+                        grad_w.addmm_(dz.T, hc)
+                    elif need_w:  # half-precision matmul, summed over chunks in fp32
+                        grad_w += dz.T @ hc
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.shapes = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
+        return total / n if reduction == "mean" else total  # mean of no tokens: 0/0 = NaN, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        hidden_shape, w_dtype, b_dtype = ctx.shapes
+        dh = (grad_h * grad_loss.to(grad_h.dtype)).reshape(hidden_shape) if grad_h is not None else None
+        dw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
+        db = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
+        return dh, dw, db, None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: torch.Tensor | None = None, chunk_size: int | None = None,
+                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, labels)`` without materializing the logits.
+
+    hidden ``(..., H)``; weight ``(V, H)`` (an output layer's / tied embedding's weight); labels
+    ``hidden.shape[:-1]`` (already shifted for next-token prediction). ``chunk_size`` tokens per chunk
+    (default :func:`default_chunk_size`). ``reduction`` "mean" (over label tokens) or "sum".
+    """
+    _check(hidden, labels, reduction, chunk_size)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the output weight {tuple(weight.shape)} "
+                         "(expected (vocab, hidden))")
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, reduction)
+
+
+def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+    z = head(hc)  # (C, V)
+    return F.cross_entropy(z if z.dtype == torch.float64 else z.float(), yc, reduction="sum")
+
+
+def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                               labels: torch.Tensor, vocab_size: int, chunk_size: int | None = None,
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+    """The same loss for any output module ``head`` (``(C, H) → (C, V)``): each chunk's logits are
+    recomputed in backward (activation checkpointing), so at most one chunk of logits lives at a time."""
+    _check(hidden, labels, reduction, chunk_size)
+    chunk = chunk_size or default_chunk_size(vocab_size)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    idx, y = _kept(labels, ignore_index, vocab_size)
+    total = h2.new_zeros((), dtype=torch.float64 if h2.dtype == torch.float64 else torch.float32)
+    for start in range(0, idx.numel(), chunk):
+        hc = h2.index_select(0, idx[start:start + chunk])
+        yc = y[start:start + chunk]
+        total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if torch.is_grad_enabled()
+                         else _chunk_loss(head, hc, yc))
+    return total / idx.numel() if reduction == "mean" else total
+
+
+_UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
+                   reduction: str = "sum", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token cross-entropy of a transformers causal LM on ``batch`` (``input_ids``, ``labels``, …)
+    without full-vocabulary logits: ``model.get_decoder()`` gives the hidden states, the output layer's
+    weight (``model.get_output_embeddings()``) the logits chunk by chunk.
+
+    Position t is scored on ``labels[:, t + 1]`` (the shift is done here). ``reduction="sum"`` (the
+    trainer divides by the step's label count) or ``"mean"``.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(model, "get_decoder"):
+        raise ValueError(f"{type(model).__name__} has no output embeddings / decoder to split the loss at; "
+                         "use the model's own loss (model(**batch).loss)")
+    config = getattr(model, "config", None)
+    for key in _UNSUPPORTED_HEAD_CONFIG:
+        if getattr(config, key, None) not in (None, 0, 1, 1.0):
+            raise ValueError(f"{type(model).__name__} transforms its logits ({key}={getattr(config, key)!r}); "
+                             "the chunked loss does not: use the model's own loss for this model")
+    if model._forward_pre_hooks or model._forward_hooks:
+        raise ValueError("the model has forward hooks (e.g. prompt tuning) that running its decoder directly would "
+                         "bypass; use the model's own loss (model(**batch).loss)")
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model.get_decoder()(**inputs, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, S, H)
+    # shift by padding the labels (a view of hidden, no copy): position t is scored on labels[t + 1]
+    shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
+    if type(head) is nn.Linear:
+        return chunked_cross_entropy(hidden, head.weight, shifted, head.bias, chunk_size, ignore_index, reduction)
+    vocab = model.config.vocab_size if config is not None else head(hidden[:1, :1]).shape[-1]
+    return chunked_head_cross_entropy(hidden, head, shifted, vocab, chunk_size, ignore_index, reduction)

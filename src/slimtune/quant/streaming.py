@@ -1,0 +1,230 @@
+"""Load a model straight into quantized form, one tensor at a time.
+
+The model is built without allocating its parameters (``init_empty_weights``: parameters on the
+meta device, buffers such as rotary tables real), then each tensor is read from safetensors with
+``safe_open`` and placed: linear weights are quantized as they arrive (full-precision checkpoint +
+``QuantConfig``) or loaded as stored (checkpoints written by slimtune or transformers+bitsandbytes,
+detected per layer from their keys). The full-precision model never exists in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from slimtune.core.dtypes import default_compute_dtype
+from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module
+from slimtune.quant.config import QuantConfig
+from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear
+from slimtune.quant.model import make_quantized_layer, skipped_linear_names
+from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
+
+__all__ = ["init_empty_weights", "load_quantized", "load_in_4bit", "load_quantized_from_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+ModelSource = nn.Module | Callable[[], nn.Module]
+
+
+@contextlib.contextmanager
+def init_empty_weights() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (no memory, no init cost).
+
+    Unlike ``with torch.device("meta")`` buffers stay real, so tables computed in ``__init__``
+    (rotary ``inv_freq``, ...) survive. Uses torch's public parameter-registration hook.
+    """
+
+    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None):
+        if param is None or param.is_meta or type(param) is not nn.Parameter:
+            return None
+        return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _Source:
+    """Tensors by name from a state dict or from safetensors files, read lazily."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, files: list[Path] | None = None,
+                 stack: contextlib.ExitStack | None = None):
+        self._dict = tensors
+        self._where: dict[str, object] = {}
+        if files:
+            for path in files:
+                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+                self._where.update(dict.fromkeys(handle.keys(), handle))
+        self.keys = set(tensors) if tensors is not None else set(self._where)
+        self.used: set[str] = set()
+
+    def get(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        return self._dict[key] if self._dict is not None else self._where[key].get_tensor(key)
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in self.keys if k.startswith(prefix)}
+
+    def resolve(self, name: str, base_prefix: str) -> str | None:
+        """The checkpoint key of model tensor ``name`` (tolerating a missing or extra base prefix)."""
+        candidates = [name]
+        if base_prefix:
+            candidates += [f"{base_prefix}.{name}", name.removeprefix(base_prefix + ".")]
+        return next((c for c in candidates if c in self.keys), None)
+
+    def resolve_prefix(self, name: str, base_prefix: str) -> str | None:
+        for cand in [name] + ([f"{base_prefix}.{name}", name.removeprefix(base_prefix + ".")] if base_prefix else []):
+            if cand + ".weight" in self.keys:
+                return cand + "."
+        return None
+
+
+def _safetensors_files(paths: str | os.PathLike | list) -> list[Path]:
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(item.glob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"no *.safetensors file in {item}")
+            files += found
+        elif item.suffix in (".bin", ".pt", ".pth"):
+            raise ValueError(f"{item}: pickle checkpoints can run arbitrary code when loaded; convert it to "
+                             "safetensors (safetensors.torch.save_file) and load that")
+        elif not item.is_file():
+            raise FileNotFoundError(f"checkpoint file {item} does not exist")
+        else:
+            files.append(item)
+    return files
+
+
+def _build(model: ModelSource) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if not callable(model):
+        raise ValueError(f"model must be an nn.Module or a function that builds one, got {type(model).__name__}")
+    with init_empty_weights():
+        return model()
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor, device) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    old = getattr(owner, attr)
+    if tuple(old.shape) != tuple(value.shape):
+        raise ValueError(f"checkpoint tensor for {name!r} has shape {tuple(value.shape)}, the model expects "
+                         f"{tuple(old.shape)}")
+    value = value.to(device=device, dtype=old.dtype)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attr, value, persistent=attr not in owner._non_persistent_buffers_set)
+
+
+def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, config: QuantConfig | None,
+                device, quantize_it: bool) -> None:
+    """Put a quantized layer at ``name``: loaded as stored, or quantized from its full-precision weight."""
+    old = model.get_submodule(name)
+    in_f, out_f = linear_dims(old)
+    has_bias = old.bias is not None
+    stored = source.prefixed(key_prefix) if is_4bit_prefix(source.keys, key_prefix) or \
+        is_8bit_prefix(source.keys, key_prefix) else None
+    if stored is not None:
+        stored = {name + "." + k[len(key_prefix):]: v for k, v in stored.items()}
+        if is_8bit_prefix(stored, name + "."):
+            layer = Linear8bit(in_f, out_f, has_bias, config.resolved_compute_dtype(device) if config else
+                               default_compute_dtype(device), device="meta")
+        else:
+            qs = read_4bit_state(stored, name + ".", (out_f, in_f), [])
+            layer = Linear4bit(in_f, out_f, has_bias, qs["quant_type"], qs["blocksize"], "nested_absmax" in qs,
+                               config.resolved_compute_dtype(device) if config else default_compute_dtype(device),
+                               device="meta")
+        result = layer.load_state_dict({k[len(name) + 1:]: v for k, v in stored.items()}, strict=False, assign=True)
+        if result.missing_keys:
+            raise ValueError(f"quantized checkpoint is missing {[key_prefix + k for k in result.missing_keys]}")
+        layer.to(device)
+    elif quantize_it:
+        w = source.get(key_prefix + "weight").to(device)
+        if is_conv1d(old):
+            w = w.t()  # Conv1D stores (in, out)
+        layer = make_quantized_layer(in_f, out_f, has_bias, config, device, w.dtype)
+        layer.quantize_(w)
+        del w
+        if has_bias:
+            layer.bias = nn.Parameter(source.get(key_prefix + "bias").to(device), requires_grad=False)
+    else:
+        return
+    replace_module(model, name, layer)
+
+
+@torch.no_grad()
+def _load(model: ModelSource, source: _Source, config: QuantConfig | None, device) -> nn.Module:
+    model = _build(model)
+    device = torch.device(device)
+    base = getattr(model, "base_model_prefix", "") or ""
+    skipped = set(skipped_linear_names(model, config)) if config is not None else set()
+    layer_names = [n for n, m in model.named_modules() if is_dense_linear(m) or isinstance(m, QuantizedLinear)]
+    for name in layer_names:
+        key_prefix = source.resolve_prefix(name, base)
+        if key_prefix is None:
+            continue  # tied or absent: reported below if it stays empty
+        stored = is_4bit_prefix(source.keys, key_prefix) or is_8bit_prefix(source.keys, key_prefix)
+        _load_layer(model, name, source, key_prefix, config, device,
+                    quantize_it=not stored and config is not None and name not in skipped)
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    inside = lambda n: n.rpartition(".")[0] in quantized  # noqa: E731
+    for name, _ in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        if inside(name):
+            continue
+        key = source.resolve(name, base)
+        if key is not None:
+            _replace(model, name, source.get(key), device)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if empty:
+        raise ValueError(f"the checkpoint has no tensor for {len(empty)} model entries, e.g. {empty[:5]}; "
+                         "is it the checkpoint of this architecture?")
+    unused = sorted(source.keys - source.used)
+    if unused:
+        logger.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
+    return model.to(device)
+
+
+def load_quantized(model: ModelSource, paths: str | os.PathLike | list, config: QuantConfig | None = None,
+                   device: torch.device | str = "cpu") -> nn.Module:
+    """Build ``model`` (an empty module or a function that builds one) from safetensors file(s)/folder.
+
+    Full-precision linear weights are quantized with ``config`` as they are read (layers named in
+    ``config.skip_modules`` and the output head stay full precision); layers stored quantized
+    (slimtune or transformers+bitsandbytes checkpoints) are loaded as they are, ``config`` optional.
+    """
+    with contextlib.ExitStack() as stack:
+        source = _Source(files=_safetensors_files(paths), stack=stack)
+        return _load(model, source, config, device)
+
+
+def load_in_4bit(model: ModelSource, paths: str | os.PathLike | list, config: QuantConfig | None = None,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """:func:`load_quantized` with a 4-bit ``config`` (default: NF4 + double quant, blocksize 64)."""
+    config = config or QuantConfig()
+    if config.bits != 4:
+        raise ValueError(f"load_in_4bit needs a 4-bit config, got bits={config.bits}; use load_quantized")
+    return load_quantized(model, paths, config, device)
+
+
+def load_quantized_from_state_dict(model: ModelSource, state_dict: Mapping[str, torch.Tensor],
+                                   config: QuantConfig | None = None,
+                                   device: torch.device | str = "cpu") -> nn.Module:
+    """:func:`load_quantized` from an in-memory state dict (full precision or quantized)."""
+    return _load(model, _Source(tensors=state_dict), config, device)

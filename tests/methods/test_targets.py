@@ -1,0 +1,38 @@
+"""Target matching follows PEFT: names/suffixes, full-match regex, all-linear, excludes, layer indexes."""
+
+import pytest
+from tiny_models import tiny_bert_cls, tiny_llama
+
+from slimtune.methods.targets import find_targets, layer_index, name_matches, pattern_value
+
+
+def test_name_matches_suffix_not_substring():
+    assert name_matches("model.layers.0.self_attn.q_proj", ["q_proj"])
+    assert not name_matches("model.layers.0.self_attn.xq_proj", ["q_proj"])
+    assert name_matches("model.layers.0.self_attn.q_proj", r".*\.0\..*q_proj")
+    assert not name_matches("model.layers.0.self_attn.q_proj", r"q_proj")  # regex must match whole name
+
+
+def test_layers_to_transform_and_exclude():
+    model = tiny_llama(layers=3)
+    names = find_targets(model, ["q_proj", "v_proj"], exclude_modules=["v_proj"], layers_to_transform=[0, 2])
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.2.self_attn.q_proj"]
+    assert layer_index("model.layers.12.mlp.up_proj", None) == 12
+    assert layer_index("encoder.layer.3.attention.self.query", "layer") == 3
+
+
+def test_pattern_value_uses_dotted_suffix():
+    assert pattern_value({"v_proj": 2}, "model.layers.0.self_attn.v_proj", 8) == 2
+    assert pattern_value({"v_proj": 2}, "model.layers.0.self_attn.q_proj", 8) == 8
+
+
+def test_nothing_matched_lists_existing_layers():
+    with pytest.raises(ValueError) as err:
+        find_targets(tiny_llama(), ["qkv"])
+    message = str(err.value)
+    assert "'qkv'" in message and "q_proj" in message and "down_proj" in message
+
+
+def test_modules_to_save_are_never_targets():
+    names = find_targets(tiny_bert_cls(), "all-linear", modules_to_save=["classifier"])
+    assert not any("classifier" in n for n in names) and any(n.endswith("query") for n in names)

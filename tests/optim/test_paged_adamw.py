@@ -1,0 +1,87 @@
+"""Paged AdamW: torch.optim.AdamW's updates exactly; states in pinned host memory on a GPU machine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from slimtune.optim import PagedAdamW, make_optimizer
+
+
+def _params(*shapes, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g).to(device)) for s in shapes]
+
+
+def _steps(optimizers, groups, steps=5):
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        for params in zip(*groups):
+            grad = torch.randn(params[0].shape, generator=g).to(params[0].device)
+            for p in params:
+                p.grad = grad.clone()
+        for opt in optimizers:
+            opt.step()
+
+
+@pytest.mark.parametrize("foreach", [False, None])
+def test_updates_equal_torch_adamw_exactly(foreach):
+    ours = _params((13, 7), (50,), (3, 3))
+    exact = copy.deepcopy(ours)
+
+    def groups(ps):
+        return [{"params": ps[:1]}, {"params": ps[1:2], "weight_decay": 0.0}, {"params": ps[2:], "lr": 3e-2}]
+
+    opt = make_optimizer("paged_adamw", groups(ours), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    ref = torch.optim.AdamW(groups(exact), lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, foreach=foreach)
+    _steps([opt, ref], [ours, exact], steps=6)
+    for p, q in zip(ours, exact):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+        assert opt.state[p]["exp_avg"].device.type == "cpu"
+
+
+def test_state_dict_round_trip_and_loading_torch_adamw_state():
+    ours = _params((8, 8))
+    opt = PagedAdamW(ours, lr=1e-2)
+    _steps([opt], [ours], steps=2)
+    twin = copy.deepcopy(ours)
+    loaded = PagedAdamW(twin, lr=1e-2)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _steps([opt, loaded], [ours, twin], steps=2)
+    assert torch.equal(ours[0], twin[0])
+    exact = copy.deepcopy(ours)
+    ref = torch.optim.AdamW(exact, lr=1e-2)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # same state names as torch's AdamW
+    _steps([opt, ref], [ours, exact], steps=1)
+    assert torch.equal(ours[0], exact[0])
+
+
+def test_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="lr=-1"):
+        PagedAdamW(_params((2,)), lr=-1)
+    with pytest.raises(ValueError, match="min_paged_size=-5"):
+        PagedAdamW(_params((2,)), min_paged_size=-5)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = PagedAdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.gpu
+def test_gpu_states_live_in_pinned_host_memory_and_updates_match():
+    big, small = _params((400, 300), (64,), device="cuda")  # 120,000 ≥ 100,000 elements: paged
+    exact = [copy.deepcopy(big), copy.deepcopy(small)]
+    opt = PagedAdamW([big, small], lr=1e-2)
+    ref = torch.optim.AdamW(exact, lr=1e-2, foreach=False)
+    _steps([opt, ref], [[big, small], exact], steps=3)
+    torch.cuda.synchronize()
+    assert opt.state[big]["exp_avg"].device.type == "cpu" and opt.state[big]["exp_avg"].is_pinned()
+    assert opt.state[small]["exp_avg"].device.type == "cuda"
+    assert torch.equal(big, exact[0]) and torch.equal(small, exact[1])
+    eight = make_optimizer("paged_adamw_8bit", [copy.deepcopy(big)], lr=1e-2)
+    _steps([eight], [list(eight.param_groups[0]["params"])], steps=1)
+    assert next(iter(eight.state.values()))["exp_avg_codes"].is_pinned()

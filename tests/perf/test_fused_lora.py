@@ -1,0 +1,154 @@
+"""The fused LoRA autograd function against LoraLinear's forward and against autograd on the formula."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_llama
+
+import slimtune
+from slimtune.perf.fused_lora import FusedLoraForward, dropout_mask, fused_lora_linear, use_fused_lora
+from slimtune.quant import Linear4bit, QuantConfig, quantize
+
+
+def _grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _loss_and_grads(model, ids, seed=0):
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), _grads(model)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_model_matches_unfused(quantized):
+    model = tiny_llama()
+    if quantized:
+        quantize(model, QuantConfig(compute_dtype="float32"))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    init_lora_weights=False))
+    model.train()
+    fused = copy.deepcopy(model)
+    assert use_fused_lora(fused) == 14  # 7 linear layers × 2 decoder layers
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    loss, grads = _loss_and_grads(fused, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for key in grads:
+        torch.testing.assert_close(grads[key], grads_ref[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+
+
+def test_function_matches_autograd_on_the_formula_with_dropout_and_trainable_bias():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16).double().requires_grad_(False)
+    base.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+    s, p, seed = 0.7, 0.3, 1234
+    out = fused_lora_linear(x, base, A, B, s, p, seed)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, A, B, base.bias), g)
+    mask = dropout_mask(x.detach().reshape(-1, 24), p, seed).reshape(x.shape)
+    assert 0 < int((mask == 0).sum()) < mask.numel()  # dropout really drops something
+    ref = F.linear(x, base.weight, base.bias) + s * ((x * mask) @ A.T) @ B.T
+    want = torch.autograd.grad(ref, (x, A, B, base.bias), g)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b, name in zip(got, want, ("x", "A", "B", "bias")):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def _saved(fn):
+    """Shapes of the tensors autograd keeps for backward while ``fn`` runs, and their bytes (shared storage once)."""
+    shapes, storages = [], {}
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()), shapes
+
+
+def test_keeps_only_x_and_xa_and_no_dequantized_weight():
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(64, 48), compute_dtype=torch.float32)
+    x = torch.randn(10, 64, requires_grad=True)
+    A = torch.randn(8, 64, requires_grad=True)
+    B = torch.randn(48, 8, requires_grad=True)
+    _, shapes = _saved(lambda: fused_lora_linear(x, base, A, B, 2.0, dropout_p=0.1))
+    assert sorted(shapes) == sorted([(10, 64), (10, 8), (8, 64), (48, 8)])  # x, A x, and the parameters
+    A.requires_grad_(False)  # LoRA-FA: nothing of size (tokens, in) is kept
+    _, shapes = _saved(lambda: fused_lora_linear(x, base, A, B, 2.0, dropout_p=0.1))
+    assert (10, 64) not in shapes and (48, 64) not in shapes
+
+
+def test_saves_less_than_the_unfused_layer_with_dropout():
+    model = tiny_llama()
+    quantize(model, QuantConfig(compute_dtype="float32"))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
+    model.train()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    unfused, _ = _saved(lambda: model(input_ids=ids, labels=ids).loss)
+    use_fused_lora(model)
+    fused, _ = _saved(lambda: model(input_ids=ids, labels=ids).loss)
+    # q/k/v and gate/up share their input: the fused layers keep it once, not one dropout(x) + mask each
+    assert fused < 0.8 * unfused, (fused, unfused)
+
+
+def test_autocast_bf16_matches_unfused_dtype_and_values():
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    fused = copy.deepcopy(model)
+    use_fused_lora(fused)
+    x = torch.randn(2, 6, 32)
+    for m in (model, fused):
+        m.model.layers[0].self_attn.q_proj.requires_grad_(True)
+    layer, fused_layer = model.model.layers[0].self_attn.q_proj, fused.model.layers[0].self_attn.q_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = layer(x), fused_layer(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fallbacks_and_switching_back():
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    init_lora_weights=False))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"],
+                                                    init_lora_weights=False),
+                    adapter_name="other")
+    layer = model.model.layers[0].self_attn.q_proj
+    use_fused_lora(model)
+    forward = layer.__dict__["forward"]
+    assert isinstance(forward, FusedLoraForward)
+    x = torch.randn(3, 32)
+    layer.set_active(["default", "other"])  # two active adapters: the class's forward runs
+    assert "exactly one" in forward.fallback_reason((), {})
+    torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+    layer.set_active(["default"])
+    assert forward.fallback_reason((), {}) is None
+    torch.testing.assert_close(layer(x), type(layer).forward(layer, x), rtol=1e-6, atol=1e-6)
+    assert use_fused_lora(model, enabled=False) == 2
+    assert "forward" not in layer.__dict__
+    copy.deepcopy(model)  # no bound state left behind
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="no LoRA linear layer"):
+        use_fused_lora(tiny_llama())
+    base = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="frozen base weight"):
+        fused_lora_linear(torch.randn(2, 4), base, torch.randn(2, 4), torch.randn(4, 2), 1.0)
+    with pytest.raises(ValueError, match="dropout_p=1.5"):
+        fused_lora_linear(torch.randn(2, 4), base.requires_grad_(False), torch.randn(2, 4), torch.randn(4, 2), 1.0, 1.5)

@@ -1,0 +1,153 @@
+"""Chunked cross-entropy against F.cross_entropy on full logits, and its memory bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_llama
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import slimtune
+from slimtune.perf.losses import causal_lm_loss, chunked_cross_entropy, chunked_head_cross_entropy, default_chunk_size
+
+
+def _problem(tokens=50, hidden=32, vocab=300, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, hidden, dtype=dtype, generator=g).requires_grad_()
+    w = torch.randn(vocab, hidden, dtype=dtype, generator=g).requires_grad_()
+    b = torch.randn(vocab, dtype=dtype, generator=g).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,), generator=g)
+    y[::3] = -100
+    return h, w, b, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_equals_full_logits_cross_entropy(reduction, chunk_size):
+    h, w, b, y = _problem()
+    ref = F.cross_entropy(h @ w.T + b, y, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    loss = chunked_cross_entropy(h, w, y, b, chunk_size=chunk_size, reduction=reduction)
+    grads = torch.autograd.grad(loss * 3.0, (h, w, b))  # the upstream gradient scales the stored ones
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, 3.0 * want, rtol=1e-12, atol=1e-12)
+
+
+def test_fp32_batched_shape_without_bias_and_frozen_weight():
+    h, w, _, y = _problem(tokens=24, dtype=torch.float32)
+    w.requires_grad_(False)
+    h3, y3 = h.detach().view(2, 12, 32).requires_grad_(), y.view(2, 12)
+    loss = chunked_cross_entropy(h3, w, y3, chunk_size=5)
+    loss.backward()
+    h_ref = h3.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h_ref @ w.T).view(-1, 300), y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h3.grad, h_ref.grad)
+
+
+def test_all_ignored_and_no_grad():
+    h, w, b, y = _problem()
+    y[:] = -100
+    assert torch.isnan(chunked_cross_entropy(h, w, y)).item() and torch.isnan(F.cross_entropy(h @ w.T, y)).item()
+    total = chunked_cross_entropy(h, w, y, reduction="sum")
+    assert total.item() == 0.0
+    assert torch.count_nonzero(torch.autograd.grad(total, h)[0]) == 0
+    with torch.no_grad():
+        _, w2, _, y2 = _problem()
+        assert chunked_cross_entropy(h, w2, y2).item() == pytest.approx(F.cross_entropy(h @ w2.T, y2).item())
+
+
+def test_errors_name_the_bad_value():
+    h, w, b, y = _problem()
+    y[4] = 300
+    with pytest.raises(ValueError, match="label 300 is outside the vocabulary"):
+        chunked_cross_entropy(h, w, y)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        chunked_cross_entropy(h, w, y, reduction="none")
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        chunked_cross_entropy(h, w, y, chunk_size=0)
+    with pytest.raises(ValueError, match="disagree"):
+        chunked_cross_entropy(h, w, y[:-1])
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_materializes_the_full_logits():
+    h, w, b, y = _problem(tokens=400, vocab=1000, dtype=torch.float32)
+    with _LargestTensor() as mode:
+        chunked_cross_entropy(h, w, y, b, chunk_size=32).backward()
+    assert mode.largest <= 32 * 1000 < 267 * 1000  # one chunk of logits; 267 label tokens in all
+    with _LargestTensor() as mode:
+        F.cross_entropy(h @ w.T + b, y).backward()
+    assert mode.largest == 400 * 1000
+    assert default_chunk_size(128256) == 523 and default_chunk_size(10**9) == 16
+
+
+def _model_loss_sum(model, batch):
+    labels = batch["labels"]
+    out = model(**batch)
+    return out.loss * int((labels[:, 1:] != -100).sum())
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    mask = torch.ones_like(ids)
+    mask[1, -3:], labels[1, -3:] = 0, -100  # padding
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_causal_lm_loss_equals_the_models_own_loss(target_modules):
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                               init_lora_weights=False))
+    batch = _batch()
+    ref = _model_loss_sum(model, batch)
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
+    loss = causal_lm_loss(model, batch, chunk_size=5)  # a LoRA lm_head takes the checkpointed-chunk path
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    mean = causal_lm_loss(model, batch, reduction="mean")
+    torch.testing.assert_close(mean, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_head_path_matches_the_weight_path():
+    h, w, b, y = _problem(dtype=torch.float32)
+    head = torch.nn.Linear(32, 300)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    torch.testing.assert_close(chunked_head_cross_entropy(h, head, y, 300, chunk_size=8),
+                               chunked_cross_entropy(h, head.weight, y, head.bias, chunk_size=8))
+
+
+def test_causal_lm_loss_refuses_what_it_would_get_wrong():
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        causal_lm_loss(model, _batch())
+    model = tiny_llama()
+    model.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match="forward hooks"):
+        causal_lm_loss(model, _batch())

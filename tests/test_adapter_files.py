@@ -1,0 +1,157 @@
+"""Adapter files: PEFT key names, atomic writes, and bad input that leaves the model untouched."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import logits, sample_inputs, tiny_llama
+
+import slimtune
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snapshot):
+    types, weights, grads = snapshot
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert model.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert not hasattr(model, "slimtune_state")
+
+
+def _saved_adapter(tmp_path, **kwargs):
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **kwargs))
+    return slimtune.save_adapter(model, tmp_path / "adapter"), model
+
+
+def test_files_use_peft_keys_and_config(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in keys and len(keys) == 8
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["inference_mode"] is True
+    assert list(config) == sorted(config)
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_keys_without_prefix_load(tmp_path):
+    folder, model = _saved_adapter(tmp_path, init_lora_weights=False)
+    path = folder / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k.removeprefix("base_model.model."): f.get_tensor(k) for k in f.keys()}
+    from safetensors.torch import save_file
+    save_file(tensors, path)
+    loaded = slimtune.load_adapter(tiny_llama(), folder)
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-6, rtol=0)
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    assert not any(p.requires_grad for p in slimtune.load_adapter(tiny_llama(), folder).parameters())
+    trainable = slimtune.load_adapter(tiny_llama(), folder, is_trainable=True)
+    assert sum(p.requires_grad for p in trainable.parameters()) == 8
+
+
+def test_target_that_matches_nothing_leaves_model_unchanged():
+    model = tiny_llama()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="matched no module.*q_proj"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["attention"]))
+    _assert_unchanged(model, snapshot)
+
+
+def test_shapes_that_do_not_fit_leave_model_unchanged(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    bigger = tiny_llama()
+    bigger_cfg = bigger.config
+    bigger_cfg.hidden_size = 64
+    from transformers import LlamaForCausalLM
+    other = LlamaForCausalLM(bigger_cfg)
+    snapshot = _snapshot(other)
+    with pytest.raises(ValueError, match=r"has shape \(4, 32\) but the model expects \(4, 64\)"):
+        slimtune.load_adapter(other, folder)
+    _assert_unchanged(other, snapshot)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    model = tiny_llama()
+    snapshot = _snapshot(model)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        slimtune.load_adapter(model, tmp_path / "nowhere")
+    folder, _ = _saved_adapter(tmp_path)
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        slimtune.load_adapter(model, folder)
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        slimtune.load_adapter(model, folder)
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        slimtune.load_adapter(model, folder)
+    _assert_unchanged(model, snapshot)
+
+
+def test_pickle_adapter_is_refused_with_the_reason(tmp_path):
+    folder, model = _saved_adapter(tmp_path, init_lora_weights=False)
+    path = folder / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    torch.save(tensors, folder / "adapter_model.bin")
+    path.unlink()
+    fresh = tiny_llama()
+    snapshot = _snapshot(fresh)
+    with pytest.raises(ValueError, match="pickle.*arbitrary code.*allow_pickle=True"):
+        slimtune.load_adapter(fresh, folder)
+    _assert_unchanged(fresh, snapshot)
+    loaded = slimtune.load_adapter(fresh, folder, allow_pickle=True)
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-6, rtol=0)
+
+
+def test_adapter_with_missing_tensor_is_rejected(tmp_path):
+    folder, _ = _saved_adapter(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if "layers.1.self_attn.v_proj.lora_B" not in k}
+    from safetensors.torch import save_file
+    save_file(tensors, path)
+    model = tiny_llama()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="missing from the file"):
+        slimtune.load_adapter(model, folder)
+    _assert_unchanged(model, snapshot)
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    _, model = _saved_adapter(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot create adapter folder"):
+        slimtune.save_adapter(model, blocker / "adapter")
+
+
+def test_adding_the_same_adapter_name_twice_is_refused():
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already exists"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["v_proj"]))
+
+
+def test_trainable_parameter_report(tmp_path):
+    folder, model = _saved_adapter(tmp_path)
+    report = slimtune.trainable_parameters(model)
+    # q: A (4x32) + B (32x4); v: A (4x32) + B (16x4); two layers
+    assert report.trainable == 2 * (4 * 32 + 32 * 4 + 4 * 32 + 16 * 4)
+    base_total = sum(p.numel() for p in tiny_llama().parameters())
+    assert report.total == base_total + report.trainable
+    assert report.adapter_bytes == (folder / "adapter_model.safetensors").stat().st_size
+    assert f"{report.percent:.4f}%" in str(report)

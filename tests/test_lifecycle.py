@@ -1,0 +1,79 @@
+"""Several adapters on one base: switching, merging one, deleting, and the errors users hit."""
+
+
+import pytest
+import torch
+from multi_adapter_cases import _two_lora_adapters
+from tiny_models import logits, sample_inputs, tiny_llama
+
+import slimtune
+from slimtune.methods.contract import tuner_layers
+from slimtune.methods.layers import TunerLayer
+
+
+def test_switching_reproduces_each_adapters_own_outputs(family):
+    base, singles, multi = family
+    inputs = sample_inputs("llama")
+    assert slimtune.list_adapters(multi) == ["dora", "lora", "vera"]
+    for name in ["vera", "lora", "dora", "lora"]:
+        slimtune.set_adapter(multi, name)
+        expected = logits(singles[name], inputs)
+        assert (expected - logits(base, inputs)).abs().max() > 1e-3
+        torch.testing.assert_close(logits(multi, inputs), expected, atol=1e-5, rtol=0)
+    slimtune.disable_adapter_layers(multi)
+    torch.testing.assert_close(logits(multi, inputs), logits(base, inputs), atol=1e-6, rtol=0)
+    slimtune.enable_adapter_layers(multi)
+    torch.testing.assert_close(logits(multi, inputs), logits(singles["lora"], inputs), atol=1e-5, rtol=0)
+
+
+def test_bad_names_and_requests_are_clear_errors(family):
+    _, _, multi = family
+    slimtune.set_adapter(multi, "lora")
+    for call in (lambda: slimtune.set_adapter(multi, "nope"), lambda: slimtune.delete_adapter(multi, "nope"),
+                 lambda: slimtune.merge_adapter(multi, "nope"),
+                 lambda: slimtune.mixed_batch(multi, ["nope"]).__enter__(),
+                 lambda: slimtune.combine_adapters(multi, ["lora", "nope"], [1, 1], "x")):
+        with pytest.raises(ValueError, match="unknown adapter.*'nope'"):
+            call()
+    with pytest.raises(ValueError, match="'lora' is active.*set_adapter"):
+        slimtune.delete_adapter(multi, "lora")
+    with pytest.raises(ValueError, match="'dora' is DoRA"):
+        slimtune.combine_adapters(multi, ["lora", "dora"], [1, 1], "x")
+    with pytest.raises(ValueError, match="'vera' is VERA"):
+        slimtune.combine_adapters(multi, ["lora", "vera"], [1, 1], "x")
+    with pytest.raises(ValueError, match="needs rank"):
+        slimtune.combine_adapters(multi, ["lora"], [1], "x", combination_type="svd")
+    with pytest.raises(ValueError, match="one weight per adapter"):
+        slimtune.combine_adapters(multi, ["lora"], [1, 2], "x")
+    with pytest.raises(ValueError, match="one adapter name per row"):
+        with slimtune.mixed_batch(multi, ["lora", "dora"]):
+            multi(**sample_inputs("llama", batch=3))
+    assert slimtune.list_adapters(multi) == ["dora", "lora", "vera"]
+
+
+def test_merge_one_then_delete():
+    model = _two_lora_adapters()
+    inputs = sample_inputs("llama")
+    slimtune.set_adapter(model, "a")
+    expected = logits(model, inputs)
+    slimtune.merge_adapter(model, "a")
+    torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
+    assert model.model.layers[0].self_attn.q_proj.merged_adapters == ["a"]
+    with pytest.raises(ValueError, match="merged"):
+        with slimtune.mixed_batch(model, ["a", "b"]):
+            pass
+    slimtune.unmerge_adapter(model)
+    slimtune.set_adapter(model, "b")
+    slimtune.delete_adapter(model, "a")
+    assert slimtune.list_adapters(model) == ["b"]
+    assert not isinstance(model.model.layers[0].self_attn.v_proj, TunerLayer)
+    with pytest.raises(ValueError, match="slimtune.unload"):
+        slimtune.delete_adapter(model, "b")
+
+
+def test_second_all_linear_adapter_joins_the_wrappers_instead_of_wrapping_their_insides():
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=2, target_modules="all-linear"), "a")
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules="all-linear"), "b")
+    layers = dict(tuner_layers(model))
+    assert len(layers) == 14 and all(layer.adapter_names == ["a", "b"] for layer in layers.values())
+    assert not any(".lora_A.a." in n or "base_layer.base_layer" in n for n, _ in model.named_modules())
