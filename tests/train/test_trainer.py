@@ -166,6 +166,23 @@ def test_method_hooks_shape_the_optimizer(tmp_path, tokenizer, token_rows, hooke
                      tokenizer)
 
 
+def test_optimizer_features_from_training_keys(tmp_path, tokenizer, token_rows):
+    """LoRA+ and layer-wise decay are recipe keys that work with any method."""
+    model = lora_model(tokenizer, slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    plus = make_trainer(model, token_rows, tmp_path, tokenizer, loraplus_lr_ratio=8.0, warmup_steps=0,
+                        lr_scheduler="constant")
+    lrs = {g["name"]: g["lr"] for g in plus.optimizer.param_groups}
+    assert lrs == pytest.approx({"lora_A": 1e-2, "lora_B": 8e-2})
+    decayed = make_trainer(model, token_rows, tmp_path, tokenizer, layerwise_lr_decay=0.5, warmup_steps=0,
+                           lr_scheduler="constant")
+    by_depth = {g["depth"]: g["lr"] for g in decayed.optimizer.param_groups}
+    assert by_depth == pytest.approx({1: 1e-2 * 0.25, 2: 1e-2 * 0.5})  # block i of L=2: lr · decay^(L − i)
+    with pytest.raises(ValueError, match="both set: each defines the optimizer's parameter groups"):
+        make_trainer(model, token_rows, tmp_path, tokenizer, loraplus_lr_ratio=8.0, layerwise_lr_decay=0.5)
+    with pytest.raises(ValueError, match="loraplus_lr_ratio=0.5 must be ≥ 1"):
+        TrainingSection(loraplus_lr_ratio=0.5)
+
+
 def test_ctrl_c_asks_to_stop_then_aborts():
     notes = []
     with StopRequest(notes.append) as stop:

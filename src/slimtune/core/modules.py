@@ -2,14 +2,16 @@
 
 - :func:`replace_module`: put a module at a dotted name.
 - Layer geometry: :func:`is_conv1d` (transformers' GPT-2 ``Conv1D``, weight stored ``(in, out)``),
-  :func:`is_dense_linear` (``nn.Linear`` or ``Conv1D``), :func:`linear_dims`, :func:`dense_weight`.
+  :func:`is_dense_linear` (``nn.Linear`` or ``Conv1D``), :func:`linear_dims`, :func:`dense_weight`;
+  :func:`weight_of` / :func:`bias_of` read a layer's ``weight`` / ``bias`` typed as the tensors they are.
 - The model's parts: :func:`output_embedding_name` / :func:`output_head_names` (the output layer) and
-  :func:`block_lists` / :func:`transformer_blocks` (the repeated blocks).
+  :func:`block_lists` / :func:`block_list` / :func:`transformer_blocks` (the repeated blocks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeGuard, cast
 
 import torch
 from torch import nn
@@ -28,12 +30,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> TypeGuard[Conv1D]:
     """transformers' GPT-2 ``Conv1D``: a linear layer computing ``x @ W + b`` with W stored ``(in, out)``."""
     return isinstance(module, Conv1D)
 
 
-def is_dense_linear(module: nn.Module) -> bool:
+def is_dense_linear(module: nn.Module) -> TypeGuard[nn.Linear | Conv1D]:
     """A full-precision linear layer: ``nn.Linear`` or ``Conv1D`` (quantized layers are not)."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
@@ -43,7 +45,18 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     if is_conv1d(module):
         in_features, out_features = module.weight.shape
         return int(in_features), int(out_features)
-    return int(module.in_features), int(module.out_features)
+    # Plain int attributes on every linear-like layer (what nn.Module.__getattr__ returns is typed Tensor | Module).
+    return int(cast(int, module.in_features)), int(cast(int, module.out_features))
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` of a layer that has one (linear-like, embedding): a tensor, never a submodule."""
+    return cast(torch.Tensor, module.weight)
+
+
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` of a linear-like layer: a tensor, or None when the layer has no bias."""
+    return cast("torch.Tensor | None", module.bias)
 
 
 def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -52,7 +65,8 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
     dequantize = getattr(module, "dequantize", None)
     if callable(dequantize) and not isinstance(module, nn.Linear):
         return dequantize(dtype or torch.float32)
-    weight = module.weight.T if is_conv1d(module) else module.weight
+    weight = weight_of(module)
+    weight = weight.T if is_conv1d(module) else weight
     return weight if dtype is None else weight.to(dtype)
 
 
@@ -108,4 +122,11 @@ def transformer_blocks(model: nn.Module, layers_pattern: str | Sequence[str] | N
         if layers_pattern is not None or not found:
             raise
         return found
-    return [(f"{name}.{i}", block) for name in lists for i, block in enumerate(model.get_submodule(name))]
+    return [(f"{name}.{i}", block) for name in lists for i, block in enumerate(block_list(model, name))]
+
+
+def block_list(model: nn.Module, name: str) -> nn.ModuleList:
+    """The block list called ``name`` (one that :func:`block_lists` found)."""
+    blocks = model.get_submodule(name)
+    assert isinstance(blocks, nn.ModuleList)  # block_lists names ModuleLists only
+    return blocks

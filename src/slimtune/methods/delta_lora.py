@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ class DeltaLoraConfig(LoraConfig):
 class DeltaState(nn.Module):
     """Per adapter: B_t, A_t from the last step, and B_K, A_K from just before the first W update."""
 
+    prev_A: torch.Tensor
+    prev_B: torch.Tensor
+    start_A: torch.Tensor
+    start_B: torch.Tensor
+
     def __init__(self, A: torch.Tensor, B: torch.Tensor, delta_lambda: float, start_step: int) -> None:
         super().__init__()
         for name, value in (("prev_A", A), ("prev_B", B), ("start_A", A), ("start_B", B)):
@@ -90,14 +95,18 @@ class DeltaLoraLinear(LoraLinear):
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         super().add_adapter(adapter_name, config, module_name)
         if isinstance(config, DeltaLoraConfig):
-            A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            A, B = self.lora_parameters(adapter_name)
             self.delta_state[adapter_name] = DeltaState(A, B, config.delta_lambda, config.delta_start_step)
+
+    def state_of(self, adapter_name: str) -> DeltaState:
+        """The :class:`DeltaState` of a Delta-LoRA adapter of this layer."""
+        return cast(DeltaState, self.delta_state[adapter_name])  # add_adapter stores one per Delta-LoRA adapter
 
     @torch.no_grad()
     def delta_update(self, adapter_name: str) -> None:
         """After an optimizer step: move W by ``λ s (B A − B_prev A_prev)`` once past the start step."""
-        state = self.delta_state[adapter_name]
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        state = self.state_of(adapter_name)
+        A, B = self.lora_parameters(adapter_name)
         state.steps += 1
         if state.steps <= state.start_step:  # the reference B_K A_K follows until the first update
             state.start_A.copy_(A)
@@ -110,7 +119,7 @@ class DeltaLoraLinear(LoraLinear):
 
     def _add_to_weight(self, adapter_name: str, B: torch.Tensor, A: torch.Tensor, factor: float) -> None:
         """``W += factor · s · B A`` in W's layout; B (out, k), A (k, in)."""
-        weight = self.base_layer.weight
+        weight = self.weight
         delta = B @ A * (factor * self.scaling[adapter_name])
         weight.add_((delta.T if self.fan_in_fan_out else delta).to(weight.dtype))
 
@@ -118,17 +127,17 @@ class DeltaLoraLinear(LoraLinear):
         """Delta-LoRA adapters export the rank-2r LoRA ``[(1+λ)B, −λB_K] [A; A_K]`` (not live tensors)."""
         if adapter_name not in self.delta_state:
             return super().adapter_tensors(adapter_name)
-        state = self.delta_state[adapter_name]
-        A, B, lam = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, state.delta_lambda
+        state = self.state_of(adapter_name)
+        (A, B), lam = self.lora_parameters(adapter_name), state.delta_lambda
         return {"lora_A.weight": torch.cat([A, state.start_A]).detach(),
                 "lora_B.weight": torch.cat([(1 + lam) * B, -lam * state.start_B], 1).detach()}
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.delta_state and adapter_name not in self.merged_adapters:
-            state = self.delta_state[adapter_name]
+            state = self.state_of(adapter_name)
             if state.steps > state.start_step:  # take the updates back out of W
                 with torch.no_grad():
-                    A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+                    A, B = self.lora_parameters(adapter_name)
                     self._add_to_weight(adapter_name, torch.cat([B, -state.start_B], 1),
                                         torch.cat([A, state.start_A]), -state.delta_lambda)
         super().delete_adapter(adapter_name)

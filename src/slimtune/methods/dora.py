@@ -48,10 +48,10 @@ class DoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         dora = [n for n in self.unmerged_active() if n in self.lora_magnitude_vector]
         base, probes = self._base_and_probes(x, dora, *args, **kwargs)  # W x + b, and W Aᵀ for each DoRA norm
-        bias = self.base_layer.bias
+        bias = self.bias
         result = base
         for name in self.unmerged_active():
-            A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            (A, B), dropout = self.lora_modules(name), self.lora_dropout[name]
             lora = B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]  # s B A x̃
             if name in probes:
                 wx = (base if bias is None else base - bias).to(lora.dtype)  # W x
@@ -69,7 +69,7 @@ class DoraLinear(LoraLinear):
     def weight_norm(self, adapter_name: str, wa: torch.Tensor | None = None) -> torch.Tensor:
         """``‖W + s B A‖`` per output row, from the current base weight (merged adapters included);
         ``wa = W Aᵀ`` (out, r) when the forward already has it."""
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight  # (r, in), (out, r)
+        A, B = self.lora_parameters(adapter_name)  # (r, in), (out, r)
         s = self.scaling[adapter_name]
         wa = self._base_matmul(A).T if wa is None else wa
         norm2 = self._base_row_norm2() + 2 * s * (B * wa).sum(1) + s * s * ((B @ (A @ A.T)) * B).sum(1)
@@ -81,12 +81,12 @@ class DoraLinear(LoraLinear):
         if not names or args or kwargs:
             return self.base_layer(x, *args, **kwargs), {}
         flat = x.reshape(-1, x.shape[-1])
-        rows = [self.lora_A[n].weight.detach().to(x.dtype) for n in names]
+        rows = [self.lora_parameters(n)[0].detach().to(x.dtype) for n in names]
         out = self.base_layer(torch.cat([flat, *rows]))
-        bias = self.base_layer.bias
+        bias = self.bias
         probes, start = {}, flat.shape[0]
         for name, r in zip(names, rows):
-            wa = out[start: start + r.shape[0]].detach().to(self.lora_A[name].weight.dtype)
+            wa = out[start: start + r.shape[0]].detach().to(self.lora_parameters(name)[0].dtype)
             probes[name] = (wa if bias is None else wa - bias.to(wa.dtype)).T  # (out, r)
             start += r.shape[0]
         return out[: flat.shape[0]].reshape(*x.shape[:-1], out.shape[-1]), probes
@@ -96,7 +96,7 @@ class DoraLinear(LoraLinear):
         weight = getattr(self.base_layer, "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else rows.dtype
         out = self.base_layer(rows.to(dtype)).to(rows.dtype)
-        bias = self.base_layer.bias
+        bias = self.bias
         return out if bias is None else out - bias.to(out.dtype)
 
     def _base_row_norm2(self) -> torch.Tensor:
@@ -114,8 +114,8 @@ class DoraLinear(LoraLinear):
         """DoRA rows: ``g ⊙ (W x + s B A x)`` with ``g = m / ‖W + s B A‖``."""
         if adapter_name not in self.lora_magnitude_vector:
             return super().mixed_batch_factors(adapter_name)
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight * self.scaling[adapter_name]
-        return A, B, self.magnitude_scale(adapter_name)
+        A, B = self.lora_parameters(adapter_name)
+        return A, B * self.scaling[adapter_name], self.magnitude_scale(adapter_name)
 
     # ---- merging --------------------------------------------------------------------------------
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -124,7 +124,7 @@ class DoraLinear(LoraLinear):
             return super().delta_weight(adapter_name)
         w = dense_weight(self.base_layer).float()
         g = self.magnitude_scale(adapter_name).detach()[:, None]
-        lora = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        lora = self.lora_product(adapter_name)
         delta = (g - 1) * w + g * lora
         return delta.T if self.fan_in_fan_out else delta
 
@@ -139,12 +139,12 @@ class DoraLinear(LoraLinear):
         while self.merged_adapters:
             name = self.merged_adapters[-1]
             g = self._merge_scale.pop(name, None)
-            weight = self.base_layer.weight
+            weight = self.weight
             with torch.no_grad():
                 if g is None:  # a plain LoRA adapter of this layer
                     weight.sub_(LoraLinear.delta_weight(self, name).to(weight.dtype))
                 else:
                     w = weight.T if self.fan_in_fan_out else weight  # (out, in) view
-                    lora = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+                    lora = self.lora_product(name)
                     w.copy_((w.float() / g[:, None] - lora).to(w.dtype))
             self.merged_adapters.pop()

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from slimtune.core.modules import weight_of
 from slimtune.errors import NotMergeableError
 
 
@@ -41,7 +42,7 @@ class TunerLayer(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight: some models read it from the layer they own (T5's ``wo``)."""
-        return self.base_layer.weight
+        return weight_of(self.base_layer)
 
     @property
     def bias(self) -> torch.Tensor | None:

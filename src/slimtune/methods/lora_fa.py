@@ -88,7 +88,7 @@ class LoraFALinear(LoraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            (A, B), dropout = self.lora_modules(name), self.lora_dropout[name]
             x_a = x.to(A.weight.dtype)
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
             if name in self.frozen_A and p > 0 and torch.is_grad_enabled():

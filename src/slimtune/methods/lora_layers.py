@@ -8,6 +8,7 @@ holds the method that picks among them.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,8 @@ class LoraLinear(TunerLayer):
     ``s = alpha / r`` (rsLoRA: ``alpha / √r``). Merging adds ``s · B A`` to W (transposed for Conv1D).
     """
 
-    adapter_attrs = ("lora_A", "lora_B")
-    adapter_values = ("scaling", "lora_dropout")
+    adapter_attrs: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    adapter_values: ClassVar[tuple[str, ...]] = ("scaling", "lora_dropout")
     fusable = True
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -64,7 +65,7 @@ class LoraLinear(TunerLayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, init: bool | str) -> None:
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        a, b = self.lora_parameters(adapter_name)
         if init is False:  # both random: only useful for tests of a non-trivial adapter
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
@@ -75,21 +76,33 @@ class LoraLinear(TunerLayer):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(b)
 
-    def lora_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    def lora_modules(self, adapter_name: str) -> tuple[nn.Linear, nn.Linear]:
+        """The ``(A: in → r, B: r → out)`` layers of one adapter."""
+        # add_adapter puts an nn.Linear in both ModuleDicts, whose items are typed as any nn.Module.
+        return cast(nn.Linear, self.lora_A[adapter_name]), cast(nn.Linear, self.lora_B[adapter_name])
+
+    def lora_parameters(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The live ``(A (r, in), B (out, r))`` of one adapter."""
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        A, B = self.lora_modules(adapter_name)
+        return A.weight, B.weight
+
+    def lora_product(self, adapter_name: str) -> torch.Tensor:
+        """``s · B A`` (out, in): the adapter's change to the weight in nn.Linear's layout."""
+        A, B = self.lora_parameters(adapter_name)
+        return B @ A * self.scaling[adapter_name]
 
     def low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight * self.scaling[adapter_name]
+        A, B = self.lora_parameters(adapter_name)
+        return A, B * self.scaling[adapter_name]
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight * self.scaling[adapter_name]
+        delta = self.lora_product(adapter_name)
         return delta.T if self.fan_in_fan_out else delta  # (out, in) or Conv1D's (in, out)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
-            A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            (A, B), dropout = self.lora_modules(name), self.lora_dropout[name]
             result = result + (B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]).to(result.dtype)
         return result
 
@@ -103,6 +116,7 @@ class LoraEmbedding(TunerLayer):
 
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
     adapter_values = ("scaling",)
+    base_layer: nn.Embedding
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -123,7 +137,7 @@ class LoraEmbedding(TunerLayer):
             nn.init.normal_(self.lora_embedding_B[adapter_name])
         self.active_adapters.append(adapter_name)
 
-    def lora_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    def lora_parameters(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The live ``(A (r, num_embeddings), B (dim, r))`` of one adapter."""
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
 

@@ -30,6 +30,7 @@ from slimtune.methods.prompts import (
     model_dims,
     pad_left,
     shift_positions,
+    transformers_model,
 )
 
 PREFIX_INITS = (None, "zero")
@@ -50,8 +51,8 @@ class PrefixEncoder(PromptModule):
         width = 2 * num_layers * token_dim
         if projection:
             self.embedding = nn.Embedding(p, token_dim)
-            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
-            last = self.transform[-1]
+            first, last = nn.Linear(token_dim, hidden), nn.Linear(hidden, width)
+            self.transform = nn.Sequential(first, nn.Tanh(), last)
             if zero:
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
@@ -86,9 +87,10 @@ class PrefixTuningConfig(PromptLearningConfig):
 
 
 def new_cache(model: nn.Module) -> DynamicCache | EncoderDecoderCache:
-    if model.config.is_encoder_decoder:
-        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
-    return DynamicCache(config=model.config)
+    config = transformers_model(model).config
+    if config.is_encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+    return DynamicCache(config=config)
 
 
 def batch_size(kwargs: dict[str, Any]) -> int:
@@ -148,14 +150,15 @@ class PrefixTuningMethod(PromptLearningMethod):
         if model.training and activation_checkpointing_on(model):
             raise ValueError("prefix tuning does not work with gradient checkpointing (it disables the cache); "
                              "call model.gradient_checkpointing_disable().")
-        p, encoder_decoder = config.num_virtual_tokens, model.config.is_encoder_decoder
+        hf_model = transformers_model(model)
+        p, encoder_decoder = config.num_virtual_tokens, hf_model.config.is_encoder_decoder
         # With use_cache=False a cache handed back by an earlier call (generate does that) is not reused.
         fresh = kwargs.get("use_cache") is False
         if fresh or not is_decoding(kwargs):
             cache = pop_cache(kwargs)
             if fresh or cache is None:
                 cache = new_cache(model)
-            write_prefix(config, cache, prompt(), batch_size(kwargs), model.dtype)
+            write_prefix(config, cache, prompt(), batch_size(kwargs), hf_model.dtype)
             entry = cache_entry(model)
             assert entry is not None
             kwargs[entry[1]] = cache

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer
 
 from slimtune.config import MethodConfig, check_positive_int, check_probability
+from slimtune.core.modules import weight_of
 from slimtune.methods.prompts import (
     PromptLearningConfig,
     PromptLearningMethod,
@@ -34,6 +35,7 @@ from slimtune.methods.prompts import (
     is_decoding,
     pad_left,
     shift_positions,
+    transformers_model,
 )
 
 PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
@@ -47,7 +49,7 @@ def prepend_prompt(model: nn.Module, prompt: nn.Module, p: int, kwargs: dict, to
     if embeds is None:
         if ids is None:
             raise ValueError("prompt tuning needs input_ids or inputs_embeds in the forward call.")
-        embeds = model.get_input_embeddings()(ids)  # (b, n, d)
+        embeds = transformers_model(model).get_input_embeddings()(ids)  # (b, n, d)
     batch, n = embeds.shape[:2]
     virtual = prompt()[:p].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (b, p, d)
     kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)  # (b, p + n, d)
@@ -69,7 +71,8 @@ class VirtualTokenMethod(PromptLearningMethod):
     def rewrite_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
                        kwargs: dict[str, Any]) -> dict[str, Any]:
         p = config.num_virtual_tokens
-        if model.config.is_encoder_decoder:  # the encoder hook prepends; the cross-attention mask must cover P
+        # encoder-decoder: the encoder hook prepends; the cross-attention mask must cover P
+        if transformers_model(model).config.is_encoder_decoder:
             mask, encoded = kwargs.get("attention_mask"), kwargs.get("encoder_outputs")
             source = encoded[0] if encoded is not None else _first(kwargs, "input_ids", "inputs_embeds")
             input_len = None if source is None else source.shape[1] - (p if encoded is not None else 0)
@@ -187,9 +190,9 @@ class PromptTuningMethod(VirtualTokenMethod):
         module = PromptEmbedding(rows, config.token_dim)
         if config.inference_mode or config.prompt_tuning_init == "RANDOM":
             return module
-        words = model.get_input_embeddings()
+        words = transformers_model(model).get_input_embeddings()
         if config.prompt_tuning_init == "SAMPLE_VOCAB":
-            ids = torch.randint(0, words.num_embeddings, (rows,))
+            ids = torch.randint(0, cast(int, words.num_embeddings), (rows,))  # an int attribute of embeddings
         else:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
             text_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
@@ -197,7 +200,7 @@ class PromptTuningMethod(VirtualTokenMethod):
                 raise ValueError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens.")
             ids = torch.tensor((text_ids * math.ceil(rows / len(text_ids)))[:rows])
         with torch.no_grad():
-            module.embedding.weight.copy_(words(ids.to(words.weight.device)).float())
+            module.embedding.weight.copy_(words(ids.to(weight_of(words).device)).float())
         return module
 
 

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
 
 from slimtune.compat import forward_parameters, get_cache
 from slimtune.config import MethodConfig, check_positive_int, default_head
+from slimtune.core.modules import weight_of
 from slimtune.core.state import AdapterState, find_state
 from slimtune.errors import NotMergeableError
 from slimtune.methods.contract import Method
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PROMPT_CONTAINER = "prompt_encoder"  # model attribute holding one prompt module per adapter (PEFT's name)
 
@@ -49,9 +53,16 @@ class PromptLearningConfig(MethodConfig):
         self.modules_to_save = default_head(self.task_type, self.modules_to_save)
 
 
+def transformers_model(model: nn.Module) -> PreTrainedModel:
+    """``model`` typed as the transformers model that prompt methods run on (it has ``config``,
+    ``get_input_embeddings()`` …: :meth:`PromptLearningMethod.check`); the object itself, unchanged."""
+    return cast("PreTrainedModel", model)
+
+
 def model_dims(model: nn.Module) -> dict[str, int | None]:
     """Layer count, hidden size and head count from a transformers config (any naming)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = transformers_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
 
     def first(*names: str) -> int | None:
         return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
@@ -97,7 +108,7 @@ class PromptLearningMethod(Method):
         if not callable(getattr(model, "get_input_embeddings", None)) or getattr(model, "config", None) is None:
             raise TypeError(f"{config.peft_type} needs a transformers model (with .config and "
                             f"get_input_embeddings()); got {type(model).__name__}.")
-        if "inputs_embeds" not in forward_parameters(model) and not model.config.is_encoder_decoder:
+        if "inputs_embeds" not in forward_parameters(model) and not transformers_model(model).config.is_encoder_decoder:
             raise TypeError(f"{type(model).__name__}.forward takes no inputs_embeds, so virtual tokens cannot be "
                             "prepended; use LoRA or (IA)³ on this model.")
         self.fill_dims(model, config)
@@ -120,7 +131,7 @@ class PromptLearningMethod(Method):
         if container is None:
             container = nn.ModuleDict()
             setattr(model, PROMPT_CONTAINER, container)
-        container[adapter_name] = module.to(model.get_input_embeddings().weight.device)
+        container[adapter_name] = module.to(weight_of(transformers_model(model).get_input_embeddings()).device)
         self._install_hooks(model, state)
 
     def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
@@ -156,8 +167,9 @@ class PromptLearningMethod(Method):
         kept in the state under this method's peft_type."""
         handles = state.shared.setdefault(self.peft_type, {})
         targets = [(self.input_module(model), "inputs")]
-        if model.config.is_encoder_decoder:
-            targets.append((model.get_encoder(), "encoder"))
+        hf_model = transformers_model(model)
+        if hf_model.config.is_encoder_decoder:
+            targets.append((hf_model.get_encoder(), "encoder"))
         for module, role in targets:
             if role not in handles:
                 hook = functools.partial(self._rewrite_call, model, role)
@@ -236,6 +248,7 @@ def shift_positions(kwargs: dict, p: int, prepend: bool) -> None:
 class PromptModule(nn.Module):
     """Holds ``embedding`` (+ optional encoder heads); ``forward()`` gives the prompt rows."""
 
+    embedding: nn.Embedding
     head_names: tuple[str, ...] = ()
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:

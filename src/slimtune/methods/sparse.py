@@ -196,6 +196,8 @@ class SelectiveMethod(SparseMethod):
 
     def select(self, model: nn.Module, config: MethodConfig) -> list[str]:
         assert isinstance(config, SelectiveConfig)
+        layers = config.layers_to_transform
+        assert not isinstance(layers, int)  # __post_init__ made a one-element list of a single index
         chosen = []
         for name, _ in self.eligible(model, config):
             module_name = name.rpartition(".")[0]
@@ -205,8 +207,7 @@ class SelectiveMethod(SparseMethod):
             everything = config.target_modules is None and config.target_parameters is None
             if not (by_module or by_param or everything):
                 continue
-            if config.layers_to_transform is not None and \
-                    layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+            if layers is not None and layer_index(name, config.layers_pattern) not in layers:
                 continue
             chosen.append(name)
         if not chosen:

@@ -77,6 +77,9 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
 class VeraProjection(nn.Module):
     """The frozen random pair one VeRA adapter shares across layers (buffers, not in the model's state dict)."""
 
+    vera_A: torch.Tensor  # (r, max_in)
+    vera_B: torch.Tensor  # (max_out, r)
+
     def __init__(self, r: int, max_in: int, max_out: int, seed: int, device=None) -> None:
         super().__init__()
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -171,17 +174,19 @@ class VeraMethod(LayerMethod):
         super().add(model, config, adapter_name, state)
         layers = [m for _, m in tuner_layers(model) if isinstance(m, VeraLinear) and adapter_name in m.adapter_names]
         holder = _holder(model)
-        holder[adapter_name] = VeraProjection(config.r, max(m.in_features for m in layers),
-                                              max(m.out_features for m in layers), config.projection_prng_key,
-                                              device=layers[0].vera_lambda_b[adapter_name].device)
+        projection = VeraProjection(config.r, max(m.in_features for m in layers), max(m.out_features for m in layers),
+                                    config.projection_prng_key, device=layers[0].vera_lambda_b[adapter_name].device)
+        holder[adapter_name] = projection
         for layer in layers:
-            layer.vera_projection[adapter_name] = holder[adapter_name]
+            layer.vera_projection[adapter_name] = projection
 
     def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
         holder = model._modules.get(HOLDER)
-        if holder is not None and adapter_name in holder:
+        if not isinstance(holder, nn.ModuleDict):  # absent (the holder is always a ModuleDict, see _holder)
+            return
+        if adapter_name in holder:
             del holder[adapter_name]
-        if holder is not None and not len(holder):
+        if not len(holder):
             delattr(model, HOLDER)
 
     def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
@@ -190,6 +195,7 @@ class VeraMethod(LayerMethod):
         if not config.save_projection:
             return {}
         projection = _holder(model)[adapter_name]
+        assert isinstance(projection, VeraProjection)  # add() puts one there per adapter
         return {"base_model.vera_A": projection.vera_A, "base_model.vera_B": projection.vera_B}
 
 

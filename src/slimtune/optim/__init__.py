@@ -61,7 +61,7 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str
     unknown = sorted(set(options) - set(_OPTIONS[key]))
     if unknown:
         raise ValueError(f"optimizer {key!r} takes no option(s) {unknown}; it accepts {list(_OPTIONS[key])}")
-    common = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    common: dict[str, Any] = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if key == "adamw":
         return torch.optim.AdamW(params, **common, **options)
     if key == "paged_adamw":

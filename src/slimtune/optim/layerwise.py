@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from slimtune.core.modules import block_lists
+from slimtune.core.modules import block_list, block_lists
 
 EMBEDDING_NAMES = ("embed_tokens", "embed_positions", "wte", "wpe", "embeddings", "shared", "word_embeddings")
 
@@ -27,7 +27,7 @@ def parameter_depths(model: nn.Module, layers_pattern: str | Sequence[str] | Non
     offsets, total = {}, 0
     for name in lists:
         offsets[name] = total
-        total += len(model.get_submodule(name))
+        total += len(block_list(model, name))
     depths = {}
     for name, _ in model.named_parameters():
         depth = total + 1

@@ -7,6 +7,7 @@ logs; pass the list to any torch optimizer, or set ``training.loraplus_lr_ratio`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ def loraplus_param_groups(
 
 def create_loraplus_optimizer(
     model: nn.Module,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,  # a class taking (params, lr=, …)
     lr: float = 2e-4,
     loraplus_lr_ratio: float = 16.0,
     loraplus_lr_embedding: float = 1e-6,

@@ -114,6 +114,7 @@ class CheckpointedForward:
     def __init__(self, layer: nn.Module, offload: bool) -> None:
         self.layer, self.offload = layer, offload
         self.inner = layer.__dict__.get("forward")  # an existing instance-level forward, else the class's
+        self.signature: inspect.Signature | None
         try:
             self.signature = inspect.signature(self.inner or type(layer).forward.__get__(layer))
         except (TypeError, ValueError):  # a builtin without a signature

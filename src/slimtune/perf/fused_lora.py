@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from slimtune.core.dropout import draw_seed, dropout_mask
+from slimtune.core.modules import weight_of
 from slimtune.methods.lora_layers import LoraLinear
 from slimtune.perf import kernels
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
@@ -42,7 +43,7 @@ def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Ten
     """``t Wᵀ`` (forward) or ``t W`` (backward) for the frozen base weight, in ``t``'s dtype."""
     if isinstance(base, Linear4bit):
         return kernels.matmul_4bit(t, kernels.weight_4bit(base), transpose)
-    weight = base.dequantize(t.dtype) if isinstance(base, QuantizedLinear) else base.weight.to(t.dtype)
+    weight = base.dequantize(t.dtype) if isinstance(base, QuantizedLinear) else weight_of(base).to(t.dtype)
     return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
 
 
@@ -166,8 +167,8 @@ class FusedLoraForward:
         name = layer.unmerged_active()[0]
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
-        return fused_lora_linear(x, layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                                 layer.scaling[name], p)
+        A, B = layer.lora_parameters(name)
+        return fused_lora_linear(x, layer.base_layer, A, B, layer.scaling[name], p)
 
 
 def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
@@ -181,11 +182,12 @@ def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
         if not isinstance(module, LoraLinear) or not module.fusable:
             continue
         installed = isinstance(module.__dict__.get("forward"), FusedLoraForward)
+        layer: nn.Module = module  # nn.Module types forward as an attribute: the instance's shadows the class's
         if enabled and not installed:
-            module.forward = FusedLoraForward(module)
+            layer.forward = FusedLoraForward(module)
             changed += 1
         elif not enabled and installed:
-            del module.forward
+            del layer.forward
             changed += 1
     if enabled and not changed and not any(isinstance(m.__dict__.get("forward"), FusedLoraForward)
                                            for m in model.modules()):

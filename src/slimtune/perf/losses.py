@@ -92,14 +92,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
                     if scale != 1.0:
                         dz.mul_(scale)
-                    if need_b:
+                    if grad_b is not None:
                         grad_b += dz.sum(0)
                     dz = dz.to(dtype)
-                    if need_h:
+                    if grad_h is not None:
                         grad_h.index_copy_(0, rows, (dz @ w).to(h2.dtype))
-                    if need_w and dtype == acc:
+                    if grad_w is not None and dtype == acc:
                         grad_w.addmm_(dz.T, hc)
-                    elif need_w:  # half-precision matmul, summed over chunks in fp32
+                    elif grad_w is not None:  # half-precision matmul, summed over chunks in fp32
                         grad_w += dz.T @ hc
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.shapes = (hidden.shape, weight.dtype, None if bias is None else bias.dtype)
@@ -167,8 +167,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     Position t is scored on ``labels[:, t + 1]`` (the shift is done here). ``reduction="sum"`` (the
     trainer divides by the step's label count) or ``"mean"``.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not hasattr(model, "get_decoder"):
+    get_head, get_decoder = getattr(model, "get_output_embeddings", None), getattr(model, "get_decoder", None)
+    head = get_head() if get_head is not None else None
+    if head is None or get_decoder is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings / decoder to split the loss at; "
                          "use the model's own loss (model(**batch).loss)")
     config = getattr(model, "config", None)
@@ -181,11 +182,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
                          "bypass; use the model's own loss (model(**batch).loss)")
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model.get_decoder()(**inputs, use_cache=False)
+    out = get_decoder()(**inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, S, H)
     # shift by padding the labels (a view of hidden, no copy): position t is scored on labels[t + 1]
     shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
     if type(head) is nn.Linear:
         return chunked_cross_entropy(hidden, head.weight, shifted, head.bias, chunk_size, ignore_index, reduction)
-    vocab = model.config.vocab_size if config is not None else head(hidden[:1, :1]).shape[-1]
+    vocab = config.vocab_size if config is not None else head(hidden[:1, :1]).shape[-1]
     return chunked_head_cross_entropy(hidden, head, shifted, vocab, chunk_size, ignore_index, reduction)

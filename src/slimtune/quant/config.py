@@ -72,12 +72,16 @@ class QuantConfig:
 
     def skips(self, name: str) -> bool:
         """Whether the module called ``name`` stays in full precision."""
+        skip_modules = self.skip_modules
+        assert skip_modules is not None  # __post_init__ sets the default list
         return any(name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in f".{name}"
-                   for s in self.skip_modules)
+                   for s in skip_modules)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["compute_dtype"] = None if self.compute_dtype is None else dtype_name(self.compute_dtype)
+        if self.compute_dtype is not None:
+            assert isinstance(self.compute_dtype, torch.dtype)  # __post_init__ parsed it
+            d["compute_dtype"] = dtype_name(self.compute_dtype)
         return d
 
     @classmethod

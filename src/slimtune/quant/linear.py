@@ -12,12 +12,14 @@ between the two, so the quantized base costs no activation memory beyond its inp
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimtune.core.dtypes import default_compute_dtype, dtype_name
-from slimtune.core.modules import dense_weight, is_dense_linear
+from slimtune.core.modules import bias_of, dense_weight, is_dense_linear
 from slimtune.quant import int8, nf4
 from slimtune.quant.codebooks import check_quant_type, codebook, dynamic_map
 from slimtune.quant.state import (
@@ -28,6 +30,8 @@ from slimtune.quant.state import (
 )
 
 __all__ = ["QuantizedLinear", "Linear4bit", "Linear8bit", "linear_weight"]
+
+_Layer = TypeVar("_Layer", bound="QuantizedLinear")
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -49,14 +53,22 @@ class _DequantLinear(torch.autograd.Function):
 class QuantizedLinear(nn.Module):
     """Base of the frozen quantized linear layers (what LoRA wraps).
 
-    Subclasses store ``in_features``, ``out_features``, ``bias`` (frozen Parameter or None),
-    ``compute_dtype`` and implement :meth:`dequantize` and :meth:`storage_tensors`.
+    Subclasses store ``in_features``, ``out_features``, ``weight`` (the packed storage), ``bias`` (frozen
+    Parameter or None), ``dtype`` (the original weight's), ``compute_dtype`` and implement
+    :meth:`quantize_`, :meth:`dequantize` and :meth:`storage_tensors`.
     """
 
     in_features: int
     out_features: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
     compute_dtype: torch.dtype
     bits: int
+
+    def quantize_(self, w: torch.Tensor) -> QuantizedLinear:
+        """Fill this layer from the full-precision weight ``w`` (out, in), on ``w``'s device; returns it."""
+        raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default: ``compute_dtype``)."""
@@ -122,10 +134,11 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a {type(self).__name__} "
                              f"({self.out_features}, {self.in_features})")
 
-    def _copy_bias(self, linear: nn.Module) -> QuantizedLinear:
+    def _copy_bias(self: _Layer, linear: nn.Module) -> _Layer:
         """Take a frozen copy of ``linear``'s bias (the original module stays untouched)."""
-        if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        bias = bias_of(linear)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return self
 
     @staticmethod

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimtune.core.modules import is_dense_linear, output_embedding_name, replace_module
+from slimtune.core.modules import bias_of, is_dense_linear, output_embedding_name, replace_module
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
@@ -86,13 +86,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
     for name in names:  # names only: holding the modules would keep every fp32 weight alive
         linear = model.get_submodule(name)
-        w = linear_weight(linear)
-        layer = make_quantized_layer(w.shape[1], w.shape[0], linear.bias is not None, config, w.device, w.dtype)
+        w, bias = linear_weight(linear), bias_of(linear)
+        layer = make_quantized_layer(w.shape[1], w.shape[0], bias is not None, config, w.device, w.dtype)
         layer.quantize_(w)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
         replace_module(model, name, layer)
-        del linear, w, layer
+        del linear, w, bias, layer
     return model
 
 
@@ -106,6 +106,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name in names:
         q = model.get_submodule(name)
+        assert isinstance(q, QuantizedLinear)  # names holds quantized layers only
         w = q.dequantize(dtype or q.dtype)
         linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=False)

@@ -59,8 +59,9 @@ class _Source:
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, files: list[Path] | None = None,
                  stack: contextlib.ExitStack | None = None):
         self._dict = tensors
-        self._where: dict[str, object] = {}
+        self._where: dict[str, safe_open] = {}
         if files:
+            assert stack is not None  # files stay open in the caller's ExitStack
             for path in files:
                 handle = stack.enter_context(safe_open(str(path), framework="pt"))
                 self._where.update(dict.fromkeys(handle.keys(), handle))
@@ -138,6 +139,7 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
     has_bias = old.bias is not None
     stored = source.prefixed(key_prefix) if is_4bit_prefix(source.keys, key_prefix) or \
         is_8bit_prefix(source.keys, key_prefix) else None
+    layer: QuantizedLinear
     if stored is not None:
         stored = {name + "." + k[len(key_prefix):]: v for k, v in stored.items()}
         if is_8bit_prefix(stored, name + "."):
@@ -153,6 +155,7 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
             raise ValueError(f"quantized checkpoint is missing {[key_prefix + k for k in result.missing_keys]}")
         layer.to(device)
     elif quantize_it:
+        assert config is not None  # the caller quantizes only with a config
         w = source.get(key_prefix + "weight").to(device)
         if is_conv1d(old):
             w = w.t()  # Conv1D stores (in, out)

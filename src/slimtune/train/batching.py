@@ -6,7 +6,7 @@ import hashlib
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -73,6 +73,14 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return order
 
 
+class Rows(Protocol):
+    """What batches are drawn from: a length and rows by index (a list, a TokenizedDataset …)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 class BatchIterator:
     """Deterministic, resumable batches over a token dataset.
 
@@ -99,7 +107,7 @@ class BatchIterator:
 
     def __init__(
         self,
-        dataset: Sequence[Any],
+        dataset: Rows,
         batch_size: int,
         seed: int = 0,
         shuffle: bool = True,

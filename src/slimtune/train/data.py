@@ -217,6 +217,7 @@ def load_examples(
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return build_pycode(split, max_examples=max_examples, validation_fraction=validation_fraction)
     named_split = False
+    rows: Iterable[tuple[str, Any]]  # (where, row) pairs
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         path = Path(name).expanduser()

@@ -59,7 +59,7 @@ def default_gguf_path() -> Path:
     if not folders:
         try:  # an unusual install layout: ask the distribution's file list instead
             files = importlib.metadata.files(DEFAULT_MODEL_DISTRIBUTION.split("==")[0]) or []
-            folders = sorted({str(f.locate().parent) for f in files if str(f).endswith(".gguf")})
+            folders = sorted({str(Path(f.locate()).parent) for f in files if str(f).endswith(".gguf")})
         except importlib.metadata.PackageNotFoundError:
             raise FileNotFoundError(f"Package {DEFAULT_MODEL_PACKAGE!r} is not installed. {hint}") from None
     ggufs = sorted(p for folder in folders for p in Path(folder).glob("*.gguf"))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from slimtune.train.recipe import Recipe, RecipeError
 from slimtune.train.run_folder import RunFolder
 from slimtune.train.tokenization import TokenizedDataset, tokenize_examples
 from slimtune.train.trainer import Trainer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -117,13 +120,14 @@ def load_data(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     separate = data.eval_dataset is not None
     train = load_examples(data.dataset, split="all" if separate else "train",
                           validation_fraction=data.validation_fraction, max_examples=data.max_train_examples)
-    evals = load_examples(data.eval_dataset if separate else data.dataset, split="all" if separate else "validation",
+    evals = load_examples(data.dataset if data.eval_dataset is None else data.eval_dataset,
+                          split="all" if separate else "validation",
                           validation_fraction=data.validation_fraction, max_examples=data.max_eval_examples)
     return train, evals
 
 
 # ---- 3. model --------------------------------------------------------------------------------------------
-def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> tuple[nn.Module, Any]:
+def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> tuple[PreTrainedModel, Any]:
     """The base model and tokenizer, quantized as the ``quantization`` section says."""
     model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=recipe.model.dtype, device=device,
                                                 allow_pickle=recipe.model.allow_pickle,
@@ -135,7 +139,7 @@ def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None])
 
 
 # ---- 4. method -------------------------------------------------------------------------------------------
-def add_method(model: nn.Module, recipe: Recipe) -> None:
+def add_method(model: PreTrainedModel, recipe: Recipe) -> None:
     """The recipe's adapter (initialised from ``training.seed``), activation checkpointing, no KV cache."""
     random.seed(recipe.training.seed)
     torch.manual_seed(recipe.training.seed)  # the adapter's initial weights

@@ -93,7 +93,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             return _NO
         key_hint, value_hint = typing.get_args(hint) or (Any, Any)
         return {check(k, key_hint, f"{where} key"): check(v, value_hint, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value, where) if isinstance(value, dict) else _NO
     return value if isinstance(hint, type) and isinstance(value, hint) else _NO
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,15 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class StepMetrics(TypedDict):
+    """What one optimizer step reports (the start of its metrics-log row)."""
+
+    loss: float
+    lr: float
+    grad_norm: float | None  # None without max_grad_norm
+    tokens: int
+
+
 @dataclass
 class TrainerState:
     """What a checkpoint must restore besides tensors (kept JSON-friendly)."""
@@ -164,7 +173,8 @@ def build_optimizer(model: nn.Module, settings: TrainingSection) -> torch.optim.
     groups = training_param_groups(model, settings.learning_rate, method_param_groups(model, settings.learning_rate),
                                    settings.loraplus_lr_ratio, settings.loraplus_lr_embedding,
                                    settings.layerwise_lr_decay)
-    return make_optimizer(settings.optim, groups, lr=settings.learning_rate, betas=tuple(settings.adam_betas),
+    beta1, beta2 = settings.adam_betas  # two numbers (checked by TrainingSection)
+    return make_optimizer(settings.optim, groups, lr=settings.learning_rate, betas=(beta1, beta2),
                           eps=settings.adam_epsilon, weight_decay=settings.weight_decay)
 
 
@@ -207,7 +217,7 @@ class Trainer:
                 self._epoch_iter = None
 
     # ---- one optimizer step -----------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> StepMetrics:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics."""
         micro = [to_device(self._next_batch(), self.device) for _ in range(self.settings.gradient_accumulation_steps)]
         n_labels = sum(label_tokens(b) for b in micro)

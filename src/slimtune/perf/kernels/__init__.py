@@ -59,8 +59,9 @@ class Weight4bit(NamedTuple):
 
     def block_scales(self) -> torch.Tensor:
         """The fp32 per-block scales (pure torch; ``nblocks`` values, 1/64 of the weight)."""
-        if not self.double_quant:
+        if self.nested_absmax is None:  # no double quantization
             return self.absmax.float()
+        assert self.nested_offset is not None  # stored with nested_absmax
         return nf4.double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_code)
 
 

@@ -96,8 +96,8 @@ def matmul_4bit_triton(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
             grid = (triton.cdiv(m, bm) * triton.cdiv(p, 32),)
             _kernel()[grid](*args, BLOCKSIZE=w.blocksize, PRECISION=precision, BM=bm, BP=32, BR=32, GROUP_M=4)
         else:
-            def grid(meta):
+            def tuned_grid(meta):
                 return (triton.cdiv(m, meta["BM"]) * triton.cdiv(p, meta["BP"]),)
 
-            _kernel()[grid](*args, BLOCKSIZE=w.blocksize, PRECISION=precision)
+            _kernel()[tuned_grid](*args, BLOCKSIZE=w.blocksize, PRECISION=precision)
     return c.to(x.dtype).reshape(*x.shape[:-1], p)
