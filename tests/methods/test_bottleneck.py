@@ -19,6 +19,7 @@ from tiny_models import (
 )
 
 import slimtune
+from slimtune.adapterhub.layers import HubSite
 from slimtune.lifecycle import remove_adapter
 from slimtune.methods.bottleneck import BottleneckLinear
 
@@ -136,3 +137,99 @@ def test_merging_is_refused_with_a_reason():
 def test_bad_config_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         slimtune.BottleneckConfig(**kwargs)
+
+
+# ---- AdapterHub placement (its parity with the adapters library: tests/adapterhub/) ---------------------------
+def _sites(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, HubSite))
+
+
+@pytest.mark.parametrize("family, houlsby, pfeiffer", [
+    ("llama", {"self_attn", "mlp"}, {"mlp"}),
+    ("gpt2", {"attn", "mlp"}, {"mlp"}),
+    ("bert", {"attention.output", "0.output", "1.output"}, {"0.output", "1.output"}),
+])
+def test_adapterhub_placement_wraps_the_sub_layers_adapterhub_adapts(family, houlsby, pfeiffer):
+    builder = FAMILIES[family][0]
+    for adapter_type, expected in (("houlsby", houlsby), ("pfeiffer", pfeiffer), ("parallel", pfeiffer)):
+        model = slimtune.add_adapter(builder(), slimtune.BottleneckConfig(placement="adapterhub",
+                                                                          adapter_type=adapter_type))
+        names = _sites(model)
+        assert names and {e for e in expected if any(n.endswith(e) for n in names)} == expected
+        assert all(any(n.endswith(e) for e in expected) for n in names)
+        model(**sample_inputs(family))
+    model = slimtune.add_adapter(builder(), slimtune.BottleneckConfig(placement="adapterhub", leave_out=[0],
+                                                                      reduction_factor={"1": 4, "default": 8}))
+    assert all(".1." in n for n in _sites(model))
+    assert {m.adapters["default"].adapter_up.in_features for m in model.modules() if isinstance(m, HubSite)} == {8}
+
+
+def test_adapterhub_placement_starts_as_the_identity_with_mam_init_and_trains():
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", adapter_type="pfeiffer",
+                                                          reduction_factor=4, init_weights="mam_adapter"))
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+    model.train()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=8, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.05
+    assert_base_unchanged(model, before)
+    assert {n.split(".adapters.")[0].split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} == {"mlp"}
+
+
+def test_new_adapterhub_modules_follow_the_models_mode():
+    model = tiny_gpt2()  # eval mode: the adapter's dropout must be off too
+    slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", dropout=0.5, reduction_factor=4))
+    inputs = sample_inputs("gpt2")
+    torch.testing.assert_close(logits(model, inputs), logits(model, inputs), atol=0, rtol=0)
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"original_ln_before": True}, "original_ln_before=True applies to placement='adapterhub' only"),
+    ({"use_gating": True}, "use_gating=True applies to placement='adapterhub' only"),
+    ({"leave_out": [0]}, "leave_out=\\[0\\] applies to placement='adapterhub' only"),
+    ({"adapter_type": "parallel"}, "adapter_type='parallel' needs placement='adapterhub'"),
+    ({"placement": "inside"}, "placement='inside'"),
+    ({"placement": "adapterhub", "target_modules": ["o_proj"]}, "target_modules applies to placement='projection'"),
+    ({"placement": "adapterhub", "init_std": 0.1}, "init_std=0.1 applies to placement='projection'"),
+    ({"placement": "adapterhub", "residual_before_ln": "post_add"}, "'post_add' needs original_ln_before=True"),
+    ({"placement": "adapterhub", "scaling": "big"}, "scaling='big'"),
+    ({"placement": "adapterhub", "init_weights": "zeros"}, "init_weights='zeros'"),
+    ({"placement": "adapterhub", "reduction_factor": {"0": -1}}, "reduction_factor="),
+    ({"placement": "adapterhub", "mh_adapter": False, "output_adapter": False}, "leave no site"),
+])
+def test_placement_fields_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        slimtune.BottleneckConfig(**kwargs)
+
+
+def test_adapterhub_placement_beside_other_methods():
+    """It wraps whole sub-layers: other methods' layers inside one would be renamed on disk, so that is refused;
+    elsewhere they coexist, and merging the other adapter still works."""
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(target_modules=["q_proj"]), "lora")
+    with pytest.raises(ValueError, match="self_attn holds adapters of another method .*q_proj"):
+        slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub"), "hub")
+    slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", adapter_type="pfeiffer"), "hub")
+    slimtune.merge_adapter(model)  # the LoRA adapter (active): the AdapterHub site has nothing to merge
+    slimtune.unmerge_adapter(model)
+    slimtune.set_adapter(model, "hub")
+    with pytest.raises(slimtune.NotMergeableError, match="non-linearity"):
+        slimtune.merge_adapter(model)
+
+
+def test_post_add_residual_needs_a_post_norm_model():
+    config = slimtune.BottleneckConfig(placement="adapterhub", adapter_type="pfeiffer", residual_before_ln="post_add")
+    with pytest.raises(ValueError, match="post-norm model"):
+        slimtune.add_adapter(tiny_llama(), config)
+    slimtune.add_adapter(FAMILIES["bert"][0](), config)  # BERT: the residual after the model's own addition
+
+
+def test_projection_placement_files_keep_their_fields(tmp_path):
+    model = slimtune.add_adapter(tiny_llama(), slimtune.BottleneckConfig(adapter_type="pfeiffer"))
+    slimtune.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "placement" not in saved and "init_from" not in saved and "original_ln_before" not in saved
+    assert slimtune.config_from_dict(saved).placement == "projection"

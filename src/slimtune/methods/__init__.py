@@ -12,6 +12,7 @@ from slimtune.config import MethodConfig
 from slimtune.methods.bottleneck import BottleneckMethod
 from slimtune.methods.contract import LayerMethod, Method, Registry
 from slimtune.methods.delta_lora import DeltaLoraMethod
+from slimtune.methods.fusion import FusionMethod
 from slimtune.methods.ia3 import IA3Method
 from slimtune.methods.layerdrop import LayerDropMethod
 from slimtune.methods.loha import LohaMethod
@@ -32,6 +33,7 @@ REGISTRY = Registry([
     LohaMethod,
     IA3Method,
     BottleneckMethod,
+    FusionMethod,
     PromptTuningMethod,
     PTuningMethod,
     PrefixTuningMethod,

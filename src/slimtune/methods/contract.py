@@ -81,6 +81,12 @@ class Method:
     def after_optimizer_step(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
         """Runs after each optimizer update while the adapter is active."""
 
+    def checkpoint_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
+        """The live tensors training changes besides the trainable parameters (a base weight the method
+        updates in place, a step counter), by a stable name: a checkpoint saves them, and resuming copies the
+        saved values back into these very tensors, so the run continues exactly."""
+        return {}
+
 
 def tuner_layers(model: nn.Module) -> Iterator[tuple[str, TunerLayer]]:
     for name, module in model.named_modules():
