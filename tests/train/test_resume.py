@@ -7,10 +7,19 @@ import os
 import signal
 
 import pytest
+import torch
 from run_helpers import tiny_recipe, write_recipe
+from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_models import tiny_gpt2, tiny_llama
 
+import slimtune
+from slimtune.adapter_files import adapter_tensors
 from slimtune.cli import main
+from slimtune.methods.fusion import AdapterFusionConfig
+from slimtune.train.batching import BatchIterator
+from slimtune.train.checkpoint import method_tensors
+from slimtune.train.recipe import TrainingSection
 from slimtune.train.trainer import Trainer
 
 
@@ -59,8 +68,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     b = load_file(run / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 28  # 7 linear layers x 2 blocks x (A, B)
     for key in a:
-        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
-    assert losses(tmp_path / "straight") == pytest.approx(losses(run), abs=1e-6)  # steps 1..12, once each
+        assert torch.equal(a[key], b[key]), key  # bit for bit
+    assert losses(tmp_path / "straight") == losses(run)  # steps 1..12, once each, the same to the last bit
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["eval_loss_after"] < summary["eval_loss_before"]
 
@@ -83,3 +92,108 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, c
     assert "already finished" in capsys.readouterr().err
     assert train(recipe_file, "output.overwrite=true") == 0  # replaces the finished run
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
+
+
+# ---- every method x optimizer: N steps straight == N/2, checkpoint, new model, resume, N/2 -------------------
+# Each case builds the adapter on a tiny LLaMA (GPT-2 for BitFit: LLaMA has no biases), with dropout on
+# where the method has it; the LoRA case also trains a copy of lm_head (128 x 32 = 4096 values), so the
+# 8-bit optimizer's quantized states (tensors of >= 4096 values) are in its checkpoints too.
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+METHODS = {
+    "lora": lambda: slimtune.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS,
+                                        modules_to_save=["lm_head"]),
+    "rslora_dora": lambda: slimtune.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True, use_dora=True,
+                                               target_modules=TARGETS),
+    "lora_fa": lambda: slimtune.LoraFAConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS),
+    "delta_lora": lambda: slimtune.DeltaLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, delta_start_step=1),
+    "lora_plus": lambda: slimtune.LoraPlusConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS),
+    "vera": lambda: slimtune.VeraConfig(r=8, vera_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    "loha": lambda: slimtune.LohaConfig(r=4, alpha=8, rank_dropout=0.1, module_dropout=0.1, target_modules=TARGETS),
+    "ia3": lambda: slimtune.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"]),
+    "bottleneck": lambda: slimtune.BottleneckConfig(adapter_type="houlsby", placement="adapterhub", reduction_factor=8,
+                                                    dropout=0.1),
+    "fusion": None,  # two bottleneck adapters and their AdapterFusion (see _add_method)
+    "prompt_tuning": lambda: slimtune.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "p_tuning": lambda: slimtune.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8,
+                                                     encoder_dropout=0.1, task_type="CAUSAL_LM"),
+    "prefix_tuning": lambda: slimtune.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True,
+                                                         encoder_hidden_size=8, task_type="CAUSAL_LM"),
+    "bitfit": lambda: slimtune.BitFitConfig(),
+    "selective": lambda: slimtune.SelectiveConfig(target_parameters=["post_attention_layernorm.weight",
+                                                                     "mlp.up_proj.weight"]),
+    "layerdrop": None,  # LoRA with LayerDrop beside it (its RNG draws must resume too)
+}
+OPTIMIZERS = ["adamw", "adamw_8bit", "paged_adamw"]
+STEPS = 4
+# The trainer's loss cannot train prompt-learning methods today: their virtual tokens lengthen the logits,
+# and loss_sum indexes them with the unlengthened label mask (an IndexError in every `slimtune train` of them).
+PROMPT_LOSS_BUG = pytest.mark.xfail(raises=IndexError, strict=True,
+                                    reason="Trainer.loss_sum: logits include virtual tokens (outside this issue)")
+
+
+def _add_method(case: str):
+    model = (tiny_gpt2 if case == "bitfit" else tiny_llama)(seed=0).train()
+    torch.manual_seed(1)
+    if case == "fusion":
+        for name in ("a", "b"):
+            slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", reduction_factor=8),
+                                 name, activate=False)
+        slimtune.add_adapter(model, AdapterFusionConfig(adapter_names=["a", "b"], dropout_prob=0.1), activate=True)
+    elif case == "layerdrop":
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_dropout=0.1, target_modules=TARGETS))
+        slimtune.apply_layerdrop(model, 0.5)
+    else:
+        slimtune.add_adapter(model, METHODS[case]())
+    return model
+
+
+def _rows(n: int = 12) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, 128, (6 + i % 5,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100, -100] + ids[2:]})
+    return out
+
+
+def _trainer(case: str, optim: str, run_dir) -> Trainer:
+    settings = TrainingSection(max_steps=STEPS, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                               warmup_steps=1, save_every=STEPS // 2, optim=optim, seed=0, weight_decay=0.01)
+    rows = _rows()
+    run_dir.mkdir()
+    batches = BatchIterator(rows, settings.batch_size, seed=0, pad_id=0)
+    return Trainer(_add_method(case), batches, rows[:2], settings, run_dir, torch.device("cpu"), 0,
+                   show_progress=False, log=lambda _: None)
+
+
+def _final(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """What the run ends with: the adapter file's tensors, and what methods change in place (Delta-LoRA's W)."""
+    model = trainer.model
+    out = {f"adapter/{k}": v.detach().clone() for k, v in adapter_tensors(model).items()}
+    out.update({f"method/{k}": v.detach().clone() for k, v in method_tensors(model).items()})
+    return out
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=PROMPT_LOSS_BUG) if c in ("prompt_tuning", "p_tuning") else c
+                                  for c in METHODS])
+def test_resumed_training_ends_bit_identical(case, optim, tmp_path):
+    torch.manual_seed(0)
+    straight = _trainer(case, optim, tmp_path / "straight")
+    assert straight.train()  # saves step-000002 on the way
+    expected = _final(straight)
+    checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{STEPS // 2:06d}"
+    if case == "lora" and optim == "adamw_8bit":  # the copy of lm_head has 8-bit moments: they are checkpointed
+        with safe_open(checkpoint / "tensors.safetensors", "pt") as f:
+            assert any(k.endswith("exp_avg_codes") for k in f.keys())
+
+    torch.manual_seed(123)  # the resumed process starts from another random state: the checkpoint restores it
+    resumed = _trainer(case, optim, tmp_path / "resumed")
+    resumed.resume(checkpoint)
+    assert resumed.state.step == STEPS // 2
+    assert resumed.train()
+    got = _final(resumed)
+    assert got.keys() == expected.keys()
+    different = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

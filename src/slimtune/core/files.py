@@ -1,30 +1,53 @@
 """Files and folders written as one unit: a reader sees the old version or the new one, never a mix.
 
-A file: written to a temporary file beside it, flushed and fsynced, then renamed over the target
-(``os.replace`` is atomic on POSIX), and the folder is fsynced so the rename itself survives a crash.
+A file (:func:`atomic_file`): written to a temporary file beside it, flushed and fsynced, then renamed
+over the target (``os.replace`` is atomic on POSIX), and the folder is fsynced so the rename itself
+survives a crash.
 
-A folder (an adapter, a checkpoint, an exported model), in this order:
+A folder (an adapter, a checkpoint, an exported model; :func:`atomic_folder`), in this order:
 
-1. write everything into ``.<name>.new-<random>`` beside the target; fsync each file and the folder;
-2. if the target exists, rename it to ``.<name>.old-<random>``;
-3. rename the new folder to the target; fsync the parent folder;
-4. delete the old folder.
+1. write everything into ``.<name>.new-<id>`` beside the target; fsync each file and folder in it;
+2. if the target exists, move it into ``.<name>.old-<id>`` (same ``<id>``: the pair belongs together);
+3. rename ``.<name>.new-<id>`` to the target; fsync the parent folder;
+4. delete ``.<name>.old-<id>``.
 
-A crash leaves at most one of these in-between states, which :func:`recover_folder` repairs (every
-loader of such folders calls it first): a ``.new-`` folder with the target present, or without an
-``.old-`` folder, was not finished and is deleted; a ``.new-`` folder next to an ``.old-`` folder
-and no target was complete (step 2 only starts after step 1) and is renamed into place; an ``.old-``
-folder next to the target is a finished replacement's leftover and is deleted.
+The writer holds an exclusive ``flock`` on its ``.new-`` folder until it is done, so a reader can tell a
+live writer from a crashed one. A crash leaves at most one in-between state, which
+:func:`recover_folder` repairs (every loader of such folders calls it first; a folder a live writer
+holds is left alone):
+
+- ``.new-<id>`` with the target present, or with no ``.old-<id>`` beside it: unfinished (steps 1-2) — deleted;
+- ``.old-<id>`` holding the old folder, no target: the crash fell between steps 2 and 3, so
+  ``.new-<id>`` is complete (step 2 only starts after step 1) — renamed into place; without it (deleted
+  by hand) the old folder goes back;
+- ``.old-<id>`` beside the target: a finished replacement's leftover — deleted;
+- ``.<name>.trash-<id>``: a folder :func:`remove_folder` was deleting — deleted.
+
+A half-written folder is therefore never found under the target's name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+
+from slimtune.errors import SaveError
+
+fcntl: ModuleType | None
+try:  # POSIX: a live writer's .new- folder is flock'ed; elsewhere every leftover counts as a crash's
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+CHUNK = 1 << 20  # bytes per os.write: a crash can cut a file between any two of them
 
 
 def cache_root() -> Path:
@@ -34,106 +57,250 @@ def cache_root() -> Path:
 
 
 def fsync_folder(folder: Path) -> None:
-    """Make a rename or file creation inside ``folder`` durable (no-op where folders cannot be opened)."""
+    """Make a rename or file creation inside ``folder`` durable (skipped where folders cannot be opened or
+    fsynced: some file systems answer EINVAL)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Create ``path`` holding ``data``, written in chunks and fsynced (inside a temporary folder or file of
+    the protocol above; on its own it is not atomic)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view[:CHUNK])
+            view = view[written:]
+        os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        elif path.is_dir():
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir() and not path.is_symlink():
             fsync_folder(path)
     fsync_folder(root)
+
+
+def _save_error(error: OSError, what: Path, kept: str) -> SaveError:
+    reason = error.strerror or str(error)
+    hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
+            errno.EROFS: "the file system is read-only: choose a writable location",
+            errno.EACCES: "you lack write permission there: choose a writable location"}.get(
+        error.errno or 0, "choose a writable location with free space")
+    return SaveError(error.errno or errno.EIO, f"cannot write {what}: {reason}; {hint}. {kept}")
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error, the file written there
-    is fsynced and renamed over ``path``. On any error the temporary file is removed and ``path`` is
-    untouched."""
+    is fsynced and renamed over ``path``. On any error the temporary file is removed, ``path`` is untouched,
+    and an OS error is raised as :class:`~slimtune.errors.SaveError` naming ``path``."""
     path = Path(path)
+    kept = f"{path.name} was left as it was." if path.exists() else f"{path.name} was not created."
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as error:
-        raise OSError(error.errno, f"cannot write to {path.parent}: {error.strerror}; choose a writable "
-                                   "output folder") from error
+        raise _save_error(error, path, kept) from error
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         fsync_folder(path.parent)
+    except OSError as error:
+        if isinstance(error, SaveError):
+            raise
+        raise _save_error(error, path, kept) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` as one unit (see :func:`atomic_file`)."""
     with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
+        write_file(tmp, data)
+
+
+def lock_file(fd: int, blocking: bool = False) -> bool | None:
+    """Take an exclusive ``flock`` on ``fd``: True if taken, False if another process holds it, None where
+    the platform or file system has no ``flock`` (then nobody can hold it)."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            return None
+        raise
+    return True
 
 
 @contextlib.contextmanager
 def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``final``; when the block ends without error it replaces
-    ``final`` whole (the protocol in the module docstring). On any error it is removed and ``final``
-    stays as it was."""
+    ``final`` whole (the protocol in the module docstring). On any error it is removed, ``final`` stays as
+    it was, and an OS error is raised as :class:`~slimtune.errors.SaveError` naming ``final``."""
     final = Path(final)
+    kept = f"The previous {final.name} is intact." if final.exists() else f"{final.name} was not created."
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(final)  # a crashed earlier save's leftovers go before this one starts
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
     except OSError as error:
-        raise OSError(error.errno, f"cannot create a folder in {final.parent}: {error.strerror}; choose a "
-                                   "writable output folder") from error
+        raise _save_error(error, final, kept) from error
+    token = tmp.name.rsplit(".new-", 1)[1]
+    old = final.parent / f".{final.name}.old-{token}"
+    lock = os.open(tmp, os.O_RDONLY)
     try:
+        lock_file(lock, blocking=True)
         yield tmp
         _fsync_tree(tmp)
-        old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old.mkdir()
             os.replace(final, old / final.name)  # the old folder moves inside its marker folder
         os.replace(tmp, final)
         fsync_folder(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as error:
+        if not final.exists() and (old / final.name).is_dir():  # failed between steps 2 and 3: put it back
+            with contextlib.suppress(OSError):
+                os.replace(old / final.name, final)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if isinstance(error, OSError) and not isinstance(error, SaveError):
+            raise _save_error(error, final, kept) from error
         raise
+    finally:
+        os.close(lock)
 
 
-def _leftovers(final: Path, kind: str) -> list[Path]:
-    if not final.parent.is_dir():
+def remove_folder(path: str | os.PathLike) -> None:
+    """Delete a folder so that a crash midway never leaves part of it under its name: it is renamed to
+    ``.<name>.trash-<id>`` first (which :func:`recover_folder` deletes), then deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.parent / f".{path.name}.trash-{secrets.token_hex(4)}"
+    os.replace(path, trash)
+    fsync_folder(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old|trash)-(?P<token>[^.]+)$")
+
+
+def leftover_targets(parent: str | os.PathLike) -> list[Path]:
+    """Targets in ``parent`` that have leftovers of an interrupted :func:`atomic_folder` or :func:`remove_folder`."""
+    parent = Path(parent)
+    if not parent.is_dir():
         return []
-    return sorted(p for p in final.parent.glob(f".{final.name}.{kind}-*") if p.is_dir())
+    found = {m.group("name") for p in parent.iterdir() if (m := _LEFTOVER.match(p.name))}
+    return [parent / name for name in sorted(found)]
+
+
+def _leftovers(final: Path) -> dict[str, dict[str, Path]]:
+    """``{kind: {token: path}}`` of the leftovers beside ``final``."""
+    out: dict[str, dict[str, Path]] = {"new": {}, "old": {}, "trash": {}}
+    if final.parent.is_dir():
+        for path in final.parent.iterdir():
+            match = _LEFTOVER.match(path.name)
+            if match and match.group("name") == final.name and path.is_dir() and not path.is_symlink():
+                out[match.group("kind")][match.group("token")] = path
+    return out
+
+
+def _writer_alive(new: Path) -> bool:
+    """Whether a live process still holds ``new`` (an :func:`atomic_folder` in progress)."""
+    try:
+        fd = os.open(new, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return lock_file(fd) is False
+    finally:
+        os.close(fd)
+
+
+def writer_in_progress(final: str | os.PathLike) -> bool:
+    """Whether another live process is writing ``final`` right now."""
+    return any(_writer_alive(p) for p in _leftovers(Path(final))["new"].values())
 
 
 def recover_folder(final: str | os.PathLike) -> bool:
-    """Repair what an interrupted :func:`atomic_folder` left beside ``final``; True if something changed."""
+    """Repair what an interrupted :func:`atomic_folder` or :func:`remove_folder` left beside ``final`` (the
+    rules in the module docstring); True if something changed. Leftovers of a live writer stay."""
     final = Path(final)
-    new, old = _leftovers(final, "new"), _leftovers(final, "old")
+    found = _leftovers(final)
+    live = {token for token, path in found["new"].items() if _writer_alive(path)}
     changed = False
-    moved_aside = [o / final.name for o in old if (o / final.name).is_dir()]
-    if not final.exists() and moved_aside:
-        if new:  # the replacement was complete: step 2 only begins after step 1
-            os.replace(new.pop(), final)
-        else:  # nothing to replace it with: put the old folder back
-            os.replace(moved_aside[-1], final)
-        fsync_folder(final.parent)
+    for token, old in sorted(found["old"].items()):
+        if token in live:
+            continue
+        moved_aside = old / final.name
+        if not final.exists() and moved_aside.is_dir():
+            new = found["new"].pop(token, None)
+            os.replace(new if new is not None else moved_aside, final)
+            fsync_folder(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
         changed = True
-    for leftover in new + old:
-        shutil.rmtree(leftover, ignore_errors=True)
+    for token, new in found["new"].items():
+        if token not in live:
+            shutil.rmtree(new, ignore_errors=True)
+            changed = True
+    for trash in found["trash"].values():
+        shutil.rmtree(trash, ignore_errors=True)
         changed = True
     return changed
+
+
+def check_name(name: object, what: str) -> str:
+    """``name`` if it can be one path component (an adapter name, a sub-folder): a non-empty string
+    without ``/``, ``\\``, NUL or a leading dot (so neither ``..`` nor a hidden name), at most 255
+    characters; else a ``ValueError`` saying so."""
+    if not isinstance(name, str) or not name or len(name) > 255 or name.startswith(".") or \
+            any(c in name for c in "/\\\0"):
+        raise ValueError(f"{what} {name!r} cannot name a file or folder: use a non-empty name without '/', '\\', "
+                         "NUL or a leading dot (at most 255 characters).")
+    return name
+
+
+def inside(root: str | os.PathLike, *parts: str) -> Path:
+    """``root / parts…``, refusing a path that would leave ``root``: absolute parts, ``..``, or a symlink
+    on the way (checked for what exists now)."""
+    root = Path(root)
+    path = root
+    for part in parts:
+        for piece in Path(part).parts:
+            if Path(piece).is_absolute() or piece in ("..", "") or "\0" in piece:
+                raise ValueError(f"{os.path.join(*parts)!r} leaves {root}: use a relative path without '..'.")
+            path = path / piece
+            if path.is_symlink():
+                raise ValueError(f"{path} is a symbolic link; slimtune does not follow links out of {root}. "
+                                 "Replace it with a real folder.")
+    return path

@@ -60,18 +60,26 @@ class DeltaLoraConfig(LoraConfig):
 
 
 class DeltaState(nn.Module):
-    """Per adapter: B_t, A_t from the last step, and B_K, A_K from just before the first W update."""
+    """Per adapter: B_t, A_t from the last step, B_K, A_K from just before the first W update, and the number
+    of steps taken (a tensor, so a checkpoint restores it in place with the rest)."""
 
     prev_A: torch.Tensor
     prev_B: torch.Tensor
     start_A: torch.Tensor
     start_B: torch.Tensor
+    steps: torch.Tensor
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, delta_lambda: float, start_step: int) -> None:
         super().__init__()
         for name, value in (("prev_A", A), ("prev_B", B), ("start_A", A), ("start_B", B)):
             self.register_buffer(name, value.detach().clone(), persistent=False)
-        self.delta_lambda, self.start_step, self.steps = delta_lambda, start_step, 0
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=A.device), persistent=False)
+        self.delta_lambda, self.start_step = delta_lambda, start_step
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What training changes here, by name (see :meth:`DeltaLoraMethod.checkpoint_tensors`)."""
+        return {"prev_A": self.prev_A, "prev_B": self.prev_B, "start_A": self.start_A, "start_B": self.start_B,
+                "steps": self.steps}
 
 
 class DeltaLoraLinear(LoraLinear):
@@ -107,8 +115,8 @@ class DeltaLoraLinear(LoraLinear):
         """After an optimizer step: move W by ``λ s (B A − B_prev A_prev)`` once past the start step."""
         state = self.state_of(adapter_name)
         A, B = self.lora_parameters(adapter_name)
-        state.steps += 1
-        if state.steps <= state.start_step:  # the reference B_K A_K follows until the first update
+        state.steps.add_(1)
+        if int(state.steps) <= state.start_step:  # the reference B_K A_K follows until the first update
             state.start_A.copy_(A)
             state.start_B.copy_(B)
         elif adapter_name not in self.merged_adapters:
@@ -135,7 +143,7 @@ class DeltaLoraLinear(LoraLinear):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.delta_state and adapter_name not in self.merged_adapters:
             state = self.state_of(adapter_name)
-            if state.steps > state.start_step:  # take the updates back out of W
+            if int(state.steps) > state.start_step:  # take the updates back out of W
                 with torch.no_grad():
                     A, B = self.lora_parameters(adapter_name)
                     self._add_to_weight(adapter_name, torch.cat([B, -state.start_B], 1),
@@ -160,6 +168,15 @@ class DeltaLoraMethod(LoraMethod):
         for _, layer in tuner_layers(model):
             if isinstance(layer, DeltaLoraLinear) and adapter_name in layer.delta_state:
                 layer.delta_update(adapter_name)
+
+    def checkpoint_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
+        """Each layer's base weight W (moved in place by every update) and its :class:`DeltaState`."""
+        out = {}
+        for name, layer in tuner_layers(model):
+            if isinstance(layer, DeltaLoraLinear) and adapter_name in layer.delta_state:
+                out[f"{name}.base_layer.weight"] = layer.weight  # the base layer's own tensor
+                out.update({f"{name}.delta_state.{k}": v for k, v in layer.state_of(adapter_name).tensors().items()})
+        return out
 
     def saved_config(self, config: MethodConfig) -> dict[str, Any]:
         """The rank-2r LoRA config of the exported adapter (every scaling s kept)."""

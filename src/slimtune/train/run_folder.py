@@ -7,17 +7,25 @@
       adapter/           the final adapter, PEFT's format
       loss.png           the loss curve
       summary.json       written last: the run finished
+    runs/.<recipe>.lock  beside the folder, while a run holds it (:class:`RunLock`)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from slimtune.core.files import lock_file
+from slimtune.errors import RunFolderBusyError
 from slimtune.quant import QuantConfig
 
 
@@ -57,8 +65,12 @@ class RunFolder:
         return self.path / self.SUMMARY
 
     def is_run(self) -> bool:
-        """Whether the folder holds (the start of) a run."""
-        return any((self.path / name).exists() for name in (self.RECIPE, self.METRICS, self.SUMMARY, self.CHECKPOINTS))
+        """Whether the folder holds (the start of) a run, or what a crash left of its first file writes."""
+        names = (self.RECIPE, self.METRICS, self.SUMMARY, self.CHECKPOINTS)
+        if any((self.path / name).exists() for name in names):
+            return True
+        return self.path.is_dir() and any(p.name.startswith(tuple(f".{n}." for n in names + (self.ADAPTER,)))
+                                          for p in self.path.iterdir())
 
     def finished(self) -> bool:
         return self.summary_file.is_file()
@@ -92,3 +104,131 @@ class RunFolder:
                     adapter_dir.parent == candidate or adapter_dir.parent.parent.name == cls.CHECKPOINTS):
                 return cls(candidate)
         return None
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run (``torch.distributed`` once initialised, else ``$RANK``), 0 alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class RunLock:
+    """One `slimtune train` per run folder: rank 0 holds ``.<run>.lock`` beside the folder while it runs.
+
+    The lock is an exclusive ``flock`` on that file (the kernel drops it when the process dies, however it
+    dies), and the file says who holds it: host, pid, the launcher's run id (``TORCHELASTIC_RUN_ID``) and
+    restart count, and when it started. A second run is refused with those details. A lock file whose
+    ``flock`` is free was left by a process that died: on the same host it is stale and taken over (so is
+    one left by an earlier attempt of the same elastic run); one from another host is refused, since this
+    host cannot tell whether that run is still going. Only rank 0 locks: the ranks of one distributed run
+    share the folder. The file sits beside the run folder, so the folder's own contents stay the run's.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        self.log = log
+        self._fd: int | None = None
+        self._made: list[Path] = []
+
+    @staticmethod
+    def identity() -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+                "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the lock file says (None: no file, or empty)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8") or "null")
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _describe(self, who: dict[str, Any] | None) -> str:
+        if not who:
+            return "another process"
+        run_id = f", launcher run id {who['run_id']}" if who.get("run_id") else ""
+        return f"pid {who.get('pid')} on {who.get('host')}{run_id}, since {who.get('started')}"
+
+    def _stale(self, who: dict[str, Any] | None, flock_works: bool) -> bool:
+        """Whether a lock file whose flock is free may be taken over (without flock: whether its pid is gone)."""
+        me = self.identity()
+        if not who:
+            return True
+        if who.get("host") == me["host"]:
+            return flock_works or not pid_alive(who.get("pid"))
+        same_run = who.get("run_id") is not None and who.get("run_id") == me["run_id"]
+        return same_run and str(who.get("restart")) != str(me["restart"])
+
+    def acquire(self) -> None:
+        if process_rank() != 0:
+            return
+        missing = self.run_dir.parent
+        while not missing.exists():
+            self._made.append(missing)
+            missing = missing.parent
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                taken = lock_file(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            if taken is False:
+                os.close(fd)
+                raise RunFolderBusyError(
+                    f"run folder {self.run_dir} is in use by another `slimtune train` ({self._describe(self.holder())})"
+                    f"; wait for it to finish or stop it (lock file: {self.path}).")
+            if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                break
+            os.close(fd)  # the holder removed the file between our open and our lock: open the new one
+        who = self.holder()
+        if who and not self._stale(who, flock_works=taken is True):
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"run folder {self.run_dir} is locked by {self._describe(who)}, and this host "
+                f"({socket.gethostname()}) cannot tell whether that run is still going. If it is not, delete "
+                f"{self.path} and start again.")
+        if who:
+            self.log(f"taking over the lock of {self._describe(who)}: that run is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(self.identity()) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: a waiting opener then sees another inode and retries
+        os.close(self._fd)
+        self._fd = None
+        for folder in self._made:  # parents this lock created for itself, if nothing else went there
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,25 @@
+"""Reliability suites: the crash harness, disk-full and read-only saves, the run lock, fuzzing.
+
+They train the tiny offline setup of tests/train (run_helpers, train_helpers), so that folder is importable
+here too, and slimtune's cache points at a fresh folder for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "train"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    old = os.environ.get("SLIMTUNE_CACHE")
+    os.environ["SLIMTUNE_CACHE"] = str(tmp_path_factory.mktemp("slimtune-cache"))
+    yield
+    if old is None:
+        del os.environ["SLIMTUNE_CACHE"]
+    else:
+        os.environ["SLIMTUNE_CACHE"] = old
