@@ -1,0 +1,126 @@
+"""Advice, check_fits and `slimtune estimate`: the changes it proposes really fit, the JSON keeps its schema,
+and wrong input is a clear error."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from conftest import TEST_CPU, GiB, make_recipe
+
+from slimtune.cli import main
+from slimtune.estimate import DoesNotFitError, check_fits, estimate, parse_memory, predict, recipe_with
+
+
+def test_advice_makes_it_fit(tiny_folder):
+    recipe = make_recipe(tiny_folder, data={"max_seq_length": 256}, training={"loss": "full", "batch_size": 4})
+    full = predict(recipe, TEST_CPU, timing=False)
+    overhead = full.memory.component("overhead")
+    limit = overhead + (full.peak - overhead) * 0.6  # the run needs more than the device has
+    est = estimate(recipe, TEST_CPU, memory=int(limit))
+    assert not est.fits and est.advice
+    fitting = [a for a in est.advice if a.fits]
+    assert fitting, [a.label for a in est.advice]
+    assert all(a.peak < est.peak for a in est.advice)
+    for advice in fitting:  # each change, applied to the recipe, gives the peak it promised, within the limit
+        changed = predict(recipe_with(recipe, advice.overrides), TEST_CPU.with_memory(int(limit)), timing=False)
+        assert changed.peak == advice.peak and changed.fits
+    # same training first: data truncation (shorter rows) never ranks above a change that keeps the rows
+    kinds = [a.kind for a in fitting]
+    assert kinds == sorted(kinds)
+
+
+def test_check_fits_raises_with_the_advice(tiny_folder):
+    recipe = make_recipe(tiny_folder, data={"max_seq_length": 256}, training={"loss": "full"})
+    device = replace(TEST_CPU, context=2**20)  # a small process, so the step's own memory decides
+    peak = check_fits(recipe, device).peak
+    with pytest.raises(DoesNotFitError) as info:
+        check_fits(recipe, device.with_memory(int(peak * 0.75)))
+    message = str(info.value)
+    assert "needs about" in message and "test-cpu" in message and "Changes that make it fit" in message
+    assert info.value.estimate.advice and info.value.estimate.peak == peak
+    assert "model.gradient_checkpointing=true" in message  # the fitting changes, as overrides to paste
+    small = check_fits(recipe, device.with_memory(int(peak / 1.05)))  # over, but within the 10% margin
+    assert not small.fits
+
+
+def test_gpu_profile_estimate_and_h200_llama_8b():
+    from slimtune.train.recipe import load_recipe
+
+    recipe = load_recipe("qlora-smollm2-pycode", ["model.name_or_path=meta-llama/Llama-3.1-8B",
+                                                  "data.max_seq_length=2048", "model.gradient_checkpointing=true"])
+    est = estimate(recipe, "h200")
+    assert est.fits and est.time is not None and est.precision.autocast and est.precision.fused
+    assert est.shape.params == 8_030_261_248
+    assert 7 * GiB < est.peak < 20 * GiB
+    weights = est.memory.component("weights")
+    assert 3.2 * GiB < weights < 3.5 * GiB  # 6.98 B weights at 4.127 bits
+
+
+def _cli_json(capsys, argv: list[str]) -> tuple[int, dict]:
+    status = main(argv)
+    return status, json.loads(capsys.readouterr().out)
+
+
+def test_json_output_schema(capsys, tiny_folder):
+    status, out = _cli_json(capsys, ["estimate", "qlora-smollm2-pycode", f"model.name_or_path={tiny_folder}",
+                                     "--device", "h200", "--json"])
+    assert status == 0
+    assert out["schema"] == 1 and out["recipe"] == "qlora-smollm2-pycode"
+    assert set(out) == {"schema", "recipe", "model", "method", "device", "memory", "time", "advice"}
+    assert out["model"]["params"] > 0 and out["method"]["trainable_params"] > 0
+    memory = out["memory"]
+    keys = {"components", "train_peak_bytes", "load_peak_bytes", "peak_bytes", "host_bytes", "fits", "notes"}
+    assert keys <= set(memory)
+    for c in memory["components"]:
+        assert set(c) == {"key", "label", "bytes", "why", "on_device"} and isinstance(c["bytes"], int) and c["why"]
+    assert sum(c["bytes"] for c in memory["components"] if c["on_device"]) == memory["train_peak_bytes"]
+    assert memory["peak_bytes"] == max(memory["train_peak_bytes"], memory["load_peak_bytes"])
+    time = out["time"]
+    assert time["step_seconds"] > 0 and time["tokens_per_second"] > 0 and time["total_steps"] == 48
+    assert time["run_seconds"] >= 48 * time["step_seconds"]
+    assert out["advice"] == []
+
+
+def test_does_not_fit_exit_status_and_advice_in_json(capsys, tiny_folder):
+    status, out = _cli_json(capsys, ["estimate", "lora-smollm2-pycode", f"model.name_or_path={tiny_folder}",
+                                     "--device", "h200", "--memory", "620MiB", "--json"])
+    assert status == 1 and not out["memory"]["fits"]
+    assert out["advice"] and all({"label", "overrides", "peak_bytes", "fits", "step_seconds"} == set(a)
+                                 for a in out["advice"])
+
+
+def test_text_table(capsys, tiny_folder):
+    assert main(["estimate", f"model.name_or_path={tiny_folder}", "--device", "rtx4090"]) == 0
+    text = capsys.readouterr().out
+    for words in ("component", "weights, 4-bit", "adapter parameters", "optimizer states", "activations",
+                  "peak while training", "fits in", "tokens/s", "run "):
+        assert words in text, words
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu9"], "--device 'tpu9' is not a device; use cpu, cuda, cuda:N or one of h200"),
+    (["--device", "h200", "--memory", "lots"], "--memory 'lots' is not a memory size"),
+    (["--device", "h200", "--memory", "24XB"], "--memory '24XB' is not a memory size"),
+    (["model.name_or_path=acme/NotAModel-7B", "--device", "h200"],
+     "model 'acme/NotAModel-7B': no local folder with config.json"),
+])
+def test_clear_errors(argv, message, capsys):
+    assert main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "NotAModel" in message:
+        assert "meta-llama/Llama-3.1-8B" in err and "Qwen/Qwen2.5-7B" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("text, expected", [("24GB", 24 * GiB), ("24 GiB", 24 * GiB), ("1.5T", int(1.5 * 2**40)),
+                                            ("512MB", 512 * 2**20), ("80g", 80 * GiB), ("1000", 1000)])
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-3GB", "0GB", "1.5", "ten GB"])
+def test_parse_memory_refuses(text):
+    with pytest.raises(ValueError, match="is not a memory size|more than zero"):
+        parse_memory(text)

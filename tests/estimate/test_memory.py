@@ -1,0 +1,174 @@
+"""The memory model against what slimtune really allocates on tiny models: weights, adapter, optimizer
+states and the tensors autograd keeps, counted exactly; and the terms' behaviour (checkpointing, loss)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TEST_CPU, make_recipe, tiny_model
+
+import slimtune
+from slimtune.estimate import adapter_layout, device_profile, model_shape, predict
+from slimtune.estimate.activations import Precision, activation_model
+from slimtune.estimate.memory import optimizer_state_bytes, weight_bytes
+from slimtune.optim import make_optimizer, state_bytes
+from slimtune.quant import QuantConfig, quant_summary, quantize
+from slimtune.train.runner import add_method
+
+METHODS = {
+    "lora": {"peft_type": "LORA", "r": 8, "target_modules": "all-linear"},
+    "lora-qv": {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1},
+    "dora": {"peft_type": "LORA", "r": 8, "target_modules": "all-linear", "use_dora": True},
+    "lora-fa": {"peft_type": "LORA_FA", "r": 8, "target_modules": "all-linear"},
+    "vera": {"peft_type": "VERA", "r": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    "ia3": {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+            "feedforward_modules": ["down_proj"]},
+    "loha": {"peft_type": "LOHA", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8},
+    "bottleneck": {"peft_type": "BOTTLENECK"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_adapter_parameters_equal_what_add_adapter_trains(name, tiny_folder):
+    recipe = make_recipe(tiny_folder, METHODS[name])
+    layout = adapter_layout(model_shape(tiny_folder), recipe.method)
+    model = tiny_model()
+    slimtune.add_adapter(model, recipe.method)
+    report = slimtune.trainable_parameters(model)
+    assert layout.trainable_params == report.trainable > 0
+    assert layout.trainable_bytes == 4 * report.trainable
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(), QuantConfig(double_quant=False, blocksize=128), QuantConfig(bits=8)],
+                         ids=["nf4-dq", "nf4-nodq-128", "int8"])
+def test_quantized_weight_bytes_equal_what_quantize_stores(quant, tiny_folder):
+    shape = model_shape(tiny_folder)
+    model = quantize(tiny_model(), quant)
+    summary = quant_summary(model)
+    stored, rest, count = weight_bytes(shape, quant, weight_size=4)
+    codebooks = (16 * 4 + (256 * 4 if quant.double_quant else 0)) if quant.bits == 4 else 0
+    assert count == summary.params
+    assert stored - codebooks * summary.layers == summary.bytes_after
+    kept = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    assert rest == kept  # embeddings (tied head), norms and buffers in fp32
+
+
+def test_output_head_stays_full_precision_and_tied_head_counts_once(tiny_folder):
+    shape = model_shape(tiny_folder)
+    assert shape.tied and shape.head_name == "lm_head"
+    assert "lm_head" not in {s.name for s in shape.quantized_linears(QuantConfig())}
+    assert shape.params == sum(p.numel() for p in tiny_model().parameters())
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct non-parameter tensors autograd keeps for backward (PyTorch's own account)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=ids, use_cache=False)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name", ["lora", "lora-qv", "dora", "lora-fa"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+def test_activations_equal_the_tensors_autograd_keeps(name, quantized, tiny_folder):
+    seq = 48
+    recipe = make_recipe(tiny_folder, METHODS[name])
+    shape = model_shape(tiny_folder)
+    layout = adapter_layout(shape, recipe.method)
+    predicted = activation_model(shape, layout, 1, seq, Precision(4, False, quantized), False)
+    model = tiny_model()
+    if quantized:
+        quantize(model, QuantConfig())
+    slimtune.add_adapter(model, recipe.method)
+    assert predicted.saved == _saved_bytes(model, torch.randint(0, 512, (1, seq)))
+
+
+@pytest.mark.parametrize("name", ["lora", "lora-qv"])
+def test_activations_under_bf16_autocast(name, tiny_folder):
+    """The GPU's default (bf16 autocast, 4-bit base in bf16), checked on the CPU's autocast: within 2%."""
+    seq = 48
+    recipe = make_recipe(tiny_folder, METHODS[name])
+    shape = model_shape(tiny_folder)
+    layout = adapter_layout(shape, recipe.method)
+    predicted = activation_model(shape, layout, 1, seq, Precision(4, True, True), False)
+    model = quantize(tiny_model(), QuantConfig(compute_dtype="bfloat16"))
+    slimtune.add_adapter(model, recipe.method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = _saved_bytes(model, torch.randint(0, 512, (1, seq)))
+    assert measured == pytest.approx(predicted.saved, rel=0.02)
+
+
+def test_checkpointing_keeps_only_layer_inputs(tiny_folder):
+    shape = model_shape(tiny_folder)
+    plain, ckpt = (predict(make_recipe(tiny_folder, model={"gradient_checkpointing": c}), TEST_CPU, timing=False)
+                   for c in (False, True))
+    assert ckpt.memory.component("activations") < plain.memory.component("activations")
+    tokens = 64
+    layers_inputs = shape.layers * tokens * shape.hidden * 4
+    outside = tokens * shape.hidden * 4 + tokens * 4  # the final norm's input and rsqrt
+    assert ckpt.memory.component("activations") == layers_inputs + outside
+    model = tiny_model()
+    add_method(model, make_recipe(tiny_folder, model={"gradient_checkpointing": True}))
+    assert _saved_bytes(model, torch.randint(0, 512, (1, tokens))) == layers_inputs + outside
+
+
+def test_chunked_loss_removes_the_full_vocabulary_logits(tiny_folder):
+    seq = 256
+    full, chunked = (predict(make_recipe(tiny_folder, data={"max_seq_length": seq}, training={"loss": mode}),
+                             TEST_CPU, timing=False) for mode in ("full", "auto"))
+    assert not full.chunked and chunked.chunked
+    labels = {c.label for c in full.memory.components}
+    assert "loss (full logits)" in labels and "loss (full logits)" not in {c.label for c in chunked.memory.components}
+    vocab = 512
+    assert full.memory.component("logits") >= 3 * (seq - 1) * vocab * 4
+    assert chunked.memory.component("logits") < full.memory.component("logits")
+    assert chunked.memory.train_peak < full.memory.train_peak
+
+
+def test_prompt_tuning_cannot_use_the_chunked_loss(tiny_folder):
+    est = predict(make_recipe(tiny_folder, METHODS["prompt"]), TEST_CPU, timing=False)
+    assert not est.chunked and est.layout.virtual_tokens == 8
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw_8bit"])
+def test_optimizer_state_bytes_equal_the_optimizers(optim, tiny_folder):
+    recipe = make_recipe(tiny_folder, {**METHODS["lora"], "r": 32})  # 32 × 160 ≥ 4096: some stored in 8 bits
+    layout = adapter_layout(model_shape(tiny_folder), recipe.method)
+    model = tiny_model()
+    slimtune.add_adapter(model, recipe.method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(optim, params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    device, host = optimizer_state_bytes(optim, layout.trainable, paged_off_device=False)
+    assert host == 0 and device == state_bytes(optimizer)
+
+
+def test_paged_states_leave_the_gpu(tiny_folder):
+    layout = adapter_layout(model_shape(tiny_folder), make_recipe(tiny_folder, {**METHODS["lora"], "r": 1024}).method)
+    on_gpu = optimizer_state_bytes("paged_adamw", layout.trainable, paged_off_device=True)
+    on_cpu = optimizer_state_bytes("paged_adamw", layout.trainable, paged_off_device=False)
+    assert on_gpu[1] > 0 and on_gpu[0] + on_gpu[1] == on_cpu[0] and on_cpu[1] == 0
+
+
+def test_components_add_up_to_the_peak(tiny_folder):
+    for recipe in (make_recipe(tiny_folder), make_recipe(tiny_folder, quantization={"bits": 4}),
+                   make_recipe(tiny_folder, training={"optim": "paged_adamw_8bit", "loss": "full"},
+                               model={"gradient_checkpointing": "offload"})):
+        for device in (TEST_CPU, "h200"):
+            est = predict(recipe, TEST_CPU if device == TEST_CPU else device_profile(device),
+                          timing=False)
+            mem = est.memory
+            assert sum(c.bytes for c in mem.components if c.on_device) == mem.train_peak
+            assert mem.host_extra == sum(c.bytes for c in mem.components if not c.on_device)
+            assert est.peak == max(mem.train_peak, mem.load_peak)
