@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 
+import datasets
+import pyarrow as pa
+import pyarrow.feather
 import pytest
 import torch
 from train_helpers import tiny_llama
@@ -12,7 +16,7 @@ from train_helpers import tiny_llama
 from slimtune.train import data as data_module
 from slimtune.train.batching import BatchIterator, collate, epoch_order
 from slimtune.train.data import load_examples, split_examples
-from slimtune.train.templates import encode_example, encode_prompt, render_plain
+from slimtune.train.templates import encode_conversation, encode_example, encode_prompt, render_plain
 from slimtune.train.tokenization import IGNORE_INDEX, tokenize_examples
 
 ROWS = [
@@ -83,7 +87,12 @@ def test_hash_split_is_disjoint_and_complete():
          ValueError, r"must end with a user turn then an assistant turn; roles are \['assistant', 'user'\]"),
         ("d.json", '[{"messages": [{"role": "bot", "content": "a"}, {"role": "user", "content": "q"}]}]',
          ValueError, r"messages\[0\] has role 'bot'"),
-        ("d.parquet", "x", ValueError, r"unknown format '.parquet'; use one of \['.csv', '.json'"),
+        ("d.xlsx", "x", ValueError, r"unknown format '.xlsx'; use one of \['.arrow', '.csv', '.json'"),
+        ("d.parquet", "x", ValueError, r"d.parquet: not a readable parquet file"),
+        ("d.json", '[{"conversations": [{"from": "bot", "value": "a"}]}]', ValueError,
+         r"item 1: conversations\[0\] is from 'bot'; use one of \['assistant', 'gpt', 'human', 'system', 'user'\]"),
+        ("d.json", '[{"conversations": [{"from": "human", "value": "q"}]}]', ValueError,
+         r"item 1: the conversation has no 'gpt' \(assistant\) turn to learn"),
     ],
 )
 def test_bad_inputs_give_clear_errors(tmp_path, name, text, error, message):
@@ -120,6 +129,102 @@ def test_hf_datasets_are_used_when_installed(monkeypatch):
 def test_pycode_is_a_builtin_source():
     rows = load_examples("pycode", split="validation", max_examples=3)
     assert len(rows) == 3 and all(r["prompt"].startswith("Write ") for r in rows)
+
+
+# ShareGPT: every assistant turn is trained (chat "messages" rows keep training the last one only).
+SHAREGPT = {"conversations": [
+    {"from": "system", "value": "Be brief."}, {"from": "human", "value": "first"}, {"from": "gpt", "value": "one"},
+    {"from": "human", "value": "second"}, {"from": "gpt", "value": "two"}, {"from": "human", "value": "thanks"},
+]}
+SHAREGPT_NORMALIZED = {**NORMALIZED[2], "train_all_turns": True}  # the trailing human turn has nothing to learn
+
+
+def test_sharegpt_and_alpaca_rows_are_recognized():
+    as_roles = {"system": "Be brief.", "conversations": [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "second"}, {"role": "assistant", "content": "two"}]}
+    assert load_examples([SHAREGPT, as_roles]) == [SHAREGPT_NORMALIZED] * 2
+    alpaca = {"instruction": "Add", "input": "", "output": "3", "text": "### Instruction: Add ..."}  # flytech's fields
+    assert load_examples([alpaca]) == [{"prompt": "Add", "response": "3"}]
+
+
+def _trained_spans(tok, row):
+    """The decoded runs of labelled tokens, after checking labels equal input_ids wherever they are set."""
+    spans, current = [], []
+    for token, label in [*zip(row["input_ids"], row["labels"]), (None, IGNORE_INDEX)]:
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    return spans
+
+
+def test_every_assistant_turn_is_trained_and_nothing_else(chat_tokenizer, plain_tokenizer):
+    (row,) = tokenize_examples([SHAREGPT_NORMALIZED], chat_tokenizer, max_length=256).rows
+    assert _trained_spans(chat_tokenizer, row) == ["one<|im_end|>", "two<|im_end|>"]
+    # The row is the whole conversation as the template renders it (ChatML's last "\n" cut: it ends at EOS).
+    messages = [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+                for t in SHAREGPT["conversations"][:5]]
+    assert chat_tokenizer.decode(row["input_ids"]) == chat_tokenizer.apply_chat_template(messages, tokenize=False)[:-1]
+    # The last turn is cut exactly as a single-turn example's response.
+    assert encode_conversation(SHAREGPT_NORMALIZED, chat_tokenizer)[-1][0] == \
+        encode_example(NORMALIZED[2], chat_tokenizer)[1]
+    (plain,) = tokenize_examples([SHAREGPT_NORMALIZED], plain_tokenizer, max_length=256).rows
+    assert _trained_spans(plain_tokenizer, plain) == ["one", "two<|im_end|>"]
+    assert plain_tokenizer.decode(plain["input_ids"]) == "".join(render_plain(NORMALIZED[2])) + "<|im_end|>"
+    # Cut at max_length: kept while some answer token fits, dropped when none does.
+    first_answer = row["labels"].index(next(t for t in row["labels"] if t != IGNORE_INDEX))
+    cut = tokenize_examples([SHAREGPT_NORMALIZED] * 2, chat_tokenizer, max_length=first_answer + 1)
+    assert (cut.stats.n_truncated, cut.stats.n_dropped) == (2, 0)
+    dropped = tokenize_examples([SHAREGPT_NORMALIZED, NORMALIZED[0]], chat_tokenizer, max_length=first_answer)
+    assert (dropped.stats.n_dropped, len(dropped)) == (1, 1)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}<|im_end|>{% endfor %}"
+    with pytest.raises(ValueError, match="renders earlier turns differently"):
+        encode_conversation(SHAREGPT_NORMALIZED, tok)
+
+
+def test_parquet_arrow_and_saved_datasets(tmp_path, monkeypatch):
+    rows = [{"prompt": "Say hi", "response": "hello world"}, {"instruction": "Add", "input": "1 and 2", "output": "3"},
+            SHAREGPT]
+    expected = [NORMALIZED[0], NORMALIZED[1], SHAREGPT_NORMALIZED]
+    columns = sorted({key for row in rows for key in row})  # one schema: None in the other rows' columns
+    table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+    pa.parquet.write_table(table, tmp_path / "d.parquet")
+    pa.feather.write_feather(table, tmp_path / "file.arrow")  # Arrow's file format
+    saved = datasets.Dataset(table)
+    saved.save_to_disk(tmp_path / "saved")  # a folder of Arrow stream files
+    assert load_examples(tmp_path / "d.parquet") == expected
+    assert load_examples(tmp_path / "file.arrow") == expected
+    assert load_examples(next((tmp_path / "saved").glob("*.arrow"))) == expected
+    assert load_examples(tmp_path / "saved") == expected
+    monkeypatch.setattr(data_module, "pyarrow_parquet", None)  # as if datasets (and pyarrow) were not installed
+    with pytest.raises(ValueError, match=r"reading .parquet files needs pyarrow: `pip install datasets`"):
+        load_examples(tmp_path / "d.parquet")
+
+
+def test_a_dataset_view_renders_prompts_from_columns(tmp_path):
+    qa = write(tmp_path / "qa.jsonl", json.dumps({"question": "2+2?", "answer": "4", "topic": "sums"}) + "\n")
+    view = json.dumps({"source": str(qa), "prompt": "{topic}: {question} {{exact}}", "response": "answer",
+                       "system": "You know {topic}."})
+    assert load_examples(view) == [{"prompt": "sums: 2+2? {exact}", "response": "4", "system": "You know sums."}]
+    ludwig = json.dumps({"source": "pycode-alpaca", "prompt": "### Instruction:\n{instruction}\n### Input:\n{input}",
+                         "response": "output"})
+    first = load_examples(ludwig, split="validation", max_examples=1)[0]
+    plain = load_examples("pycode", split="validation", max_examples=1)[0]
+    assert first["prompt"] == "### Instruction:\n" + plain["prompt"].replace(" It should do the following: ",
+                                                                            "\n### Input:\n")
+    assert first["response"] == plain["response"]
+    with pytest.raises(ValueError, match=r"qa.jsonl: line 1: the dataset view needs columns \['input', 'output'\]; "
+                                         r"the row has \['answer', 'question', 'topic'\]"):
+        load_examples(json.dumps({"source": str(qa), "prompt": "{input}", "response": "output"}))
+    with pytest.raises(ValueError, match="must be a JSON object with string fields 'source' and 'prompt'"):
+        load_examples(json.dumps({"source": str(qa), "template": "{question}"}))
 
 
 # ------------------------------------------------------------------------------------ tokenization

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from slimtune.train import pycode
+from slimtune.train.data import load_examples
 from slimtune.train.pycode import build_pycode, pycode_examples
 
 
@@ -47,6 +48,21 @@ def test_examples_are_well_formed(everything):
     quote = next(e for e in everything if e["id"] == "shlex.quote")
     assert quote["prompt"].startswith("Write a Python function `quote(s)` for the `shlex` module.")
     assert "shell-escaped" in quote["prompt"] and quote["response"].startswith("def quote(s):\n")
+
+
+def test_alpaca_fields_say_what_the_prompt_says(everything):
+    """pycode-alpaca: flytech/python-codes-25k's fields (instruction / input / output), same examples and split."""
+    for ex in everything:
+        row = pycode.alpaca_row(ex)
+        assert row["instruction"].startswith("Write ") and row["instruction"].endswith(".") and row["input"]
+        assert row["instruction"] + " It should do the following: " + row["input"] == ex["prompt"]
+        assert (row["output"], row["id"]) == (ex["response"], ex["id"])
+    quote = pycode.alpaca_row(next(e for e in everything if e["id"] == "shlex.quote"))
+    assert quote["instruction"] == "Write a Python function `quote(s)` for the `shlex` module."
+    val = load_examples("pycode-alpaca", split="validation")
+    assert [e["response"] for e in val] == [e["response"] for e in build_pycode("validation")]
+    assert val[0]["prompt"] == "\n\n".join(pycode.alpaca_row(build_pycode("validation")[0])[k] for k in ("instruction",
+                                                                                                         "input"))
 
 
 def test_max_examples_and_bad_arguments():

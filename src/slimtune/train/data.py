@@ -11,33 +11,57 @@ Accepted rows (JSONL / JSON / CSV / TSV files, in-memory lists, HF ``datasets``)
   instruction after a blank line when non-empty);
 - chat ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` ending with an
   assistant turn: the last assistant turn is the response, the user turn before it the prompt,
-  earlier turns the history, a leading system turn the system prompt;
-- an optional ``system`` field on the non-chat forms.
+  earlier turns the history, a leading system turn the system prompt; only the last assistant turn
+  is trained;
+- ShareGPT ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}`` (``role`` /
+  ``content`` and ``user`` / ``assistant`` are read too): normalized like chat, plus
+  ``"train_all_turns": True``, so that *every* assistant turn carries the loss (see
+  :func:`slimtune.train.templates.encode_conversation`); turns after the last assistant turn are dropped;
+- an optional ``system`` field on the non-chat forms (and on ShareGPT rows).
+
+Files: JSONL / JSON / CSV / TSV, and, with ``datasets`` installed (it brings ``pyarrow``), Parquet
+(``.parquet``), Arrow (``.arrow``, stream or file format) and ``save_to_disk`` folders.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
 import os
+import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+from slimtune.train.pycode import VALIDATION_FRACTION, alpaca_row, build_pycode
 
 try:  # optional: Hugging Face datasets (save_to_disk folders, hub ids)
     import datasets
 except ImportError:
     datasets = None
 
-from slimtune.train.pycode import VALIDATION_FRACTION, build_pycode
+pyarrow_parquet: ModuleType | None
+pyarrow_ipc: ModuleType | None
+try:  # optional: pyarrow (a dependency of datasets) reads .parquet and .arrow files
+    pyarrow_parquet = importlib.import_module("pyarrow.parquet")
+    pyarrow_ipc = importlib.import_module("pyarrow.ipc")
+except ImportError:
+    pyarrow_parquet = pyarrow_ipc = None
 
-BUILTIN_DATASETS = ("pycode",)
+BUILTIN_DATASETS = ("pycode", "pycode-alpaca")
 SPLITS = ("train", "validation", "all")
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+           ".parquet": "parquet", ".arrow": "arrow"}
 PROMPT_KEYS = ("prompt", "instruction", "input")
 RESPONSE_KEYS = ("response", "output", "completion")
-_EXPECTED = "'prompt' and 'response' (or 'instruction'/'input' and 'output', or chat 'messages')"
+_EXPECTED = ("'prompt' and 'response' (or 'instruction'/'input' and 'output', or chat 'messages', or ShareGPT "
+             "'conversations')")
+# ShareGPT speaker names (``from``), and the chat roles (``role``) read the same way.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def _text(row: Mapping[str, Any], key: str, where: str) -> str:
@@ -69,12 +93,38 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
     return example
 
 
+def _from_sharegpt(conversation: Any, where: str) -> dict[str, Any]:
+    """A ShareGPT conversation as a chat example whose every assistant turn is trained."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"{where}: 'conversations' must be a list of turns with 'from' and 'value'.")
+    messages = []
+    for i, turn in enumerate(conversation):
+        keys = ("from", "value") if isinstance(turn, Mapping) and "from" in turn else ("role", "content")
+        if not isinstance(turn, Mapping) or keys[0] not in turn or keys[1] not in turn:
+            raise ValueError(f"{where}: conversations[{i}] must be an object with 'from' and 'value' (or 'role' "
+                             f"and 'content'), got {turn!r:.80}.")
+        role = SHAREGPT_ROLES.get(str(turn[keys[0]]).lower())
+        if role is None:
+            raise ValueError(f"{where}: conversations[{i}] is from {turn[keys[0]]!r}; use one of "
+                             f"{sorted(SHAREGPT_ROLES)}.")
+        messages.append({"role": role, "content": _text(turn, keys[1], f"{where}: conversations[{i}]")})
+    while messages and messages[-1]["role"] != "assistant":  # nothing to learn after the last answer
+        messages.pop()
+    if not messages:
+        raise ValueError(f"{where}: the conversation has no 'gpt' (assistant) turn to learn.")
+    return {**_from_messages(messages, where), "train_all_turns": True}
+
+
 def normalize_example(row: Any, where: str) -> dict[str, Any]:
     """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
     if not isinstance(row, Mapping):
         raise ValueError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
-    if "messages" in row:
+    if row.get("messages") is not None:  # None: a column other rows fill (Parquet, Arrow, HF datasets)
         example = _from_messages(row["messages"], where)
+    elif row.get("conversations") is not None:
+        example = _from_sharegpt(row["conversations"], where)
+        if row.get("system") is not None and "system" not in example:
+            example["system"] = _text(row, "system", where)
     else:
         prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
         response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
@@ -138,6 +188,23 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
             start = reader.line_num + 1
 
 
+def _read_arrow_table(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a Parquet or Arrow file (pyarrow, installed with ``datasets``)."""
+    if pyarrow_parquet is None or pyarrow_ipc is None:
+        raise ValueError(f"{path}: reading .{fmt} files needs pyarrow: `pip install datasets` (or pyarrow).")
+    try:
+        if fmt == "parquet":
+            table = pyarrow_parquet.read_table(path)
+        else:
+            try:  # the Arrow IPC file format (Feather v2) ...
+                table = pyarrow_ipc.open_file(path).read_all()
+            except Exception:  # noqa: BLE001 - ... or the stream format datasets' save_to_disk writes
+                table = pyarrow_ipc.open_stream(path).read_all()
+    except Exception as error:  # noqa: BLE001 - pyarrow raises its own error types
+        raise ValueError(f"{path}: not a readable {fmt} file ({type(error).__name__}: {error}).") from None
+    return ((f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist(), start=1))
+
+
 def _example_key(example: Mapping[str, Any]) -> str:
     return json.dumps(example, sort_keys=True, ensure_ascii=False)
 
@@ -186,6 +253,108 @@ def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
     return ((f"{source} [{name}] row {i}", row) for name, part in parts for i, row in enumerate(part))
 
 
+@dataclass(frozen=True)
+class DatasetView:
+    """Rows of ``source`` with the prompt rendered from their columns: a dataset string that is a JSON object
+    ``{"source": ..., "prompt": "<template>", "response": "<column>", "system": "<template>"}`` (what a Ludwig
+    config's ``prompt.template`` and output feature become, and a way to train on any column names).
+
+    Templates are Python format strings over the row's columns (``{instruction}``; ``{{`` for a literal
+    brace); ``response`` names the column holding the answer (default ``"response"``).
+    """
+
+    source: str
+    prompt: str
+    response: str = "response"
+    system: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetView:
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"dataset {text[:80]!r}: not a valid JSON view object ({error.msg}).") from None
+        fields = {"source", "prompt", "response", "system"}
+        if not isinstance(spec, dict) or not {"source", "prompt"} <= set(spec) or set(spec) - fields or not all(
+                isinstance(v, str) for v in spec.values()):
+            raise ValueError(f"dataset view {text[:80]!r} must be a JSON object with string fields 'source' and "
+                             f"'prompt' (and optionally 'response', 'system'); got {spec!r:.120}.")
+        return cls(**spec)
+
+    def apply(self, row: Any, where: str) -> dict[str, Any]:
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where}: expected an object with columns, got {type(row).__name__}.")
+        values = {k: "" if v is None else v for k, v in row.items()}
+        needed = [f for t in (self.prompt, self.system or "") for _, f, _, _ in string.Formatter().parse(t) if f]
+        missing = sorted({f for f in needed if f not in values} | ({self.response} - set(values)))
+        if missing:
+            raise ValueError(f"{where}: the dataset view needs columns {missing}; the row has {sorted(values)}.")
+        out = {"prompt": self.prompt.format_map(values), "response": values[self.response]}
+        return out if self.system is None else {**out, "system": self.system.format_map(values)}
+
+
+def _builtin(name: str, split: str, validation_fraction: float) -> Iterable[tuple[str, Any]]:
+    """Rows of a built-in dataset, split by pycode's example ids."""
+    rows = build_pycode(split, validation_fraction=validation_fraction)
+    return ((f"{name} {ex['id']}", ex if name == "pycode" else alpaca_row(ex)) for ex in rows)
+
+
+def _rows(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: str,
+          validation_fraction: float) -> tuple[str, Iterable[tuple[str, Any]], bool]:
+    """``(name, (where, row) pairs, whether the source named the split itself)``."""
+    if not isinstance(source, (str, os.PathLike)):
+        return "in-memory examples", ((f"example {i}", row) for i, row in enumerate(source)), False
+    name = os.fspath(source)
+    if name in BUILTIN_DATASETS:
+        return name, _builtin(name, split, validation_fraction), True
+    path = Path(name).expanduser()
+    if path.is_file():
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(
+                f"Dataset file {name!r} has an unknown format {path.suffix!r}; use one of "
+                f"{sorted(FORMATS)} with prompt/response or messages fields."
+            )
+        if fmt == "json":
+            return (name, *_read_json(path, split))
+        if fmt == "jsonl":
+            return name, _read_jsonl(path), False
+        if fmt in ("parquet", "arrow"):
+            return name, _read_arrow_table(path, fmt), False
+        return name, _read_csv(path, "," if fmt == "csv" else "\t"), False
+    if path.is_dir() or ("/" in name and not name.startswith((".", "/", "~")) and path.suffix.lower() not in FORMATS):
+        return name, _load_hf(name, split), True  # a save_to_disk folder or an "owner/name" hub id
+    raise FileNotFoundError(
+        f"Dataset {name!r} does not exist. Pass an existing {'/'.join(sorted(FORMATS))} file, "
+        f"or the built-in {list(BUILTIN_DATASETS)}."
+    )
+
+
+def check_source(source: str) -> tuple[str, bool]:
+    """``(what the dataset is, whether it is on this machine)``, checked without reading rows or downloading:
+    what `slimtune train --dry-run` reports. Raises like :func:`load_examples` for a missing file."""
+    if source in BUILTIN_DATASETS:
+        return f"{source} (built-in, made from this Python's standard library)", True
+    if source.lstrip().startswith("{"):
+        view = DatasetView.parse(source)
+        what, local = check_source(view.source)
+        return f"{what}, the prompt rendered from its columns, the answer from {view.response!r}", local
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in FORMATS:
+            raise ValueError(f"Dataset file {source!r} has an unknown format {path.suffix!r}; use one of "
+                             f"{sorted(FORMATS)}.")
+        return f"{path} ({path.stat().st_size:,} bytes)", True
+    if path.is_dir():
+        return f"{path} (a datasets save_to_disk folder)", True
+    if "/" in source and not source.startswith((".", "/", "~")) and path.suffix.lower() not in FORMATS:
+        if datasets is None:
+            raise FileNotFoundError(f"Dataset {source!r} is a hub id: `pip install datasets` to load it.")
+        return f"{source} (Hugging Face hub: downloaded when training starts, not checked offline)", False
+    raise FileNotFoundError(f"Dataset {source!r} does not exist. Pass an existing {'/'.join(sorted(FORMATS))} file, "
+                            f"or the built-in {list(BUILTIN_DATASETS)}.")
+
+
 def load_examples(
     source: str | os.PathLike | Sequence[Mapping[str, Any]],
     split: str = "all",
@@ -195,13 +364,13 @@ def load_examples(
     """Load normalized examples from ``source``.
 
     Args:
-        source: ``"pycode"`` (built-in), a ``.jsonl``/``.ndjson``/``.json``/``.csv``/``.tsv`` file,
-            an in-memory list of rows, or (with ``datasets`` installed) a ``save_to_disk`` folder or
-            a hub dataset id.
+        source: ``"pycode"`` or ``"pycode-alpaca"`` (built-in), a ``.jsonl``/``.ndjson``/``.json``/``.csv``/
+            ``.tsv`` file, an in-memory list of rows, with ``datasets`` installed a ``.parquet``/``.arrow``
+            file, a ``save_to_disk`` folder or a hub dataset id, or a JSON :class:`DatasetView` of any of these.
         split: ``"all"``, ``"train"`` or ``"validation"``. A file or list holds one set of rows: its
             train/validation split is by content hash (``validation_fraction`` of the rows). A JSON
             object of named lists (``{"train": [...], "validation": [...]}``) and HF datasets name
-            their own splits (``"all"`` joins them).
+            their own splits (``"all"`` joins them); the built-ins split by pycode's example ids.
         validation_fraction: share of rows in the hash-based validation split.
         max_examples: keep the first N examples (in file order) after splitting.
 
@@ -214,38 +383,12 @@ def load_examples(
         raise ValueError(f"split {split!r} is unknown; use one of {list(SPLITS)}.")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples!r} must be a positive integer or None.")
-    if isinstance(source, str) and source in BUILTIN_DATASETS:
+    if isinstance(source, str) and source == "pycode":
         return build_pycode(split, max_examples=max_examples, validation_fraction=validation_fraction)
-    named_split = False
-    rows: Iterable[tuple[str, Any]]  # (where, row) pairs
-    if isinstance(source, (str, os.PathLike)):
-        name = os.fspath(source)
-        path = Path(name).expanduser()
-        if path.is_file():
-            fmt = FORMATS.get(path.suffix.lower())
-            if fmt is None:
-                raise ValueError(
-                    f"Dataset file {name!r} has an unknown format {path.suffix!r}; use one of "
-                    f"{sorted(FORMATS)} with prompt/response or messages fields."
-                )
-            if fmt == "json":
-                rows, named_split = _read_json(path, split)
-            elif fmt == "jsonl":
-                rows = _read_jsonl(path)
-            else:
-                rows = _read_csv(path, "," if fmt == "csv" else "\t")
-        elif path.is_dir() or (
-            "/" in name and not name.startswith((".", "/", "~")) and path.suffix.lower() not in FORMATS
-        ):  # a save_to_disk folder or an "owner/name" hub id
-            rows, named_split = _load_hf(name, split), True
-        else:
-            raise FileNotFoundError(
-                f"Dataset {name!r} does not exist. Pass an existing {'/'.join(sorted(FORMATS))} file, "
-                f"or the built-in {list(BUILTIN_DATASETS)}."
-            )
-    else:
-        name = "in-memory examples"
-        rows = ((f"example {i}", row) for i, row in enumerate(source))
+    view = DatasetView.parse(source) if isinstance(source, str) and source.lstrip().startswith("{") else None
+    name, rows, named_split = _rows(view.source if view else source, split, validation_fraction)
+    if view is not None:
+        rows = ((where, view.apply(row, where)) for where, row in rows)
     examples = [normalize_example(row, where) for where, row in rows]
     if not examples:
         raise ValueError(f"Dataset {name!r} is empty: it has no rows.")

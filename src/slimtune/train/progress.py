@@ -1,10 +1,12 @@
-"""What a person sees during and after training: memory figures, metrics.jsonl, the loss plot."""
+"""What a person sees during and after training: memory figures, metrics.jsonl (and the trackers that
+``training.report_to`` adds, see :mod:`slimtune.train.tracking`), the loss plot."""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from matplotlib.figure import Figure
 
 from slimtune.core.files import atomic_file
 from slimtune.train.run_folder import RunFolder
+from slimtune.train.tracking import Reporter, check_report_to, make_reporters
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -55,15 +58,35 @@ def human_seconds(s: float) -> str:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``: one JSON object per line (``{"step": .., "loss": ..}`` or eval rows)."""
+    """Append-only ``metrics.jsonl``: one JSON object per line (``{"step": .., "loss": ..}`` or eval rows).
 
-    def __init__(self, run_dir: Path) -> None:
+    Each row also goes to the trackers ``report_to`` names (TensorBoard, W&B), started on the first row
+    (the run folder may still be replaced before that) and ended by :meth:`close` (or at exit).
+    ``run_config`` is what a tracker records as the run's configuration (the resolved recipe).
+    """
+
+    def __init__(self, run_dir: Path, report_to: Sequence[str] = ("jsonl",),
+                 run_config: Mapping[str, Any] | None = None) -> None:
+        self.run_dir = Path(run_dir)
         self.path = RunFolder(run_dir).metrics_file
+        self.report_to = check_report_to(report_to)
+        self.run_config = dict(run_config or {})
+        self.reporters: list[Reporter] | None = None  # started by the first write
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
+        if self.reporters is None:
+            self.reporters = make_reporters(self.report_to, self.run_dir, self.run_config)
+        for reporter in self.reporters:
+            reporter.log(row)
+
+    def close(self) -> None:
+        """End the trackers (flush TensorBoard, finish the W&B run); writing again starts new ones."""
+        for reporter in self.reporters or []:
+            reporter.close()
+        self.reporters = None
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.path.is_file():

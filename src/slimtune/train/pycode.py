@@ -16,6 +16,10 @@ no duplicate responses. The module list is the sorted walk of the stdlib folder 
 private (``_x``) modules, GUI/demo packages and ``site-packages``; examples are sorted by id
 (``module.qualname``) and split train/validation by a SHA-256 hash of the id, so the dataset is the
 same on every run on a given Python version (≈ 4,000 examples on CPython 3.11, 5 % validation).
+
+``pycode-alpaca`` is the same examples in Alpaca's fields (those of flytech/python-codes-25k):
+``instruction`` = the task sentence, ``input`` = the docstring summary, ``output`` = the code
+(:func:`alpaca_row`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ MAX_SUMMARY_WORDS = 120
 MIN_CODE_LINES = 2
 MAX_CODE_LINES = 60
 SPLITS = ("train", "validation", "all")
+TASK_SEPARATOR = " It should do the following: "  # between the prompt's task sentence and the docstring summary
 logger = logging.getLogger("slimtune")
 
 # Folders that hold tests, GUI/demo code, vendored wheels or third-party packages rather than
@@ -162,7 +167,7 @@ def _example(module: str, node: ast.AST, lines: list[str], cls: str | None) -> d
         what = f"the {kind}method `{_signature(node)}` of the class `{cls}` in the `{module}` module"
     qualname = node.name if cls is None else f"{cls}.{node.name}"
     return {
-        "prompt": f"Write {what}. It should do the following: {summary}",
+        "prompt": f"Write {what}.{TASK_SEPARATOR}{summary}",
         "response": code,
         "id": f"{module}.{qualname}",
     }
@@ -237,7 +242,7 @@ def pycode_examples(stdlib_root: str | os.PathLike | None = None, cache: bool = 
     path = _cache_file(root, files)
     try:
         with open(path, encoding="utf-8") as fh:
-            return [dict(zip(("id", "prompt", "response"), row)) for row in json.load(fh)]
+            return [{"prompt": prompt, "response": response, "id": id_} for id_, prompt, response in json.load(fh)]
     except (OSError, ValueError):
         pass  # missing or unreadable (e.g. truncated by a crash elsewhere): rebuild it
     examples = _scan(files)
@@ -284,3 +289,14 @@ def build_pycode(
         want_val = split == "validation"
         rows = [r for r in rows if is_validation(r["id"], validation_fraction) == want_val]
     return rows[:max_examples] if max_examples is not None else rows
+
+
+def alpaca_row(example: dict[str, str]) -> dict[str, str]:
+    """A pycode example in Alpaca's fields: ``{"instruction", "input", "output", "id"}``.
+
+    ``instruction`` is the prompt's first sentence ("Write a Python function `quote(s)` for the `shlex`
+    module."), ``input`` the docstring summary, ``output`` the code, so Alpaca's usual rendering
+    ``instruction + "\\n\\n" + input`` says what the pycode prompt says.
+    """
+    instruction, _, summary = example["prompt"].partition(TASK_SEPARATOR)
+    return {"instruction": instruction, "input": summary, "output": example["response"], "id": example["id"]}

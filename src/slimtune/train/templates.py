@@ -12,6 +12,9 @@ and the response part is the rest. Without a chat template, the plain template i
 The two parts are tokenized separately (as at inference, where the prompt is tokenized alone).
 The response always ends with exactly one EOS: a template that writes text after its end-of-turn
 token (ChatML writes ``<|im_end|>\\n``) has that tail cut, since the model should stop at EOS.
+
+Examples marked ``train_all_turns`` (ShareGPT rows) are cut into segments instead, every assistant
+turn trained and everything else not (:func:`encode_conversation`).
 """
 
 from __future__ import annotations
@@ -133,3 +136,69 @@ def encode_prompt(
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     return bos + tokenizer(render_plain({**example, "response": ""})[0], add_special_tokens=False)["input_ids"]
+
+
+Segment = tuple[list[int], bool]  # (token ids, whether they carry the loss)
+
+
+def _chat_segments(example: Mapping[str, Any], tokenizer: Any) -> list[tuple[str, bool]]:
+    """The chat-template text of a conversation cut into (text, is an assistant turn) pieces.
+
+    An assistant turn ``i`` spans from the end of the generation prompt of ``messages[:i]`` to the end of
+    ``messages[:i + 1]`` rendered, as :func:`render_chat` cuts the last turn; that needs a template whose
+    renderings of a conversation's prefixes are prefixes of the whole (ChatML, Llama 3, Mistral, ... are).
+    """
+    messages = to_messages(example)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    pieces, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(before) and full.startswith(through) and done <= len(before) <= len(through)):
+            raise ValueError("the tokenizer's chat template renders earlier turns differently once later turns "
+                             "follow, so every assistant turn cannot be trained; use chat 'messages' rows (only "
+                             "the last answer trained) or data.use_chat_template=false.")
+        pieces += [(full[done:len(before)], False), (full[len(before):len(through)], True)]
+        done = len(through)
+    return pieces
+
+
+def _plain_segments(example: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """:func:`render_plain`'s text cut into (text, is an assistant turn) pieces."""
+    pieces = [(f"{example['system']}\n\n", False)] if example.get("system") else []
+    for turn in [*example.get("history", []), {"role": "user", "content": example["prompt"]}]:
+        if turn["role"] == "user":
+            pieces.append((PLAIN_PROMPT.format(prompt=turn["content"]), False))
+        else:
+            pieces += [(turn["content"], True), ("\n\n", False)]
+    return [*pieces, (example["response"], True)]
+
+
+def encode_conversation(example: Mapping[str, Any], tokenizer: Any, use_chat_template: bool | None = None
+                        ) -> list[Segment]:
+    """Token segments of a multi-turn example: each assistant turn (and its end-of-turn EOS) trained, the
+    rest (system, user turns, template markup) not. Concatenated, the ids are the whole conversation as
+    the template renders it; the last turn ends with exactly one EOS, as in :func:`encode_examples`.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"Tokenizer {type(tokenizer).__name__} has no EOS token; set one (tokenizer.eos_token = ...) "
+                         "so the model learns where a response ends.")
+    chat = _use_chat(tokenizer, use_chat_template)
+    pieces = _chat_segments(example, tokenizer) if chat else _plain_segments(example)
+    bos = [tokenizer.bos_token_id] if not chat and _adds_bos(tokenizer) else []
+    ids = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
+    segments: list[Segment] = [(bos, False)] if bos else []
+    for (_, trained), piece in zip(pieces, ids):
+        if trained and eos in piece:  # the turn ends at its EOS; what a template writes after it is context
+            last = len(piece) - 1 - piece[::-1].index(eos)
+            segments += [(piece[: last + 1], True), (piece[last + 1:], False)]
+        else:
+            segments.append((piece, trained))
+    while segments and not segments[-1][1]:  # nothing follows the last answer ...
+        segments.pop()
+    if segments and eos not in segments[-1][0][-1:]:  # ... which ends with EOS
+        segments[-1] = (segments[-1][0] + [eos], True)
+    return [(piece, trained) for piece, trained in segments if piece]

@@ -2,10 +2,11 @@
 
 Each row is ``{"input_ids": [...], "labels": [...]}`` with ``labels[i] = -100`` on prompt tokens
 (transformers ignores -100 in the loss, and shifts labels itself), so the loss covers the response
-and its EOS only. Packed rows also carry ``position_ids`` that restart at 0 for each example:
-transformers (>= 4.50) reads restarting positions as packed sequences and, when no 2-D
-``attention_mask`` is passed, builds a block-diagonal causal mask, so packed examples do not see
-each other (:func:`slimtune.train.batching.collate` relies on this).
+and its EOS only; in a ``train_all_turns`` example (ShareGPT) every assistant turn is labelled.
+Packed rows also carry ``position_ids`` that restart at 0 for each example: transformers (>= 4.50)
+reads restarting positions as packed sequences and, when no 2-D ``attention_mask`` is passed, builds
+a block-diagonal causal mask, so packed examples do not see each other
+(:func:`slimtune.train.batching.collate` relies on this).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from slimtune.train.templates import encode_examples
+from slimtune.train.templates import encode_conversation, encode_examples
 
 IGNORE_INDEX = -100
 
@@ -86,6 +87,23 @@ def pack_rows(rows: Sequence[Mapping[str, list[int]]], max_length: int) -> list[
     return packed
 
 
+def _labelled(examples: Sequence[Mapping[str, Any]], tokenizer: Any,
+              use_chat_template: bool | None) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per example, in order: the prompt masked, or, for ``train_all_turns``
+    examples, everything but the assistant turns."""
+    multi = [i for i, ex in enumerate(examples) if ex.get("train_all_turns")]
+    single = [i for i in range(len(examples)) if not examples[i].get("train_all_turns")]
+    out: dict[int, tuple[list[int], list[int]]] = {}
+    encoded = encode_examples([examples[i] for i in single], tokenizer, use_chat_template)  # one batch: fast
+    for i, (prompt_ids, response_ids) in zip(single, encoded):
+        out[i] = (prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids)
+    for i in multi:
+        segments = encode_conversation(examples[i], tokenizer, use_chat_template)
+        out[i] = ([t for ids, _ in segments for t in ids],
+                  [t if trained else IGNORE_INDEX for ids, trained in segments for t in ids])
+    return [out[i] for i in range(len(examples))]
+
+
 def tokenize_examples(
     examples: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -108,11 +126,9 @@ def tokenize_examples(
         raise ValueError(f"max_length={max_length!r} must be at least 2 (a prompt token and a response token).")
     stats = TokenStats(n_examples=len(examples), max_length=max_length, packing=packing)
     rows = []
-    for prompt_ids, response_ids in encode_examples(examples, tokenizer, use_chat_template):
-        input_ids = prompt_ids + response_ids
-        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    for input_ids, labels in _labelled(examples, tokenizer, use_chat_template):
         if len(input_ids) > max_length:
-            if len(prompt_ids) >= max_length:
+            if all(label == IGNORE_INDEX for label in labels[:max_length]):  # the prompt alone fills it
                 stats.n_dropped += 1
                 continue
             stats.n_truncated += 1
