@@ -1,9 +1,18 @@
-"""LoRA training step: slimtune vs HF PEFT on a SmolLM2-135M-shaped model, same run, same inputs.
+"""LoRA training step on the CPU: slimtune's product path vs HF PEFT, with a floor, same run, same inputs.
 
-    .venv/bin/python bench/lora_step.py [--seq 256] [--steps 3]
+    .venv/bin/python bench/lora_step.py [--seq 256] [--steps 5]
 
-Forward + backward + AdamW step, LoRA r=16 on all linear layers, fp32 on CPU (bf16 on CUDA).
-Steps alternate between the two libraries so machine noise hits both alike.
+SmolLM2-135M shape (random weights), fp32, LoRA r=16 on all linear layers, no dropout, labels = the input
+ids (every token), forward + backward + AdamW. Steps alternate between the three runs so machine noise
+hits them alike:
+
+- ``slimtune``: ``add_adapter`` + the fast path ``slimtune train`` enables + the trainer's chunked loss.
+- ``peft``: ``peft.get_peft_model`` with the same LoRA; transformers' loss.
+- ``floor``: the same model without an adapter, every weight frozen, the input embeddings' output requiring
+  grad (``enable_input_require_grads``): forward + backward compute the activation gradients a LoRA step
+  needs and no weight gradients.
+
+The first step's losses of slimtune and PEFT must agree within 1e-4 (both B factors start at zero).
 """
 
 from __future__ import annotations
@@ -13,44 +22,72 @@ import time
 
 import peft
 import torch
-from common import machine, median, random_batch, smollm2_shaped, step_parser, train_step
+from common import SMOLLM2_135M, machine, median, random_batch, smollm2_shaped, step_parser
 
 import slimtune
+from slimtune.perf.fast_path import enable_fast_path
+from slimtune.perf.losses import causal_lm_loss
 
 
 def main() -> None:
-    args = step_parser(__doc__.splitlines()[0]).parse_args()
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.set_defaults(steps=5)
+    args = parser.parse_args()
 
     base = smollm2_shaped()
     batch = random_batch(args.batch, args.seq)
-    models = {
-        "slimtune": slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")),
-        "peft": peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")),
+    lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", lora_dropout=0.0)
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**lora))
+    fast = enable_fast_path(ours, "auto")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora))
+    floor = base.requires_grad_(False)
+    floor.enable_input_require_grads()  # the embedding output requires grad: no weight gradient anywhere
+    runs = {
+        "slimtune": (ours, lambda: causal_lm_loss(ours, batch, reduction="mean")),
+        "peft": (theirs, lambda: theirs(**batch).loss),
+        "floor": (floor, lambda: floor(**batch).loss),
     }
-    del base
-    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-                  for k, m in models.items()}
-    for name, model in models.items():  # warm-up
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                  for name, (model, _) in runs.items() if name != "floor"}
+
+    def step(name: str) -> float:
+        model, loss_of = runs[name]
+        loss = loss_of()
+        loss.backward()
+        if name in optimizers:
+            optimizers[name].step()
+        for p in model.parameters():
+            p.grad = None
+        return loss.item()
+
+    first = {}
+    for name, (model, _) in runs.items():  # warm-up, and the first-step losses
         model.train()
-        train_step(model, optimizers[name], batch)
-    times: dict[str, list[float]] = {k: [] for k in models}
+        first[name] = step(name)
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.steps):
-        for name, model in models.items():
+        for name in runs:
             start = time.perf_counter()
-            train_step(model, optimizers[name], batch)
+            step(name)
             times[name].append(time.perf_counter() - start)
-    ours, theirs = median(times["slimtune"]), median(times["peft"])
-    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    t = {name: median(ts) for name, ts in times.items()}
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in runs.items()}
     assert trainable["slimtune"] == trainable["peft"], trainable
-    print(f"# LoRA r={args.rank} all-linear, SmolLM2-135M shape, bs {args.batch}, seq {args.seq}, "
-          f"median of {args.steps} steps; {machine()}")
-    print(f"trainable params: {trainable['slimtune']:,} (both)")
-    print("| library  | s/step |")
-    print(f"| slimtune | {ours:6.2f} |")
-    print(f"| peft     | {theirs:6.2f} |")
-    print(f"ratio slimtune/peft: {ours / theirs:.3f}")
+    print(f"# LoRA r={args.rank} all-linear, SmolLM2-135M shape ({SMOLLM2_135M['num_hidden_layers']} layers), "
+          f"batch {args.batch} × seq {args.seq}, median of {args.steps} steps after one warm-up; {machine()}")
+    print(f"settings (all three): threads {torch.get_num_threads()}, dtype float32, dropout 0.0, labels = input "
+          f"ids (all tokens); slimtune fast path: {fast}")
+    print(f"trainable params: {trainable['slimtune']:,} (slimtune and peft)")
+    print("| run | s/step | first-step loss |")
+    print("|---|---|---|")
+    for name in runs:
+        print(f"| {name} | {t[name]:.3f} | {first[name]:.6f} |")
+    gap = abs(first["slimtune"] - first["peft"])
+    print(f"first-step loss |slimtune − peft| = {gap:.2e} ({'OK' if gap <= 1e-4 else 'DIFFERENT WORK'}, ≤ 1e-4)")
+    goal = max(0.9 * t["peft"], 1.05 * t["floor"])
+    print(f"step time  slimtune/peft: {t['slimtune'] / t['peft']:.3f}   slimtune/floor: "
+          f"{t['slimtune'] / t['floor']:.3f}   goal ≤ max(0.9× peft, 1.05× floor) = {goal:.3f} s: "
+          f"{'met' if t['slimtune'] <= goal else 'NOT met'}")
 
 
 if __name__ == "__main__":

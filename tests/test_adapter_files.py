@@ -1,6 +1,7 @@
 """Adapter files: PEFT key names, atomic writes, and bad input that leaves the model untouched."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,9 @@ def test_trainable_parameter_report(tmp_path):
     assert report.total == base_total + report.trainable
     assert report.adapter_bytes == (folder / "adapter_model.safetensors").stat().st_size
     assert f"{report.percent:.4f}%" in str(report)
+
+
+def test_an_adapterhub_folder_points_to_load_adapterhub():
+    folder = Path(__file__).parent / "fixtures" / "adapterhub" / "llama" / "seq_bn"
+    with pytest.raises(ValueError, match=r"AdapterHub .* slimtune.load_adapterhub\(model"):
+        slimtune.load_adapter(tiny_llama(), folder)

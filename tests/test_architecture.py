@@ -20,11 +20,13 @@ LAYERS = [
     ("core", ["slimtune.core"]),
     ("quantization", ["slimtune.quant"]),
     ("kernels and optimizers", ["slimtune.perf.kernels", "slimtune.optim"]),
-    ("methods", ["slimtune.methods"]),
+    ("methods", ["slimtune.methods", "slimtune.adapterhub.blocks", "slimtune.adapterhub.modules",
+                 "slimtune.adapterhub.layers", "slimtune.adapterhub.sites", "slimtune.adapterhub.format",
+                 "slimtune.adapterhub.initial"]),
     ("adapter operations", ["slimtune.lifecycle", "slimtune.adapter_files", "slimtune.report", "slimtune.combination",
                             "slimtune.mixed_batch", "slimtune.export", "slimtune.perf", "slimtune.gguf_export",
-                            "slimtune.gguf_quants"]),
-    ("training", ["slimtune.train"]),
+                            "slimtune.gguf_quants", "slimtune.adapterhub", "slimtune.serving"]),
+    ("training", ["slimtune.train", "slimtune.estimate"]),
     ("command line", ["slimtune.cli", "slimtune.__main__", "slimtune"]),
 ]
 

@@ -29,6 +29,7 @@ _EXPORTS = {
     "LohaConfig": "slimtune.methods.loha",
     "IA3Config": "slimtune.methods.ia3",
     "BottleneckConfig": "slimtune.methods.bottleneck",
+    "AdapterFusionConfig": "slimtune.methods.fusion",
     "PromptTuningConfig": "slimtune.methods.prompt_tuning",
     "PromptEncoderConfig": "slimtune.methods.prompt_tuning",
     "PrefixTuningConfig": "slimtune.methods.prefix",
@@ -55,10 +56,18 @@ _EXPORTS = {
     "save_adapter": "slimtune.adapter_files",
     "load_adapter": "slimtune.adapter_files",
     "read_adapter_config": "slimtune.adapter_files",
+    # AdapterHub's format and composition blocks
+    "load_adapterhub": "slimtune.adapterhub.files",
+    "save_adapterhub": "slimtune.adapterhub.files",
+    "set_composition": "slimtune.adapterhub.composition",
+    "Stack": "slimtune.adapterhub.blocks",
+    "Parallel": "slimtune.adapterhub.blocks",
+    "Fuse": "slimtune.adapterhub.blocks",
     # several adapters
     "combine_adapters": "slimtune.combination",
     "combine_adapter_files": "slimtune.combination",
     "mixed_batch": "slimtune.mixed_batch",
+    "Decoder": "slimtune.serving",
     # optimizer groups
     "loraplus_param_groups": "slimtune.optim.loraplus",
     "create_loraplus_optimizer": "slimtune.optim.loraplus",
@@ -99,6 +108,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.adapter_files import load_adapter, read_adapter_config, save_adapter
+    from slimtune.adapterhub.blocks import Fuse, Parallel, Stack
+    from slimtune.adapterhub.composition import set_composition
+    from slimtune.adapterhub.files import load_adapterhub, save_adapterhub
     from slimtune.combination import combine_adapter_files, combine_adapters
     from slimtune.config import LoraConfig, MethodConfig
     from slimtune.errors import NotMergeableError
@@ -120,6 +132,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.methods import config_from_dict
     from slimtune.methods.bottleneck import BottleneckConfig
     from slimtune.methods.delta_lora import DeltaLoraConfig
+    from slimtune.methods.fusion import AdapterFusionConfig
     from slimtune.methods.ia3 import IA3Config
     from slimtune.methods.layerdrop import LayerDropConfig
     from slimtune.methods.loha import LohaConfig
@@ -134,3 +147,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.optim.layerwise import layerwise_lr_groups
     from slimtune.optim.loraplus import create_loraplus_optimizer, loraplus_param_groups
     from slimtune.report import TrainableReport, trainable_parameters
+    from slimtune.serving import Decoder

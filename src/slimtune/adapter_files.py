@@ -4,29 +4,58 @@ Keys are PEFT's: the module path prefixed with ``base_model.model.`` and without
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). An adapter folder is written
 as one unit (:func:`slimtune.core.files.atomic_folder`): a reader finds the previous adapter or the
 new one, never half of each, and a reader of a folder a crash interrupted repairs it first.
+
+An adapter folder comes from others, so loading one is a trust boundary:
+
+- nothing is unpickled (``adapter_model.bin`` only with ``allow_pickle=True``, and then with
+  ``torch.load(weights_only=True)``); the safetensors file is read by the validating reader;
+- every field of ``adapter_config.json`` is type-checked before the config is built, and a size field
+  (a rank, a token count) larger than the file could hold is refused before anything is allocated;
+- fields that would make loading reach elsewhere are dropped (a prompt's init text and its tokenizer, a
+  bottleneck's ``init_from``): the weights come from the file;
+- the file may hold only the tensors the config's own adapter has, with their shapes and a floating-point
+  dtype: it cannot add modules or parameters, nor write into base weights the config did not declare;
+- the adapter name must be a plain name (no ``.``, ``/``, ``..``), as it becomes module keys and folders.
+
+Any problem is an :class:`~slimtune.errors.InvalidFileError` naming the file and the key, and leaves the
+model exactly as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from slimtune.config import MethodConfig
-from slimtune.core.files import atomic_folder, recover_folder
-from slimtune.core.state import get_state
+from slimtune.core.files import atomic_folder, check_name, recover_folder, write_file, writer_in_progress
+from slimtune.core.state import find_state, get_state
+from slimtune.core.tensor_files import SafetensorsReader
+from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, remove_adapter
-from slimtune.methods import config_from_dict, method_for
+from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+# Fields that only say how to initialise an adapter; a loaded adapter's weights come from its file, so these
+# are reset rather than followed (a tokenizer to download, another folder to read).
+INIT_ONLY = {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+             "tokenizer_kwargs": None, "init_from": None}
+# Size fields: each unit adds at least one value to the adapter, so none can exceed the values in its file.
+SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
+               "encoder_hidden_size", "encoder_num_layers")
+RANK_FIELDS = ("r", "rank_pattern")  # ranks also appear as a tensor dimension in the file
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -65,6 +94,13 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
     return data
 
 
+def adapter_file_contents(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:
+    """The files of an adapter folder: name → content."""
+    get_state(model).check_known([adapter_name])
+    config = json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True) + "\n"
+    return {WEIGHTS_NAME: serialize_adapter(model, adapter_name), CONFIG_NAME: config.encode()}
+
+
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, "README.md"}
 
 
@@ -72,8 +108,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Write one adapter to the folder ``path`` in PEFT's format, as one unit, and return the folder.
 
     An existing adapter folder is replaced whole; a folder holding anything else is refused (nothing
-    of the user's is ever deleted)."""
-    get_state(model).check_known([adapter_name])
+    of the user's is ever deleted). A failed write (disk full, read-only) is a
+    :class:`~slimtune.errors.SaveError` and leaves the previous adapter there intact."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save the adapter to {folder}: it is a file; pass a folder path.")
@@ -82,33 +118,92 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if foreign:
             raise ValueError(f"cannot save the adapter to {folder}: the folder holds other files ({foreign[:3]}), "
                              "which replacing it would delete; save into an empty or new folder.")
-    weights = serialize_adapter(model, adapter_name)
-    config = (json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True) + "\n").encode()
+    contents = adapter_file_contents(model, adapter_name)
     try:
         with atomic_folder(folder) as tmp:
-            (tmp / WEIGHTS_NAME).write_bytes(weights)
-            (tmp / CONFIG_NAME).write_bytes(config)
-    except OSError as error:
-        raise OSError(error.errno, f"cannot create adapter folder {folder}: {error.strerror or error}; choose a "
-                                   "writable path with free space (the previous adapter there is intact)") from error
+            for name, data in contents.items():
+                write_file(tmp / name, data)
+    except SaveError as error:
+        raise SaveError(error.errno, f"cannot create adapter folder {folder}: {error.strerror}") from error
     return folder
 
 
+# ---- reading (the trust boundary) ------------------------------------------------------------------------
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type hint (unknown hints: the config decides)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, h) for h in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple, set, frozenset):
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and (not args or all(_matches(v, args[1]) for v in value.values()))
+    return True
+
+
+def _field_error(config_file: Path, error: Exception) -> InvalidFileError:
+    """A config's own ``ValueError("r=0 must be …")`` as an error naming the file and the key."""
+    message = str(error)
+    match = re.match(r"\w+\((\w+)=|(\w+)(\[[^\]]*\])?\s*=|(\w+) ", message)
+    key = next((g for g in match.groups() if g and not g.startswith("[")), None) if match else None
+    return InvalidFileError(config_file, message, key)
+
+
+def config_from_file(config_file: Path, data: dict[str, Any]) -> MethodConfig:
+    """Build the method config of ``adapter_config.json`` content ``data``, every field type-checked first."""
+    peft_type = data.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in REGISTRY.config_classes():
+        raise InvalidFileError(config_file, f"peft_type={peft_type!r:.80} is not a method slimtune knows; known types: "
+                                            f"{sorted(REGISTRY.config_classes())}.", "peft_type")
+    cls = REGISTRY.config_classes()[peft_type]
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in data and field.init and not _matches(data[field.name], hints[field.name]):
+            raise InvalidFileError(config_file, f"{field.name}={data[field.name]!r:.80} is not of the field's type "
+                                                f"({hints[field.name]}).", field.name)
+    try:
+        return cls.from_dict(data)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise _field_error(config_file, error) from None
+
+
 def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
+    """The method config of the adapter folder ``path`` (checked: see the module docstring)."""
     folder = Path(path)
     recover_folder(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist; pass the folder written by save_adapter.")
+        busy = " (another process is writing it right now; try again when it is done)" \
+            if writer_in_progress(folder) else ""
+        raise FileNotFoundError(f"adapter folder {folder} does not exist{busy}; pass the folder written by "
+                                "save_adapter.")
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
     try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err}); the adapter is corrupt, save it again.") from err
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:
+        raise InvalidFileError(config_file, f"is not valid JSON ({err}); the adapter is corrupt, save it again."
+                               ) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, found {type(data).__name__}.")
-    return config_from_dict(data)
+        raise InvalidFileError(config_file, f"must hold a JSON object, found {type(data).__name__}.")
+    if "peft_type" not in data and isinstance(data.get("config"), dict) and "model_class" in data:
+        raise InvalidFileError(folder, f"is an AdapterHub (`adapters` library) folder, not a PEFT adapter; load it "
+                                       f"with slimtune.load_adapterhub(model, {str(folder)!r}).")
+    return config_from_file(config_file, data)
 
 
 def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -119,16 +214,38 @@ def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) ->
         if not pickle_file.is_file():
             raise FileNotFoundError(f"{weights} is missing; the adapter folder has no weights.")
         if not allow_pickle:
-            raise ValueError(
-                f"refusing to load {pickle_file}: it is a pickle file, and unpickling can run arbitrary code. "
-                "Re-save the adapter as safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or "
-                "pass allow_pickle=True if you trust its source."
-            )
+            raise InvalidFileError(
+                pickle_file, "refusing to load a pickle file: unpickling can run arbitrary code. Re-save the adapter "
+                "as safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True if "
+                "you trust its source.")
         return torch.load(pickle_file, map_location="cpu", weights_only=True)
     try:
-        return load_file(weights)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} is not a readable safetensors file ({err}); the adapter is corrupt.") from err
+        with SafetensorsReader(weights) as reader:
+            return reader.tensors()
+    except InvalidFileError as err:
+        raise InvalidFileError(weights, f"{str(err).removeprefix(str(weights) + ': ')} The adapter is corrupt.",
+                               err.key) from None
+
+
+def _check_sizes(config: MethodConfig, tensors: dict[str, torch.Tensor], config_file: Path) -> None:
+    """Refuse sizes the file cannot hold before the adapter is built (a rank of 10¹² would allocate first)."""
+    values = sum(t.numel() for t in tensors.values())
+    widest = max((d for t in tensors.values() for d in t.shape), default=0)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        sizes = list(value.values()) if isinstance(value, dict) else [value]
+        numbers = [s for s in sizes if isinstance(s, (int, float)) and not isinstance(s, bool)]
+        if field.name in RANK_FIELDS:  # a rank is a dimension of some tensor in the file
+            bad = [s for s in numbers if s > widest]
+        elif field.name in SIZE_FIELDS:
+            bad = [s for s in numbers if s > values]
+        elif field.name == "reduction_factor":  # the bottleneck is (hidden size / reduction_factor) wide
+            bad = [s for s in numbers if 0 < s and 1 / s > values]
+        else:
+            continue
+        if bad:
+            raise InvalidFileError(config_file, f"{field.name}={bad[0]} does not fit the adapter's weights file "
+                                                f"({values} values, largest dimension {widest}).", field.name)
 
 
 def load_adapter(
@@ -141,15 +258,29 @@ def load_adapter(
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by slimtune or HF PEFT) to ``model`` in place.
 
-    On any mismatch (missing keys, unexpected keys, wrong shapes) the model is left as it was.
-    The adapter is frozen unless ``is_trainable``.
+    On any mismatch (missing keys, unexpected keys, wrong shapes or dtypes, sizes the file cannot hold) the
+    model is left as it was. The adapter is frozen unless ``is_trainable``.
     """
+    check_name(adapter_name, "adapter name")
+    if "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} contains '.', which cannot name a module; use another name.")
+    state = find_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
     config = read_adapter_config(path)
+    config_file = Path(path) / CONFIG_NAME
+    resets = {f.name: INIT_ONLY[f.name] for f in dataclasses.fields(config)
+              if f.name in INIT_ONLY and getattr(config, f.name) != INIT_ONLY[f.name]}
+    config = config.replace(**resets) if resets else config
     tensors = read_adapter_tensors(path, allow_pickle)
-    add_adapter(model, config, adapter_name, activate=activate)
+    _check_sizes(config, tensors, config_file)
+    try:
+        add_adapter(model, config, adapter_name, activate=activate)
+    except (ValueError, TypeError, KeyError, re.error) as error:
+        raise _field_error(config_file, error) from None
     try:
         live = adapter_tensors(model, adapter_name)
-        _copy_checked(live, tensors, model, path)
+        _copy_checked(live, tensors, Path(path), embedding_weights(model, adapter_name))
     except BaseException:
         remove_adapter(model, adapter_name)
         raise
@@ -159,22 +290,46 @@ def load_adapter(
     return model
 
 
-def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], model: nn.Module, path) -> None:
-    params = {PEFT_PREFIX + n: p for n, p in model.named_parameters()}
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when an adapter targets them
+
+
+def embedding_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Base weights PEFT may store with an adapter (``save_embedding_layers``: a resized vocabulary): those
+    of the embedding and output layers the adapter's config targets, keyed as PEFT keys them."""
+    return {f"{PEFT_PREFIX}{name}.base_layer.{k}": p for name, layer in tuner_layers(model)
+            if adapter_name in layer.adapter_names and (isinstance(layer.base_layer, nn.Embedding)
+                                                        or name.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
+            for k, p in layer.base_layer.named_parameters()}
+
+
+def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], folder: Path,
+                  optional: dict[str, torch.Tensor]) -> None:
+    """Copy ``stored`` into ``live`` (this adapter's own tensors) and ``optional`` (base weights the config
+    declares, which the file may hold), after checking every key, shape and dtype; nothing else is accepted."""
+    weights = folder / WEIGHTS_NAME
     resolved = {}
     for key, value in stored.items():
-        target_key = key if key in live or key in params else PEFT_PREFIX + key
-        target = live.get(target_key, params.get(target_key))
+        target_key = key if key in live or key in optional else PEFT_PREFIX + key
+        target = live.get(target_key, optional.get(target_key))
         if target is None:
-            raise ValueError(f"{path}: tensor {key!r} does not belong to any module of this model; "
-                             "was the adapter trained on another architecture?")
+            raise InvalidFileError(weights, f"tensor {key!r} does not belong to any module or parameter of this "
+                                            "adapter's config; was the adapter trained on another architecture, or "
+                                            "the file altered?", key)
         if target.shape != value.shape:
-            raise ValueError(f"{path}: {key!r} has shape {tuple(value.shape)} but the model expects "
-                             f"{tuple(target.shape)}; the adapter was trained for a different model size.")
+            raise InvalidFileError(weights, f"{key!r} has shape {tuple(value.shape)} but the model expects "
+                                            f"{tuple(target.shape)}; the adapter was trained for a different model "
+                                            "size.", key)
+        if target.is_floating_point() and not value.is_floating_point():
+            raise InvalidFileError(weights, f"{key!r} has dtype {value.dtype}; adapter weights are floating point.",
+                                   key)
+        if target_key in resolved:
+            raise InvalidFileError(weights, f"{key!r} is stored twice (with and without the {PEFT_PREFIX!r} prefix).",
+                                   key)
         resolved[target_key] = (target, value)
     missing = sorted(set(live) - set(resolved))
     if missing:
-        raise ValueError(f"{path}: {len(missing)} adapter tensors are missing from the file, e.g. {missing[:3]}.")
+        raise InvalidFileError(weights, f"{len(missing)} adapter tensors are missing from the file, e.g. "
+                                        f"{missing[:3]}.", missing[0])
     with torch.no_grad():
         for target, value in resolved.values():
             target.copy_(value.to(device=target.device, dtype=target.dtype))

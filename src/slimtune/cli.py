@@ -1,4 +1,4 @@
-"""The ``slimtune`` command: train | recipes | generate | eval | merge.
+"""The ``slimtune`` command: train | recipes | estimate | generate | eval | merge.
 
     slimtune train                                   # the default recipe (QLoRA, SmolLM2, pycode)
     slimtune train lora-smollm2-pycode training.max_steps=20 output.dir=runs/try
@@ -6,6 +6,7 @@
     slimtune generate --adapter runs/qlora-smollm2-pycode/adapter -p "Write a function that ..."
     slimtune eval --adapter runs/qlora-smollm2-pycode/adapter
     slimtune merge --adapter runs/qlora-smollm2-pycode/adapter --output merged/
+    slimtune estimate qlora-smollm2-pycode --device h200     # will it fit, and how long?
 
 User errors (bad recipe key, missing file, ...) print ``error: <message>`` and exit with status 2;
 set ``SLIMTUNE_DEBUG=1`` to see the traceback instead.
@@ -33,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(recipe.to_yaml(), end="")
         return 0
-    result = run_recipe(recipe, resume=args.resume, show_progress=not args.no_progress)
+    result = run_recipe(recipe, resume=args.resume, show_progress=not args.no_progress, force=args.force)
     return 0 if result.finished else 130
 
 
@@ -62,7 +63,7 @@ def _load(args: argparse.Namespace, active: list[str] | None = None):
     from slimtune.train.inference import load_with_adapters
 
     return load_with_adapters(args.model, _adapters(args), args.load_in_4bit, args.device, args.dtype, active,
-                              log=lambda m: print(m, file=sys.stderr))
+                              log=lambda m: print(m, file=sys.stderr), kernels=args.kernels)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -91,6 +92,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from slimtune.estimate import estimate, estimate_json, format_estimate
+    from slimtune.train.recipe import DEFAULT_RECIPE, load_recipe
+
+    recipe_arg, overrides = args.recipe, list(args.overrides)
+    if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
+        recipe_arg, overrides = None, [recipe_arg, *overrides]  # `slimtune estimate key=value` uses the default
+    recipe = load_recipe(recipe_arg or DEFAULT_RECIPE, overrides)
+    result = estimate(recipe, device=args.device, memory=args.memory)
+    print(json.dumps(estimate_json(result), indent=2) if args.json else format_estimate(result))
+    return 0 if result.fits else 1
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from slimtune.train.inference import export_merged
 
@@ -113,6 +129,9 @@ def _model_options(parser: argparse.ArgumentParser, adapters: str) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:N'")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype of the base model (default float32)")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                        help="auto (default): Triton kernels + fused LoRA on CUDA, the fastest pure-torch path "
+                             "elsewhere; triton: insist; torch: the pure-torch reference")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it resolved; train nothing")
+    p.add_argument("--force", action="store_true", help="train even when the memory estimate says it will not fit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=_cmd_train)
 
@@ -157,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("estimate", help="will a recipe fit, and how long will it take? (reads only the model's config)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Predict a recipe's peak memory (component by component) and its step and run "
+                                   "time on a device, from the model's config alone (no weights are read). When it "
+                                   "does not fit, list the cheapest changes that do, each with its new peak. Exit "
+                                   "status 0 when it fits, 1 when it does not.",
+                       epilog="examples:\n  slimtune estimate qlora-smollm2-pycode\n"
+                              "  slimtune estimate qlora-smollm2-pycode model.name_or_path=meta-llama/Llama-3.1-8B "
+                              "--device h200\n  slimtune estimate lora-smollm2-pycode --device rtx4090 --memory 12GB "
+                              "--json")
+    p.add_argument("recipe", nargs="?", help="recipe file or shipped recipe name (default: qlora-smollm2-pycode)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N (this machine, measured) or a GPU profile: h200, h100, a100-80gb, "
+                        "a100-40gb, l4, rtx4090, rtx3090 (default: the recipe's model.device)")
+    p.add_argument("--memory", default=None, help="memory the run may use, e.g. 24GB (default: the device's)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON (for tools)")
+    p.set_defaults(func=_cmd_estimate)
+
     p = sub.add_parser("merge", help="merge an adapter into its base and export a plain transformers model folder")
     _model_options(p, "adapter folder to merge")
     p.add_argument("-o", "--output", required=True, help="folder for the merged model (safetensors + tokenizer)")
@@ -179,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     # so overrides that follow an option come back as extras.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(e.startswith("-") for e in extra):
+        if args.command not in ("train", "estimate") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     if args.command == "merge" and not args.adapter:

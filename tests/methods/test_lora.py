@@ -134,3 +134,30 @@ def test_gpt2_conv1d_is_wrapped_transposed():
     model = slimtune.add_adapter(tiny_gpt2(), slimtune.LoraConfig(r=2, target_modules=["c_attn"]))
     layer = model.transformer.h[0].attn.c_attn
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (32, 96)
+
+
+def test_up_projection_is_one_addmm_with_the_same_values_and_gradients(monkeypatch):
+    """The LoRA layer adds ``s · B(A x)`` to the base output in one addmm (the scaling as alpha): no
+    (tokens, out) product, scaled copy or sum. Same values and gradients as the three steps."""
+    from slimtune.methods import lora_layers
+
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
+                                                                    init_lora_weights=False)).train()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(k.get("alpha")) or real(*a, **k))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora_layers_count = sum(isinstance(m, lora_layers.LoraLinear) for m in model.modules())
+    assert calls == [3.0] * lora_layers_count
+    monkeypatch.setattr(lora_layers, "add_up_projection",
+                        lambda result, down, B, s: result + (B(down) * s).to(result.dtype))
+    ref_loss = reference(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -130,3 +130,25 @@ def test_make_optimizer_names_and_errors():
         make_optimizer("adamw_8bit", p, lr=1e-3, foreach=True)
     with pytest.raises(ValueError, match="betas"):
         make_optimizer("adamw_8bit", p, lr=1e-3, betas=(0.9, 1.0))
+
+
+def test_steps_reuse_one_table_per_map_and_device(monkeypatch):
+    """On a GPU, a table built (or moved) per call means a device-to-host sync and a 64 KiB upload per moment,
+    parameter and step: every quantization reuses one table per map and device."""
+    from slimtune.optim import adamw_8bit
+
+    tables = []
+    real = adamw_8bit.quantize_blockwise
+
+    def spy(x, code=None, blocksize=256, lut=None):
+        tables.append(None if lut is None or code is not None else id(lut))
+        return real(x, code, blocksize, lut)
+
+    monkeypatch.setattr(adamw_8bit, "quantize_blockwise", spy)
+    params = [torch.nn.Parameter(torch.randn(64, 128)) for _ in range(3)]
+    optimizer = AdamW8bit(params, lr=1e-3)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    assert len(tables) == 3 * 3 * 2 and None not in tables and len(set(tables)) == 2

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
 
 from slimtune.optim import PagedAdamW, make_optimizer
+from slimtune.optim.adamw_8bit import AdamW8bit
 
 
 def _params(*shapes, seed=0, device="cpu"):
@@ -85,3 +87,63 @@ def test_gpu_states_live_in_pinned_host_memory_and_updates_match():
     eight = make_optimizer("paged_adamw_8bit", [copy.deepcopy(big)], lr=1e-2)
     _steps([eight], [list(eight.param_groups[0]["params"])], steps=1)
     assert next(iter(eight.state.values()))["exp_avg_codes"].is_pinned()
+
+
+class _Watched(PagedAdamW):
+    """PagedAdamW on a machine where the CPU parameters count as accelerator tensors: the real paging code
+    runs (working copies fetched, updated and written back), and every working copy is recorded."""
+
+    on_accelerator = staticmethod(lambda p: True)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.working = []  # (parameter, weak reference to a fetched working copy)
+
+    def fetch(self, p, home):
+        working = super().fetch(p, home)
+        if working is not home:
+            # only one parameter's working states exist at a time: the previous parameter's are gone
+            assert all(q is p or ref() is None for q, ref in self.working), "working copies outlive their update"
+            self.working.append((p, weakref.ref(working)))
+        return working
+
+
+@pytest.mark.parametrize("cls", [_Watched, PagedAdamW])
+def test_paged_states_live_at_home_and_travel_once_per_step(cls):
+    """What paging must do, checked through the device-independent seam: big states stay in their home
+    tensors (the same objects every step), each step fetches one working copy per state of each paged
+    parameter, writes it back, and frees it before the next parameter; small states never move."""
+    big, small = _params((400, 300), (64,))  # 120,000 ≥ 100,000 elements: paged
+    exact = [copy.deepcopy(big), copy.deepcopy(small)]
+    opt = cls([big, small], lr=1e-2)
+    ref = torch.optim.AdamW(exact, lr=1e-2, foreach=False)
+    _steps([opt, ref], [[big, small], exact], steps=1)
+    homes = {k: opt.state[big][k] for k in ("exp_avg", "exp_avg_sq")}
+    _steps([opt, ref], [[big, small], exact], steps=2)
+    assert torch.equal(big, exact[0]) and torch.equal(small, exact[1])
+    for key, home in homes.items():
+        assert opt.state[big][key] is home  # updated in place through put_back, never replaced
+        assert torch.equal(home, ref.state[exact[0]][key])
+    if cls is _Watched:
+        assert opt.pages(big) and not opt.pages(small)
+        assert [p is big for p, _ in opt.working] == [True] * 6  # 2 states × 3 steps, none for the small one
+        assert all(ref() is None for _, ref in opt.working)
+    else:  # on the CPU nothing is paged: plain AdamW, no copies
+        assert not opt.pages(big) and opt.state_home(big).type == "cpu"
+
+
+def test_paged_8bit_states_are_written_back_into_their_homes():
+    class Watched8bit(AdamW8bit):
+        on_accelerator = staticmethod(lambda p: True)
+
+    big = _params((400, 300))
+    plain = copy.deepcopy(big)
+    opt = Watched8bit(big, lr=1e-2, paged=True)
+    ref = make_optimizer("adamw_8bit", plain, lr=1e-2)
+    _steps([opt, ref], [big, plain], steps=1)
+    homes = {k: v for k, v in opt.state[big[0]].items() if k != "step"}
+    _steps([opt, ref], [big, plain], steps=2)
+    assert torch.equal(big[0], plain[0])
+    for key, home in homes.items():
+        assert opt.state[big[0]][key] is home
+        assert torch.equal(home, ref.state[plain[0]][key])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -10,7 +12,13 @@ from tiny_models import tiny_gpt2, tiny_llama
 
 import slimtune
 from slimtune.core.modules import transformer_blocks
-from slimtune.perf.activation_checkpointing import CheckpointedForward, checkpoint_layers, uncheckpoint_layers
+from slimtune.perf.activation_checkpointing import (
+    CheckpointedForward,
+    HostOffload,
+    KeptInputs,
+    checkpoint_layers,
+    uncheckpoint_layers,
+)
 from slimtune.perf.fused_lora import use_fused_lora
 from slimtune.quant import QuantConfig, quantize
 
@@ -118,6 +126,71 @@ def test_other_inputs_needing_grad_fall_back_and_errors():
     (getattr(hf, "activation_checkpointing_enable", None) or hf.gradient_checkpointing_enable)()
     with pytest.raises(ValueError, match="already on"):
         checkpoint_layers(hf)
+
+
+class _Watched(HostOffload):
+    """HostOffload on a machine where CPU tensors count as accelerator tensors: the real offload code
+    runs (copies out after each layer's forward, back before its recomputation) and each call is recorded."""
+
+    on_accelerator = staticmethod(lambda t: True)
+
+    def __init__(self):
+        self.events, self.inputs = [], []
+
+    def stash(self, hidden):
+        kept = super().stash(hidden)
+        self.events.append(("stash", kept.data_ptr()))
+        self.inputs.append(weakref.ref(hidden))
+        return kept
+
+    def restore(self, kept, device):
+        self.events.append(("restore", kept.data_ptr()))
+        return super().restore(kept, device)
+
+
+class _Plain(KeptInputs):
+    def __init__(self):
+        self.inputs = []
+
+    def stash(self, hidden):
+        self.inputs.append(weakref.ref(hidden))
+        return hidden
+
+
+def test_offload_keeps_copies_frees_the_layer_inputs_and_brings_each_back_once():
+    """What offload must do, through the device-independent seam: after the forward no layer input is
+    alive (only their host copies), each copy comes back exactly once, in reverse layer order, and the
+    gradients are those of the un-checkpointed model. Without offload the inputs themselves are kept."""
+    model = _lora_model(layers=3, dropout=0.0)
+    _, grads_ref, _ = _run(copy.deepcopy(model), IDS)
+    for store in (_Watched(), _Plain()):
+        checked = copy.deepcopy(model)
+        checkpoint_layers(checked, offload=store)
+        loss = checked(input_ids=IDS, labels=IDS).loss
+        gc.collect()
+        alive = [ref() is not None for ref in store.inputs]
+        assert alive == [isinstance(store, _Plain)] * 3, alive
+        if isinstance(store, _Watched):
+            stashed = [ptr for kind, ptr in store.events if kind == "stash"]
+            assert len(stashed) == 3 and all(kind == "stash" for kind, _ in store.events)
+        loss.backward()
+        if isinstance(store, _Watched):
+            restored = [ptr for kind, ptr in store.events if kind == "restore"]
+            assert restored == stashed[::-1]
+        for key, grad in grads_ref.items():
+            torch.testing.assert_close(dict(checked.named_parameters())[key].grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_offload_is_a_no_op_for_cpu_tensors_and_chosen_by_the_flag():
+    hidden = torch.randn(2, 3)
+    assert HostOffload().stash(hidden) is hidden and HostOffload().restore(hidden, hidden.device) is hidden
+    model = _lora_model(layers=2)
+    checkpoint_layers(model, offload=True)
+    kinds = {type(m.__dict__["forward"].inputs) for m in model.modules() if "forward" in m.__dict__}
+    assert kinds == {HostOffload}
+    checkpoint_layers(model, offload=False)
+    kinds = {type(m.__dict__["forward"].inputs) for m in model.modules() if "forward" in m.__dict__}
+    assert kinds == {KeptInputs}
 
 
 @pytest.mark.gpu

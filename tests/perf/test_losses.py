@@ -35,6 +35,25 @@ def test_equals_full_logits_cross_entropy(reduction, chunk_size):
         torch.testing.assert_close(got, 3.0 * want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_half_precision_path_matches_fp32_reference(autocast):
+    """bf16 operands (or bf16 autocast): matmuls in bf16, logits and sums in fp32; gradients as fp32's, to bf16
+    rounding (the weight's gradient is summed over chunks in fp32)."""
+    h, w, b, y = _problem(tokens=60, hidden=32, vocab=200, dtype=torch.float32)
+    if not autocast:
+        h, w, b = (t.detach().bfloat16().requires_grad_() for t in (h, w, b))
+    ref_inputs = [t.detach().bfloat16().float().requires_grad_() for t in (h, w, b)]
+    ref = F.cross_entropy(ref_inputs[0] @ ref_inputs[1].T + ref_inputs[2], y)
+    ref_grads = torch.autograd.grad(ref, ref_inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = chunked_cross_entropy(h, w, y, b, chunk_size=16)
+    grads = torch.autograd.grad(loss, (h, w, b))
+    torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == (torch.bfloat16 if not autocast else torch.float32)
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-3)
+
+
 def test_fp32_batched_shape_without_bias_and_frozen_weight():
     h, w, _, y = _problem(tokens=24, dtype=torch.float32)
     w.requires_grad_(False)

@@ -46,8 +46,9 @@ def test_forward_and_input_grad_match_full_precision_with_dequantized_weight(mak
 def test_backward_dequantizes_again_instead_of_keeping_the_weight(monkeypatch):
     q = Linear4bit.from_linear(_linear(bias=False))
     calls = []
-    original = Linear4bit.dequantize
-    monkeypatch.setattr(Linear4bit, "dequantize", lambda self, dtype=None: calls.append(dtype) or original(self, dtype))
+    original = Linear4bit.transient_weight
+    monkeypatch.setattr(Linear4bit, "transient_weight",
+                        lambda self, dtype: calls.append(dtype) or original(self, dtype))
     x = torch.randn(4, 80, requires_grad=True)
     out = q(x)
     assert len(calls) == 1
@@ -58,6 +59,30 @@ def test_backward_dequantizes_again_instead_of_keeping_the_weight(monkeypatch):
     assert len(calls) == 2 and x.grad is not None
     q(torch.randn(4, 80)).sum()  # no input grad: forward only
     assert len(calls) == 3
+
+
+def test_keeping_the_dequantized_weight_saves_the_second_dequantization(monkeypatch):
+    q = Linear4bit.from_linear(_linear(bias=False))
+    reference = torch.randn(4, 80, requires_grad=True)
+    expected = torch.autograd.grad(q(reference).square().sum(), reference)[0]
+    calls = []
+    original = Linear4bit.dequantize
+    monkeypatch.setattr(Linear4bit, "dequantize", lambda self, dtype=None: calls.append(dtype) or original(self, dtype))
+    q.keep_dequantized = True
+    x = reference.detach().clone().requires_grad_(True)
+    out = q(x)
+    assert len(calls) == 1
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert len(calls) == 1  # the backward used the kept weight
+    torch.testing.assert_close(grad, expected, atol=0, rtol=0)
+
+
+def test_transient_weights_share_one_buffer_per_size_and_stay_exact():
+    a, b = Linear4bit.from_linear(_linear(bias=False)), Linear4bit.from_linear(_linear(bias=False, seed=1))
+    wa = a.transient_weight(torch.float32).clone()
+    wb = b.transient_weight(torch.float32)
+    assert torch.equal(wa, a.dequantize()) and torch.equal(wb, b.dequantize())
+    assert a.transient_weight(torch.float32).data_ptr() == wb.data_ptr()  # the same buffer, reused
 
 
 def test_compute_dtype_and_output_dtype():

@@ -6,11 +6,14 @@ import os
 import re
 import sys
 import time
+import weakref
 
 import pytest
 import torch
 from train_helpers import make_tokenizer, tiny_llama
 
+from slimtune.core.tensor_files import SafetensorsReader
+from slimtune.quant import Linear4bit, QuantConfig, quantize
 from slimtune.train import models
 from slimtune.train.models import cache_root, ensure_converted, load_model_and_tokenizer, resolve_model_path
 
@@ -29,6 +32,34 @@ def llama_dir(tmp_path_factory, tokenizer):
 
 
 # ---------------------------------------------------------------------------------- local folders
+def test_quantized_load_streams_one_layer_at_a_time_with_identical_bytes(llama_dir, monkeypatch):
+    """With a quantization config the model is built on the meta device and each linear weight is quantized as
+    it is read: at no moment are two layers' full-precision weights alive, and the packed bytes equal those of
+    quantizing the loaded full-precision model."""
+    reference, _ = load_model_and_tokenizer(llama_dir)
+    quantize(reference, QuantConfig())
+    alive: dict[str, weakref.ref] = {}
+    moments = []
+    read = SafetensorsReader.get_tensor
+
+    def tracked(self, name):
+        tensor = read(self, name)
+        alive[name] = weakref.ref(tensor)
+        moments.append({k for k, ref in alive.items() if ref() is not None})
+        return tensor
+
+    monkeypatch.setattr(SafetensorsReader, "get_tensor", tracked)
+    model, _ = load_model_and_tokenizer(llama_dir, quantization=QuantConfig())
+    quantized = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(quantized) == 14 and max(len(moment & set(quantized)) for moment in moments) == 1
+    expected = dict(reference.named_modules())
+    for name, layer in quantized.items():
+        ref = expected[name.removesuffix(".weight")]
+        for key, tensor in layer.storage_tensors().items():
+            assert torch.equal(tensor, ref.storage_tensors()[key]), (name, key)
+
+
+
 def test_local_folder_loads_with_same_weights(llama_dir):
     model, tok = load_model_and_tokenizer(llama_dir)
     reference = tiny_llama(vocab_size=len(tok))

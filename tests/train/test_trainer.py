@@ -10,11 +10,13 @@ import signal
 import pytest
 import torch
 from run_helpers import rows
+from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import make_tokenizer, tiny_llama
 
 import slimtune
 from slimtune.methods import REGISTRY
 from slimtune.methods.lora import LoraMethod
+from slimtune.perf import losses
 from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
@@ -166,6 +168,36 @@ def test_method_hooks_shape_the_optimizer(tmp_path, tokenizer, token_rows, hooke
                      tokenizer)
 
 
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_training_steps_never_build_the_full_logits(tmp_path, tokenizer, token_rows, monkeypatch):
+    """``loss: auto`` takes the chunked cross-entropy: no (tokens, vocab) logits tensor in a training step."""
+    monkeypatch.setattr(losses, "_CHUNK_BYTES", 4 * len(tokenizer) * 8)  # 8 tokens of logits per chunk
+    largest = {}
+    for mode in ("auto", "full"):
+        trainer = make_trainer(lora_model(tokenizer), token_rows, tmp_path / mode, tokenizer, loss=mode, batch_size=4)
+        assert trainer.chunked == (mode == "auto")
+        with _LargestTensor() as tracker:
+            trainer.train_step()
+        largest[mode] = tracker.largest
+    tokens = max(len(r["input_ids"]) for r in token_rows[:4]) * 4
+    assert largest["full"] >= tokens * len(tokenizer) * 0.5  # the control does build them
+    assert largest["auto"] < tokens * len(tokenizer) * 0.5
+
+
 def test_optimizer_features_from_training_keys(tmp_path, tokenizer, token_rows):
     """LoRA+ and layer-wise decay are recipe keys that work with any method."""
     model = lora_model(tokenizer, slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
@@ -206,8 +238,7 @@ def test_ctrl_c_in_training_saves_a_resumable_checkpoint(tmp_path, tokenizer, to
     monkeypatch.setattr(trainer, "train_step", interrupted_step)
     assert trainer.train() is False and trainer.state.step == 3
     saved = tmp_path / "checkpoints" / "step-000003"
-    assert sorted(p.name for p in saved.iterdir()) == [
-        "adapter", "optimizer.pt", "rng.pt", "scheduler.pt", "trainable.safetensors", "trainer_state.json"]
+    assert sorted(p.name for p in saved.iterdir()) == ["adapter", "tensors.safetensors", "trainer_state.json"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
 
 

@@ -1,8 +1,11 @@
-"""Seeded inverted dropout: the mask is regenerated from a seed in backward instead of being stored."""
+"""Dropout that keeps less for backward: seeded masks (regenerated from a seed in backward instead of
+stored), and dropout followed by a linear layer that keeps a one-byte mask (:func:`dropout_then_linear`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def draw_seed() -> int:
@@ -14,3 +17,56 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """Inverted-dropout multiplier ``bernoulli(1 - p) / (1 - p)`` shaped like ``like``, from ``seed``."""
     generator = torch.Generator(device=like.device).manual_seed(seed)
     return torch.empty_like(like).bernoulli_(1 - p, generator=generator).div_(1 - p)
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """``linear(dropout(x), W)`` keeping ``x`` and a one-byte keep mask for backward (see
+    :func:`dropout_then_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        if x.device.type == "cpu":  # torch's CPU dropout, draw for draw: a float noise tensor, then x · noise
+            noise = torch.empty_like(x).bernoulli_(1 - p)
+            keep = noise.bool()
+            dropped = x * noise.div_(1 - p)
+            del noise
+        else:  # the fused kernel torch's dropout uses on GPUs
+            dropped, keep = torch.native_dropout(x, p, True)
+        kind = x.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.p = p
+        ctx.save_for_backward(x, keep, weight)
+        return F.linear(dropped, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, keep, weight = ctx.saved_tensors
+        kind, enabled, dtype = ctx.autocast
+        grad_x = grad_w = None
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):  # the forward's matmul dtypes
+            if ctx.needs_input_grad[0]:  # as torch: dL/d(dropped) = g W, then the dropout's backward
+                grad_x = _dropped(grad @ weight, keep, ctx.p).to(x.dtype)
+            if ctx.needs_input_grad[1]:  # as torch's linear: gᵀ dropped over the flattened rows
+                dropped = _dropped(x, keep, ctx.p)
+                grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
+                grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _dropped(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """``t`` times the dropout multiplier that ``keep`` encodes, with the same arithmetic as torch's dropout."""
+    if t.device.type == "cpu":
+        return t * keep.to(t.dtype).div_(1 - p)
+    return torch.ops.aten.native_dropout_backward(t, keep, 1.0 / (1 - p))
+
+
+def dropout_then_linear(x: torch.Tensor, linear: nn.Module, dropout: nn.Module) -> torch.Tensor:
+    """``linear(dropout(x))`` with the same values and random draws, but what backward keeps is ``x`` (shared
+    by every adapter reading the same input, and often kept by the model anyway) and a one-byte mask, not
+    ``dropout(x)`` plus torch's float multiplier: 1 byte per element and adapter instead of 8 (fp32).
+    Anything else (no dropout, eval mode, a custom layer, hooks) runs the two modules as they are."""
+    if (isinstance(dropout, nn.Dropout) and dropout.training and 0 < dropout.p < 1 and not dropout.inplace
+            and type(linear) is nn.Linear and linear.bias is None and torch.is_grad_enabled()
+            and not (linear._forward_hooks or linear._forward_pre_hooks) and x.device.type in ("cpu", "cuda")):
+        return _DropoutLinear.apply(x, linear.weight, dropout.p)
+    return linear(dropout(x))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.config import LoraConfig
+from slimtune.core.dropout import dropout_then_linear
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.targets import pattern_value
@@ -28,6 +29,19 @@ def rank_and_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
     r = pattern_value(config.rank_pattern, module_name, config.r)
     alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
     return r, alpha
+
+
+def add_up_projection(result: torch.Tensor, down: torch.Tensor, B: nn.Module, scaling: float) -> torch.Tensor:
+    """``result + scaling · B(down)``: one ``addmm`` (the scaling as its alpha) when the dtypes agree and ``B``
+    is a plain bias-free linear layer, so no ``(tokens, out)`` product, scaled copy or sum is materialised
+    in forward or backward; otherwise the three steps."""
+    if (type(B) is nn.Linear and B.bias is None and not (B._forward_hooks or B._forward_pre_hooks)
+            and result.dtype == down.dtype == B.weight.dtype and result.shape[:-1] == down.shape[:-1]
+            and not torch.is_autocast_enabled(result.device.type)):
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), B.weight.t(),
+                           alpha=scaling)
+        return flat.view(result.shape)
+    return result + (B(down) * scaling).to(result.dtype)
 
 
 class LoraLinear(TunerLayer):
@@ -103,7 +117,8 @@ class LoraLinear(TunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in self.unmerged_active():
             (A, B), dropout = self.lora_modules(name), self.lora_dropout[name]
-            result = result + (B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]).to(result.dtype)
+            down = dropout_then_linear(x.to(A.weight.dtype), A, dropout)  # A(dropout(x)), a 1-byte mask kept
+            result = add_up_projection(result, down, B, self.scaling[name])
         return result
 
     def extra_repr(self) -> str:

@@ -28,8 +28,8 @@ import math
 import torch
 
 from slimtune.optim.paged_adamw import MIN_PAGED_SIZE, PagedStateOptimizer, adamw_step_, check_hyperparameters
-from slimtune.quant.codebooks import dynamic_map
-from slimtune.quant.nf4 import quantize_blockwise
+from slimtune.quant.codebooks import dynamic_map_on
+from slimtune.quant.nf4 import dynamic_lut, quantize_blockwise
 
 __all__ = ["AdamW8bit", "BLOCK_SIZE", "MIN_8BIT_SIZE", "quantize_state", "dequantize_state"]
 
@@ -38,13 +38,14 @@ MIN_8BIT_SIZE = 4096
 
 
 def quantize_state(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes uint8 like x, absmax fp32 (ceil(n / 256),))`` with the (un)signed dynamic map."""
-    return quantize_blockwise(x, dynamic_map(signed, x.device), BLOCK_SIZE)
+    """``(codes uint8 like x, absmax fp32 (ceil(n / 256),))`` with the (un)signed dynamic map (its tables
+    are built once per device: no host round trip per step)."""
+    return quantize_blockwise(x, blocksize=BLOCK_SIZE, lut=dynamic_lut(signed, str(x.device)))
 
 
 def dequantize_state(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """``map[code] · absmax[i // 256]`` in fp32, shaped like ``codes``."""
-    values = torch.index_select(dynamic_map(signed, codes.device), 0, codes.reshape(-1).int())
+    values = torch.index_select(dynamic_map_on(signed, str(codes.device)), 0, codes.reshape(-1).int())
     n = values.numel()
     full = n - n % BLOCK_SIZE
     values[:full].view(-1, BLOCK_SIZE).mul_(absmax[: full // BLOCK_SIZE, None])
@@ -82,18 +83,19 @@ class AdamW8bit(PagedStateOptimizer):
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         p32 = p if p.dtype == torch.float32 else p.float()
         if "exp_avg" in state:  # small tensor: fp32 moments, torch's update
-            m, v = self.fetch(state["exp_avg"], p.device), self.fetch(state["exp_avg_sq"], p.device)
+            m, v = self.fetch(p, state["exp_avg"]), self.fetch(p, state["exp_avg_sq"])
             adamw_step_(p32, grad.float(), m, v, step, lr, beta1, beta2, eps, wd)
-            self.put_back(state["exp_avg"], m)
-            self.put_back(state["exp_avg_sq"], v)
+            self.put_back(p, state["exp_avg"], m)
+            self.put_back(p, state["exp_avg_sq"], v)
         else:
-            self._step_8bit(state, p32, grad.float(), step, lr, beta1, beta2, eps, wd)
+            self._step_8bit(p, state, p32, grad.float(), step, lr, beta1, beta2, eps, wd)
         if p32 is not p:
             p.copy_(p32)
 
-    def _step_8bit(self, state: dict, p: torch.Tensor, g: torch.Tensor, step: float, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float) -> None:
-        fetched = {k: self.fetch(state[k], p.device) for k in
+    def _step_8bit(self, param: torch.Tensor, state: dict, p: torch.Tensor, g: torch.Tensor, step: float,
+                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+        """``p`` is ``param`` in fp32 (the same tensor when it already is)."""
+        fetched = {k: self.fetch(param, state[k]) for k in
                    ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")}
         m = dequantize_state(fetched["exp_avg_codes"], fetched["exp_avg_absmax"], signed=True)
         v = dequantize_state(fetched["exp_avg_sq_codes"], fetched["exp_avg_sq_absmax"], signed=False)
@@ -107,5 +109,5 @@ class AdamW8bit(PagedStateOptimizer):
         p.addcdiv_(m, denom, value=-lr / correction1)
         for name, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
             codes, absmax = quantize_state(value, signed)
-            self.store(state, f"{name}_codes", codes)
-            self.store(state, f"{name}_absmax", absmax)
+            self.store(param, state, f"{name}_codes", codes)
+            self.store(param, state, f"{name}_absmax", absmax)

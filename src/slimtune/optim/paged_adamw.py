@@ -64,11 +64,18 @@ class PagedStateOptimizer(torch.optim.Optimizer):
         self.paged, self.min_paged_size = bool(paged), int(min_paged_size)
         super().__init__(params, defaults)
 
+    @staticmethod
+    def on_accelerator(p: torch.Tensor) -> bool:
+        """Whether ``p`` lives in accelerator memory (the seam the CPU tests turn on to watch the paging)."""
+        return p.device.type != "cpu"
+
+    def pages(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s states live in host memory between steps and travel to ``p`` for each update."""
+        return self.paged and self.on_accelerator(p) and p.numel() >= self.min_paged_size
+
     def state_home(self, p: torch.Tensor) -> torch.device:
         """Where ``p``'s states live between steps."""
-        if self.paged and p.device.type != "cpu" and p.numel() >= self.min_paged_size:
-            return torch.device("cpu")
-        return p.device
+        return torch.device("cpu") if self.pages(p) else p.device
 
     def new_state(self, p: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
         """A zero-filled state tensor at ``p``'s home (page-locked when it is host memory for a GPU tensor)."""
@@ -76,23 +83,23 @@ class PagedStateOptimizer(torch.optim.Optimizer):
         pinned = home.type == "cpu" and p.device.type == "cuda"
         return torch.zeros(shape, dtype=dtype, device=home, pin_memory=pinned)
 
-    @staticmethod
-    def fetch(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return t.to(device, non_blocking=True)  # the same tensor when already there
+    def fetch(self, p: torch.Tensor, home: torch.Tensor) -> torch.Tensor:
+        """The state ``home`` where ``p``'s update runs: a fresh working copy when paged, else ``home`` itself."""
+        if not self.pages(p):
+            return home
+        return home.to(p.device, non_blocking=True, copy=True)
 
-    @staticmethod
-    def put_back(home: torch.Tensor, working: torch.Tensor) -> None:
+    def put_back(self, p: torch.Tensor, home: torch.Tensor, working: torch.Tensor) -> None:
+        """Write an updated working copy back to its home (ordered before the next fetch on this stream)."""
         if working is not home:
-            home.copy_(working, non_blocking=True)  # ordered before the next step's fetch on this stream
+            home.copy_(working, non_blocking=True)
 
-    @staticmethod
-    def store(state: dict, key: str, value: torch.Tensor) -> None:
-        """Make ``value`` (a new tensor on the parameter's device) the state ``key``, at the state's home."""
-        home = state[key]
-        if home.device == value.device:
-            state[key] = value
+    def store(self, p: torch.Tensor, state: dict, key: str, value: torch.Tensor) -> None:
+        """Make ``value`` (a new tensor on ``p``'s device) the state ``key``, at the state's home."""
+        if self.pages(p):
+            state[key].copy_(value, non_blocking=True)
         else:
-            home.copy_(value, non_blocking=True)
+            state[key] = value
 
     def state_dict(self) -> dict[str, Any]:
         if self.paged and torch.cuda.is_available():
@@ -161,8 +168,8 @@ class PagedAdamW(PagedStateOptimizer):
         state["exp_avg_sq"] = self.new_state(p, p.shape, p.dtype)
 
     def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, step: float) -> None:
-        m, v = self.fetch(state["exp_avg"], p.device), self.fetch(state["exp_avg_sq"], p.device)
+        m, v = self.fetch(p, state["exp_avg"]), self.fetch(p, state["exp_avg_sq"])
         beta1, beta2 = group["betas"]
         adamw_step_(p, grad, m, v, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-        self.put_back(state["exp_avg"], m)
-        self.put_back(state["exp_avg_sq"], v)
+        self.put_back(p, state["exp_avg"], m)
+        self.put_back(p, state["exp_avg_sq"], v)

@@ -28,7 +28,41 @@ from torch.utils.checkpoint import checkpoint
 from slimtune.compat import LAYER_CACHE_NAMES
 from slimtune.core.modules import transformer_blocks
 
-__all__ = ["checkpoint_layers", "uncheckpoint_layers", "CheckpointedForward"]
+__all__ = ["checkpoint_layers", "uncheckpoint_layers", "CheckpointedForward", "KeptInputs", "HostOffload"]
+
+
+class KeptInputs:
+    """Where a checkpointed layer keeps its input between its forward and its recomputation: here, the
+    input tensor itself (no copy)."""
+
+    def stash(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the layer's autograd node saves in place of ``hidden``."""
+        return hidden
+
+    def restore(self, kept: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``hidden`` again, on ``device``, for the recomputation."""
+        return kept
+
+
+class HostOffload(KeptInputs):
+    """Offload: inputs of layers running on an accelerator are copied to page-locked host memory
+    (asynchronously) and back just before the recomputation. On a CPU-only run there is no cheaper memory
+    to move them to, so it keeps them in place, exactly like :class:`KeptInputs`."""
+
+    @staticmethod
+    def on_accelerator(device: torch.device) -> bool:
+        """Whether ``device`` is accelerator memory (the seam the CPU tests turn on to watch the copies)."""
+        return device.type != "cpu"
+
+    def stash(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.on_accelerator(hidden.device):
+            return hidden
+        kept = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=hidden.device.type == "cuda")
+        kept.copy_(hidden, non_blocking=True)
+        return kept
+
+    def restore(self, kept: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return kept.to(device, non_blocking=True, copy=True) if self.on_accelerator(device) else kept
 
 
 class _RngState:
@@ -50,27 +84,29 @@ class _RngState:
 
 
 class _LayerCheckpoint(torch.autograd.Function):
-    """``run(hidden)`` with only ``hidden`` kept (on CPU when offloading); params are the layer's trainable ones."""
+    """``run(hidden)`` with only ``hidden`` kept (where ``inputs`` puts it); params are the layer's trainable ones."""
 
     @staticmethod
-    def forward(ctx, run, offload, hidden, *params):
+    def forward(ctx, run, inputs, hidden, *params):
         ctx.run, ctx.device, ctx.rng = run, hidden.device, _RngState(hidden.device)
         ctx.saved_params = params  # leaf parameters: holding them costs nothing
         kind = hidden.device.type
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         with torch.no_grad():
             out = run(hidden)
-        keep = hidden
-        if offload and hidden.device.type != "cpu":
-            keep = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
-            keep.copy_(hidden, non_blocking=True)
-        ctx.save_for_backward(keep)
+        ctx.inputs = inputs
+        kept = inputs.stash(hidden)
+        if kept is hidden:
+            ctx.save_for_backward(hidden)
+        else:  # not an autograd-tracked tensor: held on the node itself, so the layer input can be freed
+            ctx.kept = kept
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        (keep,) = ctx.saved_tensors
-        hidden = keep.to(ctx.device, non_blocking=True).detach().requires_grad_(ctx.needs_input_grad[2])
+        kept = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.kept
+        ctx.kept = None
+        hidden = ctx.inputs.restore(kept, ctx.device).detach().requires_grad_(ctx.needs_input_grad[2])
         kind, enabled, dtype = ctx.autocast
         with ctx.rng.restored(), torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
             out = ctx.run(hidden)
@@ -111,8 +147,8 @@ def _without_cache(signature: inspect.Signature | None, args: tuple, kwargs: dic
 class CheckpointedForward:
     """Replacement ``forward`` of one layer (an instance attribute set by :func:`checkpoint_layers`)."""
 
-    def __init__(self, layer: nn.Module, offload: bool) -> None:
-        self.layer, self.offload = layer, offload
+    def __init__(self, layer: nn.Module, inputs: KeptInputs) -> None:
+        self.layer, self.inputs = layer, inputs
         self.inner = layer.__dict__.get("forward")  # an existing instance-level forward, else the class's
         self.signature: inspect.Signature | None
         try:
@@ -147,7 +183,7 @@ class CheckpointedForward:
         # the trainable parameters are inputs of the node: their gradients are returned from it, and the
         # output requires grad whenever one of them does
         params = [p for p in layer.parameters() if p.requires_grad]
-        return _LayerCheckpoint.apply(run, self.offload, hidden, *params)
+        return _LayerCheckpoint.apply(run, self.inputs, hidden, *params)
 
 
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -157,9 +193,11 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         return []
 
 
-def checkpoint_layers(model: nn.Module, offload: bool = False, layers: list[nn.Module] | None = None) -> list[str]:
+def checkpoint_layers(model: nn.Module, offload: bool | KeptInputs = False,
+                      layers: list[nn.Module] | None = None) -> list[str]:
     """Checkpoint every decoder layer of ``model`` (or the given ``layers``); ``offload=True`` keeps their
-    inputs in pinned CPU memory. Returns the names of the checkpointed layers.
+    inputs in pinned CPU memory (:class:`HostOffload`; any :class:`KeptInputs` may be given instead).
+    Returns the names of the checkpointed layers.
 
     Active in training mode with gradients on; evaluation and generation run the layers unchanged.
     Undo with :func:`uncheckpoint_layers`.
@@ -172,12 +210,13 @@ def checkpoint_layers(model: nn.Module, offload: bool = False, layers: list[nn.M
     if any(getattr(layer, "gradient_checkpointing", False) is True for _, layer in chosen):
         raise ValueError("transformers' gradient checkpointing is already on; checkpointing twice recomputes twice. "
                          "Call model.gradient_checkpointing_disable() first, or skip checkpoint_layers.")
+    inputs = offload if isinstance(offload, KeptInputs) else HostOffload() if offload else KeptInputs()
     for _, layer in chosen:
         current = layer.__dict__.get("forward")
         if isinstance(current, CheckpointedForward):
-            current.offload = offload
+            current.inputs = inputs
         else:
-            layer.forward = CheckpointedForward(layer, offload)
+            layer.forward = CheckpointedForward(layer, inputs)
     return [name for name, _ in chosen]
 
 

@@ -40,10 +40,13 @@ __all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "FusedLoraForw
 
 
 def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Tensor:
-    """``t Wᵀ`` (forward) or ``t W`` (backward) for the frozen base weight, in ``t``'s dtype."""
+    """``t Wᵀ`` (forward) or ``t W`` (backward) for the frozen base weight, in ``t``'s dtype: through the
+    quantized layer's own matmul backend when it has one (the fast path's kernels)."""
+    if isinstance(base, QuantizedLinear) and base.matmul_backend is not None:
+        return base.matmul_backend(t, base, transpose)
     if isinstance(base, Linear4bit):
         return kernels.matmul_4bit(t, kernels.weight_4bit(base), transpose)
-    weight = base.dequantize(t.dtype) if isinstance(base, QuantizedLinear) else weight_of(base).to(t.dtype)
+    weight = base.transient_weight(t.dtype) if isinstance(base, QuantizedLinear) else weight_of(base).to(t.dtype)
     return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
 
 
@@ -53,8 +56,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         mm_dtype, out_dtype, lora_dtype = dtypes
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         xb = x2.to(mm_dtype)
-        if (isinstance(base, Linear4bit) and xb.shape[0] == 1 and base.in_features % 2 == 0
-                and kernels.use_triton_for(xb.device, None)):
+        if (isinstance(base, Linear4bit) and base.matmul_backend is None and xb.shape[0] == 1
+                and base.in_features % 2 == 0 and kernels.use_triton_for(xb.device, None)):
             out = kernels.gemv_4bit(xb, kernels.weight_4bit(base))  # batch-1 generation
         else:
             out = _base_matmul(xb, base, transpose=True)  # (M, out)

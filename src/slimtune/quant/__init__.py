@@ -25,7 +25,13 @@ from slimtune.quant.nf4 import (
     quantize_4bit,
     unpack_4bit,
 )
-from slimtune.quant.streaming import init_empty_weights, load_in_4bit, load_quantized, load_quantized_from_state_dict
+from slimtune.quant.streaming import (
+    init_empty_weights,
+    init_random_quantized,
+    load_in_4bit,
+    load_quantized,
+    load_quantized_from_state_dict,
+)
 
 __all__ = [
     "QuantConfig",
@@ -38,6 +44,7 @@ __all__ = [
     "dequantize_model",
     "requantization_error",
     "init_empty_weights",
+    "init_random_quantized",
     "load_quantized",
     "load_in_4bit",
     "load_quantized_from_state_dict",

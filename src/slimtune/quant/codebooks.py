@@ -107,6 +107,12 @@ def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack((code[b >> 4], code[b & 15]), dim=1)
 
 
+def byte_pair_words(code: torch.Tensor) -> torch.Tensor:
+    """:func:`byte_pair_table` as 256 eight-byte words (float64 holding the two fp32 values): gathering one
+    word per byte from a 1-D table is ~4x faster on CPUs than gathering rows of two floats, bit for bit."""
+    return byte_pair_table(code.float()).contiguous().view(torch.float64).view(256)
+
+
 @functools.cache
 def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     max_exponent_bits, total_bits = 7, 8
@@ -132,3 +138,10 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
 def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic quantization map (``create_dynamic_map(signed)``), (256,) fp32."""
     return _dynamic_map_cpu(signed).to(device or "cpu", copy=True)
+
+
+@functools.cache
+def dynamic_map_on(signed: bool, device: str) -> torch.Tensor:
+    """:func:`dynamic_map` placed on ``device`` once and shared (read it, never write to it): for callers that
+    decode on a GPU every step."""
+    return _dynamic_map_cpu(signed).to(device, copy=True)

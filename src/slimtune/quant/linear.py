@@ -12,6 +12,7 @@ between the two, so the quantized base costs no activation memory beyond its inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -35,19 +36,41 @@ _Layer = TypeVar("_Layer", bound="QuantizedLinear")
 
 
 class _DequantLinear(torch.autograd.Function):
-    """``x Wᵀ`` with ``W = layer.dequantize()`` computed in forward and recomputed in backward."""
+    """``x Wᵀ`` with ``W = layer.dequantize()`` computed in forward and recomputed in backward (or, with
+    ``layer.keep_dequantized``, kept from the forward: one dequantization per step for the weight's memory)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-        ctx.layer = layer  # the packed state only; the dequantized weight is freed on return
-        return F.linear(x, layer.dequantize(x.dtype))
+        ctx.layer = layer  # the packed state only; the dequantized weight is freed on return unless kept
+        ctx.kept = None
+        if layer.matmul_backend is not None:  # e.g. the Triton kernels: W decoded inside the matmul
+            return layer.matmul_backend(x, layer, True)
+        if layer.keep_dequantized and ctx.needs_input_grad[0]:
+            ctx.kept = layer.dequantize(x.dtype)
+            return F.linear(x, ctx.kept)
+        return F.linear(x, layer.transient_weight(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
-        w = ctx.layer.dequantize(grad_out.dtype)  # (out, in)
+        if ctx.layer.matmul_backend is not None:
+            return ctx.layer.matmul_backend(grad_out, ctx.layer, False), None
+        w = ctx.kept if ctx.kept is not None else ctx.layer.transient_weight(grad_out.dtype)  # (out, in)
+        ctx.kept = None
         return grad_out @ w, None  # dL/dx = dL/dy · W; the frozen weight gets no gradient
+
+
+# One fp32 decode buffer per (device, size) for weights that live only during one matmul (CPU): no
+# allocation, no page faults per layer and step. A forward or backward of one layer uses it at a time.
+_SCRATCH: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def scratch_buffer(device: torch.device, numel: int) -> torch.Tensor:
+    key = (str(device), numel)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return _SCRATCH[key]
 
 
 class QuantizedLinear(nn.Module):
@@ -70,9 +93,19 @@ class QuantizedLinear(nn.Module):
         """Fill this layer from the full-precision weight ``w`` (out, in), on ``w``'s device; returns it."""
         raise NotImplementedError
 
+    # Keep the dequantized weight from the forward for the backward (costs its memory until then).
+    keep_dequantized: bool = False
+    # ``(x, layer, transpose) -> x Wᵀ (transpose) or x W``: set by slimtune.perf.fast_path.enable_fast_path to
+    # run the matmuls elsewhere (the Triton kernels); None: dequantize in pure torch, then torch's matmul.
+    matmul_backend: Callable[[torch.Tensor, QuantizedLinear, bool], torch.Tensor] | None = None
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default: ``compute_dtype``)."""
         raise NotImplementedError
+
+    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight for one matmul, which nothing may keep afterwards (it may live in a reused buffer)."""
+        return self.dequantize(dtype)
 
     def storage_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that encode the weight (for memory accounting)."""
@@ -229,6 +262,13 @@ class Linear4bit(QuantizedLinear):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return nf4.dequantize_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
                                    self.quant_type, self.blocksize, dtype or self.compute_dtype, code=self.quant_map)
+
+    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight.device.type != "cpu":  # GPUs: the kernels path; no shared buffer across streams
+            return self.dequantize(dtype)
+        buffer = scratch_buffer(self.weight.device, 2 * self.weight.numel())
+        return nf4.dequantize_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
+                                   self.quant_type, self.blocksize, dtype, code=self.quant_map, out=buffer)
 
     def storage_tensors(self) -> dict[str, torch.Tensor]:
         names = ("weight", "absmax", "nested_absmax", "nested_offset") if self.double_quant else ("weight", "absmax")

@@ -22,13 +22,14 @@ temporary memory and keeps the cheap element-wise passes in cache.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from slimtune.quant.codebooks import (
     GRID_BINS,
-    byte_pair_table,
+    byte_pair_words,
     check_quant_type,
     codebook,
     dynamic_map,
@@ -57,7 +58,36 @@ NESTED_BLOCKSIZE = 256
 # shared with other processes 10-100x slower when every small op is split across both cores.
 _CHUNK = 7 * 4096
 _CHUNK_ACCEL = 1 << 22  # on GPUs: fewer, larger kernel launches
+_DEQUANT_CHUNK = 1 << 20  # packed bytes per dequantization chunk on CPUs (a multiple of every block size / 2)
 _LUT_BINS = 1 << 16  # bins of bitsandbytes' 8-bit CPU quantization table
+# Decoding tables per code-book tensor (the standard books are cached tensors, a layer's quant_map a
+# buffer), rebuilt when the tensor changes (its version counter), and int32 index scratch per size: a
+# training step decodes every weight twice, so neither is rebuilt or reallocated per call.
+_WORDS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(code) -> (code, its version, words)
+_INDEX_SCRATCH: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _decoding_words(code: torch.Tensor, device: torch.device) -> torch.Tensor:
+    hit = _WORDS.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1] == code._version and hit[2].device == device:
+        return hit[2]
+    words = byte_pair_words(code.to(device=device, dtype=torch.float32))
+    key = id(code)
+
+    def forget(_: weakref.ref) -> None:
+        _WORDS.pop(key, None)
+
+    _WORDS[key] = (weakref.ref(code, forget), code._version, words)
+    return words
+
+
+def _index_buffer(device: torch.device, numel: int, reuse: bool) -> torch.Tensor:
+    if not reuse:
+        return torch.empty(numel, dtype=torch.int32, device=device)
+    key = (str(device), numel)
+    if key not in _INDEX_SCRATCH:
+        _INDEX_SCRATCH[key] = torch.empty(numel, dtype=torch.int32, device=device)
+    return _INDEX_SCRATCH[key]
 
 
 def check_blocksize(blocksize: int) -> int:
@@ -182,10 +212,12 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], quant_type: str = "nf4",
                     blocksize: int = 64, dtype: torch.dtype = torch.float32,
-                    code: torch.Tensor | None = None) -> torch.Tensor:
+                    code: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``code[q] * absmax[block]`` in fp32, cast to ``dtype``, reshaped to ``shape``.
 
-    ``code`` overrides the standard code book (e.g. a ``quant_map`` read from a checkpoint).
+    ``code`` overrides the standard code book (e.g. a ``quant_map`` read from a checkpoint). ``out``: an
+    fp32 buffer of at least ``2 · packed.numel()`` elements to decode into (reused across calls, it saves
+    the allocation); the result is then a view of it when ``dtype`` is fp32.
     """
     check_blocksize(blocksize)
     n = 1
@@ -198,23 +230,31 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
                          f"{blocksize} needs {-(-n // blocksize)}")
     if code is None:
         code = codebook(quant_type, packed.device)
-    table = byte_pair_table(code.to(device=packed.device, dtype=torch.float32))  # (256, 2)
+    words = _decoding_words(code, packed.device)  # (256,) pairs of fp32
     absmax = absmax.reshape(-1).float()
     data = packed.reshape(-1)
-    values = torch.empty(2 * data.numel(), dtype=torch.float32, device=packed.device)  # (n or n + 1,)
+    reuse = out is not None
+    if out is None:
+        out = torch.empty(2 * data.numel(), dtype=torch.float32, device=packed.device)
+    values = out.reshape(-1)[: 2 * data.numel()]  # (n or n + 1,)
+    pairs = values.view(torch.float64)  # (bytes,): element 2b and 2b + 1 as one word
     full = n - n % blocksize
-    # CPU: serial chunks (see _CHUNK); elsewhere one pass. Chunks start on block boundaries.
-    step = _CHUNK // 2 if packed.device.type == "cpu" else data.numel()
-    index = torch.empty(min(step, data.numel()), dtype=torch.int32, device=packed.device)
-    for b0 in range(0, data.numel(), step):
-        b1 = min(b0 + step, data.numel())
-        idx = index[: b1 - b0].copy_(data[b0:b1])
-        # one gather per byte decodes both nibbles, in element order: (bytes, 2) -> 2 * bytes values
-        torch.index_select(table, 0, idx, out=values[2 * b0: 2 * b1].view(-1, 2))
-        stop = min(2 * b1, full)
-        if stop > 2 * b0:
-            blocks = values[2 * b0: stop].view(-1, blocksize)
-            blocks.mul_(absmax[2 * b0 // blocksize: stop // blocksize].unsqueeze(1))
+    # Chunks of whole blocks bound the int32 index copy (4 bytes per packed byte) on large weights.
+    step = _DEQUANT_CHUNK if packed.device.type == "cpu" else data.numel()
+    index = _index_buffer(packed.device, min(step, data.numel()), reuse)
+    if data.numel() <= step:  # one chunk: no slicing
+        torch.index_select(words, 0, index.copy_(data), out=pairs)
+        if full:
+            values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    else:
+        for b0 in range(0, data.numel(), step):
+            b1 = min(b0 + step, data.numel())
+            # one gather of an 8-byte word per byte decodes both nibbles, in element order
+            torch.index_select(words, 0, index[: b1 - b0].copy_(data[b0:b1]), out=pairs[b0:b1])
+            stop = min(2 * b1, full)
+            if stop > 2 * b0:
+                blocks = values[2 * b0: stop].view(-1, blocksize)
+                blocks.mul_(absmax[2 * b0 // blocksize: stop // blocksize].unsqueeze(1))
     if full < n:
         values[full:n].mul_(absmax[full // blocksize])
     return values[:n].view(tuple(shape)).to(dtype)
@@ -232,21 +272,31 @@ def _lut_8bit(code_bytes: bytes) -> torch.Tensor:
     return torch.searchsorted(midpoints, centres, right=False).to(torch.uint8)
 
 
+@functools.cache
+def dynamic_lut(signed: bool, device: str) -> torch.Tensor:
+    """The 65,536-bin table of bitsandbytes' (un)signed dynamic map, built once per device: a caller that
+    quantizes on a GPU every step (8-bit optimizers) neither syncs with the CPU nor uploads it again."""
+    return _lut_8bit(dynamic_map(signed).contiguous().numpy().tobytes()).to(device)
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor | None = None,
-                       blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+                       blocksize: int = NESTED_BLOCKSIZE, lut: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit block-wise quantization with a sorted 256-entry map (bitsandbytes ``quantize_blockwise``).
 
     ``absmax_b = max |x_b|``; ``y = clamp(x * (1 / absmax_b), -1, 1)``; bitsandbytes' CPU kernel
     rounds ``y`` to one of 65,536 uniform bins, ``bin = trunc((y + 1) * 0.5 * 65535 + 0.5)``, and
     looks up the code nearest to the bin centre. Reproducing that (rather than exact nearest-code
     search) keeps the nested codes bit-identical. An all-zero block gets code 0, as in the kernel.
+    ``lut``: that table, already on ``x``'s device (see :func:`dynamic_lut`), instead of ``code``.
     Returns ``(codes uint8 like x, absmax fp32 (nblocks,))``.
     """
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     _check_float(x, "the tensor to quantize")
-    code = dynamic_map(True) if code is None else code.detach().to("cpu", torch.float32)
-    lut = _lut_8bit(code.contiguous().numpy().tobytes()).to(x.device)
+    if lut is None:
+        code = dynamic_map(True) if code is None else code.detach().to("cpu", torch.float32)
+        lut = _lut_8bit(code.contiguous().numpy().tobytes()).to(x.device)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     nb = -(-n // blocksize)

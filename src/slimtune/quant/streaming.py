@@ -2,9 +2,10 @@
 
 The model is built without allocating its parameters (``init_empty_weights``: parameters on the
 meta device, buffers such as rotary tables real), then each tensor is read from safetensors with
-``safe_open`` and placed: linear weights are quantized as they arrive (full-precision checkpoint +
-``QuantConfig``) or loaded as stored (checkpoints written by slimtune or transformers+bitsandbytes,
-detected per layer from their keys). The full-precision model never exists in memory.
+plain reads (:class:`slimtune.core.tensor_files.SafetensorsReader`, no memory map) and placed:
+linear weights are quantized as they arrive (full-precision checkpoint + ``QuantConfig``) or loaded
+as stored (checkpoints written by slimtune or transformers+bitsandbytes, detected per layer from
+their keys). The full-precision model never exists in memory: one layer's weight at a time does.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from slimtune.core.dtypes import default_compute_dtype
 from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module
+from slimtune.core.tensor_files import SafetensorsReader
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear
 from slimtune.quant.model import make_quantized_layer, skipped_linear_names
 from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
 
-__all__ = ["init_empty_weights", "load_quantized", "load_in_4bit", "load_quantized_from_state_dict"]
+__all__ = ["init_empty_weights", "load_quantized", "load_in_4bit", "load_quantized_from_state_dict",
+           "init_random_quantized"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +56,17 @@ def init_empty_weights() -> Iterator[None]:
 
 
 class _Source:
-    """Tensors by name from a state dict or from safetensors files, read lazily."""
+    """Tensors by name from a state dict or from safetensors files, read one at a time (no memory map, so
+    only the tensor being placed is resident)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, files: list[Path] | None = None,
                  stack: contextlib.ExitStack | None = None):
         self._dict = tensors
-        self._where: dict[str, safe_open] = {}
+        self._where: dict[str, SafetensorsReader] = {}
         if files:
             assert stack is not None  # files stay open in the caller's ExitStack
             for path in files:
-                handle = stack.enter_context(safe_open(str(path), framework="pt"))
+                handle = stack.enter_context(SafetensorsReader(path))
                 self._where.update(dict.fromkeys(handle.keys(), handle))
         self.keys = set(tensors) if tensors is not None else set(self._where)
         self.used: set[str] = set()
@@ -87,6 +90,28 @@ class _Source:
             if cand + ".weight" in self.keys:
                 return cand + "."
         return None
+
+
+class _RandomSource(_Source):
+    """Random tensors in place of a checkpoint, made one at a time on ``device`` as a file's would be read:
+    matrices N(0, std²), the weights of normalisation layers one, other vectors zero. For timing a model's
+    shapes without its weights (``model.init: random``)."""
+
+    def __init__(self, model: nn.Module, std: float, seed: int, device: torch.device):
+        super().__init__(tensors={})
+        norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+        self._shapes = {n: (tuple(p.shape), n.rpartition(".")[0] in norms and n.endswith("weight"))
+                        for n, p in model.named_parameters(remove_duplicate=False)}
+        self.keys = set(self._shapes)
+        self._std, self._device = std, device
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+
+    def get(self, key: str) -> torch.Tensor:
+        self.used.add(key)
+        shape, is_norm = self._shapes[key]
+        if len(shape) >= 2:
+            return torch.randn(shape, generator=self._generator, device=self._device).mul_(self._std)
+        return torch.ones(shape, device=self._device) if is_norm else torch.zeros(shape, device=self._device)
 
 
 def _safetensors_files(paths: str | os.PathLike | list) -> list[Path]:
@@ -231,3 +256,13 @@ def load_quantized_from_state_dict(model: ModelSource, state_dict: Mapping[str, 
                                    device: torch.device | str = "cpu") -> nn.Module:
     """:func:`load_quantized` from an in-memory state dict (full precision or quantized)."""
     return _load(model, _Source(tensors=state_dict), config, device)
+
+
+def init_random_quantized(model: ModelSource, config: QuantConfig | None, device: torch.device | str = "cpu",
+                          std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Fill ``model`` (an empty module or a function that builds one) with random weights, layer by layer,
+    quantizing linear weights with ``config`` as they are made: a model of any size that fits in its
+    quantized form can be built without its weights on disk (benchmarks). See :class:`_RandomSource`."""
+    built = _build(model)
+    device = torch.device(device)
+    return _load(built, _RandomSource(built, std, seed, device), config, device)

@@ -1,25 +1,41 @@
-"""A base model plus saved adapters, ready for `slimtune generate`, `eval` and `merge`.
+"""A base model plus saved adapters, ready for `slimtune generate`, `eval` and `merge` (folder or GGUF).
 
 An adapter trained with QLoRA learned on top of the *dequantized 4-bit* base, so using it on the
 full-precision weights changes its output a little. When an adapter sits in a run folder
 (``<run>/adapter`` next to ``<run>/recipe.yaml``) the run's ``quantization`` section is reused,
 unless the caller decides (``load_in_4bit=True/False``).
+
+Merging a QLoRA adapter (:func:`load_for_merge`, ``base=``):
+
+- ``"dequantized"`` (the default): the NF4 weights the adapter was trained on, dequantized, plus the
+  adapter. The merged model computes what the fine-tune computed in training (up to rounding).
+- ``"original"``: the original full-precision weights plus the adapter. Full precision is kept, but the
+  adapter's correction was fitted to the NF4-rounded weights, so outputs move by about what NF4 rounding
+  does to the base itself: on the tiny llama of ``tests/test_gguf_export.py`` the logits differ from the
+  trained model's by 27.8% (relative norm; NF4 alone moves that base's logits by 28.0%), against 7e-7
+  merged into the dequantized weights. On SmolLM2-135M with the ``qlora-smollm2-pycode`` adapter the original
+  merge is 21.5% away in logits but scores a lower held-out loss (1.5745 against the trained 1.6931), the
+  original base being better than its NF4 copy (``bench/gguf_roundtrip.py --adapter``). Use it when the
+  full-precision base is what you will serve, and evaluate it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from slimtune.adapter_files import load_adapter, read_adapter_config
 from slimtune.core.dtypes import parse_dtype, resolve_device
 from slimtune.core.files import atomic_folder
+from slimtune.estimate import resolve_config
 from slimtune.export import merge_for_export
+from slimtune.gguf_export import write_gguf, write_gguf_lora
 from slimtune.lifecycle import set_adapter
-from slimtune.quant import QuantConfig, quant_summary, quantize
+from slimtune.perf.fast_path import KERNEL_MODES, enable_fast_path
+from slimtune.quant import QuantConfig, quant_summary
 from slimtune.train.models import load_model_and_tokenizer
 from slimtune.train.run_folder import RunFolder
 
@@ -46,10 +62,11 @@ def base_model_of(adapter_dir: Path) -> str:
 
 def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]], load_in_4bit: bool | None = None,
                        device: str = "auto", dtype: str = "float32", active: list[str] | None = None,
-                       log=print) -> tuple[Any, Any]:
+                       log=print, kernels: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer): the base model, 4-bit if asked (or as its run was), with adapters loaded.
 
-    ``active`` names the adapters to use (several are combined); default: the first one.
+    ``active`` names the adapters to use (several are combined); default: the first one. ``kernels``:
+    the fast path (``auto | triton | torch``, see :func:`slimtune.perf.fast_path.enable_fast_path`).
     """
     # Clear errors for wrong folders or names before the (slow) model load.
     names = [name for name, _ in adapters]
@@ -61,19 +78,22 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
         raise ValueError(f"--active {unknown} is not a loaded adapter; loaded: {names}.")
     for _, path in adapters:
         read_adapter_config(path)
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"kernels={kernels!r} is not a kernel mode; use one of {list(KERNEL_MODES)}.")
     if model_name is None:
         model_name = base_model_of(adapters[0][1]) if adapters else "default"
     quant = None
     if load_in_4bit or (load_in_4bit is None and adapters):
         quant = (run_quantization(adapters[0][1]) if adapters else None) or (QuantConfig() if load_in_4bit else None)
-    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=resolve_device(device))
+    model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=resolve_device(device),
+                                                quantization=quant)
     if quant is not None:
-        quantize(model, quant)
         log(str(quant_summary(model)))
     for name, path in adapters:
         load_adapter(model, path, adapter_name=name, activate=False)
     if adapters:
         set_adapter(model, chosen)
+    log(str(enable_fast_path(model, kernels)))
     model.eval()
     return model, tokenizer
 
@@ -91,3 +111,45 @@ def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float3
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return output
+
+
+MERGE_BASES = ("dequantized", "original")
+
+
+def load_for_merge(adapters: list[tuple[str, Path]], model_name: str | None = None,
+                   base: Literal["dequantized", "original"] = "dequantized", device: str = "auto",
+                   dtype: str = "float32", log=print) -> tuple[Any, Any]:
+    """(model, tokenizer) to merge ``adapters`` into: see the module docstring for ``base``.
+
+    ``"dequantized"`` loads the base 4-bit when the adapter's run trained on a 4-bit base (the weights it
+    learned on, dequantized by the export); ``"original"`` loads the full-precision base in every case.
+    An adapter trained on a full-precision base gives the same model either way.
+    """
+    if base not in MERGE_BASES:
+        raise ValueError(f"base={base!r}: merge into the {MERGE_BASES[0]!r} 4-bit weights the adapter was trained "
+                         f"on, or the {MERGE_BASES[1]!r} full-precision weights.")
+    return load_with_adapters(model_name, adapters, None if base == "dequantized" else False, device, dtype, log=log)
+
+
+@torch.no_grad()
+def export_merged_gguf(model: Any, tokenizer: Any, output: Path, quant: str = "f16", *, pre: str | None = None,
+                       name: str | None = None) -> Path:
+    """Merge the active adapter and write one GGUF file for llama.cpp / Ollama (``slimtune merge --format gguf``).
+
+    ``quant``: ``f32``, ``f16`` (default), ``q8_0`` or ``q4_0``. The merge is exact in fp32 (a 4-bit base is
+    dequantized first), then :func:`slimtune.gguf_export.write_gguf` rounds once to ``quant``. Llama-architecture
+    models only (Llama 2/3, SmolLM2, TinyLlama, ...); ``pre`` names llama.cpp's pre-tokenizer when it cannot be
+    detected. The file appears at ``output`` only once complete.
+    """
+    merged, _ = merge_for_export(model, dtype=torch.float32, inplace=True)
+    return write_gguf(merged, tokenizer, output, quant, pre=pre, name=name)
+
+
+def export_adapter_gguf(adapter_dir: Path, output: Path, base_model: str | None = None, quant: str = "f32") -> Path:
+    """A PEFT LoRA adapter as a GGUF LoRA adapter, for ``llama-cli -m base.gguf --lora adapter.gguf`` or an Ollama
+    ``ADAPTER`` line. The base model's config (head counts, tied output) comes from ``base_model``, else the
+    base the adapter names, else the default model; only its config is read (local, cached or slimtune's table).
+    """
+    name = base_model or base_model_of(adapter_dir)
+    config, _ = resolve_config(name)
+    return write_gguf_lora(adapter_dir, config, output, quant)

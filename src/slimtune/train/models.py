@@ -32,6 +32,7 @@ from slimtune.compat import gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
+from slimtune.quant import QuantConfig, init_empty_weights, init_random_quantized, load_quantized, quantize
 
 logger = logging.getLogger("slimtune")
 
@@ -186,6 +187,82 @@ def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pi
     return folder
 
 
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype | str = "float32",
+    device: str | torch.device = "cpu",
+    task_type: str = "CAUSAL_LM",
+    num_labels: int | None = None,
+    allow_pickle: bool = False,
+    quantization: QuantConfig | None = None,
+) -> Any:
+    """The model alone (no tokenizer); the arguments are those of :func:`load_model_and_tokenizer`."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
+    if num_labels is not None and task_type != "SEQ_CLS":
+        raise ValueError(f"num_labels={num_labels} only applies to task_type 'SEQ_CLS', not {task_type!r}.")
+    torch_dtype = parse_dtype(dtype)
+    folder = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
+    model_cls = getattr(transformers, TASK_TYPES[task_type])
+    extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        if quantization is not None and any(folder.glob("*.safetensors")):
+            model = _load_quantized(model_cls, folder, torch_dtype, torch.device(device), quantization, extra)
+        else:
+            model = model_cls.from_pretrained(folder, dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+                                              **extra).to(device)
+            if quantization is not None:  # pickle weights (allowed): quantize the loaded model
+                quantize(model, quantization)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        raise ValueError(
+            f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant in "
+            f"transformers; pick a task_type its architecture supports (e.g. CAUSAL_LM for decoder-only models)."
+        ) from error
+    # Training never reuses a KV cache, and a cache turns off transformers' packed-sequence masking
+    # (restarting position_ids); generate() still caches through generation_config.use_cache.
+    model.config.use_cache = False
+    return model
+
+
+def random_model(config: transformers.PretrainedConfig, dtype: torch.dtype | str = "float32",
+                 device: str | torch.device = "cpu", task_type: str = "CAUSAL_LM",
+                 quantization: QuantConfig | None = None, seed: int = 0) -> Any:
+    """A model of ``config``'s shapes with random weights (``model.init: random``, for benchmarks): built on
+    the meta device and filled layer by layer, linear weights quantized as they are made, so a model that
+    fits only in 4 bits can be built. Matrices N(0, ``config.initializer_range``²), norm weights one."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
+    model_cls = getattr(transformers, TASK_TYPES[task_type])
+    torch_dtype = parse_dtype(dtype)
+    with init_empty_weights():
+        empty = model_cls.from_config(config, dtype=torch_dtype)
+    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
+    model: Any = init_random_quantized(empty, quantization, torch.device(device), std=std, seed=seed)
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pickle: bool = False) -> Any:
+    """The tokenizer of a model (same names as :func:`load_model`), with a pad token: its EOS token when it
+    had none (collation masks padding by length, so a pad that equals EOS never hides a real EOS label)."""
+    source = name_or_path
+    if not Path(os.fspath(name_or_path)).expanduser().is_dir() or os.fspath(name_or_path) == DEFAULT_MODEL:
+        source = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # transformers raises anything from OSError to AttributeError for a bad folder
+        raise ValueError(
+            f"Could not load a tokenizer from {os.fspath(source)!r} ({type(error).__name__}: {error}). "
+            f"Save one there with `tokenizer.save_pretrained(dir)` or pass tokenizer_name_or_path."
+        ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype | str = "float32",
@@ -194,6 +271,7 @@ def load_model_and_tokenizer(
     num_labels: int | None = None,
     allow_pickle: bool = False,
     tokenizer_name_or_path: str | os.PathLike | None = None,
+    quantization: QuantConfig | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for fine-tuning; see :func:`resolve_model_path` for the names.
 
@@ -205,45 +283,26 @@ def load_model_and_tokenizer(
         num_labels: classes of a ``SEQ_CLS`` head (transformers' default, 2, when None).
         allow_pickle: also accept pickle weights (``pytorch_model.bin``); only for trusted files.
         tokenizer_name_or_path: load the tokenizer from elsewhere (default: the model's folder).
+        quantization: a 4/8-bit base: the model is built on the meta device and each linear weight is
+            quantized as it is read from the safetensors files, on ``device`` (the full-precision model
+            never exists, in memory or on the GPU).
 
-    The tokenizer always has a pad token afterwards (its EOS token when it had none; collation
-    masks padding by length, so a pad that equals EOS never hides a real EOS label), and the
-    model's ``config.pad_token_id`` is set from it when missing (sequence classification needs it).
+    The tokenizer always has a pad token afterwards (see :func:`load_tokenizer`), and the model's
+    ``config.pad_token_id`` is set from it when missing (sequence classification needs it).
     ``model.config.use_cache`` is set to False (see the comment in the code); ``generate()`` is unaffected.
     """
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
-    if num_labels is not None and task_type != "SEQ_CLS":
-        raise ValueError(f"num_labels={num_labels} only applies to task_type 'SEQ_CLS', not {task_type!r}.")
-    torch_dtype = parse_dtype(dtype)
-    folder = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
-    model_cls = getattr(transformers, TASK_TYPES[task_type])
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": None if allow_pickle else True}
-    if num_labels is not None:
-        kwargs["num_labels"] = num_labels
-    try:
-        model = model_cls.from_pretrained(folder, **kwargs)
-    except ValueError as error:
-        if "Unrecognized configuration class" not in str(error):
-            raise
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-        raise ValueError(
-            f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant in "
-            f"transformers; pick a task_type its architecture supports (e.g. CAUSAL_LM for decoder-only models)."
-        ) from error
-    tok_source = tokenizer_name_or_path if tokenizer_name_or_path is not None else folder
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tok_source)
-    except Exception as error:  # transformers raises anything from OSError to AttributeError for a bad folder
-        raise ValueError(
-            f"Could not load a tokenizer from {os.fspath(tok_source)!r} ({type(error).__name__}: {error}). "
-            f"Save one there with `tokenizer.save_pretrained(dir)` or pass tokenizer_name_or_path."
-        ) from error
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(name_or_path, dtype, device, task_type, num_labels, allow_pickle, quantization)
+    tokenizer = load_tokenizer(resolve_model_path(name_or_path, allow_pickle=allow_pickle)
+                               if tokenizer_name_or_path is None else tokenizer_name_or_path, allow_pickle)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    # Training never reuses a KV cache, and a cache turns off transformers' packed-sequence masking
-    # (restarting position_ids); generate() still caches through generation_config.use_cache.
-    model.config.use_cache = False
-    return model.to(device), tokenizer
+    return model, tokenizer
+
+
+def _load_quantized(model_cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantization: QuantConfig,
+                    extra: dict[str, Any]) -> Any:
+    """The model built on the meta device, then filled from ``folder`` tensor by tensor, quantizing linear weights."""
+    config = transformers.AutoConfig.from_pretrained(folder, **extra)
+    with init_empty_weights():
+        model = model_cls.from_config(config, dtype=dtype)
+    return load_quantized(model, folder, quantization, device)

@@ -30,6 +30,7 @@ from slimtune.config import MethodConfig
 from slimtune.methods import config_classes
 from slimtune.optim import OPTIMIZER_ALIASES, OPTIMIZER_NAMES
 from slimtune.quant import QuantConfig
+from slimtune.train.ludwig import is_ludwig_config, ludwig_to_recipe_dict
 from slimtune.train.schema import RecipeError, build, unknown_key_error
 
 # Shipped recipes live inside the package (so a wheel carries them); the repository's top-level
@@ -37,6 +38,7 @@ from slimtune.train.schema import RecipeError, build, unknown_key_error
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "qlora-smollm2-pycode"
 DTYPES = Literal["float32", "bfloat16", "float16"]
+REPORTERS = Literal["jsonl", "tensorboard", "wandb"]  # training.report_to (slimtune.train.tracking)
 
 
 @dataclass
@@ -51,8 +53,16 @@ class ModelSection:
     # layer inputs in CPU memory (GPU only). See slimtune.checkpointing.
     gradient_checkpointing: bool | Literal["offload"] = False
     allow_pickle: bool = False  # accept pytorch_model.bin (runs code from the file: trusted sources only)
+    # "random": no weights read: the model of name_or_path's config (a folder, or a name in slimtune's table of
+    # architectures, e.g. meta-llama/Llama-3.1-8B) with random weights, built layer by layer — for timing
+    # `slimtune train` on large shapes. config_overrides change the config first (e.g. num_hidden_layers: 2).
+    init: Literal["pretrained", "random"] = "pretrained"
+    config_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.config_overrides and self.init != "random":
+            raise ValueError("config_overrides only apply to init: random (a pretrained model's weights fix its "
+                             "shapes); remove them or set model.init: random.")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps", "xpu"))):
             raise ValueError(f"device={self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
@@ -88,6 +98,11 @@ class TrainingSection:
     seed: int = 0
     optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (slimtune.optimizers)
     loss: Literal["auto", "chunked", "full"] = "auto"  # chunked: no full-vocabulary logits (auto: when possible)
+    # auto: Triton kernels + fused LoRA on CUDA, the fastest pure-torch path elsewhere (slimtune.perf.fast_path)
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    # keep each 4-bit layer's dequantized weight from forward to backward: one dequantization per step instead
+    # of two, for the weights' memory (small with gradient checkpointing: one block's at a time)
+    keep_dequantized: bool = False
     max_steps: int | None = None  # optimizer steps; null = ``epochs`` passes over the data
     epochs: float = 1.0
     batch_size: int = 1
@@ -107,6 +122,8 @@ class TrainingSection:
     save_every: int = 0  # steps between checkpoints (0: at the end and on Ctrl-C only)
     keep_checkpoints: int = 2
     log_every: int = 1  # steps between metrics.jsonl rows
+    # where metrics rows go besides metrics.jsonl (always written): tensorboard, wandb (offline without WANDB_API_KEY)
+    report_to: list[REPORTERS] | REPORTERS = field(default_factory=lambda: ["jsonl"])
     # Optimizer groups (slimtune.optim): LoRA+ trains B at ratio × the learning rate (null: off) …
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float = 1e-6
@@ -146,6 +163,9 @@ class TrainingSection:
         if self.layerwise_lr_decay is not None and not 0 < self.layerwise_lr_decay <= 1:
             raise ValueError(f"layerwise_lr_decay={self.layerwise_lr_decay} must be in (0, 1] (0.8 is common), "
                              "or null for off.")
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to={self.report_to} names a destination twice.")
         if self.loraplus_lr_ratio is not None and self.layerwise_lr_decay is not None:
             raise ValueError("loraplus_lr_ratio and layerwise_lr_decay both set: each defines the optimizer's "
                              "parameter groups; use one of them.")
@@ -324,9 +344,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file (or shipped recipe name)."""
+    """Read, override and validate a recipe file (or shipped recipe name).
+
+    A file in Ludwig's LLM schema (``model_type: llm``, ``base_model``, ``input_features``, ...) is mapped
+    onto slimtune's sections first (:mod:`slimtune.train.ludwig`); overrides apply to the file as written.
+    """
     path = find_recipe(name_or_path)
     data = apply_overrides(read_yaml(path), list(overrides or []))
+    if is_ludwig_config(data):
+        data = ludwig_to_recipe_dict(data)
     return recipe_from_dict(data, name=path.stem)
 
 

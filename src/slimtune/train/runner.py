@@ -25,19 +25,22 @@ from torch import nn
 
 from slimtune.adapter_files import save_adapter
 from slimtune.core.dtypes import resolve_device
-from slimtune.core.files import atomic_folder, atomic_write
+from slimtune.core.files import atomic_write
+from slimtune.estimate.fit import DoesNotFitError, check_fits
+from slimtune.estimate.model_shapes import resolve_config
 from slimtune.lifecycle import add_adapter, disable_adapters
 from slimtune.perf.activation_checkpointing import checkpoint_layers
-from slimtune.quant import quant_summary, quantize
+from slimtune.perf.fast_path import FastPath, enable_fast_path
+from slimtune.quant import QuantizedLinear, quant_summary
 from slimtune.report import TrainableReport, trainable_parameters
 from slimtune.train.batching import BatchIterator
-from slimtune.train.checkpoint import STATE_FILE, latest_checkpoint
+from slimtune.train.checkpoint import checkpoint_config, latest_checkpoint
 from slimtune.train.data import load_examples
 from slimtune.train.generation import generate_text
-from slimtune.train.models import load_model_and_tokenizer
+from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
 from slimtune.train.progress import human_bytes, human_seconds, plot_loss
 from slimtune.train.recipe import Recipe, RecipeError
-from slimtune.train.run_folder import RunFolder
+from slimtune.train.run_folder import RunFolder, RunLock
 from slimtune.train.tokenization import TokenizedDataset, tokenize_examples
 from slimtune.train.trainer import Trainer
 
@@ -97,7 +100,7 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
         if checkpoint is None:
             raise RecipeError(f"--resume: {run.path} has no checkpoint to resume from; start the run without "
                               "--resume.")
-        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("config", {})
+        saved = checkpoint_config(checkpoint)
         changed = _differences(saved, comparable(recipe))
         if changed:
             raise RecipeError(f"--resume: the recipe differs from the one {run.path} was started with: "
@@ -111,6 +114,25 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
             raise RecipeError(f"output.dir: {run.path} already holds a run. Continue it with --resume, replace it "
                               "with output.overwrite=true, or pick another output.dir=...")
     return None
+
+
+def check_memory(recipe: Recipe, force: bool, log: Callable[[str], None]) -> None:
+    """Say before anything loads whether the run will fit (:func:`slimtune.estimate.check_fits`): a run
+    predicted not to fit stops here with the changes that would make it fit, unless ``force``. A recipe
+    the estimator cannot size (an unknown architecture, a model it cannot find without downloading) runs
+    on with a note."""
+    try:
+        estimate = check_fits(recipe)
+    except DoesNotFitError as error:
+        if not force:
+            raise DoesNotFitError(f"{error}\nTo run anyway: slimtune train ... --force", error.estimate) from None
+        log(f"warning: {str(error).splitlines()[0]} Running anyway (--force).")
+        return
+    except (ValueError, OSError, NotImplementedError) as error:
+        log(f"memory estimate skipped ({type(error).__name__}: {str(error).splitlines()[0]})")
+        return
+    log(f"memory estimate: peak about {human_bytes(estimate.peak)} of {human_bytes(estimate.limit)} on "
+        f"{estimate.device.name} (`slimtune estimate` for the breakdown)")
 
 
 # ---- 2. data -------------------------------------------------------------------------------------------
@@ -128,33 +150,68 @@ def load_data(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 # ---- 3. model --------------------------------------------------------------------------------------------
 def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> tuple[PreTrainedModel, Any]:
-    """The base model and tokenizer, quantized as the ``quantization`` section says."""
-    model, tokenizer = load_model_and_tokenizer(recipe.model.name_or_path, dtype=recipe.model.dtype, device=device,
-                                                allow_pickle=recipe.model.allow_pickle,
-                                                tokenizer_name_or_path=recipe.model.tokenizer)
+    """The base model and tokenizer; with a ``quantization`` section, each linear weight is quantized as it
+    is read (the full-precision model never exists). ``model.init: random``: the shapes of the named model
+    with random weights, made layer by layer (the tokenizer: ``model.tokenizer``, else the default model's)."""
+    spec = recipe.model
+    if spec.init == "random":
+        config, source = resolve_config(spec.name_or_path)
+        for key, value in spec.config_overrides.items():
+            if not hasattr(config, key):
+                raise RecipeError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
+            setattr(config, key, value)
+        log(f"model: random weights in the shapes of {spec.name_or_path!r} ({source})")
+        model = random_model(config, spec.dtype, device, quantization=recipe.quantization, seed=recipe.training.seed)
+        tokenizer = load_tokenizer(spec.tokenizer or "default", spec.allow_pickle)
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise RecipeError(f"model.tokenizer: its {len(tokenizer):,} tokens exceed the random model's vocabulary "
+                              f"({vocab:,}); raise model.config_overrides.vocab_size or pick a smaller tokenizer.")
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model, tokenizer = load_model_and_tokenizer(spec.name_or_path, dtype=spec.dtype, device=device,
+                                                    allow_pickle=spec.allow_pickle,
+                                                    tokenizer_name_or_path=spec.tokenizer,
+                                                    quantization=recipe.quantization)
     if recipe.quantization is not None:
-        quantize(model, recipe.quantization)
         log(str(quant_summary(model)))
     return model, tokenizer
 
 
 # ---- 4. method -------------------------------------------------------------------------------------------
-def add_method(model: PreTrainedModel, recipe: Recipe) -> None:
-    """The recipe's adapter (initialised from ``training.seed``), activation checkpointing, no KV cache."""
+def add_method(model: PreTrainedModel, recipe: Recipe) -> FastPath:
+    """The recipe's adapter (initialised from ``training.seed``), the fast path, activation checkpointing,
+    no KV cache."""
     random.seed(recipe.training.seed)
     torch.manual_seed(recipe.training.seed)  # the adapter's initial weights
     add_adapter(model, recipe.method)
+    fast = enable_fast_path(model, recipe.training.kernels)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.keep_dequantized = recipe.training.keep_dequantized
     if recipe.model.gradient_checkpointing:
         checkpoint_layers(model, offload=recipe.model.gradient_checkpointing == "offload")
     model.config.use_cache = False  # training never reuses a KV cache
+    return fast
 
 
 # ---- 5. train, 6. finalize ---------------------------------------------------------------------------------
 def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
-               log: Callable[[str], None] = print, stream: TextIO | None = None) -> RunResult:
-    """Train as ``recipe`` says; see the module docstring for the stages."""
+               log: Callable[[str], None] = print, stream: TextIO | None = None, force: bool = False) -> RunResult:
+    """Train as ``recipe`` says; see the module docstring for the stages. ``force``: train even when the
+    memory estimate says the run will not fit. The run folder's lock is held throughout (:class:`RunLock`:
+    a second run on the same folder is refused)."""
+    check_writable(recipe.output_dir)  # before the lock file is made beside the run folder
+    with RunLock(recipe.output_dir, log):
+        return _run_recipe(recipe, resume, show_progress, log, stream, force)
+
+
+def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable[[str], None],
+                stream: TextIO | None, force: bool) -> RunResult:
     wall_start = time.perf_counter()
     checkpoint = validate(recipe, resume)
+    check_memory(recipe, force, log)
     run = RunFolder(recipe.output_dir)
     device = _device(recipe)
     train_examples, eval_examples = load_data(recipe)
@@ -165,7 +222,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
     eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
     _log_tokens(train_rows, eval_rows, data.max_seq_length, log)
-    add_method(model, recipe)
+    log(str(add_method(model, recipe)))
     log(str(trainable_parameters(model)))
     settings = recipe.training
     batches = BatchIterator(train_rows, settings.batch_size, seed=settings.seed, pad_id=tokenizer.pad_token_id)
@@ -212,8 +269,7 @@ def _log_tokens(train_rows: TokenizedDataset, eval_rows: TokenizedDataset, max_l
 def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer, run: RunFolder, demo_prompt: str,
              wall_start: float, log: Callable[[str], None], stream: TextIO | None) -> RunResult:
     """Save the adapter first (the result is safe whatever happens next), evaluate, plot, summarise."""
-    with atomic_folder(run.adapter) as tmp:
-        save_adapter(model, tmp)
+    save_adapter(model, run.adapter)  # written as one unit (core/files.atomic_folder)
     eval_after = trainer.evaluate()
     if recipe.demo.enabled:
         log("── after fine-tuning ──")

@@ -31,13 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimtune.errors import InvalidFileError
 from slimtune.lifecycle import after_optimizer_step, disable_adapters, method_param_groups
 from slimtune.optim import make_optimizer, training_param_groups
 from slimtune.perf.losses import causal_lm_loss
 from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.checkpoint import (
+    STATE_FILE,
     latest_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -201,7 +203,7 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.chunked = chunked_loss_works(model, settings.loss)
         self.state = TrainerState()
-        self.metrics = MetricsLog(run_dir)
+        self.metrics = MetricsLog(run_dir, settings.report_to, run_config=self.config_snapshot)
         self.peak_memory_mb = 0.0  # during training steps in this process
         self._epoch_iter: Iterator | None = None
 
@@ -246,12 +248,18 @@ class Trainer:
                                rng, payload, self.settings.keep_checkpoints)
 
     def resume(self, path: Path) -> None:
-        """Continue exactly where checkpoint ``path`` stopped (model, optimizer, schedule, data, RNG)."""
-        saved, rng = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        if saved.get("total_steps") != self.total_steps:
-            raise ValueError(f"checkpoint {path} was made for {saved.get('total_steps')} steps, this recipe "
+        """Continue exactly where checkpoint ``path`` stopped (model, method state, optimizer, schedule, data,
+        RNG). Everything is checked before anything changes: a failed resume leaves the model as it was."""
+        checkpoint = read_checkpoint(path)
+        saved = checkpoint.state
+        if saved["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint {path} was made for {saved['total_steps']} steps, this recipe "
                              f"has {self.total_steps}; resume with the same training settings.")
-        self.batches.load_state_dict(saved["data"])
+        try:
+            self.batches.load_state_dict(saved["data"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise InvalidFileError(path / STATE_FILE, f"data: {error}", "data") from None
+        rng = checkpoint.apply(self.model, self.optimizer, self.scheduler)
         self._epoch_iter = None
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])

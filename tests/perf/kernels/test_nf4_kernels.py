@@ -62,6 +62,54 @@ def test_fused_matmul_forward_and_backward_layouts(out_f, in_f, blocksize, rows)
 
 
 @interpreter
+@pytest.mark.parametrize("tile", [{}, {"BR": 64, "BP": 64}])  # the second: two 32-blocks per tile lane
+@pytest.mark.parametrize("out_f,in_f,blocksize", [(70, 96, 32), (33, 35, 32), (40, 128, 64)])
+def test_matmul_covers_partial_tiles_odd_widths_and_multi_block_lanes(out_f, in_f, blocksize, tile, monkeypatch):
+    """Every output tile (the partial last ones too) is computed: two different inputs in a row, so a tile the
+    launch skipped would keep the first call's (or uninitialised) values."""
+    from slimtune.perf.kernels import nf4_matmul
+
+    monkeypatch.setattr(nf4_matmul, "INTERPRETER_TILE", {**nf4_matmul.INTERPRETER_TILE, **tile})
+    layer = quantized(out_f, in_f, blocksize, seed=4)
+    w, weight = kernels.weight_4bit(layer), layer.dequantize(torch.float32)
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        x, g = torch.randn(37, in_f), torch.randn(19, out_f)  # 37 and 19 rows: partial row tiles
+        torch.testing.assert_close(kernels.matmul_4bit(x, w, transpose=True, use_triton=True), x @ weight.T)
+        torch.testing.assert_close(kernels.matmul_4bit(g, w, transpose=False, use_triton=True), g @ weight)
+
+
+def test_launch_grid_counts_partial_tiles():
+    from slimtune.perf.kernels.nf4_matmul import launch_grid, m_bucket
+
+    assert launch_grid(37, 70, {"BM": 16, "BP": 32}) == (3 * 3,)
+    assert launch_grid(32, 64, {"BM": 16, "BP": 32}) == (2 * 2,)
+    assert [m_bucket(m) for m in (1, 16, 17, 2048, 2049)] == [16, 16, 32, 2048, 4096]
+
+
+@interpreter
+def test_fused_lora_at_batch_one_runs_the_gemv_and_matches(monkeypatch):
+    """Generation's batch-1 step inside the fused LoRA node goes through the GEMV kernel, with the same result."""
+    from slimtune.perf.fused_lora import fused_lora_linear
+    from slimtune.perf.kernels import gemv
+
+    calls = []
+    real = gemv.gemv_4bit_triton
+    monkeypatch.setattr(gemv, "gemv_4bit_triton", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer = quantized(48, 64)
+    torch.manual_seed(7)
+    x, A, B = torch.randn(1, 1, 64), torch.randn(8, 64), torch.randn(48, 8)
+    expected = x @ layer.dequantize(torch.float32).T + 0.5 * (x @ A.T) @ B.T
+    previous = kernels.set_default_use_triton(True)
+    try:
+        got = fused_lora_linear(x, layer, A, B, 0.5)
+    finally:
+        kernels.set_default_use_triton(previous)
+    assert calls, "the batch-1 step did not take the GEMV kernel"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@interpreter
 @pytest.mark.parametrize("out_f,in_f,blocksize,dq", [(96, 128, 64, True), (33, 66, 32, False), (17, 4096, 4096, True)])
 def test_gemv_kernel(out_f, in_f, blocksize, dq):
     layer = quantized(out_f, in_f, blocksize, dq)
@@ -191,3 +239,23 @@ def test_gpu_short_qlora_run_matches_the_pure_torch_path():
             losses[fused].append(loss.item())
     assert losses[False][-1] < losses[False][0]
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=2e-2)
+
+
+@interpreter
+def test_64_bit_offsets_give_the_same_results(monkeypatch):
+    """Weights of 2^31 elements or more switch the kernels to 64-bit offsets; run that branch here."""
+    from slimtune.perf.kernels import gemv, nf4_dequant, nf4_matmul
+
+    layer = quantized(40, 128, 64)
+    w, weight = kernels.weight_4bit(layer), layer.dequantize(torch.float32)
+    torch.manual_seed(3)
+    x = torch.randn(3, 128)
+    seen = []
+    real = nf4_dequant.wide
+    monkeypatch.setattr(nf4_dequant, "WIDE_FROM", 1)
+    for module in (nf4_dequant, nf4_matmul, gemv):
+        monkeypatch.setattr(module, "wide", lambda *n: seen.append(real(*n)) or seen[-1])
+    assert torch.equal(kernels.dequantize_4bit(w, torch.float32, use_triton=True), weight)
+    torch.testing.assert_close(kernels.matmul_4bit(x, w, transpose=True, use_triton=True), x @ weight.T)
+    torch.testing.assert_close(kernels.gemv_4bit(x, w, use_triton=True), x @ weight.T)
+    assert seen == [True] * 3

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from slimtune.quant import nf4
+from slimtune.quant.linear import Linear4bit
 
 __all__ = [
     "Weight4bit",
@@ -34,6 +35,7 @@ __all__ = [
     "dequantize_4bit",
     "matmul_4bit",
     "gemv_4bit",
+    "linear_4bit",
 ]
 
 
@@ -65,7 +67,7 @@ class Weight4bit(NamedTuple):
         return nf4.double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_code)
 
 
-def weight_4bit(layer) -> Weight4bit:
+def weight_4bit(layer: Linear4bit) -> Weight4bit:
     """The :class:`Weight4bit` view of a :class:`slimtune.quant.Linear4bit` (no copies)."""
     return Weight4bit(layer.weight, layer.absmax, layer.quant_map, (layer.out_features, layer.in_features),
                       layer.blocksize, layer.nested_absmax, layer.nested_offset, layer.nested_quant_map)
@@ -190,3 +192,13 @@ def gemv_4bit(x: torch.Tensor, w: Weight4bit, use_triton: bool | None = None) ->
         return _kernel_module("gemv").gemv_4bit_triton(x, w)
     weight = dequantize_4bit(w, torch.float32, use_triton=False)
     return (x.float() @ weight.T).to(x.dtype)
+
+
+def linear_4bit(x: torch.Tensor, layer: Linear4bit, transpose: bool, use_triton: bool | None = None) -> torch.Tensor:
+    """A :class:`~slimtune.quant.Linear4bit`'s matmul through these kernels: ``x Wᵀ`` (``transpose``, its
+    forward) or ``x W`` (its backward); a handful of rows (generation) takes the GEMV, reading W once."""
+    w = weight_4bit(layer)
+    rows = x.numel() // max(x.shape[-1], 1)
+    if transpose and rows <= 16 and w.shape[1] % 2 == 0 and use_triton_for(x.device, use_triton):
+        return gemv_4bit(x, w, use_triton)
+    return matmul_4bit(x, w, transpose, use_triton)

@@ -46,9 +46,12 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
 @triton.jit
 def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, out_ptr,
                     n, n_bytes, n_blocks,
-                    BLOCKSIZE: tl.constexpr, NB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr):
+                    BLOCKSIZE: tl.constexpr, NB: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED: tl.constexpr,
+                    WIDE: tl.constexpr):
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
-    pid = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if WIDE:  # 64-bit offsets only for weights of 2^31 elements or more
+        pid = pid.to(tl.int64)
     blk = pid * NB + tl.arange(0, NB)  # (NB,) quantization blocks of this program
     byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (NB, HALF)
     packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
@@ -72,6 +75,15 @@ def scale_args(w) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 # Triton picks interpreter or compiler when a kernel is decorated, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Offsets are 32-bit (cheaper address arithmetic) unless a tensor of the launch has this many elements.
+WIDE_FROM = 2**31
+
+
+def wide(*numels: int) -> bool:
+    """Whether a launch over tensors of these sizes needs 64-bit offsets."""
+    return max(numels) >= WIDE_FROM
 
 
 def interpreting() -> bool:
@@ -103,5 +115,5 @@ def dequantize_4bit_triton(w, dtype: torch.dtype) -> torch.Tensor:
     grid = (triton.cdiv(n_blocks, nb),)
     _dequant_kernel[grid](w.packed, w.code.float(), absmax, nested_absmax, nested_code, offset, out,
                           n, w.packed.numel(), n_blocks, BLOCKSIZE=w.blocksize, NB=nb,
-                          DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE, **launch_options())
+                          DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE, WIDE=wide(n), **launch_options())
     return out.to(dtype)

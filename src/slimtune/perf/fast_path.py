@@ -1,0 +1,71 @@
+"""One switch for slimtune's fast paths: ``kernels: auto | triton | torch`` (recipes' ``training.kernels``,
+the CLI's ``--kernels``, :func:`enable_fast_path` for library users).
+
+- ``auto``: on CUDA (with triton), the Triton kernels for the 4-bit base (W decoded inside the matmul, the
+  batch-1 GEMV in generation) and the fused LoRA autograd node; elsewhere the fastest pure-torch path.
+- ``triton``: the kernels and fused LoRA, or a clear error where Triton cannot run.
+- ``torch``: the pure-torch reference everywhere.
+
+The chunked cross-entropy (no full-vocabulary logits) is the trainer's ``training.loss: auto``, used on every
+device where the model allows it. On CPUs the pure-torch path is the fast one (the 4-bit weight decoded by a
+one-word-per-byte gather into a reused buffer); the fused LoRA node is used there too when ``fuse_on_cpu``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimtune.methods.lora_layers import LoraLinear
+from slimtune.perf import kernels
+from slimtune.perf.fused_lora import FusedLoraForward, use_fused_lora
+from slimtune.quant.linear import Linear4bit
+
+KERNEL_MODES = ("auto", "triton", "torch")
+# Measured on the development CPU (bench/qlora_step.py): the fused LoRA node is no faster than the plain
+# layers there, so CPUs keep the plain layers.
+FUSE_ON_CPU = False
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What :func:`enable_fast_path` switched on."""
+
+    mode: str
+    triton: bool  # the 4-bit base's matmuls run in the Triton kernels
+    fused_lora_layers: int  # LoRA layers routed through the fused autograd node
+
+    def __str__(self) -> str:
+        base = "Triton kernels" if self.triton else "pure-torch dequantize + matmul"
+        return (f"kernels={self.mode}: 4-bit base via {base}; fused LoRA on {self.fused_lora_layers} layers; "
+                "chunked cross-entropy where the model allows it")
+
+
+def plan_fast_path(mode: str, device: torch.device, triton_reason: str | None) -> tuple[bool, bool]:
+    """``(use the Triton kernels, fuse the LoRA layers)`` for ``mode`` on ``device``; ``triton_reason`` is why
+    Triton cannot run there (None: it can)."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r} is not a kernel mode; use one of {list(KERNEL_MODES)}.")
+    if mode == "triton" and triton_reason is not None:
+        raise ValueError(f"kernels='triton' but the Triton kernels cannot run on {device.type}: {triton_reason}. "
+                         "Use kernels='auto' (the fastest available path) or 'torch'.")
+    triton = mode == "triton" or (mode == "auto" and device.type == "cuda" and triton_reason is None)
+    return triton, triton or (mode == "auto" and device.type == "cpu" and FUSE_ON_CPU)
+
+
+def enable_fast_path(model: nn.Module, mode: str = "auto") -> FastPath:
+    """Route ``model``'s 4-bit layers and LoRA layers through the fastest path for its device (see above)."""
+    tensor = next(iter(model.parameters()), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    triton, fuse = plan_fast_path(mode, device, kernels.triton_status(device))
+    backend = functools.partial(kernels.linear_4bit, use_triton=True) if triton else None
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.matmul_backend = backend
+    if any(isinstance(m, LoraLinear) and m.fusable for m in model.modules()):
+        use_fused_lora(model, enabled=fuse)
+    fused = sum(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in model.modules())
+    return FastPath(mode, triton, fused)

@@ -1,0 +1,89 @@
+"""`slimtune train`'s stages that are not the trainer: the memory check before anything loads, and
+random-weight models (`model.init: random`) for timing real shapes without their weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from run_helpers import tiny_model_dir, tiny_recipe, write_recipe
+
+from slimtune.cli import main
+from slimtune.estimate.fit import DoesNotFitError
+from slimtune.quant import Linear4bit
+from slimtune.train import runner
+from slimtune.train.recipe import RecipeError, recipe_from_dict
+
+
+def _config_only(tmp_path):
+    """A model folder with config.json and the tokenizer but no weights."""
+    folder = tmp_path / "shapes"
+    shutil.copytree(tiny_model_dir(), folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    return folder
+
+
+def test_random_init_trains_the_shapes_of_a_config_without_weights(tmp_path, capsys):
+    folder = _config_only(tmp_path)
+    recipe = tiny_recipe(tmp_path, model={"name_or_path": str(folder), "init": "random", "tokenizer": str(folder),
+                                          "config_overrides": {"num_hidden_layers": 1}},
+                         training={"max_steps": 2, "save_every": 0}, demo={"enabled": False})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "random weights in the shapes of" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    built = recipe_from_dict(recipe)
+    model, _ = runner.load_model(built, runner._device(built), lambda _: None)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)  # quantized as it was made
+    weight = model.model.embed_tokens.weight
+    assert 0.01 < float(weight.std()) < 0.03  # N(0, initializer_range²), not the checkpoint's (there is none)
+
+
+def test_random_init_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="config_overrides only apply to init: random"):
+        recipe_from_dict(tiny_recipe(tmp_path, model={"config_overrides": {"num_hidden_layers": 1}}))
+    folder = _config_only(tmp_path)
+    bad = recipe_from_dict(tiny_recipe(tmp_path, model={"name_or_path": str(folder), "init": "random",
+                                                        "config_overrides": {"no_such_field": 1}}))
+    with pytest.raises(RecipeError, match="model.config_overrides.no_such_field"):
+        runner.load_model(bad, runner._device(bad), lambda _: None)
+
+
+def test_a_run_predicted_not_to_fit_stops_before_loading_unless_forced(tmp_path, monkeypatch, capsys):
+    estimate = object()
+
+    def does_not_fit(recipe, device=None, margin=0.1):
+        raise DoesNotFitError("recipe 'r' needs about 9.0 GiB on cpu, which has 1.0 GiB free", estimate)
+
+    monkeypatch.setattr(runner, "check_fits", does_not_fit)
+    loaded = []
+
+    class Loading(Exception):
+        pass
+
+    def load_data(recipe):
+        loaded.append(recipe)
+        raise Loading
+
+    monkeypatch.setattr(runner, "load_data", load_data)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 1}))
+    assert main(["train", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about 9.0 GiB" in err and "--force" in err
+    assert not loaded and not (tmp_path / "run").exists()
+    with pytest.raises(Loading):  # --force goes on to the next stage (here: the patched data stage)
+        main(["train", str(recipe), "--no-progress", "--force"])
+    assert loaded
+    assert "Running anyway (--force)" in capsys.readouterr().out
+
+
+def test_an_estimate_that_cannot_be_made_does_not_block_the_run(tmp_path, monkeypatch):
+    def unknown(recipe, device=None, margin=0.1):
+        raise ValueError("model 'x/y': not in slimtune's table")
+
+    monkeypatch.setattr(runner, "check_fits", unknown)
+    notes = []
+    runner.check_memory(recipe_from_dict(tiny_recipe(tmp_path)), force=False, log=notes.append)
+    assert notes == ["memory estimate skipped (ValueError: model 'x/y': not in slimtune's table)"]
