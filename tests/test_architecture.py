@@ -26,7 +26,7 @@ LAYERS = [
     ("adapter operations", ["slimtune.lifecycle", "slimtune.adapter_files", "slimtune.report", "slimtune.combination",
                             "slimtune.mixed_batch", "slimtune.export", "slimtune.perf", "slimtune.gguf_export",
                             "slimtune.gguf_quants", "slimtune.adapterhub", "slimtune.serving"]),
-    ("training", ["slimtune.train", "slimtune.estimate"]),
+    ("training", ["slimtune.train", "slimtune.estimate", "slimtune.distributed"]),
     ("command line", ["slimtune.cli", "slimtune.__main__", "slimtune"]),
 ]
 
@@ -39,7 +39,8 @@ ALLOWED_LAZY_IMPORTS = {
 # The method contract's steps: never looked up by name (getattr/hasattr) — they are methods of Method.
 HOOK_NAMES = {"inject_into", "check_model", "set_active", "set_disabled", "merge", "unmerge", "remove_from",
               "adapter_tensors", "to_peft_dict", "saved_modules_prefix", "param_groups", "after_optimizer_step",
-              "rewrite_inputs", "rewrite_encoder_inputs", "check", "add", "remove", "saved_config"}
+              "rewrite_inputs", "rewrite_encoder_inputs", "check", "add", "remove", "saved_config",
+              "bundled_adapters"}
 
 
 def _modules() -> dict[str, Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from slimtune.cli import main
 from slimtune.methods.lora import LoraConfig
 from slimtune.train.dry_run import dry_run
 from slimtune.train.recipe import RecipeError, list_recipes, load_recipe, recipe_from_dict, recipe_summary
@@ -67,6 +68,15 @@ def test_every_shipped_recipe_validates_and_dry_runs(path, tmp_path):
         assert report.shape.params / 1e9 == pytest.approx(billions, abs=0.01)
         assert hub_id in report.shape.source  # slimtune's table or the Hugging Face cache: no download
         assert report.trainable > 20_000_000 and report.estimate.fits  # r=16 on every linear layer; fits an H100
+
+
+def test_the_recipes_command_lists_every_shipped_recipe(capsys):
+    files = sorted((ROOT / "src" / "slimtune" / "recipes").glob("*.yaml"))
+    assert [p.stem for p in files] == [p.stem for p in RECIPES] and len(files) >= 25
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for path in files:
+        assert f"run: slimtune train {path.stem}\n" in out, path.stem
 
 
 def test_every_big_model_has_a_lora_and_a_qlora_recipe():
@@ -127,3 +137,18 @@ def test_a_dry_run_names_the_problem(tmp_path):
         dry_run(load_recipe("lora-llama31-8b-pycode", base))
     report = dry_run(load_recipe("lora-llama31-8b-pycode", [*base, "output.overwrite=true"]))
     assert f"data     {data} (33 bytes)" in str(report)
+
+
+# The multi-GPU recipes (issue 14): a `distributed` section; validated offline like the others, sized for an H100.
+DISTRIBUTED = {"qlora-llama3-8b-fsdp": "fsdp", "lora-llama3-8b-ddp": "ddp"}
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTED))
+def test_the_distributed_recipes_validate_offline(name, tmp_path, capsys):
+    recipe = load_recipe(name, [f"output.dir={tmp_path / 'run'}"])
+    assert recipe.distributed is not None and recipe.distributed.strategy == DISTRIBUTED[name]
+    assert (recipe.quantization is not None) == name.startswith("qlora-")
+    report = dry_run(recipe, device="h100")
+    assert report.trainable > 20_000_000 and report.estimate.fits
+    assert main(["train", name, "--dry-run", f"output.dir={tmp_path / 'run'}"]) == 0
+    assert f"strategy: {DISTRIBUTED[name]}" in capsys.readouterr().out and not (tmp_path / "run").exists()

@@ -34,7 +34,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(recipe.to_yaml(), end="")
         return 0
-    result = run_recipe(recipe, resume=args.resume, show_progress=not args.no_progress, force=args.force)
+    if args.nproc_per_node is not None:  # start torchrun with that many ranks of this command
+        from slimtune.distributed.launch import launch
+
+        flags = [flag for flag, on in (("--resume", args.resume), ("--force", args.force),
+                                       ("--no-progress", args.no_progress)) if on]
+        return launch(args.nproc_per_node, [*([recipe_arg] if recipe_arg else []), *overrides, *flags])
+    from slimtune.distributed.run import distributed_requested, run_distributed
+
+    run = run_distributed if distributed_requested(recipe) else run_recipe  # torchrun or a `distributed` section
+    result = run(recipe, resume=args.resume, show_progress=not args.no_progress, force=args.force)
     return 0 if result.finished else 130
 
 
@@ -108,14 +117,28 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from slimtune.train.inference import export_merged
+    from slimtune.train.inference import check_merge_options, export_adapter_gguf, export_merged, export_merged_gguf
 
+    quant, args.load_in_4bit = check_merge_options(args.format, args.quant, args.base_precision, args.load_in_4bit,
+                                                   args.dtype, len(args.adapter))
     output = Path(args.output)
+    if args.format != "folder" and output.is_dir():
+        raise ValueError(f"--output {output} is a folder; --format {args.format} writes one file, e.g. "
+                         f"{output / ('adapter.gguf' if args.format == 'gguf-lora' else 'model.gguf')}.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"--output {output} already exists and is not empty; pass --overwrite or another folder.")
+        raise FileExistsError(f"--output {output} already exists and is not empty; pass --overwrite or another path.")
+    if args.format == "gguf-lora":
+        export_adapter_gguf(_adapters(args)[0][1], output, args.model, quant or "f32")
+        print(f"GGUF LoRA adapter ({quant}) written to {output} (llama.cpp: llama-cli -m BASE.gguf --lora {output}; "
+              f"Ollama: ADAPTER {output})")
+        return 0
     model, tokenizer = _load(args)
-    export_merged(model, tokenizer, output, args.dtype)
-    print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
+    if args.format == "gguf":
+        export_merged_gguf(model, tokenizer, output, quant or "f16")
+        print(f"merged model ({quant}) written to {output} (llama.cpp: llama-cli -m {output}; Ollama: FROM {output})")
+    else:
+        export_merged(model, tokenizer, output, args.dtype)
+        print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -153,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it resolved; train nothing")
     p.add_argument("--force", action="store_true", help="train even when the memory estimate says it will not fit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine (starts torchrun; the recipe's `distributed` section "
+                        "picks DDP or FSDP). Several machines: torchrun --nnodes ... -m slimtune train RECIPE")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("recipes", help="list the shipped recipes and how to run them")
@@ -196,10 +222,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the estimate as JSON (for tools)")
     p.set_defaults(func=_cmd_estimate)
 
-    p = sub.add_parser("merge", help="merge an adapter into its base and export a plain transformers model folder")
+    p = sub.add_parser("merge", help="merge an adapter into its base: a transformers folder or a GGUF file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Merge an adapter into its base model and export it: a plain transformers folder "
+                                   "(safetensors + tokenizer) or one GGUF file for llama.cpp / Ollama / LM Studio "
+                                   "(llama-architecture models). --format gguf-lora merges nothing: it writes the "
+                                   "LoRA adapter alone as a GGUF adapter (llama-cli --lora, Ollama ADAPTER).",
+                       epilog="QLoRA adapters (--base-precision): the adapter was trained on the NF4-rounded "
+                              "weights.\n  dequantized  merge into those weights, dequantized (default when the "
+                              "adapter's run was 4-bit):\n               the merged model computes what the "
+                              "fine-tune computed in training.\n  original     merge into the original "
+                              "full-precision weights: nothing is rounded to 4 bits,\n               but the "
+                              "adapter's correction was fitted to the rounded ones, so outputs move by about\n"
+                              "               what NF4 rounding does to the base (often a better model; check it "
+                              "with slimtune eval).\n  An adapter trained on a full-precision base merges the "
+                              "same either way.\n\nexamples:\n"
+                              "  slimtune merge --adapter runs/qlora-smollm2-pycode/adapter -o merged/\n"
+                              "  slimtune merge --adapter runs/qlora-smollm2-pycode/adapter --format gguf --quant q8_0 "
+                              "-o model.gguf\n"
+                              "  slimtune merge --adapter runs/qlora-smollm2-pycode/adapter --format gguf "
+                              "--base-precision original -o model.f16.gguf\n"
+                              "  slimtune merge --adapter runs/lora-smollm2-pycode/adapter --format gguf-lora "
+                              "-o adapter.gguf")
     _model_options(p, "adapter folder to merge")
-    p.add_argument("-o", "--output", required=True, help="folder for the merged model (safetensors + tokenizer)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("-o", "--output", required=True,
+                   help="folder (--format folder) or file (gguf, gguf-lora) to write")
+    p.add_argument("--format", default="folder", choices=["folder", "gguf", "gguf-lora"],
+                   help="folder (default): transformers safetensors + tokenizer; gguf: the merged model and its "
+                        "tokenizer in one GGUF file; gguf-lora: the adapter alone as a GGUF LoRA adapter")
+    p.add_argument("--quant", default=None, choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="GGUF weight type: gguf f16 (default), f32, q8_0 or q4_0 (norms stay f32); gguf-lora f32 "
+                        "(default) or f16")
+    p.add_argument("--base-precision", default=None, choices=["dequantized", "original"],
+                   help="which base weights a QLoRA adapter merges into (see below); default: as the adapter's "
+                        "run had them (--load-in-4bit)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder or file")
     p.set_defaults(func=_cmd_merge)
     return parser
 

@@ -181,6 +181,24 @@ class OutputSection:
 
 
 @dataclass
+class DistributedSection:
+    """Training on several processes (``torchrun``, or ``slimtune train --nproc-per-node N``); see
+    :mod:`slimtune.distributed`. ``training.batch_size`` is per rank: a step takes batch_size × accumulation ×
+    ranks rows."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: fsdp when the weights exceed fsdp_fraction of a device
+    cpu_offload: bool = False  # fsdp on GPUs: keep the parameter shards in CPU memory (FSDP2's CPUOffloadPolicy)
+    fsdp_fraction: float = 0.5  # auto's threshold: the base's stored bytes over one device's memory
+    timeout_s: float = 600.0  # a collective waiting longer (a dead or stuck rank) ends the run with an error
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fsdp_fraction <= 1.0:
+            raise ValueError(f"fsdp_fraction={self.fsdp_fraction} must be in (0, 1].")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be a positive number of seconds.")
+
+
+@dataclass
 class DemoSection:
     """What `slimtune train` shows around training: a sample generation before and after."""
 
@@ -200,7 +218,7 @@ SECTIONS: dict[str, type] = {
     "output": OutputSection,
     "demo": DemoSection,
 }
-TOP_LEVEL = ("description", "model", "method", "quantization", "data", "training", "output", "demo")
+TOP_LEVEL = ("description", "model", "method", "quantization", "data", "training", "output", "demo", "distributed")
 
 
 @dataclass
@@ -214,6 +232,7 @@ class Recipe:
     training: TrainingSection = field(default_factory=TrainingSection)
     output: OutputSection = field(default_factory=OutputSection)
     demo: DemoSection = field(default_factory=DemoSection)
+    distributed: DistributedSection | None = None  # None: one process, unless started by torchrun
     description: str = ""
     name: str = "recipe"
 
@@ -233,6 +252,8 @@ class Recipe:
             elif value is not None:
                 value = dataclasses.asdict(value)
             out[key] = value
+        if self.distributed is not None:
+            out["distributed"] = dataclasses.asdict(self.distributed)
         return out
 
     def to_yaml(self) -> str:
@@ -251,8 +272,8 @@ def _build_method(data: Any, task_default: str) -> MethodConfig:
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise RecipeError(f"method.peft_type: missing; use one of {sorted(classes)}.")
-    if peft_type not in classes:
-        raise RecipeError(f"method.peft_type: {peft_type!r} is not a known method; use one of {sorted(classes)}.")
+    if not isinstance(peft_type, str) or peft_type not in classes:
+        raise RecipeError(f"method.peft_type: {peft_type!r:.80} is not a known method; use one of {sorted(classes)}.")
     data = dict(data)
     data.setdefault("task_type", task_default)
     return build(classes[peft_type], data, "method", skip=frozenset({"peft_type"}))
@@ -273,10 +294,12 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     quant = data.get("quantization")
     quantization = build(QuantConfig, quant, "quantization") if quant is not None else None
     method = _build_method(data.get("method"), "CAUSAL_LM")
+    distributed = build(DistributedSection, data["distributed"], "distributed") if "distributed" in data else None
     if method.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "
                           "which fine-tunes causal language models; use CAUSAL_LM.")
-    return Recipe(method=method, quantization=quantization, description=description, name=name, **sections)
+    return Recipe(method=method, quantization=quantization, description=description, name=name,
+                  distributed=distributed, **sections)
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -303,8 +326,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise RecipeError(f"override {item!r} is not of the form key.sub=value (e.g. training.max_steps=10).")
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as error:
-            raise RecipeError(f"override {item!r}: the value is not valid YAML ({error}).") from None
+        except (yaml.YAMLError, RecursionError) as error:
+            raise RecipeError(f"override {item!r:.200}: the value is not valid YAML ({error or 'nested too deeply'})."
+                              ) from None
         set_dotted(data, key, value)
     return data
 
@@ -336,6 +360,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"cannot read recipe {path}: {error}.") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {path} is not valid YAML: nested too deeply to read.") from None
     if data is None:
         raise RecipeError(f"recipe {path} is empty; it needs at least `method: {{peft_type: LORA}}`.")
     if not isinstance(data, dict):
@@ -350,10 +376,14 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
     onto slimtune's sections first (:mod:`slimtune.train.ludwig`); overrides apply to the file as written.
     """
     path = find_recipe(name_or_path)
-    data = apply_overrides(read_yaml(path), list(overrides or []))
-    if is_ludwig_config(data):
-        data = ludwig_to_recipe_dict(data)
-    return recipe_from_dict(data, name=path.stem)
+    data = read_yaml(path)
+    try:
+        data = apply_overrides(data, list(overrides or []))
+        if is_ludwig_config(data):
+            data = ludwig_to_recipe_dict(data)
+        return recipe_from_dict(data, name=path.stem)
+    except RecipeError as error:  # the dotted key alone does not say which file: name it first
+        raise RecipeError(f"recipe {path}: {error}") from None
 
 
 def recipe_summary(path: Path) -> tuple[str, str]:

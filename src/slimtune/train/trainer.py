@@ -29,8 +29,17 @@ from typing import Any, TypedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from slimtune.distributed.checkpoint import (
+    load_distributed_checkpoint,
+    read_distributed_state,
+    save_distributed_checkpoint,
+)
+from slimtune.distributed.context import DistContext
+from slimtune.distributed.data import ShardedBatches
+from slimtune.distributed.wrap import gradient_sync, unwrap
 from slimtune.errors import InvalidFileError
 from slimtune.lifecycle import after_optimizer_step, disable_adapters, method_param_groups
 from slimtune.optim import make_optimizer, training_param_groups
@@ -183,33 +192,40 @@ def build_optimizer(model: nn.Module, settings: TrainingSection) -> torch.optim.
 class Trainer:
     """Trains the trainable parameters of ``model`` on ``batches``; see the module docstring."""
 
-    def __init__(self, model: nn.Module, batches: BatchIterator, eval_rows: Sequence[dict[str, list[int]]],
-                 settings: TrainingSection, run_dir: Path, device: torch.device, pad_id: int,
-                 config_snapshot: dict[str, Any] | None = None, show_progress: bool = True,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(self, model: nn.Module, batches: BatchIterator | ShardedBatches,
+                 eval_rows: Sequence[dict[str, list[int]]], settings: TrainingSection, run_dir: Path,
+                 device: torch.device, pad_id: int, config_snapshot: dict[str, Any] | None = None,
+                 show_progress: bool = True, log: Callable[[str], None] = print, dist: DistContext | None = None,
+                 strategy: str = "single") -> None:
+        # Distributed (``dist``): ``model`` is the DDP wrapper or the FSDP2-sharded model (forward and backward
+        # go through it); ``self.inner`` is the model itself (optimizer, evaluation, adapter files).
         self.model, self.batches, self.eval_rows = model, batches, eval_rows
+        self.inner, self.dist, self.strategy = unwrap(model), dist, strategy
+        self.is_main = dist is None or dist.is_main
         self.settings, self.run_dir, self.device, self.pad_id = settings, run_dir, device, pad_id
         self.show_progress, self.log = show_progress, log
         self.autocast = autocast_context(device, settings.mixed_precision)
         self.config_snapshot = config_snapshot or {}
-        per_epoch = math.ceil(len(batches) / settings.gradient_accumulation_steps)
+        per_epoch = len(batches) if isinstance(batches, ShardedBatches) else \
+            math.ceil(len(batches) / settings.gradient_accumulation_steps)
         self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
         warmup = settings.warmup_steps
         if warmup is None:
             warmup = int(settings.warmup_ratio * self.total_steps)
-        self.optimizer = build_optimizer(model, settings)
+        self.optimizer = build_optimizer(self.inner, settings)
         self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
                                         settings.min_lr_ratio)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.chunked = chunked_loss_works(model, settings.loss)
+        self.chunked = dist is None and chunked_loss_works(model, settings.loss)  # wrappers: the model's forward
         self.state = TrainerState()
-        self.metrics = MetricsLog(run_dir, settings.report_to, run_config=self.config_snapshot)
+        self.metrics = MetricsLog(run_dir, settings.report_to if self.is_main else [], run_config=self.config_snapshot)
         self.peak_memory_mb = 0.0  # during training steps in this process
         self._epoch_iter: Iterator | None = None
 
     # ---- data -----------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch, moving on to the next epoch (a new order) when one runs out."""
+        assert isinstance(self.batches, BatchIterator)  # sharded batches come a step at a time (train_step)
         while True:
             if self._epoch_iter is None:
                 self._epoch_iter = iter(self.batches)
@@ -220,23 +236,40 @@ class Trainer:
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> StepMetrics:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics."""
-        micro = [to_device(self._next_batch(), self.device) for _ in range(self.settings.gradient_accumulation_steps)]
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its metrics.
+
+        Distributed: this rank's micro-batches of the step; the label tokens are counted over every rank and
+        micro-batch, and each rank's loss is scaled by the world size (DDP and FSDP average gradients), so the
+        gradient is that of the mean over all label tokens of the step — as one process with the whole batch."""
+        if isinstance(self.batches, ShardedBatches):
+            micro = [to_device(b, self.device) for b in self.batches.next_step()]
+        else:
+            steps = self.settings.gradient_accumulation_steps
+            micro = [to_device(self._next_batch(), self.device) for _ in range(steps)]
         n_labels = sum(label_tokens(b) for b in micro)
+        world = 1
+        if self.dist is not None:
+            n_labels, world = self.dist.sum_int(n_labels), self.dist.world_size
         total = 0.0
-        for batch in micro:
-            loss = loss_sum(self.model, batch, self.autocast, self.chunked) / max(n_labels, 1)
-            loss.backward()
+        for i, batch in enumerate(micro):
+            with gradient_sync(self.model, enabled=i == len(micro) - 1):
+                loss = loss_sum(self.model, batch, self.autocast, self.chunked) / max(n_labels, 1)
+                (loss * world if world > 1 else loss).backward()
             total += float(loss.detach())
+        if self.dist is not None:
+            total = self.dist.sum_float(total)
         grad_norm = None
         if self.settings.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # FSDP: over all shards
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        after_optimizer_step(self.model)
+        after_optimizer_step(self.inner)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        if self.dist is not None:
+            tokens = self.dist.sum_int(tokens)
         return {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
     # ---- checkpoints ------------------------------------------------------------------------------
@@ -244,12 +277,19 @@ class Trainer:
         """Checkpoint at the current step boundary; ``rng`` is the RNG state captured at that boundary."""
         self.state.data = self.batches.state_dict()
         payload = {**vars(self.state), "total_steps": self.total_steps, "config": self.config_snapshot}
+        if self.dist is not None:
+            return save_distributed_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
+                                               self.scheduler, rng, payload, self.settings.keep_checkpoints,
+                                               self.dist, self.strategy)
         return save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, self.scheduler,
                                rng, payload, self.settings.keep_checkpoints)
 
     def resume(self, path: Path) -> None:
         """Continue exactly where checkpoint ``path`` stopped (model, method state, optimizer, schedule, data,
         RNG). Everything is checked before anything changes: a failed resume leaves the model as it was."""
+        if self.dist is not None:
+            self._resume_distributed(path)
+            return
         checkpoint = read_checkpoint(path)
         saved = checkpoint.state
         if saved["total_steps"] != self.total_steps:
@@ -266,18 +306,36 @@ class Trainer:
         set_rng_state(rng)
         self.metrics.truncate_after(self.state.step)
 
+    def _resume_distributed(self, path: Path) -> None:
+        """:meth:`resume` of a checkpoint written with ``torch.distributed.checkpoint`` (at any world size)."""
+        assert self.dist is not None
+        saved = read_distributed_state(path)  # the files and the settings first: a refused resume changes nothing
+        if saved["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint {path} was made for {saved['total_steps']} steps, this run has "
+                             f"{self.total_steps}; resume with the same training settings.")
+        try:
+            self.batches.load_state_dict(saved["data"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise InvalidFileError(path / STATE_FILE, f"data: {error}", "data") from None
+        saved, rng = load_distributed_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dist)
+        for key in ("step", "tokens", "train_seconds", "data", "evals"):
+            setattr(self.state, key, saved[key])
+        set_rng_state(rng)
+        if self.is_main:
+            self.metrics.truncate_after(self.state.step)
+
     # ---- the loop ---------------------------------------------------------------------------------
     def evaluate(self) -> float:
         """Evaluate the model as it is now (adapters on) and record the loss at the current step."""
-        loss = evaluate_loss(self.model, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
+        loss = evaluate_loss(self.inner, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
                              self.settings.mixed_precision, self.settings.loss)
         self._record_eval(loss)
         return loss
 
     def evaluate_base(self) -> float:
         """Evaluate the base model alone (adapters disabled): the "before" of a fresh run, at step 0."""
-        with disable_adapters(self.model):
-            loss = evaluate_loss(self.model, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
+        with disable_adapters(self.inner):
+            loss = evaluate_loss(self.inner, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
                                  self.settings.mixed_precision, self.settings.loss)
         self._record_eval(loss)
         return loss
@@ -288,7 +346,11 @@ class Trainer:
 
     def _record_eval(self, loss: float) -> None:
         self.state.evals.append({"step": self.state.step, "eval_loss": loss})
-        self.metrics.write({"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        self._write_row({"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        if self.is_main:  # rank 0 writes the run's logs
+            self.metrics.write(row)
 
     def train(self) -> bool:
         """Run until ``total_steps``; return False if stopped early by Ctrl-C (a checkpoint is saved)."""
@@ -297,11 +359,11 @@ class Trainer:
         reset_peak_memory(self.device)
         window_tokens, window_start = 0, time.perf_counter()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", unit="step",
-                   disable=not self.show_progress, dynamic_ncols=True)
+                   disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
         with StopRequest(bar.write if self.show_progress else self.log) as stop, bar:
             while self.state.step < self.total_steps:
                 boundary_rng = rng_state()  # what a checkpoint at this boundary must restore
-                if stop.requested:
+                if stop.requested if self.dist is None else self.dist.any(stop.requested):  # ranks stop together
                     saved = latest_checkpoint(self.run_dir)  # a periodic one may be this very step
                     path = saved if saved and saved.name == f"step-{self.state.step:06d}" else self.save(boundary_rng)
                     self.log(f"interrupted at step {self.state.step}/{self.total_steps}; checkpoint: {path}")
@@ -321,8 +383,8 @@ class Trainer:
                 bar.update(1)
                 step = self.state.step
                 if step % settings.log_every == 0 or step == self.total_steps:
-                    self.metrics.write({"step": step, **row, "tokens_per_s": rate, "peak_mem_mb": memory,
-                                        "epoch": self.batches.epoch, "train_seconds": self.state.train_seconds})
+                    self._write_row({"step": step, **row, "tokens_per_s": rate, "peak_mem_mb": memory,
+                                     "epoch": self.batches.epoch, "train_seconds": self.state.train_seconds})
                     window_tokens, window_start = 0, time.perf_counter()
                 if settings.eval_every and step % settings.eval_every == 0 and step < self.total_steps:
                     bar.write(f"step {step}: eval loss {self.evaluate():.4f}")

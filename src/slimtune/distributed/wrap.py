@@ -1,0 +1,150 @@
+"""Data parallel (DDP) or sharded (FSDP2 ``fully_shard``) training of a model with an adapter.
+
+- ``ddp``: every rank holds the whole model; the trainable (adapter) gradients are all-reduced.
+- ``fsdp``: every parameter is a DTensor sharded along dim 0 over the ranks; each decoder block is one
+  FSDP unit (its base weights and its adapter weights are all-gathered together before its forward and
+  freed after), the model itself the root unit. ``cpu_offload`` keeps the shards in CPU memory (GPU runs).
+- ``auto``: fsdp when the model's weights, at their stored precision, exceed ``fsdp_fraction`` of one
+  device's memory (a GPU's, or this host's RAM shared by its ranks), ddp otherwise.
+
+Both reduce gradients as a mean over the ranks; the trainer scales each rank's loss by the world size and
+divides by the label tokens of all ranks, so the result is the gradient of the global token mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from slimtune.distributed.context import DistContext
+from slimtune.quant.linear import QuantizedLinear
+from slimtune.quant.sharded_nf4 import make_model_shardable
+
+__all__ = ["STRATEGIES", "choose_strategy", "wrap_model", "unwrap", "gradient_sync", "full_trainable_parameters",
+           "is_sharded", "held_bytes"]
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (a 4-bit base counts its packed bytes)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def device_memory(device: torch.device) -> int:
+    """Memory one rank may count on: its GPU's, or this host's RAM divided among the host's ranks."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(ranks_here, 1)
+
+
+def choose_strategy(requested: str, model: nn.Module, device: torch.device, fsdp_fraction: float) -> str:
+    """``requested`` unless it is ``auto`` (see the module docstring)."""
+    if requested not in STRATEGIES:
+        raise ValueError(f"distributed.strategy={requested!r} is not a strategy; use one of {list(STRATEGIES)}.")
+    if requested != "auto":
+        return requested
+    return "fsdp" if model_bytes(model) > fsdp_fraction * device_memory(device) else "ddp"
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks: the children of the largest ``nn.ModuleList`` (by parameter count)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    biggest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return list(biggest)
+
+
+def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, cpu_offload: bool = False) -> nn.Module:
+    """The model to train with: ``model`` inside DDP, or ``model`` itself sharded in place by FSDP2."""
+    if strategy == "ddp":
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # buffers are the frozen base (4-bit weights, rotary tables): identical on every rank, never re-sent
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    if strategy != "fsdp":
+        raise ValueError(f"strategy={strategy!r}: wrap_model takes 'ddp' or 'fsdp' (resolve 'auto' first).")
+    make_model_shardable(model)  # 4-bit bases: packed codes and scales as block-aligned rows FSDP2 shards
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    offload = CPUOffloadPolicy() if cpu_offload and ctx.device.type == "cuda" else OffloadPolicy()
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, offload_policy=offload)
+    fully_shard(model, mesh=mesh, offload_policy=offload)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model whose parameters the optimizer, the adapter files and the evaluation use."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def held_bytes(model: nn.Module, quantized_only: bool = False) -> tuple[int, int]:
+    """(bytes this rank holds, bytes of the whole model): parameters (their local shards) and buffers; with
+    ``quantized_only``, the quantized layers' packed weights and block scales (what grows with the model; their
+    code books and double-quant statistics are small and replicated)."""
+    if quantized_only:
+        layers = [m for m in unwrap(model).modules() if isinstance(m, QuantizedLinear)]
+        tensors = {id(t): t for m in layers for t in (m.weight, getattr(m, "absmax", m.weight))}
+    else:
+        tensors = {id(t): t for t in list(unwrap(model).parameters()) + list(unwrap(model).buffers())}
+    mine = whole = 0
+    for t in tensors.values():
+        size = t.numel() * t.element_size()
+        whole += size
+        mine += t.to_local().numel() * t.element_size() if isinstance(t, DTensor) else size
+    return mine, whole
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients across ranks in this backward only if ``enabled`` (the last micro-batch of a step)."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+@contextlib.contextmanager
+def full_trainable_parameters(model: nn.Module, ctx: DistContext) -> Iterator[None]:
+    """Within the block, rank 0's trainable parameters are whole tensors (for the adapter files), not shards.
+
+    Collective: every rank must enter it. Only the trainable parameters are gathered (to rank 0's CPU), never
+    the frozen base, so saving an adapter costs the adapter's memory. Without sharding it changes nothing.
+    """
+    model = unwrap(model)
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        yield
+        return
+    full = {name: p.full_tensor().cpu() for name, p in model.named_parameters()  # the same order on every rank
+            if p.requires_grad and isinstance(p, DTensor)}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        if ctx.is_main:
+            for name, value in full.items():
+                owner_name, _, attr = name.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                old = owner._parameters[attr]
+                assert old is not None  # a trainable parameter by construction
+                owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+                swapped.append((owner, attr, old))
+        yield
+    finally:
+        for owner, attr, old in swapped:
+            owner._parameters[attr] = old

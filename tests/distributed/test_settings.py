@@ -1,0 +1,49 @@
+"""The `distributed` recipe section, the strategy `auto` picks, and the torchrun command `--nproc-per-node` runs."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune.distributed.launch import torchrun_command
+from slimtune.distributed.wrap import choose_strategy, model_bytes
+from slimtune.train.recipe import RecipeError, recipe_from_dict
+
+
+def _recipe(**distributed):
+    return recipe_from_dict({"method": {"peft_type": "LORA"}, "distributed": distributed})
+
+
+def test_the_section_is_checked_and_round_trips():
+    recipe = _recipe(strategy="fsdp", cpu_offload=True, timeout_s=30)
+    assert recipe.distributed is not None and recipe.distributed.strategy == "fsdp" and recipe.distributed.cpu_offload
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+    assert recipe_from_dict({"method": {"peft_type": "LORA"}}).distributed is None  # one process
+    assert "distributed" not in recipe_from_dict({"method": {"peft_type": "LORA"}}).to_dict()
+    with pytest.raises(RecipeError, match=r"distributed.strategy: expected one of 'auto', 'ddp', 'fsdp'"):
+        _recipe(strategy="zero3")
+    with pytest.raises(RecipeError, match=r"distributed.fsdp_fraction: .* must be in \(0, 1\]"):
+        _recipe(fsdp_fraction=0.0)
+    with pytest.raises(RecipeError, match="distributed.timeout: unknown key. Did you mean 'timeout_s'"):
+        _recipe(timeout=5)
+
+
+def test_auto_shards_a_base_that_is_large_for_one_device():
+    model = nn.Linear(64, 64)
+    assert model_bytes(model) == (64 * 64 + 64) * 4
+    cpu = torch.device("cpu")
+    assert choose_strategy("auto", model, cpu, fsdp_fraction=1e-12) == "fsdp"
+    assert choose_strategy("auto", model, cpu, fsdp_fraction=1.0) == "ddp"
+    assert choose_strategy("ddp", model, cpu, fsdp_fraction=1e-12) == "ddp"
+
+
+def test_nproc_per_node_starts_torchrun_with_the_same_train_command():
+    command = torchrun_command(4, ["my.yaml", "training.max_steps=3", "--resume"])
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=4" in command and "--standalone" in command
+    assert command[-6:] == ["-m", "slimtune", "train", "my.yaml", "training.max_steps=3", "--resume"]
+    with pytest.raises(ValueError, match="positive number"):
+        torchrun_command(0, [])
