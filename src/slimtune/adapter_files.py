@@ -15,7 +15,10 @@ An adapter folder comes from others, so loading one is a trust boundary:
   bottleneck's ``init_from``): the weights come from the file;
 - the file may hold only the tensors the config's own adapter has, with their shapes and a floating-point
   dtype: it cannot add modules or parameters, nor write into base weights the config did not declare;
-- the adapter name must be a plain name (no ``.``, ``/``, ``..``), as it becomes module keys and folders.
+- the adapter name must be a plain name (no ``.``, ``/``, ``..``), as it becomes module keys and folders; so
+  must the names a config lists (AdapterFusion's ``adapter_names``), and the folders it reads them from
+  (``adapter_paths``) must lie inside the adapter's own folder (relative, no ``..``, no symbolic links) unless
+  the caller passes ``allow_outside_paths=True``.
 
 Any problem is an :class:`~slimtune.errors.InvalidFileError` naming the file and the key, and leaves the
 model exactly as it was.
@@ -37,7 +40,7 @@ from safetensors.torch import save
 from torch import nn
 
 from slimtune.config import MethodConfig
-from slimtune.core.files import atomic_folder, check_name, recover_folder, write_file, writer_in_progress
+from slimtune.core.files import atomic_folder, check_name, inside, recover_folder, write_file, writer_in_progress
 from slimtune.core.state import find_state, get_state
 from slimtune.core.tensor_files import SafetensorsReader
 from slimtune.errors import InvalidFileError, SaveError
@@ -56,6 +59,10 @@ INIT_ONLY = {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "t
 SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
                "encoder_hidden_size", "encoder_num_layers")
 RANK_FIELDS = ("r", "rank_pattern")  # ranks also appear as a tensor dimension in the file
+# Fields naming other adapters (they become adapter names, module keys and folders) and folders to read them from
+# (AdapterFusion's): names must be plain, folders must lie inside the adapter's own folder.
+NAME_FIELDS = ("adapter_names",)
+PATH_FIELDS = ("adapter_paths",)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -96,9 +103,15 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
 
 def adapter_file_contents(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:
     """The files of an adapter folder: name → content."""
-    get_state(model).check_known([adapter_name])
+    state = get_state(model)
+    state.check_known([adapter_name])
     config = json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True) + "\n"
-    return {WEIGHTS_NAME: serialize_adapter(model, adapter_name), CONFIG_NAME: config.encode()}
+    files = {WEIGHTS_NAME: serialize_adapter(model, adapter_name), CONFIG_NAME: config.encode()}
+    method_config = state.configs[adapter_name]
+    for name, folder in method_for(method_config).bundled_adapters(method_config).items():
+        for file, data in adapter_file_contents(model, name).items():
+            files[f"{folder}/{file}"] = data  # e.g. fused/<name>/adapter_config.json
+    return files
 
 
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME, "README.md"}
@@ -113,12 +126,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save the adapter to {folder}: it is a file; pass a folder path.")
+    contents = adapter_file_contents(model, adapter_name)
     if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ADAPTER_FILES)
+        ours = ADAPTER_FILES | {name.split("/")[0] for name in contents}
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
         if foreign:
             raise ValueError(f"cannot save the adapter to {folder}: the folder holds other files ({foreign[:3]}), "
                              "which replacing it would delete; save into an empty or new folder.")
-    contents = adapter_file_contents(model, adapter_name)
     try:
         with atomic_folder(folder) as tmp:
             for name, data in contents.items():
@@ -218,7 +232,15 @@ def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) ->
                 pickle_file, "refusing to load a pickle file: unpickling can run arbitrary code. Re-save the adapter "
                 "as safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True if "
                 "you trust its source.")
-        return torch.load(pickle_file, map_location="cpu", weights_only=True)
+        try:  # even when allowed, only tensors and containers: torch's restricted unpickler runs no code
+            tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - the unpickler raises many types for a hostile or damaged file
+            raise InvalidFileError(pickle_file, f"refused by torch's weights-only loader ({type(error).__name__}: "
+                                                f"{str(error).splitlines()[0] if str(error) else ''}).") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in tensors.items()):
+            raise InvalidFileError(pickle_file, "does not hold a mapping of tensor names to tensors.")
+        return tensors
     try:
         with SafetensorsReader(weights) as reader:
             return reader.tensors()
@@ -248,6 +270,25 @@ def _check_sizes(config: MethodConfig, tensors: dict[str, torch.Tensor], config_
                                                 f"({values} values, largest dimension {widest}).", field.name)
 
 
+def _confined(config: MethodConfig, folder: Path, config_file: Path, outside: bool = False) -> MethodConfig:
+    """``config`` with the names it lists checked and the folders it names resolved inside ``folder`` (a name
+    or folder that would reach elsewhere is an :class:`InvalidFileError`; ``outside``: folders anywhere)."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        try:
+            if field.name in NAME_FIELDS:
+                for name in value:
+                    if "." in check_name(name, f"{field.name} entry"):
+                        raise ValueError(f"{field.name} entry {name!r} contains '.', which cannot name a module.")
+            elif field.name in PATH_FIELDS and value:  # relative to the adapter's folder
+                changes[field.name] = {key: str(folder / rel if outside else inside(folder, rel))
+                                       for key, rel in value.items()}
+        except ValueError as error:
+            raise InvalidFileError(config_file, f"{field.name}: {error}", field.name) from None
+    return config.replace(**changes) if changes else config
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -255,8 +296,12 @@ def load_adapter(
     is_trainable: bool = False,
     allow_pickle: bool = False,
     activate: bool = True,
+    allow_outside_paths: bool = False,
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by slimtune or HF PEFT) to ``model`` in place.
+
+    Folders the config names (AdapterFusion's ``adapter_paths``) must lie inside ``path`` unless
+    ``allow_outside_paths`` (for a folder you trust: a config could otherwise make slimtune read anywhere).
 
     On any mismatch (missing keys, unexpected keys, wrong shapes or dtypes, sizes the file cannot hold) the
     model is left as it was. The adapter is frozen unless ``is_trainable``.
@@ -271,7 +316,7 @@ def load_adapter(
     config_file = Path(path) / CONFIG_NAME
     resets = {f.name: INIT_ONLY[f.name] for f in dataclasses.fields(config)
               if f.name in INIT_ONLY and getattr(config, f.name) != INIT_ONLY[f.name]}
-    config = config.replace(**resets) if resets else config
+    config = _confined(config.replace(**resets) if resets else config, Path(path), config_file, allow_outside_paths)
     tensors = read_adapter_tensors(path, allow_pickle)
     _check_sizes(config, tensors, config_file)
     try:

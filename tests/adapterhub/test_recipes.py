@@ -4,10 +4,13 @@ and a bottleneck adapter that starts from an AdapterHub folder (``init_from``)."
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "train"))  # the tiny model and recipe helpers live there
@@ -44,9 +47,22 @@ def test_fusion_trains_over_two_adapters_from_earlier_runs(tmp_path, capsys):
     assert "trainable params" in capsys.readouterr().out
     saved = tmp_path / "fusion" / "run" / "adapter"
     config = json.loads((saved / "adapter_config.json").read_text())
-    assert config["peft_type"] == "ADAPTER_FUSION" and config["adapter_paths"] == paths
+    # the fused adapters travel inside the fusion's folder, which names nothing outside itself
+    assert config["peft_type"] == "ADAPTER_FUSION" and config["adapter_paths"] == {"a": "fused/a", "b": "fused/b"}
     assert {k.split(".adapter_fusion_layer.")[-1] for k in load_file(saved / "adapter_model.safetensors")} == \
         {"query.weight", "query.bias", "key.weight", "key.bias", "value.weight"}  # only the fusion layers
+    for name in ("a", "b"):
+        assert load_file(saved / "fused" / name / "adapter_model.safetensors").keys() == \
+            load_file(Path(paths[name]) / "adapter_model.safetensors").keys()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    loaded = slimtune.load_adapter(copy.deepcopy(model), saved)
+    for name in ("a", "b"):
+        shutil.rmtree(paths[name])  # the earlier runs are gone: the fusion still loads, to the same outputs
+    again = slimtune.load_adapter(model, saved)
+    assert slimtune.list_adapters(again) == ["a", "b", "default"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)
 
 
 def test_a_recipe_can_start_from_an_adapterhub_folder(tmp_path):

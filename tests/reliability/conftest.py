@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "train"))
 
@@ -23,3 +24,12 @@ def isolated_cache(tmp_path_factory):
         del os.environ["SLIMTUNE_CACHE"]
     else:
         os.environ["SLIMTUNE_CACHE"] = old
+
+
+# Fuzzing profiles (tests/reliability/test_fuzz.py): `make test` runs a fixed, derandomized set of examples per
+# input kind; SLIMTUNE_FUZZ=long runs many more, randomized (SLIMTUNE_FUZZ_EXAMPLES sets how many per kind).
+settings.register_profile("slimtune-default", derandomize=True, max_examples=60, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("slimtune-long", max_examples=int(os.environ.get("SLIMTUNE_FUZZ_EXAMPLES", "2000")),
+                          deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

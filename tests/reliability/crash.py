@@ -14,6 +14,7 @@ attempt costs the training, not the imports) that runs the command line's own en
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -146,3 +147,11 @@ def timed(tally: Tally, *args, **kwargs) -> Attempt:
     tally.seconds += time.perf_counter() - start
     tally.attempts += 1
     return result
+
+
+def report(summary: dict) -> None:
+    """Append ``summary`` as a JSON line to ``$SLIMTUNE_RELIABILITY_REPORT`` (the README's figures), if set."""
+    target = os.environ.get("SLIMTUNE_RELIABILITY_REPORT")
+    if target:
+        with open(target, "a") as fh:
+            fh.write(json.dumps(summary) + "\n")

@@ -1,7 +1,7 @@
 """kill -9 at any instant, then resume: the run always goes on (or says clearly why it cannot), and its final
 adapter equals an uninterrupted run's bit for bit.
 
-Two tiny runs (6 steps, a checkpoint every 2, the last 2 kept): QLoRA (NF4 base, LoRA with dropout plus a
+Two tiny runs (4 steps, a checkpoint after each, the last 2 kept): QLoRA (NF4 base, LoRA with dropout plus a
 trained copy of lm_head, 8-bit AdamW) and Delta-LoRA (a float base it moves in place, paged AdamW). Each
 trial starts a fresh run folder and kills it one to three times at seeded instants (see crash.py: at a
 random time, or just before a random write call, which lands in checkpoint writes, the final adapter
@@ -20,7 +20,7 @@ import json
 import os
 import random
 
-from crash import Tally, timed
+from crash import Tally, report, timed
 from run_helpers import tiny_model_dir, tiny_recipe, write_recipe
 
 KILLS = int(os.environ.get("SLIMTUNE_KILLS", "20"))
@@ -41,7 +41,7 @@ RUNS = {
 def recipe_file(tmp_path, kind: str, run_dir):
     spec = RUNS[kind]
     recipe = tiny_recipe(tmp_path, quantized="quantization" not in spec,
-                         training={"max_steps": 6, "save_every": 2, "keep_checkpoints": 2, "eval_batch_size": 8,
+                         training={"max_steps": 4, "save_every": 1, "keep_checkpoints": 2, "eval_batch_size": 8,
                                    **spec["training"]},
                          demo={"enabled": False}, output={"dir": str(run_dir), "plot": False})
     recipe["method"] = spec["method"]
@@ -119,7 +119,5 @@ def test_sigkill_at_random_instants_then_resume_gives_the_identical_adapter(tmp_
                "refusals": tally.refusals, "runs_compared": tally.runs_compared, "identical": tally.identical,
                "attempts": tally.attempts, "child_seconds": round(tally.seconds, 1)}
     print(json.dumps(summary))
-    if os.environ.get("SLIMTUNE_RELIABILITY_REPORT"):
-        with open(os.environ["SLIMTUNE_RELIABILITY_REPORT"], "a") as fh:
-            fh.write(json.dumps(summary) + "\n")
+    report(summary)
 

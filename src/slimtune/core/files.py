@@ -74,7 +74,10 @@ def fsync_folder(folder: Path) -> None:
 
 def write_file(path: str | os.PathLike, data: bytes) -> None:
     """Create ``path`` holding ``data``, written in chunks and fsynced (inside a temporary folder or file of
-    the protocol above; on its own it is not atomic)."""
+    the protocol above; on its own it is not atomic). Missing parent folders are made (inside that temporary
+    folder: an adapter's bundled adapters, a checkpoint's adapter)."""
+    if not Path(path).parent.is_dir():
+        Path(path).parent.mkdir(parents=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)

@@ -73,6 +73,11 @@ class Method:
         """What ``adapter_config.json`` holds for ``config`` (variants PEFT knows as another type change it)."""
         return config.to_dict()
 
+    def bundled_adapters(self, config: MethodConfig) -> dict[str, str]:
+        """Other adapters saved inside this one's folder: name → folder relative to it (AdapterFusion's fused
+        adapters), so that the folder is complete on its own and never points outside itself."""
+        return {}
+
     # ---- training ---------------------------------------------------------------------------------
     def param_groups(self, model: nn.Module, config: MethodConfig, lr: float) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups the method needs (None: the trainer's defaults)."""

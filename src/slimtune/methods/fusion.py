@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +33,8 @@ from slimtune.core.modules import replace_module
 from slimtune.core.state import AdapterState, find_state
 from slimtune.methods.bottleneck import BottleneckConfig, BottleneckMethod
 from slimtune.methods.contract import Method, tuner_layers
+
+BUNDLE_FOLDER = "fused"  # inside a saved fusion's folder: the adapters it loaded from adapter_paths
 
 
 @dataclass
@@ -171,8 +172,14 @@ class FusionMethod(Method):
             state.active = [a for a in state.active if a != name]
         detach_stale(model, state)
 
+    def bundled_adapters(self, config: MethodConfig) -> dict[str, str]:
+        """The adapters this fusion loaded from ``adapter_paths`` are saved inside its folder, under
+        ``fused/<name>/``: the saved fusion is complete on its own, and loading it reads nothing outside it."""
+        assert isinstance(config, AdapterFusionConfig)
+        return {name: f"{BUNDLE_FOLDER}/{name}" for name in config.adapter_paths}
+
     def saved_config(self, config: MethodConfig) -> dict[str, Any]:
-        """``adapter_paths`` as absolute paths, so the saved fusion loads from any working directory."""
+        """``adapter_paths`` point at the bundled copies (relative to the saved folder)."""
         data = config.to_dict()
-        data["adapter_paths"] = {k: str(Path(v).resolve()) for k, v in data["adapter_paths"].items()}
+        data["adapter_paths"] = self.bundled_adapters(config)
         return data

@@ -21,6 +21,7 @@ crash at any instant leaves complete checkpoints only (plus leftovers that the n
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -172,11 +173,17 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
                 write_file(tmp / name, data)
     except OSError as error:
         latest = latest_checkpoint(run_dir)
-        done = f"the latest complete checkpoint is {latest.name}" if latest else "no checkpoint was completed yet"
-        raise SaveError(error.errno or 0, f"checkpoint at step {step}: {error.strerror or error} ({done}; "
-                                          "free space or fix the folder, then resume with --resume).") from error
+        done = f"The latest complete checkpoint is {latest.name}: once fixed, resume from it with --resume." \
+            if latest else "No checkpoint was completed yet: once fixed, start again with output.overwrite=true."
+        what = error.strerror if isinstance(error, SaveError) else f"cannot write {final}: {error.strerror or error}."
+        raise SaveError(error.errno or 0, f"checkpoint at step {step}: {what} {done}") from error
     for old in list_checkpoints(run_dir)[:-keep]:
-        remove_folder(old)
+        try:
+            remove_folder(old)
+        except OSError as error:
+            raise SaveError(error.errno or 0, f"checkpoint at step {step} is complete ({final.name}), but deleting the "
+                                              f"older {old.name} failed: {error.strerror or error}; fix the folder, "
+                                              "then resume with --resume.") from error
     return final
 
 
@@ -314,17 +321,23 @@ class Checkpoint:
         live_method = method_tensors(model)
         self._check(live_method, self.method, "method state")
         self._check_optimizer(optimizer)
-        scheduler_state = self.state["scheduler"]
+        file, scheduler_state = self.path / STATE_FILE, self.state["scheduler"]
         if set(scheduler_state) != set(scheduler.state_dict()):
-            raise InvalidFileError(self.path / STATE_FILE, f"scheduler has keys {sorted(scheduler_state)}, this run's "
-                                                           f"scheduler {sorted(scheduler.state_dict())}.", "scheduler")
+            raise InvalidFileError(file, f"scheduler has keys {sorted(scheduler_state)}, this run's scheduler "
+                                         f"{sorted(scheduler.state_dict())}.", "scheduler")
+        _check_kinds(file, scheduler_state, scheduler.state_dict(), "scheduler")
+        for i, (group, mine) in enumerate(zip(self.state["optimizer"]["param_groups"], optimizer.param_groups)):
+            _check_kinds(file, {k: v for k, v in group.items() if k != "params"},
+                         {k: v for k, v in mine.items() if k != "params"}, f"optimizer.param_groups[{i}]")
         self._check_rng()
+        before = copy.deepcopy((optimizer.state_dict(), scheduler.state_dict()))
         try:
             optimizer.load_state_dict(self.state["optimizer"])
             scheduler.load_state_dict(scheduler_state)
-        except (ValueError, TypeError, KeyError) as error:
-            raise InvalidFileError(self.path / STATE_FILE, f"optimizer/scheduler state does not load ({error}).",
-                                   "optimizer") from None
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+            optimizer.load_state_dict(before[0])  # as they were: a failed resume changes nothing
+            scheduler.load_state_dict(before[1])
+            raise InvalidFileError(file, f"optimizer/scheduler state does not load ({error}).", "optimizer") from None
         params = trainable_tensors(model)
         with torch.no_grad():
             for name, value in self.model.items():
@@ -332,6 +345,35 @@ class Checkpoint:
             for name, value in self.method.items():
                 live_method[name].copy_(value)
         return self.state["rng"]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return type(value).__name__
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, torch.Tensor):
+        return f"tensor {value.dtype}"
+    return "sequence" if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def _check_kinds(file: Path, saved: Any, live: Any, where: str) -> None:
+    """``saved`` has the structure of ``live`` (keys, lengths, and leaves of the same kind): settings that would
+    load and then fail at the next step (a learning rate that is a string) are refused before anything changes."""
+    if isinstance(live, dict) and isinstance(saved, dict):
+        if set(saved) != set(live):
+            raise InvalidFileError(file, f"{where} has keys {sorted(map(str, saved))}, this run's "
+                                         f"{sorted(map(str, live))}.", where)
+        for key, value in live.items():
+            _check_kinds(file, saved[key], value, f"{where}.{key}")
+    elif isinstance(live, (list, tuple)) and isinstance(saved, (list, tuple)):
+        if len(saved) != len(live):
+            raise InvalidFileError(file, f"{where} has {len(saved)} entries, this run's {len(live)}.", where)
+        for i, (a, b) in enumerate(zip(saved, live)):
+            _check_kinds(file, a, b, f"{where}[{i}]")
+    elif _kind(saved) != _kind(live) and not callable(live):
+        raise InvalidFileError(file, f"{where}={saved!r:.60} is a {_kind(saved)}, this run's is a {_kind(live)}.",
+                               where)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

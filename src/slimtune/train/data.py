@@ -27,30 +27,25 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
+import io
 import json
 import os
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from slimtune.core.optional import OptionalModule
+from slimtune.errors import DataError
 from slimtune.train.pycode import VALIDATION_FRACTION, alpaca_row, build_pycode
 
-try:  # optional: Hugging Face datasets (save_to_disk folders, hub ids)
-    import datasets
-except ImportError:
-    datasets = None
+# optional: Hugging Face datasets (save_to_disk folders, hub ids)
+datasets: OptionalModule | Any = OptionalModule("datasets", "pip install datasets")
 
-pyarrow_parquet: ModuleType | None
-pyarrow_ipc: ModuleType | None
-try:  # optional: pyarrow (a dependency of datasets) reads .parquet and .arrow files
-    pyarrow_parquet = importlib.import_module("pyarrow.parquet")
-    pyarrow_ipc = importlib.import_module("pyarrow.ipc")
-except ImportError:
-    pyarrow_parquet = pyarrow_ipc = None
+# Optional and heavy (pyarrow + pandas: ~100 MB resident): imported only when a run reads such data.
+pyarrow_parquet: OptionalModule | None = OptionalModule("pyarrow.parquet", "pip install datasets (or pyarrow)")
+pyarrow_ipc: OptionalModule | None = OptionalModule("pyarrow.ipc", "pip install datasets (or pyarrow)")
 
 BUILTIN_DATASETS = ("pycode", "pycode-alpaca")
 SPLITS = ("train", "validation", "all")
@@ -67,26 +62,26 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 def _text(row: Mapping[str, Any], key: str, where: str) -> str:
     value = row[key]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}.")
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}.")
     return value
 
 
 def _from_messages(messages: Any, where: str) -> dict[str, Any]:
     if not isinstance(messages, list) or len(messages) < 2:
-        raise ValueError(f"{where}: 'messages' must be a list of at least a user and an assistant turn.")
+        raise DataError(f"{where}: 'messages' must be a list of at least a user and an assistant turn.")
     turns = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {msg!r:.80}.")
+            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {msg!r:.80}.")
         if msg["role"] not in ("system", "user", "assistant"):
-            raise ValueError(f"{where}: messages[{i}] has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
+            raise DataError(f"{where}: messages[{i}] has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
         turns.append({"role": msg["role"], "content": _text(msg, "content", f"{where}: messages[{i}]")})
     example: dict[str, Any] = {}
     if turns[0]["role"] == "system":
         example["system"] = turns.pop(0)["content"]
     if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
         roles = [m["role"] for m in messages]
-        raise ValueError(f"{where}: messages must end with a user turn then an assistant turn; roles are {roles}.")
+        raise DataError(f"{where}: messages must end with a user turn then an assistant turn; roles are {roles}.")
     example["prompt"], example["response"] = turns[-2]["content"], turns[-1]["content"]
     if len(turns) > 2:
         example["history"] = turns[:-2]
@@ -96,29 +91,29 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
 def _from_sharegpt(conversation: Any, where: str) -> dict[str, Any]:
     """A ShareGPT conversation as a chat example whose every assistant turn is trained."""
     if not isinstance(conversation, list) or not conversation:
-        raise ValueError(f"{where}: 'conversations' must be a list of turns with 'from' and 'value'.")
+        raise DataError(f"{where}: 'conversations' must be a list of turns with 'from' and 'value'.")
     messages = []
     for i, turn in enumerate(conversation):
         keys = ("from", "value") if isinstance(turn, Mapping) and "from" in turn else ("role", "content")
         if not isinstance(turn, Mapping) or keys[0] not in turn or keys[1] not in turn:
-            raise ValueError(f"{where}: conversations[{i}] must be an object with 'from' and 'value' (or 'role' "
+            raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value' (or 'role' "
                              f"and 'content'), got {turn!r:.80}.")
         role = SHAREGPT_ROLES.get(str(turn[keys[0]]).lower())
         if role is None:
-            raise ValueError(f"{where}: conversations[{i}] is from {turn[keys[0]]!r}; use one of "
+            raise DataError(f"{where}: conversations[{i}] is from {turn[keys[0]]!r}; use one of "
                              f"{sorted(SHAREGPT_ROLES)}.")
         messages.append({"role": role, "content": _text(turn, keys[1], f"{where}: conversations[{i}]")})
     while messages and messages[-1]["role"] != "assistant":  # nothing to learn after the last answer
         messages.pop()
     if not messages:
-        raise ValueError(f"{where}: the conversation has no 'gpt' (assistant) turn to learn.")
+        raise DataError(f"{where}: the conversation has no 'gpt' (assistant) turn to learn.")
     return {**_from_messages(messages, where), "train_all_turns": True}
 
 
 def normalize_example(row: Any, where: str) -> dict[str, Any]:
     """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
     if not isinstance(row, Mapping):
-        raise ValueError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
+        raise DataError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
     if row.get("messages") is not None:  # None: a column other rows fill (Parquet, Arrow, HF datasets)
         example = _from_messages(row["messages"], where)
     elif row.get("conversations") is not None:
@@ -129,7 +124,7 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
         prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
         response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
         if prompt_key is None or response_key is None:
-            raise ValueError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
+            raise DataError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
         prompt = _text(row, prompt_key, where)
         extra = row.get("input") if prompt_key != "input" else None
         if extra is not None and _text(row, "input", where).strip():
@@ -138,28 +133,43 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
         if row.get("system") is not None:
             example["system"] = _text(row, "system", where)
     if not example["response"].strip():
-        raise ValueError(f"{where}: the response is empty; every example needs text to learn.")
+        raise DataError(f"{where}: the response is empty; every example needs text to learn.")
     return example
 
 
+def _read_text(path: Path) -> str:
+    """The file's text (UTF-8, a leading BOM dropped); bytes that are not UTF-8 are a :class:`DataError` naming
+    the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}: line {line}: byte 0x{data[error.start]:02x} (at offset {error.start}) is not "
+                        "valid UTF-8; save the file as UTF-8.") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}: line {number}", json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg} at column "
-                                 f"{error.colno}).") from None
+    for number, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}: line {number}", json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number}: not valid JSON ({error.msg} at column "
+                            f"{error.colno}).") from None
+        except RecursionError:
+            raise DataError(f"{path}: line {number}: JSON nested too deeply to read.") from None
 
 
 def _read_json(path: Path, split: str) -> tuple[Iterator[tuple[str, Any]], bool]:
     """Rows of a JSON file; the flag says whether the file itself named the split (no hash split then)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}).") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read.") from None
     named_split = False
     if isinstance(data, Mapping):
         if isinstance(data.get(split), list):
@@ -169,29 +179,44 @@ def _read_json(path: Path, split: str) -> tuple[Iterator[tuple[str, Any]], bool]
         elif split == "all" and data and all(isinstance(v, list) for v in data.values()):
             data, named_split = [row for part in data.values() for row in part], True  # every named split
         else:
-            raise ValueError(
+            raise DataError(
                 f"{path}: expected a JSON list of rows, or an object with a {split!r} list or a 'data' list; "
                 f"found an object with keys {sorted(data)[:20]}."
             )
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
     return ((f"{path}: item {i}", row) for i, row in enumerate(data, start=1)), named_split
 
 
+CSV_FIELD_LIMIT = 1 << 30  # characters per cell (the csv module's default, 131072, refuses long examples)
+
+
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        start = 2  # line of the first record, after the header
-        for row in reader:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    rows, start = [], 2  # line of the first record, after the header
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
+    try:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                raise DataError(f"{path}: line {reader.line_num}: not readable as "
+                                f"{'CSV' if delimiter == ',' else 'TSV'} ({error}).") from None
             # Keep only named columns: a ragged row puts its extra cells under the key None.
-            yield f"{path}: line {start}", {k: v for k, v in row.items() if k is not None}
+            rows.append((f"{path}: line {start}", {k: v for k, v in row.items() if k is not None}))
             start = reader.line_num + 1
+    finally:
+        csv.field_size_limit(limit)
+    return iter(rows)
 
 
 def _read_arrow_table(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
     """Rows of a Parquet or Arrow file (pyarrow, installed with ``datasets``)."""
-    if pyarrow_parquet is None or pyarrow_ipc is None:
-        raise ValueError(f"{path}: reading .{fmt} files needs pyarrow: `pip install datasets` (or pyarrow).")
+    if not pyarrow_parquet or not pyarrow_ipc:
+        raise DataError(f"{path}: reading .{fmt} files needs pyarrow: `pip install datasets` (or pyarrow).")
     try:
         if fmt == "parquet":
             table = pyarrow_parquet.read_table(path)
@@ -201,7 +226,7 @@ def _read_arrow_table(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
             except Exception:  # noqa: BLE001 - ... or the stream format datasets' save_to_disk writes
                 table = pyarrow_ipc.open_stream(path).read_all()
     except Exception as error:  # noqa: BLE001 - pyarrow raises its own error types
-        raise ValueError(f"{path}: not a readable {fmt} file ({type(error).__name__}: {error}).") from None
+        raise DataError(f"{path}: not a readable {fmt} file ({type(error).__name__}: {error}).") from None
     return ((f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist(), start=1))
 
 
@@ -229,7 +254,7 @@ def split_examples(
 
 def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
     """Rows of a Hugging Face dataset (a ``save_to_disk`` folder or a hub id); needs ``datasets``."""
-    if datasets is None:
+    if not datasets:
         raise FileNotFoundError(
             f"Dataset {source!r} is not a file, and it is not the built-in {list(BUILTIN_DATASETS)}. Pass a "
             f"{'/'.join(sorted(FORMATS))} file, or `pip install datasets` to load Hugging Face datasets."
@@ -246,7 +271,7 @@ def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
         ) from error
     if isinstance(data, Mapping):  # DatasetDict: the named split, or every split in name order
         if split != "all" and split not in data:
-            raise ValueError(f"Dataset {source!r} has no split {split!r}; it has {sorted(data)}.")
+            raise DataError(f"Dataset {source!r} has no split {split!r}; it has {sorted(data)}.")
         parts = [(split, data[split])] if split != "all" else sorted(data.items())
     else:
         parts = [(split, data)]
@@ -273,24 +298,31 @@ class DatasetView:
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"dataset {text[:80]!r}: not a valid JSON view object ({error.msg}).") from None
+            raise DataError(f"dataset {text[:80]!r}: not a valid JSON view object ({error.msg}).") from None
         fields = {"source", "prompt", "response", "system"}
         if not isinstance(spec, dict) or not {"source", "prompt"} <= set(spec) or set(spec) - fields or not all(
                 isinstance(v, str) for v in spec.values()):
-            raise ValueError(f"dataset view {text[:80]!r} must be a JSON object with string fields 'source' and "
+            raise DataError(f"dataset view {text[:80]!r} must be a JSON object with string fields 'source' and "
                              f"'prompt' (and optionally 'response', 'system'); got {spec!r:.120}.")
         return cls(**spec)
 
     def apply(self, row: Any, where: str) -> dict[str, Any]:
         if not isinstance(row, Mapping):
-            raise ValueError(f"{where}: expected an object with columns, got {type(row).__name__}.")
+            raise DataError(f"{where}: expected an object with columns, got {type(row).__name__}.")
         values = {k: "" if v is None else v for k, v in row.items()}
-        needed = [f for t in (self.prompt, self.system or "") for _, f, _, _ in string.Formatter().parse(t) if f]
+        try:
+            needed = [f for t in (self.prompt, self.system or "") for _, f, _, _ in string.Formatter().parse(t) if f]
+        except ValueError as error:
+            raise DataError(f"{where}: the dataset view's template is not a format string ({error}).") from None
         missing = sorted({f for f in needed if f not in values} | ({self.response} - set(values)))
         if missing:
-            raise ValueError(f"{where}: the dataset view needs columns {missing}; the row has {sorted(values)}.")
-        out = {"prompt": self.prompt.format_map(values), "response": values[self.response]}
-        return out if self.system is None else {**out, "system": self.system.format_map(values)}
+            raise DataError(f"{where}: the dataset view needs columns {missing}; the row has {sorted(values)}.")
+        try:
+            out = {"prompt": self.prompt.format_map(values), "response": values[self.response]}
+            return out if self.system is None else {**out, "system": self.system.format_map(values)}
+        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as error:
+            raise DataError(f"{where}: the dataset view's template {self.prompt!r:.80} cannot be filled from the "
+                            f"row ({type(error).__name__}: {error}); use plain {{column}} fields.") from None
 
 
 def _builtin(name: str, split: str, validation_fraction: float) -> Iterable[tuple[str, Any]]:
@@ -311,7 +343,7 @@ def _rows(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: str,
     if path.is_file():
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise ValueError(
+            raise DataError(
                 f"Dataset file {name!r} has an unknown format {path.suffix!r}; use one of "
                 f"{sorted(FORMATS)} with prompt/response or messages fields."
             )
@@ -342,13 +374,13 @@ def check_source(source: str) -> tuple[str, bool]:
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() not in FORMATS:
-            raise ValueError(f"Dataset file {source!r} has an unknown format {path.suffix!r}; use one of "
+            raise DataError(f"Dataset file {source!r} has an unknown format {path.suffix!r}; use one of "
                              f"{sorted(FORMATS)}.")
         return f"{path} ({path.stat().st_size:,} bytes)", True
     if path.is_dir():
         return f"{path} (a datasets save_to_disk folder)", True
     if "/" in source and not source.startswith((".", "/", "~")) and path.suffix.lower() not in FORMATS:
-        if datasets is None:
+        if not datasets:
             raise FileNotFoundError(f"Dataset {source!r} is a hub id: `pip install datasets` to load it.")
         return f"{source} (Hugging Face hub: downloaded when training starts, not checked offline)", False
     raise FileNotFoundError(f"Dataset {source!r} does not exist. Pass an existing {'/'.join(sorted(FORMATS))} file, "
@@ -380,9 +412,9 @@ def load_examples(
             (the message gives the file, the line or item number, and the fields it has).
     """
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is unknown; use one of {list(SPLITS)}.")
+        raise DataError(f"split {split!r} is unknown; use one of {list(SPLITS)}.")
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples={max_examples!r} must be a positive integer or None.")
+        raise DataError(f"max_examples={max_examples!r} must be a positive integer or None.")
     if isinstance(source, str) and source == "pycode":
         return build_pycode(split, max_examples=max_examples, validation_fraction=validation_fraction)
     view = DatasetView.parse(source) if isinstance(source, str) and source.lstrip().startswith("{") else None
@@ -391,11 +423,11 @@ def load_examples(
         rows = ((where, view.apply(row, where)) for where, row in rows)
     examples = [normalize_example(row, where) for where, row in rows]
     if not examples:
-        raise ValueError(f"Dataset {name!r} is empty: it has no rows.")
+        raise DataError(f"Dataset {name!r} is empty: it has no rows.")
     if not named_split:
         examples = split_examples(examples, split, validation_fraction)
         if not examples:
-            raise ValueError(
+            raise DataError(
                 f"Split {split!r} of dataset {name!r} is empty (validation_fraction={validation_fraction}); "
                 f"use a larger validation_fraction or pass a separate evaluation file."
             )

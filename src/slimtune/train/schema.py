@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from typing import Any, Literal, Union
 
+from slimtune.errors import SlimtuneError
 
-class RecipeError(ValueError):
-    """A recipe (or one of its overrides) is invalid; the message names the dotted key and the fix."""
+
+class RecipeError(SlimtuneError, ValueError):
+    """A recipe (or one of its overrides) is invalid; the message names the dotted key and the fix (and, read
+    from a file, the file)."""
 
 
 def _is_union(hint: Any) -> bool:
@@ -74,12 +78,12 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return value if isinstance(value, bool) else _NO
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _NO
-    if hint is float:
+    if hint is float:  # finite only: a NaN passes every range check (``nan <= 0`` is False) and trains to NaN
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return float(value) if math.isfinite(value) else _NO
         # YAML 1.1 reads ``2e-4`` (no dot) as a string; accept what is clearly a number.
         if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
-            return float(value)
+            return float(value) if math.isfinite(float(value)) else _NO
         return _NO
     if hint is str:
         return value if isinstance(value, str) else _NO
