@@ -56,14 +56,16 @@ def load(path: Path):
 
 
 @torch.no_grad()
-def compare(source, other, batches) -> tuple[float, float]:
-    errors, agree, total = [], 0, 0
+def compare(source, other, batches) -> tuple[float, float, float]:
+    """(mean relative logits error ||Δ|| / ||logits||, top-1 agreement, max |Δlogit|) over ``batches``."""
+    errors, agree, total, worst = [], 0, 0, 0.0
     for ids in batches:
         a, b = source(ids).logits, other(ids).logits
         errors.append(((a - b).norm() / a.norm()).item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         total += a.shape[1]
-    return sum(errors) / len(errors), agree / total
+        worst = max(worst, (a - b).abs().max().item())
+    return sum(errors) / len(errors), agree / total, worst
 
 
 def merged_source(adapter: Path, base: str):
@@ -79,9 +81,9 @@ def merged_source(adapter: Path, base: str):
     for kind in MERGE_BASES:
         model, _ = load_for_merge([("default", adapter)], base=kind, device="cpu", log=quiet)
         merged[kind], _ = merge_for_export(model, inplace=True)
-        error, agree = compare(trained, merged[kind], batches)
-        print(f"merged into the {kind} base vs the trained model: rel logits error {error:.2e}, top-1 {agree:.1%}, "
-              f"eval loss {held_out(merged[kind]):.4f}")
+        error, agree, worst = compare(trained, merged[kind], batches)
+        print(f"merged into the {kind} base vs the trained model: rel logits error {error:.2e}, max |Δlogit| "
+              f"{worst:.3f}, top-1 {agree:.1%}, eval loss {held_out(merged[kind]):.4f}")
     return merged[base], tok, batches
 
 
@@ -102,19 +104,19 @@ def main() -> None:
         source, tok, batches = merged_source(args.adapter, args.base)
     print(f"loaded {shipped.name if args.adapter is None else args.adapter} in {time.perf_counter() - start:.1f} s")
     n_params = sum(p.numel() for p in source.parameters())
-    print(f"{'file':<28}{'MB':>8}{'bits/w':>8}{'write s':>9}{'rel err':>10}{'top-1 agree':>13}")
+    print(f"{'file':<28}{'MB':>8}{'bits/w':>8}{'write s':>9}{'rel err':>10}{'max |Δlogit|':>14}{'top-1 agree':>13}")
     print(f"{'llama.cpp Q4_1 (anchor)':<28}{shipped.stat().st_size / 1e6:>8.1f}"
-          f"{shipped.stat().st_size * 8 / n_params:>8.2f}{'':>9}{'(source)':>10}{'':>13}")
+          f"{shipped.stat().st_size * 8 / n_params:>8.2f}{'':>9}{'(source)':>10}{'':>14}{'':>13}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.out or Path(tmp)
         for quant in args.quants:
             start = time.perf_counter()
             path = write_gguf(source, tok, folder / f"smollm2.{quant}.gguf", quant, pre="smollm")
             seconds = time.perf_counter() - start
-            error, agree = compare(source, load(path), batches)
+            error, agree, worst = compare(source, load(path), batches)
             size = path.stat().st_size
             print(f"{path.name:<28}{size / 1e6:>8.1f}{size * 8 / n_params:>8.2f}{seconds:>9.2f}"
-                  f"{error:>10.2e}{agree:>13.1%}")
+                  f"{error:>10.2e}{worst:>14.4f}{agree:>13.1%}")
 
 
 if __name__ == "__main__":

@@ -333,7 +333,10 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, base_config: Any, path: str 
     file_alpha = alpha * math.sqrt(r_cfg) if rslora else alpha
 
     def fill(writer: gguf.GGUFWriter) -> None:
+        # the keys and types convert_lora_to_gguf.py writes (general.architecture comes with the writer)
         writer.add_string("general.type", "adapter")
+        writer.add_string("general.name", folder.resolve().name)
+        writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
         writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", file_alpha)
         qtype = QUANT_TYPES[quant][0]

@@ -5,7 +5,7 @@ full-precision weights changes its output a little. When an adapter sits in a ru
 (``<run>/adapter`` next to ``<run>/recipe.yaml``) the run's ``quantization`` section is reused,
 unless the caller decides (``load_in_4bit=True/False``).
 
-Merging a QLoRA adapter (:func:`load_for_merge`, ``base=``):
+Merging a QLoRA adapter (:func:`load_for_merge`, ``base=``; ``slimtune merge --base-precision``):
 
 - ``"dequantized"`` (the default): the NF4 weights the adapter was trained on, dequantized, plus the
   adapter. The merged model computes what the fine-tune computed in training (up to rounding).
@@ -33,6 +33,7 @@ from slimtune.core.files import atomic_folder
 from slimtune.estimate import resolve_config
 from slimtune.export import merge_for_export
 from slimtune.gguf_export import write_gguf, write_gguf_lora
+from slimtune.gguf_quants import QUANT_TYPES
 from slimtune.lifecycle import set_adapter
 from slimtune.perf.fast_path import KERNEL_MODES, enable_fast_path
 from slimtune.quant import QuantConfig, quant_summary
@@ -114,6 +115,44 @@ def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float3
 
 
 MERGE_BASES = ("dequantized", "original")
+MERGE_FORMATS = ("folder", "gguf", "gguf-lora")
+DEFAULT_QUANT = {"gguf": "f16", "gguf-lora": "f32"}
+_LORA_QUANTS = ("f32", "f16")  # llama.cpp applies a GGUF LoRA at run time, in float
+
+
+def check_merge_options(fmt: str, quant: str | None, base: str | None, load_in_4bit: bool | None, dtype: str,
+                        n_adapters: int) -> tuple[str | None, bool | None]:
+    """``slimtune merge`` options checked together before any model loads: ``(quant, load_in_4bit)`` to use.
+
+    ``fmt``: ``folder`` (transformers safetensors), ``gguf`` (merged model, one file) or ``gguf-lora`` (the
+    adapter alone as a GGUF LoRA, nothing merged). ``base``: ``None`` (as ``load_in_4bit`` says, default: as
+    the adapter's run did), ``"dequantized"`` or ``"original"`` (see the module docstring).
+    """
+    if fmt not in MERGE_FORMATS:
+        raise ValueError(f"--format {fmt!r} is not an export format; use one of {list(MERGE_FORMATS)}.")
+    if quant is not None and fmt == "folder":
+        raise ValueError(f"--quant {quant} applies to GGUF files (--format gguf or gguf-lora); a transformers folder "
+                         "is written in --dtype.")
+    if fmt != "folder" and dtype != "float32":
+        raise ValueError(f"--dtype {dtype} applies to --format folder; a GGUF export merges in float32 and rounds "
+                         f"once to --quant ({list(QUANT_TYPES)}).")
+    if fmt == "gguf-lora":
+        if quant is not None and quant not in _LORA_QUANTS:
+            raise ValueError(f"--quant {quant}: a GGUF LoRA adapter is stored as {list(_LORA_QUANTS)} (llama.cpp "
+                             "adds it at run time); quantize the merged model instead: --format gguf --quant "
+                             f"{quant}.")
+        if base is not None or load_in_4bit is not None:
+            raise ValueError("--format gguf-lora writes the adapter alone and merges nothing: drop --base-precision "
+                             "and --load-in-4bit (llama.cpp applies the adapter on top of the base's own GGUF).")
+        if n_adapters != 1:
+            raise ValueError(f"--format gguf-lora writes one adapter per file; got {n_adapters} --adapter options.")
+    if base is not None and base not in MERGE_BASES:
+        raise ValueError(f"--base-precision {base!r}: use one of {list(MERGE_BASES)}.")
+    if base == "original" and load_in_4bit:
+        raise ValueError("--base-precision original merges into the full-precision weights; drop --load-in-4bit.")
+    if base == "dequantized" and load_in_4bit is False:
+        raise ValueError("--base-precision dequantized merges into the 4-bit weights; drop --no-load-in-4bit.")
+    return quant or DEFAULT_QUANT.get(fmt), (False if base == "original" else load_in_4bit)
 
 
 def load_for_merge(adapters: list[tuple[str, Path]], model_name: str | None = None,
