@@ -21,6 +21,19 @@ def test_mixed_batch_equals_per_adapter_runs_row_by_row(family):
     torch.testing.assert_close(logits(multi, inputs), logits(singles["lora"], inputs), atol=1e-5, rtol=0)  # restored
 
 
+def test_one_token_rows_take_the_row_mask_path(family):
+    """One token per row (a decode step's shape) runs the stacked factors with the row mask, not the per-row
+    gather that longer inputs take: each row still gets only its own adapter."""
+    base, singles, multi = family
+    rows = ["vera", "lora", "dora", None, "lora"]
+    inputs = sample_inputs("llama", batch=len(rows), seq=1)
+    with slimtune.mixed_batch(multi, rows):
+        mixed = logits(multi, inputs)
+    for i, name in enumerate(rows):
+        reference = base if name is None else singles[name]
+        torch.testing.assert_close(mixed[i], logits(reference, inputs)[i], atol=1e-5, rtol=0)
+
+
 def test_mixed_batch_generates_row_by_row(family):
     base, singles, multi = family
     rows = ["dora", "vera", None]

@@ -6,18 +6,22 @@
 What makes it cost (nearly) what the base model costs on the same decode path:
 
 - Rows are routed as in :mod:`slimtune.mixed_batch`: per adapted layer one stacked low-rank product for
-  all rows, ``W x + ((x Aᵀ) ⊙ M) Bᵀ`` — three launches whatever the number of adapters, two when every
-  row shares one. The stacked factors are read once, when the decoder is made (:meth:`Decoder.refresh`
-  after changing adapter weights); each ``generate`` call gathers the blocks its rows use once.
+  all rows, ``W x + ((x Aᵀ) ⊙ M) Bᵀ`` — three launches per decode step whatever the number of adapters,
+  two when every row shares one (a prefill whose rows run one adapter each gathers each row's own factors:
+  two gathers, two batched matmuls). The stacked factors are read once, when the decoder is made
+  (:meth:`Decoder.refresh` after changing adapter weights); each request gathers the blocks its rows use once.
 - A wrapper with nothing to add (its adapters merged, or used by no row) runs its base layer's
   ``forward`` directly: a merged model decodes through the very calls of the plain model.
 - 4-bit layers (:class:`~slimtune.quant.Linear4bit`) run through :mod:`slimtune.perf.kernels`: the GEMV
   kernel up to 16 rows, the fused dequantize-matmul above (CUDA with Triton; elsewhere the pure-torch path).
-- A static key/value cache (``cache="static"``, the default) and last-position logits only;
-  ``compile=True`` runs the one-token steps through ``torch.compile`` (CUDA graphs on a GPU; the cache
-  length rounded up to a multiple of 64 so one compiled step serves many requests). Off by default: on
-  a 2-core CPU it took ~3 minutes to compile SmolLM2-135M's step for a gain within the noise (README,
-  "Serving many adapters").
+- Last-position logits only. ``compile=True`` runs the one-token steps through ``torch.compile`` (CUDA
+  graphs on a GPU) on a static key/value cache (fixed shapes; its length rounded up to a multiple of 64 so
+  one compiled step serves many requests). Eager steps keep transformers' dynamic cache: a static one
+  only pays with a compiled step (eager on the development CPU: the same step time within the noise).
+  Compiling is off by default, since the first request pays for it: on the development CPU (SmolLM2-135M
+  shape, one unmerged adapter, 1 thread, a shared machine) it compiled in ~35 s and took an fp32 decode step
+  from ~74 to ~64 ms, but an NF4 one from ~145 to ~400 ms (the pure-torch dequantize breaks the graph at
+  every layer; the Decoder warns). On GPUs, where eager decode is launch-bound, CUDA graphs remove the launches.
 
 Decoding is greedy (the same tokens as ``model.generate(do_sample=False)``); prompts are left-padded.
 """
@@ -25,6 +29,7 @@ Decoding is greedy (the same tokens as ``model.generate(do_sample=False)``); pro
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,7 +42,7 @@ from slimtune.core.state import find_state
 from slimtune.methods import method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.prompts import PromptLearningMethod
-from slimtune.perf.kernels import gemv_4bit, matmul_4bit, weight_4bit
+from slimtune.perf.kernels import gemv_4bit, matmul_4bit, use_triton_for, weight_4bit
 from slimtune.quant import Linear4bit, QuantizedLinear
 from slimtune.serving.routing import (
     LayerFactors,
@@ -61,12 +66,14 @@ class Linear4bitForward:
     def __init__(self, layer: Linear4bit) -> None:
         self.layer, self.weight = layer, weight_4bit(layer)
         self.gemv_ok = layer.in_features % 2 == 0
+        # Resolved once per request, not per call: no environment look-ups in the step (nor in a compiled graph).
+        self.use_triton = use_triton_for(layer.weight.device, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
+        layer, w, triton = self.layer, self.weight, self.use_triton
         xc = x.to(layer.compute_dtype)
         rows = xc.numel() // layer.in_features
-        out = gemv_4bit(xc, self.weight) if rows <= GEMV_ROWS and self.gemv_ok else matmul_4bit(xc, self.weight)
+        out = gemv_4bit(xc, w, triton) if rows <= GEMV_ROWS and self.gemv_ok else matmul_4bit(xc, w, True, triton)
         if layer.bias is not None:
             out = out + layer.bias.to(out.dtype)
         return out.to(x.dtype)
@@ -84,15 +91,20 @@ class Decoder:
     """Greedy decoding of a model with several adapters, each row of a batch its own (or the model as it is).
 
     ``adapters``: the adapters rows may name (default: all the model's); their factors are read now.
-    ``cache``: ``"static"`` (preallocated, default) or ``"dynamic"``. ``compile``: run the one-token steps
-    through ``torch.compile`` (off by default: on CPU it did not pay for its compile time).
+    ``compile``: run the one-token steps through ``torch.compile`` (off by default; see the module docstring).
+    ``cache``: ``"auto"`` (static when compiled, else dynamic), ``"static"`` (preallocated) or ``"dynamic"``.
     Call :meth:`refresh` after adapters were added, removed or trained, or the model was moved.
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence[str] | None = None, cache: str = "static",
+    def __init__(self, model: nn.Module, adapters: Sequence[str] | None = None, cache: str = "auto",
                  compile: bool = False) -> None:
-        if cache not in ("static", "dynamic"):
-            raise ValueError(f"cache={cache!r}: use 'static' (preallocated) or 'dynamic'")
+        if cache not in ("auto", "static", "dynamic"):
+            raise ValueError(f"cache={cache!r}: use 'auto' (static when compiled, else dynamic), 'static' "
+                             "(preallocated) or 'dynamic'")
+        cache = ("static" if compile else "dynamic") if cache == "auto" else cache
+        if compile and cache == "dynamic":
+            raise ValueError("compile=True needs cache='static' (or 'auto'): a dynamic cache changes shape every "
+                             "step, so the compiled step would recompile each time.")
         entry = cache_entry(model)
         if entry is None:
             raise ValueError(f"{type(model).__name__} takes no key/value cache; Decoder serves causal language models.")
@@ -111,6 +123,10 @@ class Decoder:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPUs
         self._step_forward: Callable[..., Any] = torch.compile(model, dynamic=False, mode=mode) if compile else model
         self.refresh()
+        if compile and any(not use_triton_for(m.weight.device, None) for m in self.quantized):
+            warnings.warn("Decoder(compile=True) on 4-bit layers without the Triton kernels: torch.compile splits the "
+                          "step at every layer's pure-torch dequantize and runs slower than eager (2.8x per step on "
+                          "the development CPU). Use compile=False here.", stacklevel=2)
 
     def refresh(self) -> None:
         """Read the model's wrapped layers and the adapters' factors again (after adapters were added,
