@@ -213,3 +213,16 @@ def test_dtype_casts_leave_the_quantized_state_alone():
     assert torch.equal(q.dequantize(), w)
     q8 = Linear8bit.from_linear(_linear()).half()
     assert q8.SCB.dtype == torch.float32 and q8.weight.dtype == torch.int8
+
+
+def test_a_layer_first_run_under_inference_mode_still_trains():
+    """The decode caches (scratch buffer, index buffer, byte-pair words) made first under inference_mode
+    must be ordinary tensors: a later training forward writes into them and saves for backward."""
+    torch.manual_seed(0)
+    with torch.inference_mode():  # quantized and first run there, as a server loading a model would
+        layer = Linear4bit.from_linear(_linear(out_f=52, in_f=96, seed=9), "nf4", double_quant=True)
+        layer(torch.randn(3, 96))
+    x = torch.randn(3, 96, requires_grad=True)
+    layer(x).sum().backward()
+    expected = torch.ones(3, 52) @ layer.dequantize(torch.float32)
+    torch.testing.assert_close(x.grad, expected)

@@ -163,3 +163,23 @@ def test_bad_inputs_are_named():
         nf4.dequantize_4bit(packed, absmax, (8, 8), "nf4", 64)
     with pytest.raises(ValueError, match=r"32 bytes but shape \(4, 4\) needs 8"):
         nf4.dequantize_4bit(packed, absmax, (4, 4), "nf4", 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_cuda_quantization_bit_exact_with_bitsandbytes_cuda_kernel(bnbF, quant_type):
+    """On CUDA, slimtune's quantizer equals bitsandbytes' CUDA kernel (not its CPU path): short last blocks
+    included, where the kernel multiplies by the fp32 reciprocal of the block's absmax and the CPU divides."""
+    gen = torch.Generator().manual_seed(6)
+    for shape in SHAPES + [(4096 * 3 + 17,)]:
+        for blocksize in (64, 128, 4096):
+            w = torch.randn(shape, generator=gen).cuda()
+            for dtype in (torch.float32, torch.bfloat16):
+                ref_packed, st = bnbF.quantize_4bit(w.to(dtype), blocksize=blocksize, compress_statistics=True,
+                                                    quant_type=quant_type)
+                packed, absmax = nf4.quantize_4bit(w.to(dtype), quant_type, blocksize)
+                where = f"{shape} blocksize={blocksize} {dtype}"
+                assert torch.equal(packed, ref_packed), where
+                codes, absmax2, offset = nf4.double_quantize(absmax)
+                assert torch.equal(codes, st.absmax) and torch.equal(absmax2, st.state2.absmax), where
+                assert torch.equal(offset, st.offset), where

@@ -69,7 +69,8 @@ _SCRATCH: dict[tuple[str, int], torch.Tensor] = {}
 def scratch_buffer(device: torch.device, numel: int) -> torch.Tensor:
     key = (str(device), numel)
     if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # an ordinary tensor, whatever mode first asks for it
+            _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
     return _SCRATCH[key]
 
 

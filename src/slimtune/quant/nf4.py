@@ -68,10 +68,13 @@ _INDEX_SCRATCH: dict[tuple[str, int], torch.Tensor] = {}
 
 
 def _decoding_words(code: torch.Tensor, device: torch.device) -> torch.Tensor:
-    hit = _WORDS.get(id(code))
-    if hit is not None and hit[0]() is code and hit[1] == code._version and hit[2].device == device:
-        return hit[2]
-    words = byte_pair_words(code.to(device=device, dtype=torch.float32))
+    with torch.inference_mode(False):  # made under inference_mode, the cache must still serve training
+        words = _cached_words(code, device)
+        if words is not None:
+            return words
+        words = byte_pair_words(code.to(device=device, dtype=torch.float32))
+    if code.is_inference():  # no version counter to tell a change by: decoded afresh each time (65,536 words)
+        return words
     key = id(code)
 
     def forget(_: weakref.ref) -> None:
@@ -81,12 +84,20 @@ def _decoding_words(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     return words
 
 
+def _cached_words(code: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    hit = _WORDS.get(id(code))
+    if hit is None or code.is_inference() or hit[0]() is not code or hit[2].device != device:
+        return None
+    return hit[2] if hit[1] == code._version else None
+
+
 def _index_buffer(device: torch.device, numel: int, reuse: bool) -> torch.Tensor:
     if not reuse:
         return torch.empty(numel, dtype=torch.int32, device=device)
     key = (str(device), numel)
     if key not in _INDEX_SCRATCH:
-        _INDEX_SCRATCH[key] = torch.empty(numel, dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # an ordinary tensor, whatever mode first asks for it
+            _INDEX_SCRATCH[key] = torch.empty(numel, dtype=torch.int32, device=device)
     return _INDEX_SCRATCH[key]
 
 
@@ -198,11 +209,11 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
             hi = torch.bitwise_left_shift(q[0::2], 4, out=ws.u8_out[: m // 2] if quant_type == "nf4"
                                           else ws.mask[: m // 2].view(torch.uint8))
             torch.bitwise_or(hi, q[1::2], out=out[b0 * blocksize // 2: b1 * blocksize // 2])
-    if full < n:  # short last block: bitsandbytes divides instead of multiplying by the reciprocal
+    if full < n:  # the short last block: as bitsandbytes does on each device (the two differ, see below)
         tail = flat[full:].float()
         tail_max = tail.abs().amax().clamp(min=1e-38)
         absmax[nb] = tail_max
-        scaled = torch.clamp(tail / tail_max, -1, 1)
+        scaled = torch.clamp(_scale_short_block(tail, tail_max), -1, 1)
         if scaled.numel() % 2:
             scaled = torch.cat((scaled, scaled.new_zeros(1)))  # the pad nibble is the code of 0.0
         q = nearest_code(scaled, quant_type)
@@ -326,6 +337,16 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, code: torch.
     if full < n:
         flat[full:].mul_(absmax[-1])
     return flat.view(codes.shape).to(dtype)
+
+
+def _scale_short_block(tail: torch.Tensor, tail_max: torch.Tensor) -> torch.Tensor:
+    """The short last block over its absmax, as bitsandbytes computes it on each device: its CUDA kernel
+    (kQuantizeBlockwise) multiplies every block, the short one included, by ``1 / absmax`` rounded to fp32;
+    its CPU backend divides the short block. The two can differ in the last bit of a scaled value, and so,
+    at a code boundary, in a 4-bit code."""
+    if tail.device.type == "cuda":
+        return tail * torch.reciprocal(tail_max)
+    return tail / tail_max
 
 
 def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 
 from slimtune.core.files import atomic_file
+from slimtune.core.optional import OptionalModule
 from slimtune.train.run_folder import RunFolder
 from slimtune.train.tracking import Reporter, check_report_to, make_reporters
+
+# matplotlib (~40 MB resident) is loaded when the plot is drawn, after training, not for every run's start.
+matplotlib_figure = OptionalModule("matplotlib.figure", "pip install matplotlib")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -38,10 +41,20 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    _PEAKS_BEFORE_RESETS.append(peak_memory_mb(device))
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+_PEAKS_BEFORE_RESETS: list[float] = []  # VmHWM each time reset_peak_memory cleared it (CPU)
+
+
+def process_peak_rss_mb() -> float:
+    """The whole process's peak resident memory (VmHWM: anonymous and file-backed mmap pages alike) since it
+    started: loading, training and evaluation, across the resets of :func:`reset_peak_memory`."""
+    return max([peak_memory_mb(torch.device("cpu")), *_PEAKS_BEFORE_RESETS])
 
 
 def human_bytes(n: float) -> str:
@@ -113,7 +126,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:
         return None
-    fig = Figure(figsize=(7, 4), dpi=100)  # no pyplot: the caller's matplotlib backend stays as it is
+    fig = matplotlib_figure.Figure(figsize=(7, 4), dpi=100)  # no pyplot: the caller's matplotlib backend stays as it is
     ax = fig.subplots()
     if train:
         steps, losses = zip(*train)

@@ -38,7 +38,7 @@ from slimtune.train.checkpoint import checkpoint_config, latest_checkpoint
 from slimtune.train.data import load_examples
 from slimtune.train.generation import generate_text
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
-from slimtune.train.progress import human_bytes, human_seconds, plot_loss
+from slimtune.train.progress import human_bytes, human_seconds, plot_loss, process_peak_rss_mb
 from slimtune.train.recipe import Recipe, RecipeError
 from slimtune.train.run_folder import RunFolder, RunLock
 from slimtune.train.tokenization import TokenizedDataset, tokenize_examples
@@ -280,7 +280,8 @@ def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer,
     summary = {
         "steps": trainer.state.step, "tokens": trainer.state.tokens,
         "trainable_params": report.trainable, "total_params": report.total, "adapter_bytes": report.adapter_bytes,
-        "peak_memory_mb": round(trainer.peak_memory_mb, 1), "device": trainer.device.type,
+        "peak_memory_mb": round(trainer.peak_memory_mb, 1), "process_peak_rss_mb": round(process_peak_rss_mb(), 1),
+        "device": trainer.device.type,
         "train_seconds": round(trainer.state.train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - wall_start, 2),
         "eval_loss_before": trainer.eval_before, "eval_loss_after": eval_after,
@@ -300,7 +301,8 @@ def format_summary(s: dict[str, Any], report: TrainableReport, run_dir: Path) ->
         "── summary " + "─" * 50,
         f"trainable params : {s['trainable_params']:,} of {s['total_params']:,} ({report.percent:.2f}%)",
         f"adapter size     : {human_bytes(s['adapter_bytes'])} (adapter_model.safetensors)",
-        f"peak memory      : {s['peak_memory_mb'] / 1024:.2f} GiB ({memory} while training)",
+        f"peak memory      : {s['peak_memory_mb'] / 1024:.2f} GiB ({memory} while training); whole process "
+        f"{s['process_peak_rss_mb'] / 1024:.2f} GiB (VmHWM, file-backed mmap pages included)",
         f"steps / tokens   : {s['steps']} / {s['tokens']:,} ({rate:,.0f} tokens/s)",
         f"wall time        : {human_seconds(s['wall_seconds'])} (training {human_seconds(s['train_seconds'])})",
         f"eval loss        : {before:.4f} -> {after:.4f} (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})",

@@ -21,24 +21,15 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, get_args
 
-try:  # optional: pip install slimtune[tensorboard] (torch's writer needs the tensorboard package)
-    from torch.utils import tensorboard as _tensorboard
-
-    tensorboard: ModuleType | None = _tensorboard
-except ImportError:
-    tensorboard = None
-
-try:  # optional: pip install slimtune[wandb]
-    import wandb as _wandb
-
-    wandb: ModuleType | None = _wandb
-except ImportError:
-    wandb = None
-
+from slimtune.core.optional import OptionalModule
 from slimtune.train.recipe import REPORTERS
+
+# Optional and heavy (imported only when a run reports there): pip install slimtune[tensorboard] / [wandb].
+tensorboard: OptionalModule | Any = OptionalModule("torch.utils.tensorboard", "pip install tensorboard",
+                                               needs="tensorboard")
+wandb: OptionalModule | Any = OptionalModule("wandb", "pip install wandb")
 
 REPORT_TO: tuple[str, ...] = get_args(REPORTERS)
 TENSORBOARD_DIR = "tensorboard"
@@ -56,7 +47,7 @@ def check_report_to(report_to: Sequence[str]) -> list[str]:
                          "(metrics.jsonl is always written).")
     if len(set(names)) != len(names):
         raise ValueError(f"report_to={names!r} names a destination twice.")
-    missing = [n for n, module in (("tensorboard", tensorboard), ("wandb", wandb)) if n in names and module is None]
+    missing = [n for n, module in (("tensorboard", tensorboard), ("wandb", wandb)) if n in names and not module]
     if missing:
         raise ValueError(f"report_to={names!r} needs {', '.join(_EXTRAS[n] for n in missing)}.")
     return names
@@ -88,7 +79,7 @@ class TensorBoardReporter(Reporter):
     """Scalars into ``<run>/tensorboard/events.out.tfevents.*``, flushed after every row."""
 
     def __init__(self, run_dir: Path) -> None:
-        if tensorboard is None:
+        if not tensorboard:
             raise ValueError(f"report_to tensorboard needs {_EXTRAS['tensorboard']}.")
         self.writer = tensorboard.SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
 
@@ -106,7 +97,7 @@ class WandbReporter(Reporter):
     """A W&B run under ``<run>/wandb/``: online with ``WANDB_API_KEY``, else offline."""
 
     def __init__(self, run_dir: Path, config: Mapping[str, Any] | None = None) -> None:
-        if wandb is None:
+        if not wandb:
             raise ValueError(f"report_to wandb needs {_EXTRAS['wandb']}.")
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         folder = run_dir / WANDB_DIR
@@ -120,6 +111,8 @@ class WandbReporter(Reporter):
 
     def close(self) -> None:
         self.run.finish()
+        if wandb.run is None:  # finish() returns before wandb's service has written the run file: wait for it
+            wandb.teardown()
 
 
 def make_reporters(report_to: Sequence[str], run_dir: Path, config: Mapping[str, Any] | None = None) -> list[Reporter]:
