@@ -78,3 +78,13 @@ def test_auto_on_cpu_keeps_the_pure_torch_path():
     path = enable_fast_path(model)
     assert (path.mode, path.triton, path.fused_lora_layers) == ("auto", False, 0)
     assert "pure-torch" in str(path)
+
+
+def test_the_log_line_says_which_base_it_found():
+    quantized = enable_fast_path(_qlora())
+    n = sum(isinstance(m, Linear4bit) for m in _qlora().modules())
+    assert quantized.quantized_layers == n > 0 and f"4-bit base ({n} layers)" in str(quantized)
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear"))
+    plain = enable_fast_path(model)
+    assert plain.quantized_layers == 0 and "full-precision base" in str(plain) and "4-bit" not in str(plain)

@@ -37,10 +37,15 @@ class FastPath:
     mode: str
     triton: bool  # the 4-bit base's matmuls run in the Triton kernels
     fused_lora_layers: int  # LoRA layers routed through the fused autograd node
+    quantized_layers: int = 0  # 4-bit layers in the model (none: a full-precision base)
 
     def __str__(self) -> str:
-        base = "Triton kernels" if self.triton else "pure-torch dequantize + matmul"
-        return (f"kernels={self.mode}: 4-bit base via {base}; fused LoRA on {self.fused_lora_layers} layers; "
+        if self.quantized_layers:
+            how = "Triton kernels" if self.triton else "pure-torch dequantize + matmul"
+            base = f"4-bit base ({self.quantized_layers} layers) via {how}"
+        else:
+            base = "full-precision base (torch matmuls)"
+        return (f"kernels={self.mode}: {base}; fused LoRA on {self.fused_lora_layers} layers; "
                 "chunked cross-entropy where the model allows it")
 
 
@@ -62,10 +67,12 @@ def enable_fast_path(model: nn.Module, mode: str = "auto") -> FastPath:
     device = tensor.device if tensor is not None else torch.device("cpu")
     triton, fuse = plan_fast_path(mode, device, kernels.triton_status(device))
     backend = functools.partial(kernels.linear_4bit, use_triton=True) if triton else None
+    quantized = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.matmul_backend = backend
+            quantized += 1
     if any(isinstance(m, LoraLinear) and m.fusable for m in model.modules()):
         use_fused_lora(model, enabled=fuse)
     fused = sum(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in model.modules())
-    return FastPath(mode, triton, fused)
+    return FastPath(mode, triton, fused, quantized)
