@@ -77,3 +77,11 @@ def test_second_all_linear_adapter_joins_the_wrappers_instead_of_wrapping_their_
     layers = dict(tuner_layers(model))
     assert len(layers) == 14 and all(layer.adapter_names == ["a", "b"] for layer in layers.values())
     assert not any(".lora_A.a." in n or "base_layer.base_layer" in n for n, _ in model.named_modules())
+
+
+def test_modules_to_save_matching_nothing_names_the_top_level_modules():
+    model = tiny_llama()
+    config = slimtune.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["no_such_head"])
+    with pytest.raises(ValueError, match=r"modules_to_save=\['no_such_head'\] matched no module; top-level modules "
+                                         r"are: \['model', 'lm_head'\]"):
+        slimtune.add_adapter(model, config)

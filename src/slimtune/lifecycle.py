@@ -69,7 +69,7 @@ def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     found = [n for n, _ in model.named_modules()
              if n and name_matches(n, names) and not in_head_copy(n) and ".base_layer" not in n]
     if not found:
-        heads = [n for n, m in model.named_modules() if n and "." not in n and any(m.parameters())]
+        heads = [n for n, m in model.named_modules() if n and "." not in n and next(m.parameters(), None) is not None]
         raise ValueError(f"modules_to_save={names!r} matched no module; top-level modules are: {heads}.")
     return found
 

@@ -16,9 +16,10 @@ from tiny_models import tiny_gpt2, tiny_llama
 import slimtune
 from slimtune.adapter_files import adapter_tensors
 from slimtune.cli import main
+from slimtune.errors import InvalidFileError
 from slimtune.methods.fusion import AdapterFusionConfig
 from slimtune.train.batching import BatchIterator
-from slimtune.train.checkpoint import method_tensors
+from slimtune.train.checkpoint import Checkpoint, method_tensors
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.trainer import Trainer
 
@@ -126,10 +127,6 @@ METHODS = {
 }
 OPTIMIZERS = ["adamw", "adamw_8bit", "paged_adamw"]
 STEPS = 4
-# The trainer's loss cannot train prompt-learning methods today: their virtual tokens lengthen the logits,
-# and loss_sum indexes them with the unlengthened label mask (an IndexError in every `slimtune train` of them).
-PROMPT_LOSS_BUG = pytest.mark.xfail(raises=IndexError, strict=True,
-                                    reason="Trainer.loss_sum: logits include virtual tokens (outside this issue)")
 
 
 def _add_method(case: str):
@@ -176,8 +173,7 @@ def _final(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("optim", OPTIMIZERS)
-@pytest.mark.parametrize("case", [pytest.param(c, marks=PROMPT_LOSS_BUG) if c in ("prompt_tuning", "p_tuning") else c
-                                  for c in METHODS])
+@pytest.mark.parametrize("case", list(METHODS))
 def test_resumed_training_ends_bit_identical(case, optim, tmp_path):
     torch.manual_seed(0)
     straight = _trainer(case, optim, tmp_path / "straight")
@@ -197,3 +193,19 @@ def test_resumed_training_ends_bit_identical(case, optim, tmp_path):
     assert got.keys() == expected.keys()
     different = [k for k in expected if not torch.equal(got[k], expected[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_a_resume_that_fails_midway_leaves_the_data_position(tmp_path, monkeypatch):
+    straight = _trainer("lora", "adamw", tmp_path / "straight")
+    assert straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoints" / f"step-{STEPS // 2:06d}"
+    fresh = _trainer("lora", "adamw", tmp_path / "fresh")
+    before = fresh.batches.state_dict()
+
+    def fails(*args, **kwargs):
+        raise InvalidFileError(checkpoint / "tensors.safetensors", "tampered", "tensors")
+
+    monkeypatch.setattr(Checkpoint, "apply", fails)
+    with pytest.raises(InvalidFileError, match="tampered"):
+        fresh.resume(checkpoint)
+    assert fresh.batches.state_dict() == before and fresh.state.step == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,7 +23,7 @@ from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.schedule import lr_multiplier
 from slimtune.train.tokenization import tokenize_examples
-from slimtune.train.trainer import StopRequest, Trainer, evaluate_loss
+from slimtune.train.trainer import StopRequest, Trainer, evaluate_loss, label_tokens, loss_sum
 
 CPU = torch.device("cpu")
 
@@ -252,3 +253,22 @@ def test_metrics_truncate_and_memory(tmp_path):
     assert [r["step"] for r in log.rows()] == [0, 1, 2]
     assert peak_memory_mb(CPU) > 10
     assert math.isfinite(peak_memory_mb(CPU))
+
+
+@pytest.mark.parametrize("config", [slimtune.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+                                    slimtune.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8,
+                                                                 task_type="CAUSAL_LM")],
+                         ids=["prompt_tuning", "p_tuning"])
+def test_the_loss_skips_the_virtual_tokens_of_prompt_methods(config):
+    """Virtual tokens go before the text: the trainer scores the text's positions only, as the model's own loss
+    (PEFT's: the virtual tokens' labels are -100) does."""
+    model = tiny_llama().eval()
+    slimtune.add_adapter(model, config)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        ours = loss_sum(model, batch, contextlib.nullcontext) / label_tokens(batch)
+        theirs = model(**batch).loss
+    torch.testing.assert_close(ours, theirs)

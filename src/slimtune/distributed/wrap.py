@@ -14,8 +14,10 @@ divides by the label tokens of all ranks, so the result is the gradient of the g
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +29,11 @@ from torch.nn.parallel import DistributedDataParallel
 from slimtune.distributed.context import DistContext
 from slimtune.quant.linear import QuantizedLinear
 from slimtune.quant.sharded_nf4 import make_model_shardable
+
+# DDP's switch for re-sending buffers at every forward, by capability: torch 2.13 names it forward_sync_buffers,
+# earlier releases (2.11, the floor) broadcast_buffers.
+_DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
+_SYNC_BUFFERS = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
 
 __all__ = ["STRATEGIES", "choose_strategy", "wrap_model", "unwrap", "gradient_sync", "full_trainable_parameters",
            "is_sharded", "held_bytes"]
@@ -71,7 +78,8 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, cpu_offload: b
     if strategy == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # buffers are the frozen base (4-bit weights, rotary tables): identical on every rank, never re-sent
-        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+        no_buffer_sync: dict[str, Any] = {_SYNC_BUFFERS: False}
+        return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
     if strategy != "fsdp":
         raise ValueError(f"strategy={strategy!r}: wrap_model takes 'ddp' or 'fsdp' (resolve 'auto' first).")
     make_model_shardable(model)  # 4-bit bases: packed codes and scales as block-aligned rows FSDP2 shards

@@ -11,7 +11,9 @@ Qwen2, SmolLM2: RMSNorm, q/k/v/o, rotary, SDPA, gate/up/down with SiLU) under sl
   a one-byte keep mask (slimtune.core.dropout), and ``A x`` (size r); DoRA, whose forward is its own,
   torch's dropout output and float mask, and the ``(W x + s B A x)`` it rescales; LoRA-FA nothing of
   size ``in`` (A is frozen);
-- SDPA keeps q, k, v, its output and the log-sum-exp; SwiGLU keeps gate, SiLU(gate) and up.
+- SDPA keeps q, k, v, its output and the log-sum-exp (k and v at the key/value head count or repeated, and a
+  causal mask or none, as :mod:`slimtune.estimate.sdpa_probe` finds the installed transformers doing);
+  SwiGLU keeps gate, SiLU(gate) and up.
 
 The decoder-block model was checked tensor by tensor against ``torch.autograd.graph.saved_tensors_hooks``
 on a real model (tests/estimate). Other architectures reuse it by linear-layer role (an approximation,
@@ -23,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune.estimate.model_shapes import AdapterLayout, LinearShape, ModelShape, WrappedLinear
+from slimtune.estimate.sdpa_probe import sdpa_layout
 
 __all__ = ["Precision", "ActivationModel", "activation_model", "tokens_of", "ROLES"]
 
@@ -144,7 +147,7 @@ def _block_linears(shape: ModelShape, index: int) -> list[tuple[str, LinearShape
 
 
 def _layer_bytes(shape: ModelShape, index: int, wrapped: dict[str, WrappedLinear], tokens: int, prec: Precision,
-                 input_grad: bool) -> int:
+                 input_grad: bool, batch: int = 1) -> int:
     """Bytes decoder layer ``index`` keeps; ``input_grad``: whether its input requires grad."""
     t, h = tokens, shape.hidden
     e_h = prec.weight  # the residual stream's dtype is the model's
@@ -162,7 +165,11 @@ def _layer_bytes(shape: ModelShape, index: int, wrapped: dict[str, WrappedLinear
     for _, lin in by_role["attn_in"]:
         layer.linear(lin, wrapped.get(lin.name), "attn_in", e_h, input_grad)
     heads, kv, d = shape.heads, shape.kv_heads, shape.head_dim
-    layer.keep(t * (2 * heads + 2 * kv) * d * sdpa + t * heads * 4)  # SDPA: q, k, v, out; fp32 log-sum-exp
+    sdpa_keeps = sdpa_layout()  # what the installed transformers keeps (see sdpa_probe)
+    kv_kept = heads if sdpa_keeps.kv_repeated else kv
+    layer.keep(t * (2 * heads + 2 * kv_kept) * d * sdpa + t * heads * 4)  # SDPA: q, k, v, out; fp32 log-sum-exp
+    if sdpa_keeps.mask_kept:
+        layer.keep(batch * (t // batch) ** 2 * sdpa)  # the causal mask, cast to the dtype SDPA runs in
     layer.shared.add("attn_out")  # o_proj's input IS the SDPA output kept above
     for _, lin in by_role["attn_out"]:
         layer.linear(lin, wrapped.get(lin.name), "attn_out", sdpa, True)
@@ -189,7 +196,7 @@ def activation_model(shape: ModelShape, layout: AdapterLayout, batch: int, seq: 
     for i in range(shape.layers):
         on_path = i >= first
         per_layer.append(_layer_bytes(shape, i, wrapped, tokens, prec, input_grad=i > first or (
-            i == first and layout.embedding_trainable)) if on_path else 0)
+            i == first and layout.embedding_trainable), batch=batch) if on_path else 0)
     notes = []
     if not any(_role(rel) for rel, _ in _block_linears(shape, 0)):
         notes.append(f"{shape.model_type}: linear layer names not recognised; activations are a rough guess")

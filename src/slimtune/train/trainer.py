@@ -99,6 +99,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast, chunked
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with autocast():
         logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
+    # Prompt tuning and P-tuning put their virtual tokens before the input: their logits come first and
+    # predict nothing of the text (PEFT gives them the label -100), so the text's positions are the last ones.
+    logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
     labels = batch["labels"][:, 1:]  # token t is predicted from the tokens before it
     keep = labels != IGNORE_INDEX  # only label positions: the prompt's logits would be a large dead copy
     return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
@@ -295,11 +298,16 @@ class Trainer:
         if saved["total_steps"] != self.total_steps:
             raise ValueError(f"checkpoint {path} was made for {saved['total_steps']} steps, this recipe "
                              f"has {self.total_steps}; resume with the same training settings.")
+        position = self.batches.state_dict()
         try:
             self.batches.load_state_dict(saved["data"])
         except (ValueError, TypeError, KeyError) as error:
             raise InvalidFileError(path / STATE_FILE, f"data: {error}", "data") from None
-        rng = checkpoint.apply(self.model, self.optimizer, self.scheduler)
+        try:
+            rng = checkpoint.apply(self.model, self.optimizer, self.scheduler)
+        except BaseException:
+            self.batches.load_state_dict(position)  # a refused checkpoint leaves the data position too
+            raise
         self._epoch_iter = None
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
