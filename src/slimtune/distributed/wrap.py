@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard import _fsdp_param
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -82,6 +83,7 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, cpu_offload: b
         return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
     if strategy != "fsdp":
         raise ValueError(f"strategy={strategy!r}: wrap_model takes 'ddp' or 'fsdp' (resolve 'auto' first).")
+    check_fsdp_can_shard(model)
     make_model_shardable(model)  # 4-bit bases: packed codes and scales as block-aligned rows FSDP2 shards
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     offload = CPUOffloadPolicy() if cpu_offload and ctx.device.type == "cuda" else OffloadPolicy()
@@ -89,6 +91,21 @@ def wrap_model(model: nn.Module, strategy: str, ctx: DistContext, cpu_offload: b
         fully_shard(block, mesh=mesh, offload_policy=offload)
     fully_shard(model, mesh=mesh, offload_policy=offload)
     return model
+
+
+def fsdp_shards_integer_parameters() -> bool:
+    """Whether this torch's FSDP2 can shard a frozen integer parameter (a 4-bit base's packed codes): torch 2.11
+    makes each sharded parameter require grad before setting the flag back, which integer tensors refuse;
+    2.13 passes the flag along. Read from FSDP2's own code rather than the version number."""
+    return "requires_grad=param.requires_grad" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
+
+
+def check_fsdp_can_shard(model: nn.Module) -> None:
+    """A clear error before sharding a 4-bit base that this torch's FSDP2 cannot shard."""
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()) and not fsdp_shards_integer_parameters():
+        raise ValueError(f"distributed.strategy: fsdp with a 4-bit base needs a newer torch (this torch "
+                         f"{torch.__version__}'s FSDP2 cannot shard the packed integer weights; 2.13 can): use "
+                         "distributed.strategy: ddp, or upgrade torch.")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
