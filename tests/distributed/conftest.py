@@ -6,18 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "train"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-
-@pytest.fixture(scope="session", autouse=True)
-def isolated_cache(tmp_path_factory):
-    old = os.environ.get("SLIMTUNE_CACHE")
-    os.environ["SLIMTUNE_CACHE"] = str(tmp_path_factory.mktemp("slimtune-cache"))
-    yield
-    if old is None:
-        del os.environ["SLIMTUNE_CACHE"]
-    else:
-        os.environ["SLIMTUNE_CACHE"] = old
+from train_helpers import isolated_cache  # noqa: E402, F401 - the session fixture, for this folder

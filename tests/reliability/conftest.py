@@ -9,21 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "train"))
 
-
-@pytest.fixture(scope="session", autouse=True)
-def isolated_cache(tmp_path_factory):
-    old = os.environ.get("SLIMTUNE_CACHE")
-    os.environ["SLIMTUNE_CACHE"] = str(tmp_path_factory.mktemp("slimtune-cache"))
-    yield
-    if old is None:
-        del os.environ["SLIMTUNE_CACHE"]
-    else:
-        os.environ["SLIMTUNE_CACHE"] = old
 
 
 # Fuzzing profiles (tests/reliability/test_fuzz.py): `make test` runs a fixed, derandomized set of examples per
@@ -33,3 +22,5 @@ settings.register_profile("slimtune-default", derandomize=True, max_examples=60,
 settings.register_profile("slimtune-long", max_examples=int(os.environ.get("SLIMTUNE_FUZZ_EXAMPLES", "2000")),
                           deadline=None, database=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+from train_helpers import isolated_cache  # noqa: E402, F401 - the session fixture, for this folder

@@ -3,22 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from train_helpers import make_tokenizer
-
-
-@pytest.fixture(scope="session", autouse=True)
-def isolated_cache(tmp_path_factory):
-    """Point slimtune's cache at a fresh folder, so tests neither read nor fill the user's cache."""
-    import os
-
-    old = os.environ.get("SLIMTUNE_CACHE")
-    os.environ["SLIMTUNE_CACHE"] = str(tmp_path_factory.mktemp("slimtune-cache"))
-    yield os.environ["SLIMTUNE_CACHE"]
-    if old is None:
-        del os.environ["SLIMTUNE_CACHE"]
-    else:
-        os.environ["SLIMTUNE_CACHE"] = old
-
+from train_helpers import isolated_cache, make_tokenizer  # noqa: F401 - isolated_cache: a session fixture
 
 PYCODE_DIGEST = (
     "import hashlib, json; from slimtune.train.pycode import pycode_examples; "

@@ -7,6 +7,23 @@ corpus, the model is built from a config with random weights. (A uniquely named 
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Point slimtune's cache at a fresh folder, so tests neither read nor fill the user's cache (a conftest
+    that imports this fixture turns it on for its folder)."""
+    old = os.environ.get("SLIMTUNE_CACHE")
+    os.environ["SLIMTUNE_CACHE"] = str(tmp_path_factory.mktemp("slimtune-cache"))
+    yield os.environ["SLIMTUNE_CACHE"]
+    if old is None:
+        del os.environ["SLIMTUNE_CACHE"]
+    else:
+        os.environ["SLIMTUNE_CACHE"] = old
+
 # ChatML, as SmolLM2-Instruct uses it (without its default system prompt, to keep rows short).
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
