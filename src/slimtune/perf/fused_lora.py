@@ -44,7 +44,7 @@ def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Ten
     quantized layer's own matmul backend when it has one (the fast path's kernels)."""
     if isinstance(base, QuantizedLinear) and base.matmul_backend is not None:
         return base.matmul_backend(t, base, transpose)
-    if isinstance(base, Linear4bit):
+    if isinstance(base, Linear4bit) and kernels.use_triton_for(t.device, None):
         return kernels.matmul_4bit(t, kernels.weight_4bit(base), transpose)
     weight = base.transient_weight(t.dtype) if isinstance(base, QuantizedLinear) else weight_of(base).to(t.dtype)
     return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
