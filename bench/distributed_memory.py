@@ -12,9 +12,14 @@ It prints, per rank, what the run's summary and log record:
   (FSDP2 local shards), and of them the 4-bit layers' packed weights and block scales;
 - peak RSS while training (VmHWM reset at the first step) and the whole process's peak RSS (loading included).
 
-Every rank still builds the whole 4-bit model before sharding it (the loader does not yet quantize only the
-rank's own rows), so the process peak does not fall with N; what falls as 1/N is what a rank holds from then
-on. The prediction for 8 GPUs divides the sharded part by 8 and keeps the replicated part.
+Each rank loads per rank (slimtune.distributed.sharded_load): the model stays empty until ``fully_shard`` has
+split it, then the rank makes (here: random, from per-chunk generators; from a checkpoint: reads) and
+quantizes only its own rows of every weight, all-gathering one layer's fp32 block scales at a time for the
+double quantization. No rank ever holds the whole model, so the process peak falls with N as well, not only
+what a rank holds after sharding; what does not fall is the replicated part (double-quant statistics, code
+books, rotary tables) and each rank's activations and runtime. The log line "each rank reads and quantizes
+only its own rows" says the run took that path. The prediction for 8 GPUs divides the sharded part by 8 and
+keeps the replicated part.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def run(ranks: int, folder: Path, layers: int, timeout: float) -> dict:
     summary = json.loads((folder / "run" / "summary.json").read_text())
     held = {kind: (int(mine.replace(",", "")), int(whole.replace(",", ""))) for mine, kind, whole in
             HELD.findall(done.stdout)}
+    if ranks > 1 and "each rank reads and quantizes only its own rows" not in done.stdout:
+        raise RuntimeError(f"{ranks} ranks did not load per rank:\n{done.stdout[-3000:]}")
     return {"ranks": ranks, "seconds": time.perf_counter() - started, "summary": summary, "held": held}
 
 

@@ -65,6 +65,7 @@ def test_fsdp_shards_the_packed_4bit_base(two_ranks):
     log = (two_ranks / "launch.log").read_text()
     held = re.findall(r"fsdp: rank 0 holds ([\d,]+) of the (?:model's|quantized layers') ([\d,]+) bytes", log)
     assert len(held) == 3, "expected the FSDP LoRA run's line and the QLoRA run's two"
+    assert log.count("fsdp: each rank reads and quantizes only its own rows") == 1, "the QLoRA run loads per rank"
     for mine, whole in held:  # the 4-bit storage: half, plus the replicated double-quant statistics and code books
         assert int(mine.replace(",", "")) < 0.6 * int(whole.replace(",", ""))
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from slimtune.quant import Linear4bit
-from slimtune.quant.sharded_nf4 import make_model_shardable, make_shardable
+from slimtune.quant.sharded_nf4 import double_quantize_rows, make_model_shardable, make_shardable, quantize_rows
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -37,3 +37,22 @@ def test_layers_whose_rows_are_not_whole_blocks_stay_as_they_are():
     assert not isinstance(model[0].weight, nn.Parameter) and isinstance(model[1].weight, nn.Parameter)
     with pytest.raises(ValueError, match="not a multiple of blocksize"):
         make_shardable(model[0])
+
+
+def test_rows_quantized_alone_are_the_rows_of_the_whole_layer():
+    """Whole blocks per row: a range of rows quantizes as in the whole weight; double quantization needs the
+    whole layer's scales (its offset is their mean) and keeps the codes of the rows."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 301)  # 4 blocks of 32 per row: 1,204 scales, 5 nested blocks of 256
+    layer = Linear4bit.from_linear(linear, double_quant=True, blocksize=32, compute_dtype=torch.float32)
+    make_shardable(layer)
+    start, stop = 151, 301
+    packed, absmax = quantize_rows(linear.weight[start:stop].detach(), "nf4", 32)
+    assert torch.equal(packed, layer.weight[start:stop])
+    _, whole_absmax = quantize_rows(linear.weight.detach(), "nf4", 32)
+    codes, nested, offset = double_quantize_rows(whole_absmax, start, stop)
+    assert torch.equal(codes, layer.absmax[start:stop])
+    assert torch.equal(nested, layer.nested_absmax) and torch.equal(offset, layer.nested_offset)
+    local_only, _, local_offset = double_quantize_rows(absmax, 0, stop - start)  # what a rank alone would get
+    assert not torch.equal(local_offset, layer.nested_offset) and not torch.equal(local_only, codes)
+    assert quantize_rows(linear.weight[:0].detach(), "nf4", 32)[0].shape == (0, 64)

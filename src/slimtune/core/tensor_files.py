@@ -137,6 +137,23 @@ class SafetensorsReader:
                 raise self._bad(f"tensor {name!r}: read {got} of {end - start} bytes", name)
         return raw.view(dtype).reshape(shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``name`` along dim 0 (a contiguous byte range: one ``pread`` of those rows
+        alone), e.g. the shard of a weight that one rank of a sharded run holds."""
+        if name not in self._entries:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        dtype, shape, begin, end = self._entries[name]
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path}: rows {start}:{stop} are outside tensor {name!r} of shape {shape}")
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        raw = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        if raw.numel():
+            offset = self._data_start + begin + start * row_bytes
+            got = os.preadv(self._file.fileno(), [raw.numpy().data], offset)
+            if got != raw.numel():
+                raise self._bad(f"tensor {name!r}: read {got} of {raw.numel()} bytes", name)
+        return raw.view(dtype).reshape((stop - start, *shape[1:]))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the file, by name."""
         return {name: self.get_tensor(name) for name in self._entries}

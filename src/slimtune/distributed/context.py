@@ -74,6 +74,19 @@ class DistContext:
     def barrier(self) -> None:
         dist.barrier()
 
+    def gather_rows(self, local: torch.Tensor, rows: int) -> torch.Tensor:
+        """The ranks' ``local`` tensors stacked along dim 0 in rank order, into a tensor of ``rows`` rows.
+
+        Each rank's part may be shorter than the first's (FSDP2's dim-0 shards: ``ceil(rows / world_size)``
+        rows each, the last ones fewer or none); the parts are padded to that size for the all-gather.
+        """
+        chunk = -(-rows // self.world_size)
+        padded = local.new_zeros((chunk, *local.shape[1:]), device=self.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:rows].to(local.device)  # rank r's rows start at r · chunk here as in the layer
+
     def broadcast_object(self, value: object) -> object:
         """Rank 0's ``value`` on every rank (small Python objects: paths, settings)."""
         box = [value]

@@ -3,7 +3,9 @@
     validate → data → model (→ 4-bit) → method → wrap (DDP | FSDP2) → train → finalize
 
 Every rank loads the data and the model the same way and adds the adapter from the same seed (identical
-initial weights on every rank); then each rank reseeds its generators with ``training.seed + rank``, so
+initial weights on every rank). Under FSDP2 with a 4-bit base, the model is an empty skeleton until it is
+sharded, then each rank reads and quantizes only its own rows (:mod:`slimtune.distributed.sharded_load`);
+otherwise every rank loads the whole model. Then each rank reseeds its generators with ``training.seed + rank``, so
 dropout masks differ across ranks and are reproducible. Rank 0 alone writes the run folder (recipe,
 metrics, checkpoints' adapter and state, final adapter, summary); the others write only their checkpoint
 shards. Evaluations run on every rank over the whole evaluation set (FSDP needs every rank in each forward).
@@ -12,12 +14,13 @@ The sample generations of ``demo`` are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,14 @@ from slimtune.core.files import atomic_write
 from slimtune.distributed.checkpoint import read_distributed_state
 from slimtune.distributed.context import DistContext, launched_by_torchrun, process_group
 from slimtune.distributed.data import ShardedBatches, accumulation_for
+from slimtune.distributed.sharded_load import (
+    ShardedBase,
+    WholeLoadNeeded,
+    fill_shards,
+    load_skeleton,
+    stand_ins,
+    why_not_per_rank,
+)
 from slimtune.distributed.wrap import choose_strategy, full_trainable_parameters, held_bytes, wrap_model
 from slimtune.report import trainable_parameters
 from slimtune.train.progress import plot_loss, process_peak_rss_mb
@@ -84,6 +95,30 @@ def _accumulation(recipe: Recipe, checkpoint: Path | None, world_size: int) -> i
         raise RecipeError(f"--resume: {error}") from None
 
 
+def _load_base(recipe: Recipe, settings: DistributedSection, ctx: DistContext, log: Callable[[str], None]
+               ) -> tuple[Any, Any, ShardedBase | None]:
+    """The model and tokenizer, and under FSDP2 with a 4-bit base the plan that fills each rank's rows once the
+    model is sharded (the model is then still empty); otherwise the whole model, loaded by every rank."""
+    reason = why_not_per_rank(recipe) if settings.strategy != "ddp" else None
+    if settings.strategy != "ddp" and reason is None:
+        try:
+            plan, tokenizer = load_skeleton(recipe, ctx.device)
+        except WholeLoadNeeded as why:
+            reason = str(why)
+        else:
+            strategy = ctx.broadcast_object(choose_strategy(settings.strategy, plan.model, ctx.device,
+                                                            settings.fsdp_fraction))
+            if strategy == "fsdp":
+                log("fsdp: each rank reads and quantizes only its own rows of the base weights")
+                return plan.model, tokenizer, plan
+            plan.files.close()
+            reason = "distributed.strategy: auto chose ddp"
+    if reason is not None and recipe.quantization is not None:
+        log(f"every rank loads the whole base: {reason}")
+    model, tokenizer = load_model(recipe, ctx.device, log)
+    return model, tokenizer, None
+
+
 def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume: bool, show_progress: bool,
          log: Callable[[str], None], force: bool) -> RunResult:
     wall_start = time.perf_counter()
@@ -94,16 +129,21 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
         check_memory(recipe, force, log)
     run = RunFolder(recipe.output_dir)
     train_examples, eval_examples = load_data(recipe)
-    model, tokenizer = load_model(recipe, ctx.device, log)
+    model, tokenizer, plan = _load_base(recipe, settings, ctx, log)
     data = recipe.data
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
     eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
-    log(str(add_method(model, recipe)))  # the same seed on every rank: the same initial adapter
+    with stand_ins(model, ctx.device) if plan is not None else contextlib.nullcontext():
+        log(str(add_method(model, recipe)))  # the same seed on every rank: the same initial adapter
     log(str(trainable_parameters(model)))
     training = recipe.training
     torch.manual_seed(training.seed + ctx.rank)  # per-rank streams (dropout) from here on
-    strategy = str(ctx.broadcast_object(choose_strategy(settings.strategy, model, ctx.device, settings.fsdp_fraction)))
+    strategy = "fsdp" if plan is not None else \
+        str(ctx.broadcast_object(choose_strategy(settings.strategy, model, ctx.device, settings.fsdp_fraction)))
     wrapped = wrap_model(model, strategy, ctx, settings.cpu_offload)
+    if plan is not None:
+        fill_shards(plan, ctx)
+        log(f"fsdp: base loaded per rank; rank 0's process peak so far {process_peak_rss_mb() / 1024:.2f} GiB")
     mine, whole = held_bytes(wrapped)
     log(f"{strategy}: rank 0 holds {mine:,} of the model's {whole:,} bytes (parameters and buffers)")
     if recipe.quantization is not None:

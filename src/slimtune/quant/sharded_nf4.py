@@ -16,20 +16,29 @@ rest of their decoder block, before its forward and again for its backward. Row-
 the original order, so the decode (:mod:`slimtune.quant.nf4`) is unchanged, bit for bit. The double
 quantization's statistics — ``nested_absmax`` (one fp32 per 256 blocks) and ``offset`` — are 1/16384 of
 the scales and stay replicated buffers: every rank has the same ones, the single-process values.
+
+A rank can also quantize only its own rows (:func:`quantize_rows`): the blocks of a row never reach into
+the next one, so the rows' codes and fp32 scales are those of the whole weight. Double quantization is the
+exception: its offset is the mean of *all* the layer's block scales and its 256-scale blocks cross shard
+boundaries, so :func:`double_quantize_rows` takes the whole layer's fp32 scales (all-gathered by the caller:
+1/16 of the fp32 weight's bytes, for one layer at a time) and keeps the codes of the rank's rows.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from slimtune.quant import nf4
 from slimtune.quant.linear import Linear4bit
 
-__all__ = ["can_shard", "make_shardable", "make_model_shardable"]
+__all__ = ["can_shard", "make_shardable", "make_model_shardable", "quantize_rows", "double_quantize_rows"]
 
 
 def can_shard(layer: Linear4bit) -> bool:
-    """Whether ``layer``'s rows are whole blocks (``in_features`` a multiple of the block size: every LLM)."""
-    return layer.in_features % layer.blocksize == 0 and not layer.weight.is_meta
+    """Whether ``layer``'s rows are whole blocks (``in_features`` a multiple of the block size: every LLM). A layer
+    still on the meta device qualifies too (a sharded load lays it out before any rank fills its rows)."""
+    return layer.in_features % layer.blocksize == 0
 
 
 def make_shardable(layer: Linear4bit) -> None:
@@ -51,3 +60,26 @@ def make_model_shardable(model: nn.Module) -> int:
     for layer in layers:
         make_shardable(layer)
     return len(layers)
+
+
+def quantize_rows(rows: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes and fp32 scales of some whole rows ``(k, in)`` of a weight, in row layout:
+    ``(packed uint8 (k, in // 2), absmax fp32 (k, in // blocksize))``, bit for bit those rows of the whole
+    weight's (``in`` a multiple of ``blocksize``)."""
+    k, width = rows.shape
+    if width % blocksize:
+        raise ValueError(f"rows of {width} values are not whole blocks of {blocksize}; quantize the whole weight.")
+    if k == 0:  # a rank with no rows of this layer (more ranks than rows)
+        return rows.new_empty((0, width // 2), dtype=torch.uint8), rows.new_empty((0, width // blocksize),
+                                                                                   dtype=torch.float32)
+    packed, absmax = nf4.quantize_4bit(rows, quant_type, blocksize)
+    return packed.view(k, width // 2), absmax.view(k, width // blocksize)
+
+
+def double_quantize_rows(absmax: torch.Tensor, start: int, stop: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization of a whole layer's fp32 block scales ``absmax (out, in // blocksize)``, as
+    :func:`slimtune.quant.nf4.double_quantize` does it in one process; returns the uint8 codes of rows
+    ``start:stop`` only, and the replicated ``nested_absmax`` and ``offset``."""
+    codes, nested_absmax, offset = nf4.double_quantize(absmax.reshape(-1))
+    return codes.view(absmax.shape)[start:stop].clone(), nested_absmax, offset

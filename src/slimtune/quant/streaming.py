@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from slimtune.quant.model import make_quantized_layer, skipped_linear_names
 from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
 
 __all__ = ["init_empty_weights", "load_quantized", "load_in_4bit", "load_quantized_from_state_dict",
-           "init_random_quantized"]
+           "init_random_quantized", "TensorSource", "checkpoint_source", "random_source", "safetensors_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def init_empty_weights() -> Iterator[None]:
 
 class _Source:
     """Tensors by name from a state dict or from safetensors files, read one at a time (no memory map, so
-    only the tensor being placed is resident)."""
+    only the tensor being placed is resident), whole or as a range of rows (a rank's shard).
+    ``rows_read[key]``: the rows of ``key`` read so far (what a sharded load is tested on)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, files: list[Path] | None = None,
                  stack: contextlib.ExitStack | None = None):
@@ -70,10 +72,23 @@ class _Source:
                 self._where.update(dict.fromkeys(handle.keys(), handle))
         self.keys = set(tensors) if tensors is not None else set(self._where)
         self.used: set[str] = set()
+        self.rows_read: dict[str, int] = {}
+
+    def _count(self, key: str, rows: int) -> None:
+        self.used.add(key)
+        self.rows_read[key] = self.rows_read.get(key, 0) + rows
 
     def get(self, key: str) -> torch.Tensor:
-        self.used.add(key)
-        return self._dict[key] if self._dict is not None else self._where[key].get_tensor(key)
+        value = self._dict[key] if self._dict is not None else self._where[key].get_tensor(key)
+        self._count(key, value.shape[0] if value.dim() else 1)
+        return value
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (dim 0) of ``key``; from files, only those rows are read."""
+        self._count(key, stop - start)
+        if self._dict is not None:
+            return self._dict[key][start:stop]
+        return self._where[key].get_rows(key, start, stop)
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.keys if k.startswith(prefix)}
@@ -95,7 +110,12 @@ class _Source:
 class _RandomSource(_Source):
     """Random tensors in place of a checkpoint, made one at a time on ``device`` as a file's would be read:
     matrices N(0, std²), the weights of normalisation layers one, other vectors zero. For timing a model's
-    shapes without its weights (``model.init: random``)."""
+    shapes without its weights (``model.init: random``).
+
+    A matrix is made in chunks of rows (about 2**20 values each), each from its own generator seeded by
+    (seed, tensor name, chunk): the values do not depend on the order tensors are asked for, and a range of
+    rows (a rank's shard) is made without the rest of the matrix.
+    """
 
     def __init__(self, model: nn.Module, std: float, seed: int, device: torch.device):
         super().__init__(tensors={})
@@ -103,18 +123,54 @@ class _RandomSource(_Source):
         self._shapes = {n: (tuple(p.shape), n.rpartition(".")[0] in norms and n.endswith("weight"))
                         for n, p in model.named_parameters(remove_duplicate=False)}
         self.keys = set(self._shapes)
-        self._std, self._device = std, device
-        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self._std, self._device, self._seed = std, device, seed
 
     def get(self, key: str) -> torch.Tensor:
-        self.used.add(key)
+        shape, _ = self._shapes[key]
+        return self.get_rows(key, 0, shape[0] if shape else 1)
+
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        self._count(key, stop - start)
         shape, is_norm = self._shapes[key]
-        if len(shape) >= 2:
-            return torch.randn(shape, generator=self._generator, device=self._device).mul_(self._std)
-        return torch.ones(shape, device=self._device) if is_norm else torch.zeros(shape, device=self._device)
+        if len(shape) < 2:
+            vector = (torch.ones if is_norm else torch.zeros)(shape, device=self._device)
+            return vector[start:stop] if shape else vector
+        row = shape[1:]
+        per = max(1, _RANDOM_CHUNK // max(1, _numel(row)))
+        out = torch.empty((stop - start, *row), device=self._device)
+        for first in range(start - start % per, stop, per):
+            seed = zlib.crc32(f"{self._seed}:{key}:{first // per}".encode())
+            generator = torch.Generator(device=self._device).manual_seed(seed)
+            chunk = torch.randn((min(first + per, shape[0]) - first, *row), generator=generator, device=self._device)
+            lo, hi = max(start, first), min(stop, first + per)
+            out[lo - start: hi - start] = chunk[lo - first: hi - first]
+        return out.mul_(self._std)
 
 
-def _safetensors_files(paths: str | os.PathLike | list) -> list[Path]:
+_RANDOM_CHUNK = 2**20  # values per generator of _RandomSource
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+TensorSource = _Source
+
+
+def checkpoint_source(paths: str | os.PathLike | list, stack: contextlib.ExitStack) -> TensorSource:
+    """The tensors of safetensors file(s) or folder ``paths``, open until ``stack`` closes."""
+    return _Source(files=safetensors_files(paths), stack=stack)
+
+
+def random_source(model: nn.Module, std: float, seed: int, device: torch.device | str) -> TensorSource:
+    """Random tensors in ``model``'s shapes (see :class:`_RandomSource`), built model as for :func:`_load`."""
+    return _RandomSource(model, std, seed, torch.device(device))
+
+
+def safetensors_files(paths: str | os.PathLike | list) -> list[Path]:
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files: list[Path] = []
     for item in map(Path, items):
@@ -238,7 +294,7 @@ def load_quantized(model: ModelSource, paths: str | os.PathLike | list, config: 
     (slimtune or transformers+bitsandbytes checkpoints) are loaded as they are, ``config`` optional.
     """
     with contextlib.ExitStack() as stack:
-        source = _Source(files=_safetensors_files(paths), stack=stack)
+        source = _Source(files=safetensors_files(paths), stack=stack)
         return _load(model, source, config, device)
 
 

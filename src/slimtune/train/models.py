@@ -233,16 +233,24 @@ def random_model(config: transformers.PretrainedConfig, dtype: torch.dtype | str
     """A model of ``config``'s shapes with random weights (``model.init: random``, for benchmarks): built on
     the meta device and filled layer by layer, linear weights quantized as they are made, so a model that
     fits only in 4 bits can be built. Matrices N(0, ``config.initializer_range``²), norm weights one."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
-    model_cls = getattr(transformers, TASK_TYPES[task_type])
-    torch_dtype = parse_dtype(dtype)
-    with init_empty_weights():
-        empty = model_cls.from_config(config, dtype=torch_dtype)
-    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
-    model: Any = init_random_quantized(empty, quantization, torch.device(device), std=std, seed=seed)
+    empty = empty_model(config, dtype, task_type)
+    model: Any = init_random_quantized(empty, quantization, torch.device(device), std=random_std(config), seed=seed)
     model.config.use_cache = False
     return model
+
+
+def random_std(config: transformers.PretrainedConfig) -> float:
+    """The standard deviation of a random model's matrices: the config's ``initializer_range``."""
+    return float(getattr(config, "initializer_range", 0.02) or 0.02)
+
+
+def empty_model(config: transformers.PretrainedConfig, dtype: torch.dtype | str = "float32",
+                task_type: str = "CAUSAL_LM") -> Any:
+    """The model of ``config`` with its parameters on the meta device (no memory), buffers real."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
+    with init_empty_weights():
+        return getattr(transformers, TASK_TYPES[task_type]).from_config(config, dtype=parse_dtype(dtype))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pickle: bool = False) -> Any:

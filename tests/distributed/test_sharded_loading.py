@@ -1,0 +1,96 @@
+"""Per-rank loading of a 4-bit base under FSDP2 (slimtune.distributed.sharded_load), on 2 gloo ranks: each rank's
+shards are bit for bit the rows of a one-process load, double quantization included, and each rank reads only
+its own rows of every quantized weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helpers import check, torchrun
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slimtune.core.tensor_files import SafetensorsReader
+from slimtune.distributed.sharded_load import shard_rows
+from slimtune.distributed.wrap import fsdp_shards_integer_parameters
+from slimtune.quant import Linear4bit, load_quantized
+from slimtune.quant.sharded_nf4 import make_model_shardable
+from slimtune.train.models import empty_model
+
+pytestmark = pytest.mark.skipif(not fsdp_shards_integer_parameters(),
+                                reason="this torch's FSDP2 cannot shard the packed 4-bit base")
+WORKER = Path(__file__).resolve().parent / "shard_worker.py"
+
+
+def test_shard_rows_is_fsdp2s_torch_chunk_split():
+    for rows in (1, 2, 5, 301):
+        for world in (1, 2, 3, 4):
+            parts = torch.arange(rows).chunk(world)
+            for rank in range(world):
+                start, stop = shard_rows(rows, world, rank)
+                expected = parts[rank].tolist() if rank < len(parts) else []
+                assert list(range(start, stop)) == expected
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> Path:
+    """A tiny LLaMA whose MLP has 301 rows (odd: the ranks hold 151 and 150) of 4 blocks of 32 values, so the
+    gate/up layers' 1,204 scales make 5 double-quantization blocks of 256 and block 2 (scales 512-767) is
+    split between the ranks (rank 0 ends at scale 603); down_proj (301 columns) is not whole blocks per row
+    and stays replicated. Loaded per rank by shard_worker.py."""
+    tmp = tmp_path_factory.mktemp("per-rank")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=301, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp / "model")
+    (tmp / "out").mkdir()
+    check(torchrun(str(WORKER), str(tmp / "model"), str(tmp / "out")))
+    return tmp
+
+
+def _one_process(folder: Path) -> torch.nn.Module:
+    from shard_worker import CONFIG
+
+    model = load_quantized(empty_model(LlamaConfig.from_pretrained(folder)), folder, CONFIG)
+    make_model_shardable(model)
+    return model
+
+
+def test_each_rank_holds_the_rows_of_the_one_process_quantization(loaded):
+    whole = _one_process(loaded / "model")
+    ranks = [load_file(loaded / "out" / f"rank{r}.safetensors") for r in range(2)]
+    layers = {n: m for n, m in whole.named_modules() if isinstance(m, Linear4bit)}
+    assert len(layers) == 14
+    sharded = [n for n, m in layers.items() if m.weight.dim() == 2 and m.weight.shape[0] == 301]
+    assert len(sharded) == 4 and whole.get_submodule(sharded[0]).absmax.numel() > 4 * 256
+    for name, layer in layers.items():
+        rows_layout = isinstance(layer.weight, torch.nn.Parameter)
+        for rank, held in enumerate(ranks):
+            start, stop = shard_rows(layer.out_features, 2, rank) if rows_layout else (0, layer.out_features)
+            for attr in ("weight", "absmax"):
+                expected = getattr(layer, attr)[start:stop] if rows_layout else getattr(layer, attr)
+                assert torch.equal(held[f"{name}.{attr}"], expected), f"rank {rank}: {name}.{attr}"
+            for attr in ("nested_absmax", "nested_offset"):  # replicated: the whole layer's, as one process
+                assert torch.equal(held[f"{name}.{attr}"], getattr(layer, attr)), f"rank {rank}: {name}.{attr}"
+    logits = whole(torch.arange(12).view(2, 6)).logits
+    for held in ranks:
+        torch.testing.assert_close(held["logits"], logits, rtol=1e-5, atol=1e-6)
+
+
+def test_each_rank_reads_only_its_own_rows(loaded):
+    """The seam: the rows of each checkpoint tensor a rank read. A rank that read (and so quantized) a whole
+    layer to keep its part would count every row."""
+    with SafetensorsReader(loaded / "model" / "model.safetensors") as checkpoint:
+        rows = {key: checkpoint.shape(key)[0] for key in checkpoint.keys()}
+    for rank in range(2):
+        read = json.loads((loaded / "out" / f"rank{rank}.json").read_text())
+        assert set(read) == set(rows)
+        for key, count in read.items():
+            if key.endswith("down_proj.weight"):  # 301 columns, not whole blocks per row: replicated, read whole
+                assert count == rows[key]
+                continue
+            start, stop = shard_rows(rows[key], 2, rank)
+            assert count == stop - start, f"rank {rank} read {count} rows of {key} (its own: {start}:{stop})"
