@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 from tiny_models import FAMILIES, assert_base_unchanged, logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimtune
 from slimtune.methods.layers import TunerLayer
@@ -137,36 +136,24 @@ def test_gpt2_conv1d_is_wrapped_transposed():
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (32, 96)
 
 
-class _AtenOps(TorchDispatchMode):
-    """Records the aten ops run under it (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple[str, dict]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append((str(func.overloadpacket.__name__), dict(kwargs or {})))
-        return func(*args, **(kwargs or {}))
-
-
-def test_up_projection_is_one_addmm_into_the_base_output_with_the_same_values_and_gradients(monkeypatch):
-    """The LoRA layer adds ``s · B(A x)`` into the base output in one in-place addmm (the scaling as alpha):
-    no (tokens, out) product, scaled copy, sum or copy of the base output. Same values and gradients as
-    the three steps."""
+def test_up_projection_is_one_addmm_with_the_same_values_and_gradients(monkeypatch):
+    """The LoRA layer adds ``s · B(A x)`` to the base output in one addmm (the scaling as alpha): no
+    (tokens, out) product, scaled copy or sum. Same values and gradients as the three steps."""
     from slimtune.methods import lora_layers
 
     model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
                                                                     init_lora_weights=False)).train()
     reference = copy.deepcopy(model)
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    with _AtenOps() as seen:
-        loss = model(input_ids=ids, labels=ids).loss
+    calls = []
+    real = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(k.get("alpha")) or real(*a, **k))
+    loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     lora_layers_count = sum(isinstance(m, lora_layers.LoraLinear) for m in model.modules())
-    assert [k.get("alpha") for op, k in seen.ops if op == "addmm_"] == [3.0] * lora_layers_count
-    assert not [op for op, _ in seen.ops if op == "addmm"]  # no out-of-place addmm (a copy of the base output)
+    assert calls == [3.0] * lora_layers_count
     monkeypatch.setattr(lora_layers, "add_up_projection",
-                        lambda result, down, B, s, in_place=False: result + (B(down) * s).to(result.dtype))
+                        lambda result, down, B, s: result + (B(down) * s).to(result.dtype))
     ref_loss = reference(input_ids=ids, labels=ids).loss
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
@@ -174,19 +161,3 @@ def test_up_projection_is_one_addmm_into_the_base_output_with_the_same_values_an
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_a_forward_hook_on_the_base_layer_sees_the_base_output_unchanged():
-    """A hook that keeps the base layer's output (feature extraction, activation statistics) must not see
-    the LoRA term added into it: with a hook the sum goes to a new tensor."""
-    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, target_modules=["q_proj"],
-                                                                    init_lora_weights=False))
-    layer = model.model.layers[0].self_attn.q_proj
-    kept = []
-    layer.base_layer.register_forward_hook(lambda module, args, out: kept.append(out))
-    x = torch.randn(2, 5, layer.in_features)
-    with torch.no_grad():
-        out = layer(x)
-        base = layer.base_layer.weight @ x.unsqueeze(-1)
-    torch.testing.assert_close(kept[0], base.squeeze(-1))
-    assert not torch.allclose(out, kept[0])

@@ -31,34 +31,17 @@ def rank_and_alpha(config: LoraConfig, module_name: str) -> tuple[int, float]:
     return r, alpha
 
 
-def add_up_projection(result: torch.Tensor, down: torch.Tensor, B: nn.Module, scaling: float,
-                      in_place: bool = False) -> torch.Tensor:
+def add_up_projection(result: torch.Tensor, down: torch.Tensor, B: nn.Module, scaling: float) -> torch.Tensor:
     """``result + scaling · B(down)``: one ``addmm`` (the scaling as its alpha) when the dtypes agree and ``B``
     is a plain bias-free linear layer, so no ``(tokens, out)`` product, scaled copy or sum is materialised
-    in forward or backward; otherwise the three steps. ``in_place``: ``result`` is a fresh tensor the caller
-    owns (nothing else reads it), so the product is added into it rather than into a copy of it."""
+    in forward or backward; otherwise the three steps."""
     if (type(B) is nn.Linear and B.bias is None and not (B._forward_hooks or B._forward_pre_hooks)
             and result.dtype == down.dtype == B.weight.dtype and result.shape[:-1] == down.shape[:-1]
             and not torch.is_autocast_enabled(result.device.type)):
-        flat, rows = result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1])
-        if in_place and _may_add_into(result, flat):
-            flat.addmm_(rows, B.weight.t(), alpha=scaling)
-            return result
-        return torch.addmm(flat, rows, B.weight.t(), alpha=scaling).view(result.shape)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), B.weight.t(),
+                           alpha=scaling)
+        return flat.view(result.shape)
     return result + (B(down) * scaling).to(result.dtype)
-
-
-def _may_add_into(result: torch.Tensor, flat: torch.Tensor) -> bool:
-    """Whether adding into ``result`` changes nothing anyone else sees: it is not a view of another tensor
-    (``flat`` is a view of ``result`` itself) and not a leaf that autograd accumulates into."""
-    if result._is_view() or not (flat is result or flat._base is result):
-        return False
-    return not (result.requires_grad and result.grad_fn is None)
-
-
-def _output_is_private(module: nn.Module) -> bool:
-    """Whether ``module``'s output reaches only its caller: no forward hooks (its own or global) may keep it."""
-    return not (module._forward_hooks or nn.modules.module._global_forward_hooks)
 
 
 class LoraLinear(TunerLayer):
@@ -132,12 +115,10 @@ class LoraLinear(TunerLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        owned = _output_is_private(self.base_layer)  # then the LoRA term is added into the base output
         for name in self.unmerged_active():
             (A, B), dropout = self.lora_modules(name), self.lora_dropout[name]
             down = dropout_then_linear(x.to(A.weight.dtype), A, dropout)  # A(dropout(x)), a 1-byte mask kept
-            result = add_up_projection(result, down, B, self.scaling[name], in_place=owned)
-            owned = True  # later adapters add into the sum made here
+            result = add_up_projection(result, down, B, self.scaling[name])
         return result
 
     def extra_repr(self) -> str:
