@@ -9,14 +9,17 @@ A random SmolLM2-135M-shaped checkpoint (fp32 safetensors, bench/common.py's sha
 estimate reads its config.json like any local model. Every configuration then runs in its own subprocess
 (so VmHWM, the peak RSS, is that run's own) through slimtune's product path: ``models.load_model`` (a
 quantized base is quantized as it is read), ``runner.add_method`` (adapter, fast path, checkpointing) and
-``Trainer.train()`` for 2 optimizer steps on random full-length rows (labels = inputs). Measured: the
-process's VmHWM at the end (loading included) and the second step's time (the first allocates the
+``Trainer.train()`` for 4 optimizer steps on random full-length rows (labels = inputs). Measured: the
+process's VmHWM at the end (loading included) and the median time of steps 2-4 (the first allocates the
 optimizer state); the whole subprocess is timed too.
 
 Predictions come from ``slimtune.estimate.estimate`` on this CPU's measured profile (matmul FLOP/s, copy
-and 4-bit-decode bandwidth, op cost), measured again right before each run. Nothing is
-fitted to the validation configurations; the one fitted constant, the glibc heap retention
-(``devices.CPU_HEAP_RETENTION``), comes from ``--fit``'s configurations, which differ from them. Goal:
+and 4-bit-decode bandwidth, op cost), measured right before and right after each run (the mean of the two:
+the speed of a shared machine drifts). Nothing is fitted to the
+validation configurations; the fitted constants come from ``--fit``'s two configurations, which differ from
+them: the glibc heap retention (``devices.CPU_HEAP_RETENTION``) and the shares of the calibration's rates a
+training step reaches (``devices.CPU_COMPUTE_EFFICIENCY`` from the LoRA one, then
+``CPU_DECODE_EFFICIENCY`` from the QLoRA one; ``--fit`` prints the values that would make both exact). Goal:
 peak within ±15%, step time within ±30%. Timings on a busy machine swing by 5-20×: run it on a quiet one.
 """
 
@@ -25,17 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import machine, smollm2_shaped
 
-from slimtune.estimate import device_profile, estimate
-from slimtune.estimate.devices import cpu_calibration
+from slimtune.estimate import device_profile, devices, estimate
+from slimtune.estimate.devices import DeviceProfile, cpu_calibration
 from slimtune.estimate.memory import human
 from slimtune.train.recipe import load_recipe
 
@@ -60,6 +65,15 @@ VALIDATION = {
     "v8": (LORA, [*_SMALL, "data.max_seq_length=384", "method.lora_dropout=0.0"]),
     "v9": (LORA, ["training.batch_size=2", "training.gradient_accumulation_steps=1", "data.max_seq_length=256",
                   "model.gradient_checkpointing=false", "training.loss=full", "method.r=8"]),
+    # other shapes, not used for fitting: Llama-3.2-1B and the Qwen2 family, random weights in their shapes
+    "l1": (QLORA, [*_SMALL, "model.name_or_path=meta-llama/Llama-3.2-1B", "model.init=random",
+                   "data.max_seq_length=256"]),
+    "l2": (LORA, [*_SMALL, "model.name_or_path=meta-llama/Llama-3.2-1B", "model.init=random",
+                  "data.max_seq_length=128", "model.gradient_checkpointing=true"]),
+    "q1": (QLORA, [*_SMALL, "model.name_or_path=Qwen/Qwen2.5-0.5B", "model.init=random", "data.max_seq_length=256",
+                   "method.r=32"]),
+    "q2": (LORA, [*_SMALL, "model.name_or_path=Qwen/Qwen2.5-0.5B", "model.init=random", "data.max_seq_length=256",
+                  "model.gradient_checkpointing=false", "training.optim=adamw_8bit"]),
 }
 # Predictions written down before a GPU run measures them (REFERENCE.md §5's shape: bs 1, seq 2048, r 16 on
 # every linear layer, checkpointing, AdamW).
@@ -70,7 +84,7 @@ GPU_PREDICTIONS = {
     "llama3-8b-qlora-fp32": (QLORA, _LLAMA8B),
     "llama3-8b-lora-bf16": (LORA, [*_LLAMA8B, "model.dtype=bfloat16"]),
 }
-STEPS = 2
+STEPS = 4  # the first allocates the optimizer state; the median of the others is the step time
 
 
 def _overrides(extra: list[str], folder: Path, out: Path) -> list[str]:
@@ -81,6 +95,7 @@ def _overrides(extra: list[str], folder: Path, out: Path) -> list[str]:
 
 def child(spec: dict) -> dict:
     """Run one configuration the way `slimtune train` does, on random rows; return what was measured."""
+    from slimtune.train import runner
     from slimtune.train.batching import BatchIterator
     from slimtune.train.models import load_model
     from slimtune.train.runner import add_method
@@ -89,13 +104,17 @@ def child(spec: dict) -> dict:
     start = time.perf_counter()
     recipe = load_recipe(spec["recipe"], spec["overrides"])
     device = torch.device("cpu")
-    model = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype, device=device,
-                       quantization=recipe.quantization)
+    if recipe.model.init == "random":  # the shapes of a named model (slimtune's table), weights made layer by layer
+        model, _ = runner.load_model(recipe, device, log=lambda _: None)
+    else:
+        model = load_model(recipe.model.name_or_path, dtype=recipe.model.dtype, device=device,
+                           quantization=recipe.quantization)
     load_hwm = _vm("VmHWM")
     add_method(model, recipe)
     settings, seq = recipe.training, recipe.data.max_seq_length
     gen = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": (ids := torch.randint(0, 49152, (seq,), generator=gen).tolist()), "labels": ids}
+    vocab = min(model.config.vocab_size, 49152)
+    rows = [{"input_ids": (ids := torch.randint(0, vocab, (seq,), generator=gen).tolist()), "labels": ids}
             for _ in range(settings.batch_size * settings.gradient_accumulation_steps * STEPS)]
     batches = BatchIterator(rows, settings.batch_size, seed=settings.seed, pad_id=0)
     run_dir = Path(tempfile.mkdtemp(prefix="estimate-check-run-"))
@@ -127,6 +146,19 @@ def _run_child(recipe: str, overrides: list[str], threads: int | None) -> dict:
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     result["process_seconds"] = time.perf_counter() - started
     return result
+
+
+def _fresh_cpu_profile() -> DeviceProfile:
+    cpu_calibration.cache_clear()
+    return device_profile("cpu")
+
+
+def _between(before: DeviceProfile, after: DeviceProfile) -> DeviceProfile:
+    """The mean of two profiles' rates: a machine whose speed drifts while the run takes its minute."""
+    return replace(before, matmul_flops=(before.matmul_flops + after.matmul_flops) / 2,
+                   bandwidth=(before.bandwidth + after.bandwidth) / 2,
+                   dequant_bandwidth=(before.dequant_bandwidth + after.dequant_bandwidth) / 2,
+                   op_overhead=(before.op_overhead + after.op_overhead) / 2)
 
 
 def _describe(recipe: str, extra: list[str]) -> str:
@@ -179,17 +211,19 @@ def _compare(args: argparse.Namespace, configs: dict[str, tuple[str, list[str]]]
     print(header + "\n|" + "---|" * 9)
     for name, (recipe_name, extra) in configs.items():
         overrides = _overrides(extra, folder, work / name)
-        if not args.predict_only:  # measure the CPU again right before the run: the same load as the run sees
-            cpu_calibration.cache_clear()
-            cpu = device_profile("cpu")
+        measured_run: dict = {}
+        if not args.predict_only:  # the CPU measured right before and right after the run: the load it saw
+            before = _fresh_cpu_profile()
+            measured_run = _run_child(recipe_name, overrides, args.threads)
+            cpu = _between(before, _fresh_cpu_profile())
         est = estimate(load_recipe(recipe_name, overrides), device=cpu, advise=False)
         assert est.time is not None
         row: dict = {"config": name, "what": _describe(recipe_name, extra), "predicted_peak": est.peak,
-                     "predicted_step": est.time.seconds, "cpu_gflops": cpu.matmul_flops / 1e9,
-                     "components": {c.label: c.bytes for c in est.memory.components}}
-        if not args.predict_only:
-            row.update(_run_child(recipe_name, overrides, args.threads))
-            row["measured_step"] = row["step_seconds"][-1]
+                     "predicted_step": est.time.seconds, "predicted_decode": est.time.dequant_seconds,
+                     "cpu_gflops": cpu.matmul_flops / 1e9,
+                     "components": {c.label: c.bytes for c in est.memory.components}, **measured_run}
+        if measured_run:
+            row["measured_step"] = statistics.median(row["step_seconds"][1:])
         rows.append(row)
         measured = (f"{human(row['peak_rss'])} | {_err(est.peak, row['peak_rss'])} | {est.time.seconds:.2f} s | "
                     f"{row['measured_step']:.2f} s | {_err(est.time.seconds, row['measured_step'])}"
@@ -202,6 +236,7 @@ def _compare(args: argparse.Namespace, configs: dict[str, tuple[str, list[str]]]
         print(f"\nlargest error: peak {peak_err:.0%} (goal ±15%), step time {step_err:.0%} (goal ±30%)")
         if args.fit:
             _print_retention(rows)
+            _print_efficiency(rows)
     print(f"\n# predictions on --device {args.device} (not measured here)\n")
     print("| config | peak | step | tokens/s |\n|---|---|---|---|")
     for name, (recipe_name, extra) in GPU_PREDICTIONS.items():
@@ -214,6 +249,26 @@ def _compare(args: argparse.Namespace, configs: dict[str, tuple[str, list[str]]]
     print(f"\nwhole command: {time.perf_counter() - began:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _print_efficiency(rows: list[dict]) -> None:
+    """The shares of the calibration's rates a training step reaches (devices.CPU_COMPUTE_EFFICIENCY and
+    CPU_DECODE_EFFICIENCY) that would make the predictions of f2 (LoRA: compute only) and then f1 (QLoRA: compute
+    and 4-bit decode) exact, from the predictions made with the current shares."""
+    by_name = {r["config"]: r for r in rows}
+    if not {"f1", "f2"} <= set(by_name):
+        return
+    lora, qlora = by_name["f2"], by_name["f1"]
+    speed = lora["predicted_step"] / lora["measured_step"]  # > 1: the step is slower than predicted
+    compute = devices.CPU_COMPUTE_EFFICIENCY * speed
+    rest = (qlora["predicted_step"] - qlora["predicted_decode"]) / speed  # f1's compute, at the fitted share
+    decode_time = qlora["measured_step"] - rest
+    if decode_time <= 0:
+        print(f"compute share {compute:.2f}; f1's decode time is within the noise (no decode share fitted)")
+        return
+    decode = devices.CPU_DECODE_EFFICIENCY * qlora["predicted_decode"] / decode_time
+    print(f"fitted shares: CPU_COMPUTE_EFFICIENCY = {compute:.2f}, CPU_DECODE_EFFICIENCY = {decode:.2f} "
+          f"(now {devices.CPU_COMPUTE_EFFICIENCY}, {devices.CPU_DECODE_EFFICIENCY})")
 
 
 def _print_retention(rows: list[dict]) -> None:

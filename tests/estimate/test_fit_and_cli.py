@@ -124,3 +124,19 @@ def test_parse_memory(text, expected):
 def test_parse_memory_refuses(text):
     with pytest.raises(ValueError, match="is not a memory size|more than zero"):
         parse_memory(text)
+
+
+def test_a_cpu_profile_scales_the_measured_rates_by_the_fitted_training_shares(monkeypatch):
+    """The calibration times one large matmul, copy and decode at their best; a training step reaches only the
+    fitted shares of those rates, so the profile the estimate uses is slower than the calibration."""
+    from slimtune.estimate import devices
+
+    measured = devices.CpuCalibration(matmul_flops=100e9, bandwidth=20e9, dequant_bandwidth=40e9, op_overhead=1e-5)
+    monkeypatch.setattr(devices, "cpu_calibration", lambda: measured)
+    cpu = devices.device_profile("cpu", measure_baseline=False)
+    compute, decode = devices.CPU_COMPUTE_EFFICIENCY, devices.CPU_DECODE_EFFICIENCY
+    assert 0 < compute < 1 and 0 < decode < 1
+    assert cpu.matmul_flops == pytest.approx(100e9 * compute)
+    assert cpu.bandwidth == pytest.approx(20e9 * compute)
+    assert cpu.dequant_bandwidth == pytest.approx(40e9 * decode)
+    assert cpu.op_overhead == pytest.approx(1e-5 / compute)

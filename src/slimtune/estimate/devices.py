@@ -39,6 +39,13 @@ DEQUANT_BYTES_PER_WEIGHT = {4: 16.5, 2: 22.5}
 # (QLoRA and LoRA, seq 256, r 16, dropout 0.05), the peak RSS sat 0.66 and 0.63 of the step's activation +
 # loss memory above the live bytes (CPU dropout's float noise tensors churn the heap on top of what is kept).
 CPU_HEAP_RETENTION = 0.65
+# A training step reaches only part of the rates the calibration measures (one large matmul, one long copy, one
+# hot 4-bit decode, each timed at its best): its matmuls are smaller and skinnier, its element-wise ops short,
+# and each weight's decode runs cold between two matmuls. The shares below, fitted by bench/estimate_check.py
+# --fit on its two fitting configurations (SmolLM2 shape, seq 256: LoRA gives the compute share, QLoRA then the
+# decode share), scale the measured rates of a CPU profile.
+CPU_COMPUTE_EFFICIENCY = 0.67
+CPU_DECODE_EFFICIENCY = 0.30
 # PyTorch's caching allocator: fragmentation of the blocks it holds, on top of the allocated peak.
 CUDA_ALLOCATOR_SLACK = 0.08
 
@@ -220,12 +227,15 @@ def _cpu_profile(measure_baseline: bool) -> DeviceProfile:
     cal = cpu_calibration()
     context = baseline_rss() if measure_baseline else process_rss()
     total, available = _meminfo("MemTotal"), _meminfo("MemAvailable")
+    compute, decode = CPU_COMPUTE_EFFICIENCY, CPU_DECODE_EFFICIENCY
     return DeviceProfile(
-        name="cpu", kind="cpu", memory=total or 16 * GiB, matmul_flops=cal.matmul_flops, bandwidth=cal.bandwidth,
-        dequant_bandwidth=cal.dequant_bandwidth, op_overhead=cal.op_overhead, context=context,
+        name="cpu", kind="cpu", memory=total or 16 * GiB, matmul_flops=cal.matmul_flops * compute,
+        bandwidth=cal.bandwidth * compute, dequant_bandwidth=cal.dequant_bandwidth * decode,
+        op_overhead=cal.op_overhead / compute, context=context,
         heap_retention=CPU_HEAP_RETENTION, free=(available + process_rss()) if available else None,
         source=f"measured: {cal.matmul_flops / 1e9:.0f} GFLOP/s fp32 matmul, {cal.bandwidth / 1e9:.1f} GB/s copy, "
-               f"{cal.dequant_bandwidth / 1e9:.1f} GB/s 4-bit decode, {torch.get_num_threads()} threads")
+               f"{cal.dequant_bandwidth / 1e9:.1f} GB/s 4-bit decode, {torch.get_num_threads()} threads; a training "
+               f"step reaches {compute:.2f} of them ({decode:.2f} of the decode; fitted)")
 
 
 def _cuda_profile(name: str) -> DeviceProfile:
