@@ -15,10 +15,11 @@ It prints, per rank, what the run's summary and log record:
 Each rank loads per rank (slimtune.distributed.sharded_load): the model stays empty until ``fully_shard`` has
 split it, then the rank makes (here: random, from per-chunk generators; from a checkpoint: reads) and
 quantizes only its own rows of every weight, all-gathering one layer's fp32 block scales at a time for the
-double quantization. No rank ever holds the whole model, so the process peak falls with N as well, not only
-what a rank holds after sharding; what does not fall is the replicated part (double-quant statistics, code
-books, rotary tables) and each rank's activations and runtime. The log line "each rank reads and quantizes
-only its own rows" says the run took that path. The prediction for 8 GPUs divides the sharded part by 8 and
+double quantization. No rank ever holds the whole model. What does not fall with N is the replicated part:
+the root's frozen parameters (the tied fp32 embedding, 1.47 GiB here, and the final norm: kept whole on every
+rank, see slimtune.distributed.wrap._replicated_root), the double-quant statistics, code books and rotary
+tables, and each rank's activations and runtime. The log line "each rank reads and quantizes only its own
+rows" says the run took that path. The prediction for 8 GPUs divides the sharded part by 8 and
 keeps the replicated part.
 """
 
@@ -105,7 +106,7 @@ def prediction(results: list[dict], n: int = 8) -> str:
     gib = 2**30
     return (f"predicted for {n} ranks: each holds {(sharded / n + replicated) / gib:.2f} GiB of the model's "
             f"{whole / gib:.2f} GiB after sharding ({sharded / gib:.2f} GiB sharded / {n} + {replicated / gib:.2f} GiB "
-            "replicated buffers)")
+            "replicated: the root's frozen parameters and buffers)")
 
 
 def main() -> None:
