@@ -111,7 +111,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
         recipe_arg, overrides = None, [recipe_arg, *overrides]  # `slimtune estimate key=value` uses the default
     recipe = load_recipe(recipe_arg or DEFAULT_RECIPE, overrides)
-    result = estimate(recipe, device=args.device, memory=args.memory)
+    if args.nproc_per_node < 1 or (args.nnodes or 1) < 1:
+        raise ValueError(f"--nproc-per-node {args.nproc_per_node} --nnodes {args.nnodes}: use at least 1 of each.")
+    result = estimate(recipe, device=args.device, memory=args.memory,
+                      ranks=args.nproc_per_node * (args.nnodes or 1), per_machine=args.nproc_per_node)
     print(json.dumps(estimate_json(result), indent=2) if args.json else format_estimate(result))
     return 0 if result.fits else 1
 
@@ -220,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a100-40gb, l4, rtx4090, rtx3090 (default: the recipe's model.device)")
     p.add_argument("--memory", default=None, help="memory the run may use, e.g. 24GB (default: the device's)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON (for tools)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="the memory of each rank of a distributed run with N processes per node (the recipe's "
+                        "distributed section, or its default: auto = fsdp when the weights exceed half a device)")
+    p.add_argument("--nnodes", type=int, default=None, help="nodes of the distributed run (default 1)")
     p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a transformers folder or a GGUF file",

@@ -68,7 +68,8 @@ def test_json_output_schema(capsys, tiny_folder):
                                      "--device", "h200", "--json"])
     assert status == 0
     assert out["schema"] == 1 and out["recipe"] == "qlora-smollm2-pycode"
-    assert set(out) == {"schema", "recipe", "model", "method", "device", "memory", "time", "advice"}
+    assert set(out) == {"schema", "recipe", "model", "method", "device", "memory", "time", "advice", "distribution"}
+    assert out["distribution"] is None  # one process
     assert out["model"]["params"] > 0 and out["method"]["trainable_params"] > 0
     memory = out["memory"]
     keys = {"components", "train_peak_bytes", "load_peak_bytes", "peak_bytes", "host_bytes", "fits", "notes"}

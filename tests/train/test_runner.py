@@ -54,7 +54,7 @@ def test_random_init_errors_name_the_key(tmp_path):
 def test_a_run_predicted_not_to_fit_stops_before_loading_unless_forced(tmp_path, monkeypatch, capsys):
     estimate = object()
 
-    def does_not_fit(recipe, device=None, margin=0.1):
+    def does_not_fit(recipe, device=None, margin=0.1, ranks=1, per_machine=None):
         raise DoesNotFitError("recipe 'r' needs about 9.0 GiB on cpu, which has 1.0 GiB free", estimate)
 
     monkeypatch.setattr(runner, "check_fits", does_not_fit)
@@ -80,7 +80,7 @@ def test_a_run_predicted_not_to_fit_stops_before_loading_unless_forced(tmp_path,
 
 
 def test_an_estimate_that_cannot_be_made_does_not_block_the_run(tmp_path, monkeypatch):
-    def unknown(recipe, device=None, margin=0.1):
+    def unknown(recipe, device=None, margin=0.1, ranks=1, per_machine=None):
         raise ValueError("model 'x/y': not in slimtune's table")
 
     monkeypatch.setattr(runner, "check_fits", unknown)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -38,7 +39,13 @@ from slimtune.distributed.sharded_load import (
     stand_ins,
     why_not_per_rank,
 )
-from slimtune.distributed.wrap import choose_strategy, full_trainable_parameters, held_bytes, wrap_model
+from slimtune.distributed.wrap import (
+    choose_strategy,
+    full_trainable_parameters,
+    held_bytes,
+    replicated_bytes,
+    wrap_model,
+)
 from slimtune.report import trainable_parameters
 from slimtune.train.progress import plot_loss, process_peak_rss_mb
 from slimtune.train.recipe import DistributedSection, Recipe, RecipeError
@@ -126,7 +133,8 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     accumulation = _accumulation(recipe, checkpoint, ctx.world_size)
     ctx.barrier()  # every rank validated before rank 0 may replace the folder
     if ctx.is_main:
-        check_memory(recipe, force, log)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))  # ranks on this node (torchrun sets it)
+        check_memory(recipe, force, log, ranks=ctx.world_size, per_machine=local)
     run = RunFolder(recipe.output_dir)
     train_examples, eval_examples = load_data(recipe)
     model, tokenizer, plan = _load_base(recipe, settings, ctx, log)
@@ -146,6 +154,9 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
         log(f"fsdp: base loaded per rank; rank 0's process peak so far {process_peak_rss_mb() / 1024:.2f} GiB")
     mine, whole = held_bytes(wrapped)
     log(f"{strategy}: rank 0 holds {mine:,} of the model's {whole:,} bytes (parameters and buffers)")
+    if strategy == "fsdp":
+        log(f"fsdp: {replicated_bytes(wrapped):,} of them are whole on every rank (the root's frozen parameters: "
+            "embeddings, final norm; buffers)")
     if recipe.quantization is not None:
         mine, whole = held_bytes(wrapped, quantized_only=True)
         log(f"{strategy}: rank 0 holds {mine:,} of the quantized layers' {whole:,} bytes (packed weights, scales)")

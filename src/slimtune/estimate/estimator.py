@@ -13,6 +13,7 @@ from slimtune.estimate.activations import Precision, activation_model
 from slimtune.estimate.devices import DeviceProfile
 from slimtune.estimate.memory import Component, MemoryModel, memory_model
 from slimtune.estimate.model_shapes import AdapterLayout, ModelShape, adapter_layout, model_shape
+from slimtune.estimate.per_rank import Distribution, distribution, per_rank
 from slimtune.estimate.timing import StepTime, step_time
 from slimtune.perf.losses import _UNSUPPORTED_HEAD_CONFIG
 from slimtune.train.data import load_examples
@@ -47,10 +48,23 @@ class Estimate:
     steps_note: str
     eval_seconds: float | None
     advice: list[Advice] = field(default_factory=list)
+    distribution: Distribution | None = None  # a distributed run: the memory is per rank
 
     @property
     def peak(self) -> int:
         return self.memory.peak
+
+    @property
+    def ranks(self) -> int:
+        return self.distribution.ranks if self.distribution is not None else 1
+
+    @property
+    def needed(self) -> int:
+        """What the run needs of the limit: the peak, or on a CPU that of every rank of a node (they share its
+        memory)."""
+        if self.device.on_gpu or self.distribution is None:
+            return self.peak
+        return self.peak * self.distribution.per_machine
 
     @property
     def limit(self) -> int:
@@ -59,7 +73,7 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.peak <= self.limit
+        return self.needed <= self.limit
 
     @property
     def run_seconds(self) -> float | None:
@@ -162,14 +176,26 @@ def recipe_with(recipe: Recipe, overrides: list[str]) -> Recipe:
     return recipe_from_dict(apply_overrides(recipe.to_dict(), list(overrides)), name=recipe.name)
 
 
-def predict(recipe: Recipe, device: DeviceProfile, *, timing: bool = True) -> Estimate:
-    """Predict ``recipe``'s memory (and, with ``timing``, its step and run time) on ``device``; no advice."""
+def predict(recipe: Recipe, device: DeviceProfile, *, timing: bool = True, ranks: int = 1,
+            per_machine: int | None = None) -> Estimate:
+    """Predict ``recipe``'s memory (and, with ``timing``, its step and run time) on ``device``; no advice.
+    ``ranks`` > 1 (or a recipe with a ``distributed`` section): the memory of each rank of that many processes
+    (:mod:`.per_rank`; ``per_machine`` of them share a CPU node's memory); the step time stays one rank's (the
+    collectives are not modelled)."""
     shape, layout = _shape_and_layout(recipe)
     mem, prec, chunked = _memory(recipe, shape, layout, device)
+    dist = None
+    if ranks > 1 or recipe.distributed is not None:
+        dist = distribution(recipe, ranks, mem.component("weights") + mem.component("weights_fp"), device.memory,
+                            device.on_gpu, per_machine)
+        mem = per_rank(mem, shape, recipe, dist)
     est_time = _time(recipe, shape, layout, device, prec, chunked) if timing else None
     steps, note = _steps(recipe) if timing else (None, "")
+    if steps is not None and dist is not None and recipe.training.max_steps is None:
+        steps = max(1, math.ceil(steps / dist.ranks))  # each step takes a batch from every rank
     eval_seconds = None
     if est_time is not None and recipe.data.max_eval_examples:
         eval_tokens = 2 * recipe.data.max_eval_examples * recipe.data.max_seq_length  # before and after training
         eval_seconds = eval_tokens / max(est_time.tokens_per_second, 1e-9) / 3  # a forward is ~1/3 of a step
-    return Estimate(recipe, shape, layout, device, prec, chunked, mem, est_time, steps, note, eval_seconds)
+    return Estimate(recipe, shape, layout, device, prec, chunked, mem, est_time, steps, note, eval_seconds,
+                    distribution=dist)

@@ -46,29 +46,35 @@ def _profile(recipe: Recipe, device: str | DeviceProfile | None, memory: str | i
 
 
 def estimate(recipe: Recipe, device: str | DeviceProfile | None = None, memory: str | int | None = None, *,
-             timing: bool = True, advise: bool = True) -> Estimate:
+             timing: bool = True, advise: bool = True, ranks: int = 1, per_machine: int | None = None) -> Estimate:
     """Predict ``recipe``'s peak memory and time on ``device`` (a name — cpu, cuda, h200, ... — a profile, or
     by default the recipe's ``model.device``); ``memory`` ("24GB" or bytes) overrides the device's memory.
-    When the peak exceeds the memory, ``advice`` lists changes that fit."""
-    est = predict(recipe, _profile(recipe, device, memory, measure_baseline=True), timing=timing)
+    When the peak exceeds the memory, ``advice`` lists changes that fit. ``ranks``: the memory of each rank of
+    a distributed run of that many processes (the recipe's ``distributed`` section, or ddp/fsdp by ``auto``)."""
+    est = predict(recipe, _profile(recipe, device, memory, measure_baseline=True), timing=timing, ranks=ranks,
+                  per_machine=per_machine)
     if advise and not est.fits:
         est.advice = advice_for(est)
     return est
 
 
-def check_fits(recipe: Recipe, device: str | DeviceProfile | None = None, margin: float = DEFAULT_MARGIN) -> Estimate:
+def check_fits(recipe: Recipe, device: str | DeviceProfile | None = None, margin: float = DEFAULT_MARGIN,
+               ranks: int = 1, per_machine: int | None = None) -> Estimate:
     """Call before training: the estimate, or :class:`DoesNotFitError` when the predicted peak exceeds the
     device's free memory by more than ``margin`` (the prediction's own uncertainty). On a CPU the process's
     current resident set stands for the Python + torch baseline (this process is the one that will train)."""
-    est = predict(recipe, _profile(recipe, device, None, measure_baseline=False), timing=False)
-    if est.peak <= est.limit * (1 + margin):
+    est = predict(recipe, _profile(recipe, device, None, measure_baseline=False), timing=False, ranks=ranks,
+                  per_machine=per_machine)
+    if est.needed <= est.limit * (1 + margin):
         return est
     est.advice = advice_for(est)
     raise DoesNotFitError(does_not_fit_message(est), est)
 
 
 def does_not_fit_message(est: Estimate) -> str:
-    lines = [f"recipe {est.recipe.name!r} needs about {human(est.peak)} on {est.device.name}, which has "
+    dist = est.distribution
+    per_rank = f" ({dist.per_machine} ranks × {human(est.peak)})" if dist is not None and est.needed != est.peak else ""
+    lines = [f"recipe {est.recipe.name!r} needs about {human(est.needed)}{per_rank} on {est.device.name}, which has "
              f"{human(est.limit)} {'free' if est.device.free is not None else 'of memory'} "
              f"(run `slimtune estimate {est.recipe.name}` for the breakdown)."]
     fitting = [a for a in est.advice if a.fits]
@@ -112,7 +118,8 @@ def _candidates(recipe: Recipe, on_gpu: bool) -> Iterator[tuple[str, list[str], 
 def _try(est: Estimate, label: str, overrides: list[str], kind: int) -> Advice | None:
     """The advice of applying ``overrides``, or None when it does not lower the peak (or is not allowed)."""
     try:
-        other = predict(recipe_with(est.recipe, overrides), est.device)
+        other = predict(recipe_with(est.recipe, overrides), est.device, ranks=est.ranks,
+                        per_machine=est.distribution.per_machine if est.distribution else None)
     except ValueError:
         return None  # a change this model or method does not allow
     if other.peak >= est.peak:

@@ -46,8 +46,13 @@ def format_estimate(est: Estimate) -> str:
         f"loss {'chunked' if est.chunked else 'full'}",
         f"device  {dev.name}: {human(dev.memory)}"
         + (f" ({human(dev.free)} free now)" if dev.free is not None else "") + f"; {dev.source}",
-        "",
     ]
+    if est.distribution is not None:
+        d = est.distribution
+        shared = (f"; {d.per_machine} ranks share this machine's memory" if not dev.on_gpu and d.per_machine > 1
+                  else "")
+        lines.append(f"ranks   {d}{shared}")
+    lines.append("")
     width = max(len(c.label) for c in mem.components)
     lines.append(f"  {'component':<{width}}  {'memory':>10}  why")
     for c in mem.components:
@@ -59,9 +64,10 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"  {'peak while training':<{width}}  {human(mem.train_peak):>10}")
     if mem.load_peak:
         lines.append(f"  {'peak while loading':<{width}}  {human(mem.load_peak):>10}  quantized weights + one "
-                     "full-precision weight being quantized")
+                     "full-precision weight being quantized (per rank: its rows)")
     verdict = "fits" if est.fits else "does NOT fit"
-    lines.append(f"\npeak {human(est.peak)}: {verdict} in {human(est.limit)}"
+    needed = f"{human(est.needed)} ({human(est.peak)} per rank)" if est.needed != est.peak else human(est.peak)
+    lines.append(f"\npeak {needed}: {verdict} in {human(est.limit)}"
                  f"{' free' if dev.free is not None else ''} on {dev.name}")
     lines += [f"note: {n}" for n in mem.notes]
     if est.time is not None:
@@ -118,6 +124,10 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
             "fits": est.fits,
             "notes": mem.notes,
         },
+        "distribution": None if est.distribution is None else {
+            "strategy": est.distribution.strategy, "ranks": est.distribution.ranks,
+            "per_machine": est.distribution.per_machine, "cpu_offload": est.distribution.cpu_offload,
+            "needed_bytes": est.needed},
         "time": None,
         "advice": [{"label": a.label, "overrides": a.overrides, "peak_bytes": a.peak, "fits": a.fits,
                     "step_seconds": a.step_seconds} for a in est.advice],

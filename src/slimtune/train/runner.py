@@ -116,13 +116,14 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
     return None
 
 
-def check_memory(recipe: Recipe, force: bool, log: Callable[[str], None]) -> None:
+def check_memory(recipe: Recipe, force: bool, log: Callable[[str], None], ranks: int = 1,
+                 per_machine: int | None = None) -> None:
     """Say before anything loads whether the run will fit (:func:`slimtune.estimate.check_fits`): a run
     predicted not to fit stops here with the changes that would make it fit, unless ``force``. A recipe
     the estimator cannot size (an unknown architecture, a model it cannot find without downloading) runs
     on with a note."""
     try:
-        estimate = check_fits(recipe)
+        estimate = check_fits(recipe, ranks=ranks, per_machine=per_machine)
     except DoesNotFitError as error:
         if not force:
             raise DoesNotFitError(f"{error}\nTo run anyway: slimtune train ... --force", error.estimate) from None
@@ -131,7 +132,8 @@ def check_memory(recipe: Recipe, force: bool, log: Callable[[str], None]) -> Non
     except (ValueError, OSError, NotImplementedError) as error:
         log(f"memory estimate skipped ({type(error).__name__}: {str(error).splitlines()[0]})")
         return
-    log(f"memory estimate: peak about {human_bytes(estimate.peak)} of {human_bytes(estimate.limit)} on "
+    each = f" per rank ({estimate.distribution})" if estimate.distribution is not None else ""
+    log(f"memory estimate: peak about {human_bytes(estimate.peak)}{each} of {human_bytes(estimate.limit)} on "
         f"{estimate.device.name} (`slimtune estimate` for the breakdown)")
 
 
