@@ -32,7 +32,6 @@ from torch.distributed.tensor import DTensor, Shard
 from slimtune.config import LoraConfig
 from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module
 from slimtune.distributed.context import DistContext
-from slimtune.estimate.model_shapes import resolve_config
 from slimtune.quant.codebooks import codebook, dynamic_map
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit
@@ -41,7 +40,8 @@ from slimtune.quant.sharded_nf4 import can_shard, double_quantize_rows, make_sha
 from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix
 from slimtune.quant.streaming import TensorSource, checkpoint_source, random_source
 from slimtune.train.models import empty_model, load_tokenizer, random_std, resolve_model_path
-from slimtune.train.recipe import Recipe, RecipeError
+from slimtune.train.recipe import Recipe
+from slimtune.train.runner import random_model_config
 
 __all__ = ["WholeLoadNeeded", "shard_rows", "ShardedBase", "quantized_skeleton", "fill_shards", "stand_ins",
            "why_not_per_rank",
@@ -222,11 +222,7 @@ def load_skeleton(recipe: Recipe, device: torch.device) -> tuple[ShardedBase, An
     assert config is not None  # why_not_per_rank
     files = contextlib.ExitStack()
     if spec.init == "random":
-        model_config, _ = resolve_config(spec.name_or_path)
-        for key, value in spec.config_overrides.items():
-            if not hasattr(model_config, key):
-                raise RecipeError(f"model.config_overrides.{key}: {type(model_config).__name__} has no such field.")
-            setattr(model_config, key, value)
+        model_config, _ = random_model_config(recipe)
         model = empty_model(model_config, spec.dtype)
         source = random_source(model, random_std(model_config), recipe.training.seed, device)
         tokenizer = load_tokenizer(spec.tokenizer or "default", spec.allow_pickle)

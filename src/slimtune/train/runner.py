@@ -151,17 +151,24 @@ def load_data(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 
 # ---- 3. model --------------------------------------------------------------------------------------------
+def random_model_config(recipe: Recipe) -> tuple[Any, str]:
+    """``model.init: random``: the named model's config (and where it came from) with ``model.config_overrides``."""
+    spec = recipe.model
+    config, source = resolve_config(spec.name_or_path)
+    for key, value in spec.config_overrides.items():
+        if not hasattr(config, key):
+            raise RecipeError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
+        setattr(config, key, value)
+    return config, source
+
+
 def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> tuple[PreTrainedModel, Any]:
     """The base model and tokenizer; with a ``quantization`` section, each linear weight is quantized as it
     is read (the full-precision model never exists). ``model.init: random``: the shapes of the named model
     with random weights, made layer by layer (the tokenizer: ``model.tokenizer``, else the default model's)."""
     spec = recipe.model
     if spec.init == "random":
-        config, source = resolve_config(spec.name_or_path)
-        for key, value in spec.config_overrides.items():
-            if not hasattr(config, key):
-                raise RecipeError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
-            setattr(config, key, value)
+        config, source = random_model_config(recipe)
         log(f"model: random weights in the shapes of {spec.name_or_path!r} ({source})")
         model = random_model(config, spec.dtype, device, quantization=recipe.quantization, seed=recipe.training.seed)
         tokenizer = load_tokenizer(spec.tokenizer or "default", spec.allow_pickle)
