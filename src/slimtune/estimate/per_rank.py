@@ -22,7 +22,7 @@ from slimtune.estimate.memory import Component, MemoryModel, human
 from slimtune.estimate.model_shapes import ModelShape
 from slimtune.train.recipe import DistributedSection, Recipe
 
-__all__ = ["Distribution", "distribution", "per_rank"]
+__all__ = ["Distribution", "distribution", "per_rank", "loads_per_rank"]
 
 PREFETCHED_BLOCKS = 2  # FSDP2: the block being computed and the next one, gathered ahead
 
@@ -36,7 +36,11 @@ class Distribution:
 
     def __str__(self) -> str:
         offload = " with CPU offload" if self.cpu_offload else ""
-        return f"{self.strategy}{offload} over {self.ranks} ranks: memory per rank"
+        return f"{self.strategy}{offload} over {_ranks(self.ranks)}: memory per rank"
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def distribution(recipe: Recipe, ranks: int, stored_bytes: int, device_memory: int, on_gpu: bool,
@@ -54,7 +58,7 @@ def distribution(recipe: Recipe, ranks: int, stored_bytes: int, device_memory: i
                         min(per_machine or ranks, ranks))
 
 
-def _loads_per_rank(recipe: Recipe) -> bool:
+def loads_per_rank(recipe: Recipe) -> bool:
     """Whether FSDP2 loading reads only the rank's rows (slimtune.distributed.sharded_load.why_not_per_rank)."""
     quant, method = recipe.quantization, recipe.method
     return (quant is not None and quant.bits == 4 and type(method) is LoraConfig and not method.use_dora
@@ -85,7 +89,7 @@ def per_rank(mem: MemoryModel, shape: ModelShape, recipe: Recipe, dist: Distribu
             sharded_total += blocks
             replicated += c.bytes - blocks
             comps.append(replace(c, bytes=blocks // n, on_device=not dist.cpu_offload,
-                                 why=f"{c.why}; the decoder blocks' share sharded over {n} ranks"))
+                                 why=f"{c.why}; the decoder blocks' share sharded over {_ranks(n)}"))
             if dist.cpu_offload:  # the root sharded and offloaded too, gathered for the step
                 comps.append(Component("weights", "gathered root", c.bytes - blocks,
                                        "the root unit (embeddings, norms, head) gathered for the step"))
@@ -96,10 +100,10 @@ def per_rank(mem: MemoryModel, shape: ModelShape, recipe: Recipe, dist: Distribu
         elif c.key == "weights" and c.label.startswith("weights,"):  # a 4/8-bit base: its layers are in the blocks
             sharded_total += c.bytes
             comps.append(replace(c, bytes=-(-c.bytes // n), on_device=not dist.cpu_offload,
-                                 why=f"{c.why}; sharded over {n} ranks (rows of whole blocks)"))
+                                 why=f"{c.why}; sharded over {_ranks(n)} (rows of whole blocks)"))
         elif c.key == "weights_fp" and dist.cpu_offload:  # everything sharded and offloaded; the root gathered
             comps.append(replace(c, bytes=-(-c.bytes // n), on_device=False,
-                                 why=f"{c.why}; sharded over {n} ranks, in host memory"))
+                                 why=f"{c.why}; sharded over {_ranks(n)}, in host memory"))
             comps.append(Component("weights", "gathered root", c.bytes,
                                    "the root unit (embeddings, norms, head) gathered for the step"))
         elif c.key == "weights_fp":
@@ -107,7 +111,7 @@ def per_rank(mem: MemoryModel, shape: ModelShape, recipe: Recipe, dist: Distribu
             comps.append(replace(c, why=f"{c.why}; the root's frozen tensors, whole on every rank"))
         elif c.key in ("adapter", "gradients", "optimizer") and c.on_device:
             comps.append(replace(c, bytes=-(-c.bytes // n), on_device=not dist.cpu_offload,
-                                 why=f"{c.why}; sharded over {n} ranks"))
+                                 why=f"{c.why}; sharded over {_ranks(n)}"))
         else:
             comps.append(c)
     if n > 1 or dist.cpu_offload:
@@ -116,7 +120,7 @@ def per_rank(mem: MemoryModel, shape: ModelShape, recipe: Recipe, dist: Distribu
                                   f"FSDP2 gathers one block ({human(block)}) for its forward or backward and "
                                   "prefetches the next"))
     load_peak = mem.load_peak
-    if _loads_per_rank(recipe):
+    if loads_per_rank(recipe):
         largest = max((s.in_features * s.out_features for s in shape.quantized_linears(recipe.quantization)),
                       default=0)
         overhead = sum(c.bytes for c in mem.components if c.key == "overhead" and c.label != "allocator slack")

@@ -6,6 +6,7 @@ from typing import Any
 
 from slimtune.estimate.estimator import Estimate
 from slimtune.estimate.memory import human
+from slimtune.estimate.per_rank import loads_per_rank
 
 __all__ = ["format_estimate", "estimate_json", "SCHEMA_VERSION", "human_seconds"]
 
@@ -63,8 +64,10 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"  {'─' * width}  {'─' * 10}")
     lines.append(f"  {'peak while training':<{width}}  {human(mem.train_peak):>10}")
     if mem.load_peak:
+        sharded = est.distribution is not None and est.distribution.strategy == "fsdp" and loads_per_rank(r)
         lines.append(f"  {'peak while loading':<{width}}  {human(mem.load_peak):>10}  quantized weights + one "
-                     "full-precision weight being quantized (per rank: its rows)")
+                     "full-precision weight being quantized" + (" (with per-rank loading: the rank's rows)"
+                                                                if sharded else ""))
     verdict = "fits" if est.fits else "does NOT fit"
     needed = f"{human(est.needed)} ({human(est.peak)} per rank)" if est.needed != est.peak else human(est.peak)
     lines.append(f"\npeak {needed}: {verdict} in {human(est.limit)}"
