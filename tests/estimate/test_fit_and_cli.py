@@ -141,3 +141,15 @@ def test_a_cpu_profile_scales_the_measured_rates_by_the_fitted_training_shares(m
     assert cpu.bandwidth == pytest.approx(20e9 * compute)
     assert cpu.dequant_bandwidth == pytest.approx(40e9 * decode)
     assert cpu.op_overhead == pytest.approx(1e-5 / compute)
+
+
+def test_a_random_model_is_estimated_in_its_overridden_shapes(tiny_folder):
+    """``model.init: random`` with ``config_overrides`` trains those shapes, so the estimate sizes them."""
+    whole = predict(make_recipe(tiny_folder), TEST_CPU, timing=False)
+    smaller = predict(make_recipe(tiny_folder, model={"init": "random", "config_overrides": {"num_hidden_layers": 1,
+                                                                                             "hidden_size": 32}}),
+                      TEST_CPU, timing=False)
+    assert (whole.shape.layers, smaller.shape.layers, smaller.shape.hidden) == (3, 1, 32)
+    assert smaller.peak < whole.peak
+    with pytest.raises(ValueError, match="config_overrides.no_such_field"):
+        predict(make_recipe(tiny_folder, model={"init": "random", "config_overrides": {"no_such_field": 1}}), TEST_CPU)

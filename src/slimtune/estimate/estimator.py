@@ -88,15 +88,18 @@ _LAYOUTS: dict[tuple[str, str], AdapterLayout] = {}
 
 def _shape_and_layout(recipe: Recipe) -> tuple[ModelShape, AdapterLayout]:
     """Cached per model name and method config (advice re-estimates without rebuilding either)."""
-    name = recipe.model.name_or_path
+    spec = recipe.model
+    overrides = dict(spec.config_overrides) if spec.init == "random" else {}  # a random model's own shapes
+    name = spec.name_or_path + (json.dumps(overrides, sort_keys=True) if overrides else "")
     if name not in _SHAPES:
-        _SHAPES[name] = model_shape(name)
+        _SHAPES[name] = model_shape(spec.name_or_path, overrides)
     key = (name, json.dumps(recipe.method.to_dict(), sort_keys=True, default=str))
     if key not in _LAYOUTS:
         try:
             _LAYOUTS[key] = adapter_layout(_SHAPES[name], recipe.method)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"method: {recipe.method.peft_type} cannot be added to {name!r}: {error}") from None
+            raise ValueError(f"method: {recipe.method.peft_type} cannot be added to {spec.name_or_path!r}: "
+                             f"{error}") from None
     return _SHAPES[name], _LAYOUTS[key]
 
 

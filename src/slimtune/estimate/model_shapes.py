@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +198,14 @@ def _first(config: PretrainedConfig, *names: str, default: Any = None) -> Any:
     return default
 
 
-def model_shape(name_or_path: str | os.PathLike) -> ModelShape:
-    """Read the config of ``name_or_path`` and build its meta-device module tree."""
+def model_shape(name_or_path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> ModelShape:
+    """Read the config of ``name_or_path`` (with ``overrides``: a random model's ``model.config_overrides``)
+    and build its meta-device module tree."""
     config, source = resolve_config(name_or_path)
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
+        setattr(config, key, value)
     model = meta_model(config)
     hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
     heads = int(_first(config, "num_attention_heads", "n_head"))
