@@ -30,7 +30,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     folder, out = Path(sys.argv[1]), Path(sys.argv[2])
     with process_group("cpu") as ctx:
-        model = empty_model(transformers.AutoConfig.from_pretrained(folder))
+        model = empty_model(transformers.AutoConfig.from_pretrained(folder)).requires_grad_(False)  # a frozen base
         files = contextlib.ExitStack()  # closed by fill_shards
         plan = quantized_skeleton(model, checkpoint_source(folder, files), CONFIG, ctx.device)
         plan.files = files

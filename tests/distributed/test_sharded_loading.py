@@ -11,7 +11,7 @@ import pytest
 import torch
 from dist_helpers import check, torchrun
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 from slimtune.core.tensor_files import SafetensorsReader
 from slimtune.distributed.sharded_load import shard_rows
@@ -37,15 +37,21 @@ def test_shard_rows_is_fsdp2s_torch_chunk_split():
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory) -> Path:
-    """A tiny LLaMA whose MLP has 301 rows (odd: the ranks hold 151 and 150) of 4 blocks of 32 values, so the
-    gate/up layers' 1,204 scales make 5 double-quantization blocks of 256 and block 2 (scales 512-767) is
-    split between the ranks (rank 0 ends at scale 603); down_proj (301 columns) is not whole blocks per row
-    and stays replicated. Loaded per rank by shard_worker.py."""
+    """A tiny Qwen2 (a LLaMA with q/k/v biases, made non-zero here) whose MLP has 301 rows (odd: the ranks hold
+    151 and 150) of 4 blocks of 32 values, so the gate/up layers' 1,204 scales make 5 double-quantization blocks
+    of 256 and block 2 (scales 512-767) is split between the ranks (rank 0 ends at scale 603); down_proj (301
+    columns) is not whole blocks per row and stays replicated, as do the root's frozen embeddings, final norm
+    and (untied) output head. Loaded per rank by shard_worker.py."""
     tmp = tmp_path_factory.mktemp("per-rank")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=301, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=96, hidden_size=128, intermediate_size=301, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(tmp / "model")
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()  # the sharded biases reach the logits
+    model.save_pretrained(tmp / "model")
     (tmp / "out").mkdir()
     check(torchrun(str(WORKER), str(tmp / "model"), str(tmp / "out")))
     return tmp
@@ -54,7 +60,7 @@ def loaded(tmp_path_factory) -> Path:
 def _one_process(folder: Path) -> torch.nn.Module:
     from shard_worker import CONFIG
 
-    model = load_quantized(empty_model(LlamaConfig.from_pretrained(folder)), folder, CONFIG)
+    model = load_quantized(empty_model(AutoConfig.from_pretrained(folder)), folder, CONFIG)
     make_model_shardable(model)
     return model
 
@@ -89,8 +95,8 @@ def test_each_rank_reads_only_its_own_rows(loaded):
         read = json.loads((loaded / "out" / f"rank{rank}.json").read_text())
         assert set(read) == set(rows)
         for key, count in read.items():
-            if key.endswith("down_proj.weight"):  # 301 columns, not whole blocks per row: replicated, read whole
-                assert count == rows[key]
+            if key.endswith("down_proj.weight") or not key.startswith("model.layers."):
+                assert count == rows[key]  # replicated, read whole: 301 columns are not whole blocks; the root
                 continue
             start, stop = shard_rows(rows[key], 2, rank)
             assert count == stop - start, f"rank {rank} read {count} rows of {key} (its own: {start}:{stop})"
