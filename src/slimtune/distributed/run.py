@@ -37,13 +37,13 @@ from slimtune.distributed.sharded_load import (
     fill_shards,
     load_skeleton,
     stand_ins,
-    why_not_per_rank,
 )
 from slimtune.distributed.wrap import (
     choose_strategy,
     full_trainable_parameters,
     held_bytes,
     replicated_bytes,
+    why_not_per_rank,
     wrap_model,
 )
 from slimtune.report import trainable_parameters

@@ -29,7 +29,6 @@ import transformers
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from slimtune.config import LoraConfig
 from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module
 from slimtune.distributed.context import DistContext
 from slimtune.quant.codebooks import codebook, dynamic_map
@@ -44,7 +43,6 @@ from slimtune.train.recipe import Recipe
 from slimtune.train.runner import random_model_config
 
 __all__ = ["WholeLoadNeeded", "shard_rows", "ShardedBase", "quantized_skeleton", "fill_shards", "stand_ins",
-           "why_not_per_rank",
            "load_skeleton"]
 
 
@@ -56,18 +54,6 @@ def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` that FSDP2's dim-0 sharding gives ``rank`` (``torch.chunk``'s split)."""
     chunk = -(-rows // world_size)
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
-
-
-def why_not_per_rank(recipe: Recipe) -> str | None:
-    """Why ``recipe`` cannot load its base per rank (None: it can): a 4-bit ``quantization`` section and an
-    adapter whose initial values do not depend on the base weights (LoRA without DoRA or modules_to_save)."""
-    quantization = recipe.quantization
-    if quantization is None or quantization.bits != 4:
-        return "the base is not quantized to 4 bits"
-    method = recipe.method
-    if type(method) is not LoraConfig or method.use_dora or method.modules_to_save:
-        return f"the method ({method.peft_type}) reads or copies base weights when it is added"
-    return None
 
 
 @dataclass

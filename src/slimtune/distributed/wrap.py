@@ -27,16 +27,19 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from slimtune.config import LoraConfig
 from slimtune.distributed.context import DistContext
 from slimtune.quant.linear import QuantizedLinear
 from slimtune.quant.sharded_nf4 import make_model_shardable
+from slimtune.train.recipe import Recipe
 
 # DDP's switch for re-sending buffers at every forward, by capability: torch 2.13 names it forward_sync_buffers,
 # earlier releases (2.11, the floor) broadcast_buffers.
 _DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
 _SYNC_BUFFERS = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
 
-__all__ = ["STRATEGIES", "choose_strategy", "wrap_model", "unwrap", "gradient_sync", "full_trainable_parameters",
+__all__ = ["STRATEGIES", "choose_strategy", "strategy_for_bytes", "why_not_per_rank",
+           "wrap_model", "unwrap", "gradient_sync", "full_trainable_parameters",
            "is_sharded", "held_bytes", "replicated_bytes"]
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -62,7 +65,25 @@ def choose_strategy(requested: str, model: nn.Module, device: torch.device, fsdp
         raise ValueError(f"distributed.strategy={requested!r} is not a strategy; use one of {list(STRATEGIES)}.")
     if requested != "auto":
         return requested
-    return "fsdp" if model_bytes(model) > fsdp_fraction * device_memory(device) else "ddp"
+    return strategy_for_bytes(model_bytes(model), device_memory(device), fsdp_fraction)
+
+
+def strategy_for_bytes(stored: int, memory: int, fsdp_fraction: float) -> str:
+    """``auto``'s choice: fsdp when the model's stored bytes exceed ``fsdp_fraction`` of one device's memory."""
+    return "fsdp" if stored > fsdp_fraction * memory else "ddp"
+
+
+def why_not_per_rank(recipe: Recipe) -> str | None:
+    """Why ``recipe`` cannot load its base per rank under FSDP2 (None: it can; slimtune.distributed.sharded_load):
+    that needs a 4-bit ``quantization`` section and an adapter whose initial values do not depend on the base
+    weights (LoRA without DoRA or modules_to_save)."""
+    quantization = recipe.quantization
+    if quantization is None or quantization.bits != 4:
+        return "the base is not quantized to 4 bits"
+    method = recipe.method
+    if type(method) is not LoraConfig or method.use_dora or method.modules_to_save:
+        return f"the method ({method.peft_type}) reads or copies base weights when it is added"
+    return None
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from slimtune.config import LoraConfig
+from slimtune.distributed.wrap import strategy_for_bytes, why_not_per_rank
 from slimtune.estimate.memory import Component, MemoryModel, human
 from slimtune.estimate.model_shapes import ModelShape
 from slimtune.train.recipe import DistributedSection, Recipe
@@ -51,18 +51,16 @@ def distribution(recipe: Recipe, ranks: int, stored_bytes: int, device_memory: i
     if ranks < 1:
         raise ValueError(f"--nproc-per-node {ranks}: the number of ranks must be at least 1.")
     settings = recipe.distributed or DistributedSection()
-    strategy = settings.strategy
+    strategy: str = settings.strategy
     if strategy == "auto":
-        strategy = "fsdp" if stored_bytes > settings.fsdp_fraction * device_memory else "ddp"
+        strategy = strategy_for_bytes(stored_bytes, device_memory, settings.fsdp_fraction)
     return Distribution(strategy, ranks, settings.cpu_offload and strategy == "fsdp" and on_gpu,
                         min(per_machine or ranks, ranks))
 
 
 def loads_per_rank(recipe: Recipe) -> bool:
-    """Whether FSDP2 loading reads only the rank's rows (slimtune.distributed.sharded_load.why_not_per_rank)."""
-    quant, method = recipe.quantization, recipe.method
-    return (quant is not None and quant.bits == 4 and type(method) is LoraConfig and not method.use_dora
-            and not method.modules_to_save)
+    """Whether FSDP2 loading reads only the rank's rows (:func:`slimtune.distributed.wrap.why_not_per_rank`)."""
+    return why_not_per_rank(recipe) is None
 
 
 def _block_weight_share(shape: ModelShape, component: Component) -> int:
