@@ -3,8 +3,9 @@
     .venv/bin/python bench/lora_step.py [--seq 256] [--steps 5]
 
 SmolLM2-135M shape (random weights), fp32, LoRA r=16 on all linear layers, no dropout, labels = the input
-ids (every token), forward + backward + AdamW. Steps alternate between the three runs so machine noise
-hits them alike:
+ids (every token), forward + backward + AdamW (slimtune's from the trainer's ``make_optimizer``, PEFT's as
+transformers' ``Trainer`` builds it by default, ``adamw_torch_fused``: torch's fused kernel on both sides). Steps
+alternate between the three runs so machine noise hits them alike:
 
 - ``slimtune``: ``add_adapter`` + the fast path ``slimtune train`` enables + the trainer's chunked loss.
 - ``peft``: ``peft.get_peft_model`` with the same LoRA; transformers' loss.
@@ -25,6 +26,7 @@ import torch
 from common import SMOLLM2_135M, machine, median, random_batch, smollm2_shaped, step_parser
 
 import slimtune
+from slimtune.optim import make_optimizer
 from slimtune.perf.fast_path import enable_fast_path
 from slimtune.perf.losses import causal_lm_loss
 
@@ -47,8 +49,8 @@ def main() -> None:
         "peft": (theirs, lambda: theirs(**batch).loss),
         "floor": (floor, lambda: floor(**batch).loss),
     }
-    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-                  for name, (model, _) in runs.items() if name != "floor"}
+    optimizers = {"slimtune": make_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4),
+                  "peft": torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4, fused=True)}
 
     def step(name: str) -> float:
         model, loss_of = runs[name]
@@ -77,6 +79,8 @@ def main() -> None:
           f"batch {args.batch} × seq {args.seq}, median of {args.steps} steps after one warm-up; {machine()}")
     print(f"settings (all three): threads {torch.get_num_threads()}, dtype float32, dropout 0.0, labels = input "
           f"ids (all tokens); slimtune fast path: {fast}")
+    print("optimizers: " + ", ".join(f"{name} AdamW (fused={opt.param_groups[0]['fused']})"
+                                     for name, opt in optimizers.items()))
     print(f"trainable params: {trainable['slimtune']:,} (slimtune and peft)")
     print("| run | s/step | first-step loss |")
     print("|---|---|---|")

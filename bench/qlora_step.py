@@ -15,9 +15,11 @@ reported, so a burst of machine noise hits one round, not the comparison):
   output requiring grad (``enable_input_require_grads``): forward + backward compute the activation
   gradients a LoRA step needs and no weight gradients. A QLoRA step cannot do less matmul work than this.
 
-All three: fp32 compute, no dropout, labels = the input ids (every token), the same batch, AdamW on the
-trainable tensors. The first step's losses are printed and must agree within 1e-4 (the LoRA B factors
-start at zero, and slimtune's NF4 bytes are bitsandbytes'). Peak RSS is VmHWM: it counts file-backed
+All three: fp32 compute, no dropout, labels = the input ids (every token), the same batch. AdamW on the
+trainable tensors: slimtune's from the trainer's ``make_optimizer``, PEFT's as transformers' ``Trainer`` makes
+it by default (``adamw_torch_fused``); both run torch's fused AdamW kernel. The first step's losses are
+printed and must agree within 1e-4 (the LoRA B factors start at zero, and slimtune's NF4 bytes are
+bitsandbytes'). Peak RSS is VmHWM: it counts file-backed
 pages of memory-mapped checkpoints too (transformers maps safetensors files; slimtune reads them with
 pread, so none).
 """
@@ -39,13 +41,16 @@ HERE = Path(__file__).resolve().parent
 RANK_ALPHA = 2  # lora_alpha = 2 r
 
 
-def _settings(model, dropout: float) -> dict:
+def _settings(model, dropout: float, optimizer) -> dict:
+    fused = optimizer is not None and optimizer.param_groups[0]["fused"]
     return {"threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "dropout": dropout, "labels": "input ids (all tokens)"}
+            "dropout": dropout, "labels": "input ids (all tokens)",
+            "optimizer": "none" if optimizer is None else f"AdamW{' (fused)' if fused else ''}"}
 
 
 def run_slimtune(folder: Path, args) -> dict:
     import slimtune
+    from slimtune.optim import make_optimizer
     from slimtune.perf.fast_path import enable_fast_path
     from slimtune.perf.losses import causal_lm_loss
     from slimtune.quant import QuantConfig
@@ -61,7 +66,7 @@ def run_slimtune(folder: Path, args) -> dict:
         if hasattr(module, "keep_dequantized"):
             module.keep_dequantized = args.keep_dequantized
     loss = lambda m, b: causal_lm_loss(m, b, reduction="mean")  # noqa: E731 - the trainer's loss
-    return {"load_s": load_s, "fast_path": str(fast), **_steps(model, args, loss)}
+    return {"load_s": load_s, "fast_path": str(fast), **_steps(model, args, loss, make_optimizer)}
 
 
 def run_peft(folder: Path, args) -> dict:
@@ -75,7 +80,7 @@ def run_peft(folder: Path, args) -> dict:
     load_s = time.perf_counter() - start
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=RANK_ALPHA * args.rank,
                                                        target_modules="all-linear", lora_dropout=0.0))
-    return {"load_s": load_s, **_steps(model, args, lambda m, b: m(**b).loss)}
+    return {"load_s": load_s, **_steps(model, args, lambda m, b: m(**b).loss, _trainer_default_adamw)}
 
 
 def run_floor(folder: Path, args) -> dict:
@@ -86,14 +91,19 @@ def run_floor(folder: Path, args) -> dict:
     load_s = time.perf_counter() - start
     model.requires_grad_(False)
     model.enable_input_require_grads()  # the embedding output requires grad: activation gradients only
-    return {"load_s": load_s, **_steps(model, args, lambda m, b: m(**b).loss, optimize=False)}
+    return {"load_s": load_s, **_steps(model, args, lambda m, b: m(**b).loss, None)}
 
 
-def _steps(model, args, loss_of, optimize: bool = True) -> dict:
+def _trainer_default_adamw(name, params, lr):
+    """The AdamW transformers' ``Trainer`` builds by default (``optim="adamw_torch_fused"`` on torch >= 2.8)."""
+    return torch.optim.AdamW(params, lr=lr, fused=True)
+
+
+def _steps(model, args, loss_of, make_optimizer) -> dict:
     model.train()
     batch = random_batch(args.batch, args.seq)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if optimize else None
+    optimizer = make_optimizer("adamw", trainable, lr=1e-4) if make_optimizer is not None else None
     losses, times = [], []
     for _ in range(1 + args.steps):  # the first step warms up (allocator, one-time caches) and gives the loss
         start = time.perf_counter()
@@ -106,8 +116,8 @@ def _steps(model, args, loss_of, optimize: bool = True) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     return {"step_s": median(times[1:]), "first_loss": losses[0], "peak_rss": peak_rss_bytes(),
-            "trainable": sum(p.numel() for p in trainable) if optimize else 0,
-            "settings": _settings(model, 0.0)}
+            "trainable": sum(p.numel() for p in trainable) if optimizer is not None else 0,
+            "settings": _settings(model, 0.0, optimizer)}
 
 
 WORKERS = {"slimtune": run_slimtune, "peft+bnb": run_peft, "floor": run_floor}

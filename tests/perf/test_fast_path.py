@@ -20,7 +20,7 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 @pytest.mark.parametrize("mode, device, reason, expected", [
     ("auto", CUDA, None, (True, True)),  # a GPU with triton: kernels and the fused LoRA node
     ("auto", CUDA, "triton is not installed", (False, False)),  # without triton: the pure-torch path
-    ("auto", CPU, None, (False, False)),  # CPUs: the pure-torch path (the interpreter is for tests)
+    ("auto", CPU, None, (False, True)),  # CPUs: the pure-torch base (the interpreter is for tests), fused LoRA
     ("torch", CUDA, None, (False, False)),
     ("triton", CUDA, None, (True, True)),
     ("triton", CPU, None, (True, True)),  # under Triton's interpreter
@@ -73,11 +73,14 @@ def test_triton_mode_routes_base_and_lora_through_the_kernels_with_the_same_resu
     assert not back.triton and back.fused_lora_layers == 0 and all(m.matmul_backend is None for m in layers)
 
 
-def test_auto_on_cpu_keeps_the_pure_torch_path():
+def test_auto_on_cpu_keeps_the_pure_torch_base_and_fuses_the_lora_layers():
     model = _qlora()
     path = enable_fast_path(model)
-    assert (path.mode, path.triton, path.fused_lora_layers) == ("auto", False, 0)
+    assert (path.mode, path.triton, path.fused_lora_layers) == ("auto", False, 14)
+    assert all(m.matmul_backend is None for m in model.modules() if isinstance(m, Linear4bit))
     assert "pure-torch" in str(path)
+    torch_path = enable_fast_path(model, "torch")
+    assert torch_path.fused_lora_layers == 0
 
 
 def test_the_log_line_says_which_base_it_found():

@@ -11,8 +11,11 @@ name                   what                                                state
 ``paged_adamw_8bit``   :class:`AdamW8bit` with ``paged=True``              2.03, none on the GPU
 =====================  ==================================================  ==========================
 
-transformers' ``TrainingArguments.optim`` spellings are accepted too (``adamw_torch``, ``adamw_bnb_8bit``,
-``paged_adamw_32bit``). All follow AdamW's decoupled weight decay with torch's defaults.
+transformers' ``TrainingArguments.optim`` spellings are accepted too (``adamw_torch``, ``adamw_torch_fused``,
+``adamw_bnb_8bit``, ``paged_adamw_32bit``). All follow AdamW's decoupled weight decay with torch's defaults.
+``adamw`` runs torch's fused kernel (one kernel per tensor, as transformers' default ``adamw_torch_fused``)
+when every parameter is a plain floating-point tensor on a CPU or CUDA device and neither ``foreach`` nor
+``fused`` is given; otherwise torch's own choice.
 
 Parameter groups (recipes' ``training.loraplus_lr_ratio`` / ``training.layerwise_lr_decay``):
 :func:`training_param_groups`, built on :mod:`.loraplus` and :mod:`.layerwise`.
@@ -36,7 +39,8 @@ __all__ = ["OPTIMIZER_ALIASES", "OPTIMIZER_NAMES", "make_optimizer", "AdamW8bit"
            "create_loraplus_optimizer"]
 
 OPTIMIZER_NAMES = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
-OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_32bit": "paged_adamw"}
+OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_bnb_8bit": "adamw_8bit",
+                     "paged_adamw_32bit": "paged_adamw"}
 _OPTIONS = {  # extra keyword arguments each optimizer takes
     "adamw": ("foreach", "fused", "maximize", "capturable", "differentiable", "amsgrad"),
     "adamw_8bit": ("min_8bit_size",),
@@ -63,10 +67,30 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str
         raise ValueError(f"optimizer {key!r} takes no option(s) {unknown}; it accepts {list(_OPTIONS[key])}")
     common: dict[str, Any] = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if key == "adamw":
+        if not isinstance(params, torch.Tensor):  # (a bare tensor: torch's own error)
+            params = [_listed(item) for item in params]  # generators are read once
+        if not {"foreach", "fused", "differentiable"} & set(options) and _fusable(list(params)):
+            options["fused"] = True
         return torch.optim.AdamW(params, **common, **options)
     if key == "paged_adamw":
         return PagedAdamW(params, **common, paged=True, **options)
     return AdamW8bit(params, **common, paged=key == "paged_adamw_8bit", **options)
+
+
+def _listed(item: Any) -> Any:
+    """A param-group dict with its ``params`` as a list (a tensor, a list or a generator there); tensors as they are."""
+    if not isinstance(item, dict):
+        return item
+    group = item["params"]
+    return {**item, "params": [group] if isinstance(group, torch.Tensor) else list(group)}
+
+
+def _fusable(params: list) -> bool:
+    """Whether torch's fused AdamW kernel takes every tensor of ``params`` (tensors or param-group dicts):
+    plain (not DTensor or other subclass) floating-point tensors on CPU or CUDA."""
+    tensors = [t for item in params for t in (item["params"] if isinstance(item, dict) else [item])]
+    return bool(tensors) and all(type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point()
+                                 and t.device.type in ("cpu", "cuda") for t in tensors)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -97,8 +97,11 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_A = (g_xa.T @ (xl * mask if mask is not None else xl)).to(lora_A.dtype)  # (r, in)
             if need_x:
                 grad_x = _base_matmul(g.to(mm_dtype), ctx.base, transpose=False).to(ctx.x_dtype)  # (M, in)
-                lora_x = g_xa @ lora_A.to(lora_dtype)
-                grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
+                if mask is None and grad_x.dtype == lora_dtype:
+                    grad_x.addmm_(g_xa, lora_A.to(lora_dtype))  # accumulated in place: no (M, in) temporary
+                else:
+                    lora_x = g_xa @ lora_A.to(lora_dtype)
+                    grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
                 grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[3]:
             grad_bias = g.sum(0).to(ctx.base.bias.dtype)
