@@ -8,10 +8,11 @@ import torch
 from conftest import TEST_CPU, make_recipe, tiny_model
 
 import slimtune
-from slimtune.estimate import adapter_layout, device_profile, model_shape, predict
+from slimtune.estimate import adapter_layout, device_profile, model_shape, predict, recipe_with
 from slimtune.estimate.activations import Precision, activation_model
 from slimtune.estimate.memory import optimizer_state_bytes, weight_bytes
 from slimtune.optim import make_optimizer, state_bytes
+from slimtune.perf.fast_path import enable_fast_path
 from slimtune.quant import QuantConfig, quant_summary, quantize
 from slimtune.train.runner import add_method
 
@@ -79,17 +80,37 @@ def _saved_bytes(model, ids) -> int:
 
 @pytest.mark.parametrize("name", ["lora", "lora-qv", "dora", "lora-fa"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
-def test_activations_equal_the_tensors_autograd_keeps(name, quantized, tiny_folder):
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused"])
+def test_activations_equal_the_tensors_autograd_keeps(name, quantized, fused, tiny_folder):
     seq = 48
     recipe = make_recipe(tiny_folder, METHODS[name])
     shape = model_shape(tiny_folder)
     layout = adapter_layout(shape, recipe.method)
-    predicted = activation_model(shape, layout, 1, seq, Precision(4, False, quantized), False)
+    predicted = activation_model(shape, layout, 1, seq, Precision(4, False, quantized, fused=fused), False)
     model = tiny_model()
     if quantized:
         quantize(model, QuantConfig())
     slimtune.add_adapter(model, recipe.method)
+    enable_fast_path(model, "auto" if fused else "torch")  # on a CPU, auto: the fused LoRA nodes
     assert predicted.saved == _saved_bytes(model, torch.randint(0, 512, (1, seq)))
+
+
+def test_each_device_gets_the_fast_path_slimtune_train_takes_there(tiny_folder):
+    qlora = make_recipe(tiny_folder, quantization={"bits": 4})
+    cases = {(TEST_CPU, "auto"): (True, False), (TEST_CPU, "torch"): (False, False),
+             (device_profile("h200"), "auto"): (True, True), (device_profile("h200"), "torch"): (False, False)}
+    for (device, kernels), (fused, triton) in cases.items():
+        est = predict(recipe_with(qlora, [f"training.kernels={kernels}"]), device, timing=False)
+        assert (est.precision.fused, est.precision.triton) == (fused, triton), (device.name, kernels)
+        if device.kind == "cpu":  # the fused nodes decode into the same reused buffers as the plain layers
+            assert any(c.label == "4-bit decode buffers" for c in est.memory.components)
+    auto = predict(qlora, TEST_CPU, timing=False)
+    kept = predict(recipe_with(qlora, ["training.keep_dequantized=true"]), TEST_CPU, timing=False)
+    weights = sum(q.in_features * q.out_features for q in model_shape(tiny_folder).quantized_linears(QuantConfig())
+                  if not q.name.endswith(("layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj",
+                                          "layers.0.self_attn.v_proj")))
+    # the fused nodes keep every decoded weight whose input needs a gradient (not layer 0's q/k/v) in fp32
+    assert kept.memory.component("activations") - auto.memory.component("activations") == 4 * weights
 
 
 @pytest.mark.parametrize("name", ["lora", "lora-qv"])

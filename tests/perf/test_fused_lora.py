@@ -92,6 +92,30 @@ def test_keeps_only_x_and_xa_and_no_dequantized_weight():
     assert (10, 64) not in shapes and (48, 64) not in shapes
 
 
+def test_keep_dequantized_decodes_once_per_step_with_the_same_gradients(monkeypatch):
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(torch.nn.Linear(64, 48), compute_dtype=torch.float32)
+    x = torch.randn(10, 64, requires_grad=True)
+    A = torch.randn(8, 64, requires_grad=True)
+    B = torch.randn(48, 8, requires_grad=True)
+    expected = torch.autograd.grad(fused_lora_linear(x, base, A, B, 2.0).square().sum(), (x, A, B))
+    decodes = []
+    for name in ("dequantize", "transient_weight"):
+        real = getattr(Linear4bit, name)
+        monkeypatch.setattr(Linear4bit, name,
+                            lambda self, *a, _real=real, **k: decodes.append(1) or _real(self, *a, **k))
+    assert len(torch.autograd.grad(fused_lora_linear(x, base, A, B, 2.0).sum(), x)) and len(decodes) == 2
+    decodes.clear()
+    base.keep_dequantized = True
+    out = fused_lora_linear(x, base, A, B, 2.0)
+    assert len(decodes) == 1
+    decodes.clear()
+    grads = torch.autograd.grad(out.square().sum(), (x, A, B))
+    assert not decodes  # the backward's g W used the weight kept from the forward
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_with_dropout_both_paths_keep_less_than_dropout_modules(monkeypatch):
     """q/k/v and gate/up share their input: the fused node (mask regenerated from a seed) and the plain LoRA
     layer (a one-byte mask) keep it once, not one dropout(x) plus torch's multiplier per adapter."""

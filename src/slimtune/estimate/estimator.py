@@ -9,12 +9,15 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from slimtune.estimate.activations import Precision, activation_model
 from slimtune.estimate.devices import DeviceProfile
 from slimtune.estimate.memory import Component, MemoryModel, memory_model
 from slimtune.estimate.model_shapes import AdapterLayout, ModelShape, adapter_layout, model_shape
 from slimtune.estimate.per_rank import Distribution, distribution, per_rank
 from slimtune.estimate.timing import StepTime, step_time
+from slimtune.perf.fast_path import plan_fast_path
 from slimtune.perf.losses import _UNSUPPORTED_HEAD_CONFIG
 from slimtune.train.data import load_examples
 from slimtune.train.recipe import Recipe, apply_overrides, recipe_from_dict
@@ -119,9 +122,9 @@ def _chunked(recipe: Recipe, shape: ModelShape, layout: AdapterLayout) -> bool:
 def precision_of(recipe: Recipe, device: DeviceProfile) -> Precision:
     mixed = recipe.training.mixed_precision
     autocast = mixed == "bf16" or (mixed == "auto" and device.on_gpu)
-    fused = device.on_gpu and recipe.training.kernels != "torch"  # slimtune.perf.fast_path on CUDA
+    triton, fused = plan_fast_path(recipe.training.kernels, torch.device("cuda" if device.on_gpu else "cpu"), None)
     return Precision(weight=4 if recipe.model.dtype == "float32" else 2, autocast=autocast,
-                     quantized=recipe.quantization is not None, fused=fused,
+                     quantized=recipe.quantization is not None, fused=fused, triton=triton,
                      keep_dequantized=recipe.training.keep_dequantized)
 
 

@@ -187,7 +187,7 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
                                f"(batch {batch} × seq {seq})"))
     comps.append(Component("logits", "loss (chunked)" if chunked else "loss (full logits)", logits, logits_why))
     dequant = 0
-    if quant is not None and not prec.fused:
+    if quant is not None and not prec.triton:
         qlin = shape.quantized_linears(quant)
         if on_gpu:  # pure-torch path on a GPU: a decoded weight per matmul, freed after it
             dequant = max((q.in_features * q.out_features for q in qlin), default=0) * (4 + prec.matmul)

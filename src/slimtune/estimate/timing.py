@@ -91,7 +91,7 @@ def step_time(shape: ModelShape, layout: AdapterLayout, device: DeviceProfile, p
     dequant = elementwise = 0.0
     ops = 0
     # the Triton kernels decode inside the matmul: only the packed codes and scales are read
-    beta = TRITON_BYTES_PER_WEIGHT if prec.fused else DEQUANT_BYTES_PER_WEIGHT[2 if prec.autocast else 4]
+    beta = TRITON_BYTES_PER_WEIGHT if prec.triton else DEQUANT_BYTES_PER_WEIGHT[2 if prec.autocast else 4]
     e_h = prec.weight
     for lin in shape.linears:
         if lin.name == shape.head_name:
@@ -107,7 +107,7 @@ def step_time(shape: ModelShape, layout: AdapterLayout, device: DeviceProfile, p
             rec.add(t, lin.in_features, lin.out_features)
         ops += passes
         if lin.name in quantized:
-            decodes = passes - int(needs_dx and prec.keep_dequantized and not prec.fused)  # backward reuses it
+            decodes = passes - int(needs_dx and prec.keep_dequantized and not prec.triton)  # backward reuses it
             dequant += decodes * lin.in_features * lin.out_features * beta
             casts = int(prec.autocast or e_h != 4)  # the input to the compute dtype, the output back
             elementwise += passes * t * (lin.in_features + lin.out_features) * (e_h + 2) * casts

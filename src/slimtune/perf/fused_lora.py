@@ -11,7 +11,8 @@ Backward (g = dL/dh)::
     dx = g W + ((s · g B) A) ⊙ m
 
 What is kept for backward: x (only when A trains — LoRA-FA keeps nothing of size ``in``) and xa. Not
-kept: the dequantized W (rebuilt from the 4-bit storage in backward, as QLoRA does), the dropped-out
+kept: the dequantized W (rebuilt from the 4-bit storage in backward, as QLoRA does, unless the layer's
+``keep_dequantized`` asks to keep it, recipes' ``training.keep_dequantized``), the dropped-out
 input (the mask is regenerated from a seed, as in :mod:`slimtune.methods.lora_fa`), the base output.
 Since q/k/v (and gate/up) share their input x, keeping x instead of a per-layer ``dropout(x)`` copy
 saves activation memory whenever dropout is on. A 4-bit base on CUDA uses the Triton kernels of
@@ -54,11 +55,16 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, bias, base, scaling, p, seed, dtypes):
         mm_dtype, out_dtype, lora_dtype = dtypes
+        ctx.kept = None
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         xb = x2.to(mm_dtype)
         if (isinstance(base, Linear4bit) and base.matmul_backend is None and xb.shape[0] == 1
                 and base.in_features % 2 == 0 and kernels.use_triton_for(xb.device, None)):
             out = kernels.gemv_4bit(xb, kernels.weight_4bit(base))  # batch-1 generation
+        elif (isinstance(base, QuantizedLinear) and base.keep_dequantized and base.matmul_backend is None
+              and ctx.needs_input_grad[0]):
+            ctx.kept = base.dequantize(mm_dtype)  # decoded once per step: backward's g W reuses it
+            out = xb @ ctx.kept.T
         else:
             out = _base_matmul(xb, base, transpose=True)  # (M, out)
         if bias is not None:
@@ -96,13 +102,16 @@ class _FusedLoraLinear(torch.autograd.Function):
                 xl = x2.to(lora_dtype)
                 grad_A = (g_xa.T @ (xl * mask if mask is not None else xl)).to(lora_A.dtype)  # (r, in)
             if need_x:
-                grad_x = _base_matmul(g.to(mm_dtype), ctx.base, transpose=False).to(ctx.x_dtype)  # (M, in)
+                gb = g.to(mm_dtype)
+                base_x = gb @ ctx.kept if ctx.kept is not None else _base_matmul(gb, ctx.base, transpose=False)
+                grad_x = base_x.to(ctx.x_dtype)  # (M, in)
                 if mask is None and grad_x.dtype == lora_dtype:
                     grad_x.addmm_(g_xa, lora_A.to(lora_dtype))  # accumulated in place: no (M, in) temporary
                 else:
                     lora_x = g_xa @ lora_A.to(lora_dtype)
                     grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
                 grad_x = grad_x.reshape(ctx.x_shape)
+        ctx.kept = None
         if ctx.needs_input_grad[3]:
             grad_bias = g.sum(0).to(ctx.base.bias.dtype)
         return grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None
