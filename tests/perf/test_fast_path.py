@@ -91,27 +91,3 @@ def test_the_log_line_says_which_base_it_found():
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear"))
     plain = enable_fast_path(model)
     assert plain.quantized_layers == 0 and "full-precision base" in str(plain) and "4-bit" not in str(plain)
-
-
-def test_on_cpu_training_with_dropout_keeps_the_plain_layers_and_eval_fuses(monkeypatch):
-    from slimtune.perf import fused_lora
-
-    calls = []
-    real = fused_lora.fused_lora_linear
-    monkeypatch.setattr(fused_lora, "fused_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny_llama()
-    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
-    path = enable_fast_path(model)
-    assert path.fused_lora_layers == 4 and "plain layers while dropout trains" in str(path)
-    inputs = sample_inputs("llama")
-    model.train()
-    model(**inputs).logits.sum().backward()
-    assert not calls  # the plain layers' one-byte masks, not a mask drawn again in backward
-    model.eval()
-    model(**inputs)
-    assert len(calls) == 4
-    calls.clear()
-    assert enable_fast_path(model, "triton").fused_lora_layers == 4  # the kernels' path fuses dropout too
-    model.train()
-    model(**inputs).logits.sum().backward()
-    assert len(calls) == 4

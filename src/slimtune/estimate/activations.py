@@ -45,7 +45,7 @@ class Precision:
     weight: int  # bytes per element of model.dtype: 4 for float32, 2 for bfloat16 / float16
     autocast: bool  # bf16 mixed precision (the trainer's default on a GPU)
     quantized: bool
-    fused: bool = False  # the fast path's fused LoRA nodes (kernels: auto on a GPU; on a CPU without dropout)
+    fused: bool = False  # the fast path's fused LoRA nodes (kernels: auto on a GPU or a CPU)
     triton: bool = False  # the fast path's Triton 4-bit matmuls on a GPU (no decoded weight)
     keep_dequantized: bool = False  # training.keep_dequantized: decoded 4-bit weights kept for backward
 
@@ -98,10 +98,9 @@ class _Layer:
         lora = 2 if p.autocast else 4
         if p.quantized and p.keep_dequantized and not p.triton and input_grad:
             self.keep(lin.in_features * lin.out_features * (2 if p.autocast else x_size))  # training.keep_dequantized
-        if wrapped is not None and wrapped.fusable and p.fused and (p.triton or not wrapped.dropout):
-            # one fused node (slimtune.perf.fused_lora; without the kernels, only where no dropout trains): keeps
-            # the input as given (shared with its siblings) and A x; the dropout mask is regenerated from a
-            # seed, the weights are cast or decoded again
+        if wrapped is not None and wrapped.fusable and p.fused:
+            # one fused node (slimtune.perf.fused_lora): keeps the input as given (shared with its siblings)
+            # and A x; the dropout mask is regenerated from a seed, the weights are cast or decoded again
             if wrapped.trains_input_factor:
                 self.keep_shared(x_key, n_in * x_size)
             self.keep(t * wrapped.rank * lora)

@@ -121,8 +121,7 @@ def step_time(shape: ModelShape, layout: AdapterLayout, device: DeviceProfile, p
                 mm.add(t, w.rank, lin.out_features)
             bwd.add(t, lin.out_features, w.rank, 2.0)  # dL/d(Ax) = g Bᵀ, dB = gᵀ (Ax)
             bwd.add(w.rank, t, lin.in_features, 2.0 if w.trains_input_factor else 1.0)  # dA, and dx via A
-            fused = prec.fused and w.fusable and (prec.triton or not w.dropout)  # one node: no separate scale,
-            # add and cast passes (without the kernels, dropout keeps the plain layers)
+            fused = prec.fused and w.fusable  # one node: no separate scale, add and cast passes
             per_pass = (lin.out_features * 4 + 4 * lin.in_features if fused else
                         5 * lin.out_features * 4 + (16 * lin.in_features if w.dropout else 0)
                         + (6 * lin.in_features if prec.autocast else 0))

@@ -10,8 +10,7 @@ The chunked cross-entropy (no full-vocabulary logits) is the trainer's ``trainin
 device where the model allows it. On CPUs the pure-torch path is the fast one (the 4-bit weight decoded by a
 one-word-per-byte gather into a reused buffer), with the fused LoRA node: it adds the LoRA terms into the
 base matmul's output and input gradient in place (``addmm_``), where the plain layers write and add two more
-activation-sized tensors per layer in each direction. While dropout trains, CPUs keep the plain layers (their
-one-byte mask is cheaper there than drawing the mask again in backward).
+activation-sized tensors per layer in each direction.
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ class FastPath:
     triton: bool  # the 4-bit base's matmuls run in the Triton kernels
     fused_lora_layers: int  # LoRA layers routed through the fused autograd node
     quantized_layers: int = 0  # 4-bit layers in the model (none: a full-precision base)
-    fused_dropout: bool = True  # the fused node also serves training calls with dropout (with the kernels)
 
     def __str__(self) -> str:
         if self.quantized_layers:
@@ -49,8 +47,7 @@ class FastPath:
             base = f"4-bit base ({self.quantized_layers} layers) via {how}"
         else:
             base = "full-precision base (torch matmuls)"
-        dropout = "" if self.fused_dropout or not self.fused_lora_layers else " (plain layers while dropout trains)"
-        return (f"kernels={self.mode}: {base}; fused LoRA on {self.fused_lora_layers} layers{dropout}; "
+        return (f"kernels={self.mode}: {base}; fused LoRA on {self.fused_lora_layers} layers; "
                 "chunked cross-entropy where the model allows it")
 
 
@@ -78,6 +75,6 @@ def enable_fast_path(model: nn.Module, mode: str = "auto") -> FastPath:
             module.matmul_backend = backend
             quantized += 1
     if any(isinstance(m, LoraLinear) and m.fusable for m in model.modules()):
-        use_fused_lora(model, enabled=fuse, fuse_dropout=triton)
+        use_fused_lora(model, enabled=fuse)
     fused = sum(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in model.modules())
-    return FastPath(mode, triton, fused, quantized, fused_dropout=triton)
+    return FastPath(mode, triton, fused, quantized)

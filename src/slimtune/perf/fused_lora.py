@@ -153,15 +153,11 @@ def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lo
 class FusedLoraForward:
     """Replacement ``forward`` of one :class:`LoraLinear` (set as an instance attribute by :func:`use_fused_lora`).
 
-    Falls back to the class's forward for what the fused function does not cover, and, with
-    ``fuse_dropout=False``, for training calls with dropout (on a CPU the plain layer's one-byte mask is
-    cheaper than drawing the mask again in backward: bench/lora_step.py's shape with p=0.05 took 11% longer
-    per step fused).
+    Falls back to the class's forward for what the fused function does not cover.
     """
 
-    def __init__(self, layer: LoraLinear, fuse_dropout: bool = True) -> None:
+    def __init__(self, layer: LoraLinear) -> None:
         self.layer = layer
-        self.fuse_dropout = fuse_dropout
 
     def fallback_reason(self, args: tuple, kwargs: dict) -> str | None:
         layer = self.layer
@@ -177,8 +173,6 @@ class FusedLoraForward:
         dropout = layer.lora_dropout[layer.unmerged_active()[0]]
         if not isinstance(dropout, (nn.Identity, nn.Dropout)):
             return f"dropout module {type(dropout).__name__}"
-        if not self.fuse_dropout and isinstance(dropout, nn.Dropout) and dropout.p and layer.training:
-            return "dropout while training, without the kernels"
         return None
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -192,10 +186,9 @@ class FusedLoraForward:
         return fused_lora_linear(x, layer.base_layer, A, B, layer.scaling[name], p)
 
 
-def use_fused_lora(model: nn.Module, enabled: bool = True, fuse_dropout: bool = True) -> int:
+def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
     """Route every :class:`LoraLinear` of ``model`` (and subclasses keeping its forward, e.g. Delta-LoRA)
     through :func:`fused_lora_linear`, or back with ``enabled=False``. Returns the number of layers changed.
-    ``fuse_dropout=False``: training calls with dropout keep the plain layer (see :class:`FusedLoraForward`).
 
     Layers whose equation differs (DoRA, LoRA-FA: ``fusable`` is False) are left alone.
     """
@@ -203,14 +196,12 @@ def use_fused_lora(model: nn.Module, enabled: bool = True, fuse_dropout: bool = 
     for module in model.modules():
         if not isinstance(module, LoraLinear) or not module.fusable:
             continue
-        installed = module.__dict__.get("forward")
+        installed = isinstance(module.__dict__.get("forward"), FusedLoraForward)
         layer: nn.Module = module  # nn.Module types forward as an attribute: the instance's shadows the class's
-        if enabled and not isinstance(installed, FusedLoraForward):
-            layer.forward = FusedLoraForward(module, fuse_dropout)
+        if enabled and not installed:
+            layer.forward = FusedLoraForward(module)
             changed += 1
-        elif enabled and isinstance(installed, FusedLoraForward):
-            installed.fuse_dropout = fuse_dropout
-        elif not enabled and isinstance(installed, FusedLoraForward):
+        elif not enabled and installed:
             del layer.forward
             changed += 1
     if enabled and not changed and not any(isinstance(m.__dict__.get("forward"), FusedLoraForward)
