@@ -1,5 +1,5 @@
-"""The seeded inverted-dropout mask that LoRA-FA and the fused LoRA node regenerate in backward, and the
-dropout + linear node LoRA layers use (same draws and values as the two modules, less kept)."""
+"""The seeded inverted-dropout mask (a counter-based hash) that LoRA-FA and the fused LoRA node regenerate in
+backward, and the dropout + linear node LoRA layers use (same draws and values as the two modules, less kept)."""
 
 import copy
 
@@ -17,6 +17,37 @@ def test_mask_is_inverted_dropout(p):
     assert values == [0.0, pytest.approx(1 / (1 - p))]  # kept values are rescaled by 1 / (1 - p)
     assert float((mask == 0).float().mean()) == pytest.approx(p, abs=0.02)
     assert float(mask.mean()) == pytest.approx(1.0, abs=0.03)  # the expectation of x ⊙ mask is x
+
+
+def _fmix32_reference(i: int, key: int) -> int:
+    """murmur3's 32-bit finaliser of (i·0x9E3779B1 + key) mod 2³², in Python integers."""
+    h = (i * 0x9E3779B1 + key) & 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**61 + 12345])
+def test_mask_bits_are_the_murmur3_finaliser_of_the_counter_in_any_chunking(seed, monkeypatch):
+    from slimtune.core import dropout
+
+    key = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    bits = dropout.uniform_bits(3000, seed, torch.device("cpu"))
+    assert bits.dtype == torch.int32
+    assert [b & 0xFFFFFFFF for b in bits.tolist()] == [_fmix32_reference(i, key) for i in range(3000)]
+    monkeypatch.setattr(dropout, "_CHUNK", 64)  # counters made in pieces (int32 aranges past 2³¹ elements)
+    assert torch.equal(dropout.uniform_bits(3000, seed, torch.device("cpu")), bits)
+
+
+def test_mask_elements_are_independent_of_their_neighbours():
+    mask = dropout_mask(torch.empty(1000, 1000), 0.3, seed=11) == 0
+    both = (mask[:, 1:] & mask[:, :-1]).float().mean()  # pairs of neighbours both dropped: p² if independent
+    rows = (mask[1:] & mask[:-1]).float().mean()
+    assert float(both) == pytest.approx(0.09, abs=0.003) and float(rows) == pytest.approx(0.09, abs=0.003)
+    other = dropout_mask(torch.empty(1000, 1000), 0.3, seed=12) == 0
+    assert float((mask & other).float().mean()) == pytest.approx(0.09, abs=0.003)  # the next seed: unrelated
 
 
 def test_same_seed_same_mask_and_seeds_follow_the_global_rng():

@@ -13,10 +13,45 @@ def draw_seed() -> int:
     return int(torch.randint(1 << 62, ()))
 
 
+# A counter-based generator: element i of a mask hashes (i·φ + seed) mod 2³² with murmur3's 32-bit
+# finaliser, in int32 tensor arithmetic (wrapping), so a mask costs a few vectorized passes and no RNG
+# state, and is the same on every device. On a CPU it is about 3× cheaper than ``bernoulli_``, which matters
+# where a mask is drawn again in backward (LoRA-FA, the fused LoRA node).
+_PHI = -1640531535  # 0x9E3779B1, the 32-bit golden-ratio constant, as a signed int32
+_M1, _M2 = -2048144789, -1028477387  # murmur3's finaliser multipliers 0x85EBCA6B and 0xC2B2AE35, signed
+_CHUNK = 1 << 30  # counters per int32 arange
+
+
+def _signed32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _xor_shift(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``h ^= h >>> k`` (a logical shift: the arithmetic shift's copies of the sign bit masked off)."""
+    return h.bitwise_xor_((h >> k) & ((1 << (32 - k)) - 1))
+
+
+def uniform_bits(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``n`` int32 values, each uniform over all 2³² bit patterns, the i-th a function of (seed, i) only."""
+    key = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    parts = []
+    for start in range(0, n, _CHUNK):
+        h = torch.arange(min(_CHUNK, n - start), dtype=torch.int32, device=device)
+        h.mul_(_PHI).add_(_signed32(start * _PHI + key))  # (i·φ + key) mod 2³² for i = start, start + 1, ...
+        _xor_shift(h, 16).mul_(_M1)
+        _xor_shift(h, 13).mul_(_M2)
+        parts.append(_xor_shift(h, 16))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted-dropout multiplier ``bernoulli(1 - p) / (1 - p)`` shaped like ``like``, from ``seed``."""
-    generator = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1 - p, generator=generator).div_(1 - p)
+    """Inverted-dropout multiplier shaped like ``like`` (its dtype and device), from ``seed``: each element is
+    0 with probability ``p`` (0 ≤ p < 1) and ``1 / (1 - p)`` otherwise, independently."""
+    bits = uniform_bits(like.numel(), seed, like.device)
+    # read as unsigned u = bits + 2³¹, P(u < p·2³²) = p: keep the rest
+    keep = bits >= int(p * (1 << 32)) - (1 << 31)
+    return keep.view(like.shape).to(like.dtype).div_(1 - p)
 
 
 class _DropoutLinear(torch.autograd.Function):
