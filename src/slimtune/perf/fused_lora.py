@@ -107,6 +107,8 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_x = base_x.to(ctx.x_dtype)  # (M, in)
                 if mask is None and grad_x.dtype == lora_dtype:
                     grad_x.addmm_(g_xa, lora_A.to(lora_dtype))  # accumulated in place: no (M, in) temporary
+                elif grad_x.dtype == lora_dtype:
+                    grad_x.addcmul_(g_xa @ lora_A.to(lora_dtype), mask)  # the masked term in one pass
                 else:
                     lora_x = g_xa @ lora_A.to(lora_dtype)
                     grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
