@@ -107,7 +107,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_x = base_x.to(ctx.x_dtype)  # (M, in)
                 if mask is None and grad_x.dtype == lora_dtype:
                     grad_x.addmm_(g_xa, lora_A.to(lora_dtype))  # accumulated in place: no (M, in) temporary
-                elif grad_x.dtype == lora_dtype:
+                elif mask is not None and grad_x.dtype == lora_dtype:
                     grad_x.addcmul_(g_xa @ lora_A.to(lora_dtype), mask)  # the masked term in one pass
                 else:
                     lora_x = g_xa @ lora_A.to(lora_dtype)
