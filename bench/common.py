@@ -59,6 +59,18 @@ def time_steps(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
+def interleaved_medians(step, names, steps: int) -> dict[str, float]:
+    """Median seconds of ``step(name)`` for each name, the names taking turns ``steps`` times, so the
+    machine's drift hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(steps):
+        for name in names:
+            start = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - start)
+    return {name: median(ts) for name, ts in times.items()}
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import machine, median, random_batch, smollm2_shaped
+from common import interleaved_medians, machine, random_batch, smollm2_shaped
 
 import slimtune
 from slimtune.optim import make_optimizer
@@ -65,13 +64,7 @@ def main() -> None:
         return float(loss)
 
     first = {mode: step(mode) for mode in runs}  # warm-up; equal B = 0 factors: the same first loss
-    times: dict[str, list[float]] = {mode: [] for mode in runs}
-    for _ in range(args.steps):
-        for mode in runs:
-            start = time.perf_counter()
-            step(mode)
-            times[mode].append(time.perf_counter() - start)
-    t = {mode: median(ts) for mode, ts in times.items()}
+    t = interleaved_medians(step, list(runs), args.steps)
     print(f"# {'QLoRA (NF4 + DQ)' if args.quantize else 'LoRA'} r=16 all-linear, SmolLM2-135M shape, batch 1 × "
           f"{args.seq}, dropout {args.dropout}, checkpointing {args.checkpointing}; median of {args.steps} "
           f"interleaved steps after one warm-up; {machine()}")

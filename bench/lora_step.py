@@ -19,11 +19,10 @@ The first step's losses of slimtune and PEFT must agree within 1e-4 (both B fact
 from __future__ import annotations
 
 import copy
-import time
 
 import peft
 import torch
-from common import SMOLLM2_135M, machine, median, random_batch, smollm2_shaped, step_parser
+from common import SMOLLM2_135M, interleaved_medians, machine, random_batch, smollm2_shaped, step_parser
 
 import slimtune
 from slimtune.optim import make_optimizer
@@ -66,13 +65,7 @@ def main() -> None:
     for name, (model, _) in runs.items():  # warm-up, and the first-step losses
         model.train()
         first[name] = step(name)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.steps):
-        for name in runs:
-            start = time.perf_counter()
-            step(name)
-            times[name].append(time.perf_counter() - start)
-    t = {name: median(ts) for name, ts in times.items()}
+    t = interleaved_medians(step, list(runs), args.steps)
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in runs.items()}
     assert trainable["slimtune"] == trainable["peft"], trainable
     print(f"# LoRA r={args.rank} all-linear, SmolLM2-135M shape ({SMOLLM2_135M['num_hidden_layers']} layers), "

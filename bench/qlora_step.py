@@ -99,11 +99,11 @@ def _trainer_default_adamw(name, params, lr):
     return torch.optim.AdamW(params, lr=lr, fused=True)
 
 
-def _steps(model, args, loss_of, make_optimizer) -> dict:
+def _steps(model, args, loss_of, build_optimizer) -> dict:
     model.train()
     batch = random_batch(args.batch, args.seq)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer("adamw", trainable, lr=1e-4) if make_optimizer is not None else None
+    optimizer = build_optimizer("adamw", trainable, lr=1e-4) if build_optimizer is not None else None
     losses, times = [], []
     for _ in range(1 + args.steps):  # the first step warms up (allocator, one-time caches) and gives the loss
         start = time.perf_counter()

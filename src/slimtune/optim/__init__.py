@@ -69,8 +69,8 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str
     if key == "adamw":
         if not isinstance(params, torch.Tensor):  # (a bare tensor: torch's own error)
             params = [_listed(item) for item in params]  # generators are read once
-        if not {"foreach", "fused", "differentiable"} & set(options) and _fusable(list(params)):
-            options["fused"] = True
+            if not {"foreach", "fused", "differentiable"} & set(options) and _fusable(params):
+                options["fused"] = True
         return torch.optim.AdamW(params, **common, **options)
     if key == "paged_adamw":
         return PagedAdamW(params, **common, paged=True, **options)
