@@ -151,6 +151,26 @@ def test_autocast_bf16_matches_unfused_dtype_and_values():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("shape", [(5, 32), (2, 3, 32)])
+def test_output_may_be_modified_in_place_like_a_linear_layers(shape):
+    """Models add into a projection's output in place (Falcon); autograd forbids that on a view made inside a
+    custom function, so the fused node must return a tensor of its own, with the same gradients as unfused."""
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    init_lora_weights=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    grads = []
+    for fused in (True, False):
+        use_fused_lora(model, enabled=fused)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = layer(x)
+        out += 1.0
+        out.mul_(torch.linspace(0.5, 2.0, out.shape[-1]))
+        grads.append(torch.autograd.grad(out.square().sum(), (x, *layer.lora_parameters("default"))))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_fallbacks_and_switching_back():
     model = tiny_llama()
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],

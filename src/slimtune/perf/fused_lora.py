@@ -56,8 +56,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, bias, base, scaling, p, seed, dtypes):
         mm_dtype, out_dtype, lora_dtype = dtypes
         ctx.kept = None
-        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        xb = x2.to(mm_dtype)
+        xb = x.to(mm_dtype)  # x (M, in): fused_lora_linear flattens the leading dimensions outside the node
         if (isinstance(base, Linear4bit) and base.matmul_backend is None and xb.shape[0] == 1
                 and base.in_features % 2 == 0 and kernels.use_triton_for(xb.device, None)):
             out = kernels.gemv_4bit(xb, kernels.weight_4bit(base))  # batch-1 generation
@@ -70,7 +69,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out.dtype)
         out = out.to(out_dtype)
-        xl = x2.to(lora_dtype)
+        xl = x.to(lora_dtype)
         if p:
             xl = xl * dropout_mask(xl, p, seed)
         xa = xl @ lora_A.to(lora_dtype).T  # (M, r)
@@ -79,10 +78,10 @@ class _FusedLoraLinear(torch.autograd.Function):
         else:  # LoraLinear's rounding: the LoRA term in its own dtype, then cast
             out = out + (xa @ lora_B.to(lora_dtype).T * scaling).to(out.dtype)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = base, scaling, p, seed, dtypes
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.save_for_backward(x2 if lora_A.requires_grad else None, xa if lora_B.requires_grad else None,
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x if lora_A.requires_grad else None, xa if lora_B.requires_grad else None,
                               lora_A, lora_B)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out  # a tensor of its own, never a view: callers may modify it in place (see fused_lora_linear)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -112,7 +111,6 @@ class _FusedLoraLinear(torch.autograd.Function):
                 else:
                     lora_x = g_xa @ lora_A.to(lora_dtype)
                     grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
-                grad_x = grad_x.reshape(ctx.x_shape)
         ctx.kept = None
         if ctx.needs_input_grad[3]:
             grad_bias = g.sum(0).to(ctx.base.bias.dtype)
@@ -148,8 +146,12 @@ def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lo
         raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
     if dropout_p and seed is None:
         seed = draw_seed()
-    return _FusedLoraLinear.apply(x, lora_A, lora_B, base.bias, base, float(scaling), float(dropout_p), seed,
-                                  _dtypes(x, base, lora_A))
+    # The leading dimensions are flattened and restored outside the node: a view made inside a custom
+    # autograd function may not be modified in place (Falcon adds into its projections' outputs), one made
+    # here may.
+    out = _FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), lora_A, lora_B, base.bias, base, float(scaling),
+                                 float(dropout_p), seed, _dtypes(x, base, lora_A))
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class FusedLoraForward:

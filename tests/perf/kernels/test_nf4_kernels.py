@@ -6,6 +6,8 @@ first imported); tests marked ``gpu`` compile them for CUDA and also compare wit
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -259,3 +261,28 @@ def test_64_bit_offsets_give_the_same_results(monkeypatch):
     torch.testing.assert_close(kernels.matmul_4bit(x, w, transpose=True, use_triton=True), x @ weight.T)
     torch.testing.assert_close(kernels.gemv_4bit(x, w, use_triton=True), x @ weight.T)
     assert seen == [True] * 3
+
+
+@interpreter
+def test_kernel_outputs_can_be_modified_in_place_under_autograd():
+    """The kernels return tensors of their own, never views: a model may add into a 4-bit layer's output in place
+    (Falcon does), which autograd forbids on a view made inside a custom function."""
+    import functools
+
+    layer = quantized(48, 64)
+    w = kernels.weight_4bit(layer)
+    torch.manual_seed(4)
+    for x in (torch.randn(5, 64), torch.randn(2, 3, 64)):
+        assert kernels.matmul_4bit(x, w, use_triton=True)._base is None
+        assert kernels.gemv_4bit(x[..., :1, :], w, use_triton=True)._base is None
+    reference = copy.deepcopy(layer)
+    layer.matmul_backend = functools.partial(kernels.linear_4bit, use_triton=True)
+    for rows in (3, 12):  # 6 rows: the GEMV; 24: the matmul kernel
+        grads = []
+        for model in (layer, reference):
+            x = torch.randn(2, rows, 64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+            out = model(x)
+            out += 1.0
+            out.mul_(2.0)
+            grads.append(torch.autograd.grad(out.square().sum(), x)[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)

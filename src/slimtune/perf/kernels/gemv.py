@@ -71,7 +71,8 @@ def gemv_4bit_triton(x: torch.Tensor, w) -> torch.Tensor:
     if xs.stride(-1) != 1:
         xs = xs.contiguous()
     rows = xs.shape[0]
-    y = torch.empty((rows, out_f), dtype=kernel_dtype(x.dtype), device=x.device)
+    out = torch.empty((*x.shape[:-1], out_f), dtype=kernel_dtype(x.dtype), device=x.device)  # never a view
+    y = out.view(rows, out_f)
     absmax, nested_absmax, nested_code, offset = scale_args(w)
     bn, bkh = (16, 128) if interpreting() else (8, 256)
     grid = (triton.cdiv(out_f, bn), rows)
@@ -80,4 +81,4 @@ def gemv_4bit_triton(x: torch.Tensor, w) -> torch.Tensor:
                                 out_f, in_f, xs.stride(0), y.stride(0), BLOCKSIZE=w.blocksize,
                                 DOUBLE_QUANT=w.double_quant, NESTED=NESTED_BLOCKSIZE, ALIGNED=in_f % w.blocksize == 0,
                                 WIDE=wide(out_f * in_f, xs.numel(), y.numel()), BN=bn, BKH=bkh)
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
+    return out.to(x.dtype)

@@ -151,7 +151,10 @@ def matmul_4bit_triton(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
         a = a.float()  # the interpreter's tl.dot has no bf16 (numpy): check the indexing in fp32
     m, r = a.shape
     p = out_f if transpose else in_f
-    c = torch.empty((m, p), dtype=kernel_dtype(x.dtype), device=x.device)
+    # allocated in the output's shape (the kernel writes a 2-D view of it), so what is returned is never a
+    # view: an autograd function's output that is a view may not be modified in place
+    out = torch.empty((*x.shape[:-1], p), dtype=kernel_dtype(x.dtype), device=x.device)
+    c = out.view(m, p)
     if m and p:
         scales = w.block_scales().contiguous()
         precision = "ieee" if a.dtype == torch.float32 else "tf32"  # fp32 stays fp32, like torch's default
@@ -167,4 +170,4 @@ def matmul_4bit_triton(x: torch.Tensor, w, transpose: bool) -> torch.Tensor:
             _kernel()[launch_grid(m, p, tile)](*args, **meta, **tile)
         else:
             _kernel()[lambda grid_meta: launch_grid(m, p, grid_meta)](*args, **meta)
-    return c.to(x.dtype).reshape(*x.shape[:-1], p)
+    return out.to(x.dtype)
