@@ -1,6 +1,7 @@
 """HF PEFT as the oracle: same weights → same outputs, and adapter files that move both ways."""
 
 import copy
+import json
 
 import peft
 import pytest
@@ -103,3 +104,40 @@ def test_rslora_and_patterns_match_peft(tmp_path):
     inputs = sample_inputs("llama")
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
     assert ours.model.layers[0].self_attn.v_proj.lora_A["default"].weight.shape == (2, 32)
+
+
+def _tiny_moe():
+    """A 2-layer mixture-of-experts decoder (Qwen3-MoE): under transformers 5 its experts are fused 3-D
+    parameters, which PEFT's own "all-linear" targets and slimtune's does not."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=32, intermediate_size=64, head_dim=8,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_all_linear_is_saved_as_the_modules_it_wrapped(tmp_path):
+    """PEFT writes "all-linear" out as module names; so does slimtune, so that PEFT loads exactly the wrapped
+    layers: a last name component where it is unambiguous, the full name where it would pick more."""
+    base = _tiny_moe()
+    config = slimtune.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1,
+                                 init_lora_weights=False)
+    ours = slimtune.add_adapter(copy.deepcopy(base), config)
+    wrapped = {name for name, m in ours.named_modules() if hasattr(m, "lora_A")}
+    slimtune.save_adapter(ours, tmp_path / "moe")
+    saved = json.loads((tmp_path / "moe" / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted({name.rpartition(".")[2] for name in wrapped})
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "moe").eval()
+    assert {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "lora_A")} == wrapped
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    ours.eval()
+    torch.testing.assert_close(logits(ours, {"input_ids": ids}), logits(theirs, {"input_ids": ids}),
+                               atol=TOL, rtol=0)
+
+    first_layer = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(
+        r=4, target_modules="all-linear", layers_to_transform=[0]))
+    slimtune.save_adapter(first_layer, tmp_path / "first")
+    saved = json.loads((tmp_path / "first" / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))

@@ -95,10 +95,27 @@ def adapter_config_dict(model: nn.Module, adapter_name: str = "default") -> dict
     """What ``adapter_config.json`` holds for one adapter (PEFT's fields; the base model's name)."""
     config = get_state(model).configs[adapter_name]
     data = method_for(config).saved_config(config)
+    if data.get("target_modules") == "all-linear":
+        data["target_modules"] = wrapped_module_names(model, adapter_name) or "all-linear"
     data["inference_mode"] = True
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
     data["base_model_name_or_path"] = name_or_path or None
     return data
+
+
+def wrapped_module_names(model: nn.Module, adapter_name: str) -> list[str]:
+    """The modules an adapter wraps, as ``target_modules`` names them for PEFT: "all-linear" is written out, as
+    PEFT writes it (its own "all-linear" can mean other layers, e.g. the fused experts of a mixture-of-experts
+    model under transformers 5). A last name component is used where it picks exactly the wrapped modules, the
+    full name where it would also pick others."""
+    wrapped = [name for name, layer in tuner_layers(model) if adapter_name in layer.adapter_names]
+    under = tuple(name + "." for name in wrapped)  # a wrapper's own children are not the base model's
+    others = [n for n, _ in model.named_modules() if n and n not in wrapped and not n.startswith(under)]
+    names = set()
+    for name in wrapped:
+        leaf = name.rpartition(".")[2]
+        names.add(leaf if not any(o == leaf or o.endswith("." + leaf) for o in others) else name)
+    return sorted(names)
 
 
 def adapter_file_contents(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:
