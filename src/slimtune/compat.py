@@ -8,15 +8,26 @@ parameter names, an attribute) so a renamed argument is followed the day it ship
   Decoder layers took ``past_key_value`` or ``layer_past`` in older releases.
 - The activation-checkpointing flag is ``is_activation_checkpointing`` in transformers 5 and
   ``is_gradient_checkpointing`` before (deprecated in 5).
+- transformers 5 renames checkpoint keys while loading (a model's conversion mapping: GPT-NeoX's
+  ``embed_out`` is its ``lm_head``) and merges some (a mixture of experts' per-expert matrices into one
+  3-D parameter); releases before it load keys as stored.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import transformers
 from torch import nn
+
+try:  # transformers 5: how a model's checkpoint keys map onto its parameters
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    KEYS_CONVERTED_ON_LOAD = True
+except ImportError:  # earlier releases load keys as stored
+    KEYS_CONVERTED_ON_LOAD = False
 
 # A model's cache argument, newest name first.
 MODEL_CACHE_NAMES = ("cache", "past_key_values")
@@ -85,3 +96,19 @@ def gguf_dequantize_config(gguf_file: str) -> Any:
     packed unless told otherwise); None where every GGUF load dequantizes anyway."""
     config_class = getattr(transformers, "GgufConfig", None)
     return None if config_class is None else config_class(gguf_file=gguf_file, dequantize=True)
+
+
+def checkpoint_key_mapper(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
+    """``key → (the model's name for it, whether transformers also merges it with other tensors)`` for the
+    checkpoint keys of ``model`` (built, possibly on the meta device), as ``from_pretrained`` reads them."""
+    if not KEYS_CONVERTED_ON_LOAD or not isinstance(model, transformers.PreTrainedModel):
+        return lambda key: (key, False)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def mapped(key: str) -> tuple[str, bool]:
+        name, converter = rename_source_key(key, renamings, converters)
+        return name, converter is not None
+
+    return mapped

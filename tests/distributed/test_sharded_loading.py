@@ -11,14 +11,17 @@ import pytest
 import torch
 from dist_helpers import check, torchrun
 from safetensors.torch import load_file
-from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+from train_helpers import make_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from slimtune.compat import KEYS_CONVERTED_ON_LOAD
 from slimtune.core.tensor_files import SafetensorsReader
-from slimtune.distributed.sharded_load import shard_rows
+from slimtune.distributed.sharded_load import WholeLoadNeeded, load_skeleton, shard_rows
 from slimtune.distributed.wrap import fsdp_shards_integer_parameters
 from slimtune.quant import Linear4bit, load_quantized
 from slimtune.quant.sharded_nf4 import make_model_shardable
 from slimtune.train.models import empty_model
+from slimtune.train.recipe import recipe_from_dict
 
 pytestmark = pytest.mark.skipif(not fsdp_shards_integer_parameters(),
                                 reason="this torch's FSDP2 cannot shard the packed 4-bit base")
@@ -100,3 +103,22 @@ def test_each_rank_reads_only_its_own_rows(loaded):
                 continue
             start, stop = shard_rows(rows[key], 2, rank)
             assert count == stop - start, f"rank {rank} read {count} rows of {key} (its own: {start}:{stop})"
+
+
+def test_a_checkpoint_transformers_merges_on_load_is_loaded_whole(tmp_path):
+    """A mixture of experts stored expert by expert (transformers 5 merges them into 3-D parameters while
+    loading) cannot be read row range by row range: the per-rank loader raises WholeLoadNeeded, on which the run
+    loads the model whole."""
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=96, hidden_size=64, intermediate_size=96, head_dim=16,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    model = AutoModelForCausalLM.from_config(config)
+    if not (KEYS_CONVERTED_ON_LOAD and any(p.dim() == 3 for p in model.parameters())):
+        pytest.skip("this transformers loads the experts as stored")
+    model.save_pretrained(tmp_path / "moe")
+    make_tokenizer().save_pretrained(tmp_path / "moe")
+    recipe = recipe_from_dict({"model": {"name_or_path": str(tmp_path / "moe")}, "quantization": {"bits": 4},
+                               "method": {"peft_type": "LORA", "target_modules": "all-linear"},
+                               "data": {"dataset": "pycode"}, "output": {"dir": str(tmp_path / "run")}})
+    with pytest.raises(WholeLoadNeeded, match="merged"):
+        load_skeleton(recipe, torch.device("cpu"))

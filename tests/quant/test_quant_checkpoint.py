@@ -91,6 +91,44 @@ def test_streaming_load_equals_quantizing_the_loaded_model(fp_folder, input_ids)
     assert isinstance(from_dict.model.layers[0].mlp.gate_proj, Linear8bit)
 
 
+def _saved(tmp_path, model_type, **shape):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, **shape)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    return tmp_path / model_type
+
+
+@torch.no_grad()
+def test_checkpoint_keys_are_read_under_the_names_transformers_gives_them(tmp_path, input_ids):
+    """transformers 5 renames keys while loading (GPT-NeoX stores its head as ``embed_out``, the model calls it
+    ``lm_head``) and merges others (a mixture of experts' per-expert matrices). Renamed keys stream; merged ones
+    are refused by the layer-by-layer loader and loaded whole by the product, with the same result."""
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.compat import KEYS_CONVERTED_ON_LOAD
+    from slimtune.quant import CheckpointNeedsMerging
+    from slimtune.train.models import load_model
+
+    neox = _saved(tmp_path, "gpt_neox", intermediate_size=96)
+    streamed = load_in_4bit(_factory(neox), neox, QuantConfig()).eval()
+    reference = quantize(AutoModelForCausalLM.from_pretrained(neox).eval(), QuantConfig())
+    assert torch.equal(streamed(input_ids).logits, reference(input_ids).logits)
+
+    moe = _saved(tmp_path, "qwen3_moe", intermediate_size=96, num_key_value_heads=2, head_dim=16, num_experts=4,
+                 num_experts_per_tok=2, moe_intermediate_size=32)
+    merges = KEYS_CONVERTED_ON_LOAD and any(p.dim() == 3 for p in _factory(moe)().parameters())
+    if merges:
+        with pytest.raises(CheckpointNeedsMerging, match="experts"):
+            load_in_4bit(_factory(moe), moe, QuantConfig())
+    loaded = load_model(moe, quantization=QuantConfig()).eval()
+    reference = quantize(AutoModelForCausalLM.from_pretrained(moe).eval(), QuantConfig())
+    assert torch.equal(loaded(input_ids).logits, reference(input_ids).logits)
+    assert isinstance(loaded.model.layers[1].self_attn.q_proj, Linear4bit)
+
+
 def test_init_empty_weights_keeps_buffers_real():
     with init_empty_weights():
         lin = torch.nn.Linear(4, 4)

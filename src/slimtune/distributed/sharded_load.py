@@ -37,7 +37,7 @@ from slimtune.quant.linear import Linear4bit
 from slimtune.quant.model import make_quantized_layer, skipped_linear_names
 from slimtune.quant.sharded_nf4 import can_shard, double_quantize_rows, make_shardable, quantize_rows
 from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix
-from slimtune.quant.streaming import TensorSource, checkpoint_source, random_source
+from slimtune.quant.streaming import CheckpointNeedsMerging, TensorSource, checkpoint_source, random_source
 from slimtune.train.models import empty_model, load_tokenizer, random_std, resolve_model_path
 from slimtune.train.recipe import Recipe
 from slimtune.train.runner import random_model_config
@@ -218,6 +218,11 @@ def load_skeleton(recipe: Recipe, device: torch.device) -> tuple[ShardedBase, An
             raise WholeLoadNeeded(f"{folder} holds no safetensors files")
         model = empty_model(transformers.AutoConfig.from_pretrained(folder), spec.dtype)
         source = checkpoint_source(folder, files)
+        try:
+            source.follow_renames(model)
+        except CheckpointNeedsMerging as why:
+            files.close()
+            raise WholeLoadNeeded(str(why)) from why
         tokenizer = load_tokenizer(spec.tokenizer or folder, spec.allow_pickle)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

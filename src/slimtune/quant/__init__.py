@@ -26,6 +26,7 @@ from slimtune.quant.nf4 import (
     unpack_4bit,
 )
 from slimtune.quant.streaming import (
+    CheckpointNeedsMerging,
     init_empty_weights,
     init_random_quantized,
     load_in_4bit,
@@ -43,6 +44,7 @@ __all__ = [
     "quant_summary",
     "dequantize_model",
     "requantization_error",
+    "CheckpointNeedsMerging",
     "init_empty_weights",
     "init_random_quantized",
     "load_quantized",

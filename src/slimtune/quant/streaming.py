@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtune.compat import checkpoint_key_mapper
 from slimtune.core.dtypes import default_compute_dtype
 from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module
 from slimtune.core.tensor_files import SafetensorsReader
@@ -28,8 +29,9 @@ from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear
 from slimtune.quant.model import make_quantized_layer, skipped_linear_names
 from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
 
-__all__ = ["init_empty_weights", "load_quantized", "load_in_4bit", "load_quantized_from_state_dict",
-           "init_random_quantized", "TensorSource", "checkpoint_source", "random_source", "safetensors_files"]
+__all__ = ["CheckpointNeedsMerging", "init_empty_weights", "load_quantized", "load_in_4bit",
+           "load_quantized_from_state_dict", "init_random_quantized", "TensorSource", "checkpoint_source",
+           "random_source", "safetensors_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ def init_empty_weights() -> Iterator[None]:
         handle.remove()
 
 
+class CheckpointNeedsMerging(ValueError):
+    """The checkpoint stores tensors that transformers merges while loading: load the model whole instead."""
+
+
 class _Source:
     """Tensors by name from a state dict or from safetensors files, read one at a time (no memory map, so
     only the tensor being placed is resident), whole or as a range of rows (a rank's shard).
@@ -71,24 +77,47 @@ class _Source:
                 handle = stack.enter_context(SafetensorsReader(path))
                 self._where.update(dict.fromkeys(handle.keys(), handle))
         self.keys = set(tensors) if tensors is not None else set(self._where)
+        self._stored: dict[str, str] = {}  # the model's name → the key stored in the file, where they differ
         self.used: set[str] = set()
         self.rows_read: dict[str, int] = {}
+
+    def follow_renames(self, model: nn.Module) -> None:
+        """Name the tensors as ``model`` does where transformers renames checkpoint keys while loading (see
+        :func:`slimtune.compat.checkpoint_key_mapper`). Raises :class:`CheckpointNeedsMerging` for tensors
+        transformers merges (a mixture of experts' per-expert matrices): they are not read one by one."""
+        mapper = checkpoint_key_mapper(model)
+        renamed: dict[str, str] = {}
+        merged = []
+        for key in sorted(self.keys):
+            name, merges = mapper(key)
+            if merges:
+                merged.append(f"{key} → {name}")
+            elif name != key:
+                renamed[name] = key
+        if merged:
+            raise CheckpointNeedsMerging(
+                f"{len(merged)} checkpoint tensors are merged into other parameters as transformers loads them, "
+                f"e.g. {merged[0]}; the layer-by-layer quantized loader reads tensors one by one.")
+        self.keys = (self.keys - set(renamed.values())) | set(renamed)
+        self._stored.update(renamed)
 
     def _count(self, key: str, rows: int) -> None:
         self.used.add(key)
         self.rows_read[key] = self.rows_read.get(key, 0) + rows
 
     def get(self, key: str) -> torch.Tensor:
-        value = self._dict[key] if self._dict is not None else self._where[key].get_tensor(key)
+        stored = self._stored.get(key, key)
+        value = self._dict[stored] if self._dict is not None else self._where[stored].get_tensor(stored)
         self._count(key, value.shape[0] if value.dim() else 1)
         return value
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (dim 0) of ``key``; from files, only those rows are read."""
         self._count(key, stop - start)
+        stored = self._stored.get(key, key)
         if self._dict is not None:
-            return self._dict[key][start:stop]
-        return self._where[key].get_rows(key, start, stop)
+            return self._dict[stored][start:stop]
+        return self._where[stored].get_rows(stored, start, stop)
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in self.keys if k.startswith(prefix)}
@@ -295,7 +324,9 @@ def load_quantized(model: ModelSource, paths: str | os.PathLike | list, config: 
     """
     with contextlib.ExitStack() as stack:
         source = _Source(files=safetensors_files(paths), stack=stack)
-        return _load(model, source, config, device)
+        built = _build(model)
+        source.follow_renames(built)
+        return _load(built, source, config, device)
 
 
 def load_in_4bit(model: ModelSource, paths: str | os.PathLike | list, config: QuantConfig | None = None,
@@ -311,7 +342,9 @@ def load_quantized_from_state_dict(model: ModelSource, state_dict: Mapping[str, 
                                    config: QuantConfig | None = None,
                                    device: torch.device | str = "cpu") -> nn.Module:
     """:func:`load_quantized` from an in-memory state dict (full precision or quantized)."""
-    return _load(model, _Source(tensors=state_dict), config, device)
+    source, built = _Source(tensors=state_dict), _build(model)
+    source.follow_renames(built)
+    return _load(built, source, config, device)
 
 
 def init_random_quantized(model: ModelSource, config: QuantConfig | None, device: torch.device | str = "cpu",

@@ -32,7 +32,14 @@ from slimtune.compat import gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
-from slimtune.quant import QuantConfig, init_empty_weights, init_random_quantized, load_quantized, quantize
+from slimtune.quant import (
+    CheckpointNeedsMerging,
+    QuantConfig,
+    init_empty_weights,
+    init_random_quantized,
+    load_quantized,
+    quantize,
+)
 
 logger = logging.getLogger("slimtune")
 
@@ -309,8 +316,15 @@ def load_model_and_tokenizer(
 
 def _load_quantized(model_cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantization: QuantConfig,
                     extra: dict[str, Any]) -> Any:
-    """The model built on the meta device, then filled from ``folder`` tensor by tensor, quantizing linear weights."""
+    """The model built on the meta device, then filled from ``folder`` tensor by tensor, quantizing linear weights;
+    loaded whole and then quantized where transformers merges checkpoint tensors (a mixture of experts)."""
     config = transformers.AutoConfig.from_pretrained(folder, **extra)
     with init_empty_weights():
         model = model_cls.from_config(config, dtype=dtype)
-    return load_quantized(model, folder, quantization, device)
+    try:
+        return load_quantized(model, folder, quantization, device)
+    except CheckpointNeedsMerging as why:
+        logger.warning("Loading %s in full precision, then quantizing it: %s", folder, why)
+    model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra).to(device)
+    quantize(model, quantization)
+    return model
