@@ -16,6 +16,7 @@ and each step calls the adapter's :class:`~slimtune.methods.contract.Method` for
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -39,10 +40,12 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     Every base parameter is frozen; the new adapter's parameters (and, per ``bias`` and
     ``modules_to_save``, biases and head copies) train while it is active. ``activate``: make it the
     active adapter (default: only if it is the model's first). Nothing changes if the config does not
-    fit the model.
+    fit the model. The model keeps its own copy of ``config``, completed for it (default target layers, a
+    prefix's dimensions); ``config`` itself is not changed, so it can serve other models.
     """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a slimtune method config (e.g. LoraConfig), got {type(config).__name__}.")
+    config = copy.deepcopy(config)
     method = method_for(config)
     state = find_state(model)
     if state is not None and adapter_name in state.configs:

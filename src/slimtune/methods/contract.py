@@ -14,7 +14,7 @@ Layer-wrapping methods (LoRA and its family, VeRA, LoHa, (IA)³, bottleneck adap
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from slimtune.config import MethodConfig
 from slimtune.core.modules import replace_module
 from slimtune.core.state import AdapterState
+from slimtune.methods.default_targets import model_type
 from slimtune.methods.layers import ModulesToSave, TunerLayer
 from slimtune.methods.targets import find_targets
 
@@ -114,8 +115,19 @@ class LayerMethod(Method):
         """An empty wrapper for ``base``; raise a clear ``TypeError`` for layer types the method cannot wrap."""
         raise NotImplementedError
 
+    # model_type → the layers adapted when target_modules is unset (PEFT's defaults; see default_targets)
+    default_targets: ClassVar[Mapping[str, list[str]]] = {}
+
+    def fill_default_targets(self, model: nn.Module, config: MethodConfig) -> None:
+        """Set an unset ``target_modules`` to the defaults for ``model``'s architecture, as PEFT does (the saved
+        config then lists them); left unset for an architecture without defaults (find_targets explains)."""
+        defaults = self.default_targets.get(model_type(model) or "")
+        if getattr(config, "target_modules", "") is None and defaults is not None:
+            setattr(config, "target_modules", list(defaults))  # noqa: B010 (not every config has the field)
+
     def target_names(self, model: nn.Module, config: MethodConfig, skip: Iterable[str]) -> list[str]:
         """Names of the modules ``config`` targets (PEFT's matching rules)."""
+        self.fill_default_targets(model, config)
         return find_targets(model, getattr(config, "target_modules", None), getattr(config, "exclude_modules", None),
                             getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None),
                             getattr(config, "modules_to_save", None), skip=skip)

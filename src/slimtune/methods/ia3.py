@@ -17,6 +17,7 @@ from slimtune.config import MethodConfig, default_head, str_list
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.errors import NotMergeableError
 from slimtune.methods.contract import LayerMethod
+from slimtune.methods.default_targets import IA3_TARGETS, model_type
 from slimtune.methods.layers import TunerLayer, mergeable_weight
 from slimtune.methods.targets import is_adaptable_linear, name_matches
 
@@ -138,6 +139,13 @@ class IA3Method(LayerMethod):
     peft_type: ClassVar[str] = "IA3"
     config_class: ClassVar[type[MethodConfig]] = IA3Config
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (IA3Linear,)
+
+    def fill_default_targets(self, model: nn.Module, config: MethodConfig) -> None:
+        """Both lists unset: PEFT's defaults for the architecture (see default_targets)."""
+        assert isinstance(config, IA3Config)
+        defaults = IA3_TARGETS.get(model_type(model) or "")
+        if config.target_modules is None and config.feedforward_modules is None and defaults is not None:
+            config.target_modules, config.feedforward_modules = list(defaults[0]), list(defaults[1])
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         if is_adaptable_linear(base):

@@ -7,6 +7,7 @@ Learning", arXiv:2108.06098 (as used by LyCORIS and HF PEFT).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from torch import nn
 from slimtune.config import MethodConfig, check_positive_int, check_probability, layer_list, str_list
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.methods.contract import LayerMethod
+from slimtune.methods.default_targets import LOW_RANK_TARGETS
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.targets import is_adaptable_linear, pattern_value
 
@@ -147,6 +149,7 @@ class LohaMethod(LayerMethod):
     peft_type: ClassVar[str] = "LOHA"
     config_class: ClassVar[type[MethodConfig]] = LohaConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LohaLinear,)
+    default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         if is_adaptable_linear(base):

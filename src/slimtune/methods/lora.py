@@ -7,6 +7,7 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.0968
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import ClassVar
 
 from torch import nn
@@ -15,6 +16,7 @@ from slimtune.config import LoraConfig, MethodConfig
 from slimtune.core.modules import is_conv1d
 from slimtune.core.state import AdapterState
 from slimtune.methods.contract import LayerMethod
+from slimtune.methods.default_targets import LOW_RANK_TARGETS
 from slimtune.methods.dora import DoraLinear
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear
@@ -58,6 +60,7 @@ class LoraMethod(LayerMethod):
     peft_type: ClassVar[str] = "LORA"
     config_class: ClassVar[type[MethodConfig]] = LoraConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LoraLinear, LoraEmbedding)
+    default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         assert isinstance(config, LoraConfig)

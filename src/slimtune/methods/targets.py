@@ -63,8 +63,10 @@ def find_targets(
 ) -> list[str]:
     """Names of the modules to wrap, in model order. Raises with the available names when nothing matches."""
     if target_modules is None:
+        kind = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            "target_modules is None; name the layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. "
+            f"target_modules is None and this method has no default layers for model_type {kind!r}; name the "
+            "layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. "
             f"Layers that can be adapted: {_summarise(wrappable_names(model))}."
         )
     all_linear = target_modules == "all-linear"

@@ -6,6 +6,7 @@ Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024, arXiv
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ from slimtune.config import MethodConfig, check_probability, layer_list, str_lis
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.core.state import AdapterState
 from slimtune.methods.contract import LayerMethod, tuner_layers
+from slimtune.methods.default_targets import VERA_TARGETS
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.targets import is_adaptable_linear
 
@@ -161,6 +163,7 @@ class VeraMethod(LayerMethod):
     peft_type: ClassVar[str] = "VERA"
     config_class: ClassVar[type[MethodConfig]] = VeraConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (VeraLinear,)
+    default_targets: ClassVar[Mapping[str, list[str]]] = VERA_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         if not is_adaptable_linear(base):
