@@ -39,6 +39,7 @@ from tiny_models import (
 )
 
 import slimtune
+from slimtune.core.state import get_state
 from slimtune.methods.prompts import PROMPT_CONTAINER
 
 TOL = 1e-5
@@ -329,3 +330,25 @@ def test_prompt_tuning_text_init_needs_its_inputs():
         slimtune.PromptTuningConfig(prompt_tuning_init="TEXT")
     with pytest.raises(ValueError, match="encoder_reparameterization_type='GRU'"):
         slimtune.PromptEncoderConfig(encoder_reparameterization_type="GRU")
+
+
+@pytest.mark.parametrize("layout", [dict(multi_query=True), dict(multi_query=False),
+                                    dict(new_decoder_architecture=True, num_kv_heads=2)],
+                         ids=["multi-query (Falcon-7B)", "multi-head", "new decoder architecture"])
+def test_prefix_tuning_sizes_falcons_cache(layout):
+    """Falcon's config has no num_key_value_heads: the prefix must still have the heads its cache holds (one for
+    multi-query attention, every query head otherwise), or the first forward fails."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    base = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          **layout)).eval()
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.PrefixTuningConfig(num_virtual_tokens=3,
+                                                                                   task_type="CAUSAL_LM"))
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    heads = 1 if layout.get("multi_query") else 4
+    assert get_state(model).configs["default"].token_dim == heads * 8
+    assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4
+    assert model.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 8)

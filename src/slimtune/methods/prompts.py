@@ -71,9 +71,18 @@ def model_dims(model: nn.Module) -> dict[str, int | None]:
         "num_layers": first("num_hidden_layers", "num_layers", "n_layer"),
         "token_dim": first("hidden_size", "n_embd", "d_model"),
         "num_attention_heads": first("num_attention_heads", "n_head", "num_heads"),
-        "num_key_value_heads": first("num_key_value_heads"),
+        "num_key_value_heads": first("num_key_value_heads") or cached_heads_without_the_field(config),
         "head_dim": first("head_dim"),
     }
+
+
+def cached_heads_without_the_field(config: Any) -> int | None:
+    """Key/value heads in the cache of models whose config has no ``num_key_value_heads`` (Falcon): multi-query
+    attention (Falcon-7B's layout) caches one head, Falcon's new decoder architecture every query head (its
+    keys are broadcast before the cache); None elsewhere (as many as the attention heads)."""
+    if getattr(config, "new_decoder_architecture", False):
+        return getattr(config, "num_attention_heads", None)
+    return 1 if getattr(config, "multi_query", False) else None
 
 
 class PromptLearningMethod(Method):
