@@ -161,11 +161,37 @@ def test_head_path_matches_the_weight_path():
                                chunked_cross_entropy(h, head.weight, y, head.bias, chunk_size=8))
 
 
+def _transformed_head_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    setting = {"gemma2": {"final_logit_softcapping": 0.5, "head_dim": 8}, "cohere": {"logit_scale": 4.0},
+               "granite": {"logits_scaling": 0.25}}[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **setting)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["weight", "head"])
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite"])
+def test_transformed_logits_match_the_models_own_loss(model_type, target_modules):
+    """Gemma 2 soft-caps its logits (cap · tanh(z / cap)), Cohere multiplies them, Granite divides them: the
+    chunked loss applies the same transform, with its gradient (the caps and scales here are far from 1)."""
+    model = _transformed_head_model(model_type)
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
+                                                    init_lora_weights=False))
+    batch = _batch()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ref = _model_loss_sum(model, batch)
+    ref_grads = torch.autograd.grad(ref, trainable)
+    loss = causal_lm_loss(model, batch, chunk_size=5)
+    grads = torch.autograd.grad(loss, trainable)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_causal_lm_loss_refuses_what_it_would_get_wrong():
-    model = tiny_llama()
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        causal_lm_loss(model, _batch())
     model = tiny_llama()
     model.register_forward_pre_hook(lambda module, args: None)
     with pytest.raises(ValueError, match="forward hooks"):

@@ -272,3 +272,29 @@ def test_the_loss_skips_the_virtual_tokens_of_prompt_methods(config):
         ours = loss_sum(model, batch, contextlib.nullcontext) / label_tokens(batch)
         theirs = model(**batch).loss
     torch.testing.assert_close(ours, theirs)
+
+
+def test_auto_loss_falls_back_when_the_forward_changes_logits_unknown_to_the_chunked_loss():
+    """A model whose forward transforms its logits in a way the chunked loss does not know of (here: a
+    subclass doubling them) is caught by the probe: ``auto`` keeps the model's own loss, ``chunked`` says why."""
+    from transformers import LlamaForCausalLM
+
+    from slimtune.train.trainer import chunked_loss_works
+
+    class DoublingLlama(LlamaForCausalLM):
+        def forward(self, *args, labels=None, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            if labels is not None:
+                out.loss = self.loss_function(out.logits, labels, self.config.vocab_size)
+            return out
+
+    model = tiny_llama()
+    assert chunked_loss_works(model, "auto")
+    doubling = DoublingLlama(model.config)
+    with torch.no_grad():
+        for p in doubling.parameters():
+            p.mul_(3.0)  # logits large enough that doubling them changes the loss
+    assert not chunked_loss_works(doubling, "auto")
+    with pytest.raises(ValueError, match="differs from DoublingLlama's own"):
+        chunked_loss_works(doubling, "chunked")

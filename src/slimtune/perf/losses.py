@@ -22,6 +22,7 @@ handled by checkpointing each chunk instead (same memory bound, one more matmul 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["IGNORE_INDEX", "default_chunk_size", "chunked_cross_entropy", "chunked_head_cross_entropy",
-           "causal_lm_loss"]
+           "causal_lm_loss", "LogitTransform", "logit_transform"]
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 256 << 20  # fp32 logits per chunk
@@ -62,9 +63,42 @@ def _kept(labels: torch.Tensor, ignore_index: int, vocab: int) -> tuple[torch.Te
     return idx, y
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to ``h Wᵀ + b`` before its loss: ``logits = cap · tanh(scale · z / cap)`` with
+    ``softcap`` set (Gemma 2/3's ``final_logit_softcapping``), else ``scale · z`` (Cohere's ``logit_scale``,
+    1 / Granite's ``logits_scaling``)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+        """(the logits, d logits / d z: None for the identity), ``z`` overwritten."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is None:
+            return z, (None if self.scale == 1.0 else self.scale)
+        t = z.div_(self.softcap).tanh_()  # in z's buffer
+        logits = t * self.softcap
+        slope = t.square_().neg_().add_(1.0)  # 1 − tanh², in the same buffer
+        return logits, slope.mul_(self.scale) if self.scale != 1.0 else slope
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The same, differentiable by autograd (for chunks recomputed in backward)."""
+        z = z * self.scale if self.scale != 1.0 else z
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
+
+IDENTITY = LogitTransform()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction, transform):
         h2 = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
         idx, y = _kept(labels, ignore_index, weight.shape[0])
         device_type = hidden.device.type
@@ -85,11 +119,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z = (hc @ w.T).to(acc)  # (C, V)
                 if bias is not None:
                     z += bias.to(acc)
+                z, slope = transform.apply(z)
                 lse = torch.logsumexp(z, dim=-1)  # (C,)
                 total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
                 if need_h or need_w or need_b:
                     dz = z.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
                     dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
+                    if slope is not None:  # through the transform: d(logits)/d(h Wᵀ + b)
+                        dz.mul_(slope)
                     if scale != 1.0:
                         dz.mul_(scale)
                     if grad_b is not None:
@@ -112,13 +149,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = (grad_h * grad_loss.to(grad_h.dtype)).reshape(hidden_shape) if grad_h is not None else None
         dw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
         db = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           bias: torch.Tensor | None = None, chunk_size: int | None = None,
-                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T + bias, labels)`` without materializing the logits.
+                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                          transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """``F.cross_entropy(transform(hidden @ weight.T + bias), labels)`` without materializing the logits.
 
     hidden ``(..., H)``; weight ``(V, H)`` (an output layer's / tied embedding's weight); labels
     ``hidden.shape[:-1]`` (already shifted for next-token prediction). ``chunk_size`` tokens per chunk
@@ -129,17 +167,19 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the output weight {tuple(weight.shape)} "
                          "(expected (vocab, hidden))")
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, reduction)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, reduction, transform)
 
 
-def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(head: Callable[[torch.Tensor], torch.Tensor], hc: torch.Tensor, yc: torch.Tensor,
+                transform: LogitTransform) -> torch.Tensor:
     z = head(hc)  # (C, V)
-    return F.cross_entropy(z if z.dtype == torch.float64 else z.float(), yc, reduction="sum")
+    return F.cross_entropy(transform(z if z.dtype == torch.float64 else z.float()), yc, reduction="sum")
 
 
 def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
                                labels: torch.Tensor, vocab_size: int, chunk_size: int | None = None,
-                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> torch.Tensor:
+                               ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                               transform: LogitTransform = IDENTITY) -> torch.Tensor:
     """The same loss for any output module ``head`` (``(C, H) → (C, V)``): each chunk's logits are
     recomputed in backward (activation checkpointing), so at most one chunk of logits lives at a time."""
     _check(hidden, labels, reduction, chunk_size)
@@ -150,12 +190,19 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tenso
     for start in range(0, idx.numel(), chunk):
         hc = h2.index_select(0, idx[start:start + chunk])
         yc = y[start:start + chunk]
-        total = total + (checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False) if torch.is_grad_enabled()
-                         else _chunk_loss(head, hc, yc))
+        total = total + (checkpoint(_chunk_loss, head, hc, yc, transform, use_reentrant=False)
+                         if torch.is_grad_enabled() else _chunk_loss(head, hc, yc, transform))
     return total / idx.numel() if reduction == "mean" else total
 
 
-_UNSUPPORTED_HEAD_CONFIG = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """What ``model``'s forward does to its output layer's result, from its config (see LogitTransform)."""
+    config = getattr(model, "config", None)
+    scale = getattr(config, "logit_scale", None)
+    scaling = getattr(config, "logits_scaling", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return LogitTransform(scale=float(scale if scale is not None else 1.0) / float(scaling or 1.0),
+                          softcap=float(cap) if cap else None)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
@@ -173,10 +220,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
         raise ValueError(f"{type(model).__name__} has no output embeddings / decoder to split the loss at; "
                          "use the model's own loss (model(**batch).loss)")
     config = getattr(model, "config", None)
-    for key in _UNSUPPORTED_HEAD_CONFIG:
-        if getattr(config, key, None) not in (None, 0, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} transforms its logits ({key}={getattr(config, key)!r}); "
-                             "the chunked loss does not: use the model's own loss for this model")
+    transform = logit_transform(model)
     if model._forward_pre_hooks or model._forward_hooks:
         raise ValueError("the model has forward hooks (e.g. prompt tuning) that running its decoder directly would "
                          "bypass; use the model's own loss (model(**batch).loss)")
@@ -187,6 +231,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     # shift by padding the labels (a view of hidden, no copy): position t is scored on labels[t + 1]
     shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
     if type(head) is nn.Linear:
-        return chunked_cross_entropy(hidden, head.weight, shifted, head.bias, chunk_size, ignore_index, reduction)
+        return chunked_cross_entropy(hidden, head.weight, shifted, head.bias, chunk_size, ignore_index, reduction,
+                                     transform)
     vocab = config.vocab_size if config is not None else head(hidden[:1, :1]).shape[-1]
-    return chunked_head_cross_entropy(hidden, head, shifted, vocab, chunk_size, ignore_index, reduction)
+    return chunked_head_cross_entropy(hidden, head, shifted, vocab, chunk_size, ignore_index, reduction, transform)

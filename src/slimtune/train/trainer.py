@@ -68,20 +68,33 @@ def autocast_context(device: torch.device, mixed_precision: str) -> Callable[[],
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+PROBE_TOKENS = 16  # the probe's sequence: a few predictions, a negligible forward even for a large model
+
+
 def chunked_loss_works(model: nn.Module, mode: str) -> bool:
     """Whether to use :func:`slimtune.losses.causal_lm_loss` (logits chunk by chunk, never all at once).
 
     ``auto`` uses it where it applies (plain decoder + output layer, no forward hooks such as prompt
-    tuning's); ``chunked`` insists, ``full`` never does.
+    tuning's) and where, on a short probe sequence, it gives the model's own loss: a forward that does
+    something to its logits the chunked loss does not know of is caught there. ``chunked`` insists,
+    ``full`` never does.
     """
     if mode == "full":
         return False
-    dummy = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or getattr(head, "out_features", 0) or 2)
+    probe = (torch.arange(PROBE_TOKENS) * 7919 % vocab).to(next(model.parameters()).device)[None]
+    batch = {"input_ids": probe, "labels": probe}
     was_training = model.training
-    model.eval()  # a 2-token probe; eval mode and a forked RNG leave the run's random stream alone
+    model.eval()  # eval mode and a forked RNG leave the run's random stream alone
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            causal_lm_loss(model, {"input_ids": dummy, "labels": dummy})
+            chunked = causal_lm_loss(model, batch, reduction="mean").float()
+            own = model(**batch, use_cache=False).loss
+        if own is not None and not torch.isclose(chunked, own.float(), rtol=2e-2, atol=2e-2):
+            raise ValueError(f"the chunked loss ({float(chunked):.4f}) differs from {type(model).__name__}'s own "
+                             f"({float(own):.4f}) on a probe sequence: its forward changes the logits in a way the "
+                             "chunked loss does not know of; use training.loss: full")
         return True
     except ValueError:
         if mode == "chunked":
