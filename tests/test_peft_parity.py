@@ -6,7 +6,7 @@ import json
 import peft
 import pytest
 import torch
-from tiny_models import FAMILIES, logits, sample_inputs
+from tiny_models import FAMILIES, logits, sample_inputs, tiny_bert_cls, tiny_llama_cls
 
 import slimtune
 
@@ -141,3 +141,30 @@ def test_all_linear_is_saved_as_the_modules_it_wrapped(tmp_path):
     slimtune.save_adapter(first_layer, tmp_path / "first")
     saved = json.loads((tmp_path / "first" / "adapter_config.json").read_text())["target_modules"]
     assert saved == sorted(f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+@pytest.mark.parametrize("builder", [tiny_llama_cls, tiny_bert_cls], ids=["llama-score", "bert-classifier"])
+@pytest.mark.parametrize("method", ["LORA", "LOHA", "VERA"])
+def test_sequence_classification_trains_a_head_copy_by_default_as_peft(builder, method, tmp_path):
+    """task_type SEQ_CLS without modules_to_save: PEFT trains (and saves) a copy of the new, random classification
+    head ("classifier" or "score"); so does slimtune, for every method, and the files move both ways."""
+    options = {"LORA": dict(r=4, target_modules="all-linear", init_lora_weights=False),
+               "LOHA": dict(r=4, target_modules="all-linear", init_weights=False),
+               "VERA": dict(r=4, target_modules="all-linear")}[method]
+    base = builder()
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.config_from_dict(
+        {"peft_type": method, "task_type": "SEQ_CLS", **options}))
+    heads = [n for n, p in ours.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert heads and all(n.split(".")[0] in ("score", "classifier") for n in heads)
+    with torch.no_grad():  # the head copy moves away from the original, so the files must carry it
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    inputs = sample_inputs("bert" if builder is tiny_bert_cls else "llama")
+    slimtune.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    ours.eval()
+    torch.testing.assert_close(logits(theirs, inputs), logits(ours, inputs), atol=TOL, rtol=0)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
+    torch.testing.assert_close(logits(back, inputs), logits(ours, inputs), atol=TOL, rtol=0)

@@ -167,7 +167,7 @@ class LoraConfig(MethodConfig):
             )
         self.target_modules = str_list("target_modules", self.target_modules)
         self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
-        self.modules_to_save = str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
         self.layers_to_transform = layer_list(self.layers_to_transform)
         for key, rank in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", rank)

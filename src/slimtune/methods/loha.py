@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import MethodConfig, check_positive_int, check_probability, layer_list, str_list
+from slimtune.config import MethodConfig, check_positive_int, check_probability, default_head, layer_list, str_list
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import LOW_RANK_TARGETS
@@ -56,7 +56,7 @@ class LohaConfig(MethodConfig):
         check_probability("module_dropout", self.module_dropout)
         self.target_modules = str_list("target_modules", self.target_modules)
         self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
-        self.modules_to_save = str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
         self.layers_to_transform = layer_list(self.layers_to_transform)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import MethodConfig, check_probability, layer_list, str_list
+from slimtune.config import MethodConfig, check_probability, default_head, layer_list, str_list
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.core.state import AdapterState
 from slimtune.methods.contract import LayerMethod, tuner_layers
@@ -66,7 +66,7 @@ class VeraConfig(MethodConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (which layer indices).")
         self.target_modules = str_list("target_modules", self.target_modules)
-        self.modules_to_save = str_list("modules_to_save", self.modules_to_save, allow_str=False)
+        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
         self.layers_to_transform = layer_list(self.layers_to_transform)
 
 
