@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_llama
+from tiny_models import tiny_llama, tiny_t5
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimtune
@@ -192,6 +192,8 @@ def test_transformed_logits_match_the_models_own_loss(model_type, target_modules
 
 
 def test_causal_lm_loss_refuses_what_it_would_get_wrong():
+    with pytest.raises(ValueError, match="no output embeddings / decoder"):  # T5's decoder needs its encoder
+        causal_lm_loss(tiny_t5(), {"input_ids": torch.randint(3, 128, (2, 5)), "labels": torch.randint(3, 128, (2, 5))})
     model = tiny_llama()
     model.register_forward_pre_hook(lambda module, args: None)
     with pytest.raises(ValueError, match="forward hooks"):

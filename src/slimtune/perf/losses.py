@@ -205,6 +205,20 @@ def logit_transform(model: nn.Module) -> LogitTransform:
                           softcap=float(cap) if cap else None)
 
 
+def _decoder_of(model: nn.Module) -> nn.Module | None:
+    """The module giving ``model``'s last hidden states: ``get_decoder()``, or the base model where that is the
+    model itself (GPT-2, GPT-NeoX, Falcon, BLOOM under transformers 4). None for an encoder-decoder model (its
+    decoder needs the encoder's output) or when there is no such module."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if get_decoder is not None else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "base_model", None)
+    return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
                    reduction: str = "sum", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token cross-entropy of a transformers causal LM on ``batch`` (``input_ids``, ``labels``, …)
@@ -214,9 +228,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     Position t is scored on ``labels[:, t + 1]`` (the shift is done here). ``reduction="sum"`` (the
     trainer divides by the step's label count) or ``"mean"``.
     """
-    get_head, get_decoder = getattr(model, "get_output_embeddings", None), getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
-    if head is None or get_decoder is None:
+    decoder = _decoder_of(model)
+    if head is None or decoder is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings / decoder to split the loss at; "
                          "use the model's own loss (model(**batch).loss)")
     config = getattr(model, "config", None)
@@ -226,7 +241,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
                          "bypass; use the model's own loss (model(**batch).loss)")
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = get_decoder()(**inputs, use_cache=False)
+    out = decoder(**inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, S, H)
     # shift by padding the labels (a view of hidden, no copy): position t is scored on labels[t + 1]
     shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
