@@ -110,12 +110,11 @@ def wrapped_module_names(model: nn.Module, adapter_name: str) -> list[str]:
     full name where it would also pick others."""
     wrapped = [name for name, layer in tuner_layers(model) if adapter_name in layer.adapter_names]
     under = tuple(name + "." for name in wrapped)  # a wrapper's own children are not the base model's
-    others = [n for n, _ in model.named_modules() if n and n not in wrapped and not n.startswith(under)]
-    names = set()
-    for name in wrapped:
-        leaf = name.rpartition(".")[2]
-        names.add(leaf if not any(o == leaf or o.endswith("." + leaf) for o in others) else name)
-    return sorted(names)
+    chosen = set(wrapped)
+    other_leaves = {n.rpartition(".")[2] for n, _ in model.named_modules()
+                    if n and n not in chosen and not n.startswith(under)}
+    leaves = {name: name.rpartition(".")[2] for name in wrapped}
+    return sorted({leaf if leaf not in other_leaves else name for name, leaf in leaves.items()})
 
 
 def adapter_file_contents(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:

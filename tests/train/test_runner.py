@@ -1,5 +1,6 @@
-"""`slimtune train`'s stages that are not the trainer: the memory check before anything loads, and
-random-weight models (`model.init: random`) for timing real shapes without their weights."""
+"""`slimtune train`'s stages that are not the trainer: the memory check before anything loads,
+random-weight models (`model.init: random`) for timing real shapes without their weights, and
+architectures whose loading or layers differ from Llama's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 import shutil
 
 import pytest
+import torch
 from run_helpers import tiny_model_dir, tiny_recipe, write_recipe
+from train_helpers import make_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimtune.cli import main
 from slimtune.estimate.fit import DoesNotFitError
@@ -87,3 +91,35 @@ def test_an_estimate_that_cannot_be_made_does_not_block_the_run(tmp_path, monkey
     notes = []
     runner.check_memory(recipe_from_dict(tiny_recipe(tmp_path)), force=False, log=notes.append)
     assert notes == ["memory estimate skipped (ValueError: model 'x/y': not in slimtune's table)"]
+
+
+ARCHITECTURES = {
+    # Falcon adds into its projections' outputs in place (the fused LoRA node must not return a view)
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    # GPT-NeoX's checkpoint names its head embed_out; transformers 5 calls it lm_head
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    # a mixture of experts stored expert by expert, merged by transformers 5 while loading
+    "qwen3_moe": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
+}
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_slimtune_train_qlora_then_generate_on_other_architectures(model_type, tmp_path, capsys):
+    tokenizer = make_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **ARCHITECTURES[model_type])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    recipe = tiny_recipe(tmp_path, model={"name_or_path": str(tmp_path / "model")},
+                         training={"max_steps": 4, "save_every": 0}, demo={"enabled": False})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_loss_after"] < summary["eval_loss_before"]
+    out = capsys.readouterr().out
+    assert "fused LoRA on" in out and "fused LoRA on 0 layers" not in out
+    assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "-p", "Repeat kilo9 twice.",
+                 "--max-new-tokens", "3"]) == 0
