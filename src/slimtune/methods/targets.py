@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from slimtune.core.modules import is_dense_linear, output_head_names
+from slimtune.methods.default_targets import model_type
 from slimtune.methods.layers import TunerLayer
 from slimtune.quant.linear import QuantizedLinear
 
@@ -63,10 +64,9 @@ def find_targets(
 ) -> list[str]:
     """Names of the modules to wrap, in model order. Raises with the available names when nothing matches."""
     if target_modules is None:
-        kind = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(
-            f"target_modules is None and this method has no default layers for model_type {kind!r}; name the "
-            "layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. "
+            f"target_modules is None and this method has no default layers for model_type {model_type(model)!r}; "
+            "name the layers to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. "
             f"Layers that can be adapted: {_summarise(wrappable_names(model))}."
         )
     all_linear = target_modules == "all-linear"

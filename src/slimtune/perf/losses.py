@@ -72,10 +72,6 @@ class LogitTransform:
     scale: float = 1.0
     softcap: float | None = None
 
-    @property
-    def identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
     def apply(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float | None]:
         """(the logits, d logits / d z: None for the identity), ``z`` overwritten."""
         if self.scale != 1.0:
