@@ -121,5 +121,13 @@ def test_slimtune_train_qlora_then_generate_on_other_architectures(model_type, t
     assert summary["steps"] == 4 and summary["eval_loss_after"] < summary["eval_loss_before"]
     out = capsys.readouterr().out
     assert "fused LoRA on" in out and "fused LoRA on 0 layers" not in out
+    assert "loss: chunked cross-entropy" in out
     assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "-p", "Repeat kilo9 twice.",
                  "--max-new-tokens", "3"]) == 0
+
+
+def test_the_run_says_which_loss_it_uses_and_why(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, quantized=False, training={"max_steps": 1, "save_every": 0, "loss": "full"},
+                         demo={"enabled": False})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    assert "loss: the model's own (full logits): training.loss: full" in capsys.readouterr().out

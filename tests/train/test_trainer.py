@@ -279,7 +279,7 @@ def test_auto_loss_falls_back_when_the_forward_changes_logits_unknown_to_the_chu
     subclass doubling them) is caught by the probe: ``auto`` keeps the model's own loss, ``chunked`` says why."""
     from transformers import LlamaForCausalLM
 
-    from slimtune.train.trainer import chunked_loss_works
+    from slimtune.train.trainer import chunked_loss_refusal, chunked_loss_works
 
     class DoublingLlama(LlamaForCausalLM):
         def forward(self, *args, labels=None, **kwargs):
@@ -296,5 +296,7 @@ def test_auto_loss_falls_back_when_the_forward_changes_logits_unknown_to_the_chu
         for p in doubling.parameters():
             p.mul_(3.0)  # logits large enough that doubling them changes the loss
     assert not chunked_loss_works(doubling, "auto")
+    assert "differs from DoublingLlama's own" in chunked_loss_refusal(doubling, "auto")
+    assert chunked_loss_refusal(model, "auto") is None and chunked_loss_refusal(model, "full") == "training.loss: full"
     with pytest.raises(ValueError, match="differs from DoublingLlama's own"):
         chunked_loss_works(doubling, "chunked")

@@ -237,6 +237,8 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     batches = BatchIterator(train_rows, settings.batch_size, seed=settings.seed, pad_id=tokenizer.pad_token_id)
     trainer = Trainer(model, batches, eval_rows.rows, settings, run.path, device, tokenizer.pad_token_id,
                       config_snapshot=comparable(recipe), show_progress=show_progress, log=log)
+    log("loss: chunked cross-entropy (no full-vocabulary logits)" if trainer.chunked else
+        f"loss: the model's own (full logits): {trainer.loss_refusal}")
 
     # Every input is valid: from here on the run folder is written.
     if not resume and run.path.exists() and run.is_run():

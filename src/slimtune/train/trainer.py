@@ -71,16 +71,17 @@ def autocast_context(device: torch.device, mixed_precision: str) -> Callable[[],
 PROBE_TOKENS = 16  # the probe's sequence: a few predictions, a negligible forward even for a large model
 
 
-def chunked_loss_works(model: nn.Module, mode: str) -> bool:
-    """Whether to use :func:`slimtune.losses.causal_lm_loss` (logits chunk by chunk, never all at once).
+def chunked_loss_refusal(model: nn.Module, mode: str) -> str | None:
+    """Why :func:`slimtune.losses.causal_lm_loss` (logits chunk by chunk, never all at once) is not used for
+    ``model``; None when it is.
 
     ``auto`` uses it where it applies (plain decoder + output layer, no forward hooks such as prompt
     tuning's) and where, on a short probe sequence, it gives the model's own loss: a forward that does
-    something to its logits the chunked loss does not know of is caught there. ``chunked`` insists,
-    ``full`` never does.
+    something to its logits the chunked loss does not know of is caught there. ``chunked`` insists (the
+    reason is raised as a ValueError), ``full`` never uses it.
     """
     if mode == "full":
-        return False
+        return "training.loss: full"
     head = getattr(model, "get_output_embeddings", lambda: None)()
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or getattr(head, "out_features", 0) or 2)
     probe = (torch.arange(PROBE_TOKENS) * 7919 % vocab).to(next(model.parameters()).device)[None]
@@ -95,13 +96,18 @@ def chunked_loss_works(model: nn.Module, mode: str) -> bool:
             raise ValueError(f"the chunked loss ({float(chunked):.4f}) differs from {type(model).__name__}'s own "
                              f"({float(own):.4f}) on a probe sequence: its forward changes the logits in a way the "
                              "chunked loss does not know of; use training.loss: full")
-        return True
-    except ValueError:
+        return None
+    except ValueError as why:
         if mode == "chunked":
             raise
-        return False
+        return str(why)
     finally:
         model.train(was_training)
+
+
+def chunked_loss_works(model: nn.Module, mode: str) -> bool:
+    """Whether the chunked loss is used for ``model`` (see :func:`chunked_loss_refusal`)."""
+    return chunked_loss_refusal(model, mode) is None
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast, chunked: bool = False) -> torch.Tensor:
@@ -232,7 +238,10 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
                                         settings.min_lr_ratio)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.chunked = dist is None and chunked_loss_works(model, settings.loss)  # wrappers: the model's forward
+        # wrappers (DDP, FSDP): the model's own forward
+        self.loss_refusal = "distributed: the wrapped model's own forward" if dist is not None else \
+            chunked_loss_refusal(model, settings.loss)
+        self.chunked = self.loss_refusal is None
         self.state = TrainerState()
         self.metrics = MetricsLog(run_dir, settings.report_to if self.is_main else [], run_config=self.config_snapshot)
         self.peak_memory_mb = 0.0  # during training steps in this process
