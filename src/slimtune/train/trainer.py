@@ -136,10 +136,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int,
-                  device: torch.device, mixed_precision: str = "auto", loss: str = "auto") -> float:
-    """Mean per-token loss of ``model`` on tokenized ``rows`` (dataset order, no dropout)."""
+                  device: torch.device, mixed_precision: str = "auto", loss: str = "auto",
+                  chunked: bool | None = None) -> float:
+    """Mean per-token loss of ``model`` on tokenized ``rows`` (dataset order, no dropout). ``chunked``: the
+    decision of :func:`chunked_loss_works` for ``model`` and ``loss`` when the caller already made it."""
     autocast = autocast_context(device, mixed_precision)
-    chunked = chunked_loss_works(model, loss)
+    if chunked is None:
+        chunked = chunked_loss_works(model, loss)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -242,6 +245,8 @@ class Trainer:
         self.loss_refusal = "distributed: the wrapped model's own forward" if dist is not None else \
             chunked_loss_refusal(model, settings.loss)
         self.chunked = self.loss_refusal is None
+        # evaluation runs the unwrapped model: decided once (the probe is a forward of its own)
+        self.eval_chunked = self.chunked if dist is None else chunked_loss_works(self.inner, settings.loss)
         self.state = TrainerState()
         self.metrics = MetricsLog(run_dir, settings.report_to if self.is_main else [], run_config=self.config_snapshot)
         self.peak_memory_mb = 0.0  # during training steps in this process
@@ -358,7 +363,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Evaluate the model as it is now (adapters on) and record the loss at the current step."""
         loss = evaluate_loss(self.inner, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
-                             self.settings.mixed_precision, self.settings.loss)
+                             self.settings.mixed_precision, self.settings.loss, self.eval_chunked)
         self._record_eval(loss)
         return loss
 
@@ -366,7 +371,7 @@ class Trainer:
         """Evaluate the base model alone (adapters disabled): the "before" of a fresh run, at step 0."""
         with disable_adapters(self.inner):
             loss = evaluate_loss(self.inner, self.eval_rows, self.settings.eval_batch_size, self.pad_id, self.device,
-                                 self.settings.mixed_precision, self.settings.loss)
+                                 self.settings.mixed_precision, self.settings.loss, self.eval_chunked)
         self._record_eval(loss)
         return loss
 
