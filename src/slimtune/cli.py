@@ -82,7 +82,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     active = [a for a in args.active.split(",") if a] if args.active else None
     model, tokenizer = _load(args, active)
     generate_text(model, tokenizer, prompt, args.max_new_tokens, False if args.no_chat_template else None,
-                  stream=sys.stdout, temperature=args.temperature)
+                  stream=sys.stdout, temperature=args.temperature, raw=args.raw)
     return 0
 
 
@@ -97,7 +97,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     loss = evaluate_loss(model, rows.rows, args.batch_size, tokenizer.pad_token_id, device)
     print(f"eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | "
-          f"{len(rows)} examples, {rows.stats.n_label_tokens:,} response tokens ({args.data!r}, split {args.split!r})")
+          f"{len(rows)} examples, {rows.stats.n_label_tokens:,} tokens with a loss ({args.data!r}, "
+          f"split {args.split!r})")
     return 0
 
 
@@ -194,11 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
+    p.add_argument("--raw", action="store_true",
+                   help="continue the prompt as plain text, no template (adapters trained on plain 'text' data)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a dataset")
     _model_options(p, "adapter folder (optional)")
-    p.add_argument("--data", default="pycode", help="'pycode' or a .jsonl/.json/.csv/.tsv file (default pycode)")
+    p.add_argument("--data", default="pycode", help="'pycode' or a .jsonl/.json/.csv/.tsv/.txt file (default pycode)")
     p.add_argument("--split", default="validation", choices=["train", "validation", "all"])
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=512)

@@ -377,3 +377,68 @@ def test_batch_iterator_resumes_mid_epoch_exactly():
         BatchIterator(data, batch_size=4, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="gives no batch of 4 with drop_last=True"):
         BatchIterator(data[:3], batch_size=4, drop_last=True)
+
+
+# ----------------------------------------------------------------------------------------- plain text
+def _bos_tokenizer():
+    """A tokenizer that adds BOS itself (as Llama's does), no chat template."""
+    from tokenizers import processors
+    from train_helpers import make_tokenizer
+
+    tok = make_tokenizer(chat_template=None, pad_token="<pad>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def test_plain_text_rows_and_txt_files_load(tmp_path):
+    jsonl = write(tmp_path / "d.jsonl", '{"text": "first document"}\n{"text": "second", "source": "web"}\n'
+                                        '{"prompt": "q", "response": "a", "text": "q a"}\n')
+    assert load_examples(jsonl) == [{"text": "first document"}, {"text": "second"}, {"prompt": "q", "response": "a"}]
+    # A .txt file: an example per non-blank line (datasets' "text" loader reads lines the same way).
+    txt = write(tmp_path / "d.txt", "line one\n\n  \nline two  \r\nlast line")
+    assert load_examples(txt) == [{"text": "line one"}, {"text": "line two  "}, {"text": "last line"}]
+    with pytest.raises(ValueError, match=r"d2.json: item 2: the 'text' is empty"):
+        load_examples(write(tmp_path / "d2.json", '[{"text": "a"}, {"text": " "}]'))
+    with pytest.raises(ValueError, match=r"item 1: field 'text' must be a string, got list"):
+        load_examples(write(tmp_path / "d3.json", '[{"text": ["a"]}]'))
+
+
+@pytest.mark.parametrize("fixture", ["chat_tokenizer", "plain_tokenizer", "bos"])
+def test_plain_text_takes_no_template_and_every_token_carries_the_loss(request, fixture):
+    tok = _bos_tokenizer() if fixture == "bos" else request.getfixturevalue(fixture)
+    text = "def add(a, b):\n    return a + b\n"
+    (row,) = tokenize_examples([{"text": text}], tok, max_length=256).rows
+    bos = [tok.bos_token_id] if fixture == "bos" else []
+    assert row["input_ids"] == bos + tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert row["labels"] == row["input_ids"]
+    # Mixed with prompt/response rows, each keeps its own labelling, in order.
+    mixed = tokenize_examples([NORMALIZED[0], {"text": text}, NORMALIZED[1]], tok, max_length=256).rows
+    assert mixed[1] == row and mixed[0]["labels"][0] == IGNORE_INDEX and mixed[2]["labels"][0] == IGNORE_INDEX
+
+
+def test_long_texts_are_truncated_counted_and_packed(chat_tokenizer):
+    texts = [{"text": "the quick brown fox " * n} for n in (1, 2, 40)]
+    out = tokenize_examples(texts, chat_tokenizer, max_length=32, packing=True)
+    assert out.stats.n_truncated == 1 and out.stats.n_dropped == 0
+    assert all(len(r["input_ids"]) <= 32 for r in out.rows)
+    # Packed: every token but each example's first carries the loss.
+    assert out.stats.n_label_tokens == out.stats.n_tokens - len(texts)
+
+
+def test_a_text_demo_continues_the_texts_opening_as_is():
+    from slimtune.train.generation import prompt_ids, sample_prompt, text_opening
+
+    tok = _bos_tokenizer()
+    text = "alpha bravo charlie delta echo foxtrot golf hotel"
+    demo = sample_prompt(None, {"text": text})
+    assert demo.raw and demo.text == text_opening(text) and text.startswith(demo.text + " ")
+    assert 0 < len(demo.text) <= len(text) // 2
+    training = tokenize_examples([{"text": text}], tok, max_length=64).rows[0]["input_ids"]
+    ids = prompt_ids(tok, demo.text, raw=True)
+    assert ids[0] == tok.bos_token_id and training[: len(ids)] == ids  # the prompt is how training read the text
+    assert prompt_ids(tok, demo.text) != ids  # (the template's rendering differs)
+    assert sample_prompt("my own", {"text": text}).raw and not sample_prompt(None, NORMALIZED[0]).raw
+    assert sample_prompt(None, NORMALIZED[0]).text == "Say hi"
+    assert len(text_opening("x" * 1000)) == 200 and text_opening("ab") == "a"

@@ -131,3 +131,26 @@ def test_the_run_says_which_loss_it_uses_and_why(tmp_path, capsys):
                          demo={"enabled": False})
     assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
     assert "loss: the model's own (full logits): training.loss: full" in capsys.readouterr().out
+
+
+def test_slimtune_train_on_plain_text_learns_it_and_continues_it_without_a_template(tmp_path, monkeypatch, capsys):
+    from run_helpers import WORDS
+
+    lines = [" ".join(WORDS[i % 7:] + WORDS[:i % 7]) for i in range(40)]  # rotations of one word sequence
+    (tmp_path / "train.txt").write_text("\n".join(lines[:32]) + "\n")
+    (tmp_path / "eval.txt").write_text("\n".join(lines[32:]) + "\n")
+    recipe = tiny_recipe(tmp_path, quantized=False, data={"dataset": str(tmp_path / "train.txt"),
+                                                          "eval_dataset": str(tmp_path / "eval.txt")},
+                         training={"max_steps": 6, "save_every": 0})
+    calls = []
+    real = runner.generate_text
+    monkeypatch.setattr(runner, "generate_text", lambda *a, **k: calls.append((a[2], k.get("raw"))) or real(*a, **k))
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    # The sample is the opening of the first evaluation text, continued as is (before and after training).
+    opening = calls[0][0]
+    assert calls == [(opening, True)] * 2 and lines[32].startswith(opening + " ")
+    assert f"── sample prompt ──\n{opening}\n" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "-p", opening, "--raw",
+                 "--max-new-tokens", "3"]) == 0

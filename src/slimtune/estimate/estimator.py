@@ -166,7 +166,7 @@ def _steps(recipe: Recipe) -> tuple[int | None, str]:
     except (OSError, ValueError) as error:
         return None, f"steps unknown: the data did not load ({error})"
     if data.packing:
-        chars = sum(len(str(e.get("prompt", ""))) + len(str(e.get("response", ""))) for e in examples)
+        chars = sum(len(str(e.get("prompt", ""))) + len(str(e.get("response", e.get("text", "")))) for e in examples)
         rows = max(1, math.ceil(chars / CHARS_PER_TOKEN / data.max_seq_length))
         how = f"{len(examples):,} examples packed into ~{rows:,} rows (~{CHARS_PER_TOKEN} characters per token)"
     else:

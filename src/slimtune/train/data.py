@@ -2,7 +2,8 @@
 
 A normalized example is a dict with ``prompt`` (str) and ``response`` (str), and optionally
 ``system`` (str) and ``history`` (earlier turns, ``[{"role": "user"|"assistant", "content": str}]``).
-The loss is put on ``response`` only (see :mod:`slimtune.train.tokenization`).
+The loss is put on ``response`` only (see :mod:`slimtune.train.tokenization`). A plain-text example is
+``{"text": str}``: no template, the loss on every token (continued pre-training on documents).
 
 Accepted rows (JSONL / JSON / CSV / TSV files, in-memory lists, HF ``datasets``):
 
@@ -17,9 +18,12 @@ Accepted rows (JSONL / JSON / CSV / TSV files, in-memory lists, HF ``datasets``)
   ``content`` and ``user`` / ``assistant`` are read too): normalized like chat, plus
   ``"train_all_turns": True``, so that *every* assistant turn carries the loss (see
   :func:`slimtune.train.templates.encode_conversation`); turns after the last assistant turn are dropped;
-- an optional ``system`` field on the non-chat forms (and on ShareGPT rows).
+- an optional ``system`` field on the non-chat forms (and on ShareGPT rows);
+- plain text ``{"text": ...}`` (the field TRL, torchtune's text-completion datasets and HF's ``text``
+  loader use), when a row has none of the fields above; a ``.txt`` file is one such example per
+  non-blank line, as ``datasets.load_dataset("text", ...)`` reads it.
 
-Files: JSONL / JSON / CSV / TSV, and, with ``datasets`` installed (it brings ``pyarrow``), Parquet
+Files: JSONL / JSON / CSV / TSV / TXT, and, with ``datasets`` installed (it brings ``pyarrow``), Parquet
 (``.parquet``), Arrow (``.arrow``, stream or file format) and ``save_to_disk`` folders.
 """
 
@@ -49,12 +53,13 @@ pyarrow_ipc: OptionalModule | None = OptionalModule("pyarrow.ipc", "pip install 
 
 BUILTIN_DATASETS = ("pycode", "pycode-alpaca")
 SPLITS = ("train", "validation", "all")
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "txt",
            ".parquet": "parquet", ".arrow": "arrow"}
 PROMPT_KEYS = ("prompt", "instruction", "input")
 RESPONSE_KEYS = ("response", "output", "completion")
+TEXT_KEY = "text"
 _EXPECTED = ("'prompt' and 'response' (or 'instruction'/'input' and 'output', or chat 'messages', or ShareGPT "
-             "'conversations')")
+             "'conversations', or plain 'text')")
 # ShareGPT speaker names (``from``), and the chat roles (``role``) read the same way.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -110,6 +115,18 @@ def _from_sharegpt(conversation: Any, where: str) -> dict[str, Any]:
     return {**_from_messages(messages, where), "train_all_turns": True}
 
 
+def _from_text(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    text = _text(row, TEXT_KEY, where)
+    if not text.strip():
+        raise DataError(f"{where}: the 'text' is empty; every example needs text to learn.")
+    return {TEXT_KEY: text}
+
+
+def is_text_example(example: Mapping[str, Any]) -> bool:
+    """Whether ``example`` is plain text (trained on every token, no template) rather than prompt + response."""
+    return TEXT_KEY in example
+
+
 def normalize_example(row: Any, where: str) -> dict[str, Any]:
     """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
     if not isinstance(row, Mapping):
@@ -123,6 +140,8 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
     else:
         prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
         response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
+        if (prompt_key is None or response_key is None) and row.get(TEXT_KEY) is not None:
+            return _from_text(row, where)
         if prompt_key is None or response_key is None:
             raise DataError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
         prompt = _text(row, prompt_key, where)
@@ -189,6 +208,12 @@ def _read_json(path: Path, split: str) -> tuple[Iterator[tuple[str, Any]], bool]
 
 
 CSV_FIELD_LIMIT = 1 << 30  # characters per cell (the csv module's default, 131072, refuses long examples)
+
+
+def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
+    for number, line in enumerate(io.StringIO(_read_text(path), newline=None), start=1):
+        if line.strip():
+            yield f"{path}: line {number}", {TEXT_KEY: line.rstrip("\n")}
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
@@ -345,12 +370,14 @@ def _rows(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: str,
         if fmt is None:
             raise DataError(
                 f"Dataset file {name!r} has an unknown format {path.suffix!r}; use one of "
-                f"{sorted(FORMATS)} with prompt/response or messages fields."
+                f"{sorted(FORMATS)} with prompt/response, messages or text fields."
             )
         if fmt == "json":
             return (name, *_read_json(path, split))
         if fmt == "jsonl":
             return name, _read_jsonl(path), False
+        if fmt == "txt":
+            return name, _read_txt(path), False
         if fmt in ("parquet", "arrow"):
             return name, _read_arrow_table(path, fmt), False
         return name, _read_csv(path, "," if fmt == "csv" else "\t"), False
@@ -397,7 +424,7 @@ def load_examples(
 
     Args:
         source: ``"pycode"`` or ``"pycode-alpaca"`` (built-in), a ``.jsonl``/``.ndjson``/``.json``/``.csv``/
-            ``.tsv`` file, an in-memory list of rows, with ``datasets`` installed a ``.parquet``/``.arrow``
+            ``.tsv``/``.txt`` file, an in-memory list of rows, with ``datasets`` installed a ``.parquet``/``.arrow``
             file, a ``save_to_disk`` folder or a hub dataset id, or a JSON :class:`DatasetView` of any of these.
         split: ``"all"``, ``"train"`` or ``"validation"``. A file or list holds one set of rows: its
             train/validation split is by content hash (``validation_fraction`` of the rows). A JSON

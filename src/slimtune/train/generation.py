@@ -4,16 +4,48 @@ decoding, tokens streamed to the terminal as they come."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
 from transformers import TextStreamer
 
-from slimtune.train.templates import PLAIN_PROMPT, has_chat_template
+from slimtune.train.data import is_text_example
+from slimtune.train.templates import PLAIN_PROMPT, encode_texts, has_chat_template
 
 
-def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = None) -> list[int]:
-    """Token ids of ``prompt`` rendered exactly as training renders an example's prompt part."""
+def text_opening(text: str, max_chars: int = 200) -> str:
+    """The start of a plain-text example to continue in a demo: its first half, at most ``max_chars``
+    characters, cut after a space where there is one (so the model continues a word boundary)."""
+    head = text[: min(max_chars, max(1, len(text) // 2))]
+    cut = head.rstrip().rfind(" ")
+    return head[:cut] if cut > 0 else head
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """The prompt of a run's sample generations: a user turn, rendered in the training template, or (``raw``)
+    the opening of a plain text, continued as is."""
+
+    text: str
+    raw: bool = False
+
+
+def sample_prompt(given: str | None, example: Mapping[str, Any]) -> SamplePrompt:
+    """The recipe's ``demo.prompt`` (``given``), else ``example``'s prompt, or its text's opening; raw when
+    ``example`` (the first evaluation example) is plain text, since the model then learns text, not turns."""
+    raw = is_text_example(example)
+    if given:
+        return SamplePrompt(given, raw)
+    return SamplePrompt(text_opening(example["text"]) if raw else example["prompt"], raw)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = None, raw: bool = False) -> list[int]:
+    """Token ids of ``prompt`` rendered exactly as training renders an example's prompt part; ``raw``: the text as
+    is, as training reads a plain-text example (the tokenizer's BOS where it adds one, no template)."""
+    if raw:
+        return encode_texts([prompt], tokenizer, end=False)[0]
     chat = has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -37,15 +69,16 @@ class _StreamTo(TextStreamer):
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
                   use_chat_template: bool | None = None, stream: TextIO | None = None,
-                  temperature: float = 0.0, silent: bool = False) -> str:
-    """Continue ``prompt``; greedy when ``temperature`` is 0 (the same text on every run).
+                  temperature: float = 0.0, silent: bool = False, raw: bool = False) -> str:
+    """Continue ``prompt`` (in the training template, or as plain text when ``raw``); greedy when
+    ``temperature`` is 0 (the same text on every run).
 
     Tokens are written to ``stream`` (default: the current ``sys.stdout``) as they are generated,
     unless ``silent``. Returns the new text.
     """
     stream = None if silent else (stream or sys.stdout)
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt, use_chat_template)], device=device)
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, use_chat_template, raw)], device=device)
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

@@ -71,7 +71,7 @@ class ModelSection:
 class DataSection:
     """Training and evaluation data (see :func:`slimtune.train.data.load_examples`)."""
 
-    dataset: str = "pycode"  # built-in "pycode", or a .jsonl/.json/.csv/.tsv file (path relative to cwd)
+    dataset: str = "pycode"  # built-in "pycode", or a .jsonl/.json/.csv/.tsv/.txt file (path relative to cwd)
     eval_dataset: str | None = None  # default: the validation split of ``dataset``
     validation_fraction: float = 0.05  # share of ``dataset`` held out when eval_dataset is not given
     max_train_examples: int | None = None

@@ -36,7 +36,7 @@ from slimtune.report import TrainableReport, trainable_parameters
 from slimtune.train.batching import BatchIterator
 from slimtune.train.checkpoint import checkpoint_config, latest_checkpoint
 from slimtune.train.data import load_examples
-from slimtune.train.generation import generate_text
+from slimtune.train.generation import SamplePrompt, generate_text, sample_prompt
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
 from slimtune.train.progress import human_bytes, human_seconds, plot_loss, process_peak_rss_mb
 from slimtune.train.recipe import Recipe, RecipeError
@@ -244,14 +244,15 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     if not resume and run.path.exists() and run.is_run():
         shutil.rmtree(run.path)  # output.overwrite=true (validate refused otherwise)
     run.path.mkdir(parents=True, exist_ok=True)
-    demo_prompt = recipe.demo.prompt or eval_examples[0]["prompt"]
+    demo_prompt = sample_prompt(recipe.demo.prompt, eval_examples[0])
     if checkpoint is None:
         atomic_write(run.recipe_file, recipe.to_yaml().encode())
         log(f"eval loss of the base model: {trainer.evaluate_base():.4f}")
         if recipe.demo.enabled:
-            log(f"\n── sample prompt ──\n{demo_prompt}\n── base model ──")
+            log(f"\n── sample prompt ──\n{demo_prompt.text}\n── base model ──")
             with disable_adapters(model):
-                generate_text(model, tokenizer, demo_prompt, recipe.demo.max_new_tokens, data.use_chat_template, stream)
+                generate_text(model, tokenizer, demo_prompt.text, recipe.demo.max_new_tokens, data.use_chat_template,
+                              stream, raw=demo_prompt.raw)
     else:
         trainer.resume(checkpoint)
         log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
@@ -277,15 +278,16 @@ def _log_tokens(train_rows: TokenizedDataset, eval_rows: TokenizedDataset, max_l
         f"({stats.n_truncated} examples truncated, {stats.n_dropped} dropped); {len(eval_rows)} evaluation rows")
 
 
-def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer, run: RunFolder, demo_prompt: str,
-             wall_start: float, log: Callable[[str], None], stream: TextIO | None) -> RunResult:
+def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer, run: RunFolder,
+             demo_prompt: SamplePrompt, wall_start: float, log: Callable[[str], None],
+             stream: TextIO | None) -> RunResult:
     """Save the adapter first (the result is safe whatever happens next), evaluate, plot, summarise."""
     save_adapter(model, run.adapter)  # written as one unit (core/files.atomic_folder)
     eval_after = trainer.evaluate()
     if recipe.demo.enabled:
         log("── after fine-tuning ──")
-        generate_text(model, tokenizer, demo_prompt, recipe.demo.max_new_tokens, recipe.data.use_chat_template,
-                      stream)
+        generate_text(model, tokenizer, demo_prompt.text, recipe.demo.max_new_tokens, recipe.data.use_chat_template,
+                      stream, raw=demo_prompt.raw)
     plot = plot_loss(run.path) if recipe.output.plot else None
     report = trainable_parameters(model)
     summary = {

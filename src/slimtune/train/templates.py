@@ -14,7 +14,8 @@ The response always ends with exactly one EOS: a template that writes text after
 token (ChatML writes ``<|im_end|>\\n``) has that tail cut, since the model should stop at EOS.
 
 Examples marked ``train_all_turns`` (ShareGPT rows) are cut into segments instead, every assistant
-turn trained and everything else not (:func:`encode_conversation`).
+turn trained and everything else not (:func:`encode_conversation`). Plain-text examples take no template
+at all (:func:`encode_texts`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"Tokenizer {type(tokenizer).__name__} has no EOS token; set one (tokenizer.eos_token = ...) "
+                         "so the model learns where a response (or a document) ends.")
+    return int(eos)
+
+
 def encode_examples(
     examples: Sequence[Mapping[str, Any]], tokenizer: Any, use_chat_template: bool | None = None
 ) -> list[tuple[list[int], list[int]]]:
@@ -87,12 +96,7 @@ def encode_examples(
     it; False forces the plain template. Texts are encoded in batches (the Rust tokenizer then
     uses every core).
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(
-            f"Tokenizer {type(tokenizer).__name__} has no EOS token; set one (tokenizer.eos_token = ...) so the "
-            f"model learns where a response ends."
-        )
+    eos = _eos_id(tokenizer)
     chat = _use_chat(tokenizer, use_chat_template)
     if not examples:
         return []
@@ -111,6 +115,17 @@ def encode_examples(
             response_ids = response_ids + [eos]
         out.append((bos + prompt_ids, response_ids))
     return out
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, end: bool = True) -> list[list[int]]:
+    """Token ids of plain texts as a causal LM reads a document: the tokenizer's own BOS where it adds one,
+    the text, then EOS (so documents packed together are separated, and the model learns where one ends);
+    ``end=False`` leaves the EOS out (the opening of a text, to continue)."""
+    eos = [_eos_id(tokenizer)] if end else []
+    if not texts:
+        return []
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    return [bos + ids + eos for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def encode_example(
@@ -182,10 +197,7 @@ def encode_conversation(example: Mapping[str, Any], tokenizer: Any, use_chat_tem
     rest (system, user turns, template markup) not. Concatenated, the ids are the whole conversation as
     the template renders it; the last turn ends with exactly one EOS, as in :func:`encode_examples`.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"Tokenizer {type(tokenizer).__name__} has no EOS token; set one (tokenizer.eos_token = ...) "
-                         "so the model learns where a response ends.")
+    eos = _eos_id(tokenizer)
     chat = _use_chat(tokenizer, use_chat_template)
     pieces = _chat_segments(example, tokenizer) if chat else _plain_segments(example)
     bos = [tokenizer.bos_token_id] if not chat and _adds_bos(tokenizer) else []

@@ -2,7 +2,8 @@
 
 Each row is ``{"input_ids": [...], "labels": [...]}`` with ``labels[i] = -100`` on prompt tokens
 (transformers ignores -100 in the loss, and shifts labels itself), so the loss covers the response
-and its EOS only; in a ``train_all_turns`` example (ShareGPT) every assistant turn is labelled.
+and its EOS only; in a ``train_all_turns`` example (ShareGPT) every assistant turn is labelled, and in a
+plain-text example every token.
 Packed rows also carry ``position_ids`` that restart at 0 for each example: transformers (>= 4.50)
 reads restarting positions as packed sequences and, when no 2-D ``attention_mask`` is passed, builds
 a block-diagonal causal mask, so packed examples do not see each other
@@ -15,7 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from slimtune.train.templates import encode_conversation, encode_examples
+from slimtune.train.data import is_text_example
+from slimtune.train.templates import encode_conversation, encode_examples, encode_texts
 
 IGNORE_INDEX = -100
 
@@ -90,10 +92,13 @@ def pack_rows(rows: Sequence[Mapping[str, list[int]]], max_length: int) -> list[
 def _labelled(examples: Sequence[Mapping[str, Any]], tokenizer: Any,
               use_chat_template: bool | None) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, labels)`` per example, in order: the prompt masked, or, for ``train_all_turns``
-    examples, everything but the assistant turns."""
+    examples, everything but the assistant turns; plain texts labelled whole."""
+    texts = [i for i, ex in enumerate(examples) if is_text_example(ex)]
     multi = [i for i, ex in enumerate(examples) if ex.get("train_all_turns")]
-    single = [i for i in range(len(examples)) if not examples[i].get("train_all_turns")]
+    single = [i for i, ex in enumerate(examples) if not ex.get("train_all_turns") and not is_text_example(ex)]
     out: dict[int, tuple[list[int], list[int]]] = {}
+    for i, ids in zip(texts, encode_texts([examples[i]["text"] for i in texts], tokenizer)):
+        out[i] = (ids, list(ids))
     encoded = encode_examples([examples[i] for i in single], tokenizer, use_chat_template)  # one batch: fast
     for i, (prompt_ids, response_ids) in zip(single, encoded):
         out[i] = (prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids)
@@ -116,9 +121,8 @@ def tokenize_examples(
     Args:
         examples: normalized examples (see :mod:`slimtune.train.data`).
         tokenizer: a transformers tokenizer with an EOS token.
-        max_length: most tokens per row. Longer examples are cut at the end (counted in
-            ``stats.n_truncated``); examples with no response token left are dropped
-            (``stats.n_dropped``).
+        max_length: most tokens per row. Longer examples (plain texts too) are cut at the end (counted
+            in ``stats.n_truncated``); examples with no response token left are dropped (``stats.n_dropped``).
         packing: pack several examples per row (see :func:`pack_rows`), with ``position_ids``.
         use_chat_template: see :func:`slimtune.train.templates.encode_examples`.
     """
