@@ -442,3 +442,13 @@ def test_a_text_demo_continues_the_texts_opening_as_is():
     assert sample_prompt("my own", {"text": text}).raw and not sample_prompt(None, NORMALIZED[0]).raw
     assert sample_prompt(None, NORMALIZED[0]).text == "Say hi"
     assert len(text_opening("x" * 1000)) == 200 and text_opening("ab") == "a"
+
+
+def test_trl_conversational_prompt_completion_and_text_parts_are_read_as_chat():
+    user = {"role": "user", "content": [{"type": "text", "text": "first "}, {"type": "text", "text": "part"}]}
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, user],
+           "completion": [{"role": "assistant", "content": "done"}]}
+    assert load_examples([row]) == [{"system": "Be brief.", "prompt": "first part", "response": "done"}]
+    image = {"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "what?"}]}
+    with pytest.raises(ValueError, match=r"example 0: messages\[0\]: content\[0\] is .*'image'.*only text parts"):
+        load_examples([{"messages": [image, {"role": "assistant", "content": "a cat"}]}])

@@ -13,7 +13,8 @@ Accepted rows (JSONL / JSON / CSV / TSV files, in-memory lists, HF ``datasets``)
 - chat ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` ending with an
   assistant turn: the last assistant turn is the response, the user turn before it the prompt,
   earlier turns the history, a leading system turn the system prompt; only the last assistant turn
-  is trained;
+  is trained (a ``content`` may also be a list of ``{"type": "text", "text": ...}`` parts); TRL's
+  conversational ``{"prompt": [messages], "completion": [messages]}`` is read as the joined messages;
 - ShareGPT ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}`` (``role`` /
   ``content`` and ``user`` / ``assistant`` are read too): normalized like chat, plus
   ``"train_all_turns": True``, so that *every* assistant turn carries the loss (see
@@ -71,6 +72,21 @@ def _text(row: Mapping[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _content(message: Mapping[str, Any], where: str) -> str:
+    """A chat message's text: a string, or the parts list newer datasets use (``[{"type": "text", "text": ...}]``),
+    its text parts joined; other parts (images, audio) are refused, since the models trained here read text."""
+    content = message["content"]
+    if not isinstance(content, list):
+        return _text(message, "content", where)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: content[{j}] is {part!r:.60}; only text parts ({{'type': 'text', 'text': "
+                             f"...}}) can be trained here.")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _from_messages(messages: Any, where: str) -> dict[str, Any]:
     if not isinstance(messages, list) or len(messages) < 2:
         raise DataError(f"{where}: 'messages' must be a list of at least a user and an assistant turn.")
@@ -80,7 +96,7 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
             raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {msg!r:.80}.")
         if msg["role"] not in ("system", "user", "assistant"):
             raise DataError(f"{where}: messages[{i}] has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
-        turns.append({"role": msg["role"], "content": _text(msg, "content", f"{where}: messages[{i}]")})
+        turns.append({"role": msg["role"], "content": _content(msg, f"{where}: messages[{i}]")})
     example: dict[str, Any] = {}
     if turns[0]["role"] == "system":
         example["system"] = turns.pop(0)["content"]
@@ -140,6 +156,9 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
     else:
         prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
         response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
+        if prompt_key and response_key and isinstance(row[prompt_key], list) and isinstance(row[response_key], list):
+            # TRL's conversational prompt-completion rows: message lists, the completion's last turn trained
+            return _from_messages([*row[prompt_key], *row[response_key]], where)
         if (prompt_key is None or response_key is None) and row.get(TEXT_KEY) is not None:
             return _from_text(row, where)
         if prompt_key is None or response_key is None:
