@@ -99,6 +99,10 @@ def test_missing_and_corrupt_files(tmp_path):
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         slimtune.load_adapter(model, folder)
+    for number in ("NaN", "Infinity"):  # Python's json writes and reads these; PEFT's configs never hold them
+        (folder / "adapter_config.json").write_text(f'{{"peft_type": "LORA", "r": 4, "lora_alpha": {number}}}')
+        with pytest.raises(ValueError, match=rf"lora_alpha={number.lower()[:3]}.* is not of the field's type"):
+            slimtune.load_adapter(model, folder)
     _assert_unchanged(model, snapshot)
 
 

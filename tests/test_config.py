@@ -9,6 +9,9 @@ from slimtune import LoraConfig, config_from_dict
     ({"r": 0}, "r=0"), ({"r": -2}, "r=-2"), ({"bias": "some"}, "bias='some'"),
     ({"lora_dropout": 1.5}, "lora_dropout=1.5"), ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
     ({"task_type": "CHAT"}, "task_type='CHAT'"), ({"rank_pattern": {"q": 0}}, "rank_pattern"),
+    # NaN passes `alpha <= 0`, and an infinite alpha scales the update to NaN
+    ({"lora_alpha": float("nan")}, "lora_alpha=nan"), ({"lora_alpha": float("inf")}, "lora_alpha=inf"),
+    ({"alpha_pattern": {"q": float("nan")}}, "alpha_pattern"),
 ])
 def test_bad_values_are_named(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[")):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -51,6 +52,12 @@ def check_positive_int(name: str, value: Any, optional: bool = False, hint: str 
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         allowed = " or None (read from the model)" if optional else ""
         raise ValueError(f"{name}={value!r} must be a positive integer{allowed}{hint}.")
+
+
+def check_positive_number(name: str, value: Any, hint: str = "") -> None:
+    """Raise unless ``value`` is a finite number above 0 (a NaN passes ``value <= 0`` and would train to NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name}={value!r} must be a positive number{hint}.")
 
 
 def check_probability(name: str, value: Any) -> None:
@@ -156,8 +163,7 @@ class LoraConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("r", self.r, hint=" (the LoRA rank, e.g. 8 or 16)")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number (scaling is alpha / r).")
+        check_positive_number("lora_alpha", self.lora_alpha, hint=" (scaling is alpha / r)")
         check_probability("lora_dropout", self.lora_dropout)
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a bias mode; use one of {BIAS_MODES}.")
@@ -172,5 +178,4 @@ class LoraConfig(MethodConfig):
         for key, rank in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():
-            if not isinstance(alpha, (int, float)) or alpha <= 0:
-                raise ValueError(f"alpha_pattern[{key!r}]={alpha!r} must be a positive number.")
+            check_positive_number(f"alpha_pattern[{key!r}]", alpha)

@@ -32,6 +32,7 @@ names>`` per site. Adapters of other names go to a sub-folder, as for LoRA.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -128,7 +129,7 @@ class BottleneckConfig(MethodConfig):
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"non_linearity={self.non_linearity!r} is not supported; use one of "
                              f"{sorted(ACTIVATIONS)}.")
-        if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
+        if not isinstance(self.init_std, (int, float)) or not 0 <= self.init_std < math.inf:
             raise ValueError(f"init_std={self.init_std!r} must be a number ≥ 0 (e.g. 1e-3 for a near-identity start).")
         self.modules_to_save = default_head(self.task_type, self.modules_to_save)
         self.target_modules = str_list("target_modules", self.target_modules)
@@ -172,7 +173,8 @@ class BottleneckConfig(MethodConfig):
         if self.residual_before_ln == "post_add" and not self.original_ln_before:
             raise ValueError("residual_before_ln='post_add' needs original_ln_before=True (it takes the residual after "
                              "the model's residual addition).")
-        if not (self.scaling in ("learned", "channel") or isinstance(self.scaling, (int, float))):
+        if not (self.scaling in ("learned", "channel") or isinstance(self.scaling, (int, float))
+                and math.isfinite(self.scaling)):
             raise ValueError(f"scaling={self.scaling!r} must be a number, 'learned' or 'channel'.")
         if isinstance(self.scaling, int) and not isinstance(self.scaling, bool):
             self.scaling = float(self.scaling)

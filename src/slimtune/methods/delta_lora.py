@@ -52,7 +52,7 @@ class DeltaLoraConfig(LoraConfig):
             raise ValueError("DeltaLoraConfig(use_dora=True) contradicts itself: DoRA renormalises W + sBA per row "
                              "while Delta-LoRA moves W by sBA's change; use one or the other.")
         lam = self.delta_lambda
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0 <= lam < math.inf:
             raise ValueError(f"delta_lambda={self.delta_lambda!r} must be a number ≥ 0 (the paper uses 0.5).")
         if not isinstance(self.delta_start_step, int) or self.delta_start_step < 0:
             raise ValueError(f"delta_start_step={self.delta_start_step!r} must be an integer ≥ 0 "

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import MethodConfig, check_positive_int, check_probability, default_head, layer_list, str_list
+from slimtune.config import (
+    MethodConfig,
+    check_positive_int,
+    check_positive_number,
+    check_probability,
+    default_head,
+    layer_list,
+    str_list,
+)
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import LOW_RANK_TARGETS
@@ -50,8 +58,7 @@ class LohaConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("r", self.r, hint=" (the rank of each of LoHa's two pairs, e.g. 8)")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r} must be a positive number (scaling is alpha / r).")
+        check_positive_number("alpha", self.alpha, hint=" (scaling is alpha / r)")
         check_probability("rank_dropout", self.rank_dropout)
         check_probability("module_dropout", self.module_dropout)
         self.target_modules = str_list("target_modules", self.target_modules)

@@ -59,7 +59,8 @@ class VeraConfig(MethodConfig):
         if not isinstance(self.projection_prng_key, int) or isinstance(self.projection_prng_key, bool):
             raise ValueError(f"projection_prng_key={self.projection_prng_key!r} must be an integer seed.")
         check_probability("vera_dropout", self.vera_dropout)
-        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool):
+        if not isinstance(self.d_initial, (int, float)) or isinstance(self.d_initial, bool) \
+                or not math.isfinite(self.d_initial):
             raise ValueError(f"d_initial={self.d_initial!r} must be a number (the initial λ_d, e.g. 0.1).")
         if self.bias not in VERA_BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a VeRA bias mode; use one of {VERA_BIAS_MODES}.")
