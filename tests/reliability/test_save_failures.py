@@ -308,3 +308,12 @@ def test_a_stale_lock_from_another_host_is_refused_and_an_earlier_attempt_of_the
     with lock:
         assert json.loads(lock.path.read_text())["restart"] == "1"
     assert lines and "taking over the lock of pid 1 on elsewhere, launcher run id job-3" in lines[0]
+
+
+def test_a_lock_path_that_cannot_be_opened_or_a_file_in_the_way_is_a_clear_error(tmp_path):
+    (tmp_path / ".run.lock").mkdir()  # something else made a folder where the lock file goes
+    with pytest.raises(SaveError, match=r"cannot open the lock file .*\.run\.lock of run .*: Is a directory; remove"):
+        RunLock(tmp_path / "run").acquire()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SaveError, match=r"cannot create the folder of run .*a-file/sub/run: .*choose another output"):
+        RunLock(tmp_path / "a-file" / "sub" / "run").acquire()

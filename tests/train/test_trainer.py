@@ -247,8 +247,9 @@ def test_metrics_truncate_and_memory(tmp_path):
     log = MetricsLog(tmp_path)
     for step in range(5):
         log.write({"step": step, "loss": float(step)})
-    with open(log.path, "a") as fh:
-        fh.write('{"step": 9, "lo')  # a line cut by a crash
+    with open(log.path, "ab") as fh:  # damage: bytes that are not UTF-8, rows that are not objects ...
+        fh.write(b'\xff\xfe{"step": 7}\n3\n{"step": "x"}\n{"step": 9, "lo')  # ... and a line cut by a crash
+    assert [r["step"] for r in log.rows()] == [0, 1, 2, 3, 4]
     log.truncate_after(2)
     assert [r["step"] for r in log.rows()] == [0, 1, 2]
     assert peak_memory_mb(CPU) > 10

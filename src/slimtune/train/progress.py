@@ -105,11 +105,15 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        # Lines a crash cut, or bytes that are not UTF-8 (a damaged disk block), are skipped: the rest is still
+        # useful, and a resume rewrites the file from the rows kept.
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash: the rest is still useful
+                row = json.loads(line)
+            except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+                out.append(row)
         return out
 
     def truncate_after(self, step: int) -> None:

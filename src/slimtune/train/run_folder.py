@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from slimtune.core.files import lock_file
-from slimtune.errors import RunFolderBusyError
+from slimtune.errors import RunFolderBusyError, SaveError
 from slimtune.quant import QuantConfig
 
 
@@ -185,9 +185,18 @@ class RunLock:
         while not missing.exists():
             self._made.append(missing)
             missing = missing.parent
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # e.g. a file where a parent folder should be
+            raise SaveError(error.errno, f"cannot create the folder of run {self.run_dir}: {error.strerror} "
+                                         f"({error.filename}); choose another output.dir") from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise SaveError(error.errno, f"cannot open the lock file {self.path} of run {self.run_dir}: "
+                                             f"{error.strerror}; remove what is at that path (no `slimtune train` "
+                                             f"makes it a folder), or choose another output.dir") from None
             try:
                 taken = lock_file(fd)
             except OSError:
