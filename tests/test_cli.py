@@ -71,10 +71,19 @@ def test_recipes_command_lists_shipped_recipes(capsys):
     assert "qlora-smollm2-pycode" in out and "run: slimtune train lora-smollm2-pycode" in out
 
 
-def test_dry_run_and_default_recipe(capsys):
+def test_dry_run_and_default_recipe(capsys, tmp_path):
     assert main(["train", "--dry-run", "training.max_steps=3"]) == 0  # the default recipe, overridden
     out = capsys.readouterr().out
     assert "max_steps: 3" in out and "quant_type: nf4" in out
+    assert "the recipe is valid" in out and "trainable parameters" in out and "peak while training" in out
+    # The checks a run would meet first, made without loading anything (each a clear error, status 2).
+    (tmp_path / "a-file").write_text("x")
+    for override, message in [("method.target_modules=[nope]", "method: target_modules=['nope'] matched no module"),
+                              (f"model.name_or_path={tmp_path / 'nowhere'}", "model.name_or_path: "),
+                              (f"output.dir={tmp_path / 'a-file'}", "output.dir"),
+                              (f"data.dataset={tmp_path / 'none.jsonl'}", "data.dataset: ")]:
+        assert main(["train", "--dry-run", "training.max_steps=3", override]) == 2, override
+        assert message in capsys.readouterr().err, override
 
 
 def _bad(tmp_path, name, text):

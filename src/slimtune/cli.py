@@ -32,7 +32,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         recipe_arg, overrides = None, [recipe_arg, *overrides]  # `slimtune train key=value` uses the default
     recipe = load_recipe(recipe_arg or DEFAULT_RECIPE, overrides)
     if args.dry_run:
-        print(recipe.to_yaml(), end="")
+        from slimtune.train.dry_run import dry_run
+
+        print(recipe.to_yaml())
+        print(dry_run(recipe, resume=args.resume))
         return 0
     if args.nproc_per_node is not None:  # start torchrun with that many ranks of this command
         from slimtune.distributed.launch import launch
@@ -177,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", help="recipe file or shipped recipe name")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it resolved; train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the recipe resolved and check it offline (run folder, model config, method, data, "
+                        "memory and time); train nothing")
     p.add_argument("--force", action="store_true", help="train even when the memory estimate says it will not fit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
