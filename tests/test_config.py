@@ -11,7 +11,9 @@ from slimtune import LoraConfig, config_from_dict
     ({"task_type": "CHAT"}, "task_type='CHAT'"), ({"rank_pattern": {"q": 0}}, "rank_pattern"),
     # NaN passes `alpha <= 0`, and an infinite alpha scales the update to NaN
     ({"lora_alpha": float("nan")}, "lora_alpha=nan"), ({"lora_alpha": float("inf")}, "lora_alpha=inf"),
+    ({"lora_alpha": 1e308}, "lora_alpha=1e.308 must be a positive number .*, at most 3.403e.38"),
     ({"alpha_pattern": {"q": float("nan")}}, "alpha_pattern"),
+    ({"target_modules": "(q_proj"}, "is not a valid regular expression"),
 ])
 def test_bad_values_are_named(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[")):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -37,7 +37,13 @@ def _is_default_like(value: Any) -> bool:
 
 # ---- validators the method configs share ------------------------------------------------------------
 def str_list(name: str, value: Any, allow_str: bool = True) -> Any:
-    """Normalise a PEFT "list of names or a regex string" field; sets become sorted lists."""
+    """Normalise a PEFT "list of names or a regex string" field; sets become sorted lists; a string must compile."""
+    if allow_str and isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression ({error}); a string is matched "
+                             f"against full module names (e.g. r'.*\\.(q|v)_proj'), or pass a list of names.") from None
     if value is None or (allow_str and isinstance(value, str)):
         return value
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
@@ -54,10 +60,14 @@ def check_positive_int(name: str, value: Any, optional: bool = False, hint: str 
         raise ValueError(f"{name}={value!r} must be a positive integer{allowed}{hint}.")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # a scale above it cannot multiply a float32 tensor
+
+
 def check_positive_number(name: str, value: Any, hint: str = "") -> None:
-    """Raise unless ``value`` is a finite number above 0 (a NaN passes ``value <= 0`` and would train to NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name}={value!r} must be a positive number{hint}.")
+    """Raise unless ``value`` is a number above 0 that a float32 holds (a NaN passes ``value <= 0`` and would
+    train to NaN; 1e308 passes, then fails in the first forward)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} must be a positive number{hint}, at most {FLOAT32_MAX:.4g}.")
 
 
 def check_probability(name: str, value: Any) -> None:

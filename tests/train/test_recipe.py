@@ -104,6 +104,11 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"data": {"max_seq_length": 1}, **MINIMAL}, r"^data\.max_seq_length: "),
     ({"method": {"peft_type": "LORA", "task_type": "SEQ_CLS"}}, r"^method\.task_type: 'SEQ_CLS' is not supported"),
     ({"description": 3, **MINIMAL}, r"^description: expected a string"),
+    # non-finite numbers, also where null is allowed (NaN passes `<= 0` checks and trains to NaN)
+    ({"training": {"learning_rate": float("nan")}, **MINIMAL}, r"^training\.learning_rate: expected a number"),
+    ({"training": {"max_grad_norm": float("nan")}, **MINIMAL}, r"^training\.max_grad_norm: expected a number or null"),
+    ({"training": {"loraplus_lr_ratio": float("inf")}, **MINIMAL}, r"^training\.loraplus_lr_ratio: expected a number"),
+    ({"method": {"peft_type": "LORA", "target_modules": "(q"}}, r"^method\.target_modules: .* not a valid regular"),
 ])
 def test_bad_recipes_name_the_dotted_key(data, message):
     with pytest.raises(RecipeError, match=message):

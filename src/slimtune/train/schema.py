@@ -64,7 +64,8 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         # Exact type matches first, so "16" stays a string for ``int | str`` fields.
         options = typing.get_args(hint)
         for option in options:
-            if option in (bool, int, float, str) and type(value) is option:
+            exact = option in (bool, int, float, str) and type(value) is option
+            if exact and _convert(value, option, where) is not _NO:  # (_NO: a non-finite float)
                 return value
         for option in options:
             converted = _convert(value, option, where)
