@@ -37,7 +37,7 @@ from slimtune.gguf_quants import QUANT_TYPES
 from slimtune.lifecycle import set_adapter
 from slimtune.perf.fast_path import KERNEL_MODES, enable_fast_path
 from slimtune.quant import QuantConfig, quant_summary
-from slimtune.train.models import load_model_and_tokenizer
+from slimtune.train.models import DEFAULT_MODEL, default_model_folder_name, is_hub_id, load_model_and_tokenizer
 from slimtune.train.run_folder import RunFolder
 
 
@@ -56,9 +56,19 @@ def run_quantization(adapter_dir: Path) -> QuantConfig | None:
 
 
 def base_model_of(adapter_dir: Path) -> str:
-    """The base model an adapter names (a local folder that exists), else the default model."""
+    """The base model an adapter names (``base_model_name_or_path``): a folder or file that exists here, a hub
+    id, or the default model (also its converted copy in another machine's cache). A path that does not exist
+    is an error: loading another model instead would apply the adapter to the wrong weights."""
     name = read_adapter_config(adapter_dir).base_model_name_or_path
-    return name if name and Path(name).is_dir() else "default"
+    if not name or name == DEFAULT_MODEL or Path(name).expanduser().exists():
+        return name or DEFAULT_MODEL
+    if Path(name).name == default_model_folder_name():
+        return DEFAULT_MODEL
+    if is_hub_id(name):
+        return name  # the Hugging Face cache, or a download
+    raise FileNotFoundError(f"the adapter {adapter_dir} was trained on {name!r} (its adapter_config.json's "
+                            f"base_model_name_or_path), which is not on this machine; pass that model with "
+                            f"--model PATH.")
 
 
 def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]], load_in_4bit: bool | None = None,

