@@ -208,6 +208,33 @@ def test_a_checkpoint_cannot_point_outside_itself_and_its_folder_cannot_be_a_lin
     assert list((linked / "elsewhere").iterdir()) == []
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"step": 1000000}, r"step=1000000 of total_steps=2 is out of range"),
+    ({"step": -3}, r"step=-3 of total_steps=2 is out of range"),
+    ({"tokens": -1}, r"tokens=-1 or train_seconds=0.0 is out of range"),
+    ({"train_seconds": float("nan")}, r"train_seconds=nan is out of range"),
+    ({"evals": [1, "x", None]}, r"evals\[0\]=1 is not an evaluation of a step up to 1"),
+    ({"evals": [{"step": 0, "eval_loss": "low"}]}, r"evals\[0\]=.* is not an evaluation"),
+    ({"evals": [{"step": 5, "eval_loss": 1.0}]}, r"evals\[0\]=.* is not an evaluation of a step up to 1"),
+])
+def test_a_checkpoint_whose_counters_are_out_of_range_is_refused_even_when_resealed(tmp_path, change, message):
+    """The checksum guards against damage, not against a tool that rewrites it: the values a resume trusts (steps
+    left to train, the run's evaluation history) are checked too."""
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, target_modules=["q_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state = {"step": 1, "tokens": 0, "train_seconds": 0.0, "data": {}, "total_steps": 2, "config": {},
+             "evals": [{"step": 0, "eval_loss": 2.5}]}
+    step = save_checkpoint(tmp_path / "run", 1, model, optimizer, scheduler, rng, state, keep=2)
+    read_checkpoint(step)  # as written: accepted
+    payload = {**json.loads((step / "trainer_state.json").read_text()), **change}
+    payload["checksum"] = _self_digest(payload)
+    (step / "trainer_state.json").write_text(json.dumps(payload))
+    with pytest.raises(InvalidFileError, match=message + r".*damaged\. Delete this step's folder"):
+        read_checkpoint(step)
+
+
 # ---- an adapter brings only what its config declares -------------------------------------------------------------
 @pytest.mark.parametrize("extra", ["base_model.model.model.layers.0.self_attn.q_proj.weight",
                                    "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -234,7 +235,29 @@ def read_state_file(path: Path) -> dict[str, Any]:
     if payload.get("checksum") != _self_digest(payload):
         raise InvalidFileError(file, "checksum does not match its content: the file was changed after it was "
                                      "written; delete this step's folder to resume from the one before.", "checksum")
+    _check_values(file, payload)
     return payload
+
+
+def _check_values(file: Path, payload: dict[str, Any]) -> None:
+    """The counters and the evaluation history in range: a resume trusts them for the steps left to train and
+    for the run's report."""
+    step, total = payload["step"], payload["total_steps"]
+    problem = None
+    if not 1 <= total or not 0 <= step <= total:
+        problem = f"step={step!r} of total_steps={total!r} is out of range"
+    elif payload["tokens"] < 0 or not 0 <= payload["train_seconds"] < math.inf:
+        problem = f"tokens={payload['tokens']!r} or train_seconds={payload['train_seconds']!r} is out of range"
+    else:
+        for i, row in enumerate(payload["evals"]):
+            ok = isinstance(row, dict) and set(row) == {"step", "eval_loss"} and type(row["step"]) is int \
+                and 0 <= row["step"] <= step and type(row["eval_loss"]) in (int, float)
+            if not ok:
+                problem = f"evals[{i}]={row!r:.80} is not an evaluation of a step up to {step}"
+                break
+    if problem:
+        raise InvalidFileError(file, f"{problem}; the checkpoint is damaged. Delete this step's folder to resume "
+                                     "from the one before.")
 
 
 def checkpoint_config(path: Path) -> dict[str, Any]:
