@@ -26,8 +26,7 @@ from run_helpers import tiny_model_dir, tiny_recipe, write_recipe
 KILLS = int(os.environ.get("SLIMTUNE_KILLS", "20"))
 SEED = int(os.environ.get("SLIMTUNE_KILL_SEED", "0"))
 # The refusals a killed run may answer with, and what the user does next (as the message says).
-EXPECTED_REFUSALS = {"has no checkpoint to resume from": "restart", "already holds a run": "restart",
-                     "already finished": "done"}
+EXPECTED_REFUSALS = {"already holds a run": "restart", "already finished": "done"}
 RUNS = {
     "qlora": {"method": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
                          "target_modules": "all-linear", "modules_to_save": ["lm_head"]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -77,8 +78,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
 
 def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, capsys):
     recipe_file = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 4}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
     assert train(recipe_file, "--resume") == 2
-    assert "has no checkpoint to resume from" in capsys.readouterr().err
+    assert "exists and is not a slimtune run folder" in capsys.readouterr().err
+    (tmp_path / "run" / "notes.txt").unlink()
 
     with monkeypatch.context() as patch:
         interrupt_at(patch, 2)
@@ -170,6 +174,41 @@ def _final(trainer: Trainer) -> dict[str, torch.Tensor]:
     out = {f"adapter/{k}": v.detach().clone() for k, v in adapter_tensors(model).items()}
     out.update({f"method/{k}": v.detach().clone() for k, v in method_tensors(model).items()})
     return out
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_beginning(tmp_path, capsys):
+    """What a kill during start-up leaves (the recipe, some metrics, no checkpoint): --resume starts it again
+    rather than sending the user back and forth between --resume and output.overwrite."""
+    recipe = tiny_recipe(tmp_path, training={"max_steps": 3, "save_every": 1}, demo={"enabled": False})
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    assert train(recipe_file) == 0
+    straight = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    run = tmp_path / "run"
+    for name in ("adapter", "checkpoints", "summary.json", "loss.png"):  # as if killed before step 1's checkpoint
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    (run / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 5.0}\n{"step": 1, "lo')
+    capsys.readouterr()
+    assert train(recipe_file, "--resume") == 0
+    assert "has no checkpoint yet (the run stopped before its first); starting from the beginning" in \
+        capsys.readouterr().out
+    again = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == straight.keys() and all(torch.equal(again[k], straight[k]) for k in straight)
+    # Checkpoint folders that are all incomplete are not deleted by a restart: the reason is given instead.
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    for step in (run / "checkpoints").iterdir():
+        (step / "trainer_state.json").unlink()
+    assert train(recipe_file, "--resume") == 2
+    assert "trainer_state.json: is missing; the checkpoint is incomplete" in capsys.readouterr().err
+    assert len(list((run / "checkpoints").iterdir())) == 2
+    # Killed before the run folder was made: --resume starts the run.
+    assert train(write_recipe(tmp_path / "r2.yaml", {**recipe, "output": {"dir": str(tmp_path / "new")}}),
+                 "--resume") == 0
+    assert (tmp_path / "new" / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("optim", OPTIMIZERS)

@@ -34,7 +34,7 @@ from slimtune.perf.fast_path import FastPath, enable_fast_path
 from slimtune.quant import QuantizedLinear, quant_summary
 from slimtune.report import TrainableReport, trainable_parameters
 from slimtune.train.batching import BatchIterator
-from slimtune.train.checkpoint import checkpoint_config, latest_checkpoint
+from slimtune.train.checkpoint import checkpoint_config, latest_checkpoint, read_state_file
 from slimtune.train.data import load_examples
 from slimtune.train.generation import SamplePrompt, generate_text, sample_prompt
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
@@ -98,8 +98,13 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
             raise RecipeError(f"run {run.path} already finished ({run.SUMMARY} exists); nothing to resume.")
         checkpoint = latest_checkpoint(run.path)
         if checkpoint is None:
-            raise RecipeError(f"--resume: {run.path} has no checkpoint to resume from; start the run without "
-                              "--resume.")
+            steps = sorted(run.checkpoints.glob("step-*")) if run.checkpoints.is_dir() else []
+            if steps:
+                read_state_file(steps[-1])  # raises what is wrong with it (incomplete, an earlier slimtune's)
+            if run.path.is_dir() and any(run.path.iterdir()) and not run.is_run():
+                raise RecipeError(f"output.dir: {run.path} exists and is not a slimtune run folder; "
+                                  "use a new or empty folder.")
+            return None  # killed before its first checkpoint (or before it began): nothing to lose, start again
         saved = checkpoint_config(checkpoint)
         changed = _differences(saved, comparable(recipe))
         if changed:
@@ -241,7 +246,10 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
         f"loss: the model's own (full logits): {trainer.loss_refusal}")
 
     # Every input is valid: from here on the run folder is written.
-    if not resume and run.path.exists() and run.is_run():
+    if resume and checkpoint is None:
+        log(f"--resume: {run.path} has no checkpoint yet (the run stopped before its first); starting from the "
+            f"beginning")
+    if checkpoint is None and run.path.exists() and run.is_run():
         shutil.rmtree(run.path)  # output.overwrite=true (validate refused otherwise)
     run.path.mkdir(parents=True, exist_ok=True)
     demo_prompt = sample_prompt(recipe.demo.prompt, eval_examples[0])
