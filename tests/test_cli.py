@@ -123,3 +123,17 @@ def test_console_script_in_a_subprocess(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "eval loss        :" in done.stdout and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["eval", "--batch-size", "-1"], "argument --batch-size: -1 must be at least 1"),
+    (["eval", "--max-seq-length", "x"], "argument --max-seq-length: 'x' is not a whole number"),
+    (["generate", "-p", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be at least 1"),
+    (["generate", "-p", "hi", "--temperature", "nan"], "argument --temperature: nan must be a finite number ≥ 0"),
+    (["train", "--nproc-per-node", "0"], "argument --nproc-per-node: 0 must be at least 1"),
+])
+def test_numeric_options_are_checked_before_anything_loads(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

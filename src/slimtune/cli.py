@@ -23,6 +23,28 @@ from pathlib import Path
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)  # RecipeError is a ValueError
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (a batch size, a count, a length)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number ≥ 0 (a temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number ≥ 0")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from slimtune.train.recipe import DEFAULT_RECIPE, load_recipe
     from slimtune.train.runner import run_recipe
@@ -185,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory and time); train nothing")
     p.add_argument("--force", action="store_true", help="train even when the memory estimate says it will not fit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+    p.add_argument("--nproc-per-node", type=positive_int, default=None, metavar="N",
                    help="train on N processes of this machine (starts torchrun; the recipe's `distributed` section "
                         "picks DDP or FSDP). Several machines: torchrun --nnodes ... -m slimtune train RECIPE")
     p.set_defaults(func=_cmd_train)
@@ -197,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, "adapter folder; repeat for several adapters (NAME=PATH names them)")
     p.add_argument("-p", "--prompt", required=True, help="the user prompt ('-' reads stdin)")
     p.add_argument("--active", help="comma-separated adapter names to use together (default: the first)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
     p.add_argument("--raw", action="store_true",
                    help="continue the prompt as plain text, no template (adapters trained on plain 'text' data)")
@@ -208,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, "adapter folder (optional)")
     p.add_argument("--data", default="pycode", help="'pycode' or a .jsonl/.json/.csv/.tsv/.txt file (default pycode)")
     p.add_argument("--split", default="validation", choices=["train", "validation", "all"])
-    p.add_argument("--max-examples", type=int, default=None)
-    p.add_argument("--max-seq-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-examples", type=positive_int, default=None)
+    p.add_argument("--max-seq-length", type=positive_int, default=512)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
     p.set_defaults(func=_cmd_eval)
 
@@ -231,10 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "a100-40gb, l4, rtx4090, rtx3090 (default: the recipe's model.device)")
     p.add_argument("--memory", default=None, help="memory the run may use, e.g. 24GB (default: the device's)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON (for tools)")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+    p.add_argument("--nproc-per-node", type=positive_int, default=1, metavar="N",
                    help="the memory of each rank of a distributed run with N processes per node (the recipe's "
                         "distributed section, or its default: auto = fsdp when the weights exceed half a device)")
-    p.add_argument("--nnodes", type=int, default=None, help="nodes of the distributed run (default 1)")
+    p.add_argument("--nnodes", type=positive_int, default=None, help="nodes of the distributed run (default 1)")
     p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("merge", help="merge an adapter into its base: a transformers folder or a GGUF file",
