@@ -47,6 +47,10 @@ def test_train_generate_eval_merge(capsys, tmp_path):
     assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all"]) == 0
     line = capsys.readouterr().out
     assert f"eval loss {summary['eval_loss_after']:.4f}" in line and "perplexity" in line
+    assert "cut at" not in line
+    assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all",
+                 "--max-seq-length", "28"]) == 0  # the rows' prompts are 26 to 29 tokens
+    assert "left out by --max-seq-length 28" in capsys.readouterr().out
 
     # merge: a plain transformers folder with the logits of 4-bit base + adapter
     merged = tmp_path / "merged"

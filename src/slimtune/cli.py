@@ -121,9 +121,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     rows = tokenize_examples(examples, tokenizer, args.max_seq_length, False, False if args.no_chat_template else None)
     device = next(model.parameters()).device
     loss = evaluate_loss(model, rows.rows, args.batch_size, tokenizer.pad_token_id, device)
+    cut = rows.stats
+    left_out = f"; {cut.n_truncated} cut at and {cut.n_dropped} left out by --max-seq-length {args.max_seq_length}" \
+        if cut.n_truncated or cut.n_dropped else ""
     print(f"eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | "
           f"{len(rows)} examples, {rows.stats.n_label_tokens:,} tokens with a loss ({args.data!r}, "
-          f"split {args.split!r})")
+          f"split {args.split!r}{left_out})")
     return 0
 
 

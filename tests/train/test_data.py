@@ -80,6 +80,8 @@ def test_hash_split_is_disjoint_and_complete():
         ("d.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": \n', ValueError, r"line 2: not valid JSON"),
         ("d.jsonl", "", ValueError, r"d.jsonl' is empty: it has no rows"),
         ("d.csv", "prompt,answer\nq,a\n", ValueError, r"d.csv: line 2: row has no .* \['answer', 'prompt'\]"),
+        ("d.csv", "prompt,response\nq,a\nq\n", ValueError, r"d.csv: line 3: field 'response' is empty \(null"),
+        ("d.jsonl", '{"prompt": "q", "response": null}\n', ValueError, r"line 1: field 'response' is empty"),
         ("d.json", '{"rows": 3}', ValueError, r"or an object with a 'all' list or a 'data' list; .* \['rows'\]"),
         ("d.json", '[{"prompt": "a", "response": ""}]', ValueError, r"d.json: item 1: the response is empty"),
         ("d.json", '[{"prompt": 3, "response": "b"}]', ValueError, r"item 1: field 'prompt' must be a string, got int"),

@@ -162,6 +162,10 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
         if (prompt_key is None or response_key is None) and row.get(TEXT_KEY) is not None:
             return _from_text(row, where)
         if prompt_key is None or response_key is None:
+            empty = [k for k in (*PROMPT_KEYS, *RESPONSE_KEYS, TEXT_KEY) if k in row and row[k] is None]
+            if empty:
+                raise DataError(f"{where}: field {empty[0]!r} is empty (null, or a short CSV row); every example "
+                                f"needs {_EXPECTED}.")
             raise DataError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
         prompt = _text(row, prompt_key, where)
         extra = row.get("input") if prompt_key != "input" else None

@@ -145,6 +145,7 @@ def tokenize_examples(
     stats.n_label_tokens = sum(sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in rows)
     if not rows:
         raise ValueError(
-            f"No example fits max_length={max_length}: all {stats.n_examples} prompts fill it. Raise max_length."
+            f"No example fits max_length={max_length}: all {stats.n_examples} prompts fill it. Raise the length "
+            f"(data.max_seq_length in a recipe, --max-seq-length for slimtune eval)."
         )
     return TokenizedDataset(rows, stats)
