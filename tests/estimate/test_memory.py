@@ -193,3 +193,30 @@ def test_components_add_up_to_the_peak(tiny_folder):
             assert sum(c.bytes for c in mem.components if c.on_device) == mem.train_peak
             assert mem.host_extra == sum(c.bytes for c in mem.components if not c.on_device)
             assert est.peak == max(mem.train_peak, mem.load_peak)
+
+
+def test_a_mixture_of_experts_is_estimated_as_it_loads_whole_with_its_experts_unquantized(tmp_path):
+    """transformers 5 fuses experts into 3-D tensors: 4-bit loading reads such a checkpoint whole, then quantizes
+    the linear layers; the experts stay full precision. The estimate must count both."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slimtune.estimate.report import format_estimate
+    from slimtune.train.models import load_model
+
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    shape = model_shape(tmp_path / "moe")
+    model = load_model(tmp_path / "moe", quantization=QuantConfig(compute_dtype="float32"))
+    experts = sum(p.numel() for n, p in model.named_parameters() if "experts" in n and p.dim() == 3)
+    assert experts > 0 and shape.fused_expert_params == experts  # what the loader leaves unquantized
+    assert quant_summary(model).params == sum(
+        s.in_features * s.out_features for s in shape.quantized_linears(QuantConfig()))
+    est = predict(make_recipe(tmp_path / "moe", quantization={"bits": 4}), TEST_CPU, timing=False)
+    overhead = sum(c.bytes for c in est.memory.components
+                   if c.key == "overhead" and c.on_device and c.label != "allocator slack")  # the process's own
+    assert est.memory.load_peak == shape.params * 4 + overhead  # the whole fp32 model first
+    report = format_estimate(est)
+    assert "the whole model in full precision, then quantized" in report and "in fused experts" in report

@@ -93,5 +93,6 @@ def test_cli_nproc_per_node(capsys, tiny_folder):
     assert status == 0
     assert out["distribution"] == {"strategy": "fsdp", "ranks": 8, "per_machine": 4, "cpu_offload": False,
                                    "needed_bytes": out["memory"]["peak_bytes"]}
-    assert main(["estimate", "--nproc-per-node", "0"]) == 2
-    assert "--nproc-per-node 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["estimate", "--nproc-per-node", "0"])
+    assert exit_.value.code == 2 and "argument --nproc-per-node: 0 must be at least 1" in capsys.readouterr().err

@@ -150,9 +150,10 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
                                f"{n_quant:,} weights of {len(shape.quantized_linears(quant))} linear layers as "
                                f"{kind}, blocksize {quant.blocksize}: {bits:.3f} bits/weight incl. scales"))
         rest = shape.params - n_quant
+        experts = f", {shape.fused_expert_params:,} of them in fused experts" if shape.fused_expert_params else ""
         comps.append(Component("weights_fp", f"weights kept {dtype}", full_rest,
                                f"{rest:,} params: embeddings, norms, the output head{' (tied)' if shape.tied else ''}"
-                               f" and skipped layers × {prec.weight} B"))
+                               f" and skipped layers × {prec.weight} B{experts}"))
     else:
         comps.append(Component("weights", f"weights, {dtype}", full_rest, f"{shape.params:,} params × {prec.weight} B"))
     adapter = layout.trainable_bytes + layout.frozen_bytes
@@ -213,7 +214,9 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
                                "the update's temporaries exceed the forward/backward peak"))
     train_peak = sum(c.bytes for c in comps if c.on_device)
     load_peak = 0
-    if quant is not None:  # streamed: each weight is read in full precision, quantized, then freed
+    if quant is not None and shape.fused_expert_params:  # read whole in full precision, then quantized
+        load_peak = shape.params * prec.weight + sum(c.bytes for c in overhead if c.on_device)
+    elif quant is not None:  # streamed: each weight is read in full precision, quantized, then freed
         largest = max((q.in_features * q.out_features for q in shape.quantized_linears(quant)), default=0)
         load_peak = stored + full_rest + largest * 4 + sum(c.bytes for c in overhead if c.on_device)
     host = sum(c.bytes for c in comps if not c.on_device)

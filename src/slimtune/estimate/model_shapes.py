@@ -183,6 +183,13 @@ class ModelShape:
     gated_mlp: bool
     meta: nn.Module = field(repr=False)
 
+    @property
+    def fused_expert_params(self) -> int:
+        """Parameters in 3-D expert tensors (a mixture of experts as transformers 5 builds it). They are not linear
+        layers, so they stay in full precision under 4-bit, and a checkpoint stores them expert by expert, so a
+        4-bit load reads the model whole first (``CheckpointNeedsMerging`` in :mod:`slimtune.train.models`)."""
+        return sum(p.numel() for n, p in self.meta.named_parameters() if p.dim() == 3 and "experts" in n)
+
     def quantized_linears(self, quant: QuantConfig | None) -> list[LinearShape]:
         """The linear layers ``slimtune.quant.quantize`` replaces (not skip_modules, not the output head)."""
         if quant is None:

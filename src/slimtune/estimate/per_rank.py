@@ -118,7 +118,7 @@ def per_rank(mem: MemoryModel, shape: ModelShape, recipe: Recipe, dist: Distribu
                                   f"FSDP2 gathers one block ({human(block)}) for its forward or backward and "
                                   "prefetches the next"))
     load_peak = mem.load_peak
-    if loads_per_rank(recipe):
+    if loads_per_rank(recipe) and not shape.fused_expert_params:  # (fused experts: WholeLoadNeeded)
         largest = max((s.in_features * s.out_features for s in shape.quantized_linears(recipe.quantization)),
                       default=0)
         overhead = sum(c.bytes for c in mem.components if c.key == "overhead" and c.label != "allocator slack")

@@ -64,10 +64,12 @@ def format_estimate(est: Estimate) -> str:
     lines.append(f"  {'─' * width}  {'─' * 10}")
     lines.append(f"  {'peak while training':<{width}}  {human(mem.train_peak):>10}")
     if mem.load_peak:
-        sharded = est.distribution is not None and est.distribution.strategy == "fsdp" and loads_per_rank(r)
-        lines.append(f"  {'peak while loading':<{width}}  {human(mem.load_peak):>10}  quantized weights + one "
-                     "full-precision weight being quantized" + (" (with per-rank loading: the rank's rows)"
-                                                                if sharded else ""))
+        sharded = est.distribution is not None and est.distribution.strategy == "fsdp" and loads_per_rank(r) \
+            and not est.shape.fused_expert_params
+        how = ("the whole model in full precision, then quantized (transformers merges its experts while loading)"
+               if est.shape.fused_expert_params else "quantized weights + one full-precision weight being quantized"
+               + (" (with per-rank loading: the rank's rows)" if sharded else ""))
+        lines.append(f"  {'peak while loading':<{width}}  {human(mem.load_peak):>10}  {how}")
     verdict = "fits" if est.fits else "does NOT fit"
     needed = f"{human(est.needed)} ({human(est.peak)} per rank)" if est.needed != est.peak else human(est.peak)
     lines.append(f"\npeak {needed}: {verdict} in {human(est.limit)}"
