@@ -94,6 +94,27 @@ def test_embedding_lora_matches_peft(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
 
 
+def test_lora_on_a_scaled_embedding_matches_peft_and_its_own_merge(tmp_path):
+    """Gemma's embedding multiplies the rows it looks up by √hidden: the LoRA update is scaled the same way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  tie_word_embeddings=False)  # (merging a tied table changes the head too)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    assert float(base.model.embed_tokens.embed_scale) != 1.0
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["embed_tokens"],
+                                                                       init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    inputs = {"input_ids": torch.randint(0, 128, (2, 7))}
+    assert (logits(theirs, inputs) - logits(base, inputs)).abs().max() > 0.1  # the update shows
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+    merged = slimtune.merge_and_unload(copy.deepcopy(ours))
+    torch.testing.assert_close(logits(merged, inputs), logits(ours, inputs), atol=TOL, rtol=0)
+
+
 def test_rslora_and_patterns_match_peft(tmp_path):
     base = FAMILIES["llama"][0]()
     kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,

@@ -127,7 +127,8 @@ class LoraLinear(TunerLayer):
 
 
 class LoraEmbedding(TunerLayer):
-    """LoRA on an embedding: ``E[x] + s · (A^T[x]) B^T``, A: (r, num_embeddings) zeros, B: (dim, r) N(0, 1)."""
+    """LoRA on an embedding: ``E[x] + s · (A^T[x]) B^T``, A: (r, num_embeddings) zeros, B: (dim, r) N(0, 1); both
+    terms times the embedding's ``embed_scale`` where it has one (Gemma)."""
 
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
     adapter_values = ("scaling",)
@@ -172,8 +173,14 @@ class LoraEmbedding(TunerLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         result = base(x)
+        # A scaled embedding (Gemma's: the looked-up rows times √hidden) scales the update too, as it scales a
+        # merged table; PEFT does the same.
+        scale = getattr(base, "embed_scale", None)
         for name in self.unmerged_active():
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
             rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq)
-            result = result + (rows @ B.T * self.scaling[name]).to(result.dtype)
+            update = rows @ B.T * self.scaling[name]
+            if scale is not None:
+                update = update * (scale.to(update.dtype) if isinstance(scale, torch.Tensor) else scale)
+            result = result + update.to(result.dtype)
         return result
