@@ -80,6 +80,22 @@ def layer_list(value: Any) -> Any:
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def layer_selection(target_modules: Any, layers_to_transform: Any, layers_pattern: Any) -> Any:
+    """``layers_to_transform`` as a list, checked as PEFT checks it: a regex ``target_modules`` selects layers by
+    itself (PEFT refuses both; "all-linear" is written out as names when saved, so it may take them), and a
+    ``layers_pattern`` needs the indices it locates."""
+    regex = isinstance(target_modules, str) and target_modules != "all-linear"
+    if regex and layers_to_transform is not None:
+        raise ValueError(f"layers_to_transform={layers_to_transform!r} cannot be used when target_modules is a regex "
+                         f"string ({target_modules!r}); put the layer numbers in the regex, or list module names.")
+    if regex and layers_pattern is not None:
+        raise ValueError(f"layers_pattern={layers_pattern!r} cannot be used when target_modules is a regex string "
+                         f"({target_modules!r}).")
+    if layers_pattern and layers_to_transform is None:
+        raise ValueError(f"layers_pattern={layers_pattern!r} needs layers_to_transform (which layer indices).")
+    return layer_list(layers_to_transform)
+
+
 def default_head(task_type: str | None, modules_to_save: list[str] | None) -> list[str] | None:
     """PEFT trains a copy of the classification head for SEQ_CLS unless told otherwise (``[]`` = no head)."""
     modules_to_save = str_list("modules_to_save", modules_to_save, allow_str=False)
@@ -184,7 +200,7 @@ class LoraConfig(MethodConfig):
         self.target_modules = str_list("target_modules", self.target_modules)
         self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
         self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-        self.layers_to_transform = layer_list(self.layers_to_transform)
+        self.layers_to_transform = layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
         for key, rank in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():

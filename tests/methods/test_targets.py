@@ -21,6 +21,20 @@ def test_layers_to_transform_and_exclude():
     assert layer_index("encoder.layer.3.attention.self.query", "layer") == 3
 
 
+def test_layer_selection_follows_peft():
+    """A module named in full is wrapped whatever its layer; a regex selects layers itself (PEFT refuses both)."""
+    import slimtune
+
+    names = find_targets(tiny_llama(layers=3), ["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    for config in (slimtune.LoraConfig, slimtune.LohaConfig, slimtune.VeraConfig):
+        with pytest.raises(ValueError, match=r"layers_to_transform=1 cannot be used when target_modules is a re"):
+            config(target_modules=r".*\.q_proj", layers_to_transform=1)
+        with pytest.raises(ValueError, match=r"layers_pattern='layers' needs layers_to_transform"):
+            config(target_modules=["q_proj"], layers_pattern="layers")
+    assert slimtune.LoraConfig(target_modules="all-linear", layers_to_transform=1).layers_to_transform == [1]
+
+
 def test_pattern_value_uses_dotted_suffix():
     assert pattern_value({"v_proj": 2}, "model.layers.0.self_attn.v_proj", 8) == 2
     assert pattern_value({"v_proj": 2}, "model.layers.0.self_attn.q_proj", 8) == 8

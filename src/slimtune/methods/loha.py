@@ -21,7 +21,7 @@ from slimtune.config import (
     check_positive_number,
     check_probability,
     default_head,
-    layer_list,
+    layer_selection,
     str_list,
 )
 from slimtune.core.modules import is_conv1d, linear_dims
@@ -64,7 +64,7 @@ class LohaConfig(MethodConfig):
         self.target_modules = str_list("target_modules", self.target_modules)
         self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
         self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-        self.layers_to_transform = layer_list(self.layers_to_transform)
+        self.layers_to_transform = layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
 
 
 class _HadamardDelta(torch.autograd.Function):

@@ -87,8 +87,9 @@ def find_targets(
             continue
         if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save):
             continue
-        if layers is not None and layer_index(name, layers_pattern) not in layers:
-            continue
+        exact = not all_linear and not isinstance(target_modules, str) and name in target_modules
+        if layers is not None and not exact and layer_index(name, layers_pattern) not in layers:
+            continue  # (a module named in full is wrapped whatever its layer, as in PEFT)
         found.append(name)
     if not found:
         raise ValueError(
