@@ -25,8 +25,10 @@ def test_round_trip_and_unknown_keys_warn_only_when_set():
     data = config.to_dict()
     assert data["peft_type"] == "LORA" and data["target_modules"] == ["q_proj", "v_proj"]
     assert config_from_dict(data) == config
-    with pytest.warns(UserWarning, match="use_qalora"):
-        config_from_dict({**data, "use_qalora": True, "eva_config": None})
+    with pytest.warns(UserWarning, match="velora_config"):  # a training-memory option: the adapter is the same
+        config_from_dict({**data, "velora_config": {"rank": 4}, "eva_config": None})
+    with pytest.raises(ValueError, match="use_qalora=True: PEFT's use_qalora changes the adapter"):
+        config_from_dict({**data, "use_qalora": True})
 
 
 def test_unknown_peft_type():

@@ -191,3 +191,39 @@ def test_sequence_classification_trains_a_head_copy_by_default_as_peft(builder, 
     theirs.save_pretrained(tmp_path / "theirs")
     back = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
     torch.testing.assert_close(logits(back, inputs), logits(ours, inputs), atol=TOL, rtol=0)
+
+
+def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load(tmp_path):
+    base = FAMILIES["llama"][0]()
+    inputs = sample_inputs("llama")
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                         init_lora_weights="orthogonal"))
+    layer = ours.model.layers[0].self_attn.q_proj
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    assert A.abs().min() > 0 and B.abs().max() > 0.01 and (B @ A).abs().max() < 1e-6  # both random, B A = 0
+    torch.testing.assert_close(logits(ours, inputs), logits(base, inputs), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal' needs an even rank; this layer's is r=3"):
+        slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=3, target_modules=["q_proj"],
+                                                                      init_lora_weights="orthogonal"))
+    for init in ("orthogonal", "eva"):  # inits that leave the base as it is: the saved adapter is plain LoRA
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                           init_lora_weights="orthogonal"))
+        with torch.no_grad():
+            theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(0.5)
+        theirs.save_pretrained(tmp_path / init)
+        saved = json.loads((tmp_path / init / "adapter_config.json").read_text())
+        (tmp_path / init / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": init}))
+        loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path / init)
+        torch.testing.assert_close(logits(loaded, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("key, value", [("lora_bias", True), ("trainable_token_indices", [5, 6]),
+                                        ("layer_replication", [[0, 1], [0, 1]]), ("use_qalora", True)])
+def test_peft_options_that_change_the_adapter_are_refused_by_name(key, value, tmp_path):
+    base = FAMILIES["llama"][0]()
+    slimtune.save_adapter(slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(target_modules=["q_proj"])),
+                          tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, key: value}))
+    with pytest.raises(ValueError, match=rf"{key}=.*: PEFT's {key} changes the adapter's weights or forward"):
+        slimtune.load_adapter(copy.deepcopy(base), tmp_path)

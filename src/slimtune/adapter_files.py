@@ -201,6 +201,8 @@ def config_from_file(config_file: Path, data: dict[str, Any]) -> MethodConfig:
         raise InvalidFileError(config_file, f"peft_type={peft_type!r:.80} is not a method slimtune knows; known types: "
                                             f"{sorted(REGISTRY.config_classes())}.", "peft_type")
     cls = REGISTRY.config_classes()[peft_type]
+    if data.get("init_lora_weights") == "eva":  # EVA only chose A's start from activations: a saved one is plain LoRA
+        data = {**data, "init_lora_weights": True}
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in data and field.init and not _matches(data[field.name], hints[field.name]):

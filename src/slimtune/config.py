@@ -25,7 +25,7 @@ TASK_TYPES = {
     "FEATURE_EXTRACTION": "AutoModel",
 }
 BIAS_MODES = ("none", "all", "lora_only")
-LORA_INITS = (True, False, "gaussian")
+LORA_INITS = (True, False, "gaussian", "orthogonal")
 
 ConfigT = TypeVar("ConfigT", bound="MethodConfig")
 
@@ -113,6 +113,9 @@ class MethodConfig:
     ignored_keys: ClassVar[frozenset[str]] = frozenset(
         {"peft_version", "revision", "auto_mapping", "peft_type", "library_name"}
     )
+    # PEFT keys that, when set, change the adapter's weights or its forward: refused, not ignored, since an adapter
+    # read without them would compute something else.
+    unsupported_keys: ClassVar[frozenset[str]] = frozenset()
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None
@@ -138,6 +141,11 @@ class MethodConfig:
         known = {k: v for k, v in data.items() if k in names}
         unknown = {k: v for k, v in data.items() if k not in names and k not in cls.ignored_keys}
         meaningful = sorted(k for k, v in unknown.items() if not _is_default_like(v))
+        refused = [k for k in meaningful if k in cls.unsupported_keys]
+        if refused:
+            raise ValueError(f"{refused[0]}={unknown[refused[0]]!r:.60}: PEFT's {refused[0]} changes the adapter's "
+                             f"weights or forward, and slimtune does not implement it"
+                             f"{f' (nor {refused[1:]})' if refused[1:] else ''}; load this adapter with PEFT.")
         if meaningful:
             warnings.warn(
                 f"{cls.__name__}: ignoring config keys slimtune does not support: {meaningful} "
@@ -169,6 +177,9 @@ class LoraConfig(MethodConfig):
     peft_type: ClassVar[str] = "LORA"
     ignored_keys: ClassVar[frozenset[str]] = MethodConfig.ignored_keys | {"megatron_core", "loftq_config",
                                                                            "qalora_group_size"}
+    unsupported_keys: ClassVar[frozenset[str]] = frozenset(
+        {"lora_bias", "trainable_token_indices", "layer_replication", "target_parameters", "alora_invocation_tokens",
+         "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "megatron_config"})
 
     r: int = 8
     lora_alpha: float = 8

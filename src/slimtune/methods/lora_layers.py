@@ -84,6 +84,14 @@ class LoraLinear(TunerLayer):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             return
+        if init == "orthogonal":  # B A = 0 from two non-zero factors: rows of one orthogonal matrix (as PEFT)
+            r = a.shape[0]
+            if r % 2:
+                raise ValueError(f"init_lora_weights='orthogonal' needs an even rank; this layer's is r={r}.")
+            q = torch.linalg.qr(torch.randn(r, r))[0]  # (r, r), orthonormal rows: q[0::2] @ q[1::2].T = 0
+            a.copy_((torch.randn(a.shape[1], r // 2) @ q[0::2]).T / 10.0)
+            b.copy_(torch.randn(b.shape[0], r // 2) @ q[1::2] / 10.0)
+            return
         if init == "gaussian":
             nn.init.normal_(a, std=1.0 / a.shape[0])
         else:
