@@ -35,8 +35,6 @@ def test_bad_names_and_requests_are_clear_errors(family):
                  lambda: slimtune.combine_adapters(multi, ["lora", "nope"], [1, 1], "x")):
         with pytest.raises(ValueError, match="unknown adapter.*'nope'"):
             call()
-    with pytest.raises(ValueError, match="'lora' is active.*set_adapter"):
-        slimtune.delete_adapter(multi, "lora")
     with pytest.raises(ValueError, match="'dora' is DoRA"):
         slimtune.combine_adapters(multi, ["lora", "dora"], [1, 1], "x")
     with pytest.raises(ValueError, match="'vera' is VERA"):
@@ -51,11 +49,29 @@ def test_bad_names_and_requests_are_clear_errors(family):
     assert slimtune.list_adapters(multi) == ["dora", "lora", "vera"]
 
 
+def test_deleting_the_active_adapter_switches_to_another_as_peft():
+    model = _two_lora_adapters()
+    inputs = sample_inputs("llama")
+    slimtune.set_adapter(model, "b")
+    only_b = logits(model, inputs)
+    slimtune.set_adapter(model, ["a", "b"])
+    slimtune.delete_adapter(model, "a")  # another active adapter remains: it stays active, silently
+    torch.testing.assert_close(logits(model, inputs), only_b, atol=1e-6, rtol=0)
+    model = _two_lora_adapters()
+    slimtune.set_adapter(model, "a")
+    with pytest.warns(UserWarning, match="adapter 'a' was active and is deleted; 'b' is active now"):
+        slimtune.delete_adapter(model, "a")
+    assert slimtune.list_adapters(model) == ["b"]
+    torch.testing.assert_close(logits(model, inputs), only_b, atol=1e-6, rtol=0)
+
+
 def test_merge_one_then_delete():
     model = _two_lora_adapters()
     inputs = sample_inputs("llama")
     slimtune.set_adapter(model, "a")
     expected = logits(model, inputs)
+    with slimtune.disable_adapters(model):
+        base = logits(model, inputs)
     slimtune.merge_adapter(model, "a")
     torch.testing.assert_close(logits(model, inputs), expected, atol=1e-5, rtol=0)
     assert model.model.layers[0].self_attn.q_proj.merged_adapters == ["a"]
@@ -67,8 +83,9 @@ def test_merge_one_then_delete():
     slimtune.delete_adapter(model, "a")
     assert slimtune.list_adapters(model) == ["b"]
     assert not isinstance(model.model.layers[0].self_attn.v_proj, TunerLayer)
-    with pytest.raises(ValueError, match="slimtune.unload"):
-        slimtune.delete_adapter(model, "b")
+    slimtune.delete_adapter(model, "b")  # the last one, as PEFT: the base model is left
+    assert not any(isinstance(m, TunerLayer) for m in model.modules())
+    torch.testing.assert_close(logits(model, inputs), base, atol=1e-5, rtol=0)  # (a merge and unmerge ago)
 
 
 def test_second_all_linear_adapter_joins_the_wrappers_instead_of_wrapping_their_insides():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -104,17 +105,18 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an inactive, unmerged adapter (layers left without adapters become their originals again)."""
+    """Remove an unmerged adapter, as PEFT does: layers left without adapters become their originals again; if it
+    was active, the other active adapters stay so, else the first remaining adapter becomes active (with a
+    warning); deleting the last one leaves the base model."""
     state = get_state(model)
     state.check_known([adapter_name])
-    if adapter_name in state.active:
-        others = [n for n in state.configs if n not in state.active]
-        fix = (f"switch first, e.g. slimtune.set_adapter(model, {others[0]!r})" if others
-               else "remove slimtune entirely with slimtune.unload(model)")
-        raise ValueError(f"adapter {adapter_name!r} is active and cannot be deleted; {fix}.")
     if any(adapter_name in layer.merged_adapters for _, layer in tuner_layers(model)):
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; call "
                          "slimtune.unmerge_adapter(model) before deleting it.")
+    if state.active == [adapter_name] and len(state.configs) > 1:
+        successor = next(n for n in state.configs if n != adapter_name)
+        warnings.warn(f"adapter {adapter_name!r} was active and is deleted; {successor!r} is active now.",
+                      stacklevel=2)
     remove_adapter(model, adapter_name)
 
 
