@@ -73,3 +73,29 @@ def test_combining_adapters_of_different_shapes_or_bases_is_refused(tmp_path):
     with pytest.raises(ValueError, match="different bases"):
         slimtune.combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab")
     assert "ab" not in slimtune.list_adapters(model)
+
+
+def test_linear_combination_and_add_weighted_adapter_match_peft(tmp_path):
+    """PEFT's add_weighted_adapter: 'linear' sums √|w s|-weighted factors (cross terms included), 'svd' defaults to
+    the largest rank; both applied to the same two adapters give PEFT's logits."""
+    base = tiny_llama()
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "k_proj"],
+                                            init_lora_weights=False))
+    for name in ("a", "b"):
+        theirs.save_pretrained(tmp_path, selected_adapters=[name])
+    ours = slimtune.load_adapter(base, tmp_path / "a", "a")  # (PEFT saves a non-default adapter in its subfolder)
+    slimtune.load_adapter(ours, tmp_path / "b", "b")
+    inputs = sample_inputs("llama")
+    for kind, extra in (("linear", {}), ("svd", {}), ("cat", {})):
+        theirs.add_weighted_adapter(["a", "b"], [0.7, -0.4], f"mix-{kind}", combination_type=kind, **extra)
+        theirs.set_adapter(f"mix-{kind}")
+        slimtune.add_weighted_adapter(ours, ["a", "b"], [0.7, -0.4], f"mix-{kind}", combination_type=kind)
+        slimtune.set_adapter(ours, f"mix-{kind}")
+        torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+    assert ours.model.layers[0].self_attn.q_proj.lora_A["mix-svd"].weight.shape[0] == 4  # the largest rank
+    with pytest.raises(ValueError, match=r"'linear' adds the factors themselves, so every adapter needs the same rank"):
+        slimtune.add_adapter(ours, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "c")
+        slimtune.add_weighted_adapter(ours, ["a", "c"], [1, 1], "bad", combination_type="linear")

@@ -65,6 +65,7 @@ _EXPORTS = {
     "Fuse": "slimtune.adapterhub.blocks",
     # several adapters
     "combine_adapters": "slimtune.combination",
+    "add_weighted_adapter": "slimtune.combination",
     "combine_adapter_files": "slimtune.combination",
     "mixed_batch": "slimtune.mixed_batch",
     "Decoder": "slimtune.serving",
@@ -111,7 +112,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.adapterhub.blocks import Fuse, Parallel, Stack
     from slimtune.adapterhub.composition import set_composition
     from slimtune.adapterhub.files import load_adapterhub, save_adapterhub
-    from slimtune.combination import combine_adapter_files, combine_adapters
+    from slimtune.combination import add_weighted_adapter, combine_adapter_files, combine_adapters
     from slimtune.config import LoraConfig, MethodConfig
     from slimtune.errors import NotMergeableError
     from slimtune.lifecycle import (

@@ -27,25 +27,39 @@ from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear, lora_scaling
 from slimtune.methods.targets import pattern_value
 
+COMBINATION_TYPES = ("cat", "svd", "linear")
+Factors = tuple[float, torch.Tensor, torch.Tensor, float]  # (weight wᵢ, Aᵢ (rᵢ, in), Bᵢ (out, rᵢ), scaling sᵢ)
 
-def _factors(layer: TunerLayer, module_name: str, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    factors = layer.low_rank_factors(adapter_name)
-    if factors is None:
+
+def _factors(layer: TunerLayer, module_name: str, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    if layer.low_rank_factors(adapter_name) is None or not isinstance(layer, (LoraLinear, LoraEmbedding)):
         raise ValueError(f"{module_name}: adapter {adapter_name!r} is not a low-rank product there; only plain LoRA "
                          "adapters combine.")
-    return factors
+    A, B = layer.lora_parameters(adapter_name)
+    return A, B, layer.scaling[adapter_name]
 
 
-def combine_factors(pairs: Sequence[tuple[float, torch.Tensor, torch.Tensor]], combination_type: str = "cat",
+def combine_factors(pairs: Sequence[Factors], combination_type: str = "cat",
                     rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LoRA pair ``(A, B)`` for ``Σ wᵢ Bᵢ Aᵢ`` from ``(wᵢ, Aᵢ (rᵢ, in), Bᵢ (out, rᵢ))``.
+    """One LoRA pair ``(A, B)``, to be used with scaling 1, from ``(wᵢ, Aᵢ, Bᵢ, sᵢ)``.
 
-    ``"cat"``: exact, rank Σ rᵢ: ``A = [A₁; A₂; …]``, ``B = [w₁B₁, w₂B₂, …]``.
-    ``"svd"``: the best rank-``rank`` approximation (Eckart–Young), from the QR factors of the exact
+    ``"cat"``: exact ``Σ wᵢ sᵢ Bᵢ Aᵢ``, rank Σ rᵢ: ``A = [A₁; A₂; …]``, ``B = [w₁s₁B₁, w₂s₂B₂, …]``.
+    ``"svd"``: the best rank-``rank`` approximation of it (Eckart–Young), from the QR factors of the exact
     pair, so no ``(out, in)`` matrix is built; zero-padded when the exact rank is lower.
+    ``"linear"``: PEFT's task arithmetic on the factors (equal ranks): ``A = Σ ±√|wᵢsᵢ| Aᵢ``, ``B = Σ √|wᵢsᵢ| Bᵢ``
+    (the sign of ``wᵢsᵢ`` on A); exact for one adapter, with cross terms ``Bᵢ Aⱼ`` for several.
     """
-    A = torch.cat([a.detach().float() for _, a, _ in pairs])
-    B = torch.cat([w * b.detach().float() for w, _, b in pairs], 1)
+    if combination_type == "linear":
+        ranks = {a.shape[0] for _, a, _, _ in pairs}
+        if len(ranks) > 1:
+            raise ValueError(f"combination_type='linear' adds the factors themselves, so every adapter needs the "
+                             f"same rank; these have ranks {sorted(ranks)}. Use 'cat' (exact) or 'svd'.")
+        roots = [(w * s, abs(w * s) ** 0.5) for w, _, _, s in pairs]
+        A = sum((root if ws >= 0 else -root) * a.detach().float() for (ws, root), (_, a, _, _) in zip(roots, pairs))
+        B = sum(root * b.detach().float() for (_, root), (_, _, b, _) in zip(roots, pairs))
+        return torch.as_tensor(A), torch.as_tensor(B)
+    A = torch.cat([a.detach().float() for _, a, _, _ in pairs])
+    B = torch.cat([w * s * b.detach().float() for w, _, b, s in pairs], 1)
     if combination_type == "cat":
         return A, B
     q_b, r_b = torch.linalg.qr(B)  # B = Q_b R_b
@@ -64,13 +78,14 @@ def _check_combination(adapters: Sequence[str], weights: Sequence[float], combin
     if not adapters or len(weights) != len(adapters):
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters {list(adapters)} but "
                          f"{len(weights)} weights {list(weights)}.")
-    if combination_type not in ("cat", "svd"):
-        raise ValueError(f"combination_type={combination_type!r} is not supported; use 'cat' (exact, rank Σ rᵢ) "
-                         "or 'svd' (best approximation of a chosen rank).")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"combination_type={combination_type!r} is not supported; use 'cat' (exact, rank Σ rᵢ), "
+                         "'svd' (best approximation of a chosen rank) or 'linear' (PEFT's sum of the factors).")
     if combination_type == "svd" and (not isinstance(rank, int) or rank < 1):
         raise ValueError(f"combination_type='svd' needs rank=<positive int> (got rank={rank!r}).")
-    if combination_type == "cat" and rank is not None:
-        raise ValueError(f"rank={rank!r} only applies to combination_type='svd'; 'cat' keeps the exact rank Σ rᵢ.")
+    if combination_type != "svd" and rank is not None:
+        raise ValueError(f"rank={rank!r} only applies to combination_type='svd'; {combination_type!r} decides the "
+                         "rank itself.")
     lora_configs: list[LoraConfig] = []
     for name, config in zip(adapters, configs):
         if not isinstance(config, LoraConfig) or config.use_dora or method_for(config).changes_base_weights:
@@ -122,21 +137,33 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     return model
 
 
+def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> nn.Module:
+    """PEFT's name and defaults for :func:`combine_adapters`: ``"svd"`` unless told, its rank the largest of the
+    adapters' ranks unless ``svd_rank`` is given. The new adapter is not activated (``set_adapter`` it)."""
+    if combination_type == "svd" and svd_rank is None:
+        configs = [get_state(model).configs[a] for a in adapters if a in get_state(model).configs]
+        svd_rank = max((max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)),
+                       default=None)
+    return combine_adapters(model, adapters, weights, adapter_name, combination_type,
+                            svd_rank if combination_type == "svd" else None)
+
+
 def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[float], output: str | os.PathLike,
                           combination_type: str = "cat", rank: int | None = None) -> Path:
     """:func:`combine_adapters` on saved LoRA adapters (PEFT's format), without loading a model."""
     configs = _check_combination([str(p) for p in paths], weights, combination_type, rank,
                                  [read_adapter_config(p) for p in paths])
-    per_module: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
+    per_module: dict[str, list[Factors]] = {}
     shapes: dict[str, tuple[str, str, int, int]] = {}  # module → (first path, kind, in, out)
     for path, config, weight in zip(paths, configs, weights):
-        for module, (kind, A, B) in _file_pairs(path, config).items():
+        for module, (kind, A, B, s) in _file_pairs(path, config).items():
             shape = (kind, A.shape[1], B.shape[0])
             first = shapes.setdefault(module, (str(path), *shape))
             if first[1:] != shape:
                 raise ValueError(f"{module}: {path} adapts a {shape[0]} of (in, out) = {shape[1:]}, but {first[0]} one "
                                  f"of {first[2:]}; the adapters were trained for different model shapes.")
-            per_module.setdefault(module, []).append((weight, A, B))
+            per_module.setdefault(module, []).append((weight, A, B, s))
     tensors, ranks = {}, {}
     for module, pairs in per_module.items():
         A, B = combine_factors(pairs, combination_type, rank)
@@ -153,8 +180,8 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
     return folder
 
 
-def _file_pairs(path, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
-    """module → (kind, A, s·B) read from an adapter folder."""
+def _file_pairs(path, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """module → (kind, A, B, s) read from an adapter folder."""
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_adapter_tensors(path).items()}
     out = {}
     for key, A in tensors.items():
@@ -164,7 +191,7 @@ def _file_pairs(path, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor, 
                 module = key.removesuffix(a_suffix)
                 alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
                 s = lora_scaling(alpha, A.shape[0], config.use_rslora)
-                out[module] = (kind, A, tensors[module + b_suffix] * s)
+                out[module] = (kind, A, tensors[module + b_suffix], s)
     other = [k for k in tensors if not any(k == m + suffix for m in out for suffix in (
         ".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"))]
     if other:
