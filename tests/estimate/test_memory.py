@@ -198,6 +198,7 @@ def test_components_add_up_to_the_peak(tiny_folder):
 def test_a_mixture_of_experts_is_estimated_as_it_loads_whole_with_its_experts_unquantized(tmp_path):
     """transformers 5 fuses experts into 3-D tensors: 4-bit loading reads such a checkpoint whole, then quantizes
     the linear layers; the experts stay full precision. The estimate must count both."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from slimtune.estimate.report import format_estimate
@@ -211,12 +212,16 @@ def test_a_mixture_of_experts_is_estimated_as_it_loads_whole_with_its_experts_un
     shape = model_shape(tmp_path / "moe")
     model = load_model(tmp_path / "moe", quantization=QuantConfig(compute_dtype="float32"))
     experts = sum(p.numel() for n, p in model.named_parameters() if "experts" in n and p.dim() == 3)
-    assert experts > 0 and shape.fused_expert_params == experts  # what the loader leaves unquantized
+    assert shape.fused_expert_params == experts  # what the loader leaves unquantized
     assert quant_summary(model).params == sum(
         s.in_features * s.out_features for s in shape.quantized_linears(QuantConfig()))
     est = predict(make_recipe(tmp_path / "moe", quantization={"bits": 4}), TEST_CPU, timing=False)
     overhead = sum(c.bytes for c in est.memory.components
                    if c.key == "overhead" and c.on_device and c.label != "allocator slack")  # the process's own
-    assert est.memory.load_peak == shape.params * 4 + overhead  # the whole fp32 model first
     report = format_estimate(est)
+    if int(transformers.__version__.split(".")[0]) < 5:  # experts are linear layers, streamed like the rest
+        assert experts == 0 and est.memory.load_peak < shape.params * 4 + overhead and "fused experts" not in report
+        return
+    assert experts > 0
+    assert est.memory.load_peak == shape.params * 4 + overhead  # the whole fp32 model first
     assert "the whole model in full precision, then quantized" in report and "in fused experts" in report
