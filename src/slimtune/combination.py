@@ -142,7 +142,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     """PEFT's name and defaults for :func:`combine_adapters`: ``"svd"`` unless told, its rank the largest of the
     adapters' ranks unless ``svd_rank`` is given. The new adapter is not activated (``set_adapter`` it)."""
     if combination_type == "svd" and svd_rank is None:
-        configs = [get_state(model).configs[a] for a in adapters if a in get_state(model).configs]
+        known = get_state(model).configs
+        configs = [known[a] for a in adapters if a in known]
         svd_rank = max((max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)),
                        default=None)
     return combine_adapters(model, adapters, weights, adapter_name, combination_type,

@@ -12,6 +12,7 @@ counts exactly what it will create (its target matching is :func:`slimtune.metho
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -183,7 +184,7 @@ class ModelShape:
     gated_mlp: bool
     meta: nn.Module = field(repr=False)
 
-    @property
+    @functools.cached_property
     def fused_expert_params(self) -> int:
         """Parameters in 3-D expert tensors (a mixture of experts as transformers 5 builds it). They are not linear
         layers, so they stay in full precision under 4-bit, and a checkpoint stores them expert by expert, so a

@@ -206,6 +206,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_no_incomplete_checkpoints(run_dir: Path) -> None:
+    """With no complete checkpoint in ``run_dir``: raise what is wrong with its newest step folder, if it has one
+    (incomplete, or an earlier slimtune's), rather than let a resume treat the run as never checkpointed."""
+    root = RunFolder(run_dir).checkpoints
+    steps = sorted((p for p in root.iterdir() if STEP_NAME.match(p.name) and p.is_dir()),
+                   key=lambda p: int(p.name.split("-")[1])) if root.is_dir() and not root.is_symlink() else []
+    if steps:
+        read_state_file(steps[-1])
+
+
 # ---- loading ---------------------------------------------------------------------------------------------
 def read_state_file(path: Path) -> dict[str, Any]:
     """``trainer_state.json`` of checkpoint folder ``path``, checked (format, fields, its own checksum)."""

@@ -34,7 +34,7 @@ from slimtune.perf.fast_path import FastPath, enable_fast_path
 from slimtune.quant import QuantizedLinear, quant_summary
 from slimtune.report import TrainableReport, trainable_parameters
 from slimtune.train.batching import BatchIterator
-from slimtune.train.checkpoint import checkpoint_config, latest_checkpoint, read_state_file
+from slimtune.train.checkpoint import check_no_incomplete_checkpoints, checkpoint_config, latest_checkpoint
 from slimtune.train.data import load_examples
 from slimtune.train.generation import SamplePrompt, generate_text, sample_prompt
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
@@ -98,9 +98,7 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
             raise RecipeError(f"run {run.path} already finished ({run.SUMMARY} exists); nothing to resume.")
         checkpoint = latest_checkpoint(run.path)
         if checkpoint is None:
-            steps = sorted(run.checkpoints.glob("step-*")) if run.checkpoints.is_dir() else []
-            if steps:
-                read_state_file(steps[-1])  # raises what is wrong with it (incomplete, an earlier slimtune's)
+            check_no_incomplete_checkpoints(run.path)
             if run.path.is_dir() and any(run.path.iterdir()) and not run.is_run():
                 raise RecipeError(f"output.dir: {run.path} exists and is not a slimtune run folder; "
                                   "use a new or empty folder.")
