@@ -1,11 +1,14 @@
 """Combining LoRA adapters: exact concatenation, SVD truncation, saved files, and refusals."""
 
 
+import json
+from functools import partial
+
 import peft
 import pytest
 import torch
 from multi_adapter_cases import _two_lora_adapters
-from tiny_models import logits, sample_inputs, tiny_llama
+from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slimtune
@@ -96,6 +99,121 @@ def test_linear_combination_and_add_weighted_adapter_match_peft(tmp_path):
         slimtune.set_adapter(ours, f"mix-{kind}")
         torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
     assert ours.model.layers[0].self_attn.q_proj.lora_A["mix-svd"].weight.shape[0] == 4  # the largest rank
-    with pytest.raises(ValueError, match=r"'linear' adds the factors themselves, so every adapter needs the same rank"):
+    with pytest.raises(ValueError, match=r"'linear' merges the factors themselves, so every adapter needs the same"):
         slimtune.add_adapter(ours, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "c")
         slimtune.add_weighted_adapter(ours, ["a", "c"], [1, 1], "bad", combination_type="linear")
+
+
+def _counted_bernoulli(monkeypatch):
+    """torch.bernoulli drawing from a generator seeded by its call count: the same masks for PEFT and slimtune
+    when both prune the same tensors in the same order, whatever else each draws from the global generator."""
+    calls, real = [], torch.bernoulli
+
+    def bernoulli(p, *args, **kwargs):
+        calls.append(p.shape)
+        return real(p, generator=torch.Generator().manual_seed(len(calls)))
+    monkeypatch.setattr(torch, "bernoulli", bernoulli)
+    return calls
+
+
+PRUNING_CASES = [("ties", {}), ("ties", {"majority_sign_method": "frequency"}), ("magnitude_prune", {}),
+                 ("dare_linear", {}), ("dare_ties", {}), ("ties_svd", {"svd_clamp": 0.9}),
+                 ("dare_linear_svd", {}), ("dare_ties_svd", {"majority_sign_method": "frequency"}),
+                 ("magnitude_prune_svd", {"svd_rank": 3}), ("svd", {"svd_clamp": 0.8})]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pruning_combinations_match_peft(tmp_path, monkeypatch, family):
+    """TIES, DARE and magnitude pruning, on the factors and on the updates (_svd), as PEFT's add_weighted_adapter
+    computes them: on linear layers, an embedding and GPT-2's Conv1D (pruned in PEFT's (in, out) layout)."""
+    build, targets = {"llama": (tiny_llama, ["q_proj", "v_proj", "embed_tokens"]),
+                      "gpt2": (tiny_gpt2, ["c_attn", "c_fc", "wte"])}[family]
+    torch.manual_seed(7)
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                           init_lora_weights=False), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets[:2], init_lora_weights=False))
+    for name in ("a", "b"):
+        theirs.save_pretrained(tmp_path, selected_adapters=[name])
+    ours = slimtune.load_adapter(build(), tmp_path / "a", "a")
+    slimtune.load_adapter(ours, tmp_path / "b", "b")
+    calls = _counted_bernoulli(monkeypatch)
+    inputs = sample_inputs(family)
+    for case, (kind, options) in enumerate(PRUNING_CASES):
+        name = f"{kind}-{case}"
+        for model, add in ((theirs, theirs.add_weighted_adapter), (ours, partial(slimtune.add_weighted_adapter, ours))):
+            calls.clear()
+            add(["a", "b"], [0.8, -0.5], name, combination_type=kind, density=None if kind == "svd" else 0.4,
+                **options)
+            slimtune.set_adapter(ours, name) if model is ours else theirs.set_adapter(name)
+            drawn = list(calls)
+        assert bool(drawn) == kind.startswith("dare")
+        got, want = logits(ours, inputs), logits(theirs, inputs)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=kind)
+        assert (got - logits(build(), inputs)).abs().max() > 1e-3  # the combination changes the model
+
+
+def test_pruning_rules_keep_what_they_say():
+    """The rules themselves: magnitude keeps the largest entries; DARE keeps about `density` of them, rescaled;
+    TIES drops the entries whose sign disagrees with the elected one and averages the rest."""
+    from slimtune.task_arithmetic import merge_task_tensors, prune_at_random, prune_by_magnitude
+    t = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 1.0]])
+    assert prune_by_magnitude(t, 0.5).tolist() == [[0.0, -3.0, 0.0], [2.0, 0.0, 1.0]]
+    big = torch.ones(100_000)
+    torch.manual_seed(0)
+    dropped = prune_at_random(big, 0.25)
+    assert abs((dropped != 0).float().mean().item() - 0.25) < 0.01 and set(dropped.unique().tolist()) == {0.0, 4.0}
+    a, b = torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-4.0, -1.0, 1.0])
+    # signs elected by the sums (-3, -3, 4): a's 1.0 and b's... only agreeing entries are averaged
+    assert merge_task_tensors("ties", [a, b], [1.0, 1.0], density=1.0).tolist() == [-4.0, -1.5, 2.0]
+    assert merge_task_tensors("ties", [a, b], [1.0, 1.0], density=1.0,
+                              majority_sign_method="frequency").tolist() == [1.0, -1.5, 2.0]
+    assert merge_task_tensors("magnitude_prune", [a, b], [2.0, 1.0], density=0.34).tolist() == [-4.0, 0.0, 6.0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"combination_type": "ties"}, r"prunes the adapters: give density=<fraction of entries kept, in \(0, 1\]> "
+                                   r"\(got density=None\)"),
+    ({"combination_type": "dare_linear", "density": 0}, r"got density=0\)"),
+    ({"combination_type": "dare_ties", "density": 1.5}, r"got density=1.5\)"),
+    ({"combination_type": "cat", "density": 0.5}, r"density=0.5 only applies to the pruning types"),
+    ({"combination_type": "ties", "density": 0.5, "majority_sign_method": "most"}, r"majority_sign_method='most'"),
+    ({"combination_type": "cat", "svd_clamp": 0.9}, r"svd_clamp=0.9: a quantile in \(0, 1\], for the SVD types"),
+    ({"combination_type": "ties_svd", "density": 0.5}, r"'ties_svd' needs rank=<positive int>"),
+    ({"combination_type": "dare"}, r"combination_type='dare' is not supported"),
+])
+def test_bad_combination_options_are_refused_by_name(options, message):
+    model = _two_lora_adapters()
+    with pytest.raises(ValueError, match=message):
+        slimtune.combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab", **options)
+    assert "ab" not in slimtune.list_adapters(model)
+
+
+def test_pruned_combination_of_saved_files_matches_the_live_one(tmp_path):
+    model = _two_lora_adapters()
+    for name in ("a", "b"):
+        slimtune.save_adapter(model, tmp_path / name, adapter_name=name)
+    options = {"combination_type": "ties_svd", "rank": 4, "density": 0.5, "svd_clamp": 0.95}
+    slimtune.combine_adapter_files([tmp_path / "a", tmp_path / "b"], [0.7, 0.6], tmp_path / "ab", **options)
+    slimtune.combine_adapters(model, ["a", "b"], [0.7, 0.6], "ab", activate=True, **options)
+    loaded = slimtune.load_adapter(tiny_llama(), tmp_path / "ab")
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), atol=1e-5, rtol=0)
+
+
+def test_dare_on_conv1d_prunes_in_peft_layout(tmp_path, monkeypatch):
+    """GPT-2's Conv1D updates are pruned as (in, out), as PEFT lays them out: live, and from files whose config
+    says fan_in_fan_out (as PEFT writes it for GPT-2; the files alone cannot tell a Conv1D from a Linear)."""
+    model = tiny_gpt2()
+    torch.manual_seed(2)
+    for name in ("a", "b"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False), name)
+        slimtune.save_adapter(model, tmp_path / name, adapter_name=name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    calls = _counted_bernoulli(monkeypatch)
+    options = {"combination_type": "dare_linear_svd", "rank": 2, "density": 0.5}
+    slimtune.combine_adapter_files([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], tmp_path / "ab", **options)
+    from_files = sorted(calls)
+    calls.clear()
+    slimtune.combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab", **options)
+    assert from_files == sorted(calls) == [torch.Size([32, 96])] * 4  # c_attn: in 32, out 96; 2 adapters × 2 blocks

@@ -1,7 +1,9 @@
-"""Combining LoRA adapters into one: exactly (concatenated factors) or as a best low-rank approximation.
+"""Combining LoRA adapters into one: exactly (concatenated factors), as a best low-rank approximation, or by
+PEFT's merging rules (task arithmetic, TIES, DARE, magnitude pruning; see :mod:`slimtune.task_arithmetic`).
 
     slimtune.combine_adapters(model, ["math", "code"], [0.7, 0.3], "mix")      # exact: ΔW = Σ wᵢ ΔWᵢ
     slimtune.combine_adapter_files(["a/", "b/"], [0.5, 0.5], "mix/", "svd", rank=16)   # without a model
+    slimtune.add_weighted_adapter(model, ["a", "b"], [1, 1], "ab", "ties_svd", density=0.2)   # PEFT's call
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save
@@ -26,9 +31,56 @@ from slimtune.methods.contract import PEFT_PREFIX, tuner_layers
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear, lora_scaling
 from slimtune.methods.targets import pattern_value
+from slimtune.task_arithmetic import MERGE_RULES, PRUNING_RULES, SIGN_METHODS, merge_task_tensors
 
-COMBINATION_TYPES = ("cat", "svd", "linear")
+SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATION_TYPES = ("cat", *MERGE_RULES, *SVD_TYPES)
 Factors = tuple[float, torch.Tensor, torch.Tensor, float]  # (weight wᵢ, Aᵢ (rᵢ, in), Bᵢ (out, rᵢ), scaling sᵢ)
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How adapters combine (PEFT's ``add_weighted_adapter`` types), checked on construction.
+
+    ``cat``: exact ``ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ``, rank Σ rᵢ. ``svd``: its best rank-``rank`` approximation. The
+    :data:`~slimtune.task_arithmetic.MERGE_RULES` (``linear``, ``ties``, ``dare_*``, ``magnitude_prune``) merge the
+    A factors and the B factors separately, with weights ``±√|wᵢsᵢ|`` and ``√|wᵢsᵢ|`` (equal ranks; cross terms
+    ``Bᵢ Aⱼ`` for several adapters). ``<rule>_svd`` merges the updates ``wᵢ sᵢ Bᵢ Aᵢ`` by the rule, then keeps the
+    best rank-``rank`` approximation. ``svd_clamp`` (a quantile in (0, 1]) clips the SVD factors' entries.
+    """
+
+    type: str = "cat"
+    rank: int | None = None
+    density: float | None = None
+    majority_sign_method: str = "total"
+    svd_clamp: float | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.type
+        if kind not in COMBINATION_TYPES:
+            raise ValueError(f"combination_type={kind!r} is not supported; use one of {COMBINATION_TYPES}: 'cat' "
+                             "(exact, rank Σ rᵢ), 'svd' (best approximation of a chosen rank), 'linear' (PEFT's sum "
+                             "of the factors), 'ties', 'dare_linear', 'dare_ties', 'magnitude_prune', or one of "
+                             "those with '_svd' (merge the weight updates, then truncate).")
+        if kind in SVD_TYPES and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1):
+            raise ValueError(f"combination_type={kind!r} needs rank=<positive int> (got rank={self.rank!r}).")
+        if kind not in SVD_TYPES and self.rank is not None:
+            raise ValueError(f"rank={self.rank!r} only applies to the SVD types {SVD_TYPES}; {kind!r} decides the "
+                             "rank itself.")
+        prunes = kind.removesuffix("_svd") in PRUNING_RULES
+        if prunes and (not isinstance(self.density, (int, float)) or isinstance(self.density, bool)
+                       or not 0 < self.density <= 1):
+            raise ValueError(f"combination_type={kind!r} prunes the adapters: give density=<fraction of entries "
+                             f"kept, in (0, 1]> (got density={self.density!r}).")
+        if not prunes and self.density is not None:
+            raise ValueError(f"density={self.density!r} only applies to the pruning types (ties, dare_linear, "
+                             f"dare_ties, magnitude_prune and their _svd forms), not to {kind!r}.")
+        if self.majority_sign_method not in SIGN_METHODS:
+            raise ValueError(f"majority_sign_method={self.majority_sign_method!r}; use one of {SIGN_METHODS}.")
+        if self.svd_clamp is not None and (kind not in SVD_TYPES or not isinstance(self.svd_clamp, (int, float))
+                                           or not 0 < self.svd_clamp <= 1):
+            raise ValueError(f"svd_clamp={self.svd_clamp!r}: a quantile in (0, 1], for the SVD types {SVD_TYPES} "
+                             f"only (combination_type={kind!r}).")
 
 
 def _factors(layer: TunerLayer, module_name: str, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -39,53 +91,66 @@ def _factors(layer: TunerLayer, module_name: str, adapter_name: str) -> tuple[to
     return A, B, layer.scaling[adapter_name]
 
 
-def combine_factors(pairs: Sequence[Factors], combination_type: str = "cat",
-                    rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LoRA pair ``(A, B)``, to be used with scaling 1, from ``(wᵢ, Aᵢ, Bᵢ, sᵢ)``.
-
-    ``"cat"``: exact ``Σ wᵢ sᵢ Bᵢ Aᵢ``, rank Σ rᵢ: ``A = [A₁; A₂; …]``, ``B = [w₁s₁B₁, w₂s₂B₂, …]``.
-    ``"svd"``: the best rank-``rank`` approximation of it (Eckart–Young), from the QR factors of the exact
-    pair, so no ``(out, in)`` matrix is built; zero-padded when the exact rank is lower.
-    ``"linear"``: PEFT's task arithmetic on the factors (equal ranks): ``A = Σ ±√|wᵢsᵢ| Aᵢ``, ``B = Σ √|wᵢsᵢ| Bᵢ``
-    (the sign of ``wᵢsᵢ`` on A); exact for one adapter, with cross terms ``Bᵢ Aⱼ`` for several.
-    """
-    if combination_type == "linear":
-        ranks = {a.shape[0] for _, a, _, _ in pairs}
-        if len(ranks) > 1:
-            raise ValueError(f"combination_type='linear' adds the factors themselves, so every adapter needs the "
-                             f"same rank; these have ranks {sorted(ranks)}. Use 'cat' (exact) or 'svd'.")
-        roots = [(w * s, abs(w * s) ** 0.5) for w, _, _, s in pairs]
-        A = sum((root if ws >= 0 else -root) * a.detach().float() for (ws, root), (_, a, _, _) in zip(roots, pairs))
-        B = sum(root * b.detach().float() for (_, root), (_, _, b, _) in zip(roots, pairs))
-        return torch.as_tensor(A), torch.as_tensor(B)
-    A = torch.cat([a.detach().float() for _, a, _, _ in pairs])
-    B = torch.cat([w * s * b.detach().float() for w, _, b, s in pairs], 1)
-    if combination_type == "cat":
-        return A, B
-    q_b, r_b = torch.linalg.qr(B)  # B = Q_b R_b
-    q_a, r_a = torch.linalg.qr(A.T)  # Aᵀ = Q_a R_a, so B A = Q_b (R_b R_aᵀ) Q_aᵀ
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+def _svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                 how: Combination) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A_k (rank, in), B_k (out, rank))`` = ``(Vₖᵀ, Uₖ Sₖ)``, split as PEFT splits them, clamped if asked,
+    zero-padded when the update has a lower rank than asked for."""
+    rank = cast(int, how.rank)
     k = min(rank, s.numel())
-    root = s[:k].sqrt()
-    A_k, B_k = (root[:, None] * vh[:k]) @ q_a.T, (q_b @ u[:, :k]) * root
+    A_k, B_k = vh[:k], u[:, :k] * s[:k]
+    if how.svd_clamp is not None:
+        high = torch.quantile(torch.cat([B_k.flatten(), A_k.flatten()]), how.svd_clamp)
+        A_k, B_k = A_k.clamp(-high, high), B_k.clamp(-high, high)
     pad = rank - k
     return torch.cat([A_k, A_k.new_zeros(pad, A_k.shape[1])]), torch.cat([B_k, B_k.new_zeros(B_k.shape[0], pad)], 1)
 
 
-def _check_combination(adapters: Sequence[str], weights: Sequence[float], combination_type: str,
-                       rank: int | None, configs: Sequence[MethodConfig]) -> list[LoraConfig]:
-    """Raise unless these adapters combine as asked; return their configs (all plain LoRA)."""
+def _thin_svd(B: torch.Tensor, A: torch.Tensor, how: Combination) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_svd_factors` of ``B A`` from the QR factors of ``B`` and ``Aᵀ``: no ``(out, in)`` matrix is built."""
+    q_b, r_b = torch.linalg.qr(B)  # B = Q_b R_b
+    q_a, r_a = torch.linalg.qr(A.T)  # Aᵀ = Q_a R_a, so B A = Q_b (R_b R_aᵀ) Q_aᵀ
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    return _svd_factors(q_b @ u, s, vh @ q_a.T, how)
+
+
+def combine_factors(pairs: Sequence[Factors], how: Combination,
+                    transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LoRA pair ``(A, B)``, to be used with scaling 1, from ``(wᵢ, Aᵢ, Bᵢ, sᵢ)`` combined as ``how`` says.
+
+    ``transposed``: the layer's weight update is pruned as ``(in, out)``, the layout PEFT prunes it in for
+    embeddings and Conv1D, so that DARE's random draws fall on the same entries as PEFT's.
+    """
+    floats = [(w, a.detach().float(), b.detach().float(), s) for w, a, b, s in pairs]
+    if how.type in MERGE_RULES:
+        ranks = {a.shape[0] for _, a, _, _ in floats}
+        if len(ranks) > 1:
+            raise ValueError(f"combination_type={how.type!r} merges the factors themselves, so every adapter needs "
+                             f"the same rank; these have ranks {sorted(ranks)}. Use 'cat' (exact) or an SVD type.")
+        roots = [(abs(w * s) ** 0.5, w * s >= 0) for w, _, _, s in floats]
+        merge = partial(merge_task_tensors, how.type, density=how.density,
+                        majority_sign_method=how.majority_sign_method)
+        A = merge([a for _, a, _, _ in floats], [root if positive else -root for root, positive in roots])
+        return A, merge([b for _, _, b, _ in floats], [root for root, _ in roots])
+    if how.type == "cat" or (how.type == "svd" and how.svd_clamp is None):
+        A = torch.cat([a for _, a, _, _ in floats])
+        B = torch.cat([w * s * b for w, _, b, s in floats], 1)
+        return (A, B) if how.type == "cat" else _thin_svd(B, A, how)
+    # The SVD of the (out, in) update, as PEFT computes it (a clamp depends on the signs LAPACK gives its vectors).
+    updates = [s * b @ a for _, a, b, s in floats]
+    rule = "linear" if how.type == "svd" else how.type.removesuffix("_svd")
+    merged = merge_task_tensors(rule, [u.T if transposed else u for u in updates],
+                                [w for w, _, _, _ in floats], how.density, how.majority_sign_method)
+    merged = merged.T if transposed else merged
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    return _svd_factors(u, s, vh, how)
+
+
+def _check_combination(adapters: Sequence[str], weights: Sequence[float], configs: Sequence[MethodConfig]
+                       ) -> list[LoraConfig]:
+    """Raise unless these adapters combine; return their configs (all plain LoRA)."""
     if not adapters or len(weights) != len(adapters):
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters {list(adapters)} but "
                          f"{len(weights)} weights {list(weights)}.")
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"combination_type={combination_type!r} is not supported; use 'cat' (exact, rank Σ rᵢ), "
-                         "'svd' (best approximation of a chosen rank) or 'linear' (PEFT's sum of the factors).")
-    if combination_type == "svd" and (not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"combination_type='svd' needs rank=<positive int> (got rank={rank!r}).")
-    if combination_type != "svd" and rank is not None:
-        raise ValueError(f"rank={rank!r} only applies to combination_type='svd'; {combination_type!r} decides the "
-                         "rank itself.")
     lora_configs: list[LoraConfig] = []
     for name, config in zip(adapters, configs):
         if not isinstance(config, LoraConfig) or config.use_dora or method_for(config).changes_base_weights:
@@ -113,18 +178,23 @@ def _combined_config(template: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
 
 
 def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                     combination_type: str = "cat", rank: int | None = None, activate: bool = False) -> nn.Module:
-    """Add ``adapter_name``: the LoRA adapter with ``ΔW = Σ wᵢ ΔWᵢ`` per module (see :func:`combine_factors`)."""
+                     combination_type: str = "cat", rank: int | None = None, activate: bool = False, *,
+                     density: float | None = None, majority_sign_method: str = "total",
+                     svd_clamp: float | None = None) -> nn.Module:
+    """Add ``adapter_name``: the adapters' LoRA updates per module combined as :class:`Combination` says
+    (``"cat"``, the default, is exact: ``ΔW = Σ wᵢ ΔWᵢ``)."""
+    how = Combination(combination_type, rank, density, majority_sign_method, svd_clamp)
     state = get_state(model)
     state.check_known(list(adapters))
     if adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick a new name for the combination.")
-    configs = _check_combination(adapters, weights, combination_type, rank, [state.configs[a] for a in adapters])
+    configs = _check_combination(adapters, weights, [state.configs[a] for a in adapters])
     combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module_name, layer in tuner_layers(model):
         pairs = [(w, *_factors(layer, module_name, a)) for a, w in zip(adapters, weights) if a in layer.adapter_names]
         if pairs:
-            combined[module_name] = combine_factors(pairs, combination_type, rank)
+            transposed = isinstance(layer, LoraEmbedding) or getattr(layer, "fan_in_fan_out", False)
+            combined[module_name] = combine_factors(pairs, how, transposed)
     add_adapter(model, _combined_config(configs[0], {m: a.shape[0] for m, (a, _) in combined.items()}),
                 adapter_name, activate=activate)
     with torch.no_grad():
@@ -138,23 +208,35 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
 
 
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None) -> nn.Module:
-    """PEFT's name and defaults for :func:`combine_adapters`: ``"svd"`` unless told, its rank the largest of the
-    adapters' ranks unless ``svd_rank`` is given. The new adapter is not activated (``set_adapter`` it)."""
-    if combination_type == "svd" and svd_rank is None:
+                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                         majority_sign_method: str = "total") -> nn.Module:
+    """PEFT's name, arguments and defaults for :func:`combine_adapters`: ``"svd"`` unless told; an SVD type's rank
+    is the largest of the adapters' ranks unless ``svd_rank`` is given; a single adapter is combined ``"linear"``
+    (exactly), whatever the type. The new adapter is not activated (``set_adapter`` it).
+
+    ``svd_full_matrices`` and ``svd_driver`` are accepted for PEFT's signature: only the leading ``rank`` singular
+    vectors are kept, which neither changes, so they do not change the result.
+    """
+    del svd_full_matrices, svd_driver
+    if len(adapters) == 1:
+        combination_type, density = "linear", None
+    rank = None
+    if combination_type in SVD_TYPES:
         known = get_state(model).configs
         configs = [known[a] for a in adapters if a in known]
-        svd_rank = max((max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)),
-                       default=None)
-    return combine_adapters(model, adapters, weights, adapter_name, combination_type,
-                            svd_rank if combination_type == "svd" else None)
+        rank = svd_rank or max((max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)),
+                               default=None)
+    return combine_adapters(model, adapters, weights, adapter_name, combination_type, rank, density=density,
+                            majority_sign_method=majority_sign_method, svd_clamp=svd_clamp)
 
 
 def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[float], output: str | os.PathLike,
-                          combination_type: str = "cat", rank: int | None = None) -> Path:
+                          combination_type: str = "cat", rank: int | None = None, *, density: float | None = None,
+                          majority_sign_method: str = "total", svd_clamp: float | None = None) -> Path:
     """:func:`combine_adapters` on saved LoRA adapters (PEFT's format), without loading a model."""
-    configs = _check_combination([str(p) for p in paths], weights, combination_type, rank,
-                                 [read_adapter_config(p) for p in paths])
+    how = Combination(combination_type, rank, density, majority_sign_method, svd_clamp)
+    configs = _check_combination([str(p) for p in paths], weights, [read_adapter_config(p) for p in paths])
     per_module: dict[str, list[Factors]] = {}
     shapes: dict[str, tuple[str, str, int, int]] = {}  # module → (first path, kind, in, out)
     for path, config, weight in zip(paths, configs, weights):
@@ -166,10 +248,11 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
                                  f"of {first[2:]}; the adapters were trained for different model shapes.")
             per_module.setdefault(module, []).append((weight, A, B, s))
     tensors, ranks = {}, {}
+    transposed_layout = configs[0].fan_in_fan_out
     for module, pairs in per_module.items():
-        A, B = combine_factors(pairs, combination_type, rank)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if shapes[module][1] == "embedding" else \
-            ("lora_A.weight", "lora_B.weight")
+        embedding = shapes[module][1] == "embedding"
+        A, B = combine_factors(pairs, how, embedding or transposed_layout)
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PEFT_PREFIX}{module}.{a_key}"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{module}.{b_key}"] = B.contiguous()
         ranks[module] = A.shape[0]
