@@ -155,7 +155,7 @@ def test_pruning_combinations_match_peft(tmp_path, monkeypatch, family):
 def test_pruning_rules_keep_what_they_say():
     """The rules themselves: magnitude keeps the largest entries; DARE keeps about `density` of them, rescaled;
     TIES drops the entries whose sign disagrees with the elected one and averages the rest."""
-    from slimtune.task_arithmetic import merge_task_tensors, prune_at_random, prune_by_magnitude
+    from slimtune.core.task_arithmetic import merge_task_tensors, prune_at_random, prune_by_magnitude
     t = torch.tensor([[0.5, -3.0, 0.1], [2.0, -0.2, 1.0]])
     assert prune_by_magnitude(t, 0.5).tolist() == [[0.0, -3.0, 0.0], [2.0, 0.0, 1.0]]
     big = torch.ones(100_000)

@@ -1,5 +1,5 @@
 """Combining LoRA adapters into one: exactly (concatenated factors), as a best low-rank approximation, or by
-PEFT's merging rules (task arithmetic, TIES, DARE, magnitude pruning; see :mod:`slimtune.task_arithmetic`).
+PEFT's merging rules (task arithmetic, TIES, DARE, magnitude pruning; see :mod:`slimtune.core.task_arithmetic`).
 
     slimtune.combine_adapters(model, ["math", "code"], [0.7, 0.3], "mix")      # exact: ΔW = Σ wᵢ ΔWᵢ
     slimtune.combine_adapter_files(["a/", "b/"], [0.5, 0.5], "mix/", "svd", rank=16)   # without a model
@@ -25,13 +25,13 @@ from slimtune.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_confi
 from slimtune.config import LoraConfig, MethodConfig
 from slimtune.core.files import atomic_folder
 from slimtune.core.state import get_state
+from slimtune.core.task_arithmetic import MERGE_RULES, PRUNING_RULES, SIGN_METHODS, merge_task_tensors
 from slimtune.lifecycle import add_adapter
 from slimtune.methods import method_for
 from slimtune.methods.contract import PEFT_PREFIX, tuner_layers
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear, lora_scaling
 from slimtune.methods.targets import pattern_value
-from slimtune.task_arithmetic import MERGE_RULES, PRUNING_RULES, SIGN_METHODS, merge_task_tensors
 
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES = ("cat", *MERGE_RULES, *SVD_TYPES)
@@ -43,7 +43,7 @@ class Combination:
     """How adapters combine (PEFT's ``add_weighted_adapter`` types), checked on construction.
 
     ``cat``: exact ``ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ``, rank Σ rᵢ. ``svd``: its best rank-``rank`` approximation. The
-    :data:`~slimtune.task_arithmetic.MERGE_RULES` (``linear``, ``ties``, ``dare_*``, ``magnitude_prune``) merge the
+    :data:`~slimtune.core.task_arithmetic.MERGE_RULES` (``linear``, ``ties``, ``dare_*``, ``magnitude_prune``) merge the
     A factors and the B factors separately, with weights ``±√|wᵢsᵢ|`` and ``√|wᵢsᵢ|`` (equal ranks; cross terms
     ``Bᵢ Aⱼ`` for several adapters). ``<rule>_svd`` merges the updates ``wᵢ sᵢ Bᵢ Aᵢ`` by the rule, then keeps the
     best rank-``rank`` approximation. ``svd_clamp`` (a quantile in (0, 1]) clips the SVD factors' entries.
