@@ -102,3 +102,24 @@ def test_modules_to_save_matching_nothing_names_the_top_level_modules():
     with pytest.raises(ValueError, match=r"modules_to_save=\['no_such_head'\] matched no module; top-level modules "
                                          r"are: \['model', 'lm_head'\]"):
         slimtune.add_adapter(model, config)
+
+
+@pytest.mark.parametrize("config", [
+    slimtune.LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                        init_lora_weights=False),
+    slimtune.LohaConfig(r=4, rank_dropout=0.5, module_dropout=0.5, target_modules=["q_proj"], init_weights=False),
+    slimtune.VeraConfig(r=8, vera_dropout=0.5, target_modules=["o_proj"], init_weights=False),
+], ids=["lora", "loha", "vera"])
+def test_an_adapter_added_to_a_model_in_eval_mode_runs_no_dropout(tmp_path, config):
+    """New wrappers, dropouts and head copies take the mode of the module they are put in (PEFT's
+    from_pretrained evaluates the model); train() turns their dropout on."""
+    trained = slimtune.add_adapter(tiny_llama().train(), config)
+    assert all(m.training for m in trained.modules())
+    slimtune.save_adapter(trained, tmp_path)
+    model = slimtune.load_adapter(tiny_llama().eval(), tmp_path)
+    assert not any(m.training for m in model.modules())
+    ids = sample_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+        model.train()
+        assert (model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-4

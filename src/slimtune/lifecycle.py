@@ -55,6 +55,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     heads = _modules_to_save(model, getattr(config, "modules_to_save", None))
     first = state is None or not state.configs
     state = state or create_state(model)
+    existing = {id(m) for m in model.modules()}
     method.add(model, config, adapter_name, state)
     for name in heads:
         module = model.get_submodule(name)
@@ -62,9 +63,20 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
             module = ModulesToSave(module)
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
+    _take_host_mode(model, existing)
     state.configs[adapter_name] = config
     _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
     return model
+
+
+def _take_host_mode(model: nn.Module, existing: set[int]) -> None:
+    """New modules (wrappers, dropouts, prompt encoders) train or evaluate as the module they were put in does:
+    an adapter added to (or loaded into) a model in ``eval()`` runs no dropout until ``train()`` is called."""
+    training: dict[str, bool] = {}
+    for name, module in model.named_modules():  # a parent comes before its children
+        if id(module) not in existing:
+            module.training = training.get(name.rpartition(".")[0], model.training)
+        training[name] = module.training
 
 
 def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
