@@ -352,3 +352,64 @@ def test_prefix_tuning_sizes_falcons_cache(layout):
     assert get_state(model).configs["default"].token_dim == heads * 8
     assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4
     assert model.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 8)
+
+
+@pytest.mark.parametrize("family, task_type", [("llama", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS")])
+@pytest.mark.parametrize("cls", [slimtune.PromptTuningConfig, slimtune.PrefixTuningConfig])
+def test_a_prompt_adapter_without_task_type_takes_the_models_and_peft_applies_it(family, task_type, cls, tmp_path):
+    """PEFT loads a prompt adapter whose file has no task_type as a plain PeftModel that ignores the prompt; so
+    the task is read from the model's head (as the sizes are) and saved."""
+    if family == "bert" and cls is slimtune.PrefixTuningConfig:
+        pytest.skip("PEFT 0.21.2 refuses prefix tuning on BERT under transformers 5.24 (see the module docstring)")
+    base = base_model(family)
+    model = slimtune.add_adapter(copy.deepcopy(base), cls(num_virtual_tokens=3))
+    strengthen_prompts(model)
+    config = get_state(model).configs["default"]
+    assert config.task_type == task_type
+    assert config.modules_to_save == (["classifier", "score"] if task_type == "SEQ_CLS" else None)
+    slimtune.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task_type
+    import peft
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    inputs = sample_inputs(family)
+    torch.testing.assert_close(logits(theirs, inputs), logits(model.eval(), inputs), atol=TOL, rtol=0)
+    plain = logits(base, inputs)  # (prompt tuning on a causal LM also returns the virtual tokens' logits)
+    assert (logits(model, inputs)[:, -plain.shape[1]:] - plain).abs().max() > 1e-3
+
+
+def test_the_task_of_a_model_without_a_known_head_must_be_given():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=64))
+    with pytest.raises(ValueError, match="cannot tell the task of a BertForMaskedLM; set task_type"):
+        slimtune.add_adapter(model, slimtune.PromptTuningConfig(num_virtual_tokens=2))
+    assert not hasattr(model, "slimtune_state")
+    assert get_state(slimtune.add_adapter(tiny_llama().model, slimtune.PromptTuningConfig(
+        num_virtual_tokens=2))).configs["default"].task_type == "FEATURE_EXTRACTION"
+
+
+def test_prefix_tuning_sizes_a_cache_whose_heads_do_not_make_up_the_hidden_size(tmp_path):
+    """Gemma-7B's layout (16 heads and 16 key/value heads of 256 for a hidden size of 3072): the prefix holds
+    heads × head_dim per layer, as PEFT sizes it, and both libraries read each other's files."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.PrefixTuningConfig(num_virtual_tokens=3,
+                                                                                   task_type="CAUSAL_LM"))
+    strengthen_prompts(model)
+    assert get_state(model).configs["default"].token_dim == 4 * 16
+    slimtune.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(theirs, inputs), logits(model.eval(), inputs), atol=TOL, rtol=0)
+    assert (logits(model, inputs) - logits(base, inputs)).abs().max() > 1e-3
+
+
+def test_prefix_tuning_on_a_seq2seq_model_needs_both_submodules():
+    with pytest.raises(ValueError, match="needs num_transformer_submodules=2 .* got 1; leave it unset"):
+        slimtune.add_adapter(base_model("t5"), slimtune.PrefixTuningConfig(
+            num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1))

@@ -119,13 +119,18 @@ class PrefixTuningMethod(PromptLearningMethod):
                              "turns off; call model.gradient_checkpointing_disable() or use prompt tuning.")
         assert isinstance(config, PrefixTuningConfig)
         self.fill_dims(model, config)
+        if config.task_type == "SEQ_2_SEQ_LM" and config.num_transformer_submodules != 2:
+            raise ValueError(f"prefix tuning on the sequence-to-sequence {type(model).__name__} needs "
+                             f"num_transformer_submodules=2 (a prefix for the encoder and one for the decoder), got "
+                             f"{config.num_transformer_submodules}; leave it unset.")
 
     def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
         super().fill_dims(model, config)
         assert isinstance(config, PrefixTuningConfig) and config.token_dim and config.num_attention_heads
         dims = model_dims(model)
-        if dims["num_key_value_heads"] is not None and dims["num_key_value_heads"] != config.num_attention_heads:
-            # Grouped-query attention: the cache holds num_key_value_heads heads of head_dim each (as PEFT sizes it).
+        if dims["num_key_value_heads"] is not None:
+            # The cache holds num_key_value_heads heads of head_dim each, which need not make up hidden_size
+            # (grouped-query attention; Gemma's head_dim 256 × 16 heads for a hidden size of 3072), as PEFT sizes it.
             head_dim = dims["head_dim"] or config.token_dim // config.num_attention_heads
             config.token_dim = head_dim * dims["num_key_value_heads"]
             config.num_attention_heads = dims["num_key_value_heads"]

@@ -85,6 +85,27 @@ def cached_heads_without_the_field(config: Any) -> int | None:
     return 1 if getattr(config, "multi_query", False) else None
 
 
+# Class-name endings of transformers' task heads → PEFT's task type (checked in this order).
+TASK_HEADS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+              ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
+
+
+def task_type_of(model: nn.Module) -> str:
+    """PEFT's task type for a transformers model, from its head class (an encoder-decoder generates: SEQ_2_SEQ_LM;
+    a model without a head: FEATURE_EXTRACTION)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "Classification" not in name \
+            and "QuestionAnswering" not in name:
+        return "SEQ_2_SEQ_LM"
+    for ending, task_type in TASK_HEADS:
+        if name.endswith(ending):
+            return task_type
+    if name.endswith("Model") and "For" not in name:
+        return "FEATURE_EXTRACTION"
+    raise ValueError(f"cannot tell the task of a {name}; set task_type in the config to one of CAUSAL_LM, "
+                     "SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS, QUESTION_ANS or FEATURE_EXTRACTION.")
+
+
 class PromptLearningMethod(Method):
     """Shared steps of the prompt-learning methods; each says how to build its prompt module and how it
     rewrites a forward call (:meth:`build_module`, :meth:`rewrite_inputs`)."""
@@ -123,6 +144,9 @@ class PromptLearningMethod(Method):
         self.fill_dims(model, config)
 
     def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        if config.task_type is None:  # PEFT needs it to apply the prompt: a file without it loads as no prompt
+            config.task_type = task_type_of(model)
+            config.modules_to_save = default_head(config.task_type, config.modules_to_save)
         dims = model_dims(model)
         for name in ("num_layers", "token_dim", "num_attention_heads"):
             if getattr(config, name) is None:
