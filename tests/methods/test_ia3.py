@@ -141,3 +141,19 @@ def test_config_round_trips_through_peft_json():
     config = _configs("llama")[1]
     again = slimtune.config_from_dict(config.to_dict())
     assert isinstance(again, slimtune.IA3Config) and again == config
+
+
+def test_feedforward_entries_match_name_endings_as_in_peft(tmp_path):
+    """PEFT marks a target feed-forward when its name merely ends with a list entry: with T5, "o" marks the MLP's
+    "wo" as well as attention's "o"; a regex string must match the whole name."""
+    kwargs = {"task_type": "SEQ_2_SEQ_LM", "target_modules": ["o", "wo"], "feedforward_modules": ["o"]}
+    ours = slimtune.add_adapter(FAMILIES["t5"][0](), slimtune.IA3Config(**kwargs))
+    theirs = peft.get_peft_model(FAMILIES["t5"][0](), peft.IA3Config(**kwargs))
+    wrapped = {n: m for n, m in ours.named_modules() if isinstance(m, IA3Linear)}
+    assert len(wrapped) == 10 and all(m.is_feedforward["default"] for m in wrapped.values())  # 2 + 2 + 3 + 3
+    shapes = {k.removeprefix("base_model.model."): v.shape for k, v in theirs.state_dict().items() if "ia3_l" in k}
+    assert shapes == {k: v.shape for k, v in ours.state_dict().items() if "ia3_l" in k}
+    slimtune.save_adapter(ours, tmp_path)
+    peft.PeftModel.from_pretrained(FAMILIES["t5"][0](), tmp_path)
+    regex = slimtune.add_adapter(FAMILIES["t5"][0](), slimtune.IA3Config(**{**kwargs, "feedforward_modules": r".*\.o"}))
+    assert sorted({m.is_feedforward["default"] for m in regex.modules() if isinstance(m, IA3Linear)}) == [False, True]

@@ -7,6 +7,7 @@ for attention targets and ``(1, in)`` for feed-forward targets.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,6 +65,14 @@ class IA3Config(MethodConfig):
                 )
 
 
+def is_feedforward(module_name: str, feedforward_modules: str | list[str] | None) -> bool:
+    """PEFT's rule for (IA)³, looser than target matching: a string is a full-match regex, a list entry matches
+    any name that ends with it (``"o"`` marks T5's ``wo`` too), so that both libraries read each other's files."""
+    if isinstance(feedforward_modules, str):
+        return re.fullmatch(feedforward_modules, module_name) is not None
+    return any(module_name.endswith(entry) for entry in feedforward_modules or [])
+
+
 class IA3Linear(TunerLayer):
     """(IA)³ on a linear layer: ``h = l ⊙ (W x + b)`` (keys, values) or ``h = W (l ⊙ x) + b`` (feed-forward).
 
@@ -82,7 +91,7 @@ class IA3Linear(TunerLayer):
         self.is_feedforward: dict[str, bool] = {}
 
     def add_adapter(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
-        feedforward = name_matches(module_name, config.feedforward_modules) if config.feedforward_modules else False
+        feedforward = is_feedforward(module_name, config.feedforward_modules)
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         device = self.adapter_device()
         weight = torch.ones(shape, device=device) if config.init_ia3_weights else torch.randn(shape, device=device)
