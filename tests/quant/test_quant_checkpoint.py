@@ -16,6 +16,7 @@ from slimtune.quant import (
     Linear4bit,
     Linear8bit,
     QuantConfig,
+    dequantize_model,
     init_empty_weights,
     load_in_4bit,
     load_quantized,
@@ -67,6 +68,20 @@ def test_save_load_round_trip_gives_identical_outputs(make_llama, input_ids, tmp
     layer_type = Linear8bit if config.bits == 8 else Linear4bit
     assert isinstance(back.model.layers[1].mlp.up_proj, layer_type)
     assert torch.equal(back(input_ids).logits, q(input_ids).logits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("into", [torch.bfloat16, torch.float32])
+@torch.no_grad()
+def test_a_checkpoint_loads_in_the_dtype_of_the_model_it_fills(make_llama, input_ids, tmp_path, bits, into):
+    """A bf16 model's checkpoint loaded into a model built in `into`: its quantized layers take that dtype (and
+    their biases), so dequantizing gives layers that match the rest of the model."""
+    path = save_quantized(quantize(make_llama().to(torch.bfloat16), QuantConfig(bits=bits)), tmp_path / "ckpt")
+    back = load_quantized_checkpoint(lambda: make_llama(seed=1).to(into), path).eval()
+    layers = [m for m in back.modules() if isinstance(m, (Linear4bit, Linear8bit))]
+    assert len(layers) == 14 and {m.dtype for m in layers} == {into}
+    dequantize_model(back)
+    assert back.model.layers[0].mlp.up_proj.weight.dtype == into and back(input_ids).logits.dtype == into
 
 
 @torch.no_grad()
@@ -191,6 +206,15 @@ def test_bad_checkpoints_are_explained(bnb_folder, fp_folder, make_llama, tmp_pa
         load_in_4bit(_factory(fp_folder), fp_folder, QuantConfig(bits=8))
     with pytest.raises(ValueError, match="no quantized layer"):
         save_quantized(make_llama(), tmp_path / "x")
+    import slimtune
+    adapted = slimtune.add_adapter(quantize(make_llama(), QuantConfig()),
+                                   slimtune.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"holds adapter\(s\) \['default'\].*slimtune.save_adapter"):
+        save_quantized(adapted, tmp_path / "with-adapter")
+    assert not (tmp_path / "with-adapter").exists()
+    slimtune.unload(adapted)
+    assert isinstance(load_quantized_checkpoint(lambda: make_llama(seed=1), save_quantized(
+        adapted, tmp_path / "unloaded")).model.layers[0].self_attn.q_proj, Linear4bit)
     # a full-precision checkpoint without a config is loaded as it is
     plain = load_quantized(_factory(fp_folder), fp_folder)
     assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in plain.modules())

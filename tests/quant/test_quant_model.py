@@ -14,6 +14,7 @@ from slimtune.quant import (
     QuantConfig,
     QuantizedLinear,
     dequantize_model,
+    load_quantized,
     quant_summary,
     quantize,
     requantization_error,
@@ -88,3 +89,23 @@ def test_requantization_error_orders_the_formats():
     assert int8["rel_frobenius"] < nf4["rel_frobenius"] < fp4["rel_frobenius"]
     assert nf4["rel_frobenius"] < int4["rel_frobenius"]
     assert nf4["bits_per_param"] < fp4["bits_per_param"] == pytest.approx(4.5)
+
+
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(double_quant=False), QuantConfig(bits=8)],
+                         ids=["nf4-dq", "nf4", "int8"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_an_inf_or_nan_weight_is_refused_and_the_model_left_unchanged(make_llama, config, bad, tmp_path):
+    """One inf weight would turn its block (with double quant: its whole layer) into NaN; refused, naming the
+    layer, before any layer is quantized; the streaming load refuses it too."""
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = bad
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj: the weight has inf or NaN values"):
+        quantize(model, config)
+    assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in model.modules())
+    assert all(torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight: the weight has inf or NaN values in 1 "):
+        load_quantized(lambda: AutoModelForCausalLM.from_config(model.config), tmp_path, config)

@@ -13,7 +13,7 @@ import torch
 from train_helpers import make_tokenizer, tiny_llama
 
 from slimtune.core.tensor_files import SafetensorsReader
-from slimtune.quant import Linear4bit, QuantConfig, quantize
+from slimtune.quant import Linear4bit, QuantConfig, dequantize_model, quantize
 from slimtune.train import models
 from slimtune.train.models import cache_root, ensure_converted, load_model_and_tokenizer, resolve_model_path
 
@@ -58,6 +58,28 @@ def test_quantized_load_streams_one_layer_at_a_time_with_identical_bytes(llama_d
         for key, tensor in layer.storage_tensors().items():
             assert torch.equal(tensor, ref.storage_tensors()[key]), (name, key)
 
+
+@pytest.mark.parametrize("stored, asked", [(torch.float32, "bfloat16"), (torch.bfloat16, "float32")])
+def test_quantized_load_quantizes_in_the_dtype_asked_for(tmp_path, tokenizer, stored, asked):
+    """Each weight is cast to the asked dtype before it is quantized, as from_pretrained(dtype=) casts it: the
+    packed bytes equal quantizing the loaded model, and a dequantized layer has the model's dtype. The model
+    comes back in eval mode (no dropout), as from_pretrained returns it."""
+    tiny_llama(vocab_size=len(tokenizer)).to(stored).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reference, _ = load_model_and_tokenizer(tmp_path, dtype=asked)
+    quantize(reference, QuantConfig())
+    model, _ = load_model_and_tokenizer(tmp_path, dtype=asked, quantization=QuantConfig())
+    assert not any(m.training for m in model.modules())
+    expected = dict(reference.named_modules())
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    for name, layer in layers.items():
+        assert layer.dtype == getattr(torch, asked) == expected[name].dtype
+        for key, tensor in layer.storage_tensors().items():
+            assert torch.equal(tensor, expected[name].storage_tensors()[key]), (name, key)
+    dequantize_model(model)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == getattr(torch, asked)
 
 
 def test_local_folder_loads_with_same_weights(llama_dir):

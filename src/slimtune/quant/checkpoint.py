@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slimtune.core.files import atomic_file
+from slimtune.core.state import find_state
 from slimtune.quant.model import quant_summary
 from slimtune.quant.streaming import ModelSource, load_quantized
 
@@ -44,6 +45,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
 
     ``path`` is a ``.safetensors`` file or a folder (then ``model.safetensors`` inside). Returns the file.
     """
+    state = find_state(model)
+    if state is not None and state.configs:
+        raise ValueError(f"the model holds adapter(s) {sorted(state.configs)}, whose wrapped layers a quantized "
+                         "checkpoint cannot hold: save them with slimtune.save_adapter, and the base with "
+                         "save_quantized after slimtune.unload(model) (or before adding them).")
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,15 @@ class QuantizedLinear(nn.Module):
         """Fill this layer from the full-precision weight ``w`` (out, in), on ``w``'s device; returns it."""
         raise NotImplementedError
 
+    @staticmethod
+    def _check_scales(scales: torch.Tensor, what: str) -> None:
+        """A non-finite scale means an inf or NaN weight: refused, since its whole block (its whole layer, once
+        the scales are double-quantized) would decode as NaN."""
+        bad = int((~torch.isfinite(scales)).sum())
+        if bad:
+            raise ValueError(f"the weight has inf or NaN values in {bad} {what}; a quantized layer cannot hold "
+                             "them (they would decode as NaN). Check the checkpoint: a diverged or damaged weight?")
+
     # Keep the dequantized weight from the forward for the backward (costs its memory until then).
     keep_dequantized: bool = False
     # ``(x, layer, transpose) -> x Wᵀ (transpose) or x W``: set by slimtune.perf.fast_path.enable_fast_path to
@@ -246,6 +255,7 @@ class Linear4bit(QuantizedLinear):
         self._check_weight_shape(w)
         self.dtype = w.dtype
         packed, absmax = nf4.quantize_4bit(w, self.quant_type, self.blocksize)
+        self._check_scales(absmax, f"of its {absmax.numel()} blocks")
         self.weight, self.quant_map = packed, codebook(self.quant_type, w.device)
         if self.double_quant:
             self.absmax, self.nested_absmax, self.nested_offset = nf4.double_quantize(absmax)
@@ -331,7 +341,9 @@ class Linear8bit(QuantizedLinear):
     def quantize_(self, w: torch.Tensor) -> Linear8bit:
         self._check_weight_shape(w)
         self.dtype = w.dtype
-        self.weight, self.SCB = int8.quantize_int8_rowwise(w)
+        weight, scales = int8.quantize_int8_rowwise(w)
+        self._check_scales(scales, f"of its {scales.numel()} rows")
+        self.weight, self.SCB = weight, scales
         return self
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -84,6 +84,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                          "quantize the full-precision model, or call dequantize_model() first")
     skipped = set(skipped_linear_names(model, config))
     names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
+    for name in names:  # checked first: a refusal halfway would leave the model half quantized
+        if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
+            raise ValueError(f"{name}: the weight has inf or NaN values, which a quantized layer cannot hold (they "
+                             "would decode as NaN); the model is unchanged. A diverged or damaged checkpoint?")
     for name in names:  # names only: holding the modules would keep every fp32 weight alive
         linear = model.get_submodule(name)
         w, bias = linear_weight(linear), bias_of(linear)

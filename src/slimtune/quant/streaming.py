@@ -22,7 +22,7 @@ from torch import nn
 
 from slimtune.compat import checkpoint_key_mapper
 from slimtune.core.dtypes import default_compute_dtype
-from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module
+from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module, weight_of
 from slimtune.core.tensor_files import SafetensorsReader
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear
@@ -247,6 +247,7 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
     old = model.get_submodule(name)
     in_f, out_f = linear_dims(old)
     has_bias = old.bias is not None
+    dtype: torch.dtype = old.dtype if isinstance(old, QuantizedLinear) else weight_of(old).dtype  # as asked for
     stored = source.prefixed(key_prefix) if is_4bit_prefix(source.keys, key_prefix) or \
         is_8bit_prefix(source.keys, key_prefix) else None
     layer: QuantizedLinear
@@ -263,17 +264,24 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
         result = layer.load_state_dict({k[len(name) + 1:]: v for k, v in stored.items()}, strict=False, assign=True)
         if result.missing_keys:
             raise ValueError(f"quantized checkpoint is missing {[key_prefix + k for k in result.missing_keys]}")
+        layer.dtype = dtype  # a dequantized weight joins the model in the model's dtype
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.to(dtype), requires_grad=False)
         layer.to(device)
     elif quantize_it:
         assert config is not None  # the caller quantizes only with a config
-        w = source.get(key_prefix + "weight").to(device)
+        w = source.get(key_prefix + "weight").to(device=device, dtype=dtype)  # as from_pretrained(dtype=) casts it
         if is_conv1d(old):
             w = w.t()  # Conv1D stores (in, out)
-        layer = make_quantized_layer(in_f, out_f, has_bias, config, device, w.dtype)
-        layer.quantize_(w)
+        layer = make_quantized_layer(in_f, out_f, has_bias, config, device, dtype)
+        try:
+            layer.quantize_(w)
+        except ValueError as error:
+            raise ValueError(f"{key_prefix}weight: {error}") from None
         del w
         if has_bias:
-            layer.bias = nn.Parameter(source.get(key_prefix + "bias").to(device), requires_grad=False)
+            layer.bias = nn.Parameter(source.get(key_prefix + "bias").to(device=device, dtype=dtype),
+                                      requires_grad=False)
     else:
         return
     replace_module(model, name, layer)

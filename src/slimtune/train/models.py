@@ -244,7 +244,7 @@ def load_model(
     # Training never reuses a KV cache, and a cache turns off transformers' packed-sequence masking
     # (restarting position_ids); generate() still caches through generation_config.use_cache.
     model.config.use_cache = False
-    return model
+    return model.eval()  # as from_pretrained returns it, however it was built (no dropout until train())
 
 
 def random_model(config: transformers.PretrainedConfig, dtype: torch.dtype | str = "float32",
