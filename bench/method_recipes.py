@@ -42,6 +42,7 @@ METHOD_RECIPES: list[tuple[str, str, list[str]]] = [
     ("Delta-LoRA", "delta-lora-smollm2-pycode", []),
     ("LoRA+", "loraplus-smollm2-pycode", []),
     ("LoHa", "loha-smollm2-pycode", []),
+    ("LoKr", "lokr-smollm2-pycode", []),
     ("(IA)³", "ia3-smollm2-pycode", []),
     ("prompt tuning", "prompt-tuning-smollm2-pycode", []),
     ("P-tuning", "p-tuning-smollm2-pycode", []),

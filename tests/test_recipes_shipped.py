@@ -100,7 +100,7 @@ def test_method_recipes_cover_every_family():
             kinds.add("QLORA")
         assert r.model.name_or_path == "default", name
         assert r.data.dataset.startswith("pycode") or "pycode-alpaca" in r.data.dataset, name
-    assert kinds >= {"LORA", "QLORA", "DORA", "LORA_FA", "VERA", "DELTA_LORA", "LORA_PLUS", "LOHA", "IA3",
+    assert kinds >= {"LORA", "QLORA", "DORA", "LORA_FA", "VERA", "DELTA_LORA", "LORA_PLUS", "LOHA", "LOKR", "IA3",
                      "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "BOTTLENECK", "SELECTIVE", "LAYERWISE_LR"}
     assert any("LayerDrop" in note for note in bench.NOTES)  # the one family without a recipe says why
 

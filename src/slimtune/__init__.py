@@ -27,6 +27,7 @@ _EXPORTS = {
     "LoraPlusConfig": "slimtune.methods.lora_plus",
     "VeraConfig": "slimtune.methods.vera",
     "LohaConfig": "slimtune.methods.loha",
+    "LokrConfig": "slimtune.methods.lokr",
     "IA3Config": "slimtune.methods.ia3",
     "BottleneckConfig": "slimtune.methods.bottleneck",
     "AdapterFusionConfig": "slimtune.methods.fusion",
@@ -137,6 +138,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.methods.ia3 import IA3Config
     from slimtune.methods.layerdrop import LayerDropConfig
     from slimtune.methods.loha import LohaConfig
+    from slimtune.methods.lokr import LokrConfig
     from slimtune.methods.lora_fa import LoraFAConfig
     from slimtune.methods.lora_plus import LoraPlusConfig
     from slimtune.methods.prefix import PrefixTuningConfig

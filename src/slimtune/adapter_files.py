@@ -277,6 +277,8 @@ def _check_sizes(config: MethodConfig, tensors: dict[str, torch.Tensor], config_
         sizes = list(value.values()) if isinstance(value, dict) else [value]
         numbers = [s for s in sizes if isinstance(s, (int, float)) and not isinstance(s, bool)]
         if field.name in RANK_FIELDS:  # a rank is a dimension of some tensor in the file
+            if not config.rank_is_a_dimension:
+                continue
             bad = [s for s in numbers if s > widest]
         elif field.name in SIZE_FIELDS:
             bad = [s for s in numbers if s > values]

@@ -116,6 +116,9 @@ class MethodConfig:
     # PEFT keys that, when set, change the adapter's weights or its forward: refused, not ignored, since an adapter
     # read without them would compute something else.
     unsupported_keys: ClassVar[frozenset[str]] = frozenset()
+    # Whether ``r`` (and ``rank_pattern``) is a dimension of some tensor in the adapter's file, so that a file can
+    # be refused when its config's rank is larger than any of its tensors (before a huge rank is allocated).
+    rank_is_a_dimension: ClassVar[bool] = True
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None

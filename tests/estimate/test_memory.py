@@ -25,6 +25,8 @@ METHODS = {
     "ia3": {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
             "feedforward_modules": ["down_proj"]},
     "loha": {"peft_type": "LOHA", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "lokr": {"peft_type": "LOKR", "r": 4, "target_modules": "all-linear"},
+    "lokr-both": {"peft_type": "LOKR", "r": 1, "target_modules": "all-linear", "decompose_both": True},
     "prompt": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8},
     "bottleneck": {"peft_type": "BOTTLENECK"},
 }
@@ -78,7 +80,7 @@ def _saved_bytes(model, ids) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("name", ["lora", "lora-qv", "dora", "lora-fa"])
+@pytest.mark.parametrize("name", ["lora", "lora-qv", "dora", "lora-fa", "lokr", "lokr-both"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
 @pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused"])
 def test_activations_equal_the_tensors_autograd_keeps(name, quantized, fused, tiny_folder):

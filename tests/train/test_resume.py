@@ -114,6 +114,8 @@ METHODS = {
     "lora_plus": lambda: slimtune.LoraPlusConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS),
     "vera": lambda: slimtune.VeraConfig(r=8, vera_dropout=0.1, target_modules=["q_proj", "v_proj"]),
     "loha": lambda: slimtune.LohaConfig(r=4, alpha=8, rank_dropout=0.1, module_dropout=0.1, target_modules=TARGETS),
+    "lokr": lambda: slimtune.LokrConfig(r=2, alpha=8, rank_dropout=0.1, module_dropout=0.1, decompose_both=True,
+                                        target_modules=TARGETS),
     "ia3": lambda: slimtune.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                       feedforward_modules=["down_proj"]),
     "bottleneck": lambda: slimtune.BottleneckConfig(adapter_type="houlsby", placement="adapterhub", reduction_factor=8,

@@ -109,6 +109,11 @@ class _Layer:
             self.keep(lin.in_features * lin.out_features * 2)  # bf16 copy of the frozen weight, for dL/dx
         if wrapped is None:
             return
+        if wrapped.kind == "LokrLinear":  # W1 (X W2ᵀ): the input and X W2ᵀ, and factors built from two
+            w1_built, w2_built = wrapped.kept_per_call
+            self.keep_shared(x_key, n_in * x_size)
+            self.keep((t * wrapped.kept_per_token + w1_built + (w2_built if input_grad else 0)) * 4)
+            return
         if wrapped.kind == "LohaLinear":
             self.keep_shared(x_key, n_in * x_size)
             self.keep(lin.in_features * lin.out_features * 4)  # the Hadamard product weight

@@ -30,6 +30,7 @@ from slimtune.core.files import cache_root
 from slimtune.core.modules import is_dense_linear, linear_dims, output_embedding_name, transformer_blocks
 from slimtune.lifecycle import add_adapter
 from slimtune.methods.layers import TunerLayer
+from slimtune.methods.lokr import LokrLinear
 from slimtune.methods.lora_layers import LoraLinear
 from slimtune.quant.config import QuantConfig
 from slimtune.train.models import DEFAULT_MODEL, DEFAULT_MODEL_PACKAGE, default_gguf_path
@@ -254,6 +255,8 @@ class WrappedLinear:
     trains_input_factor: bool  # LoRA's A trains (so the layer keeps its input for A's gradient)
     fusable: bool  # the fast path may run it as one fused autograd node (slimtune.perf.fused_lora)
     mask_dropout: bool  # LoraLinear's own forward: dropout + A keep the input and a one-byte mask
+    kept_per_token: int = 0  # LoKr: elements its structured forward keeps per token besides the input
+    kept_per_call: tuple[int, int] = (0, 0)  # LoKr: W1 and W2 when built from two factors (W2: kept for dL/dx)
 
 
 @dataclass
@@ -317,5 +320,10 @@ def _wrapped(name: str, module: TunerLayer) -> WrappedLinear:
         drop = module.lora_dropout[adapter]
         dropout = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
         trains_a = bool(a.weight.requires_grad)
+    per_token, per_call = 0, (0, 0)
+    if isinstance(module, LokrLinear) and module.active_adapters:
+        per_token, *built = module.kept_elements(module.active_adapters[0])
+        per_call = (built[0], built[1])
     return WrappedLinear(name, in_f, out_f, rank, dropout, type(module).__name__, trains_a, bool(module.fusable),
-                         isinstance(module, LoraLinear) and type(module).forward is LoraLinear.forward)
+                         isinstance(module, LoraLinear) and type(module).forward is LoraLinear.forward,
+                         per_token, per_call)

@@ -16,6 +16,7 @@ from slimtune.methods.fusion import FusionMethod
 from slimtune.methods.ia3 import IA3Method
 from slimtune.methods.layerdrop import LayerDropMethod
 from slimtune.methods.loha import LohaMethod
+from slimtune.methods.lokr import LokrMethod
 from slimtune.methods.lora import LoraMethod
 from slimtune.methods.lora_fa import LoraFAMethod
 from slimtune.methods.lora_plus import LoraPlusMethod
@@ -31,6 +32,7 @@ REGISTRY = Registry([
     LoraPlusMethod,
     VeraMethod,
     LohaMethod,
+    LokrMethod,
     IA3Method,
     BottleneckMethod,
     FusionMethod,
