@@ -94,6 +94,22 @@ def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_step_never_reaches_into_the_next_epoch(tmp_path, tokenizer, token_rows, epochs):
+    """6 rows, batch 1 × accumulation 4: an epoch is 2 steps (4 micro-batches, then the 2 left), each row seen
+    once per epoch, as with batch 4 × accumulation 1; before, the second step took 2 rows of the next epoch."""
+    six = token_rows[:6]
+    trained = []
+    for i, (batch_size, accum) in enumerate([(1, 4), (4, 1)]):
+        (tmp_path / str(i)).mkdir()
+        trainer = make_trainer(lora_model(tokenizer), six, tmp_path / str(i), tokenizer, max_steps=None,
+                               epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=accum)
+        assert trainer.total_steps == 2 * epochs
+        assert trainer.train() is True
+        trained.append(trainer.state.tokens)
+    assert trained[0] == trained[1] == epochs * sum(len(r["input_ids"]) for r in six)
+
+
 @pytest.mark.parametrize("variant", [{"loss": "full"}, {"optim": "adamw_8bit"}, "gradient_checkpointing"])
 def test_loss_paths_optimizers_and_checkpointing_agree(variant, tmp_path, tokenizer, token_rows):
     """Full vs chunked loss, 8-bit AdamW (fp32 below 4096 elements) and layer checkpointing: same step."""

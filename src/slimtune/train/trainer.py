@@ -253,16 +253,22 @@ class Trainer:
         self._epoch_iter: Iterator | None = None
 
     # ---- data -----------------------------------------------------------------------------------
-    def _next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch, moving on to the next epoch (a new order) when one runs out."""
+    def _step_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """Up to ``count`` micro-batches for one optimizer step, moving on to the next epoch (a new order) when one
+        runs out. A step never spans two epochs: an epoch's last step takes what is left of it (as transformers'
+        Trainer does), so each row is seen once per epoch and an epoch is ``⌈batches / count⌉`` steps."""
         assert isinstance(self.batches, BatchIterator)  # sharded batches come a step at a time (train_step)
-        while True:
+        micro: list[dict[str, torch.Tensor]] = []
+        while len(micro) < count:
             if self._epoch_iter is None:
                 self._epoch_iter = iter(self.batches)
             try:
-                return next(self._epoch_iter)
+                micro.append(next(self._epoch_iter))
             except StopIteration:
                 self._epoch_iter = None
+                if micro:
+                    break
+        return micro
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> StepMetrics:
@@ -274,8 +280,7 @@ class Trainer:
         if isinstance(self.batches, ShardedBatches):
             micro = [to_device(b, self.device) for b in self.batches.next_step()]
         else:
-            steps = self.settings.gradient_accumulation_steps
-            micro = [to_device(self._next_batch(), self.device) for _ in range(steps)]
+            micro = [to_device(b, self.device) for b in self._step_batches(self.settings.gradient_accumulation_steps)]
         n_labels = sum(label_tokens(b) for b in micro)
         world = 1
         if self.dist is not None:
