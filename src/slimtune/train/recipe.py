@@ -28,6 +28,7 @@ import yaml
 
 from slimtune.config import MethodConfig
 from slimtune.methods import config_classes
+from slimtune.methods.prompts import PromptLearningConfig
 from slimtune.optim import OPTIMIZER_ALIASES, OPTIMIZER_NAMES
 from slimtune.quant import QuantConfig
 from slimtune.train.ludwig import is_ludwig_config, ludwig_to_recipe_dict
@@ -147,6 +148,10 @@ class TrainingSection:
             raise ValueError(f"epochs={self.epochs} must be positive.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be positive (e.g. 2e-4 for LoRA).")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be 0 (off) or positive, e.g. 0.01.")
+        if self.adam_epsilon <= 0:
+            raise ValueError(f"adam_epsilon={self.adam_epsilon} must be positive, e.g. 1e-8.")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas={self.adam_betas} must be two numbers in [0, 1), e.g. [0.9, 0.999].")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -298,6 +303,10 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     if method.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "
                           "which fine-tunes causal language models; use CAUSAL_LM.")
+    if sections["data"].packing and isinstance(method, PromptLearningConfig):
+        raise RecipeError(f"data.packing: true cannot train {method.peft_type}: its virtual tokens (or prefix) "
+                          "apply once per packed row, so every example after the first would see none, or see the "
+                          "other examples; set data.packing: false.")
     return Recipe(method=method, quantization=quantization, description=description, name=name,
                   distributed=distributed, **sections)
 
