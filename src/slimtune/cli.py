@@ -20,7 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)  # RecipeError is a ValueError
+from slimtune.errors import SlimtuneError
+
+# RecipeError is a ValueError; SlimtuneError covers the rest (NotMergeableError is a RuntimeError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, SlimtuneError)
 
 
 def positive_int(text: str) -> int:
@@ -113,11 +116,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.train.data import load_examples
+    from slimtune.train.inference import adapters_task_type
     from slimtune.train.tokenization import tokenize_examples
     from slimtune.train.trainer import evaluate_loss
 
     examples = load_examples(args.data, split=args.split, max_examples=args.max_examples)
+    adapters = _adapters(args)
+    seq2seq = "`slimtune eval` scores causal language models (each example's answer after its prompt); {} a " \
+              "sequence-to-sequence model: evaluate it from Python, or read its answers with `slimtune generate`."
+    if adapters and adapters_task_type(adapters) != "CAUSAL_LM":  # before the (slow) model load
+        raise ValueError(seq2seq.format("the adapter is for"))
     model, tokenizer = _load(args)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(seq2seq.format(f"{type(model).__name__} is"))
     rows = tokenize_examples(examples, tokenizer, args.max_seq_length, False, False if args.no_chat_template else None)
     device = next(model.parameters()).device
     loss = evaluate_loss(model, rows.rows, args.batch_size, tokenizer.pad_token_id, device)

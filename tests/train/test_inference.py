@@ -52,3 +52,79 @@ def test_the_base_model_an_adapter_names_is_used_or_its_absence_said(tmp_path, c
         inference.base_model_of(naming("/moved/model"))
     assert main(["eval", "--adapter", str(folder), "--max-examples", "1"]) == 2
     assert "trained on '/moved/model'" in capsys.readouterr().err
+
+
+def _t5_with_adapter(tmp_path, config):
+    """A tiny T5 folder (with the tests' tokenizer) and an adapter trained for it, saved by slimtune."""
+    import torch
+    from train_helpers import make_tokenizer
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import slimtune
+
+    tokenizer = make_tokenizer(chat_template=None)
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+    base.save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    torch.manual_seed(1)
+    model = slimtune.add_adapter(base, config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    slimtune.save_adapter(model, tmp_path / "adapter")
+    return model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, method):
+    """generate loads the model class the adapter's task_type names (it loaded a causal LM and failed), reads the
+    prompt as the encoder's input and prints the decoder's answer; eval refuses clearly."""
+    import slimtune
+
+    config = {"lora": slimtune.LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"),
+              "prompt": slimtune.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM")}[method]
+    model, tokenizer = _t5_with_adapter(tmp_path, config)
+    ids = tokenizer("def add(a, b):", return_tensors="pt")["input_ids"]
+    expected = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    argv = ["--model", str(tmp_path / "t5"), "--adapter", str(tmp_path / "adapter"), "--device", "cpu"]
+    assert main(["generate", *argv, "--max-new-tokens", "6", "-p", "def add(a, b):"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == tokenizer.decode(expected[0], skip_special_tokens=True).strip() and printed
+    from slimtune.train.generation import generate_text
+
+    loaded, _ = inference.load_with_adapters(str(tmp_path / "t5"), [("default", tmp_path / "adapter")], device="cpu",
+                                             log=lambda m: None)
+    assert generate_text(loaded, tokenizer, "def add(a, b):", 6, silent=True).strip() == printed
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["eval", *argv, "--data", str(data), "--split", "all"]) == 2
+    assert "the adapter is for a sequence-to-sequence model" in capsys.readouterr().err
+
+
+def test_an_adapter_of_a_classifier_is_refused_by_name(tmp_path):
+    import slimtune
+
+    model = slimtune.add_adapter(__import__("tiny_models").tiny_llama_cls(), slimtune.LoraConfig(
+        r=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    slimtune.save_adapter(model, tmp_path / "cls")
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['default'\] are SEQ_CLS adapters: `slimtune generate`"):
+        inference.load_with_adapters(str(tiny_model_dir()), [("default", tmp_path / "cls")])
+
+
+def test_merging_an_adapter_that_cannot_merge_is_a_clear_error(tmp_path, capsys):
+    from train_helpers import tiny_llama
+
+    import slimtune
+
+    model = slimtune.add_adapter(tiny_llama(), slimtune.PromptTuningConfig(num_virtual_tokens=2))
+    slimtune.save_adapter(model, tmp_path / "prompt")
+    assert main(["merge", "--model", str(tiny_model_dir()), "--adapter", str(tmp_path / "prompt"), "--device", "cpu",
+                 "-o", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: PROMPT_TUNING adapter(s) ['default'] add virtual tokens and cannot be merged" in err
+    assert "Traceback" not in err and not (tmp_path / "merged").exists()

@@ -108,7 +108,8 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"training": {"weight_decay": -0.1}, **MINIMAL}, r"^training\.weight_decay: weight_decay=-0.1 must be 0"),
     ({"method": {"peft_type": "PROMPT_TUNING"}, "data": {"packing": True}},
      r"^data\.packing: true cannot train PROMPT_TUNING: its virtual tokens .* set data\.packing: false"),
-    ({"method": {"peft_type": "PREFIX_TUNING"}, "data": {"packing": True}}, r"^data\.packing: true cannot train PREFIX"),
+    ({"method": {"peft_type": "PREFIX_TUNING"}, "data": {"packing": True}},
+     r"^data\.packing: true cannot train PREFIX"),
     # non-finite numbers, also where null is allowed (NaN passes `<= 0` checks and trains to NaN)
     ({"training": {"learning_rate": float("nan")}, **MINIMAL}, r"^training\.learning_rate: expected a number"),
     ({"training": {"max_grad_norm": float("nan")}, **MINIMAL}, r"^training\.max_grad_norm: expected a number or null"),

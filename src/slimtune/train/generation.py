@@ -71,14 +71,18 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
                   use_chat_template: bool | None = None, stream: TextIO | None = None,
                   temperature: float = 0.0, silent: bool = False, raw: bool = False) -> str:
     """Continue ``prompt`` (in the training template, or as plain text when ``raw``); greedy when
-    ``temperature`` is 0 (the same text on every run).
+    ``temperature`` is 0 (the same text on every run). A sequence-to-sequence model (T5, BART) reads the prompt
+    as its encoder input, as the tokenizer encodes it, and writes its answer.
 
     Tokens are written to ``stream`` (default: the current ``sys.stdout``) as they are generated,
     unless ``silent``. Returns the new text.
     """
     stream = None if silent else (stream or sys.stdout)
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt, use_chat_template, raw)], device=device)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    tokens = tokenizer(prompt)["input_ids"] if encoder_decoder else \
+        prompt_ids(tokenizer, prompt, use_chat_template, raw)
+    ids = torch.tensor([tokens], device=device)
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -95,4 +99,4 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
         )
     finally:
         model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0] if encoder_decoder else out[0, ids.shape[1]:], skip_special_tokens=True)

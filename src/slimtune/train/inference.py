@@ -71,10 +71,29 @@ def base_model_of(adapter_dir: Path) -> str:
                             f"--model PATH.")
 
 
+GENERATIVE_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
+
+
+def adapters_task_type(adapters: list[tuple[str, Path]]) -> str:
+    """The model class the adapters were trained on (their configs' ``task_type``; none given: a causal LM). Only
+    language models generate; adapters of two different tasks cannot share one base."""
+    tasks = {name: read_adapter_config(path).task_type for name, path in adapters}
+    named = {task for task in tasks.values() if task is not None}
+    if len(named) > 1:
+        raise ValueError(f"the adapters were trained for different tasks ({tasks}); load adapters of one task.")
+    task = named.pop() if named else "CAUSAL_LM"
+    if task not in GENERATIVE_TASKS:
+        raise ValueError(f"adapter(s) {sorted(n for n, t in tasks.items() if t == task)} are {task} adapters: "
+                         f"`slimtune generate`, `eval` and `merge` run language models ({', '.join(GENERATIVE_TASKS)}"
+                         "); use a classification adapter from Python (slimtune.load_adapter).")
+    return task
+
+
 def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]], load_in_4bit: bool | None = None,
                        device: str = "auto", dtype: str = "float32", active: list[str] | None = None,
                        log=print, kernels: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer): the base model, 4-bit if asked (or as its run was), with adapters loaded.
+    """(model, tokenizer): the base model, 4-bit if asked (or as its run was), with adapters loaded; a causal
+    or a sequence-to-sequence LM, as the adapters' ``task_type`` says.
 
     ``active`` names the adapters to use (several are combined); default: the first one. ``kernels``:
     the fast path (``auto | triton | torch``, see :func:`slimtune.perf.fast_path.enable_fast_path`).
@@ -87,8 +106,7 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     unknown = [a for a in chosen if a not in names]
     if unknown:
         raise ValueError(f"--active {unknown} is not a loaded adapter; loaded: {names}.")
-    for _, path in adapters:
-        read_adapter_config(path)
+    task_type = adapters_task_type(adapters)
     if kernels not in KERNEL_MODES:
         raise ValueError(f"kernels={kernels!r} is not a kernel mode; use one of {list(KERNEL_MODES)}.")
     if model_name is None:
@@ -97,7 +115,7 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     if load_in_4bit or (load_in_4bit is None and adapters):
         quant = (run_quantization(adapters[0][1]) if adapters else None) or (QuantConfig() if load_in_4bit else None)
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=resolve_device(device),
-                                                quantization=quant)
+                                                task_type=task_type, quantization=quant)
     if quant is not None:
         log(str(quant_summary(model)))
     for name, path in adapters:
