@@ -70,6 +70,8 @@ _EXPORTS = {
     "combine_adapter_files": "slimtune.combination",
     "mixed_batch": "slimtune.mixed_batch",
     "Decoder": "slimtune.serving",
+    # the fast path (Triton kernels and fused LoRA on CUDA, fused LoRA on a CPU)
+    "enable_fast_path": "slimtune.perf.fast_path",
     # optimizer groups
     "loraplus_param_groups": "slimtune.optim.loraplus",
     "create_loraplus_optimizer": "slimtune.optim.loraplus",
@@ -116,6 +118,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.combination import add_weighted_adapter, combine_adapter_files, combine_adapters
     from slimtune.config import LoraConfig, MethodConfig
     from slimtune.errors import NotMergeableError
+    from slimtune.perf.fast_path import enable_fast_path
     from slimtune.lifecycle import (
         add_adapter,
         after_optimizer_step,
