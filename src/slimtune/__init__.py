@@ -118,7 +118,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.combination import add_weighted_adapter, combine_adapter_files, combine_adapters
     from slimtune.config import LoraConfig, MethodConfig
     from slimtune.errors import NotMergeableError
-    from slimtune.perf.fast_path import enable_fast_path
     from slimtune.lifecycle import (
         add_adapter,
         after_optimizer_step,
@@ -152,5 +151,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.mixed_batch import mixed_batch
     from slimtune.optim.layerwise import layerwise_lr_groups
     from slimtune.optim.loraplus import create_loraplus_optimizer, loraplus_param_groups
+    from slimtune.perf.fast_path import enable_fast_path
     from slimtune.report import TrainableReport, trainable_parameters
     from slimtune.serving import Decoder

@@ -153,3 +153,6 @@ def test_a_random_model_is_estimated_in_its_overridden_shapes(tiny_folder):
     assert smaller.peak < whole.peak
     with pytest.raises(ValueError, match="config_overrides.no_such_field"):
         predict(make_recipe(tiny_folder, model={"init": "random", "config_overrides": {"no_such_field": 1}}), TEST_CPU)
+    for bad in ({"num_hidden_layers": "two"}, {"num_hidden_layers": 2.5}, {"tie_word_embeddings": "yes"}):
+        with pytest.raises(ValueError, match=rf"model.config_overrides.{next(iter(bad))}: .* is not valid for "):
+            predict(make_recipe(tiny_folder, model={"init": "random", "config_overrides": bad}), TEST_CPU)

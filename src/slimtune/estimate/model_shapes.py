@@ -207,14 +207,31 @@ def _first(config: PretrainedConfig, *names: str, default: Any = None) -> Any:
     return default
 
 
+def apply_config_overrides(config: Any, overrides: Mapping[str, Any]) -> None:
+    """Set a random model's ``model.config_overrides`` on its config, each checked by the config itself."""
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
+        current = getattr(config, key)
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(current))
+        reason = None
+        if kinds is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            reason = f"expected {type(current).__name__} like its {current!r}, got {type(value).__name__}"
+        else:
+            try:
+                setattr(config, key, float(value) if isinstance(current, float) else value)  # YAML's 1 for 1.0
+            except Exception as error:  # transformers 5's configs check each field (huggingface_hub's strict types)
+                reason = str(error).strip().splitlines()[-1].strip()
+        if reason is not None:
+            raise ValueError(f"model.config_overrides.{key}: {value!r} is not valid for {type(config).__name__} "
+                             f"({reason}).")
+
+
 def model_shape(name_or_path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> ModelShape:
     """Read the config of ``name_or_path`` (with ``overrides``: a random model's ``model.config_overrides``)
     and build its meta-device module tree."""
     config, source = resolve_config(name_or_path)
-    for key, value in (overrides or {}).items():
-        if not hasattr(config, key):
-            raise ValueError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
-        setattr(config, key, value)
+    apply_config_overrides(config, overrides or {})
     model = meta_model(config)
     hidden = int(_first(config, "hidden_size", "n_embd", "d_model"))
     heads = int(_first(config, "num_attention_heads", "n_head"))

@@ -27,7 +27,7 @@ from slimtune.adapter_files import save_adapter
 from slimtune.core.dtypes import resolve_device
 from slimtune.core.files import atomic_write
 from slimtune.estimate.fit import DoesNotFitError, check_fits
-from slimtune.estimate.model_shapes import resolve_config
+from slimtune.estimate.model_shapes import apply_config_overrides, resolve_config
 from slimtune.lifecycle import add_adapter, disable_adapters
 from slimtune.perf.activation_checkpointing import checkpoint_layers
 from slimtune.perf.fast_path import FastPath, enable_fast_path
@@ -158,10 +158,10 @@ def random_model_config(recipe: Recipe) -> tuple[Any, str]:
     """``model.init: random``: the named model's config (and where it came from) with ``model.config_overrides``."""
     spec = recipe.model
     config, source = resolve_config(spec.name_or_path)
-    for key, value in spec.config_overrides.items():
-        if not hasattr(config, key):
-            raise RecipeError(f"model.config_overrides.{key}: {type(config).__name__} has no such field.")
-        setattr(config, key, value)
+    try:
+        apply_config_overrides(config, spec.config_overrides)
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     return config, source
 
 
