@@ -74,6 +74,22 @@ def test_merge_format_gguf_loads_in_transformers_like_the_merged_model(tmp_path,
     assert rel_logits_error(base, back, ids()) > 20 * LOGITS_BOUND["f16"]  # the adapter is in the file
 
 
+def test_merging_several_adapters_adds_their_updates(tmp_path, tokenizer):
+    """Each --adapter is merged (before, only the first was, and the others were dropped without a word)."""
+    first, trained = _adapter(tmp_path, tokenizer)
+    second = tmp_path / "second"
+    other = _trained_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), seed=1)
+    slimtune.save_adapter(other, second)
+    assert main(["merge", "--adapter", str(first), "--adapter", f"b={second}", "-o", str(tmp_path / "both"),
+                 "--device", "cpu"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "both")
+    both = slimtune.load_adapter(copy.deepcopy(trained), second, "b")
+    slimtune.set_adapter(both, ["default", "b"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids()).logits, both(ids()).logits, atol=1e-4, rtol=1e-4)
+        assert (merged(ids()).logits - trained(ids()).logits).abs().max() > 1e-2  # the second adapter is in
+
+
 def test_merge_format_gguf_lora_writes_llama_cpp_adapter(tmp_path, tokenizer):
     """Read back with the gguf package: llama.cpp's keys and types, blk.N.<tensor>.weight.lora_a/b names, the
     ne llama.cpp checks (lora_a [in, r], lora_b [r, out]) and the values of the saved adapter (lora_b of q/k in

@@ -175,7 +175,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"GGUF LoRA adapter ({quant}) written to {output} (llama.cpp: llama-cli -m BASE.gguf --lora {output}; "
               f"Ollama: ADAPTER {output})")
         return 0
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, active=[name for name, _ in _adapters(args)])  # several: their updates add up
     if args.format == "gguf":
         export_merged_gguf(model, tokenizer, output, quant or "f16")
         print(f"merged model ({quant}) written to {output} (llama.cpp: llama-cli -m {output}; Ollama: FROM {output})")
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "--base-precision original -o model.f16.gguf\n"
                               "  slimtune merge --adapter runs/lora-smollm2-pycode/adapter --format gguf-lora "
                               "-o adapter.gguf")
-    _model_options(p, "adapter folder to merge")
+    _model_options(p, "adapter folder to merge; repeat it to merge several at once (their weight updates add up)")
     p.add_argument("-o", "--output", required=True,
                    help="folder (--format folder) or file (gguf, gguf-lora) to write")
     p.add_argument("--format", default="folder", choices=["folder", "gguf", "gguf-lora"],
