@@ -116,14 +116,14 @@ def test_clear_errors(argv, message, capsys):
 
 
 @pytest.mark.parametrize("text, expected", [("24GB", 24 * GiB), ("24 GiB", 24 * GiB), ("1.5T", int(1.5 * 2**40)),
-                                            ("512MB", 512 * 2**20), ("80g", 80 * GiB), ("1000", 1000)])
+                                            ("512MB", 512 * 2**20), ("80g", 80 * GiB), ("1000B", 1000)])
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GB", "-3GB", "0GB", "1.5", "ten GB"])
+@pytest.mark.parametrize("text", ["", "GB", "-3GB", "0GB", "1.5", "ten GB", "12"])
 def test_parse_memory_refuses(text):
-    with pytest.raises(ValueError, match="is not a memory size|more than zero"):
+    with pytest.raises(ValueError, match="is not a memory size|more than zero|'12' has no unit; write e.g. 12GB"):
         parse_memory(text)
 
 

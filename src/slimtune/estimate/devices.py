@@ -104,6 +104,9 @@ def parse_memory(text: str) -> int:
     if match is None or unit not in _UNITS or (unit in ("", "b") and "." in match.group(1)):
         raise ValueError(f"--memory {text!r} is not a memory size; write a number and a unit, e.g. 24GB, 80GiB, "
                          "512MB or 1.5TB (GB = GiB = 2**30 bytes).")
+    if unit == "":  # "12" is far more likely 12 GB than 12 bytes: say so rather than guess
+        raise ValueError(f"--memory {text!r} has no unit; write e.g. {match.group(1)}GB (or {match.group(1)}B for "
+                         "bytes).")
     value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"--memory {text!r} must be more than zero.")
