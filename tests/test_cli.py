@@ -75,7 +75,7 @@ def test_recipes_command_lists_shipped_recipes(capsys):
     assert "qlora-smollm2-pycode" in out and "run: slimtune train lora-smollm2-pycode" in out
 
 
-def test_dry_run_and_default_recipe(capsys, tmp_path):
+def test_dry_run_and_default_recipe(capsys, tmp_path, monkeypatch):
     assert main(["train", "--dry-run", "training.max_steps=3"]) == 0  # the default recipe, overridden
     out = capsys.readouterr().out
     assert "max_steps: 3" in out and "quant_type: nf4" in out
@@ -88,6 +88,22 @@ def test_dry_run_and_default_recipe(capsys, tmp_path):
                               (f"data.dataset={tmp_path / 'none.jsonl'}", "data.dataset: ")]:
         assert main(["train", "--dry-run", "training.max_steps=3", override]) == 2, override
         assert message in capsys.readouterr().err, override
+
+    from slimtune.train import dry_run  # the tests run Triton's interpreter on the CPU; a user's CPU has no Triton
+
+    monkeypatch.setattr(dry_run, "triton_status", lambda device: "no CUDA device")
+    assert main(["train", "--dry-run", "training.kernels=triton"]) == 2  # refused before any load
+    assert "training.kernels: kernels='triton' but the Triton kernels cannot run on cpu: no CUDA device" in \
+        capsys.readouterr().err
+
+
+def test_dry_run_estimates_each_rank_and_counts_as_train_does(capsys):
+    """--nproc-per-node reaches the dry run's estimate (it was ignored); the trainable share is of the model with
+    its adapter, as `slimtune train` and the README print it (4,884,480 of 139,399,488 = 3.504%)."""
+    assert main(["train", "lora-smollm2-pycode", "--dry-run", "--nproc-per-node", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4,884,480 trainable parameters (3.504%)" in out
+    assert re.search(r"over 2 ranks", out), out[-2000:]
 
 
 def _bad(tmp_path, name, text):

@@ -60,7 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from slimtune.train.dry_run import dry_run
 
         print(recipe.to_yaml())
-        print(dry_run(recipe, resume=args.resume))
+        print(dry_run(recipe, resume=args.resume, ranks=args.nproc_per_node or 1))
         return 0
     if args.nproc_per_node is not None:  # start torchrun with that many ranks of this command
         from slimtune.distributed.launch import launch

@@ -289,6 +289,7 @@ class AdapterLayout:
     forward_hooks: bool  # model-level forward hooks (prompt learning): the chunked loss cannot be used
     adapted_layers: set[int]  # indices of decoder blocks holding trainable parameters
     virtual_tokens: int = 0  # prompt tuning / P-tuning: tokens prepended to every row
+    total_params: int = 0  # the model's parameters with the adapter (the denominator of the trainable share)
 
     @property
     def trainable_params(self) -> int:
@@ -324,7 +325,8 @@ def adapter_layout(shape: ModelShape, method: MethodConfig) -> AdapterLayout:
                          frozen_bytes=frozen, wrapped=wrapped, embedding_trainable=embedding_trainable,
                          forward_hooks=hooks, adapted_layers=adapted,
                          virtual_tokens=int(getattr(method, "num_virtual_tokens", 0) or 0)
-                         if method.peft_type in ("PROMPT_TUNING", "P_TUNING") else 0)
+                         if method.peft_type in ("PROMPT_TUNING", "P_TUNING") else 0,
+                         total_params=sum(p.numel() for p in model.parameters()))
 
 
 def _wrapped(name: str, module: TunerLayer) -> WrappedLinear:

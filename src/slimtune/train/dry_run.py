@@ -22,8 +22,11 @@ from pathlib import Path
 
 from huggingface_hub import try_to_load_from_cache
 
+from slimtune.core.dtypes import resolve_device
 from slimtune.estimate import Estimate, adapter_layout, estimate, format_estimate, model_shape
 from slimtune.estimate.model_shapes import ModelShape
+from slimtune.perf.fast_path import plan_fast_path
+from slimtune.perf.kernels import triton_status
 from slimtune.train.data import check_source
 from slimtune.train.models import DEFAULT_MODEL
 from slimtune.train.recipe import Recipe
@@ -38,6 +41,7 @@ class DryRun:
     recipe: Recipe
     shape: ModelShape
     trainable: int
+    total: int  # the model's parameters with the adapter, as `slimtune train` counts them
     weights: str
     data: list[str]
     estimate: Estimate
@@ -45,7 +49,7 @@ class DryRun:
     def __str__(self) -> str:
         r = self.recipe
         shape = self.shape
-        pct = 100 * self.trainable / max(shape.params, 1)
+        pct = 100 * self.trainable / max(self.total, 1)
         lines = [
             f"dry run of {r.name}: the recipe is valid (nothing downloaded, no weights read, no run folder made)",
             f"  model    {r.model.name_or_path}: {shape.model_type}, {shape.params / 1e9:.2f}B parameters, "
@@ -72,13 +76,20 @@ def _weights(name: str) -> str:
             else "not on this machine: training downloads them from the Hugging Face Hub")
 
 
-def dry_run(recipe: Recipe, device: str | None = None, resume: bool = False) -> DryRun:
+def dry_run(recipe: Recipe, device: str | None = None, resume: bool = False, ranks: int = 1) -> DryRun:
     """Check ``recipe`` as described in the module docstring; raise :class:`RecipeError` on the first problem.
 
     ``device``: where to estimate memory and time (cpu, cuda, h100, rtx4090, ...; default: the recipe's
-    ``model.device``). ``resume``: check the run folder for ``--resume`` instead of a new run.
+    ``model.device``). ``resume``: check the run folder for ``--resume`` instead of a new run. ``ranks``: the
+    processes of a distributed run (``--nproc-per-node``), each estimated.
     """
     validate(recipe, resume)
+    if recipe.training.kernels == "triton":  # fails only once the model is on its device otherwise
+        target = resolve_device(recipe.model.device)
+        try:
+            plan_fast_path("triton", target, triton_status(target))
+        except ValueError as error:
+            raise RecipeError(f"training.kernels: {error}") from None
     name = recipe.model.name_or_path
     try:
         shape = model_shape(name)
@@ -99,5 +110,5 @@ def dry_run(recipe: Recipe, device: str | None = None, resume: bool = False) -> 
             data.append(f"{what}{' (evaluation)' if key == 'eval_dataset' else ''}")
             local = local and here
     # Timing counts the training rows: only when they are on this machine (a hub dataset would be fetched).
-    est = estimate(recipe, device, timing=local, advise=True)
-    return DryRun(recipe, shape, sum(n for _, n in layout.trainable), _weights(name), data, est)
+    est = estimate(recipe, device, timing=local, advise=True, ranks=ranks, per_machine=ranks)
+    return DryRun(recipe, shape, layout.trainable_params, layout.total_params, _weights(name), data, est)
