@@ -92,6 +92,17 @@ def test_does_not_fit_exit_status_and_advice_in_json(capsys, tiny_folder):
                                  for a in out["advice"])
 
 
+def test_suggested_commands_keep_the_recipe_as_given_and_its_overrides(capsys, tiny_folder, tmp_path):
+    """Each advice line is a command that trains what was estimated: the recipe path as typed and every override
+    before the suggested change (before, `slimtune train <file stem> <change>` trained another model)."""
+    recipe = tmp_path / "my recipe.yaml"
+    recipe.write_text("method: {peft_type: LORA, target_modules: all-linear}\n")
+    given = [f"model.name_or_path={tiny_folder}", "data.max_seq_length=64"]
+    assert main(["estimate", str(recipe), *given, "--device", "h200", "--memory", "400MiB"]) == 1
+    advice = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("slimtune ")]
+    assert advice and all(line.startswith(f"slimtune train '{recipe}' {' '.join(given)} ") for line in advice)
+
+
 def test_text_table(capsys, tiny_folder):
     assert main(["estimate", f"model.name_or_path={tiny_folder}", "--device", "rtx4090"]) == 0
     text = capsys.readouterr().out

@@ -148,3 +148,15 @@ def test_output_dir_uses_the_recipe_name():
     recipe = recipe_from_dict(MINIMAL, name="my-run")
     assert str(recipe.output_dir) == "runs/my-run"
     assert re.search(r"dir: runs/\{name\}", recipe.to_yaml())
+
+
+def test_a_loaded_recipe_knows_the_command_line_that_rebuilds_it(tmp_path):
+    """Suggested commands (resume after Ctrl-C, the estimate's advice) repeat the recipe as given, path or name,
+    and its overrides, quoted for a shell; the run folder's name alone pointed at another recipe."""
+    path = tmp_path / "my run.yaml"
+    path.write_text("method: {peft_type: LORA}\n")
+    recipe = load_recipe(path, ["training.max_steps=3", "output.dir=runs/a b"])
+    assert recipe.command_line("--resume") == f"'{path}' training.max_steps=3 'output.dir=runs/a b' --resume"
+    assert load_recipe("lora-smollm2-pycode").command_line() == "lora-smollm2-pycode"
+    assert recipe_from_dict({"method": {"peft_type": "LORA"}}).command_line("--resume") == "<recipe> --resume"
+    assert recipe == recipe_from_dict(recipe.to_dict(), name=recipe.name)  # the command is not part of the recipe

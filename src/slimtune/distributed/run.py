@@ -183,8 +183,8 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
         log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
     log(f"training {trainer.total_steps - trainer.state.step} steps on {ctx.world_size} × {ctx.device.type} ...")
     if not trainer.train():
-        log(f"resume with: slimtune train {recipe.name} --resume (any number of processes; the run folder is "
-            f"{run.path})")
+        log(f"resume with: slimtune train {recipe.command_line('--resume')} (any number of processes; the run "
+            f"folder is {run.path})")
         return RunResult(run.path, False, {})
     return _finalize(recipe, trainer, run, ctx, strategy, wall_start, log)
 

@@ -76,7 +76,7 @@ def does_not_fit_message(est: Estimate) -> str:
     per_rank = f" ({dist.per_machine} ranks × {human(est.peak)})" if dist is not None and est.needed != est.peak else ""
     lines = [f"recipe {est.recipe.name!r} needs about {human(est.needed)}{per_rank} on {est.device.name}, which has "
              f"{human(est.limit)} {'free' if est.device.free is not None else 'of memory'} "
-             f"(run `slimtune estimate {est.recipe.name}` for the breakdown)."]
+             f"(run `slimtune estimate {est.recipe.command_line()}` for the breakdown)."]
     fitting = [a for a in est.advice if a.fits]
     if fitting:
         lines.append("Changes that make it fit (recipe overrides, new peak):")

@@ -99,7 +99,7 @@ def format_estimate(est: Estimate) -> str:
         for a in est.advice:
             step = f", {human_seconds(a.step_seconds)}/step" if a.step_seconds is not None else ""
             lines.append(f"  {'✓' if a.fits else '✗'} {a.label} → {human(a.peak)}{step}")
-            lines.append(f"      slimtune train {r.name} {' '.join(a.overrides)}")
+            lines.append(f"      slimtune train {r.command_line(*a.overrides)}")
     return "\n".join(lines)
 
 

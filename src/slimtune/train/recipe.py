@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -240,6 +241,12 @@ class Recipe:
     distributed: DistributedSection | None = None  # None: one process, unless started by torchrun
     description: str = ""
     name: str = "recipe"
+    # How the command line named it: the recipe as given and its overrides, quoted for a shell ("" for a dict).
+    command: str = field(default="", compare=False)
+
+    def command_line(self, *extra: str) -> str:
+        """The arguments that rebuild this recipe (plus ``extra``), for the commands slimtune suggests."""
+        return " ".join([self.command or (self.name if self.name != "recipe" else "<recipe>"), *extra])
 
     @property
     def output_dir(self) -> Path:
@@ -390,9 +397,12 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | None = N
         data = apply_overrides(data, list(overrides or []))
         if is_ludwig_config(data):
             data = ludwig_to_recipe_dict(data)
-        return recipe_from_dict(data, name=path.stem)
+        recipe = recipe_from_dict(data, name=path.stem)
     except RecipeError as error:  # the dotted key alone does not say which file: name it first
         raise RecipeError(f"recipe {path}: {error}") from None
+    recipe.command = shlex.join([os.fspath(name_or_path), *(overrides or [])])
+    return recipe
+
 
 
 def recipe_summary(path: Path) -> tuple[str, str]:

@@ -264,8 +264,7 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
         log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
     log(f"training {trainer.total_steps - trainer.state.step} steps on {device.type} ...")
     if not trainer.train():
-        log(f"resume with: slimtune train {recipe.name if recipe.name != 'recipe' else '<recipe>'} --resume "
-            f"(same overrides; the run folder is {run.path})")
+        log(f"resume with: slimtune train {recipe.command_line('--resume')} (the run folder is {run.path})")
         return RunResult(run.path, False, {})
     return finalize(recipe, model, tokenizer, trainer, run, demo_prompt, wall_start, log, stream)
 
