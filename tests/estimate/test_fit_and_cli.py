@@ -117,6 +117,8 @@ def test_text_table(capsys, tiny_folder):
     (["--device", "h200", "--memory", "24XB"], "--memory '24XB' is not a memory size"),
     (["model.name_or_path=acme/NotAModel-7B", "--device", "h200"],
      "model 'acme/NotAModel-7B': no local folder with config.json"),
+    (["model.name_or_path=./no/such/folder"], "model path './no/such/folder' does not exist"),
+    (["model.name_or_path=/no/such/folder"], "model path '/no/such/folder' does not exist"),
 ])
 def test_clear_errors(argv, message, capsys):
     assert main(["estimate", *argv]) == 2

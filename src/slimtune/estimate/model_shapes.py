@@ -33,7 +33,7 @@ from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lokr import LokrLinear
 from slimtune.methods.lora_layers import LoraLinear
 from slimtune.quant.config import QuantConfig
-from slimtune.train.models import DEFAULT_MODEL, DEFAULT_MODEL_PACKAGE, default_gguf_path
+from slimtune.train.models import DEFAULT_MODEL, DEFAULT_MODEL_PACKAGE, default_gguf_path, is_hub_id
 
 __all__ = ["KNOWN_CONFIGS", "ModelShape", "AdapterLayout", "WrappedLinear", "resolve_config", "model_shape",
            "adapter_layout", "known_model_names"]
@@ -135,6 +135,9 @@ def resolve_config(name_or_path: str | os.PathLike) -> tuple[PretrainedConfig, s
         if path.is_file():
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name), f"{path} (GGUF metadata)"
         raise FileNotFoundError(f"GGUF file {name!r} does not exist.")
+    if not path.exists() and not is_hub_id(name):
+        raise FileNotFoundError(f"model path {name!r} does not exist (and is not a hub id such as "
+                                f"'HuggingFaceTB/SmolLM2-135M-Instruct'); pass 'default', a model folder or a hub id.")
     cached = try_to_load_from_cache(name, "config.json") if "/" in name and not path.exists() else None
     if isinstance(cached, str):
         return AutoConfig.from_pretrained(Path(cached).parent), f"{cached} (Hugging Face cache)"
