@@ -126,6 +126,11 @@ def test_selective_combines_with_lora_and_two_sparse_adapters_cannot_share_a_par
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "needs target_modules, target_parameters or layers_to_transform"),
     ({"target_parameters": ["nope"]}, "matched no parameter"),
+    # each selector given must select something, even when the other does (it was ignored silently)
+    ({"target_parameters": ["norm.weight"], "target_modules": [r"nosuch_proj"]},
+     r"^target_modules=\['nosuch_proj'\] matched no parameter of this model"),
+    ({"target_parameters": ["nope.weight"], "target_modules": "model\\.layers\\.1\\.mlp\\.down_proj"},
+     r"^target_parameters=\['nope.weight'\] matched no parameter"),
 ])
 def test_selective_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

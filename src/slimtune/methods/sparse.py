@@ -199,17 +199,24 @@ class SelectiveMethod(SparseMethod):
         layers = config.layers_to_transform
         assert not isinstance(layers, int)  # __post_init__ made a one-element list of a single index
         chosen = []
+        matched = {"target_modules": False, "target_parameters": False}
         for name, _ in self.eligible(model, config):
             module_name = name.rpartition(".")[0]
             by_module = config.target_modules is not None and any(
                 name_matches(m, config.target_modules) for m in _prefixes(module_name))
             by_param = config.target_parameters is not None and name_matches(name, config.target_parameters)
+            matched["target_modules"] |= by_module
+            matched["target_parameters"] |= by_param
             everything = config.target_modules is None and config.target_parameters is None
             if not (by_module or by_param or everything):
                 continue
             if layers is not None and layer_index(name, config.layers_pattern) not in layers:
                 continue
             chosen.append(name)
+        for key, hit in matched.items():  # each given selector must select something, as LoRA's targets must
+            if getattr(config, key) is not None and not hit:
+                raise ValueError(f"{key}={getattr(config, key)!r} matched no parameter of this model; parameter "
+                                 f"names look like {[n for n, _ in self.eligible(model, config)][:4]}.")
         if not chosen:
             raise ValueError(
                 f"SELECTIVE matched no parameter (target_modules={config.target_modules!r}, target_parameters="
