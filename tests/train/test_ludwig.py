@@ -94,8 +94,9 @@ def test_template_fields_task_and_a_template_less_prompt(tmp_path):
 
 def test_the_shipped_recipe_and_overrides(tmp_path):
     recipe = load_recipe("ludwig-smollm2-pycode", ["training.max_steps=2", "trainer.learning_rate=0.01",
-                                                   "output.dir=" + str(tmp_path / "run")])
+                                                   "output.dir=" + str(tmp_path / "run"), "distributed.strategy=ddp"])
     assert recipe.model.name_or_path == "default" and recipe.quantization is not None
+    assert recipe.distributed is not None and recipe.distributed.strategy == "ddp"  # every slimtune section sits beside
     assert (recipe.training.max_steps, recipe.training.learning_rate) == (2, 0.01)  # slimtune's section wins
     example = load_examples(recipe.data.dataset, split="validation", max_examples=1)[0]
     plain = load_examples("pycode-alpaca", split="validation", max_examples=1)[0]

@@ -44,7 +44,7 @@ from slimtune.train.schema import RecipeError
 LUDWIG_KEYS = ("model_type", "base_model", "input_features", "output_features", "prompt", "adapter", "quantization",
                "trainer", "generation", "preprocessing", "backend", "model_parameters", "defaults", "hyperopt",
                "ludwig_version")
-SLIMTUNE_SECTIONS = ("description", "model", "data", "training", "output", "demo")
+SLIMTUNE_SECTIONS = ("description", "model", "data", "training", "output", "demo", "distributed")
 # Ludwig's base_model presets (ludwig/schema/llms/base_model.py, MODEL_PRESETS), a subset: the causal LMs.
 PRESETS = {
     "codellama-7b": "codellama/CodeLlama-7b-hf", "codellama-7b-instruct": "codellama/CodeLlama-7b-instruct-hf",
