@@ -312,7 +312,8 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, base_config: Any, path: str 
     bad = [k for k, v in problems.items() if v]
     if bad:
         raise ValueError(f"adapter fields {[f'{k}={lora.get(k)!r}' for k in bad]} have no GGUF LoRA form (plain "
-                         "LoRA pairs, one alpha); merge the adapter and export with write_gguf instead.")
+                         "LoRA pairs, one alpha); merge the adapter into the model instead (`slimtune merge "
+                         "--format gguf`, or write_gguf from Python).")
     config = _load_config(base_config)
     _check_config(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -106,7 +106,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, name, text, error, message):
 def test_missing_file_empty_split_and_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"Dataset '.*nope.jsonl' does not exist"):
         load_examples(tmp_path / "nope.jsonl")
-    with pytest.raises(ValueError, match=r"Split 'validation' of dataset 'in-memory examples' is empty"):
+    with pytest.raises(ValueError, match=r"Split 'validation' of dataset 'in-memory examples' is empty .*raise "
+                                         r"data\.validation_fraction or give data\.eval_dataset.*--split all"):
         load_examples(ROWS[:1], split="validation", validation_fraction=0.0)
     with pytest.raises(ValueError, match=r"split 'dev' is unknown"):
         load_examples(ROWS, split="dev")

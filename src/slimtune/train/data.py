@@ -478,7 +478,8 @@ def load_examples(
         examples = split_examples(examples, split, validation_fraction)
         if not examples:
             raise DataError(
-                f"Split {split!r} of dataset {name!r} is empty (validation_fraction={validation_fraction}); "
-                f"use a larger validation_fraction or pass a separate evaluation file."
+                f"Split {split!r} of dataset {name!r} is empty (validation_fraction={validation_fraction}): in a "
+                f"recipe, raise data.validation_fraction or give data.eval_dataset; with `slimtune eval`, pass "
+                f"--split all to read every row."
             )
     return examples[:max_examples] if max_examples is not None else examples
