@@ -232,6 +232,9 @@ def test_slimtune_train_disk_full_then_read_only_then_resumes_to_the_same_adapte
 
     assert train(recipe, "--resume") == 0
     assert folder_bytes(run / "adapter") == expected
+    summary = json.loads((run / "summary.json").read_text())  # this session's wall time is said to be that
+    assert summary["resumed_at_step"] == 4 and "since the resume at step 4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "straight" / "summary.json").read_text())["resumed_at_step"] is None
     report({"suite": "save_failures", "kind": "slimtune train", "failures": 2, "resumed_identical": 1})
 
 

@@ -207,7 +207,8 @@ def _finalize(recipe: Recipe, trainer: Trainer, run: RunFolder, ctx: DistContext
         "device": trainer.device.type,
         "world_size": ctx.world_size, "strategy": strategy,
         "train_seconds": round(trainer.state.train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - wall_start, 2),
+        "wall_seconds": round(time.perf_counter() - wall_start, 2),  # this process's (train_seconds: every one's)
+        "resumed_at_step": trainer.resumed_at,
         "eval_loss_before": trainer.eval_before, "eval_loss_after": eval_after,
         "adapter": str(run.adapter), "loss_plot": None,
     }

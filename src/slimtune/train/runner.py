@@ -301,7 +301,8 @@ def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer,
         "peak_memory_mb": round(trainer.peak_memory_mb, 1), "process_peak_rss_mb": round(process_peak_rss_mb(), 1),
         "device": trainer.device.type,
         "train_seconds": round(trainer.state.train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - wall_start, 2),
+        "wall_seconds": round(time.perf_counter() - wall_start, 2),  # this process's (train_seconds: every one's)
+        "resumed_at_step": trainer.resumed_at,
         "eval_loss_before": trainer.eval_before, "eval_loss_after": eval_after,
         "adapter": str(run.adapter), "loss_plot": str(plot) if plot else None,
     }
@@ -322,7 +323,10 @@ def format_summary(s: dict[str, Any], report: TrainableReport, run_dir: Path) ->
         f"peak memory      : {s['peak_memory_mb'] / 1024:.2f} GiB ({memory} while training); whole process "
         f"{s['process_peak_rss_mb'] / 1024:.2f} GiB (VmHWM, file-backed mmap pages included)",
         f"steps / tokens   : {s['steps']} / {s['tokens']:,} ({rate:,.0f} tokens/s)",
-        f"wall time        : {human_seconds(s['wall_seconds'])} (training {human_seconds(s['train_seconds'])})",
+        f"wall time        : {human_seconds(s['wall_seconds'])} (training {human_seconds(s['train_seconds'])})"
+        if s.get("resumed_at_step") is None else
+        f"wall time        : {human_seconds(s['wall_seconds'])} since the resume at step {s['resumed_at_step']} "
+        f"(training {human_seconds(s['train_seconds'])} over the whole run)",
         f"eval loss        : {before:.4f} -> {after:.4f} (perplexity {math.exp(before):.2f} -> {math.exp(after):.2f})",
         f"run folder       : {run_dir} (adapter/, metrics.jsonl{', loss.png' if s['loss_plot'] else ''})",
     ]

@@ -251,6 +251,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir, settings.report_to if self.is_main else [], run_config=self.config_snapshot)
         self.peak_memory_mb = 0.0  # during training steps in this process
         self._epoch_iter: Iterator | None = None
+        self.resumed_at: int | None = None  # the step this process resumed at (None: it started the run)
 
     # ---- data -----------------------------------------------------------------------------------
     def _step_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
@@ -343,6 +344,7 @@ class Trainer:
         self._epoch_iter = None
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
+        self.resumed_at = self.state.step
         set_rng_state(rng)
         self.metrics.truncate_after(self.state.step)
 
@@ -360,6 +362,7 @@ class Trainer:
         saved, rng = load_distributed_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dist)
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
+        self.resumed_at = self.state.step
         set_rng_state(rng)
         if self.is_main:
             self.metrics.truncate_after(self.state.step)
