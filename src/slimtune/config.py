@@ -80,6 +80,22 @@ def layer_list(value: Any) -> Any:
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def check_layer_targets(config: Any) -> None:
+    """Normalise and check, in place, the fields the layer-wrapping configs share (PEFT's names):
+    ``target_modules`` and ``exclude_modules`` (a list, or a full-match regex string), the head copy a SEQ_CLS
+    task trains by default, ``layers_to_transform``, and the values of ``rank_pattern``/``alpha_pattern``."""
+    config.target_modules = str_list("target_modules", config.target_modules)
+    if hasattr(config, "exclude_modules"):
+        config.exclude_modules = str_list("exclude_modules", config.exclude_modules)
+    config.modules_to_save = default_head(config.task_type, config.modules_to_save)
+    config.layers_to_transform = layer_selection(config.target_modules, config.layers_to_transform,
+                                                 config.layers_pattern)
+    for key, rank in getattr(config, "rank_pattern", {}).items():
+        check_positive_int(f"rank_pattern[{key!r}]", rank)
+    for key, alpha in getattr(config, "alpha_pattern", {}).items():
+        check_positive_number(f"alpha_pattern[{key!r}]", alpha)
+
+
 def layer_selection(target_modules: Any, layers_to_transform: Any, layers_pattern: Any) -> Any:
     """``layers_to_transform`` as a list, checked as PEFT checks it: a regex ``target_modules`` selects layers by
     itself (PEFT refuses both; "all-linear" is written out as names when saved, so it may take them), and a
@@ -211,11 +227,4 @@ class LoraConfig(MethodConfig):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {LORA_INITS}."
             )
-        self.target_modules = str_list("target_modules", self.target_modules)
-        self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
-        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-        self.layers_to_transform = layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
-        for key, rank in self.rank_pattern.items():
-            check_positive_int(f"rank_pattern[{key!r}]", rank)
-        for key, alpha in self.alpha_pattern.items():
-            check_positive_number(f"alpha_pattern[{key!r}]", alpha)
+        check_layer_targets(self)

@@ -6,34 +6,19 @@ import copy
 import peft
 import pytest
 import torch
+from lycoris_cases import lycoris_pair
 from tiny_models import FAMILIES, logits, one_thread, sample_inputs, tiny_gpt2, tiny_llama, train_losses  # noqa: F401
 
 import slimtune
 from slimtune.methods.lokr import LokrLinear, split_dimension
 
 TOL = 1e-5
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "bert": ["query", "value"], "t5": ["q", "v", "wo"]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _kwargs(family, **extra):
-    kwargs = {"r": 4, "alpha": 6, "target_modules": TARGETS[family], **extra}
-    if family == "bert":
-        kwargs.update(task_type="SEQ_CLS", modules_to_save=["classifier"])
-    return kwargs
-
-
 def _pair(family, **extra):
-    """A base model, PEFT's LoKr with random factors (none zero), and ours holding the same factors."""
-    base = FAMILIES[family][0]()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoKrConfig(init_weights=False, **_kwargs(family, **extra)))
-    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LokrConfig(**_kwargs(family, **extra)))
-    state = {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()
-             if "lokr_" in k or "modules_to_save" in k}
-    result = ours.load_state_dict(state, strict=False)
-    assert state and not result.unexpected_keys and not [k for k in result.missing_keys if "lokr_" in k]
-    return base, theirs.eval(), ours.eval()
+    return lycoris_pair("lokr", family, **extra)
 
 
 def _shapes(layer):
@@ -72,14 +57,6 @@ def test_new_adapter_is_a_no_op_with_peft_shapes(options, q_shapes):
         v.numel() for k, v in theirs.named_parameters() if v.requires_grad)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert", "t5"])
-def test_forward_matches_peft(family):
-    base, theirs, ours = _pair(family, alpha=24)  # a strong adapter: the outputs differ from the base clearly
-    inputs = sample_inputs(family)
-    expected = logits(theirs, inputs)
-    torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
-    assert (expected - logits(base, inputs)).abs().max() > 0.01 * expected.abs().max()  # the adapter matters
-
 
 @pytest.mark.parametrize("options", [{"r": 1, "decompose_both": True}, {"decompose_factor": 2, "r": 2},
                                      {"rank_pattern": {"v_proj": 1}, "alpha_pattern": {"down_proj": 12}}])
@@ -110,21 +87,6 @@ def test_forward_is_the_scaled_kronecker_product_without_building_it():
         torch.testing.assert_close(getattr(layer, name)["default"].grad, reference.grad, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_adapter_files_move_both_ways(family, tmp_path):
-    base, theirs, ours = _pair(family)
-    inputs = sample_inputs(family)
-    slimtune.save_adapter(ours, tmp_path / "ours")
-    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    torch.testing.assert_close(logits(in_peft, inputs), logits(ours, inputs), atol=TOL, rtol=0)
-    theirs.save_pretrained(tmp_path / "theirs")
-    in_ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
-    torch.testing.assert_close(logits(in_ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
-    from safetensors.torch import load_file
-
-    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
-        set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
-
 
 def test_a_rank_no_tensor_has_still_loads(tmp_path):
     """r = 16 on 32-wide layers leaves both Kronecker factors full: no tensor in the file is 16 wide."""
@@ -135,28 +97,6 @@ def test_a_rank_no_tensor_has_still_loads(tmp_path):
     torch.testing.assert_close(logits(loaded, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
 
 
-def test_merge_unmerge_and_unload_keep_the_outputs():
-    base, _, ours = _pair("llama")
-    inputs = sample_inputs("llama")
-    expected = logits(ours, inputs)
-    before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    slimtune.merge_adapter(ours)
-    torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
-    slimtune.unmerge_adapter(ours)
-    for name, param in ours.named_parameters():
-        if name.replace(".base_layer", "") in before:
-            torch.testing.assert_close(param, before[name.replace(".base_layer", "")], atol=1e-6, rtol=0)
-    plain = slimtune.merge_and_unload(ours)
-    assert not any(isinstance(m, LokrLinear) for m in plain.modules())
-    torch.testing.assert_close(logits(plain, inputs), expected, atol=TOL, rtol=0)
-
-
-def test_gpt2_conv1d_merges_in_its_own_layout():
-    model = slimtune.add_adapter(tiny_gpt2(), slimtune.LokrConfig(r=2, target_modules=["c_attn"], init_weights=False))
-    inputs = sample_inputs("gpt2")
-    expected = logits(model, inputs)
-    slimtune.merge_adapter(model)
-    torch.testing.assert_close(logits(model, inputs), expected, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("scale", [False, True])
@@ -173,18 +113,6 @@ def test_rank_dropout_drops_output_rows_rescaled_only_when_asked(scale):
     torch.testing.assert_close(got, layer.base_layer(x) + x @ delta.T, atol=1e-5, rtol=0)
     assert 0 < keep.sum() < 32 and keep.mean() != 1  # some rows dropped, some kept: the rescale is visible
 
-
-def test_module_dropout_skips_the_whole_adapter_sometimes_in_training_only():
-    _, _, ours = _pair("llama", module_dropout=0.5)
-    layer = ours.model.layers[0].self_attn.q_proj
-    x = torch.randn(3, 32)
-    base_out = layer.base_layer(x)
-    layer.train()
-    torch.manual_seed(0)
-    skipped = sum(torch.equal(layer(x), base_out) for _ in range(40))
-    assert 5 < skipped < 35  # about half the calls
-    layer.eval()
-    assert all(not torch.equal(layer(x), base_out) for _ in range(5))
 
 
 @pytest.mark.parametrize("init", [True, "lycoris"])

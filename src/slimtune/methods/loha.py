@@ -8,31 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import (
-    MethodConfig,
-    check_positive_int,
-    check_positive_number,
-    check_probability,
-    default_head,
-    layer_selection,
-    str_list,
-)
+from slimtune.config import MethodConfig
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import LOW_RANK_TARGETS
 from slimtune.methods.layers import TunerLayer
-from slimtune.methods.targets import is_adaptable_linear, pattern_value
+from slimtune.methods.lycoris import LycorisConfig, rank_dropout_keep
+from slimtune.methods.targets import pattern_value, wrap_linear
 
 
 @dataclass
-class LohaConfig(MethodConfig):
+class LohaConfig(LycorisConfig):
     """LoHa with PEFT's field names: ``ΔW = (alpha / r) · (W1a W1b) ⊙ (W2a W2b)``.
 
     ``rank_dropout`` drops output rows of ΔW while training (rescaled by the kept fraction, as PEFT);
@@ -41,30 +34,7 @@ class LohaConfig(MethodConfig):
 
     peft_type: ClassVar[str] = "LOHA"
 
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
     init_weights: bool = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_positive_int("r", self.r, hint=" (the rank of each of LoHa's two pairs, e.g. 8)")
-        check_positive_number("alpha", self.alpha, hint=" (scaling is alpha / r)")
-        check_probability("rank_dropout", self.rank_dropout)
-        check_probability("module_dropout", self.module_dropout)
-        self.target_modules = str_list("target_modules", self.target_modules)
-        self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
-        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-        self.layers_to_transform = layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
 
 
 class _HadamardDelta(torch.autograd.Function):
@@ -142,8 +112,7 @@ class LohaLinear(TunerLayer):
                 continue  # the whole adapter skipped for this call
             delta = self.hadamard_delta(name)  # (out, in)
             if self.training and self.rank_dropout[name]:
-                keep = (torch.rand(delta.shape[0], device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
-                delta = delta * (keep / keep.mean().clamp_min(1e-12))[:, None]
+                delta = delta * rank_dropout_keep(delta.shape[0], self.rank_dropout[name], delta)[:, None]
             result = result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
         return result
 
@@ -159,7 +128,4 @@ class LohaMethod(LayerMethod):
     default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
-        if is_adaptable_linear(base):
-            return LohaLinear(base)
-        raise TypeError(f"LoHa wraps linear layers (nn.Linear, transformers Conv1D, slimtune quantized linear), not a "
-                        f"{type(base).__name__}; pick other target_modules.")
+        return wrap_linear(base, LohaLinear, "LoHa")

@@ -8,32 +8,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from slimtune.config import (
-    MethodConfig,
-    check_positive_int,
-    check_positive_number,
-    check_probability,
-    default_head,
-    layer_selection,
-    str_list,
-)
+from slimtune.config import MethodConfig
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import LOW_RANK_TARGETS
 from slimtune.methods.layers import TunerLayer
-from slimtune.methods.targets import is_adaptable_linear, pattern_value
+from slimtune.methods.lycoris import LycorisConfig, rank_dropout_keep
+from slimtune.methods.targets import pattern_value, wrap_linear
 
 LOKR_INITS = (True, False, "lycoris")
 
 
 @dataclass
-class LokrConfig(MethodConfig):
+class LokrConfig(LycorisConfig):
     """LoKr with PEFT's field names: ``ΔW = (alpha / r) · W1 ⊗ W2`` (a Kronecker product).
 
     Each dimension is split into two factors, ``out = a · b`` and ``in = c · d`` (the pair nearest its square root,
@@ -49,43 +42,18 @@ class LokrConfig(MethodConfig):
     # (and whatever r, a layer's tensors hold at most (a · c + b · d) + 2 r (b + d) values with r < max(b, d) / 2).
     rank_is_a_dimension: ClassVar[bool] = False
 
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False  # convolutions only; slimtune's LoKr wraps linear layers
     decompose_both: bool = False
     decompose_factor: int = -1
     rank_dropout_scale: bool = False
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    init_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int("r", self.r, hint=" (the rank of LoKr's decomposed factors, e.g. 8)")
-        check_positive_number("alpha", self.alpha, hint=" (scaling is alpha / r)")
-        check_probability("rank_dropout", self.rank_dropout)
-        check_probability("module_dropout", self.module_dropout)
         if self.init_weights not in LOKR_INITS:
             raise ValueError(f"init_weights={self.init_weights!r} is not supported; use one of {LOKR_INITS}.")
         if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int) \
                 or (self.decompose_factor < 1 and self.decompose_factor != -1):
             raise ValueError(f"decompose_factor={self.decompose_factor!r}: use -1 (split each dimension near its "
                              "square root) or a positive int (one factor of each split).")
-        self.target_modules = str_list("target_modules", self.target_modules)
-        self.exclude_modules = str_list("exclude_modules", self.exclude_modules)
-        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-        self.layers_to_transform = layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
-        for key, rank in self.rank_pattern.items():
-            check_positive_int(f"rank_pattern[{key!r}]", rank)
-        for key, alpha in self.alpha_pattern.items():
-            check_positive_number(f"alpha_pattern[{key!r}]", alpha)
 
 
 def split_dimension(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -196,8 +164,7 @@ class LokrLinear(TunerLayer):
             X = x.to(w1.dtype).reshape(*x.shape[:-1], c, d)
             delta = (w1 @ (X @ w2.T)).reshape(*x.shape[:-1], a * b) * self.scaling[name]  # W1 X W2ᵀ
             if self.training and self.rank_dropout[name]:
-                keep = (torch.rand(a * b, device=delta.device) > self.rank_dropout[name]).to(delta.dtype)
-                delta = delta * (keep / keep.mean().clamp_min(1e-12) if self.rank_dropout_scale[name] else keep)
+                delta = delta * rank_dropout_keep(a * b, self.rank_dropout[name], delta, self.rank_dropout_scale[name])
             result = result + delta.to(result.dtype)
         return result
 
@@ -212,7 +179,4 @@ class LokrMethod(LayerMethod):
     default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
-        if is_adaptable_linear(base):
-            return LokrLinear(base)
-        raise TypeError(f"LoKr wraps linear layers (nn.Linear, transformers Conv1D, slimtune quantized linear), not a "
-                        f"{type(base).__name__}; pick other target_modules.")
+        return wrap_linear(base, LokrLinear, "LoKr")

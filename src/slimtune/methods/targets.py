@@ -48,6 +48,14 @@ def is_adaptable_linear(module: nn.Module) -> bool:
     return is_dense_linear(module) or isinstance(module, QuantizedLinear)
 
 
+def wrap_linear(base: nn.Module, layer_class: type[TunerLayer], method: str) -> TunerLayer:
+    """``layer_class(base)`` for a method that wraps linear layers only; a clear error for any other module."""
+    if is_adaptable_linear(base):
+        return layer_class(base)
+    raise TypeError(f"{method} wraps linear layers (nn.Linear, transformers Conv1D, slimtune quantized linear), not a "
+                    f"{type(base).__name__}; pick other target_modules.")
+
+
 def wrappable_names(model: nn.Module) -> list[str]:
     """Every module a LoRA-style method can wrap (linear, Conv1D, quantized linear, embedding)."""
     return [n for n, m in model.named_modules() if n and (is_adaptable_linear(m) or isinstance(m, nn.Embedding))]

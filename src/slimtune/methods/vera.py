@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.config import MethodConfig, check_probability, default_head, layer_selection, str_list
+from slimtune.config import MethodConfig, check_layer_targets, check_probability
 from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.core.state import AdapterState
 from slimtune.methods.contract import LayerMethod, tuner_layers
@@ -64,9 +64,7 @@ class VeraConfig(MethodConfig):
             raise ValueError(f"d_initial={self.d_initial!r} must be a number (the initial λ_d, e.g. 0.1).")
         if self.bias not in VERA_BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a VeRA bias mode; use one of {VERA_BIAS_MODES}.")
-        self.target_modules = str_list("target_modules", self.target_modules)
-        self.modules_to_save = default_head(self.task_type, self.modules_to_save)
-        self.layers_to_transform = layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
+        check_layer_targets(self)
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
