@@ -217,3 +217,21 @@ def test_dare_on_conv1d_prunes_in_peft_layout(tmp_path, monkeypatch):
     calls.clear()
     slimtune.combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab", **options)
     assert from_files == sorted(calls) == [torch.Size([32, 96])] * 4  # c_attn: in 32, out 96; 2 adapters × 2 blocks
+
+
+def test_a_single_adapter_is_combined_linearly_whatever_the_options(tmp_path):
+    """PEFT combines one adapter 'linear' and ignores the SVD and pruning options; so does add_weighted_adapter."""
+    base = tiny_llama()
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+                                 adapter_name="a")
+    theirs.save_pretrained(tmp_path, selected_adapters=["a"])
+    ours = slimtune.load_adapter(base, tmp_path / "a", "a")
+    inputs = sample_inputs("llama")
+    for i, options in enumerate([{"combination_type": "svd", "svd_clamp": 0.8},
+                                 {"combination_type": "ties_svd", "svd_clamp": 0.9, "density": 0.3}]):
+        theirs.add_weighted_adapter(["a"], [0.7], f"x{i}", **options)
+        theirs.set_adapter(f"x{i}")
+        slimtune.add_weighted_adapter(ours, ["a"], [0.7], f"x{i}", **options)
+        slimtune.set_adapter(ours, f"x{i}")
+        torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)

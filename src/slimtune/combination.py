@@ -220,7 +220,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     """
     del svd_full_matrices, svd_driver
     if len(adapters) == 1:
-        combination_type, density = "linear", None
+        combination_type, density, svd_clamp = "linear", None, None
     rank = None
     if combination_type in SVD_TYPES:
         known = get_state(model).configs

@@ -112,11 +112,17 @@ def layer_selection(target_modules: Any, layers_to_transform: Any, layers_patter
     return layer_list(layers_to_transform)
 
 
+# The freshly initialised task heads PEFT trains a copy of, by task type (its PeftModelFor* classes).
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
 def default_head(task_type: str | None, modules_to_save: list[str] | None) -> list[str] | None:
-    """PEFT trains a copy of the classification head for SEQ_CLS unless told otherwise (``[]`` = no head)."""
+    """PEFT trains a copy of a classification or answer-span head (:data:`TASK_HEADS`) unless told otherwise
+    (``[]`` = no head); its files then hold the head, and PEFT cannot load one without it."""
     modules_to_save = str_list("modules_to_save", modules_to_save, allow_str=False)
-    if task_type == "SEQ_CLS" and modules_to_save is None:
-        return ["classifier", "score"]
+    if task_type in TASK_HEADS and modules_to_save is None:
+        return list(TASK_HEADS[task_type])
     return modules_to_save
 
 

@@ -377,6 +377,37 @@ def test_a_prompt_adapter_without_task_type_takes_the_models_and_peft_applies_it
     assert (logits(model, inputs)[:, -plain.shape[1]:] - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("head", ["BertForTokenClassification", "BertForQuestionAnswering",
+                                  "LlamaForTokenClassification"])
+def test_a_prompt_adapter_of_a_token_or_span_head_carries_the_head_as_peft_does(head, tmp_path):
+    """PEFT trains (and its loader expects) a copy of the new classifier / qa_outputs head for TOKEN_CLS and
+    QUESTION_ANS, as for SEQ_CLS: the saved adapter holds it, and PEFT loads it with the same outputs."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    labels = 2 if "QuestionAnswering" in head else 3  # a span head: start and end
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, num_labels=labels) if head.startswith("Bert") else \
+        transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, num_labels=labels)
+    base = getattr(transformers, head)(config).eval()
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.PromptTuningConfig(num_virtual_tokens=3))
+    strengthen_prompts(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1)  # the head copy moves away from the base's
+    slimtune.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_out, theirs_out = model.eval()(input_ids=ids), theirs(input_ids=ids)
+    for key in ("logits", "start_logits", "end_logits"):
+        if getattr(ours_out, key, None) is not None:
+            torch.testing.assert_close(getattr(theirs_out, key), getattr(ours_out, key), atol=TOL, rtol=0)
+
+
 def test_the_task_of_a_model_without_a_known_head_must_be_given():
     from transformers import BertConfig, BertForMaskedLM
 
