@@ -9,8 +9,10 @@ Each rule takes same-shaped task tensors ``τᵢ`` (LoRA factors, or whole weigh
 - ``dare_linear`` / ``dare_ties`` (DARE, Yu et al. 2023): drop each entry with probability ``1 - density`` and
   rescale the survivors by ``1 / density``, then ``linear`` / TIES' sign election.
 
-These are the rules, and the random draws, of PEFT's ``add_weighted_adapter``: DARE draws from torch's global
-generator in the same order, so ``torch.manual_seed`` makes both libraries drop the same entries.
+These are the rules of PEFT's ``add_weighted_adapter``. DARE draws from torch's global generator, tensor by tensor
+in PEFT's order and layout (the same generator states drop the same entries); ``torch.manual_seed`` makes a
+combination reproducible. PEFT draws the new adapter's initial weights before it prunes, so one seed does not give
+both libraries the same drops.
 """
 
 from __future__ import annotations
