@@ -235,3 +235,30 @@ def test_a_single_adapter_is_combined_linearly_whatever_the_options(tmp_path):
         slimtune.add_weighted_adapter(ours, ["a"], [0.7], f"x{i}", **options)
         slimtune.set_adapter(ours, f"x{i}")
         torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+
+
+def test_peft_files_with_saved_embedding_weights_combine(tmp_path):
+    """PEFT saves the base embedding beside an adapter that targets it (save_embedding_layers="auto"): the copy is
+    carried into the combination when the files agree on it, and refused when they do not."""
+    from safetensors.torch import load_file, save_file
+
+    config = {"r": 4, "target_modules": ["q_proj", "embed_tokens"], "init_lora_weights": False}
+    torch.manual_seed(6)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config), adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(**config))
+    for name in ("a", "b"):
+        theirs.save_pretrained(tmp_path, selected_adapters=[name])
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in load_file(tmp_path / "a" / "adapter_model.safetensors")  # what PEFT wrote
+    slimtune.combine_adapter_files([tmp_path / "a", tmp_path / "b"], [0.6, 0.4], tmp_path / "ab")
+    assert key in load_file(tmp_path / "ab" / "adapter_model.safetensors")
+    live = slimtune.load_adapter(tiny_llama(), tmp_path / "a", "a")
+    slimtune.load_adapter(live, tmp_path / "b", "b")
+    slimtune.combine_adapters(live, ["a", "b"], [0.6, 0.4], "ab", activate=True)
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(slimtune.load_adapter(tiny_llama(), tmp_path / "ab"), inputs),
+                               logits(live, inputs), atol=1e-5, rtol=0)
+    tensors = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    save_file({**tensors, key: tensors[key] + 1}, tmp_path / "b" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="hold different copies of the base weight model.embed_tokens.base_layer"):
+        slimtune.combine_adapter_files([tmp_path / "a", tmp_path / "b"], [0.6, 0.4], tmp_path / "ab2")

@@ -239,8 +239,15 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
     configs = _check_combination([str(p) for p in paths], weights, [read_adapter_config(p) for p in paths])
     per_module: dict[str, list[Factors]] = {}
     shapes: dict[str, tuple[str, str, int, int]] = {}  # module → (first path, kind, in, out)
+    carried: dict[str, tuple[str, torch.Tensor]] = {}  # base weight key → (first path, tensor)
     for path, config, weight in zip(paths, configs, weights):
-        for module, (kind, A, B, s) in _file_pairs(path, config).items():
+        file_pairs, base_weights = _file_pairs(path, config)
+        for key, tensor in base_weights.items():
+            first_path, kept = carried.setdefault(key, (str(path), tensor))
+            if kept.shape != tensor.shape or not torch.equal(kept, tensor):
+                raise ValueError(f"{path} and {first_path} hold different copies of the base weight {key} (a "
+                                 "resized vocabulary?); combine adapters of one base model only.")
+        for module, (kind, A, B, s) in file_pairs.items():
             shape = (kind, A.shape[1], B.shape[0])
             first = shapes.setdefault(module, (str(path), *shape))
             if first[1:] != shape:
@@ -256,6 +263,7 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
         tensors[f"{PEFT_PREFIX}{module}.{a_key}"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{module}.{b_key}"] = B.contiguous()
         ranks[module] = A.shape[0]
+    tensors.update({f"{PEFT_PREFIX}{key}": tensor.contiguous() for key, (_, tensor) in carried.items()})
     folder = Path(output)
     data = {**_combined_config(configs[0], ranks).to_dict(), "inference_mode": True}
     with atomic_folder(folder) as tmp:
@@ -264,8 +272,10 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
     return folder
 
 
-def _file_pairs(path, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """module → (kind, A, B, s) read from an adapter folder."""
+def _file_pairs(path, config: LoraConfig) -> tuple[dict[str, tuple[str, torch.Tensor, torch.Tensor, float]],
+                                                    dict[str, torch.Tensor]]:
+    """(module → (kind, A, B, s), base weights) read from an adapter folder. The base weights are those PEFT saves
+    beside the factors of an adapted embedding or output layer (``save_embedding_layers``: a resized vocabulary)."""
     tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_adapter_tensors(path).items()}
     out = {}
     for key, A in tensors.items():
@@ -276,9 +286,12 @@ def _file_pairs(path, config: LoraConfig) -> dict[str, tuple[str, torch.Tensor, 
                 alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
                 s = lora_scaling(alpha, A.shape[0], config.use_rslora)
                 out[module] = (kind, A, tensors[module + b_suffix], s)
-    other = [k for k in tensors if not any(k == m + suffix for m in out for suffix in (
-        ".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"))]
+    factors = {m + suffix for m in out for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A",
+                                                       ".lora_embedding_B")}
+    base = {k: v for k, v in tensors.items() if k not in factors
+            and any(k in (f"{m}.base_layer.weight", f"{m}.base_layer.bias") for m in out)}
+    other = [k for k in tensors if k not in factors and k not in base]
     if other:
         raise ValueError(f"{path} holds tensors that are not plain LoRA factors, e.g. {other[:2]}; only LoRA "
                          "adapters combine.")
-    return out
+    return out, base
