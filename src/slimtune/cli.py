@@ -124,7 +124,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     adapters = _adapters(args)
     seq2seq = "`slimtune eval` scores causal language models (each example's answer after its prompt); {} a " \
               "sequence-to-sequence model: evaluate it from Python, or read its answers with `slimtune generate`."
-    if adapters and adapters_task_type(adapters) != "CAUSAL_LM":  # before the (slow) model load
+    if adapters and adapters_task_type(adapters) not in (None, "CAUSAL_LM"):  # before the (slow) model load
         raise ValueError(seq2seq.format("the adapter is for"))
     model, tokenizer = _load(args)
     if getattr(model.config, "is_encoder_decoder", False):

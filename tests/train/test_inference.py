@@ -80,14 +80,16 @@ def _t5_with_adapter(tmp_path, config):
     return model.eval(), tokenizer
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prompt", "lora-without-task-type"])
 def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, method):
     """generate loads the model class the adapter's task_type names (it loaded a causal LM and failed), reads the
     prompt as the encoder's input and prints the decoder's answer; eval refuses clearly."""
     import slimtune
 
     config = {"lora": slimtune.LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"),
-              "prompt": slimtune.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM")}[method]
+              "prompt": slimtune.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"),
+              # LoraConfig's default task_type is None: the base model's config says encoder-decoder
+              "lora-without-task-type": slimtune.LoraConfig(r=2, target_modules=["q", "v"])}[method]
     model, tokenizer = _t5_with_adapter(tmp_path, config)
     ids = tokenizer("def add(a, b):", return_tensors="pt")["input_ids"]
     expected = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
@@ -103,7 +105,7 @@ def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, met
     data = tmp_path / "eval.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     assert main(["eval", *argv, "--data", str(data), "--split", "all"]) == 2
-    assert "the adapter is for a sequence-to-sequence model" in capsys.readouterr().err
+    assert "a sequence-to-sequence model: evaluate it from Python" in capsys.readouterr().err
 
 
 def test_an_adapter_of_a_classifier_is_refused_by_name(tmp_path):

@@ -74,19 +74,29 @@ def base_model_of(adapter_dir: Path) -> str:
 GENERATIVE_TASKS = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
-def adapters_task_type(adapters: list[tuple[str, Path]]) -> str:
-    """The model class the adapters were trained on (their configs' ``task_type``; none given: a causal LM). Only
+def adapters_task_type(adapters: list[tuple[str, Path]]) -> str | None:
+    """The model class the adapters were trained on (their configs' ``task_type``; None when none names one). Only
     language models generate; adapters of two different tasks cannot share one base."""
     tasks = {name: read_adapter_config(path).task_type for name, path in adapters}
     named = {task for task in tasks.values() if task is not None}
     if len(named) > 1:
         raise ValueError(f"the adapters were trained for different tasks ({tasks}); load adapters of one task.")
-    task = named.pop() if named else "CAUSAL_LM"
-    if task not in GENERATIVE_TASKS:
+    task = named.pop() if named else None
+    if task is not None and task not in GENERATIVE_TASKS:
         raise ValueError(f"adapter(s) {sorted(n for n, t in tasks.items() if t == task)} are {task} adapters: "
                          f"`slimtune generate`, `eval` and `merge` run language models ({', '.join(GENERATIVE_TASKS)}"
                          "); use a classification adapter from Python (slimtune.load_adapter).")
     return task
+
+
+def model_task_type(model_name: str) -> str:
+    """A base model's language-model class from its config: sequence-to-sequence for an encoder-decoder (T5,
+    BART), else causal; causal when the config cannot be read here (loading then says why)."""
+    try:
+        config, _ = resolve_config(model_name)
+    except (OSError, ValueError):
+        return "CAUSAL_LM"
+    return "SEQ_2_SEQ_LM" if getattr(config, "is_encoder_decoder", False) else "CAUSAL_LM"
 
 
 def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]], load_in_4bit: bool | None = None,
@@ -111,6 +121,7 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
         raise ValueError(f"kernels={kernels!r} is not a kernel mode; use one of {list(KERNEL_MODES)}.")
     if model_name is None:
         model_name = base_model_of(adapters[0][1]) if adapters else "default"
+    task_type = task_type or model_task_type(model_name)  # adapters saved without a task_type: the base's class
     quant = None
     if load_in_4bit or (load_in_4bit is None and adapters):
         quant = (run_quantization(adapters[0][1]) if adapters else None) or (QuantConfig() if load_in_4bit else None)
