@@ -109,3 +109,17 @@ def test_an_inf_or_nan_weight_is_refused_and_the_model_left_unchanged(make_llama
     from transformers import AutoModelForCausalLM
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight: the weight has inf or NaN values in 1 "):
         load_quantized(lambda: AutoModelForCausalLM.from_config(model.config), tmp_path, config)
+
+
+def test_a_weight_that_overflows_the_dtype_asked_for_is_named_as_such(make_llama, tmp_path):
+    """A finite fp32 weight of 1e6 loaded as fp16 becomes inf: the error says the cast overflowed, not the file."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e6
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"up_proj.weight: its torch.float32 values overflow torch.float16 \(largest "
+                                         r"\|value\| 1e\+06\); load the model in a wider dtype"):
+        load_quantized(lambda: AutoModelForCausalLM.from_config(model.config, dtype=torch.float16), tmp_path,
+                       QuantConfig())

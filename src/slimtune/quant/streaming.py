@@ -277,6 +277,11 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
         try:
             layer.quantize_(w)
         except ValueError as error:
+            raw = source.get(key_prefix + "weight")
+            if raw.dtype != dtype and bool(torch.isfinite(raw).all()):  # finite as stored: the cast overflowed
+                raise ValueError(f"{key_prefix}weight: its {raw.dtype} values overflow {dtype} (largest |value| "
+                                 f"{float(raw.abs().max()):.3g}); load the model in a wider dtype, e.g. bfloat16 or "
+                                 "float32.") from None
             raise ValueError(f"{key_prefix}weight: {error}") from None
         del w
         if has_bias:
