@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from run_helpers import tiny_model_dir
 
 from slimtune.cli import main
@@ -56,7 +57,6 @@ def test_the_base_model_an_adapter_names_is_used_or_its_absence_said(tmp_path, c
 
 def _t5_with_adapter(tmp_path, config):
     """A tiny T5 folder (with the tests' tokenizer) and an adapter trained for it, saved by slimtune."""
-    import torch
     from train_helpers import make_tokenizer
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -68,6 +68,7 @@ def _t5_with_adapter(tmp_path, config):
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id))
+    base.generation_config.eos_token_id = None  # random weights may say EOS at once: always write max_new_tokens
     base.save_pretrained(tmp_path / "t5")
     tokenizer.save_pretrained(tmp_path / "t5")
     torch.manual_seed(1)
@@ -96,12 +97,19 @@ def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, met
     argv = ["--model", str(tmp_path / "t5"), "--adapter", str(tmp_path / "adapter"), "--device", "cpu"]
     assert main(["generate", *argv, "--max-new-tokens", "6", "-p", "def add(a, b):"]) == 0
     printed = capsys.readouterr().out.strip()
-    assert printed == tokenizer.decode(expected[0], skip_special_tokens=True).strip() and printed
+    assert printed == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
     from slimtune.train.generation import generate_text
 
     loaded, _ = inference.load_with_adapters(str(tmp_path / "t5"), [("default", tmp_path / "adapter")], device="cpu",
                                              log=lambda m: None)
     assert generate_text(loaded, tokenizer, "def add(a, b):", 6, silent=True).strip() == printed
+    # A random tiny T5 may write the same tokens with or without the adapter: its logits say it was loaded.
+    with torch.no_grad():
+        start = torch.tensor([[model.config.decoder_start_token_id]])
+        adapted = model(input_ids=ids, decoder_input_ids=start).logits
+        torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=start).logits, adapted, atol=1e-5, rtol=0)
+        with slimtune.disable_adapters(model):
+            assert (model(input_ids=ids, decoder_input_ids=start).logits - adapted).abs().max() > 1e-3
     data = tmp_path / "eval.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     assert main(["eval", *argv, "--data", str(data), "--split", "all"]) == 2
