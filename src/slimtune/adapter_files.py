@@ -43,7 +43,7 @@ from torch import nn
 from slimtune.config import MethodConfig
 from slimtune.core.files import atomic_folder, check_name, inside, recover_folder, write_file, writer_in_progress
 from slimtune.core.state import find_state, get_state
-from slimtune.core.tensor_files import SafetensorsReader
+from slimtune.core.tensor_files import SafetensorsReader, read_pickled_tensors
 from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, remove_adapter
 from slimtune.methods import REGISTRY, method_for
@@ -251,15 +251,7 @@ def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) ->
                 pickle_file, "refusing to load a pickle file: unpickling can run arbitrary code. Re-save the adapter "
                 "as safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True if "
                 "you trust its source.")
-        try:  # even when allowed, only tensors and containers: torch's restricted unpickler runs no code
-            tensors = torch.load(pickle_file, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - the unpickler raises many types for a hostile or damaged file
-            raise InvalidFileError(pickle_file, f"refused by torch's weights-only loader ({type(error).__name__}: "
-                                                f"{str(error).splitlines()[0] if str(error) else ''}).") from None
-        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                    for k, v in tensors.items()):
-            raise InvalidFileError(pickle_file, "does not hold a mapping of tensor names to tensors.")
-        return tensors
+        return read_pickled_tensors(pickle_file)  # even when allowed, torch's restricted unpickler runs no code
     try:
         with SafetensorsReader(weights) as reader:
             return reader.tensors()

@@ -97,9 +97,18 @@ def test_a_hostile_pickle_adapter_is_refused_even_when_pickles_are_allowed(tmp_p
     fresh = tiny_llama()
     with pytest.raises(InvalidFileError, match=r"adapter_model\.bin: refusing to load a pickle file"):
         slimtune.load_adapter(fresh, folder)
-    with pytest.raises(InvalidFileError, match=r"adapter_model\.bin: refused by torch's weights-only loader"):
+    with pytest.raises(InvalidFileError, match=r"adapter_model\.bin: refused by torch's weights-only loader") as info:
         slimtune.load_adapter(fresh, folder, allow_pickle=True)
+    assert "weights_only" not in str(info.value)  # torch's advice to unpickle it unrestricted is not passed on
     assert not marker.exists() and not hasattr(fresh, "slimtune_state")
+    from slimtune.adapterhub import load_adapterhub, save_adapterhub  # AdapterHub's pickles: the same reader
+
+    hub = slimtune.add_adapter(tiny_llama(), slimtune.BottleneckConfig(placement="adapterhub"), "a")
+    save_adapterhub(hub, tmp_path / "hub", "a")
+    (tmp_path / "hub" / "adapter.safetensors").unlink()
+    (tmp_path / "hub" / "pytorch_adapter.bin").write_bytes(b"not a pickle")
+    with pytest.raises(InvalidFileError, match=r"pytorch_adapter\.bin: refused by torch's weights-only loader"):
+        load_adapterhub(tiny_llama(), tmp_path / "hub", allow_pickle=True)
 
 
 def test_an_old_pickle_checkpoint_is_refused_not_read(tmp_path):

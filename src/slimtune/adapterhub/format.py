@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from slimtune.core.tensor_files import read_pickled_tensors
+
 CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 HEAD_CONFIG_NAME = "head_config.json"
@@ -168,7 +170,7 @@ def read_weights(folder: Path, names: tuple[str, str], allow_pickle: bool, requi
                 "unpickling can run code. Pass allow_pickle=True if you trust its source (read with "
                 "torch.load(weights_only=True)), or save it again in adapters with use_safetensors=True."
             )
-        return dict(torch.load(pickled, map_location="cpu", weights_only=True))
+        return read_pickled_tensors(pickled)
     if required:
         raise FileNotFoundError(f"{folder} has neither {names[0]} nor {names[1]}.")
     return None

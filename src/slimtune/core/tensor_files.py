@@ -181,3 +181,21 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``, validated (see :class:`SafetensorsReader`)."""
     with SafetensorsReader(path) as reader:
         return reader.tensors()
+
+
+def read_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A pickle file of named tensors (PEFT's ``adapter_model.bin``, AdapterHub's ``pytorch_adapter.bin``), read by
+    torch's weights-only unpickler, which runs no code; anything else in it, or a damaged file, is an
+    :class:`InvalidFileError` naming the file (never the advice to unpickle it unrestricted)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - the unpickler raises many types for a hostile or damaged file
+        # torch's own message advises weights_only=False for a file it refused: the unsafe route, not repeated here
+        raise InvalidFileError(Path(path), f"refused by torch's weights-only loader ({type(error).__name__}): the "
+                                           "file is damaged, or holds more than named tensors. Re-save the adapter as "
+                                           "safetensors from a source you trust.") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise InvalidFileError(Path(path), "does not hold a mapping of tensor names to tensors.")
+    return tensors
+
