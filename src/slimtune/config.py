@@ -113,16 +113,16 @@ def layer_selection(target_modules: Any, layers_to_transform: Any, layers_patter
 
 
 # The freshly initialised task heads PEFT trains a copy of, by task type (its PeftModelFor* classes).
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+TASK_HEAD_MODULES = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
               "QUESTION_ANS": ["qa_outputs"]}
 
 
 def default_head(task_type: str | None, modules_to_save: list[str] | None) -> list[str] | None:
-    """PEFT trains a copy of a classification or answer-span head (:data:`TASK_HEADS`) unless told otherwise
+    """PEFT trains a copy of a classification or answer-span head (:data:`TASK_HEAD_MODULES`) unless told otherwise
     (``[]`` = no head); its files then hold the head, and PEFT cannot load one without it."""
     modules_to_save = str_list("modules_to_save", modules_to_save, allow_str=False)
-    if task_type in TASK_HEADS and modules_to_save is None:
-        return list(TASK_HEADS[task_type])
+    if task_type in TASK_HEAD_MODULES and modules_to_save is None:
+        return list(TASK_HEAD_MODULES[task_type])
     return modules_to_save
 
 

@@ -86,7 +86,7 @@ def cached_heads_without_the_field(config: Any) -> int | None:
 
 
 # Class-name endings of transformers' task heads → PEFT's task type (checked in this order).
-TASK_HEADS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+HEAD_CLASS_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
               ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
 
 
@@ -97,7 +97,7 @@ def task_type_of(model: nn.Module) -> str:
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "Classification" not in name \
             and "QuestionAnswering" not in name:
         return "SEQ_2_SEQ_LM"
-    for ending, task_type in TASK_HEADS:
+    for ending, task_type in HEAD_CLASS_TASKS:
         if name.endswith(ending):
             return task_type
     if name.endswith("Model") and "For" not in name:
