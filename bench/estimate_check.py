@@ -45,6 +45,7 @@ from slimtune.estimate.memory import human
 from slimtune.train.recipe import load_recipe
 
 QLORA, LORA = "qlora-smollm2-pycode", "lora-smollm2-pycode"
+PROMPT, P_TUNING = "prompt-tuning-smollm2-pycode", "p-tuning-smollm2-pycode"
 _SMALL = ["training.batch_size=1", "training.gradient_accumulation_steps=1"]
 
 # name -> (recipe, overrides). Sequence length is the row length (every row full).
@@ -65,6 +66,9 @@ VALIDATION = {
     "v8": (LORA, [*_SMALL, "data.max_seq_length=384", "method.lora_dropout=0.0"]),
     "v9": (LORA, ["training.batch_size=2", "training.gradient_accumulation_steps=1", "data.max_seq_length=256",
                   "model.gradient_checkpointing=false", "training.loss=full", "method.r=8"]),
+    # prompt methods: the model's own full-vocabulary loss over the virtual tokens' positions too
+    "p1": (PROMPT, [*_SMALL, "data.max_seq_length=384", "method.num_virtual_tokens=128"]),
+    "p2": (P_TUNING, [*_SMALL, "data.max_seq_length=256", "method.num_virtual_tokens=64"]),
     # other shapes, not used for fitting: Llama-3.2-1B and the Qwen2 family, random weights in their shapes
     "l1": (QLORA, [*_SMALL, "model.name_or_path=meta-llama/Llama-3.2-1B", "model.init=random",
                    "data.max_seq_length=256"]),
@@ -162,7 +166,7 @@ def _between(before: DeviceProfile, after: DeviceProfile) -> DeviceProfile:
 
 
 def _describe(recipe: str, extra: list[str]) -> str:
-    kind = "QLoRA" if recipe == QLORA else "LoRA"
+    kind = {QLORA: "QLoRA", LORA: "LoRA", PROMPT: "prompt tuning", P_TUNING: "P-tuning"}[recipe]
     short = [o.split(".", 1)[1].replace("gradient_checkpointing", "ckpt").replace("max_seq_length", "seq")
              for o in extra if not o.startswith(("training.batch_size=1", "training.gradient_accumulation_steps=1"))]
     return f"{kind} " + " ".join(short)

@@ -162,6 +162,18 @@ def test_prompt_tuning_cannot_use_the_chunked_loss(tiny_folder):
     assert not est.chunked and est.layout.virtual_tokens == 8
 
 
+def test_virtual_tokens_add_logits_rows_but_no_scored_rows(tiny_folder):
+    """Prompt tuning's virtual tokens get logits (the model's output covers them) but no labels: the loss
+    copies and log-softmaxes the text's label rows only (train.trainer.loss_sum), so against LoRA with the
+    full loss on the same rows the loss term grows by the virtual tokens' fp32 logits and nothing more."""
+    seq, virtual, vocab = 64, 8, 512
+    data, training = {"max_seq_length": seq}, {"loss": "full"}
+    prompt = predict(make_recipe(tiny_folder, {**METHODS["prompt"], "num_virtual_tokens": virtual}, data=data,
+                                 training=training), TEST_CPU, timing=False)
+    lora = predict(make_recipe(tiny_folder, data=data, training=training), TEST_CPU, timing=False)
+    assert prompt.memory.component("logits") - lora.memory.component("logits") == virtual * vocab * 4
+
+
 @pytest.mark.parametrize("optim", ["adamw", "adamw_8bit"])
 def test_optimizer_state_bytes_equal_the_optimizers(optim, tiny_folder):
     recipe = make_recipe(tiny_folder, {**METHODS["lora"], "r": 32})  # 32 × 160 ≥ 4096: some stored in 8 bits

@@ -170,7 +170,9 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
         comps.append(Component("optimizer", "optimizer states paged to host", state_host,
                                "pinned host memory, fetched per tensor for its update", on_device=False))
     tokens = tokens_of(batch, seq, layout)
-    label_tokens = max(tokens - batch, 1)  # every position but the last of a row is scored (upper bound)
+    # every text position but the last of a row is scored (an upper bound); prompt tuning's virtual tokens get
+    # logits too (in ``tokens``) but no labels: the loss copies and log-softmaxes the text's rows only
+    label_tokens = max(batch * (seq - 1), 1)
     logits, logits_why = loss_bytes(shape, tokens, label_tokens, chunked, prec)
     on_path = sum(1 for b in acts.per_layer if b)
     if acts.recompute_layer:
