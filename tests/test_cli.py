@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "train"))  # the tiny model and r
 from run_helpers import tiny_recipe, write_recipe  # noqa: E402
 
 from slimtune.cli import main  # noqa: E402
+from slimtune.train.data import load_examples, split_examples  # noqa: E402
 
 
 def test_train_generate_eval_merge(capsys, tmp_path):
@@ -51,6 +52,12 @@ def test_train_generate_eval_merge(capsys, tmp_path):
     assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all",
                  "--max-seq-length", "28"]) == 0  # the rows' prompts are 26 to 29 tokens
     assert "left out by --max-seq-length 28" in capsys.readouterr().out
+    # a file's validation split is the training run's: --validation-fraction is data.validation_fraction
+    for share in (0.3, 0.7):
+        assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"),
+                     "--validation-fraction", str(share)]) == 0
+        held_out = split_examples(load_examples(tmp_path / "eval.jsonl"), "validation", validation_fraction=share)
+        assert f"| {len(held_out)} examples," in capsys.readouterr().out
 
     # merge: a plain transformers folder with the logits of 4-bit base + adapter
     merged = tmp_path / "merged"
@@ -118,7 +125,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     recipe = tiny_recipe(tmp_path)
     override, expected = {
         "missing data": ("data.dataset=" + str(tmp_path / "nope.jsonl"), r"nope.jsonl' does not exist"),
-        "empty data": ("data.dataset=" + _bad(tmp_path, "empty.jsonl", "\n"), "is empty: it has no rows"),
+        "empty data": ("data.dataset=" + _bad(tmp_path, "empty.jsonl", "\n"), "the file is empty; it needs rows"),
         "row without fields": ("data.dataset=" + _bad(tmp_path, "bad.jsonl", '{"prompt": "a", "response": "b"}\n'
                                                       '{"question": "c"}\n'), r"bad.jsonl: line 2: row has no"),
         "unknown model": ("model.name_or_path=" + str(tmp_path / "no-model"), r"no-model' does not exist"),
@@ -147,6 +154,7 @@ def test_console_script_in_a_subprocess(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--batch-size", "0"], "argument --batch-size: 0 must be at least 1"),
+    (["eval", "--validation-fraction", "1"], "argument --validation-fraction: 1.0 must be between 0 and 1"),
     (["eval", "--batch-size", "-1"], "argument --batch-size: -1 must be at least 1"),
     (["eval", "--max-seq-length", "x"], "argument --max-seq-length: 'x' is not a whole number"),
     (["generate", "-p", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be at least 1"),

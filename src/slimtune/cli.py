@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
+from slimtune.train.pycode import VALIDATION_FRACTION
 
 # RecipeError is a ValueError; SlimtuneError covers the rest (NotMergeableError is a RuntimeError)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, SlimtuneError)
@@ -45,6 +46,17 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{value} must be a finite number ≥ 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a share of the rows)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (exclusive)")
     return value
 
 
@@ -120,7 +132,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.train.tokenization import tokenize_examples
     from slimtune.train.trainer import evaluate_loss
 
-    examples = load_examples(args.data, split=args.split, max_examples=args.max_examples)
+    examples = load_examples(args.data, split=args.split, validation_fraction=args.validation_fraction,
+                             max_examples=args.max_examples)
     adapters = _adapters(args)
     seq2seq = "`slimtune eval` scores causal language models (each example's answer after its prompt); {} a " \
               "sequence-to-sequence model: evaluate it from Python, or read its answers with `slimtune generate`."
@@ -244,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, "adapter folder (optional)")
     p.add_argument("--data", default="pycode", help="'pycode' or a .jsonl/.json/.csv/.tsv/.txt file (default pycode)")
     p.add_argument("--split", default="validation", choices=["train", "validation", "all"])
+    p.add_argument("--validation-fraction", type=fraction, default=VALIDATION_FRACTION,
+                   help="the share of a file's rows held out as its validation split: the training run's "
+                        f"data.validation_fraction (default {VALIDATION_FRACTION})"),
     p.add_argument("--max-examples", type=positive_int, default=None)
     p.add_argument("--max-seq-length", type=positive_int, default=512)
     p.add_argument("--batch-size", type=positive_int, default=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import types
+from dataclasses import replace
 
 import datasets
 import pyarrow as pa
@@ -13,9 +14,12 @@ import pytest
 import torch
 from train_helpers import tiny_llama
 
+from slimtune.errors import DataError
 from slimtune.train import data as data_module
 from slimtune.train.batching import BatchIterator, collate, epoch_order
-from slimtune.train.data import load_examples, split_examples
+from slimtune.train.data import load_examples, normalize_example, split_examples
+from slimtune.train.recipe import recipe_from_dict
+from slimtune.train.runner import load_data
 from slimtune.train.templates import encode_conversation, encode_example, encode_prompt, render_plain
 from slimtune.train.tokenization import IGNORE_INDEX, tokenize_examples
 
@@ -78,11 +82,14 @@ def test_hash_split_is_disjoint_and_complete():
         ("d.jsonl", '{"prompt": "a", "response": "b"}\n\n{"question": "q", "answer": "a"}\n', ValueError,
          r"d.jsonl: line 3: row has no 'prompt' and 'response' .* its fields are \['answer', 'question'\]"),
         ("d.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": \n', ValueError, r"line 2: not valid JSON"),
-        ("d.jsonl", "", ValueError, r"d.jsonl' is empty: it has no rows"),
+        ("d.jsonl", "", ValueError, r"d.jsonl: the file is empty; it needs rows"),
+        ("d.json", " \n", ValueError, r"d.json: the file is empty; it needs rows"),
+        ("d.jsonl", "\n\n", ValueError, r"d.jsonl: the file is empty"),
         ("d.csv", "prompt,answer\nq,a\n", ValueError, r"d.csv: line 2: row has no .* \['answer', 'prompt'\]"),
         ("d.csv", "prompt,response\nq,a\nq\n", ValueError, r"d.csv: line 3: field 'response' is empty \(null"),
         ("d.jsonl", '{"prompt": "q", "response": null}\n', ValueError, r"line 1: field 'response' is empty"),
-        ("d.json", '{"rows": 3}', ValueError, r"or an object with a 'all' list or a 'data' list; .* \['rows'\]"),
+        ("d.json", '{"rows": 3}', ValueError,
+         r"object with named lists of rows \('train', and 'validation' or 'test'\) or a .data. list; .*\['rows'\]"),
         ("d.json", '[{"prompt": "a", "response": ""}]', ValueError, r"d.json: item 1: the response is empty"),
         ("d.json", '[{"prompt": 3, "response": "b"}]', ValueError, r"item 1: field 'prompt' must be a string, got int"),
         ("d.json", '[{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}]',
@@ -109,6 +116,11 @@ def test_missing_file_empty_split_and_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"Split 'validation' of dataset 'in-memory examples' is empty .*raise "
                                          r"data\.validation_fraction or give data\.eval_dataset.*--split all"):
         load_examples(ROWS[:1], split="validation", validation_fraction=0.0)
+    with pytest.raises(ValueError, match=r"Split 'train' .* is empty .*lower data\.validation_fraction"):
+        load_examples(ROWS[:1], split="train", validation_fraction=1.0)
+    empty_split = write(tmp_path / "d.json", json.dumps({"train": ROWS, "validation": []}))
+    with pytest.raises(ValueError, match=r"Split 'validation' of dataset '.*d.json' is empty: it has no rows"):
+        load_examples(empty_split, split="validation")
     with pytest.raises(ValueError, match=r"split 'dev' is unknown"):
         load_examples(ROWS, split="dev")
     monkeypatch.setattr(data_module, "datasets", None)  # as if not installed
@@ -119,14 +131,43 @@ def test_missing_file_empty_split_and_bad_arguments(tmp_path, monkeypatch):
 def test_hf_datasets_are_used_when_installed(monkeypatch):
     calls = []
 
-    def load_dataset(name, split=None):
-        calls.append((name, split))
-        return {"train": ROWS[:2], "test": ROWS[2:]} if split is None else ROWS[:1]
+    def load_dataset(name):
+        calls.append(name)
+        return {"train": ROWS[:2], "test": ROWS[2:]}
 
     monkeypatch.setattr(data_module, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    assert load_examples("someone/data", split="train") == NORMALIZED[:1]
+    assert load_examples("someone/data", split="train") == NORMALIZED[:2]
+    assert load_examples("someone/data", split="validation") == NORMALIZED[2:]  # "test" is the held-out split
     assert load_examples("someone/data") == [NORMALIZED[2]] + NORMALIZED[:2]  # every split, by name
-    assert calls == [("someone/data", "train"), ("someone/data", None)]
+    assert calls == ["someone/data"] * 3
+
+
+def test_a_source_with_named_splits_trains_on_train_only_also_beside_an_eval_dataset(tmp_path):
+    train_rows = [{"prompt": f"train {i}", "response": "a"} for i in range(5)]
+    held_out = [{"prompt": f"held out {i}", "response": "b"} for i in range(3)]
+    folder = tmp_path / "dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train_rows),
+                          "test": datasets.Dataset.from_list(held_out)}).save_to_disk(folder)
+    as_json = write(tmp_path / "splits.json", json.dumps({"train": train_rows, "validation": held_out}))
+    other = write(tmp_path / "other.jsonl", "".join(json.dumps(r) + "\n" for r in held_out[:1]))
+    for source in (str(folder), str(as_json)):
+        for eval_dataset in (None, str(other)):
+            recipe = recipe_from_dict({"method": {"peft_type": "LORA"},
+                                       "data": {"dataset": source, "eval_dataset": eval_dataset}})
+            train, evals = load_data(recipe)
+            assert train == train_rows, (source, eval_dataset)
+            assert evals == (held_out if eval_dataset is None else held_out[:1])
+    # a dataset separate from the eval data is read whole; one that names only "train" is split by hash
+    whole = recipe_from_dict({"method": {"peft_type": "LORA"}, "data": {"dataset": str(other)}})
+    assert load_data(replace(whole, data=replace(whole.data, eval_dataset=str(other))))[0] == held_out[:1]
+    only_train = write(tmp_path / "only_train.json", json.dumps({"train": ROWS}))
+    assert load_examples(only_train, split="train", validation_fraction=0.5) == \
+        split_examples(NORMALIZED, "train", validation_fraction=0.5)
+    assert load_examples(only_train, split="validation", validation_fraction=0.5) == \
+        split_examples(NORMALIZED, "validation", validation_fraction=0.5)
+    no_train = write(tmp_path / "no_train.json", json.dumps({"test": ROWS}))
+    with pytest.raises(ValueError, match=r"no 'train' split: it has \['test'\].*data\.eval_dataset"):
+        load_examples(no_train, split="train")
 
 
 def test_pycode_is_a_builtin_source():
@@ -190,6 +231,44 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}<|im_end|>{% endfor %}"
     with pytest.raises(ValueError, match="renders earlier turns differently"):
         encode_conversation(SHAREGPT_NORMALIZED, tok)
+
+
+def test_a_system_note_between_turns_is_context_not_an_answer(plain_tokenizer):
+    conversation = {"conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"},
+                                      {"from": "system", "value": "NOTE"}, {"from": "human", "value": "u2"},
+                                      {"from": "gpt", "value": "a2"}]}
+    (row,) = tokenize_examples([normalize_example(conversation, "row")], plain_tokenizer, max_length=256).rows
+    assert _trained_spans(plain_tokenizer, row) == ["a1", "a2<|im_end|>"]
+    assert "NOTE" in plain_tokenizer.decode(row["input_ids"])
+
+
+def test_a_given_empty_system_prompt_is_rendered_and_an_empty_cell_is_none(chat_tokenizer, tmp_path):
+    chat = normalize_example({"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "yo"}]}, "row")
+    prompt, _ = encode_example(chat, chat_tokenizer)
+    expected = chat_tokenizer.apply_chat_template(
+        [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}], tokenize=False,
+        add_generation_prompt=True)
+    assert chat_tokenizer.decode(prompt) == expected and expected.startswith("<|im_start|>system\n<|im_end|>")
+    table = write(tmp_path / "d.csv", "system,prompt,response\n,hi,yo\nBe brief.,hi,yo\n")
+    assert load_examples(table) == [{"prompt": "hi", "response": "yo"},
+                                    {"prompt": "hi", "response": "yo", "system": "Be brief."}]
+
+
+def test_a_chat_template_that_refuses_a_row_names_it_and_the_fix(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + chat_tokenizer.chat_template)
+    refused = r"prompt begins 'hi': the tokenizer's chat template refuses its turns \['system', 'user'.*System role " \
+              r"not supported.*data\.use_chat_template: false"
+    with pytest.raises(DataError, match=refused):
+        tokenize_examples([{"system": "be brief", "prompt": "hi", "response": "yo"}], tok, max_length=64)
+    with pytest.raises(DataError, match=refused):
+        tokenize_examples([{"system": "be brief", "prompt": "hi", "response": "yo", "train_all_turns": True}], tok,
+                          max_length=64)
+    with pytest.raises(DataError, match=refused):
+        encode_prompt({"system": "be brief", "prompt": "hi"}, tok)
+    assert tokenize_examples([{"prompt": "hi", "response": "yo"}], tok, max_length=64).rows
 
 
 def test_parquet_arrow_and_saved_datasets(tmp_path, monkeypatch):

@@ -102,6 +102,8 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"model": {"device": "gpu"}, **MINIMAL}, r"^model\.device: device='gpu' is not a device"),
     ({"quantization": {"blocksize": 48}, **MINIMAL}, r"^quantization\.blocksize: blocksize=48 is not supported"),
     ({"data": {"max_seq_length": 1}, **MINIMAL}, r"^data\.max_seq_length: "),
+    ({"data": {"dataset": " "}, **MINIMAL}, r"^data\.dataset: dataset=' ' is empty; give a file"),
+    ({"data": {"eval_dataset": ""}, **MINIMAL}, r"^data\.eval_dataset: eval_dataset='' is empty; .*null"),
     ({"method": {"peft_type": "LORA", "task_type": "SEQ_CLS"}}, r"^method\.task_type: 'SEQ_CLS' is not supported"),
     ({"description": 3, **MINIMAL}, r"^description: expected a string"),
     ({"training": {"adam_epsilon": -1}, **MINIMAL}, r"^training\.adam_epsilon: adam_epsilon=-1.0 must be positive"),

@@ -161,8 +161,8 @@ def _steps(recipe: Recipe) -> tuple[int | None, str]:
     if t.max_steps is not None:
         return t.max_steps, "training.max_steps"
     try:
-        examples = load_examples(data.dataset, split="all" if data.eval_dataset else "train",
-                                 validation_fraction=data.validation_fraction, max_examples=data.max_train_examples)
+        examples = load_examples(data.dataset, split="train", validation_fraction=data.validation_fraction,
+                                 max_examples=data.max_train_examples, hash_split=data.eval_dataset is None)
     except (OSError, ValueError) as error:
         return None, f"steps unknown: the data did not load ({error})"
     if data.packing:

@@ -54,6 +54,8 @@ pyarrow_ipc: OptionalModule | None = OptionalModule("pyarrow.ipc", "pip install 
 
 BUILTIN_DATASETS = ("pycode", "pycode-alpaca")
 SPLITS = ("train", "validation", "all")
+# A source's held-out split, by the names datasets use for it, in order of preference (TRL evaluates on "test").
+HELD_OUT_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "txt",
            ".parquet": "parquet", ".arrow": "arrow"}
 PROMPT_KEYS = ("prompt", "instruction", "input")
@@ -151,7 +153,7 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
         example = _from_messages(row["messages"], where)
     elif row.get("conversations") is not None:
         example = _from_sharegpt(row["conversations"], where)
-        if row.get("system") is not None and "system" not in example:
+        if row.get("system") is not None and "system" not in example and _text(row, "system", where):
             example["system"] = _text(row, "system", where)
     else:
         prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
@@ -172,7 +174,7 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
         if extra is not None and _text(row, "input", where).strip():
             prompt = f"{prompt}\n\n{extra}" if prompt else extra
         example = {"prompt": prompt, "response": _text(row, response_key, where)}
-        if row.get("system") is not None:
+        if row.get("system") is not None and _text(row, "system", where):  # an empty cell: no system prompt
             example["system"] = _text(row, "system", where)
     if not example["response"].strip():
         raise DataError(f"{where}: the response is empty; every example needs text to learn.")
@@ -183,6 +185,8 @@ def _read_text(path: Path) -> str:
     """The file's text (UTF-8, a leading BOM dropped); bytes that are not UTF-8 are a :class:`DataError` naming
     the line."""
     data = path.read_bytes()
+    if not data.strip():
+        raise DataError(f"{path}: the file is empty; it needs rows to learn from.")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -214,16 +218,16 @@ def _read_json(path: Path, split: str) -> tuple[Iterator[tuple[str, Any]], bool]
         raise DataError(f"{path}: JSON nested too deeply to read.") from None
     named_split = False
     if isinstance(data, Mapping):
-        if isinstance(data.get(split), list):
-            data, named_split = data[split], True
-        elif isinstance(data.get("data"), list):
+        lists = sorted(k for k, v in data.items() if isinstance(v, list))
+        if isinstance(data.get("data"), list) and "train" not in lists:
             data = data["data"]
-        elif split == "all" and data and all(isinstance(v, list) for v in data.values()):
-            data, named_split = [row for part in data.values() for row in part], True  # every named split
+        elif {"train", *HELD_OUT_SPLITS} & set(lists) or (split == "all" and data and len(lists) == len(data)):
+            names, named_split = pick_splits(lists, split, str(path))
+            data = [row for name in names for row in data[name]]
         else:
             raise DataError(
-                f"{path}: expected a JSON list of rows, or an object with a {split!r} list or a 'data' list; "
-                f"found an object with keys {sorted(data)[:20]}."
+                f"{path}: expected a JSON list of rows, or an object with named lists of rows ('train', and "
+                f"'validation' or 'test') or a 'data' list; found an object with keys {sorted(data)[:20]}."
             )
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}.")
@@ -300,8 +304,28 @@ def split_examples(
     return [ex for ex in examples if is_val(ex) == (split == "validation")]
 
 
-def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
-    """Rows of a Hugging Face dataset (a ``save_to_disk`` folder or a hub id); needs ``datasets``."""
+def pick_splits(names: Sequence[str], split: str, source: str) -> tuple[list[str], bool]:
+    """Which of a source's named splits ``split`` reads, and whether they ARE that split (False: the source
+    names no held-out split, so its ``train`` rows are split by content hash like a file's).
+
+    ``train`` reads ``train``; ``validation`` the first of :data:`HELD_OUT_SPLITS` the source has; ``all``
+    every split, in name order.
+    """
+    if split == "all":
+        return sorted(names), True
+    held_out = next((n for n in HELD_OUT_SPLITS if n in names), None)
+    if split == "validation" and held_out is not None:
+        return [held_out], True
+    if "train" in names:
+        return ["train"], held_out is not None
+    raise DataError(f"Dataset {source!r} has no {split!r} split: it has {sorted(names)}. Name its splits 'train' "
+                    f"and 'validation' (or 'test'), or read it whole: give it as data.eval_dataset, or pass "
+                    f"--split all to `slimtune eval`.")
+
+
+def _load_hf(source: str, split: str) -> tuple[Iterable[tuple[str, Any]], bool]:
+    """Rows of a Hugging Face dataset (a ``save_to_disk`` folder or a hub id; needs ``datasets``), and whether
+    the dataset named the split (see :func:`pick_splits`)."""
     if not datasets:
         raise FileNotFoundError(
             f"Dataset {source!r} is not a file, and it is not the built-in {list(BUILTIN_DATASETS)}. Pass a "
@@ -311,19 +335,19 @@ def _load_hf(source: str, split: str) -> Iterable[tuple[str, Any]]:
         if Path(source).is_dir():
             data = datasets.load_from_disk(source)
         else:
-            data = datasets.load_dataset(source, split=None if split == "all" else split)
+            data = datasets.load_dataset(source)
     except Exception as error:  # offline hub, unknown id, missing split: all need the same advice
         raise FileNotFoundError(
             f"Could not load dataset {source!r} with `datasets` ({type(error).__name__}: {error}). Pass a local "
             f"{'/'.join(sorted(FORMATS))} file, a `save_to_disk` folder, or {list(BUILTIN_DATASETS)}."
         ) from error
-    if isinstance(data, Mapping):  # DatasetDict: the named split, or every split in name order
-        if split != "all" and split not in data:
-            raise DataError(f"Dataset {source!r} has no split {split!r}; it has {sorted(data)}.")
-        parts = [(split, data[split])] if split != "all" else sorted(data.items())
-    else:
-        parts = [(split, data)]
-    return ((f"{source} [{name}] row {i}", row) for name, part in parts for i, row in enumerate(part))
+    named = False
+    if isinstance(data, Mapping):  # DatasetDict: the named split(s)
+        names, named = pick_splits(list(data), split, source)
+        parts = [(name, data[name]) for name in names]
+    else:  # one Dataset: a single set of rows
+        parts = [("rows", data)]
+    return ((f"{source} [{name}] row {i}", row) for name, part in parts for i, row in enumerate(part)), named
 
 
 @dataclass(frozen=True)
@@ -405,7 +429,7 @@ def _rows(source: str | os.PathLike | Sequence[Mapping[str, Any]], split: str,
             return name, _read_arrow_table(path, fmt), False
         return name, _read_csv(path, "," if fmt == "csv" else "\t"), False
     if path.is_dir() or ("/" in name and not name.startswith((".", "/", "~")) and path.suffix.lower() not in FORMATS):
-        return name, _load_hf(name, split), True  # a save_to_disk folder or an "owner/name" hub id
+        return (name, *_load_hf(name, split))  # a save_to_disk folder or an "owner/name" hub id
     raise FileNotFoundError(
         f"Dataset {name!r} does not exist. Pass an existing {'/'.join(sorted(FORMATS))} file, "
         f"or the built-in {list(BUILTIN_DATASETS)}."
@@ -442,6 +466,7 @@ def load_examples(
     split: str = "all",
     validation_fraction: float = VALIDATION_FRACTION,
     max_examples: int | None = None,
+    hash_split: bool = True,
 ) -> list[dict[str, Any]]:
     """Load normalized examples from ``source``.
 
@@ -452,9 +477,13 @@ def load_examples(
         split: ``"all"``, ``"train"`` or ``"validation"``. A file or list holds one set of rows: its
             train/validation split is by content hash (``validation_fraction`` of the rows). A JSON
             object of named lists (``{"train": [...], "validation": [...]}``) and HF datasets name
-            their own splits (``"all"`` joins them); the built-ins split by pycode's example ids.
+            their own splits (the held-out one may also be called ``test``, ``dev``, ...; ``"all"`` joins
+            them; one that names only ``train`` has its train rows split by hash); the built-ins split by
+            pycode's example ids.
         validation_fraction: share of rows in the hash-based validation split.
         max_examples: keep the first N examples (in file order) after splitting.
+        hash_split: False when the other split comes from elsewhere (a recipe's ``data.eval_dataset``): a
+            source that names no splits is then read whole, one that names them still gives ``split``.
 
     Raises:
         FileNotFoundError: the file does not exist (and is not a loadable dataset name).
@@ -473,13 +502,15 @@ def load_examples(
         rows = ((where, view.apply(row, where)) for where, row in rows)
     examples = [normalize_example(row, where) for where, row in rows]
     if not examples:
-        raise DataError(f"Dataset {name!r} is empty: it has no rows.")
-    if not named_split:
+        of = f"Split {split!r} of dataset {name!r}" if named_split and split != "all" else f"Dataset {name!r}"
+        raise DataError(f"{of} is empty: it has no rows.")
+    if not named_split and hash_split:
         examples = split_examples(examples, split, validation_fraction)
         if not examples:
+            change = "raise" if split == "validation" else "lower"
             raise DataError(
                 f"Split {split!r} of dataset {name!r} is empty (validation_fraction={validation_fraction}): in a "
-                f"recipe, raise data.validation_fraction or give data.eval_dataset; with `slimtune eval`, pass "
+                f"recipe, {change} data.validation_fraction or give data.eval_dataset; with `slimtune eval`, pass "
                 f"--split all to read every row."
             )
     return examples[:max_examples] if max_examples is not None else examples

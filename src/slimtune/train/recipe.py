@@ -85,6 +85,11 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.max_seq_length < 2:
             raise ValueError(f"max_seq_length={self.max_seq_length} must be at least 2.")
+        for name in ("dataset", "eval_dataset"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ValueError(f"{name}={value!r} is empty; give a file, a folder, a hub id or "
+                                 f"{'pycode' if name == 'dataset' else 'null (the held-out split of dataset)'}.")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in (0, 1).")
         for name in ("max_train_examples", "max_eval_examples"):

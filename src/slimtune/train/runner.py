@@ -144,12 +144,13 @@ def check_memory(recipe: Recipe, force: bool, log: Callable[[str], None], ranks:
 def load_data(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train examples, eval examples) as the data section says."""
     data = recipe.data
+    # with data.eval_dataset, each source is read whole (or as its named train / held-out split)
     separate = data.eval_dataset is not None
-    train = load_examples(data.dataset, split="all" if separate else "train",
-                          validation_fraction=data.validation_fraction, max_examples=data.max_train_examples)
-    evals = load_examples(data.dataset if data.eval_dataset is None else data.eval_dataset,
-                          split="all" if separate else "validation",
-                          validation_fraction=data.validation_fraction, max_examples=data.max_eval_examples)
+    train = load_examples(data.dataset, split="train", validation_fraction=data.validation_fraction,
+                          max_examples=data.max_train_examples, hash_split=not separate)
+    evals = load_examples(data.dataset if data.eval_dataset is None else data.eval_dataset, split="validation",
+                          validation_fraction=data.validation_fraction, max_examples=data.max_eval_examples,
+                          hash_split=not separate)
     return train, evals
 
 

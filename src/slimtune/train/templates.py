@@ -23,12 +23,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from slimtune.errors import DataError
+
 PLAIN_PROMPT = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
 def to_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The example as chat messages, the response last."""
-    messages = [{"role": "system", "content": example["system"]}] if example.get("system") else []
+    """The example as chat messages, the response last (a system prompt given as "" is rendered as such: the
+    template's default system prompt, which some write when there is none, is not the same text)."""
+    messages = [{"role": "system", "content": example["system"]}] if example.get("system") is not None else []
     messages += [{"role": m["role"], "content": m["content"]} for m in example.get("history", [])]
     messages += [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
     return messages
@@ -51,11 +54,26 @@ def render_plain(example: Mapping[str, Any]) -> tuple[str, str]:
     return "".join(parts), example["response"]
 
 
+def apply_template(tokenizer: Any, messages: list[dict[str, str]], example: Mapping[str, Any], **options: Any) -> str:
+    """``tokenizer.apply_chat_template`` as text; a template that refuses the conversation (Gemma's refuses a
+    system turn, many refuse two user turns in a row) is a :class:`DataError` naming the example."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as error:
+        if type(error).__module__.split(".")[0] != "jinja2":  # the templates' own raise_exception(...)
+            raise
+        first = str(example.get("prompt", ""))[:60]
+        raise DataError(f"the example whose prompt begins {first!r}: the tokenizer's chat template refuses its "
+                        f"turns {[m['role'] for m in messages]} ({error}). Reshape such rows (no system prompt, "
+                        "user and assistant turns alternating), or use the plain template: data.use_chat_template: "
+                        "false in a recipe, --no-chat-template for `slimtune generate` / `eval`.") from None
+
+
 def render_chat(example: Mapping[str, Any], tokenizer: Any) -> tuple[str, str]:
     """``(prompt_text, response_text)`` with the tokenizer's chat template."""
     messages = to_messages(example)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = apply_template(tokenizer, messages[:-1], example, add_generation_prompt=True)
+    full = apply_template(tokenizer, messages, example)
     # Templates are expected to extend the generation prompt; some (e.g. ones that insert a
     # reasoning block into the last turn) do not, so split at the longest shared prefix.
     cut = len(prompt) if full.startswith(prompt) else next(
@@ -147,7 +165,7 @@ def encode_prompt(
     example = {"prompt": prompt} if isinstance(prompt, str) else dict(prompt)
     if _use_chat(tokenizer, use_chat_template):
         messages = to_messages({**example, "response": ""})[:-1]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = apply_template(tokenizer, messages, example, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     return bos + tokenizer(render_plain({**example, "response": ""})[0], add_special_tokens=False)["input_ids"]
@@ -164,13 +182,13 @@ def _chat_segments(example: Mapping[str, Any], tokenizer: Any) -> list[tuple[str
     renderings of a conversation's prefixes are prefixes of the whole (ChatML, Llama 3, Mistral, ... are).
     """
     messages = to_messages(example)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    full = apply_template(tokenizer, messages, example)
     pieces, done = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = apply_template(tokenizer, messages[:i], example, add_generation_prompt=True)
+        through = apply_template(tokenizer, messages[: i + 1], example)
         if not (full.startswith(before) and full.startswith(through) and done <= len(before) <= len(through)):
             raise ValueError("the tokenizer's chat template renders earlier turns differently once later turns "
                              "follow, so every assistant turn cannot be trained; use chat 'messages' rows (only "
@@ -186,8 +204,8 @@ def _plain_segments(example: Mapping[str, Any]) -> list[tuple[str, bool]]:
     for turn in [*example.get("history", []), {"role": "user", "content": example["prompt"]}]:
         if turn["role"] == "user":
             pieces.append((PLAIN_PROMPT.format(prompt=turn["content"]), False))
-        else:
-            pieces += [(turn["content"], True), ("\n\n", False)]
+        else:  # an assistant turn is trained; a system note between turns is context, as a leading one is
+            pieces += [(turn["content"], turn["role"] == "assistant"), ("\n\n", False)]
     return [*pieces, (example["response"], True)]
 
 
