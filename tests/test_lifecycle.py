@@ -1,6 +1,9 @@
 """Several adapters on one base: switching, merging one, deleting, and the errors users hit."""
 
 
+import copy
+import warnings
+
 import pytest
 import torch
 from multi_adapter_cases import _two_lora_adapters
@@ -123,3 +126,36 @@ def test_an_adapter_added_to_a_model_in_eval_mode_runs_no_dropout(tmp_path, conf
         torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
         model.train()
         assert (model(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("target, twin", [("lm_head", "model.embed_tokens"), ("model.embed_tokens", "lm_head")])
+def test_an_adapter_on_a_tied_layer_warns_when_added_and_when_merged(target, twin):
+    """With tie_word_embeddings the embedding and lm_head hold one tensor: merging into one changes the other, so
+    the merged model differs from the unmerged one (as in PEFT, which warns too). Untied as the warning says, the
+    merge is exact and nothing is said."""
+    model = tiny_llama(tie_word_embeddings=True)
+    config = slimtune.LoraConfig(r=4, target_modules=[target], init_lora_weights=False)
+    with pytest.warns(UserWarning, match=rf"adapts {target}, whose weight is shared with \['{twin}'\] \(tied "
+                                         "embeddings\\).*merged model will differ from the unmerged one"):
+        slimtune.add_adapter(model, config)
+    inputs = sample_inputs("llama")
+    unmerged = logits(model, inputs)
+    with pytest.warns(UserWarning, match=rf"merging \['default'\] into {target} also changes \['{twin}'\]"):
+        merged = slimtune.merge_and_unload(copy.deepcopy(model))
+    assert (logits(merged, inputs) - unmerged).abs().max() > 0.1  # what the warnings are about
+    with pytest.warns(UserWarning, match=rf"trains a copy of {target} \(modules_to_save\), whose weight is "
+                                         rf"shared with \['{twin}'\]"):
+        slimtune.add_adapter(tiny_llama(tie_word_embeddings=True), slimtune.LoraConfig(
+            target_modules=["q_proj"], modules_to_save=[target]))
+
+    untied = tiny_llama(tie_word_embeddings=True)
+    layer = untied.get_submodule(target)
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+    untied.config.tie_word_embeddings = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slimtune.add_adapter(untied, config)
+        unmerged = logits(untied, inputs)
+        merged = logits(slimtune.merge_and_unload(untied), inputs)
+    assert not [w for w in caught if "tied" in str(w.message)]
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)

@@ -2,11 +2,13 @@
 
 import copy
 import json
+import warnings
 
 import peft
 import pytest
 import torch
-from tiny_models import FAMILIES, logits, sample_inputs, tiny_bert_cls, tiny_llama_cls
+from safetensors.torch import load_file
+from tiny_models import FAMILIES, logits, sample_inputs, tiny_bart_cls, tiny_bert_cls, tiny_llama, tiny_llama_cls
 
 import slimtune
 
@@ -83,6 +85,34 @@ def test_bias_modes_round_trip_with_peft(bias, tmp_path):
     assert {n.replace(".default", "") for n in ours_names} == peft_names
 
 
+@pytest.mark.parametrize("heads", [None, ["pooler"]], ids=["classifier", "pooler-and-classifier"])
+def test_peft_sequence_classifier_with_bias_all_loads_as_in_peft(heads, tmp_path):
+    """bias="all" makes PEFT save every parameter named like a bias, head copies' included: the frozen original's
+    (``classifier.original_module.bias``), which PEFT loads back into it, and the copy's a second time
+    (``classifier.modules_to_save.bias``, ``pooler.modules_to_save.default.dense.bias``), which it never loads."""
+    base = tiny_bert_cls()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, target_modules=["query", "value"], bias="all", task_type="SEQ_CLS", modules_to_save=heads,
+        init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    theirs.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.classifier.modules_to_save.bias", "base_model.model.classifier.original_module.bias",
+            "base_model.model.classifier.bias"} <= keys
+    fresh = copy.deepcopy(base)
+    with torch.no_grad():  # PEFT puts the file's original_module.bias back into the frozen original
+        fresh.classifier.bias.add_(1.0)
+    ours = slimtune.load_adapter(copy.deepcopy(fresh), tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path).eval()
+    inputs = sample_inputs("bert")
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+    with slimtune.disable_adapters(ours), back.disable_adapter():
+        torch.testing.assert_close(logits(ours, inputs), logits(back, inputs), atol=TOL, rtol=0)
+
+
 def test_embedding_lora_matches_peft(tmp_path):
     base = FAMILIES["llama"][0]()
     targets = ["embed_tokens", "q_proj"]
@@ -126,6 +156,31 @@ def test_rslora_and_patterns_match_peft(tmp_path):
     inputs = sample_inputs("llama")
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
     assert ours.model.layers[0].self_attn.v_proj.lora_A["default"].weight.shape == (2, 32)
+
+
+def test_overlapping_pattern_keys_keep_their_order_in_the_file(tmp_path):
+    """The first key of rank_pattern / alpha_pattern that matches a layer wins, in PEFT and slimtune alike: the
+    file keeps the keys in the config's order (sorted, layer 1's q_proj would get alpha 2 and layer 0's v_proj rank
+    6), so both read back the ranks and scalings the adapter has."""
+    base = FAMILIES["llama"][0]()
+    kwargs = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                  alpha_pattern={"q_proj": 16, "layers.1.self_attn.q_proj": 2},
+                  rank_pattern={"v_proj": 2, "layers.0.self_attn.v_proj": 6})
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(kwargs))).eval()
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**kwargs))
+    ours.load_state_dict({k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()
+                          if "lora_" in k}, strict=False)
+    inputs = sample_inputs("llama")
+    expected = logits(theirs, inputs)
+    torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
+    slimtune.save_adapter(ours, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(saved) == sorted(saved)  # the fields themselves stay sorted, as PEFT writes them
+    assert list(saved["alpha_pattern"]) == ["q_proj", "layers.1.self_attn.q_proj"]
+    assert list(saved["rank_pattern"]) == ["v_proj", "layers.0.self_attn.v_proj"]
+    for loaded in (slimtune.load_adapter(copy.deepcopy(base), tmp_path),
+                   peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()):
+        torch.testing.assert_close(logits(loaded, inputs), expected, atol=TOL, rtol=0)
 
 
 def _tiny_moe():
@@ -194,6 +249,32 @@ def test_sequence_classification_trains_a_head_copy_by_default_as_peft(builder, 
     torch.testing.assert_close(logits(back, inputs), logits(ours, inputs), atol=TOL, rtol=0)
 
 
+def test_sequence_classification_with_a_head_named_otherwise_trains_no_copy_as_peft(tmp_path):
+    """BART's head is ``classification_head``: the SEQ_CLS default names (classifier, score) match nothing, which PEFT
+    accepts (no head copy, same trainable count and files); slimtune too, with a warning naming the head. A
+    modules_to_save the user gives must still match."""
+    base = tiny_bart_cls()
+    options = dict(r=4, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **options)).eval()
+    with pytest.warns(UserWarning, match=r"task_type='SEQ_CLS' trains a copy of the head named classifier or score, "
+                                         r"but this model has no such module.*\['classification_head'\]"):
+        ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**options))
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    theirs.save_pretrained(tmp_path / "theirs")
+    with pytest.warns(UserWarning, match="no such module"):
+        back = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    inputs = sample_inputs("bart")
+    inputs["input_ids"][:, -1] = 2  # BART classifies at the end-of-sequence token
+    torch.testing.assert_close(logits(back, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+    slimtune.save_adapter(back, tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
+        set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'\] matched no module; top-level modules are: "
+                                         r"\['model', 'classification_head'\]"):
+        slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(modules_to_save=["classifier"], **options))
+
+
 def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load(tmp_path):
     base = FAMILIES["llama"][0]()
     inputs = sample_inputs("llama")
@@ -228,3 +309,32 @@ def test_peft_options_that_change_the_adapter_are_refused_by_name(key, value, tm
     (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, key: value}))
     with pytest.raises(ValueError, match=rf"{key}=.*: PEFT's {key} changes the adapter's weights or forward"):
         slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+                                    dict(target_modules=["lm_head", "q_proj"]),
+                                    dict(target_modules=["embed_tokens", "q_proj"])],
+                         ids=["head-copy", "lm_head", "embed_tokens"])
+def test_peft_files_with_ensure_weight_tying_are_refused_where_it_ties(kwargs, tmp_path):
+    """PEFT's ensure_weight_tying=True ties an adapter's embedding and output-layer parts into one (a file then holds
+    weights only that tying explains): refused by name, with what to do. Where it ties nothing, PEFT ignores it, and
+    so does slimtune, silently."""
+    base = tiny_llama(tie_word_embeddings=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, ensure_weight_tying=True,
+                                                                       init_lora_weights=False, **kwargs))
+    theirs.save_pretrained(tmp_path / "tied")
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"adapter_config.json: ensure_weight_tying=True: .* slimtune does not "
+                                         r"implement\. Load this adapter with PEFT"):
+        slimtune.load_adapter(model, tmp_path / "tied")
+    assert not hasattr(model, "slimtune_state")
+    untouched = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, ensure_weight_tying=True,
+                                                                          init_lora_weights=False,
+                                                                          target_modules=["q_proj"])).eval()
+    untouched.save_pretrained(tmp_path / "q_proj")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "q_proj")
+    assert not [w for w in caught if "ensure_weight_tying" in str(w.message)]
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(loaded, inputs), logits(untouched, inputs), atol=TOL, rtol=0)

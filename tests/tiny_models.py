@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    BartConfig,
+    BartForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -19,11 +21,12 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
+    """``tie_word_embeddings``: lm_head and the input embedding hold one weight tensor."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(config).eval()
 
 
@@ -55,6 +58,16 @@ def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassifi
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
     return BertForSequenceClassification(config).eval()
+
+
+def tiny_bart_cls(seed: int = 0, num_labels: int = 3) -> BartForSequenceClassification:
+    """An encoder-decoder classifier whose head is named ``classification_head`` (not classifier/score); it pools
+    at the last end-of-sequence token (id 2), which its inputs must hold."""
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, num_labels=num_labels)
+    return BartForSequenceClassification(config).eval()
 
 
 def sample_inputs(family: str, seed: int = 0, batch: int = 2, seq: int = 10) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -40,7 +41,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from slimtune.config import MethodConfig
+from slimtune.config import MethodConfig, config_json
 from slimtune.core.files import atomic_folder, check_name, inside, recover_folder, write_file, writer_in_progress
 from slimtune.core.state import find_state, get_state
 from slimtune.core.tensor_files import SafetensorsReader, read_pickled_tensors
@@ -122,7 +123,7 @@ def adapter_file_contents(model: nn.Module, adapter_name: str = "default") -> di
     """The files of an adapter folder: name → content."""
     state = get_state(model)
     state.check_known([adapter_name])
-    config = json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True) + "\n"
+    config = config_json(adapter_config_dict(model, adapter_name)) + "\n"
     files = {WEIGHTS_NAME: serialize_adapter(model, adapter_name), CONFIG_NAME: config.encode()}
     method_config = state.configs[adapter_name]
     for name, folder in method_for(method_config).bundled_adapters(method_config).items():
@@ -338,7 +339,8 @@ def load_adapter(
         raise _field_error(config_file, error) from None
     try:
         live = adapter_tensors(model, adapter_name)
-        _copy_checked(live, tensors, Path(path), embedding_weights(model, adapter_name))
+        originals, duplicates = head_biases(model, adapter_name)
+        _copy_checked(live, tensors, Path(path), {**embedding_weights(model, adapter_name), **originals}, duplicates)
     except BaseException:
         remove_adapter(model, adapter_name)
         raise
@@ -360,15 +362,46 @@ def embedding_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Te
             for k, p in layer.base_layer.named_parameters()}
 
 
+def head_biases(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor],
+                                                               list[tuple[re.Pattern[str], torch.Tensor]]]:
+    """What PEFT's ``bias="all"`` adds to a file for each head copy (``modules_to_save``), which matches every
+    parameter name holding "bias": the frozen original's biases (``<head>.original_module.bias``), which PEFT
+    loads back into the original (what runs with the adapters disabled), so slimtune does too; and the copy's
+    biases once more, as ``<head>.modules_to_save.[<adapter>.]bias``, which PEFT never loads (the copy's own key
+    ``<head>.bias`` holds its bias), so slimtune accepts and skips them. Keyed as PEFT keys them."""
+    config = get_state(model).configs[adapter_name]
+    originals: dict[str, torch.Tensor] = {}
+    duplicates: list[tuple[re.Pattern[str], torch.Tensor]] = []
+    if bias_mode(config) != "all":
+        return originals, duplicates
+    for name, module in saved_modules(model):
+        if adapter_name not in module.adapter_names:
+            continue
+        prefix = f"{method_for(config).saved_modules_prefix}{name}."
+        originals.update({f"{prefix}original_module.{k}": p
+                          for k, p in module.original_module.named_parameters() if k.endswith("bias")})
+        # PEFT strips the adapter's name only where it is the second-to-last part (a bias of the head itself)
+        duplicates += [(re.compile(re.escape(f"{prefix}modules_to_save.") + r"(?:[^.]+\.)?" + re.escape(k)), p)
+                       for k, p in module.adapter_tensors(adapter_name).items() if k.endswith("bias")]
+    return originals, duplicates
+
+
 def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], folder: Path,
-                  optional: dict[str, torch.Tensor]) -> None:
+                  optional: dict[str, torch.Tensor],
+                  duplicates: Sequence[tuple[re.Pattern[str], torch.Tensor]] = ()) -> None:
     """Copy ``stored`` into ``live`` (this adapter's own tensors) and ``optional`` (base weights the config
-    declares, which the file may hold), after checking every key, shape and dtype; nothing else is accepted."""
+    declares, which the file may hold), after checking every key, shape and dtype; nothing else is accepted.
+    Keys matching ``duplicates`` (another copy of a live tensor that PEFT writes but never loads) are checked
+    against that tensor and skipped."""
     weights = folder / WEIGHTS_NAME
     resolved = {}
     for key, value in stored.items():
         target_key = key if key in live or key in optional else PEFT_PREFIX + key
         target = live.get(target_key, optional.get(target_key))
+        skip = target is None
+        if target is None:
+            target = next((t for pattern, t in duplicates if pattern.fullmatch(key) or pattern.fullmatch(target_key)),
+                          None)
         if target is None:
             raise InvalidFileError(weights, f"tensor {key!r} does not belong to any module or parameter of this "
                                             "adapter's config; was the adapter trained on another architecture, or "
@@ -380,6 +413,8 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
         if target.is_floating_point() and not value.is_floating_point():
             raise InvalidFileError(weights, f"{key!r} has dtype {value.dtype}; adapter weights are floating point.",
                                    key)
+        if skip:
+            continue
         if target_key in resolved:
             raise InvalidFileError(weights, f"{key!r} is stored twice (with and without the {PEFT_PREFIX!r} prefix).",
                                    key)

@@ -8,7 +8,6 @@ PEFT's merging rules (task arithmetic, TIES, DARE, magnitude pruning; see :mod:`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from safetensors.torch import save
 from torch import nn
 
 from slimtune.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
-from slimtune.config import LoraConfig, MethodConfig
+from slimtune.config import LoraConfig, MethodConfig, config_json
 from slimtune.core.files import atomic_folder
 from slimtune.core.state import get_state
 from slimtune.core.task_arithmetic import MERGE_RULES, PRUNING_RULES, SIGN_METHODS, merge_task_tensors
@@ -268,7 +267,7 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
     data = {**_combined_config(configs[0], ranks).to_dict(), "inference_mode": True}
     with atomic_folder(folder) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
-        (tmp / CONFIG_NAME).write_bytes((json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        (tmp / CONFIG_NAME).write_bytes((config_json(data) + "\n").encode())
     return folder
 
 

@@ -157,7 +157,7 @@ class MethodConfig:
         return data
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return config_json(self.to_dict())
 
     @classmethod
     def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
@@ -181,6 +181,13 @@ class MethodConfig:
 
     def replace(self: ConfigT, **changes: Any) -> ConfigT:
         return dataclasses.replace(self, **changes)
+
+
+def config_json(data: dict[str, Any]) -> str:
+    """``adapter_config.json`` text: the fields sorted by name, as PEFT writes them, but the keys inside a field
+    in their own order, since the first key of ``rank_pattern`` / ``alpha_pattern`` that matches a layer wins
+    (sorting them could hand a layer another key's rank or alpha once the file is read back)."""
+    return json.dumps(dict(sorted(data.items())), indent=2)
 
 
 def _to_json(value: Any) -> Any:
@@ -222,6 +229,13 @@ class LoraConfig(MethodConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
+        """As :meth:`MethodConfig.from_dict`; PEFT's ``ensure_weight_tying`` is refused where it ties layers of
+        this adapter (see :func:`check_weight_tying`), and dropped where it cannot (PEFT ignores it there too)."""
+        check_weight_tying(data)
+        return super().from_dict({k: v for k, v in data.items() if k != "ensure_weight_tying"})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("r", self.r, hint=" (the LoRA rank, e.g. 8 or 16)")
@@ -234,3 +248,32 @@ class LoraConfig(MethodConfig):
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {LORA_INITS}."
             )
         check_layer_targets(self)
+
+
+# The layers PEFT's ensure_weight_tying ties to their twin when the model ties its embeddings (its
+# EMBEDDING_LAYER_NAMES): the input embedding and the output layer.
+TIED_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def check_weight_tying(data: dict[str, Any]) -> None:
+    """Refuse PEFT's ``ensure_weight_tying=True`` where PEFT would tie this adapter across the input embedding and
+    the output layer (its rule: ``modules_to_save`` or ``target_modules`` names one of them), keeping one copy or
+    one LoRA for both: the file then holds weights only that tying explains, and slimtune does not tie adapters."""
+    if not data.get("ensure_weight_tying"):
+        return
+    for field_name in ("modules_to_save", "target_modules"):
+        names = data.get(field_name)
+        if isinstance(names, str):
+            try:
+                named = [n for n in TIED_LAYER_NAMES if re.fullmatch(names, n)]
+            except re.error:
+                named = []  # the field's own check says what is wrong with it
+        else:
+            named = [n for n in names or [] if isinstance(n, str) and n.rpartition(".")[2] in TIED_LAYER_NAMES]
+        if named:
+            raise ValueError(
+                f"ensure_weight_tying={data['ensure_weight_tying']!r}: with it, PEFT ties this adapter's "
+                f"{field_name} {named} to the model's tied twin layer (input embedding / output layer), one set of "
+                "weights for both, which slimtune does not implement. Load this adapter with PEFT (and merge it "
+                "there for a plain model); if the base model does not tie its embeddings, PEFT ties nothing: set "
+                "ensure_weight_tying to false in adapter_config.json.")

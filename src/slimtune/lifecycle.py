@@ -23,8 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from slimtune.config import MethodConfig
-from slimtune.core.modules import replace_module
+from slimtune.config import TASK_HEAD_MODULES, MethodConfig
+from slimtune.core.modules import replace_module, tied_weights
 from slimtune.core.state import AdapterState, create_state, drop_state, find_state, get_state
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
@@ -52,7 +52,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
     method.check(model, config)  # everything is validated before the first change to the model
-    heads = _modules_to_save(model, getattr(config, "modules_to_save", None))
+    heads = _modules_to_save(model, config)
     first = state is None or not state.configs
     state = state or create_state(model)
     existing = {id(m) for m in model.modules()}
@@ -64,6 +64,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
             replace_module(model, name, module)
         module.add_adapter(adapter_name)
     _take_host_mode(model, existing)
+    _warn_on_tied_weights(model, adapter_name, heads)
     state.configs[adapter_name] = config
     _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
     return model
@@ -79,13 +80,44 @@ def _take_host_mode(model: nn.Module, existing: set[int]) -> None:
         training[name] = module.training
 
 
-def _modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+UNTIE_ADVICE = ("untie it before adding the adapter: give the layer its own copy of the weight (layer.weight = "
+                "nn.Parameter(layer.weight.detach().clone())) and set model.config.tie_word_embeddings = False")
+
+
+def _warn_on_tied_weights(model: nn.Module, adapter_name: str, heads: list[str]) -> None:
+    """Say so when an adapter touches a layer whose weight another layer shares (tied input and output embeddings),
+    as PEFT does: merging changes both, and a head copy trains apart from its twin."""
+    wrapped = [name for name, layer in tuner_layers(model) if adapter_name in layer.adapter_names]
+    for name, others in tied_weights(model, wrapped).items():
+        warnings.warn(f"adapter {adapter_name!r} adapts {name}, whose weight is shared with {others} (tied "
+                      f"embeddings): merging the adapter (merge_adapter, merge_and_unload, slimtune merge) changes "
+                      f"{others} too, so the merged model will differ from the unmerged one. Keep it unmerged, or "
+                      f"{UNTIE_ADVICE}.", stacklevel=3)
+    for name, others in tied_weights(model, heads).items():
+        warnings.warn(f"adapter {adapter_name!r} trains a copy of {name} (modules_to_save), whose weight is shared "
+                      f"with {others} (tied embeddings): the copy trains alone and {others} keep the original weight, "
+                      "so the two are no longer tied while the adapter is active, nor after merge_and_unload.",
+                      stacklevel=3)
+
+
+def _modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
+    """The modules whose copies ``config`` trains. Names a task type adds by default (``classifier``/``score``)
+    may match nothing, as in PEFT (BART's head is ``classification_head``): then no head copy trains, with a
+    warning; names the user gave must match."""
+    names = getattr(config, "modules_to_save", None)
     if not names:
         return []
     found = [n for n, _ in model.named_modules()
              if n and name_matches(n, names) and not in_head_copy(n) and ".base_layer" not in n]
     if not found:
         heads = [n for n, m in model.named_modules() if n and "." not in n and next(m.parameters(), None) is not None]
+        if names == TASK_HEAD_MODULES.get(config.task_type or ""):
+            others = [n for n in heads if n != getattr(model, "base_model_prefix", None)] or heads
+            warnings.warn(f"task_type={config.task_type!r} trains a copy of the head named {' or '.join(names)}, but "
+                          f"this model has no such module: no head copy trains (as in PEFT), and the model's own head "
+                          f"is not part of the adapter. To train it, name it in modules_to_save (top-level modules: "
+                          f"{others}).", stacklevel=3)
+            return []
         raise ValueError(f"modules_to_save={names!r} matched no module; top-level modules are: {heads}.")
     return found
 
@@ -204,6 +236,13 @@ def merge_adapter(model: nn.Module, adapter_names: str | Sequence[str] | None = 
     names = list(state.active if adapter_names is None else
                  [adapter_names] if isinstance(adapter_names, str) else adapter_names)
     state.check_known(names)
+    layers = {name: layer for name, layer in tuner_layers(model)
+              if any(a in layer.adapter_names and a not in layer.merged_adapters for a in names)}
+    for name, others in tied_weights(model, layers).items():
+        merging = [a for a in names if a in layers[name].adapter_names and a not in layers[name].merged_adapters]
+        warnings.warn(f"merging {merging} into {name} also changes {others}, which share its weight (tied "
+                      f"embeddings): the merged model will differ from the unmerged one. Keep the adapter unmerged, "
+                      f"or {UNTIE_ADVICE}.", stacklevel=2)
     for peft_type in _methods_present(state):
         mine = [a for a in names if state.configs[a].peft_type == peft_type]
         if mine:
@@ -265,7 +304,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged, then merged back)."""
     state = get_state(model)
     layers = [layer for _, layer in tuner_layers(model)]
-    merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    merged = {id(layer): layer.merge_calls for layer in layers}
     for layer in layers:
         layer.unmerge()
     _set_disabled(model, state, True)
@@ -274,8 +313,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         _set_disabled(model, state, False)
         for layer in layers:
-            if merged[id(layer)]:
-                layer.merge(merged[id(layer)])
+            for names in merged[id(layer)]:
+                layer.merge(names)
 
 
 def disable_adapter_layers(model: nn.Module) -> None:

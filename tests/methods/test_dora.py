@@ -92,6 +92,46 @@ def test_merge_unmerge_round_trip(family):
     torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("active", [["lora", "dora"], ["dora", "lora"], ["dora", "lora", "dora2"]],
+                         ids=["lora-first", "dora-first", "two-doras"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_several_active_adapters_merge_as_they_run_in_any_order(family, active):
+    """The forward takes each DoRA norm on the unmerged W, whatever else is active: a merge of several adapters
+    does too (not on W with the adapters listed before it folded in), and unmerging restores W."""
+    builder, targets, _ = FAMILIES[family]
+    model = builder()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, r, dora in (("dora", 2, True), ("lora", 4, False), ("dora2", 3, True)):
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=r, lora_alpha=5, target_modules=targets, use_dora=dora,
+                                                        init_lora_weights=False), name)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.3)
+    slimtune.set_adapter(model, active)
+    inputs = sample_inputs(family)
+    unmerged = logits(model, inputs)
+
+    def assert_base_restored():
+        for name, p in model.named_parameters():
+            plain = name.replace(".base_layer", "")
+            if plain in weights:
+                torch.testing.assert_close(p, weights[plain], atol=1e-6, rtol=0)
+
+    slimtune.merge_adapter(model)
+    torch.testing.assert_close(logits(model, inputs), unmerged, atol=1e-5, rtol=0)
+    slimtune.unmerge_adapter(model)
+    assert_base_restored()
+    slimtune.merge_adapter(model, active[0])  # merged one call at a time; disabling and back rebuilds the same W
+    slimtune.merge_adapter(model, active[1:])
+    merged = logits(model, inputs)
+    with slimtune.disable_adapters(model):
+        pass
+    torch.testing.assert_close(logits(model, inputs), merged, atol=1e-6, rtol=0)
+    slimtune.unmerge_adapter(model)
+    assert_base_restored()
+
+
 def _layer_with_adapter(dropout=0.0):
     torch.manual_seed(0)
     layer = DoraLinear(torch.nn.Linear(16, 12))

@@ -4,13 +4,15 @@
 - Layer geometry: :func:`is_conv1d` (transformers' GPT-2 ``Conv1D``, weight stored ``(in, out)``),
   :func:`is_dense_linear` (``nn.Linear`` or ``Conv1D``), :func:`linear_dims`, :func:`dense_weight`;
   :func:`weight_of` / :func:`bias_of` read a layer's ``weight`` / ``bias`` typed as the tensors they are.
-- The model's parts: :func:`output_embedding_name` / :func:`output_head_names` (the output layer) and
+- The model's parts: :func:`output_embedding_name` / :func:`output_head_names` (the output layer),
+  :func:`tied_weights` (layers sharing one weight, e.g. tied embeddings) and
   :func:`block_lists` / :func:`block_list` / :func:`transformer_blocks` (the repeated blocks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from typing import TypeGuard, cast
 
 import torch
@@ -77,6 +79,24 @@ def output_embedding_name(model: nn.Module) -> str | None:
     if head is None:
         return None
     return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]:
+    """For each module of ``names`` whose ``weight`` another module of ``model`` holds too (an output layer tied to
+    the input embedding, ``tie_word_embeddings``), those other modules' names, without slimtune's wrapper parts
+    (``.base_layer``, ``.original_module``); modules that share no weight are left out."""
+    owners: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "weight":
+            owners.setdefault(id(param), []).append(re.sub(r"\.(base_layer|original_module)$", "", owner))
+    tied = {}
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)  # a wrapper's is its base layer's
+        others = [n for n in owners.get(id(weight), []) if n != name]
+        if others:
+            tied[name] = sorted(set(others))
+    return tied
 
 
 def output_head_names(model: nn.Module) -> set[str]:

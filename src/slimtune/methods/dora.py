@@ -12,6 +12,7 @@ from torch import nn
 
 from slimtune.config import LoraConfig
 from slimtune.core.modules import dense_weight
+from slimtune.methods.layers import mergeable_weight
 from slimtune.methods.lora_layers import LoraLinear
 
 
@@ -37,7 +38,8 @@ class DoraLinear(LoraLinear):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_magnitude_vector = nn.ParameterDict()
-        self._merge_scale: dict[str, torch.Tensor] = {}  # m / ‖·‖ used when merging, kept to unmerge exactly
+        # One entry per merge call: the adapters it folded in, and each DoRA adapter's m / ‖·‖ (to unmerge exactly)
+        self._merges: list[tuple[list[str], dict[str, torch.Tensor]]] = []
         self._w_norm2: tuple[tuple, torch.Tensor] | None = None  # (base version key, ‖W‖²_row)
 
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
@@ -128,23 +130,58 @@ class DoraLinear(LoraLinear):
         delta = (g - 1) * w + g * lora
         return delta.T if self.fan_in_fan_out else delta
 
+    @property
+    def merge_calls(self) -> list[list[str]]:
+        return [list(names) for names, _ in self._merges]
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        for name in [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]:
-            if name in self.lora_magnitude_vector:
-                self._merge_scale[name] = self.magnitude_scale(name).detach()
-            super().merge([name])
+        """Fold adapters into W as the forward runs them: every DoRA norm is taken on W as it is before this call,
+        whatever the order of the names, so ``W' = G ⊙ W + Σᵢ cᵢ sᵢ Bᵢ Aᵢ`` with ``cᵢ = gᵢ = mᵢ / ‖W + sᵢ Bᵢ Aᵢ‖``
+        for a DoRA adapter (1 for a plain one) and ``G = 1 + Σ_DoRA (gᵢ − 1)`` (one value per row)."""
+        names = [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]
+        if not names:
+            return
+        w = self._weight_rows()
+        scales = {n: self.magnitude_scale(n).detach() for n in names if n in self.lora_magnitude_vector}
+        with torch.no_grad():
+            if scales:
+                merged = w.to(torch.promote_types(w.dtype, torch.float32), copy=True).mul_(_row_scale(scales))
+                for name in names:
+                    merged.add_(self._merge_term(name, scales))
+                w.copy_(merged.to(w.dtype))
+            else:  # plain LoRA adapters only: W' = W + Σ s B A, in place
+                for name in names:
+                    w.add_(self.lora_product(name).to(w.dtype))
+        self.merged_adapters += names
+        self._merges.append((names, scales))
 
     def unmerge(self) -> None:
-        """Undo merges last-first; a DoRA merge is undone with its kept scale: ``W = W' / g − s B A``."""
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            g = self._merge_scale.pop(name, None)
-            weight = self.weight
+        """Undo the merge calls last-first, each with its kept scales: ``W = (W' − Σᵢ cᵢ sᵢ Bᵢ Aᵢ) / G``."""
+        while self._merges:
+            names, scales = self._merges.pop()
+            w = self._weight_rows()
             with torch.no_grad():
-                if g is None:  # a plain LoRA adapter of this layer
-                    weight.sub_(LoraLinear.delta_weight(self, name).to(weight.dtype))
+                if scales:
+                    restored = w.to(torch.promote_types(w.dtype, torch.float32), copy=True)
+                    for name in names:
+                        restored.sub_(self._merge_term(name, scales))
+                    w.copy_(restored.div_(_row_scale(scales)).to(w.dtype))
                 else:
-                    w = weight.T if self.fan_in_fan_out else weight  # (out, in) view
-                    lora = self.lora_product(name)
-                    w.copy_((w.float() / g[:, None] - lora).to(w.dtype))
-            self.merged_adapters.pop()
+                    for name in reversed(names):
+                        w.sub_(self.lora_product(name).to(w.dtype))
+            del self.merged_adapters[-len(names):]
+
+    def _merge_term(self, adapter_name: str, scales: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``cᵢ sᵢ Bᵢ Aᵢ`` (out, in): the adapter's low-rank part, times its DoRA scale g (1 for plain LoRA)."""
+        lora = self.lora_product(adapter_name)
+        return lora * scales[adapter_name][:, None] if adapter_name in scales else lora
+
+    def _weight_rows(self) -> torch.Tensor:
+        """The base weight as (out, in) rows (a transposed view for Conv1D), for merging in place."""
+        weight = mergeable_weight(self.base_layer)
+        return weight.T if self.fan_in_fan_out else weight
+
+
+def _row_scale(scales: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``G = 1 + Σ (gᵢ − 1)`` as a column (out, 1): what W's rows are multiplied by in a merge of DoRA adapters."""
+    return (1 + torch.stack(list(scales.values())).sub(1).sum(0))[:, None]

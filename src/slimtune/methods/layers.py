@@ -114,6 +114,12 @@ class TunerLayer(nn.Module):
         """The adapter's change to ``base_layer.weight``, in the weight's layout. Methods override."""
         raise NotMergeableError(f"{type(self).__name__} adapters cannot be merged into the base weight.")
 
+    @property
+    def merge_calls(self) -> list[list[str]]:
+        """The merged adapters grouped by the :meth:`merge` calls that folded them in: merging them back call by
+        call rebuilds the same weight (one call's adapters may depend on each other, as DoRA's do)."""
+        return [[name] for name in self.merged_adapters]
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
         names = [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]
         weight = mergeable_weight(self.base_layer)
