@@ -140,17 +140,17 @@ def _rows(n: int = 8) -> list[dict[str, list[int]]]:
 
 def test_checkpoint_save_failing_at_any_write_call_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = slimtune.add_adapter(tiny_llama(seed=0).train(), slimtune.LoraConfig(r=4, target_modules=["q_proj"]))
-    settings = TrainingSection(max_steps=3, batch_size=2, learning_rate=1e-2, save_every=2, keep_checkpoints=1,
+    settings = TrainingSection(max_steps=2, batch_size=2, learning_rate=1e-2, save_every=2, keep_checkpoints=1,
                                optim="adamw_8bit")
     rows = _rows()
     pristine = tmp_path / "pristine"
     pristine.mkdir()
     trainer = Trainer(model, BatchIterator(rows, 2, seed=0, pad_id=0), rows[:2], settings, pristine,
                       torch.device("cpu"), 0, show_progress=False, log=lambda _: None)
-    assert trainer.train()
+    assert trainer.train()  # step 2, the last: its checkpoint is the finished training's
     before = folder_bytes(pristine / "checkpoints")
     assert {name.split("/")[0] for name in before} == {"step-000002"}
-    trainer.state.step = 3  # the next checkpoint; keep_checkpoints=1, so its success deletes step 2
+    trainer.state.step, trainer.total_steps = 3, 4  # the next one; keep_checkpoints=1: it deletes step 2
     rng = rng_state()
 
     def fresh(name: str):
@@ -228,12 +228,12 @@ def test_slimtune_train_disk_full_then_read_only_then_resumes_to_the_same_adapte
     error = capsys.readouterr().err
     assert f"cannot create adapter folder {run / 'adapter'}" in error and "read-only" in error, error
     assert not (run / "adapter").exists() and not (run / "summary.json").exists() and leftovers(run) == []
-    assert [p.name for p in list_checkpoints(run)] == ["step-000004"]
+    assert [p.name for p in list_checkpoints(run)] == ["step-000006"]  # the finished training's: nothing to redo
 
     assert train(recipe, "--resume") == 0
     assert folder_bytes(run / "adapter") == expected
     summary = json.loads((run / "summary.json").read_text())  # this session's wall time is said to be that
-    assert summary["resumed_at_step"] == 4 and "since the resume at step 4" in capsys.readouterr().out
+    assert summary["resumed_at_step"] == 6 and "since the resume at step 6" in capsys.readouterr().out
     assert json.loads((tmp_path / "straight" / "summary.json").read_text())["resumed_at_step"] is None
     report({"suite": "save_failures", "kind": "slimtune train", "failures": 2, "resumed_identical": 1})
 

@@ -22,6 +22,7 @@ from slimtune.methods.fusion import AdapterFusionConfig
 from slimtune.train.batching import BatchIterator
 from slimtune.train.checkpoint import Checkpoint, method_tensors
 from slimtune.train.recipe import TrainingSection
+from slimtune.train.run_folder import RunFolder
 from slimtune.train.trainer import Trainer
 
 
@@ -34,14 +35,14 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def interrupt_at(monkeypatch, step: int) -> None:
-    """Press Ctrl-C while optimizer step ``step`` runs (the loop stops after finishing it)."""
+def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
+    """Press Ctrl-C (or send ``signum``) while optimizer step ``step`` runs (the loop stops after finishing it)."""
     original = Trainer.train_step
 
     def train_step(self):
         out = original(self)
         if self.state.step + 1 == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return out
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
@@ -76,6 +77,54 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     assert summary["steps"] == 12 and summary["eval_loss_after"] < summary["eval_loss_before"]
 
 
+def test_sigterm_stops_at_the_step_boundary_with_a_checkpoint_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    recipe_file = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 6, "save_every": 0}))
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the default handler: the run would have been killed")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with monkeypatch.context() as patch:
+            interrupt_at(patch, 3, signal.SIGTERM)
+            assert train(recipe_file) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000003"]
+    assert train(recipe_file, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_run_stopped_while_it_is_finalized_resumes_into_finalizing_it(tmp_path, monkeypatch, capsys):
+    """save_every: 0 (the default recipe's): Ctrl-C during the last evaluation, after training ended. The resume
+    trains nothing again and finishes the run with the adapter an uninterrupted run writes; the checkpoint of
+    the finished training, kept only while the run was finalized, is gone once the summary is written."""
+    recipe = tiny_recipe(tmp_path, training={"max_steps": 6, "save_every": 0})
+    straight = write_recipe(tmp_path / "straight.yaml", {**recipe, "output": {"dir": str(tmp_path / "straight")}})
+    stopped = write_recipe(tmp_path / "stopped.yaml", {**recipe, "output": {"dir": str(tmp_path / "stopped")}})
+    assert train(straight) == 0
+    original = Trainer.evaluate
+
+    def evaluate(self):
+        if self.state.step == self.total_steps:  # the final evaluation, in finalize
+            raise KeyboardInterrupt
+        return original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", evaluate)
+        assert train(stopped) == 130
+    assert "interrupted while finishing the run; the training is saved" in capsys.readouterr().out
+    run = tmp_path / "stopped"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]
+    assert train(stopped, "--resume") == 0
+    assert "training 0 steps" in capsys.readouterr().out
+    for name in ("adapter_model.safetensors",):
+        a, b = load_file(tmp_path / "straight" / "adapter" / name), load_file(run / "adapter" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(run)
+    assert not (run / "checkpoints").exists() and not (tmp_path / "straight" / "checkpoints").exists()
+
+
 def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, capsys):
     recipe_file = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 4}))
     (tmp_path / "run").mkdir()
@@ -97,6 +146,26 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, c
     assert "already finished" in capsys.readouterr().err
     assert train(recipe_file, "output.overwrite=true") == 0  # replaces the finished run
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
+
+
+def test_a_folder_of_the_users_is_never_cleared_even_with_a_recipe_yaml_in_it(tmp_path, capsys):
+    """A user's project folder that holds its own recipe.yaml (or metrics.jsonl, ...) beside other files is not
+    a run: neither --resume nor output.overwrite=true deletes anything in it."""
+    recipe_file = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 2}))
+    project = tmp_path / "run"
+    project.mkdir()
+    mine = {"recipe.yaml": "my recipe", "notes.txt": "mine", "metrics.jsonl": "{}\n"}
+    for name, text in mine.items():
+        (project / name).write_text(text)
+    for extra in ("--resume", "output.overwrite=true"):
+        assert train(recipe_file, extra) == 2
+        assert "is not a slimtune run folder (it holds ['notes.txt']" in capsys.readouterr().err
+        assert {p.name: p.read_text() for p in project.iterdir()} == mine
+    assert not RunFolder(project).is_run() and RunFolder(project).foreign() == ["notes.txt"]
+    (project / "notes.txt").unlink()  # only slimtune's names left: a run killed early, replaced
+    assert RunFolder(project).is_run()
+    assert train(recipe_file, "output.overwrite=true") == 0
+    assert (project / "summary.json").is_file() and "my recipe" not in (project / "recipe.yaml").read_text()
 
 
 # ---- every method x optimizer: N steps straight == N/2, checkpoint, new model, resume, N/2 -------------------

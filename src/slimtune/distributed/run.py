@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -168,8 +167,8 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
                       config_snapshot=comparable(recipe), show_progress=show_progress, log=log, dist=ctx,
                       strategy=strategy)
     if ctx.is_main:
-        if checkpoint is None and run.path.exists() and run.is_run():
-            shutil.rmtree(run.path)  # output.overwrite=true (validate refused otherwise)
+        if checkpoint is None:
+            run.clear()  # output.overwrite=true (validate refused a folder holding anything else)
         run.path.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
             atomic_write(run.recipe_file, recipe.to_yaml().encode())
@@ -217,6 +216,7 @@ def _finalize(recipe: Recipe, trainer: Trainer, run: RunFolder, ctx: DistContext
         plot = plot_loss(run.path) if recipe.output.plot else None
         summary["loss_plot"] = str(plot) if plot else None
         atomic_write(run.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+        run.drop_checkpoints(recipe.training.save_every)
         log(format_summary(summary, report, run.path))
     ctx.barrier()
     return RunResult(run.path, True, summary)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import yaml
 from slimtune.core.files import lock_file
 from slimtune.errors import RunFolderBusyError, SaveError
 from slimtune.quant import QuantConfig
+from slimtune.train.schema import RecipeError
 
 
 class RunFolder:
@@ -36,6 +38,9 @@ class RunFolder:
     ADAPTER = "adapter"
     PLOT = "loss.png"
     SUMMARY = "summary.json"
+    TENSORBOARD = "tensorboard"  # training.report_to: [tensorboard]
+    WANDB = "wandb"  # training.report_to: [wandb]
+    OWN = (RECIPE, METRICS, CHECKPOINTS, ADAPTER, PLOT, SUMMARY, TENSORBOARD, WANDB)
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -64,13 +69,47 @@ class RunFolder:
     def summary_file(self) -> Path:
         return self.path / self.SUMMARY
 
+    @classmethod
+    def is_own(cls, name: str) -> bool:
+        """Whether an entry of a run folder is one slimtune writes (or the temporary name it writes it under)."""
+        return name in cls.OWN or name.startswith(tuple(f".{n}." for n in cls.OWN))
+
+    def foreign(self) -> list[str]:
+        """The folder's entries slimtune did not write, sorted (none for a missing folder)."""
+        return sorted(p.name for p in self.path.iterdir() if not self.is_own(p.name)) if self.path.is_dir() else []
+
     def is_run(self) -> bool:
-        """Whether the folder holds (the start of) a run, or what a crash left of its first file writes."""
-        names = (self.RECIPE, self.METRICS, self.SUMMARY, self.CHECKPOINTS)
-        if any((self.path / name).exists() for name in names):
-            return True
-        return self.path.is_dir() and any(p.name.startswith(tuple(f".{n}." for n in names + (self.ADAPTER,)))
-                                          for p in self.path.iterdir())
+        """Whether the folder holds (the start of) a run, or what a crash left of its first file writes, and
+        nothing else: a folder with files of the user's beside a ``recipe.yaml`` is not one (it is never
+        cleared)."""
+        if not self.path.is_dir():
+            return False
+        names = [p.name for p in self.path.iterdir()]
+        return bool(names) and all(self.is_own(name) for name in names)
+
+    def clear(self) -> None:
+        """Delete the run's own entries (``output.overwrite``); refuses a folder holding anything else."""
+        if not self.path.is_dir():
+            return
+        if self.foreign():
+            raise RecipeError(self.not_a_run())
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def drop_checkpoints(self, save_every: int) -> None:
+        """After the summary: with ``training.save_every: 0`` the only checkpoint is the finished training's,
+        kept while the run was finalized; the run asked for none, so it goes."""
+        if not save_every and self.finished() and self.checkpoints.is_dir():
+            shutil.rmtree(self.checkpoints)
+
+    def not_a_run(self) -> str:
+        """Why the folder cannot be a run's: what in it slimtune did not write."""
+        foreign = self.foreign()
+        return (f"output.dir: {self.path} exists and is not a slimtune run folder (it holds {foreign[:5]}"
+                f"{' ...' if len(foreign) > 5 else ''}, which slimtune did not write); use a new or empty folder.")
 
     def finished(self) -> bool:
         return self.summary_file.is_file()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -100,8 +99,7 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
         if checkpoint is None:
             check_no_incomplete_checkpoints(run.path)
             if run.path.is_dir() and any(run.path.iterdir()) and not run.is_run():
-                raise RecipeError(f"output.dir: {run.path} exists and is not a slimtune run folder; "
-                                  "use a new or empty folder.")
+                raise RecipeError(run.not_a_run())
             return None  # killed before its first checkpoint (or before it began): nothing to lose, start again
         saved = checkpoint_config(checkpoint)
         changed = _differences(saved, comparable(recipe))
@@ -111,8 +109,7 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
         return checkpoint
     if run.path.is_dir() and any(run.path.iterdir()):
         if not run.is_run():
-            raise RecipeError(f"output.dir: {run.path} exists and is not a slimtune run folder; "
-                              "use a new or empty folder.")
+            raise RecipeError(run.not_a_run())
         if not recipe.output.overwrite:
             raise RecipeError(f"output.dir: {run.path} already holds a run. Continue it with --resume, replace it "
                               "with output.overwrite=true, or pick another output.dir=...")
@@ -248,8 +245,9 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     if resume and checkpoint is None:
         log(f"--resume: {run.path} has no checkpoint yet (the run stopped before its first); starting from the "
             f"beginning")
-    if checkpoint is None and run.path.exists() and run.is_run():
-        shutil.rmtree(run.path)  # output.overwrite=true (validate refused otherwise)
+    if checkpoint is None:
+        run.clear()  # output.overwrite=true, or what a run killed before its first checkpoint left (validate
+        # refused a folder holding anything slimtune did not write)
     run.path.mkdir(parents=True, exist_ok=True)
     demo_prompt = sample_prompt(recipe.demo.prompt, eval_examples[0])
     if checkpoint is None:
@@ -267,7 +265,12 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     if not trainer.train():
         log(f"resume with: slimtune train {recipe.command_line('--resume')} (the run folder is {run.path})")
         return RunResult(run.path, False, {})
-    return finalize(recipe, model, tokenizer, trainer, run, demo_prompt, wall_start, log, stream)
+    try:
+        return finalize(recipe, model, tokenizer, trainer, run, demo_prompt, wall_start, log, stream)
+    except KeyboardInterrupt:
+        log(f"\ninterrupted while finishing the run; the training is saved: finish it with slimtune train "
+            f"{recipe.command_line('--resume')}")
+        raise
 
 
 def _device(recipe: Recipe) -> torch.device:
@@ -308,6 +311,7 @@ def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer,
         "adapter": str(run.adapter), "loss_plot": str(plot) if plot else None,
     }
     atomic_write(run.summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+    run.drop_checkpoints(recipe.training.save_every)
     log(format_summary(summary, report, run.path))
     return RunResult(run.path, True, summary)
 

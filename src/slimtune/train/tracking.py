@@ -25,6 +25,7 @@ from typing import Any, get_args
 
 from slimtune.core.optional import OptionalModule
 from slimtune.train.recipe import REPORTERS
+from slimtune.train.run_folder import RunFolder
 
 # Optional and heavy (imported only when a run reports there): pip install slimtune[tensorboard] / [wandb].
 tensorboard: OptionalModule | Any = OptionalModule("torch.utils.tensorboard", "pip install tensorboard",
@@ -32,8 +33,8 @@ tensorboard: OptionalModule | Any = OptionalModule("torch.utils.tensorboard", "p
 wandb: OptionalModule | Any = OptionalModule("wandb", "pip install wandb")
 
 REPORT_TO: tuple[str, ...] = get_args(REPORTERS)
-TENSORBOARD_DIR = "tensorboard"
-WANDB_DIR = "wandb"
+TENSORBOARD_DIR = RunFolder.TENSORBOARD
+WANDB_DIR = RunFolder.WANDB
 _EXTRAS = {"tensorboard": "pip install 'slimtune[tensorboard]' (or: pip install tensorboard)",
            "wandb": "pip install 'slimtune[wandb]' (or: pip install wandb)"}
 

@@ -160,27 +160,32 @@ def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_
 
 class StopRequest:
     """Ctrl-C handling: the first SIGINT asks the loop to stop at the next step boundary (and save a
-    checkpoint); a second one interrupts at once. Only installed in the main thread."""
+    checkpoint); a second one interrupts at once. SIGTERM (what a scheduler, ``kill``, Kubernetes or systemd
+    send before they kill) is handled the same way. Only installed in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, notify: Callable[[str], None]) -> None:
         self.requested = False
         self._notify = notify
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self._notify("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self._notify(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort without "
+                     "saving)")
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class StepMetrics(TypedDict):
@@ -407,8 +412,7 @@ class Trainer:
             while self.state.step < self.total_steps:
                 boundary_rng = rng_state()  # what a checkpoint at this boundary must restore
                 if stop.requested if self.dist is None else self.dist.any(stop.requested):  # ranks stop together
-                    saved = latest_checkpoint(self.run_dir)  # a periodic one may be this very step
-                    path = saved if saved and saved.name == f"step-{self.state.step:06d}" else self.save(boundary_rng)
+                    path = self.checkpoint_here() or self.save(boundary_rng)  # a periodic one may be this very step
                     self.log(f"interrupted at step {self.state.step}/{self.total_steps}; checkpoint: {path}")
                     return False
                 started = time.perf_counter()
@@ -435,4 +439,11 @@ class Trainer:
                 if settings.save_every and step % settings.save_every == 0 and step < self.total_steps:
                     self.save(rng_state())
                     window_tokens, window_start = 0, time.perf_counter()
+            if self.checkpoint_here() is None:  # the finished training: a run stopped while it is finalized (the
+                self.save(rng_state())  # last evaluation, the sample, the plot) resumes into finalizing it
         return True
+
+    def checkpoint_here(self) -> Path | None:
+        """The checkpoint of the current step, if one was saved."""
+        saved = latest_checkpoint(self.run_dir)
+        return saved if saved is not None and saved.name == f"step-{self.state.step:06d}" else None
