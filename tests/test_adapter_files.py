@@ -9,6 +9,7 @@ from safetensors import safe_open
 from tiny_models import logits, sample_inputs, tiny_llama
 
 import slimtune
+from slimtune.errors import InvalidFileError
 
 
 def _snapshot(model):
@@ -133,6 +134,24 @@ def test_adapter_with_missing_tensor_is_rejected(tmp_path):
     model = tiny_llama()
     snapshot = _snapshot(model)
     with pytest.raises(ValueError, match="missing from the file"):
+        slimtune.load_adapter(model, folder)
+    _assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_adapter_holding_inf_or_nan_is_refused_naming_the_tensor(tmp_path, bad):
+    folder, _ = _saved_adapter(tmp_path)
+    path = folder / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key].view(-1)[3] = bad
+    from safetensors.torch import save_file
+    save_file(tensors, path)
+    model = tiny_llama()
+    snapshot = _snapshot(model)
+    with pytest.raises(InvalidFileError, match=rf"adapter_model.safetensors: '{key}' holds 1 inf/NaN values "
+                                                        r"of \d+: the file is damaged"):
         slimtune.load_adapter(model, folder)
     _assert_unchanged(model, snapshot)
 

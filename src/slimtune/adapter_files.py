@@ -44,7 +44,7 @@ from torch import nn
 from slimtune.config import MethodConfig, config_json
 from slimtune.core.files import atomic_folder, check_name, inside, recover_folder, write_file, writer_in_progress
 from slimtune.core.state import find_state, get_state
-from slimtune.core.tensor_files import SafetensorsReader, read_pickled_tensors
+from slimtune.core.tensor_files import SafetensorsReader, check_finite, read_pickled_tensors
 from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, remove_adapter
 from slimtune.methods import REGISTRY, method_for
@@ -423,6 +423,7 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
     if missing:
         raise InvalidFileError(weights, f"{len(missing)} adapter tensors are missing from the file, e.g. "
                                         f"{missing[:3]}.", missing[0])
+    check_finite({key: value for key, (_, value) in resolved.items()}, weights)
     with torch.no_grad():
         for target, value in resolved.values():
             target.copy_(value.to(device=target.device, dtype=target.dtype))

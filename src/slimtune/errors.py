@@ -35,5 +35,9 @@ class SaveError(SlimtuneError, OSError):
     """Writing a file or folder failed (disk full, read-only, permissions). What was there before is intact."""
 
 
+class TrainingDivergedError(SlimtuneError, ArithmeticError):
+    """The loss or the trained weights became inf/NaN: the run stops before anything non-finite is saved."""
+
+
 class RunFolderBusyError(SlimtuneError, OSError):
     """Another `slimtune train` holds the run folder (see :class:`slimtune.train.run_folder.RunLock`)."""

@@ -9,13 +9,14 @@ import shutil
 import pytest
 import torch
 from hub_cases import FIXTURES, captured, captured_base
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import logits, one_thread, sample_inputs, tiny_t5  # noqa: F401 (a fixture, used by pytestmark)
 from transformers import BertModel
 
 import slimtune
 from slimtune import adapterhub
 from slimtune.core.state import find_state
+from slimtune.errors import InvalidFileError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +40,18 @@ def test_pickle_files_need_the_opt_in_and_load_with_weights_only(tmp_path):
     adapterhub.load_adapterhub(model, folder, allow_pickle=True)
     torch.testing.assert_close(logits(model, _inputs("llama")), captured("llama")["double_seq_bn.logits"],
                                atol=1e-5, rtol=0)
+
+
+def test_weights_holding_nan_are_refused_and_the_model_left_as_it_was(tmp_path):
+    folder = _copy(tmp_path, "llama", "seq_bn")
+    weights = load_file(folder / "adapter.safetensors")
+    key = sorted(weights)[0]
+    weights[key].view(-1)[0] = float("nan")
+    save_file(weights, folder / "adapter.safetensors")
+    model = captured_base("llama")
+    with pytest.raises(InvalidFileError, match=rf"'{key}' holds 1 inf/NaN values"):
+        adapterhub.load_adapterhub(model, folder)
+    assert find_state(model) is None
 
 
 def test_the_two_adapter_config_formats_are_told_apart_by_content(tmp_path):

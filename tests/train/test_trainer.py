@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import make_tokenizer, tiny_llama
 
 import slimtune
+from slimtune.errors import TrainingDivergedError
 from slimtune.methods import REGISTRY
 from slimtune.methods.lora import LoraMethod
 from slimtune.perf import losses
@@ -257,6 +258,36 @@ def test_ctrl_c_in_training_saves_a_resumable_checkpoint(tmp_path, tokenizer, to
     saved = tmp_path / "checkpoints" / "step-000003"
     assert sorted(p.name for p in saved.iterdir()) == ["adapter", "tensors.safetensors", "trainer_state.json"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_a_diverging_run_stops_and_never_checkpoints_non_finite_weights(tmp_path, tokenizer, token_rows,
+                                                                        monkeypatch):
+    """A loss that turns NaN stops the run with advice; weights that turned inf/NaN in the update right before a
+    checkpoint are not saved, so keep_checkpoints=1 never replaces the last good checkpoint with them."""
+    trainer = make_trainer(lora_model(tokenizer), token_rows, tmp_path, tokenizer, max_steps=6, save_every=2,
+                           keep_checkpoints=1)
+    step = trainer.train_step
+
+    def poisoned_step():
+        out = step()
+        if trainer.state.step == 3:  # the 4th step's update leaves a NaN weight behind; its loss was finite
+            with torch.no_grad():
+                next(p for p in trainer.model.parameters() if p.requires_grad).view(-1)[0] = math.nan
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", poisoned_step)
+    with pytest.raises(TrainingDivergedError, match=r"step 4: trained weights are inf or NaN: the training diverged.*"
+                                                    r"last checkpoint, step-000002, holds finite weights"):
+        trainer.train()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+
+    (tmp_path / "lr").mkdir()
+    nan_loss = make_trainer(lora_model(tokenizer), token_rows, tmp_path / "lr", tokenizer, learning_rate=1e30,
+                            max_grad_norm=None, max_steps=6)
+    with pytest.raises(TrainingDivergedError, match=r"step \d: the loss is nan: .*learning_rate \(now 1e\+30\), set "
+                                                    r"training.max_grad_norm \(now null\)"):
+        nan_loss.train()
+    assert not (tmp_path / "lr" / "checkpoints").exists()
 
 
 def test_metrics_truncate_and_memory(tmp_path):

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from slimtune.core.tensor_files import read_pickled_tensors
+from slimtune.core.tensor_files import check_finite, read_pickled_tensors
 
 CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
@@ -194,6 +194,7 @@ def check_matching(shapes: dict[str, torch.Size], stored: dict[str, torch.Tensor
 def copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], where: Any) -> None:
     """Copy ``stored`` into ``live`` (same keys): every live tensor must be there, with its shape."""
     check_matching({k: v.shape for k, v in live.items()}, stored, where)
+    check_finite(stored, where)
     with torch.no_grad():
         for key, value in stored.items():
             live[key].copy_(value.to(device=live[key].device, dtype=live[key].dtype))

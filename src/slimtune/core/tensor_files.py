@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,17 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``, validated (see :class:`SafetensorsReader`)."""
     with SafetensorsReader(path) as reader:
         return reader.tensors()
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights holding inf or NaN (a damaged file, or a run that diverged): loaded, they would turn every
+    output into NaN without a word."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise InvalidFileError(Path(path), f"{key!r} holds {bad:,} inf/NaN values of {value.numel():,}: the file "
+                                               "is damaged, or was saved from a run that diverged. Use another copy "
+                                               "of the adapter (or an earlier checkpoint's adapter/ folder).", key)
 
 
 def read_pickled_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from slimtune.distributed.checkpoint import (
 from slimtune.distributed.context import DistContext
 from slimtune.distributed.data import ShardedBatches
 from slimtune.distributed.wrap import gradient_sync, unwrap
-from slimtune.errors import InvalidFileError
+from slimtune.errors import InvalidFileError, TrainingDivergedError
 from slimtune.lifecycle import after_optimizer_step, disable_adapters, method_param_groups
 from slimtune.optim import make_optimizer, training_param_groups
 from slimtune.perf.losses import causal_lm_loss
@@ -315,7 +315,12 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self, rng: dict[str, Any]) -> Path:
-        """Checkpoint at the current step boundary; ``rng`` is the RNG state captured at that boundary."""
+        """Checkpoint at the current step boundary; ``rng`` is the RNG state captured at that boundary. Trained
+        weights that are no longer finite are never saved (a keep-last-N checkpoint would replace a good one)."""
+        local_bad = any(not bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                        for p in self.model.parameters() if p.requires_grad)
+        if local_bad if self.dist is None else self.dist.any(local_bad):
+            raise self._diverged(f"step {self.state.step}: trained weights are inf or NaN")
         self.state.data = self.batches.state_dict()
         payload = {**vars(self.state), "total_steps": self.total_steps, "config": self.config_snapshot}
         if self.dist is not None:
@@ -417,6 +422,8 @@ class Trainer:
                     return False
                 started = time.perf_counter()
                 row = self.train_step()
+                if not math.isfinite(row["loss"]):
+                    raise self._diverged(f"step {self.state.step + 1}: the loss is {row['loss']}")
                 self.state.step += 1
                 self.state.tokens += row["tokens"]
                 self.state.train_seconds += time.perf_counter() - started
@@ -442,6 +449,16 @@ class Trainer:
             if self.checkpoint_here() is None:  # the finished training: a run stopped while it is finalized (the
                 self.save(rng_state())  # last evaluation, the sample, the plot) resumes into finalizing it
         return True
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        latest = latest_checkpoint(self.run_dir)
+        kept = f" (the last checkpoint, {latest.name}, holds finite weights)" if latest is not None else ""
+        return TrainingDivergedError(
+            f"{what}: the training diverged, so it stops here and saves nothing non-finite{kept}. Lower "
+            f"training.learning_rate (now {self.settings.learning_rate:g}), set training.max_grad_norm (now "
+            f"{'null' if self.settings.max_grad_norm is None else self.settings.max_grad_norm}) or check the data, "
+            "then start again with output.overwrite=true "
+            "(a resume repeats the same steps).")
 
     def checkpoint_here(self) -> Path | None:
         """The checkpoint of the current step, if one was saved."""
