@@ -82,10 +82,12 @@ def test_fsdp_shards_the_packed_4bit_base(two_ranks):
 
 
 def _unfinished_copy(run: Path, to: Path) -> Path:
-    """A copy of a finished run folder as if it had stopped after its last checkpoint."""
+    """A copy of a finished run folder as if it had stopped after its last periodic checkpoint (the finished
+    training's checkpoint, saved before the run was finalized, is removed too)."""
     shutil.copytree(run, to)
     shutil.rmtree(to / "adapter")
     (to / "summary.json").unlink()
+    shutil.rmtree(sorted((to / "checkpoints").iterdir())[-1])
     return to
 
 
