@@ -17,7 +17,8 @@ from train_helpers import tiny_llama
 from slimtune.errors import DataError
 from slimtune.train import data as data_module
 from slimtune.train.batching import BatchIterator, collate, epoch_order
-from slimtune.train.data import load_examples, normalize_example, split_examples
+from slimtune.train.data import load_examples, split_examples
+from slimtune.train.examples import normalize_example
 from slimtune.train.recipe import recipe_from_dict
 from slimtune.train.runner import load_data
 from slimtune.train.templates import encode_conversation, encode_example, encode_prompt, render_plain

@@ -43,6 +43,7 @@ from typing import Any
 
 from slimtune.core.optional import OptionalModule
 from slimtune.errors import DataError
+from slimtune.train.examples import TEXT_KEY, normalize_example
 from slimtune.train.pycode import VALIDATION_FRACTION, alpaca_row, build_pycode
 
 # optional: Hugging Face datasets (save_to_disk folders, hub ids)
@@ -58,129 +59,6 @@ SPLITS = ("train", "validation", "all")
 HELD_OUT_SPLITS = ("validation", "valid", "val", "dev", "eval", "test")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "txt",
            ".parquet": "parquet", ".arrow": "arrow"}
-PROMPT_KEYS = ("prompt", "instruction", "input")
-RESPONSE_KEYS = ("response", "output", "completion")
-TEXT_KEY = "text"
-_EXPECTED = ("'prompt' and 'response' (or 'instruction'/'input' and 'output', or chat 'messages', or ShareGPT "
-             "'conversations', or plain 'text')")
-# ShareGPT speaker names (``from``), and the chat roles (``role``) read the same way.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-def _text(row: Mapping[str, Any], key: str, where: str) -> str:
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {value!r:.60}.")
-    return value
-
-
-def _content(message: Mapping[str, Any], where: str) -> str:
-    """A chat message's text: a string, or the parts list newer datasets use (``[{"type": "text", "text": ...}]``),
-    its text parts joined; other parts (images, audio) are refused, since the models trained here read text."""
-    content = message["content"]
-    if not isinstance(content, list):
-        return _text(message, "content", where)
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise DataError(f"{where}: content[{j}] is {part!r:.60}; only text parts ({{'type': 'text', 'text': "
-                             f"...}}) can be trained here.")
-        texts.append(part["text"])
-    return "".join(texts)
-
-
-def _from_messages(messages: Any, where: str) -> dict[str, Any]:
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{where}: 'messages' must be a list of at least a user and an assistant turn.")
-    turns = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {msg!r:.80}.")
-        if msg["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{i}] has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
-        turns.append({"role": msg["role"], "content": _content(msg, f"{where}: messages[{i}]")})
-    example: dict[str, Any] = {}
-    if turns[0]["role"] == "system":
-        example["system"] = turns.pop(0)["content"]
-    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
-        roles = [m["role"] for m in messages]
-        raise DataError(f"{where}: messages must end with a user turn then an assistant turn; roles are {roles}.")
-    example["prompt"], example["response"] = turns[-2]["content"], turns[-1]["content"]
-    if len(turns) > 2:
-        example["history"] = turns[:-2]
-    return example
-
-
-def _from_sharegpt(conversation: Any, where: str) -> dict[str, Any]:
-    """A ShareGPT conversation as a chat example whose every assistant turn is trained."""
-    if not isinstance(conversation, list) or not conversation:
-        raise DataError(f"{where}: 'conversations' must be a list of turns with 'from' and 'value'.")
-    messages = []
-    for i, turn in enumerate(conversation):
-        keys = ("from", "value") if isinstance(turn, Mapping) and "from" in turn else ("role", "content")
-        if not isinstance(turn, Mapping) or keys[0] not in turn or keys[1] not in turn:
-            raise DataError(f"{where}: conversations[{i}] must be an object with 'from' and 'value' (or 'role' "
-                             f"and 'content'), got {turn!r:.80}.")
-        role = SHAREGPT_ROLES.get(str(turn[keys[0]]).lower())
-        if role is None:
-            raise DataError(f"{where}: conversations[{i}] is from {turn[keys[0]]!r}; use one of "
-                             f"{sorted(SHAREGPT_ROLES)}.")
-        messages.append({"role": role, "content": _text(turn, keys[1], f"{where}: conversations[{i}]")})
-    while messages and messages[-1]["role"] != "assistant":  # nothing to learn after the last answer
-        messages.pop()
-    if not messages:
-        raise DataError(f"{where}: the conversation has no 'gpt' (assistant) turn to learn.")
-    return {**_from_messages(messages, where), "train_all_turns": True}
-
-
-def _from_text(row: Mapping[str, Any], where: str) -> dict[str, Any]:
-    text = _text(row, TEXT_KEY, where)
-    if not text.strip():
-        raise DataError(f"{where}: the 'text' is empty; every example needs text to learn.")
-    return {TEXT_KEY: text}
-
-
-def is_text_example(example: Mapping[str, Any]) -> bool:
-    """Whether ``example`` is plain text (trained on every token, no template) rather than prompt + response."""
-    return TEXT_KEY in example
-
-
-def normalize_example(row: Any, where: str) -> dict[str, Any]:
-    """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
-    if not isinstance(row, Mapping):
-        raise DataError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
-    if row.get("messages") is not None:  # None: a column other rows fill (Parquet, Arrow, HF datasets)
-        example = _from_messages(row["messages"], where)
-    elif row.get("conversations") is not None:
-        example = _from_sharegpt(row["conversations"], where)
-        if row.get("system") is not None and "system" not in example and _text(row, "system", where):
-            example["system"] = _text(row, "system", where)
-    else:
-        prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
-        response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
-        if prompt_key and response_key and isinstance(row[prompt_key], list) and isinstance(row[response_key], list):
-            # TRL's conversational prompt-completion rows: message lists, the completion's last turn trained
-            return _from_messages([*row[prompt_key], *row[response_key]], where)
-        if (prompt_key is None or response_key is None) and row.get(TEXT_KEY) is not None:
-            return _from_text(row, where)
-        if prompt_key is None or response_key is None:
-            empty = [k for k in (*PROMPT_KEYS, *RESPONSE_KEYS, TEXT_KEY) if k in row and row[k] is None]
-            if empty:
-                raise DataError(f"{where}: field {empty[0]!r} is empty (null, or a short CSV row); every example "
-                                f"needs {_EXPECTED}.")
-            raise DataError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
-        prompt = _text(row, prompt_key, where)
-        extra = row.get("input") if prompt_key != "input" else None
-        if extra is not None and _text(row, "input", where).strip():
-            prompt = f"{prompt}\n\n{extra}" if prompt else extra
-        example = {"prompt": prompt, "response": _text(row, response_key, where)}
-        if row.get("system") is not None and _text(row, "system", where):  # an empty cell: no system prompt
-            example["system"] = _text(row, "system", where)
-    if not example["response"].strip():
-        raise DataError(f"{where}: the response is empty; every example needs text to learn.")
-    return example
-
-
 def _read_text(path: Path) -> str:
     """The file's text (UTF-8, a leading BOM dropped); bytes that are not UTF-8 are a :class:`DataError` naming
     the line."""

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
-from slimtune.train.data import is_text_example
+from slimtune.train.examples import is_text_example
 from slimtune.train.templates import PLAIN_PROMPT, encode_texts, has_chat_template
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from slimtune.train.data import is_text_example
+from slimtune.train.examples import is_text_example
 from slimtune.train.templates import encode_conversation, encode_examples, encode_texts
 
 IGNORE_INDEX = -100
