@@ -64,5 +64,9 @@ def test_resume_refuses_another_step_size_or_order():
         ShardedBatches(ROWS, 2, 1, 0, 1, seed=1, pad_id=0).load_state_dict(saved)
     with pytest.raises(ValueError, match="seed"):
         ShardedBatches(ROWS, 2, 1, 0, 2, seed=2, pad_id=0).load_state_dict(saved)
+    edited = [dict(row) for row in ROWS]
+    edited[5] = {"input_ids": [99, 4], "labels": [99, 4]}
+    with pytest.raises(ValueError, match="the training rows differ from the run's"):
+        ShardedBatches(edited, 2, 1, 0, 2, seed=1, pad_id=0).load_state_dict(saved)
     with pytest.raises(ValueError, match="divides 6"):
         accumulation_for(6, 4, 1)

@@ -458,6 +458,11 @@ def test_batch_iterator_resumes_mid_epoch_exactly():
 
     with pytest.raises(ValueError, match=r"different settings .*'seed': \(3, 4\)"):
         BatchIterator(data, batch_size=4, seed=4).load_state_dict(state)
+    edited = copy.deepcopy(data)  # as many rows, one token changed: a data file edited in place
+    edited[7]["labels"][-1] += 1
+    with pytest.raises(ValueError, match=r"the training rows differ from the run's .*fingerprint"):
+        BatchIterator(edited, batch_size=4, seed=3).load_state_dict(state)
+    BatchIterator(edited, batch_size=4, seed=3).load_state_dict({k: v for k, v in state.items() if k != "rows_sha256"})
     with pytest.raises(ValueError, match="gives no batch of 4 with drop_last=True"):
         BatchIterator(data[:3], batch_size=4, drop_last=True)
 

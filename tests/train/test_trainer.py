@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -15,10 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import make_tokenizer, tiny_llama
 
 import slimtune
-from slimtune.errors import TrainingDivergedError
+from slimtune.errors import SaveError, TrainingDivergedError
 from slimtune.methods import REGISTRY
 from slimtune.methods.lora import LoraMethod
 from slimtune.perf import losses
+from slimtune.train import progress
 from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
@@ -301,6 +303,22 @@ def test_metrics_truncate_and_memory(tmp_path):
     assert [r["step"] for r in log.rows()] == [0, 1, 2]
     assert peak_memory_mb(CPU) > 10
     assert math.isfinite(peak_memory_mb(CPU))
+
+
+def test_a_full_disk_under_the_metrics_log_is_a_save_error_naming_it(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path)
+    log.write({"step": 1, "loss": 1.0})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(progress, "open", full, raising=False)
+    with pytest.raises(SaveError, match=r"cannot append to .*metrics.jsonl: No space left on device; free some disk "
+                                        r"space .*--resume") as caught:
+        log.write({"step": 2, "loss": 0.5})
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert [r["step"] for r in log.rows()] == [1]
 
 
 @pytest.mark.parametrize("config", [slimtune.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),

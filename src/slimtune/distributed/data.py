@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from slimtune.train.batching import Rows, collate, epoch_order
+from slimtune.train.batching import Rows, check_same_rows, collate, epoch_order, rows_fingerprint
 from slimtune.train.tokenization import IGNORE_INDEX
 
 __all__ = ["ShardedBatches", "accumulation_for"]
@@ -52,6 +52,13 @@ class ShardedBatches:
         self.global_batch = batch_size * accumulation * world_size
         self.epoch = 0
         self.start = 0  # rows of this epoch's order already taken
+        self._rows_sha256: str | None = None
+
+    @property
+    def rows_sha256(self) -> str:
+        if self._rows_sha256 is None:
+            self._rows_sha256 = rows_fingerprint(self.dataset)
+        return self._rows_sha256
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
@@ -82,9 +89,9 @@ class ShardedBatches:
         batch["labels"].fill_(IGNORE_INDEX)
         return batch
 
-    def state_dict(self) -> dict[str, int | bool]:
+    def state_dict(self) -> dict[str, int | bool | str]:
         return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "shuffle": self.shuffle,
-                "num_rows": len(self.dataset), "global_batch": self.global_batch}
+                "num_rows": len(self.dataset), "global_batch": self.global_batch, "rows_sha256": self.rows_sha256}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue at ``state``'s position; refuse a state made with another order or step size."""
@@ -94,6 +101,7 @@ class ShardedBatches:
         if different:
             raise ValueError(f"Cannot resume: the saved batch order used different settings {{name: (saved, now)}} "
                              f"= {different}. Resume with the same data, seed and rows per step.")
+        check_same_rows(state, self.rows_sha256)
         if int(state["epoch"]) < 0 or not 0 <= int(state["start"]) < len(self.dataset):
             raise ValueError(f"Invalid position epoch={state['epoch']!r}, start={state['start']!r}.")
         self.epoch, self.start = int(state["epoch"]), int(state["start"])

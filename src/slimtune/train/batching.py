@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -73,6 +74,29 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int
     return order
 
 
+def rows_fingerprint(dataset: Rows) -> str:
+    """A SHA-256 of the token rows (ids, labels, positions), shortened: a resume must see the very rows the run
+    saw, not only as many (a data file edited in place, another tokenizer at the same path)."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        row = dataset[i]
+        for key in ("input_ids", "labels", "position_ids"):
+            values = row.get(key)
+            if values is not None:
+                digest.update(f"{key}:{len(values)}:".encode())
+                digest.update(array("q", values).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_rows(saved: Mapping[str, Any], rows_sha256: str) -> None:
+    """Refuse a resume over other rows than the checkpoint's (checkpoints from before the fingerprint pass)."""
+    if saved.get("rows_sha256", rows_sha256) != rows_sha256:
+        raise ValueError("Cannot resume: the training rows differ from the run's (the same number of rows, other "
+                         f"tokens: fingerprint {saved['rows_sha256']} then, {rows_sha256} now). The data file, the "
+                         "template or the tokenizer changed since the run started: restore them, or start a new run "
+                         "(output.overwrite=true or another output.dir).")
+
+
 class Rows(Protocol):
     """What batches are drawn from: a length and rows by index (a list, a TokenizedDataset …)."""
 
@@ -131,6 +155,13 @@ class BatchIterator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.epoch = 0
         self.index = 0
+        self._rows_sha256: str | None = None
+
+    @property
+    def rows_sha256(self) -> str:
+        if self._rows_sha256 is None:
+            self._rows_sha256 = rows_fingerprint(self.dataset)
+        return self._rows_sha256
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -148,9 +179,10 @@ class BatchIterator:
         self.epoch += 1
         self.index = 0
 
-    def state_dict(self) -> dict[str, int | bool]:
+    def state_dict(self) -> dict[str, int | bool | str]:
         """The position plus what the order depends on (checked again on load)."""
         return {
+            "rows_sha256": self.rows_sha256,
             "epoch": self.epoch,
             "index": self.index,
             "seed": self.seed,
@@ -170,6 +202,7 @@ class BatchIterator:
                 f"Cannot resume: the saved batch order used different settings {{name: (saved, now)}} = {different}. "
                 f"Resume with the same data, seed and batch_size."
             )
+        check_same_rows(state, self.rows_sha256)
         if not 0 <= int(state["index"]) <= len(self) or int(state["epoch"]) < 0:
             raise ValueError(f"Invalid position epoch={state['epoch']!r}, index={state['index']!r} "
                              f"({len(self)} batches/epoch).")

@@ -14,6 +14,7 @@ import torch
 
 from slimtune.core.files import atomic_file
 from slimtune.core.optional import OptionalModule
+from slimtune.errors import SaveError
 from slimtune.train.run_folder import RunFolder
 from slimtune.train.tracking import Reporter, check_report_to, make_reporters
 
@@ -87,9 +88,14 @@ class MetricsLog:
         self.reporters: list[Reporter] | None = None  # started by the first write
 
     def write(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+        except OSError as error:
+            raise SaveError(error.errno or 0, f"cannot append to {self.path}: {error.strerror or error}; free some "
+                                              "disk space (or make the folder writable), then continue the run with "
+                                              "--resume (from its latest checkpoint).") from error
         if self.reporters is None:
             self.reporters = make_reporters(self.report_to, self.run_dir, self.run_config)
         for reporter in self.reporters:
