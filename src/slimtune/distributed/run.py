@@ -53,6 +53,7 @@ from slimtune.train.runner import (
     RunResult,
     add_method,
     check_memory,
+    check_packing,
     check_writable,
     comparable,
     format_summary,
@@ -151,6 +152,7 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     if plan is not None:
         fill_shards(plan, ctx)
         log(f"fsdp: base loaded per rank; rank 0's process peak so far {process_peak_rss_mb() / 1024:.2f} GiB")
+    check_packing(recipe, wrapped, ctx.device)  # every rank: a sharded forward needs them all
     mine, whole = held_bytes(wrapped)
     log(f"{strategy}: rank 0 holds {mine:,} of the model's {whole:,} bytes (parameters and buffers)")
     if strategy == "fsdp":

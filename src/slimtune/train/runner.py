@@ -37,6 +37,7 @@ from slimtune.train.checkpoint import check_no_incomplete_checkpoints, checkpoin
 from slimtune.train.data import load_examples
 from slimtune.train.generation import SamplePrompt, generate_text, sample_prompt
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
+from slimtune.train.packing import packing_refusal
 from slimtune.train.progress import human_bytes, human_seconds, plot_loss, process_peak_rss_mb
 from slimtune.train.recipe import Recipe, RecipeError
 from slimtune.train.run_folder import RunFolder, RunLock
@@ -234,6 +235,7 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     _log_tokens(train_rows, eval_rows, data.max_seq_length, log)
     log(str(add_method(model, recipe)))
     log(str(trainable_parameters(model)))
+    check_packing(recipe, model, device)
     settings = recipe.training
     batches = BatchIterator(train_rows, settings.batch_size, seed=settings.seed, pad_id=tokenizer.pad_token_id)
     trainer = Trainer(model, batches, eval_rows.rows, settings, run.path, device, tokenizer.pad_token_id,
@@ -271,6 +273,13 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
         log(f"\ninterrupted while finishing the run; the training is saved: finish it with slimtune train "
             f"{recipe.command_line('--resume')}")
         raise
+
+
+def check_packing(recipe: Recipe, model: nn.Module, device: torch.device) -> None:
+    """``data.packing: true`` only for a model that keeps packed examples apart (:mod:`slimtune.train.packing`)."""
+    refusal = packing_refusal(model, device) if recipe.data.packing else None
+    if refusal is not None:
+        raise RecipeError(f"data.packing: true: {refusal}; set data.packing: false for this model.")
 
 
 def _device(recipe: Recipe) -> torch.device:
