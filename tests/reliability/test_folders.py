@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 
 import pytest
 from tiny_models import tiny_llama
 
 import slimtune
-from slimtune.core.files import lock_file, recover_folder
+from slimtune.core.files import atomic_write, lock_file, recover_folder
 
 
 @pytest.fixture()
@@ -85,3 +86,19 @@ def test_a_live_writers_folder_is_left_alone_and_named(tmp_path, versions):
     finally:
         os.close(fd)
     assert recover_folder(parent / "adapter") and names(parent) == []  # its writer died: unfinished, deleted
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_and_folders_get_the_modes_the_umask_gives(tmp_path, umask):
+    """Temporary names are created private (0600 / 0700); what lands under the final name has the mode a plain
+    open / mkdir would give, so others may read an adapter or a run as they may read the user's other files."""
+    previous = os.umask(umask)
+    try:
+        model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=4, target_modules=["q_proj"]))
+        folder = slimtune.save_adapter(model, tmp_path / "adapter")
+        atomic_write(tmp_path / "summary.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    for file in [*folder.iterdir(), tmp_path / "summary.json"]:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file

@@ -291,6 +291,10 @@ def test_the_lock_records_its_holder_and_is_rank_zeros(tmp_path, monkeypatch):
         assert who["run_id"] == "job-9" and who["restart"] == "0"
         with pytest.raises(RunFolderBusyError, match=r"in use by another `slimtune train` \(pid \d+ on .*job-9"):
             RunLock(tmp_path / "run").acquire()  # a second open file description: its flock is refused
+        (tmp_path / "link").symlink_to(tmp_path / "run")
+        for alias in (tmp_path / "link", tmp_path / "run" / ".." / "run"):  # the same folder by another name
+            with pytest.raises(RunFolderBusyError, match="in use by another"):
+                RunLock(alias).acquire()
     assert not lock.path.exists()
     monkeypatch.setenv("RANK", "1")  # other ranks of a distributed run share rank 0's folder and lock
     with RunLock(tmp_path / "run") as other:

@@ -20,7 +20,7 @@ from slimtune.cli import main
 from slimtune.errors import InvalidFileError
 from slimtune.methods.fusion import AdapterFusionConfig
 from slimtune.train.batching import BatchIterator
-from slimtune.train.checkpoint import Checkpoint, method_tensors
+from slimtune.train.checkpoint import Checkpoint, method_tensors, read_checkpoint
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.run_folder import RunFolder
 from slimtune.train.trainer import Trainer
@@ -319,3 +319,15 @@ def test_a_resume_that_fails_midway_leaves_the_data_position(tmp_path, monkeypat
     with pytest.raises(InvalidFileError, match="tampered"):
         fresh.resume(checkpoint)
     assert fresh.batches.state_dict() == before and fresh.state.step == 0
+
+
+@pytest.mark.parametrize("text, problem", [("{", "is not readable JSON"), ("[]", "holds a JSON list, not an object"),
+                                           ('{"format": 0}', "format 0 is not")])
+def test_a_damaged_trainer_state_says_what_to_do(tmp_path, text, problem):
+    step = tmp_path / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(text)
+    advice = "start the run again with output.overwrite=true" if "format" in problem else \
+        "Delete this step's folder to resume from the one before"
+    with pytest.raises(InvalidFileError, match=rf"trainer_state.json: {problem}.*{advice}"):
+        read_checkpoint(step)

@@ -111,6 +111,23 @@ def _save_error(error: OSError, what: Path, kept: str) -> SaveError:
     return SaveError(error.errno or errno.EIO, f"cannot write {what}: {reason}; {hint}. {kept}")
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, folder: bool) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode ``open`` / ``mkdir`` would have: readable by those
+    the umask lets read, as every other file the user writes."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~process_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error, the file written there
@@ -125,6 +142,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
+        _as_if_created(tmp, folder=False)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -175,6 +193,7 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         recover_folder(final)  # a crashed earlier save's leftovers go before this one starts
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+        _as_if_created(tmp, folder=True)
     except OSError as error:
         raise _save_error(error, final, kept) from error
     token = tmp.name.rsplit(".new-", 1)[1]

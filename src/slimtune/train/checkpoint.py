@@ -44,6 +44,7 @@ from slimtune.methods import method_for
 from slimtune.train.run_folder import RunFolder
 
 STATE_FILE = "trainer_state.json"
+DELETE_STEP = "Delete this step's folder to resume from the one before."
 TENSORS_FILE = "tensors.safetensors"
 ADAPTER_DIR = "adapter"
 FORMAT = "slimtune-checkpoint/2"
@@ -230,18 +231,20 @@ def read_state_file(path: Path) -> dict[str, Any]:
     try:
         payload = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise InvalidFileError(file, f"is not readable JSON ({error}); the checkpoint is damaged.") from None
+        raise InvalidFileError(file, f"is not readable JSON ({error}); the checkpoint is damaged. "
+                                     f"{DELETE_STEP}") from None
     if not isinstance(payload, dict):
-        raise InvalidFileError(file, f"holds a JSON {type(payload).__name__}, not an object.")
+        raise InvalidFileError(file, f"holds a JSON {type(payload).__name__}, not an object; the checkpoint is "
+                                     f"damaged. {DELETE_STEP}")
     if payload.get("format") != FORMAT:
         raise InvalidFileError(file, f"format {payload.get('format')!r} is not {FORMAT!r}: written by another "
                                      "slimtune version; start the run again with output.overwrite=true.", "format")
     for key, kind in STATE_FIELDS.items():
         if key not in payload:
-            raise InvalidFileError(file, f"the field {key!r} is missing; the checkpoint is damaged.", key)
+            raise InvalidFileError(file, f"the field {key!r} is missing; the checkpoint is damaged. {DELETE_STEP}", key)
         if not isinstance(payload[key], kind) or isinstance(payload[key], bool):
-            raise InvalidFileError(file, f"{key}={payload[key]!r:.80} has the wrong type; the checkpoint is damaged.",
-                                   key)
+            raise InvalidFileError(file, f"{key}={payload[key]!r:.80} has the wrong type; the checkpoint is damaged. "
+                                         f"{DELETE_STEP}", key)
     if payload.get("checksum") != _self_digest(payload):
         raise InvalidFileError(file, "checksum does not match its content: the file was changed after it was "
                                      "written; delete this step's folder to resume from the one before.", "checksum")
@@ -294,7 +297,8 @@ def _read_files(path: Path, manifest: dict[str, Any]) -> None:
                                            "Delete this step's folder to resume from the one before.", name)
     for required in (TENSORS_FILE, f"{ADAPTER_DIR}/adapter_config.json"):
         if required not in manifest:
-            raise InvalidFileError(file, f"files does not list {required}; the checkpoint is damaged.", "files")
+            raise InvalidFileError(file, f"files does not list {required}; the checkpoint is damaged. {DELETE_STEP}",
+                                   "files")
 
 
 @dataclass

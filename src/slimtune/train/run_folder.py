@@ -182,7 +182,8 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike, log: Callable[[str], None] = print) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        real = self.run_dir.resolve()  # one lock however the folder is named (a symbolic link, "..")
+        self.path = real.parent / f".{real.name}.lock"
         self.log = log
         self._fd: int | None = None
         self._made: list[Path] = []
