@@ -270,9 +270,16 @@ def test_sequence_classification_with_a_head_named_otherwise_trains_no_copy_as_p
     slimtune.save_adapter(back, tmp_path / "ours")
     assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
         set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"modules_to_save=\['classifier'\] matched no module; top-level modules are: "
-                                         r"\['model', 'classification_head'\]"):
-        slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(modules_to_save=["classifier"], **options))
+    with pytest.raises(ValueError, match=r"modules_to_save=\['cls_head', 'classifier', 'score'\] matched no module; "
+                                         r"top-level modules are: \['model', 'classification_head'\]"):
+        slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(modules_to_save=["cls_head"], **options))
+    # PEFT adds its head names to those given, [] included: the file's config says so too
+    for given in ([], ["classification_head"]):
+        config = slimtune.LoraConfig(modules_to_save=given, **options)
+        assert config.modules_to_save == [*given, "classifier", "score"]
+        ref = peft.LoraConfig(modules_to_save=list(given), **options)
+        peft.get_peft_model(copy.deepcopy(base), ref)
+        assert ref.modules_to_save == config.modules_to_save
 
 
 def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load(tmp_path):

@@ -118,11 +118,13 @@ TASK_HEAD_MODULES = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifi
 
 
 def default_head(task_type: str | None, modules_to_save: list[str] | None) -> list[str] | None:
-    """PEFT trains a copy of a classification or answer-span head (:data:`TASK_HEAD_MODULES`) unless told otherwise
-    (``[]`` = no head); its files then hold the head, and PEFT cannot load one without it."""
+    """PEFT trains a copy of a classification or answer-span head (:data:`TASK_HEAD_MODULES`): its names are added to
+    the ``modules_to_save`` given (even ``[]``), as PEFT's task models do; its files then hold the head, and PEFT
+    cannot load one without it."""
     modules_to_save = str_list("modules_to_save", modules_to_save, allow_str=False)
-    if task_type in TASK_HEAD_MODULES and modules_to_save is None:
-        return list(TASK_HEAD_MODULES[task_type])
+    if task_type in TASK_HEAD_MODULES:
+        given = modules_to_save or []
+        return given + [name for name in TASK_HEAD_MODULES[task_type] if name not in given]
     return modules_to_save
 
 

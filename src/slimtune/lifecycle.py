@@ -111,7 +111,7 @@ def _modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
              if n and name_matches(n, names) and not in_head_copy(n) and ".base_layer" not in n]
     if not found:
         heads = [n for n, m in model.named_modules() if n and "." not in n and next(m.parameters(), None) is not None]
-        if names == TASK_HEAD_MODULES.get(config.task_type or ""):
+        if set(names) <= set(TASK_HEAD_MODULES.get(config.task_type or "", ())):
             others = [n for n in heads if n != getattr(model, "base_model_prefix", None)] or heads
             warnings.warn(f"task_type={config.task_type!r} trains a copy of the head named {' or '.join(names)}, but "
                           f"this model has no such module: no head copy trains (as in PEFT), and the model's own head "
