@@ -14,6 +14,7 @@ import torch
 from run_helpers import rows
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import make_tokenizer, tiny_llama
+from transformers import get_scheduler
 
 import slimtune
 from slimtune.errors import SaveError, TrainingDivergedError
@@ -56,16 +57,39 @@ def make_trainer(model, token_rows, tmp_path, tokenizer, **settings):
                    show_progress=False, log=lambda message: None)
 
 
-def test_schedules():
-    cosine = lr_multiplier("cosine", total_steps=10, warmup_steps=3, min_ratio=0.1)
-    assert [cosine(s) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])  # warmup never starts at 0
-    assert cosine(3) == pytest.approx(1.0) and cosine(9) == pytest.approx(0.1)
-    assert cosine(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
-    linear = lr_multiplier("linear", total_steps=5, warmup_steps=0)
-    assert [linear(s) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
-    assert lr_multiplier("constant", 5, 1)(4) == 1.0
+@pytest.mark.parametrize("kind, min_ratio", [("cosine", 0.0), ("cosine", 0.1), ("linear", 0.0), ("constant", 0.0),
+                                             ("constant_with_warmup", 0.0)])
+@pytest.mark.parametrize("total, warmup", [(10, 3), (7, 0), (5, 5), (1, 0)])
+def test_schedules_are_transformers_get_scheduler(kind, min_ratio, total, warmup):
+    """The rate at every optimizer step is the one a HF Trainer with the same lr_scheduler_type uses."""
+    if kind == "constant":
+        warmup = 0  # transformers' constant schedule has no warmup (a recipe giving one is refused)
+    param = torch.nn.Parameter(torch.zeros(1))
+    theirs = get_scheduler("cosine_with_min_lr" if min_ratio else kind, torch.optim.SGD([param], lr=1.0),
+                           num_warmup_steps=warmup, num_training_steps=total,
+                           scheduler_specific_kwargs={"min_lr_rate": min_ratio} if min_ratio else None)
+    expected = []
+    for _ in range(total):
+        expected.append(theirs.get_last_lr()[0])
+        theirs.optimizer.step()
+        theirs.step()
+    ours = lr_multiplier(kind, total_steps=total, warmup_steps=warmup, min_ratio=min_ratio)
+    assert [ours(step) for step in range(total)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_schedule_names_and_warmup():
     with pytest.raises(ValueError, match="lr_scheduler='step'"):
         lr_multiplier("step", 5, 0)
+    with pytest.raises(ValueError, match="lr_scheduler=constant has no warmup .*constant_with_warmup"):
+        TrainingSection(lr_scheduler="constant", warmup_steps=2)
+    linear = lr_multiplier("linear", total_steps=4, warmup_steps=0, min_ratio=0.2)  # linear with a floor
+    assert [linear(s) for s in range(4)] == pytest.approx([1.0, 0.8, 0.6, 0.4])
+
+
+def test_warmup_ratio_rounds_up_as_transformers(tmp_path, tokenizer, token_rows):
+    trainer = make_trainer(lora_model(tokenizer), token_rows, tmp_path, tokenizer, max_steps=8, warmup_ratio=0.1,
+                           lr_scheduler="constant_with_warmup")
+    assert trainer.scheduler.get_last_lr()[0] == 0.0  # ceil(0.8) = 1 warmup step: the first update's rate is 0
 
 
 def test_eval_loss_is_the_models_own_mean_token_loss(tokenizer, token_rows):

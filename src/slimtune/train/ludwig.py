@@ -217,7 +217,9 @@ class _Mapper:
 
         def scheduler(value: Any) -> None:
             decay = value.get("decay") if isinstance(value, dict) else None
-            training["lr_scheduler"] = {None: "constant", "linear": "linear", "cosine": "cosine"}.get(decay, "constant")
+            warmup = isinstance(value, dict) and bool(value.get("warmup_fraction"))
+            constant = "constant_with_warmup" if warmup else "constant"
+            training["lr_scheduler"] = {None: constant, "linear": "linear", "cosine": "cosine"}.get(decay, constant)
             if decay not in (None, "linear", "cosine"):
                 self.refuse("trainer.learning_rate_scheduler.decay", decay, "slimtune decays linear or cosine")
             self.keys("trainer.learning_rate_scheduler", {k: v for k, v in (value or {}).items() if k != "decay"},

@@ -119,7 +119,7 @@ class TrainingSection:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_epsilon: float = 1e-8
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # transformers' names
     warmup_steps: int | None = None  # null = warmup_ratio of the steps
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0  # the schedule decays to learning_rate * min_lr_ratio
@@ -162,6 +162,9 @@ class TrainingSection:
             raise ValueError(f"adam_betas={self.adam_betas} must be two numbers in [0, 1), e.g. [0.9, 0.999].")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1).")
+        if self.lr_scheduler == "constant" and (self.warmup_steps or self.warmup_ratio):
+            raise ValueError("lr_scheduler=constant has no warmup (as in transformers); use lr_scheduler: "
+                             "constant_with_warmup, or drop warmup_steps / warmup_ratio.")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be 0 or more.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

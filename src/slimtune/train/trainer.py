@@ -241,7 +241,7 @@ class Trainer:
         self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
         warmup = settings.warmup_steps
         if warmup is None:
-            warmup = int(settings.warmup_ratio * self.total_steps)
+            warmup = math.ceil(settings.warmup_ratio * self.total_steps)  # transformers' get_warmup_steps
         self.optimizer = build_optimizer(self.inner, settings)
         self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
                                         settings.min_lr_ratio)
