@@ -66,3 +66,14 @@ def test_a_frozen_model_and_an_unknown_block_list_are_reported():
         layerwise_lr_groups(model, 1e-3, 0.9)
     with pytest.raises(ValueError, match="found no list of transformer blocks named"):
         layerwise_lr_groups(tiny_llama(), 1e-3, 0.9, layers_pattern="blocks")
+
+
+def test_biases_and_norms_get_no_weight_decay_as_in_the_default_grouping():
+    model = tiny_llama(layers=2)  # full fine-tuning: RMSNorm weights are 1-D
+    groups = layerwise_lr_groups(model, 1.0, 0.5)
+    flat = {name for g in groups for name, p in zip(g["names"], g["params"]) if p.ndim < 2}
+    assert flat and all((g.get("weight_decay") == 0.0) == all(n in flat for n in g["names"]) for g in groups)
+    lr = _lr_of(groups)  # a norm learns at its block's rate
+    assert lr["model.layers.1.input_layernorm.weight"] == lr["model.layers.1.self_attn.q_proj.weight"]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.1)
+    assert {p.ndim < 2 for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]} == {False}

@@ -29,6 +29,25 @@ def test_groups_have_the_ratio(ratio):
     assert sorted(listed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
 
 
+def test_create_loraplus_optimizer_has_peft_groups_and_weight_decay():
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer as peft_create
+
+    def summary(optimizer, model):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return sorted((round(g["lr"], 12), g["weight_decay"], tuple(sorted(names[id(p)] for p in g["params"])))
+                      for g in optimizer.param_groups if g["params"])
+
+    ours = _model(bias="lora_only")
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn", "wte"], bias="lora_only"))
+    for extra in ({}, {"weight_decay": 0.1}, {"loraplus_weight_decay": 0.05}):
+        mine = slimtune.create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, **extra)
+        peft_optimizer = peft_create(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, **extra)
+        strip = lambda rows: [(lr, wd, tuple(n.removeprefix("base_model.model.").replace(".default", "")  # noqa: E731
+                                             for n in names)) for lr, wd, names in rows]
+        assert strip(summary(mine, ours)) == strip(summary(peft_optimizer, theirs)), extra
+
+
 def test_optimizer_steps_b_faster():
     model = slimtune.add_adapter(tiny_llama(),
                                  slimtune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))

@@ -77,6 +77,21 @@ def test_every_key_slimtune_cannot_honour_is_named_in_one_error():
     assert message.count("\n  - ") == 13
 
 
+def test_adam_with_weight_decay_is_refused_and_adamw_decouples_it():
+    """Ludwig's adam is torch.optim.Adam: its weight decay is an L2 term in the gradient, not AdamW's."""
+    base = without(README, "preprocessing", "sample_ratio")
+    for kind, refused in (("adam", True), ("adam_8bit", True), ("adamw", False)):
+        config = {**base, "trainer": {**base["trainer"], "optimizer": {"type": kind, "weight_decay": 0.01}}}
+        if refused:
+            with pytest.raises(RecipeError, match=rf"trainer.optimizer.weight_decay = 0.01: Ludwig's {kind} adds "
+                                                  r"weight decay to the gradient .*use type: adamw"):
+                ludwig_to_recipe_dict(config)
+        else:
+            assert ludwig_to_recipe_dict(config)["training"]["weight_decay"] == 0.01
+    config = {**base, "trainer": {**base["trainer"], "optimizer": {"type": "adam", "weight_decay": 0}}}
+    assert ludwig_to_recipe_dict(config)["training"]["optim"] == "adamw"  # Adam without decay is AdamW
+
+
 def test_template_fields_task_and_a_template_less_prompt(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": "2+2?", "answer": "4"}])
     config = {"model_type": "llm", "base_model": "default", "adapter": {"type": "ia3"},

@@ -259,6 +259,21 @@ def test_optimizer_features_from_training_keys(tmp_path, tokenizer, token_rows):
         TrainingSection(loraplus_lr_ratio=0.5)
 
 
+@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_optimizers_keep_embedding_tables_in_fp32_as_a_hf_trainer_does(tmp_path, tokenizer, token_rows, optim):
+    config = slimtune.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    model = lora_model(tokenizer, config)
+    trainer = make_trainer(model, token_rows, tmp_path, tokenizer, optim=optim, max_steps=1)
+    trainer.train()
+    names = {id(p): n for n, p in model.named_parameters()}
+    kinds = {names[id(p)]: sorted(trainer.optimizer.state[p]) for g in trainer.optimizer.param_groups
+             for p in g["params"]}
+    table = next(n for n in kinds if "embed_tokens" in n)
+    big_lora = next(n for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad and p.numel() >= 4096)
+    assert "exp_avg" in kinds[table] and next(p for n, p in model.named_parameters() if n == table).numel() >= 4096
+    assert "exp_avg_codes" in kinds[big_lora]  # other large tensors (the head's copy) keep 8-bit moments
+
+
 def test_ctrl_c_asks_to_stop_then_aborts():
     notes = []
     with StopRequest(notes.append) as stop:

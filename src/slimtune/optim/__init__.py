@@ -43,9 +43,9 @@ OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adam
                      "paged_adamw_32bit": "paged_adamw"}
 _OPTIONS = {  # extra keyword arguments each optimizer takes
     "adamw": ("foreach", "fused", "maximize", "capturable", "differentiable", "amsgrad"),
-    "adamw_8bit": ("min_8bit_size",),
+    "adamw_8bit": ("min_8bit_size", "full_precision"),
     "paged_adamw": ("min_paged_size",),
-    "paged_adamw_8bit": ("min_8bit_size", "min_paged_size"),
+    "paged_adamw_8bit": ("min_8bit_size", "min_paged_size", "full_precision"),
 }
 
 
@@ -53,7 +53,8 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                    **options: Any) -> torch.optim.Optimizer:
     """The optimizer ``name`` (see the module docstring) over ``params`` (tensors or param-group dicts,
-    as for any torch optimizer). ``options``: ``min_8bit_size`` (8-bit kinds, default 4096),
+    as for any torch optimizer). ``options``: ``min_8bit_size`` (8-bit kinds, default 4096), ``full_precision``
+    (8-bit kinds: parameters whose moments stay fp32, as bitsandbytes' ``optim_bits=32`` override),
     ``min_paged_size`` (paged kinds, default 100,000), torch.optim.AdamW's own flags for ``adamw``.
     """
     if not isinstance(name, str):

@@ -24,6 +24,7 @@ State memory: 2 × (1 + 4/256) = 2.03 bytes per weight instead of 8 for fp32 mom
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -60,8 +61,9 @@ class AdamW8bit(PagedStateOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, min_8bit_size: int = MIN_8BIT_SIZE, paged: bool = False,
-                 min_paged_size: int = MIN_PAGED_SIZE) -> None:
+                 min_paged_size: int = MIN_PAGED_SIZE, full_precision: Iterable[torch.Tensor] = ()) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
+        self.full_precision = {id(p) for p in full_precision}  # fp32 moments whatever the size (embeddings)
         if min_8bit_size < 0:
             raise ValueError(f"min_8bit_size={min_8bit_size!r} must be ≥ 0 elements (bitsandbytes uses 4096)")
         self.min_8bit_size = int(min_8bit_size)
@@ -69,7 +71,7 @@ class AdamW8bit(PagedStateOptimizer):
                          min_paged_size)
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        if p.numel() < self.min_8bit_size:
+        if p.numel() < self.min_8bit_size or id(p) in self.full_precision:
             state["exp_avg"] = self.new_state(p, p.shape, torch.float32)
             state["exp_avg_sq"] = self.new_state(p, p.shape, torch.float32)
             return

@@ -48,7 +48,8 @@ def layerwise_lr_groups(model: nn.Module, base_lr: float, decay: float,
     """Optimizer parameter groups with ``lr = base_lr · decay^(L + 1 − depth)``, one group per depth.
 
     Pass the result to any ``torch.optim`` optimizer, e.g. ``AdamW(layerwise_lr_groups(model, 1e-4, 0.8))``.
-    Each group also carries ``depth`` and ``names`` (the parameter names) for logging.
+    Each group also carries ``depth`` and ``names`` (the parameter names) for logging. Biases and norm weights
+    (1-D tensors) are in groups of their own with no weight decay, as in the default grouping.
     """
     if not isinstance(base_lr, (int, float)) or base_lr <= 0:
         raise ValueError(f"base_lr={base_lr!r} must be a positive number.")
@@ -56,15 +57,16 @@ def layerwise_lr_groups(model: nn.Module, base_lr: float, decay: float,
         raise ValueError(f"decay={decay!r} must be in (0, 1]: each layer down multiplies the learning rate by it "
                          "(1 = no decay, 0.8 is common).")
     depths, total = parameter_depths(model, layers_pattern)
-    groups: dict[int, dict] = {}
+    groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        depth = depths[name]
-        group = groups.setdefault(depth, {"params": [], "names": [], "depth": depth,
-                                          "lr": base_lr * decay ** (total + 1 - depth)})
+        depth, flat = depths[name], param.ndim < 2
+        group = groups.setdefault((depth, flat), {"params": [], "names": [], "depth": depth,
+                                                  "lr": base_lr * decay ** (total + 1 - depth),
+                                                  **({"weight_decay": 0.0} if flat else {})})
         group["params"].append(param)
         group["names"].append(name)
     if not groups:
         raise ValueError("the model has no trainable parameters; inject a method (or unfreeze parameters) first.")
-    return [groups[d] for d in sorted(groups)]
+    return [groups[key] for key in sorted(groups)]

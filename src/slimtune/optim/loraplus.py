@@ -63,8 +63,11 @@ def create_loraplus_optimizer(
     lr: float = 2e-4,
     loraplus_lr_ratio: float = 16.0,
     loraplus_lr_embedding: float = 1e-6,
+    loraplus_weight_decay: float = 0.0,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """An optimizer over :func:`loraplus_param_groups` (``optimizer_kwargs`` go to ``optimizer_cls``)."""
-    groups = loraplus_param_groups(model, lr, loraplus_lr_ratio, loraplus_lr_embedding)
+    """An optimizer over :func:`loraplus_param_groups`, as PEFT's ``create_loraplus_optimizer`` makes it: every group
+    has ``loraplus_weight_decay`` (0 by default; 1-D parameters always 0), which a ``weight_decay`` among
+    ``optimizer_kwargs`` (passed to ``optimizer_cls``) does not change."""
+    groups = loraplus_param_groups(model, lr, loraplus_lr_ratio, loraplus_lr_embedding, loraplus_weight_decay)
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)

@@ -231,6 +231,11 @@ class _Mapper:
             if kind not in OPTIMIZERS:
                 self.refuse("trainer.optimizer.type", kind, f"slimtune has {sorted(OPTIMIZERS)}")
             training["optim"] = OPTIMIZERS.get(kind, "adamw")
+            decay = (value or {}).get("weight_decay") or 0
+            if kind in ("adam", "adam_8bit") and decay:
+                self.refuse("trainer.optimizer.weight_decay", decay, f"Ludwig's {kind} adds weight decay to the "
+                            "gradient (L2), which slimtune's AdamW does not: use type: adamw (decoupled weight "
+                            "decay) or weight_decay: 0")
             self.keys("trainer.optimizer", {k: v for k, v in (value or {}).items() if k != "type"}, {
                 "betas": lambda v: training.__setitem__("adam_betas", list(v)),
                 "eps": lambda v: training.__setitem__("adam_epsilon", v),
