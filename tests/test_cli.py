@@ -16,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent / "train"))  # the tiny model and r
 from run_helpers import tiny_recipe, write_recipe  # noqa: E402
 
 from slimtune.cli import main  # noqa: E402
+from slimtune.train import generation  # noqa: E402
 from slimtune.train.data import load_examples, split_examples  # noqa: E402
 
 
-def test_train_generate_eval_merge(capsys, tmp_path):
+def test_train_generate_eval_merge(capsys, tmp_path, monkeypatch):
     # train: a QLoRA run of the tiny recipe, with the demo's generations before and after. The
     # layers are named rather than "all-linear" (the same set): a second "all-linear" adapter
     # would also wrap the first one's lora_A/lora_B (reported to the lead).
@@ -52,6 +53,13 @@ def test_train_generate_eval_merge(capsys, tmp_path):
     assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all",
                  "--max-seq-length", "28"]) == 0  # the rows' prompts are 26 to 29 tokens
     assert "left out by --max-seq-length 28" in capsys.readouterr().out
+    # rows longer than the model's positions are cut there (an absolute position table would fail past it)
+    with monkeypatch.context() as patch:
+        patch.setattr(generation, "position_limit", lambda config: 28)
+        assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all"]) == 0
+    captured = capsys.readouterr()
+    assert "--max-seq-length 512 is beyond the model's 28 positions: rows are cut at 28" in captured.err
+    assert "left out by --max-seq-length 28" in captured.out
     # a file's validation split is the training run's: --validation-fraction is data.validation_fraction
     for share in (0.3, 0.7):
         assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"),

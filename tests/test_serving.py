@@ -269,3 +269,12 @@ def test_requests_it_cannot_serve_are_clear_errors(family):
         Decoder(prompt).generate(ids)
     with pytest.raises(ValueError, match="compile=True needs cache='static'"):
         Decoder(multi, cache="dynamic", compile=True)
+    # Trained biases live in the base layers' own bias (as in PEFT): one value for every row of a batch
+    biased = slimtune.add_adapter(tiny_gpt2(), slimtune.LoraConfig(r=2, target_modules=["c_attn"], bias="lora_only"))
+    slimtune.add_adapter(biased, slimtune.LoraConfig(r=2, target_modules=["c_attn"]), adapter_name="plain")
+    gpt2_ids = sample_inputs("gpt2", batch=2, seq=5)["input_ids"]
+    for serve_rows in (lambda: Decoder(biased).generate(gpt2_ids, adapter_names=["default", None]),
+                       lambda: slimtune.mixed_batch(biased, ["plain", None]).__enter__()):
+        with pytest.raises(ValueError, match=r"adapter 'default' trains biases \(bias='lora_only'\), which live in "
+                                             r"the base layers' own bias"):
+            serve_rows()

@@ -118,7 +118,7 @@ def _load(args: argparse.Namespace, active: list[str] | None = None):
 def _cmd_generate(args: argparse.Namespace) -> int:
     from slimtune.train.generation import generate_text
 
-    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read().rstrip("\r\n")  # `echo` ends with a newline
     active = [a for a in args.active.split(",") if a] if args.active else None
     model, tokenizer = _load(args, active)
     generate_text(model, tokenizer, prompt, args.max_new_tokens, False if args.no_chat_template else None,
@@ -128,6 +128,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.train.data import load_examples
+    from slimtune.train.generation import position_limit
     from slimtune.train.inference import adapters_task_type
     from slimtune.train.tokenization import tokenize_examples
     from slimtune.train.trainer import evaluate_loss
@@ -142,11 +143,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(seq2seq.format(f"{type(model).__name__} is"))
-    rows = tokenize_examples(examples, tokenizer, args.max_seq_length, False, False if args.no_chat_template else None)
+    length, limit = args.max_seq_length, position_limit(model.config)
+    if limit is not None and length > limit:
+        print(f"--max-seq-length {length} is beyond the model's {limit} positions: rows are cut at {limit}",
+              file=sys.stderr)
+        length = limit
+    rows = tokenize_examples(examples, tokenizer, length, False, False if args.no_chat_template else None)
     device = next(model.parameters()).device
     loss = evaluate_loss(model, rows.rows, args.batch_size, tokenizer.pad_token_id, device)
     cut = rows.stats
-    left_out = f"; {cut.n_truncated} cut at and {cut.n_dropped} left out by --max-seq-length {args.max_seq_length}" \
+    left_out = f"; {cut.n_truncated} cut at and {cut.n_dropped} left out by --max-seq-length {length}" \
         if cut.n_truncated or cut.n_dropped else ""
     print(f"eval loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.3f} | "
           f"{len(rows)} examples, {rows.stats.n_label_tokens:,} tokens with a loss ({args.data!r}, "

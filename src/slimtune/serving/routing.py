@@ -265,6 +265,13 @@ def check_rows(model: nn.Module, used: list[str], layers: Sequence[tuple[str, Tu
     wrapped layers, if known)."""
     state = get_state(model)
     state.check_known(used)
+    biased = {name: bias for name, config in state.configs.items()
+              if (bias := getattr(config, "bias", "none")) not in (None, "none")}
+    if biased:  # PEFT keeps trained biases in the base layers' own bias too: every row would get the last loaded
+        name, bias = next(iter(sorted(biased.items())))
+        raise ValueError(f"adapter {name!r} trains biases (bias={bias!r}), which live in "
+                         "the base layers' own bias, shared by every row of a batch: a mixed batch cannot give each "
+                         "row its own. Serve it on its own model (load_adapter into a fresh copy), or merge it.")
     for name in used:
         if method_for(state.configs[name]).changes_base_weights:
             raise ValueError(f"adapter {name!r} ({state.configs[name].peft_type}) changed the base weights themselves, "

@@ -12,7 +12,7 @@ import torch
 from transformers import TextStreamer
 
 from slimtune.train.examples import is_text_example
-from slimtune.train.templates import PLAIN_PROMPT, encode_texts, has_chat_template
+from slimtune.train.templates import encode_prompt, encode_texts
 
 
 def text_opening(text: str, max_chars: int = 200) -> str:
@@ -46,12 +46,26 @@ def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = Non
     is, as training reads a plain-text example (the tokenizer's BOS where it adds one, no template)."""
     if raw:
         return encode_texts([prompt], tokenizer, end=False)[0]
-    chat = has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(PLAIN_PROMPT.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+    return encode_prompt(prompt, tokenizer, use_chat_template)
+
+
+def position_limit(config: Any) -> int | None:
+    """How many positions the model has (absolute position tables end there), if its config says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(config: Any, tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that is empty or, with the tokens to write, longer than the model's positions."""
+    if tokens == 0:
+        raise ValueError("the prompt is empty (and the tokenizer adds no BOS token): give some text to continue.")
+    limit = position_limit(config)
+    if limit is not None and tokens + max_new_tokens > limit:
+        raise ValueError(f"the prompt's {tokens:,} tokens and --max-new-tokens {max_new_tokens:,} exceed the "
+                         f"model's {limit:,} positions: shorten the prompt or lower --max-new-tokens.")
 
 
 class _StreamTo(TextStreamer):
@@ -82,7 +96,8 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     tokens = tokenizer(prompt)["input_ids"] if encoder_decoder else \
         prompt_ids(tokenizer, prompt, use_chat_template, raw)
-    ids = torch.tensor([tokens], device=device)
+    check_length(model.config, len(tokens), 0 if encoder_decoder else max_new_tokens)  # encoder: its own positions
+    ids = torch.tensor([tokens], device=device, dtype=torch.long)
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}

@@ -1,0 +1,38 @@
+"""Generation prompts: the ids generate feeds are the ones training saw; prompts it cannot run are clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import transformers as T
+from tokenizers import processors
+from train_helpers import make_tokenizer, tiny_llama
+
+from slimtune.train.generation import generate_text, prompt_ids
+from slimtune.train.templates import encode_example
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_generate_feeds_the_training_prompt_even_when_the_tokenizer_appends_eos(chat):
+    tok = make_tokenizer() if chat else make_tokenizer(chat_template=None)
+    bos, eos = tok.bos_token, tok.eos_token  # a post-processor adding BOS ... EOS (add_eos_token=True Llamas)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)])
+    example = {"prompt": "Say hello", "response": "hi"}
+    ids = prompt_ids(tok, example["prompt"])
+    assert ids == encode_example(example, tok)[0] and ids[-1] != tok.eos_token_id
+
+
+def test_empty_and_too_long_prompts_are_clear_errors():
+    tok = make_tokenizer(chat_template=None)
+    tok = copy.deepcopy(tok)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])  # no BOS
+    model = tiny_llama(vocab_size=len(tok))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_text(model, tok, "", max_new_tokens=2, raw=True, silent=True)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(ValueError, match=r"the prompt's \d+ tokens and --max-new-tokens 8 exceed the model's 32 "
+                                         r"positions: shorten the prompt or lower --max-new-tokens"):
+        generate_text(gpt2, tok, "word " * 30, max_new_tokens=8, raw=True, silent=True)
+    assert generate_text(gpt2, tok, "word " * 3, max_new_tokens=2, raw=True, silent=True) is not None
