@@ -5,6 +5,7 @@ architectures whose loading or layers differ from Llama's."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -154,3 +155,18 @@ def test_slimtune_train_on_plain_text_learns_it_and_continues_it_without_a_templ
     assert f"── sample prompt ──\n{opening}\n" in capsys.readouterr().out
     assert main(["generate", "--adapter", str(tmp_path / "run" / "adapter"), "-p", opening, "--raw",
                  "--max-new-tokens", "3"]) == 0
+
+
+def test_rows_longer_than_the_models_positions_are_refused_before_the_run_folder(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def limit(config):
+        seen.append(type(config).__name__)
+        return 16
+
+    monkeypatch.setattr(runner, "position_limit", limit)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, quantized=False))
+    assert main(["train", str(recipe), "--no-progress"]) == 2
+    assert re.search(r"data.max_seq_length: rows of up to \d+ tokens \(max_seq_length=48\) are longer than the "
+                     r"model's 16 positions; set data.max_seq_length: 16", capsys.readouterr().err)
+    assert seen == ["LlamaConfig"] and not (tmp_path / "run").exists()

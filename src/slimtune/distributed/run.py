@@ -54,6 +54,7 @@ from slimtune.train.runner import (
     add_method,
     check_memory,
     check_packing,
+    check_positions,
     check_writable,
     comparable,
     format_summary,
@@ -141,6 +142,7 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     data = recipe.data
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
     eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
+    check_positions(model, data.max_seq_length, train_rows, eval_rows)
     with stand_ins(model, ctx.device) if plan is not None else contextlib.nullcontext():
         log(str(add_method(model, recipe)))  # the same seed on every rank: the same initial adapter
     log(str(trainable_parameters(model)))

@@ -35,7 +35,7 @@ from slimtune.report import TrainableReport, trainable_parameters
 from slimtune.train.batching import BatchIterator
 from slimtune.train.checkpoint import check_no_incomplete_checkpoints, checkpoint_config, latest_checkpoint
 from slimtune.train.data import load_examples
-from slimtune.train.generation import SamplePrompt, generate_text, sample_prompt
+from slimtune.train.generation import SamplePrompt, generate_text, position_limit, sample_prompt
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
 from slimtune.train.packing import packing_refusal
 from slimtune.train.progress import human_bytes, human_seconds, plot_loss, process_peak_rss_mb
@@ -233,6 +233,7 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
     eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
     _log_tokens(train_rows, eval_rows, data.max_seq_length, log)
+    check_positions(model, data.max_seq_length, train_rows, eval_rows)
     log(str(add_method(model, recipe)))
     log(str(trainable_parameters(model)))
     check_packing(recipe, model, device)
@@ -273,6 +274,16 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
         log(f"\ninterrupted while finishing the run; the training is saved: finish it with slimtune train "
             f"{recipe.command_line('--resume')}")
         raise
+
+
+def check_positions(model: nn.Module, max_seq_length: int, *rows: TokenizedDataset) -> None:
+    """Refuse rows longer than the model's positions (an absolute position table fails past its end; rotary
+    positions run on, beyond what the model was trained for)."""
+    limit = position_limit(getattr(model, "config", None))
+    longest = max((len(row["input_ids"]) for part in rows for row in part.rows), default=0)
+    if limit is not None and longest > limit:
+        raise RecipeError(f"data.max_seq_length: rows of up to {longest:,} tokens (max_seq_length={max_seq_length:,}) "
+                          f"are longer than the model's {limit:,} positions; set data.max_seq_length: {limit}.")
 
 
 def check_packing(recipe: Recipe, model: nn.Module, device: torch.device) -> None:
