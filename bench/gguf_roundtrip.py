@@ -13,9 +13,9 @@ With ``--adapter RUN/adapter`` the source is the default model with that adapter
 compare each GGUF with the merged model. ``--base original`` merges a QLoRA adapter into the original
 weights instead of the dequantized NF4 ones; either way the script first prints how far each merged model is
 from the trained one (the 4-bit base with the adapter on top), the figure behind the choice.
-Measured with the adapter of ``slimtune train qlora-smollm2-pycode``: dequantized merge 1.0e-6 from the trained
-model (held-out loss 1.6931 both), original merge 0.215 (top-1 77.8%, loss 1.5745); the merged model's GGUF:
-f16 6.7e-4 (top-1 100%), q8_0 2.0e-2 (100%), q4_0 0.30 (48%).
+Measured with the adapter of ``slimtune train qlora-smollm2-pycode`` (2026-11-30): dequantized merge 1.5e-6 from
+the trained model (held-out loss 1.6937 both), original merge 0.215 (top-1 77.8%, loss 1.5746); the merged
+model's GGUF: f16 7.8e-4 (top-1 100%), q8_0 1.7e-2 (96.3%), q4_0 0.30 (44.4%).
 
 Measured here (2 CPUs, torch 2.13, transformers 5.24, gguf 0.19; the anchor is 98.4 MB, 5.85 bits/w):
 f16 270.9 MB, 16.11 bits/w, written in 1.8 s, rel err 7.3e-4, top-1 agreement 100%;
