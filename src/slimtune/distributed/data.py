@@ -15,6 +15,7 @@ or the other way round, mid-epoch, without a row seen twice or skipped.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -52,13 +53,10 @@ class ShardedBatches:
         self.global_batch = batch_size * accumulation * world_size
         self.epoch = 0
         self.start = 0  # rows of this epoch's order already taken
-        self._rows_sha256: str | None = None
 
-    @property
+    @functools.cached_property
     def rows_sha256(self) -> str:
-        if self._rows_sha256 is None:
-            self._rows_sha256 = rows_fingerprint(self.dataset)
-        return self._rows_sha256
+        return rows_fingerprint(self.dataset)  # once: the rows do not change
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -155,13 +156,10 @@ class BatchIterator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.epoch = 0
         self.index = 0
-        self._rows_sha256: str | None = None
 
-    @property
+    @functools.cached_property
     def rows_sha256(self) -> str:
-        if self._rows_sha256 is None:
-            self._rows_sha256 = rows_fingerprint(self.dataset)
-        return self._rows_sha256
+        return rows_fingerprint(self.dataset)  # once: the rows do not change
 
     def __len__(self) -> int:
         """Batches per epoch."""
