@@ -77,6 +77,12 @@ def test_schedules_are_transformers_get_scheduler(kind, min_ratio, total, warmup
     assert [ours(step) for step in range(total)] == pytest.approx(expected, abs=1e-12)
 
 
+def test_mixed_precision_from_python_is_checked_too(tmp_path, tokenizer, token_rows):
+    """Recipes refuse fp16; a TrainingSection made in Python must not run it silently as fp32."""
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16' is not one of \['auto', 'no', 'bf16'\].*use bf16"):
+        make_trainer(lora_model(tokenizer), token_rows, tmp_path, tokenizer, mixed_precision="fp16")
+
+
 def test_schedule_names_and_warmup():
     with pytest.raises(ValueError, match="lr_scheduler='step'"):
         lr_multiplier("step", 5, 0)
