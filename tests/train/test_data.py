@@ -23,6 +23,7 @@ from slimtune.train.recipe import recipe_from_dict
 from slimtune.train.runner import load_data
 from slimtune.train.templates import encode_conversation, encode_example, encode_prompt, render_plain
 from slimtune.train.tokenization import IGNORE_INDEX, tokenize_examples
+from slimtune.train.trainer import label_tokens
 
 ROWS = [
     {"prompt": "Say hi", "response": "hello world"},
@@ -513,6 +514,10 @@ def test_long_texts_are_truncated_counted_and_packed(chat_tokenizer):
     assert all(len(r["input_ids"]) <= 32 for r in out.rows)
     # Packed: every token but each example's first carries the loss.
     assert out.stats.n_label_tokens == out.stats.n_tokens - len(texts)
+    # Unpacked: the same, each row's first token predicted by nothing (as the loss counts, trainer.label_tokens)
+    alone = tokenize_examples(texts, chat_tokenizer, max_length=32)
+    assert alone.stats.n_label_tokens == alone.stats.n_tokens - len(alone.rows) == \
+        sum(label_tokens(collate([row], pad_id=0)) for row in alone.rows)
 
 
 def test_a_text_demo_continues_the_texts_opening_as_is():

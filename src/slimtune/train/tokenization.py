@@ -142,7 +142,8 @@ def tokenize_examples(
         rows = pack_rows(rows, max_length)
     stats.n_sequences = len(rows)
     stats.n_tokens = sum(len(r["input_ids"]) for r in rows)
-    stats.n_label_tokens = sum(sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in rows)
+    # a row's first label predicts nothing (no token before it), as the loss counts them
+    stats.n_label_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
     if not rows:
         raise ValueError(
             f"No example fits max_length={max_length}: all {stats.n_examples} prompts fill it. Raise the length "
