@@ -45,6 +45,22 @@ def test_updates_equal_torch_adamw_exactly(foreach):
         assert opt.state[p]["exp_avg"].device.type == "cpu"
 
 
+def test_bf16_parameters_keep_fp32_moments_and_update_in_fp32():
+    """As bitsandbytes' PagedAdamW32bit ("paged_adamw_32bit"): the moments of a bf16 weight are fp32 and the update
+    is computed in fp32 from the fp32 copy of the weight, then rounded once."""
+    ours = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _params((16, 9))]
+    exact = [torch.nn.Parameter(p.detach().float()) for p in ours]
+    opt, ref = PagedAdamW(ours, lr=1e-2), torch.optim.AdamW(exact, lr=1e-2)
+    for p, q in zip(ours, exact):
+        g = torch.randn(p.shape, generator=torch.Generator().manual_seed(7))
+        p.grad, q.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+    opt.step()
+    ref.step()
+    assert opt.state[ours[0]]["exp_avg"].dtype == opt.state[ours[0]]["exp_avg_sq"].dtype == torch.float32
+    assert torch.equal(opt.state[ours[0]]["exp_avg_sq"], ref.state[exact[0]]["exp_avg_sq"])
+    assert torch.equal(ours[0], exact[0].to(torch.bfloat16))
+
+
 def test_state_dict_round_trip_and_loading_torch_adamw_state():
     ours = _params((8, 8))
     opt = PagedAdamW(ours, lr=1e-2)

@@ -164,12 +164,16 @@ class PagedAdamW(PagedStateOptimizer):
                          min_paged_size)
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
-        state["exp_avg"] = self.new_state(p, p.shape, p.dtype)
-        state["exp_avg_sq"] = self.new_state(p, p.shape, p.dtype)
+        # fp32 moments whatever the parameter's dtype (bitsandbytes' PagedAdamW32bit, "paged_adamw_32bit")
+        state["exp_avg"] = self.new_state(p, p.shape, torch.float32)
+        state["exp_avg_sq"] = self.new_state(p, p.shape, torch.float32)
 
     def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, step: float) -> None:
         m, v = self.fetch(p, state["exp_avg"]), self.fetch(p, state["exp_avg_sq"])
         beta1, beta2 = group["betas"]
-        adamw_step_(p, grad, m, v, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        p32 = p if p.dtype == torch.float32 else p.float()  # a bf16 weight is updated in fp32, then rounded
+        adamw_step_(p32, grad.float(), m, v, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        if p32 is not p:
+            p.copy_(p32)
         self.put_back(p, state["exp_avg"], m)
         self.put_back(p, state["exp_avg_sq"], v)
