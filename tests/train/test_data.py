@@ -235,6 +235,12 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
         encode_conversation(SHAREGPT_NORMALIZED, tok)
 
 
+def test_dolly_context_joins_the_instruction_like_alpacas_input():
+    dolly = {"instruction": "Summarize.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    assert normalize_example(dolly, "row") == {"prompt": "Summarize.\n\nA long text.", "response": "Short."}
+    assert normalize_example({**dolly, "context": ""}, "row")["prompt"] == "Summarize."
+
+
 def test_a_system_note_between_turns_is_context_not_an_answer(plain_tokenizer):
     conversation = {"conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"},
                                       {"from": "system", "value": "NOTE"}, {"from": "human", "value": "u2"},

@@ -9,7 +9,8 @@ Accepted rows (JSONL / JSON / CSV / TSV files, in-memory lists, HF ``datasets``)
 
 - ``{"prompt": ..., "response": ...}`` (``completion`` or ``output`` also name the response);
 - Alpaca style ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` is appended to the
-  instruction after a blank line when non-empty);
+  instruction after a blank line when non-empty), and Databricks Dolly's ``{"instruction", "context",
+  "response"}`` (``context`` likewise);
 - chat ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` ending with an
   assistant turn: the last assistant turn is the response, the user turn before it the prompt,
   earlier turns the history, a leading system turn the system prompt; only the last assistant turn

@@ -11,6 +11,7 @@ from slimtune.errors import DataError
 
 PROMPT_KEYS = ("prompt", "instruction", "input")
 RESPONSE_KEYS = ("response", "output", "completion")
+CONTEXT_KEYS = ("input", "context")  # appended to the instruction (Alpaca, Databricks Dolly)
 TEXT_KEY = "text"
 _EXPECTED = ("'prompt' and 'response' (or 'instruction'/'input' and 'output', or chat 'messages', or ShareGPT "
              "'conversations', or plain 'text')")
@@ -121,9 +122,9 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
                                 f"needs {_EXPECTED}.")
             raise DataError(f"{where}: row has no {_EXPECTED} fields; its fields are {sorted(map(str, row))}.")
         prompt = _text(row, prompt_key, where)
-        extra = row.get("input") if prompt_key != "input" else None
-        if extra is not None and _text(row, "input", where).strip():
-            prompt = f"{prompt}\n\n{extra}" if prompt else extra
+        for key in CONTEXT_KEYS:  # Alpaca's input, Dolly's context: after the instruction, a blank line between
+            if key != prompt_key and row.get(key) is not None and _text(row, key, where).strip():
+                prompt = f"{prompt}\n\n{row[key]}" if prompt else _text(row, key, where)
         example = {"prompt": prompt, "response": _text(row, response_key, where)}
         if row.get("system") is not None and _text(row, "system", where):  # an empty cell: no system prompt
             example["system"] = _text(row, "system", where)
