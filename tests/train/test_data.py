@@ -88,6 +88,8 @@ def test_hash_split_is_disjoint_and_complete():
         ("d.json", " \n", ValueError, r"d.json: the file is empty; it needs rows"),
         ("d.jsonl", "\n\n", ValueError, r"d.jsonl: the file is empty"),
         ("d.csv", "prompt,answer\nq,a\n", ValueError, r"d.csv: line 2: row has no .* \['answer', 'prompt'\]"),
+        ("d.csv", "prompt,response,response\nq,a,b\n", ValueError,
+         r"d.csv: line 1: the header names \['response'\] more than once"),
         ("d.csv", "prompt,response\nq,a\nq\n", ValueError, r"d.csv: line 3: field 'response' is empty \(null"),
         ("d.jsonl", '{"prompt": "q", "response": null}\n', ValueError, r"line 1: field 'response' is empty"),
         ("d.json", '{"rows": 3}', ValueError,

@@ -128,6 +128,10 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
     try:
+        header = reader.fieldnames or []
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:  # DictReader would keep the last column of each name without a word
+            raise DataError(f"{path}: line 1: the header names {twice} more than once; give each column its own name.")
         while True:
             try:
                 row = next(reader)
