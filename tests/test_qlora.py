@@ -3,13 +3,14 @@
 import copy
 
 import torch
-from tiny_models import logits, sample_inputs, tiny_llama, train_losses
-from transformers import LlamaForCausalLM
+from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import slimtune
 from slimtune.export import merge_for_export
 from slimtune.methods.lora_layers import LoraLinear
-from slimtune.quant import Linear4bit, QuantConfig, quantize
+from slimtune.quant import Linear4bit, QuantConfig, dequantize_model, quantize
+from slimtune.train.models import load_model
 
 QLORA = QuantConfig(bits=4, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype="float32")
 
@@ -99,3 +100,31 @@ def test_merge_for_export_gives_a_plain_model_and_reports_requantization_error(t
     torch.testing.assert_close(logits(reloaded, inputs), expected, atol=1e-4, rtol=0)
     _, requant = merge_for_export(q, requantize=QLORA)
     assert 0.01 < requant.requantized_rel_error < 0.2  # NF4 re-rounding: a few percent
+
+
+def test_a_4bit_gpt2_merges_into_conv1d_layers_that_transformers_loads(tmp_path):
+    """GPT-2's Conv1D stores its weight (in, out): the dequantized, merged export writes that layout again (the
+    square attn.c_proj would otherwise load transposed without a word)."""
+    base = tiny_gpt2()
+    q = quantize(copy.deepcopy(base), QLORA)
+    torch.manual_seed(0)
+    q = slimtune.add_adapter(q, slimtune.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                    init_lora_weights=False))
+    inputs = sample_inputs("gpt2")
+    expected = logits(q, inputs)
+    for dequantized_first in (False, True):  # merge_for_export, and dequantize_model by hand on a bare base
+        if dequantized_first:
+            exported = dequantize_model(quantize(copy.deepcopy(base), QLORA))
+            expected = logits(quantize(copy.deepcopy(base), QLORA), inputs)
+        else:
+            exported, _ = merge_for_export(q)
+        assert {type(m).__name__ for n, m in exported.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc"))} \
+            == {"Conv1D"}
+        torch.testing.assert_close(logits(exported, inputs), expected, atol=1e-4, rtol=0)
+        exported.save_pretrained(tmp_path / f"merged-{dequantized_first}")
+        reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / f"merged-{dequantized_first}")
+        torch.testing.assert_close(logits(reloaded, inputs), expected, atol=1e-4, rtol=0)
+    base.save_pretrained(tmp_path / "base")  # the streaming 4-bit load (slimtune train / merge) marks them too
+    streamed = load_model(tmp_path / "base", dtype="float32", device="cpu", quantization=QLORA)
+    assert {n for n, m in streamed.named_modules() if getattr(m, "conv1d", False)} == \
+        {n for n, m in base.named_modules() if type(m).__name__ == "Conv1D"}

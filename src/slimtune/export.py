@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimtune.core.modules import is_dense_linear
 from slimtune.lifecycle import merge_and_unload
 from slimtune.quant import QuantConfig, QuantizedLinear, dequantize_model, quantize
+from slimtune.quant.linear import linear_weight
+from slimtune.quant.model import restore_conv1d
 
 
 @dataclass
@@ -40,8 +43,9 @@ def merge_for_export(model: nn.Module, dtype: torch.dtype = torch.float32, requa
         if p.is_floating_point():
             p.data = p.data.to(dtype)
     merge_and_unload(target)
+    restore_conv1d(target)  # GPT-2's Conv1D layers, dequantized as nn.Linear under their wrappers, (in, out) again
     if requantize is not None:
-        merged = {n: m.weight.detach().clone() for n, m in target.named_modules() if isinstance(m, nn.Linear)}
+        merged = {n: linear_weight(m).detach().clone() for n, m in target.named_modules() if is_dense_linear(m)}
         quantize(target, requantize)
         for name, module in target.named_modules():
             if isinstance(module, QuantizedLinear) and name in merged:

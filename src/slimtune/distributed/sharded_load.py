@@ -87,6 +87,7 @@ def quantized_skeleton(model: nn.Module, source: TensorSource, config: QuantConf
         in_f, out_f = linear_dims(old)
         layer = make_quantized_layer(in_f, out_f, old.bias is not None, config, device, old.weight.dtype)
         assert isinstance(layer, Linear4bit)  # a 4-bit config (why_not_per_rank)
+        layer.conv1d = is_conv1d(old)
         if can_shard(layer):
             make_shardable(layer)
         replace_module(model, name, layer)

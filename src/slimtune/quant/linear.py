@@ -105,6 +105,8 @@ class QuantizedLinear(nn.Module):
 
     # Keep the dequantized weight from the forward for the backward (costs its memory until then).
     keep_dequantized: bool = False
+    # Made from transformers' Conv1D (GPT-2): dequantized for export, its weight is written (in, out) again.
+    conv1d: bool = False
     # ``(x, layer, transpose) -> x Wᵀ (transpose) or x W``: set by slimtune.perf.fast_path.enable_fast_path to
     # run the matmuls elsewhere (the Triton kernels); None: dequantize in pure torch, then torch's matmul.
     matmul_backend: Callable[[torch.Tensor, QuantizedLinear, bool], torch.Tensor] | None = None

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from slimtune.core.modules import bias_of, is_dense_linear, output_embedding_name, replace_module
+from slimtune.core.modules import bias_of, is_conv1d, is_dense_linear, output_embedding_name, replace_module
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
@@ -93,6 +94,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         w, bias = linear_weight(linear), bias_of(linear)
         layer = make_quantized_layer(w.shape[1], w.shape[0], bias is not None, config, w.device, w.dtype)
         layer.quantize_(w)
+        layer.conv1d = is_conv1d(linear)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
         replace_module(model, name, layer)
@@ -102,10 +104,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized layer by a frozen ``nn.Linear`` holding its dequantized weight.
+    """Replace every quantized layer by a frozen ``nn.Linear`` holding its dequantized weight (a GPT-2 ``Conv1D``
+    again for one made from it, so that ``save_pretrained`` writes its checkpoint layout).
 
     ``dtype`` defaults to each layer's original dtype. Works inside adapter wrappers too (their
-    ``base_layer`` is replaced), which is what merging into a full-precision export needs.
+    ``base_layer`` is replaced, by an ``nn.Linear`` the wrapper's math expects: :func:`restore_conv1d` turns it
+    back once the adapter is merged and unloaded), which is what merging into a full-precision export needs.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name in names:
@@ -116,7 +120,23 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         linear.weight = nn.Parameter(w, requires_grad=False)
         if q.bias is not None:
             linear.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=False)
+        setattr(linear, "conv1d", q.conv1d)  # noqa: B010 - what restore_conv1d reads (nn.Linear has no such field)
         replace_module(model, name, linear)
+    return restore_conv1d(model)
+
+
+def restore_conv1d(model: nn.Module) -> nn.Module:
+    """Turn the ``nn.Linear`` layers :func:`dequantize_model` made from GPT-2 ``Conv1D`` layers back into ``Conv1D``
+    (weight stored ``(in, out)``), except those still wrapped by an adapter (``base_layer``)."""
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.Linear) and getattr(module, "conv1d", False)) or name.endswith("base_layer"):
+            continue
+        with torch.device("meta"):  # no full-size init: the dequantized weight is put in below
+            conv = Conv1D(module.out_features, module.in_features)
+        conv.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+        conv.bias = nn.Parameter(module.bias.detach() if module.bias is not None else
+                                 module.weight.new_zeros(module.out_features), requires_grad=False)
+        replace_module(model, name, conv)
     return model
 
 

@@ -289,6 +289,7 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
                                       requires_grad=False)
     else:
         return
+    layer.conv1d = is_conv1d(old) or bool(getattr(old, "conv1d", False))
     replace_module(model, name, layer)
 
 
