@@ -107,6 +107,18 @@ def test_modules_to_save_matching_nothing_names_the_top_level_modules():
         slimtune.add_adapter(model, config)
 
 
+def test_two_active_adapters_with_copies_of_one_module_are_refused_as_in_peft():
+    model = tiny_llama()
+    for name in ("a", "b"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                             adapter_name=name)
+    with pytest.raises(ValueError, match=r"lm_head has a trained copy \(modules_to_save\) in each of \['a', 'b'\]: "
+                                         r"only one can run at a time"):
+        slimtune.set_adapter(model, ["a", "b"])
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="c")
+    slimtune.set_adapter(model, ["a", "c"])  # one head copy among them: fine
+
+
 @pytest.mark.parametrize("config", [
     slimtune.LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
                         init_lora_weights=False),

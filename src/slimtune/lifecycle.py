@@ -182,6 +182,11 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     state = get_state(model)
     state.check_known(names)
+    for module_name, module in saved_modules(model):
+        held = [a for a in names if a in module.modules_to_save]
+        if len(held) > 1:  # one module's copies do not add up: one of them would run alone, silently
+            raise ValueError(f"{module_name} has a trained copy (modules_to_save) in each of {held}: only one can run "
+                             "at a time (as in PEFT). Activate one of them, or route rows with slimtune.mixed_batch.")
     _activate(model, state, names)
 
 
