@@ -105,3 +105,23 @@ class CapturedCase:
     def load_adapter_into(self, model) -> None:
         result = model.load_state_dict(self.part("adapter"), strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
+
+
+def check_files_move_both_ways(base, theirs, ours, inputs, folder: Path, tol: float, logits, peft_logits=None) -> None:
+    """An adapter file goes both ways: slimtune's loads in PEFT with slimtune's logits, PEFT's loads in slimtune
+    with PEFT's, and the two files hold the same keys. ``peft_logits`` computes a PEFT model's (default ``logits``)."""
+    import copy
+
+    import peft
+
+    import slimtune
+
+    peft_logits = peft_logits or logits
+    slimtune.save_adapter(ours, folder / "ours")
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder / "ours").eval()
+    torch.testing.assert_close(peft_logits(in_peft, inputs), logits(ours, inputs), atol=tol, rtol=0)
+    theirs.save_pretrained(folder / "theirs")
+    in_ours = slimtune.load_adapter(copy.deepcopy(base), folder / "theirs")
+    torch.testing.assert_close(logits(in_ours, inputs), peft_logits(theirs, inputs), atol=tol, rtol=0)
+    assert set(load_file(folder / "ours" / "adapter_model.safetensors")) == \
+        set(load_file(folder / "theirs" / "adapter_model.safetensors"))

@@ -1,12 +1,11 @@
 """What LoHa and LoKr share, each checked the same way: PEFT parity of outputs and of files both ways, merging
 (GPT-2's Conv1D in its own layout), and module dropout."""
 
-import copy
 
-import peft
 import pytest
 import torch
 from lycoris_cases import KINDS, lycoris_pair
+from oracles import check_files_move_both_ways
 from tiny_models import logits, one_thread, sample_inputs, tiny_gpt2  # noqa: F401 (one_thread: a fixture)
 
 import slimtune
@@ -30,17 +29,7 @@ def test_forward_matches_peft(kind, family):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_adapter_files_move_both_ways(kind, family, tmp_path):
     base, theirs, ours = lycoris_pair(kind, family)
-    inputs = sample_inputs(family)
-    slimtune.save_adapter(ours, tmp_path / "ours")
-    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
-    torch.testing.assert_close(logits(in_peft, inputs), logits(ours, inputs), atol=TOL, rtol=0)
-    theirs.save_pretrained(tmp_path / "theirs")
-    in_ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
-    torch.testing.assert_close(logits(in_ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
-    from safetensors.torch import load_file
-
-    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
-        set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    check_files_move_both_ways(base, theirs, ours, sample_inputs(family), tmp_path, TOL, logits)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from oracles import CapturedCase
+from oracles import CapturedCase, check_files_move_both_ways
 from prompt_cases import (
     CASES,
     GENERATE_CASES,
@@ -107,17 +107,8 @@ def test_forward_matches_captured_peft(family, method):
 def test_adapter_files_move_both_ways(family, method, tmp_path):
     base, theirs, ours = _pair(family, method)
     randomise_heads(theirs, ours)
-    inputs = sample_inputs(family)
-    slimtune.save_adapter(ours, tmp_path / "ours")
-    in_peft = __import__("peft").PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
-    torch.testing.assert_close(_peft_logits(in_peft, inputs), logits(ours, inputs), atol=TOL, rtol=0)
-    theirs.save_pretrained(tmp_path / "theirs")
-    in_ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "theirs")
-    torch.testing.assert_close(logits(in_ours, inputs), _peft_logits(theirs, inputs), atol=TOL, rtol=0)
     # both folders hold the same keys: one prompt_embeddings tensor (+ the head copy for SEQ_CLS)
-    from safetensors.torch import load_file
-    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
-        set(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    check_files_move_both_ways(base, theirs, ours, sample_inputs(family), tmp_path, TOL, logits, _peft_logits)
 
 
 @pytest.mark.parametrize("family, method", [(f, m) for f in TASKS for m in ("prompt", "p_mlp", "prefix_mlp")])
