@@ -23,7 +23,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
 
@@ -152,6 +152,10 @@ class TrainingSection:
             raise ValueError(f"max_steps={self.max_steps} must be at least 1, or null to train for `epochs`.")
         if self.epochs <= 0:
             raise ValueError(f"epochs={self.epochs} must be positive.")
+        modes = get_args(get_type_hints(TrainingSection)["mixed_precision"])  # a section made in Python is checked too
+        if self.mixed_precision not in modes:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {list(modes)} (fp16 needs loss "
+                             "scaling, which slimtune does not do: use bf16).")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be positive (e.g. 2e-4 for LoRA).")
         if self.weight_decay < 0:
