@@ -173,3 +173,12 @@ def test_numeric_options_are_checked_before_anything_loads(argv, message, capsys
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "estimate"])
+def test_a_recipe_after_its_overrides_is_told_to_go_first(command, tmp_path, capsys):
+    recipe_file = write_recipe(tmp_path / "my.yaml", tiny_recipe(tmp_path))
+    assert main([command, "training.max_steps=1", str(recipe_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{recipe_file}' is not a key=value override; name the recipe first" in err
+    assert f"slimtune {command} {recipe_file} training.max_steps=1" in err

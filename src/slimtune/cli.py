@@ -60,13 +60,24 @@ def fraction(text: str) -> float:
     return value
 
 
+def _recipe_and_overrides(args: argparse.Namespace, command: str) -> tuple[str | None, list[str]]:
+    """(the recipe named, its key=value overrides): `slimtune train key=value` uses the default recipe; a recipe
+    given after an override is an error that says to put it first (it would be read as an override)."""
+    recipe_arg, overrides = args.recipe, list(args.overrides)
+    if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
+        recipe_arg, overrides = None, [recipe_arg, *overrides]
+    misplaced = [item for item in overrides if "=" not in item]
+    if misplaced:
+        raise ValueError(f"{misplaced[0]!r} is not a key=value override; name the recipe first, then the overrides: "
+                         f"slimtune {command} {misplaced[0]} {' '.join(o for o in overrides if '=' in o)}".rstrip())
+    return recipe_arg, overrides
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from slimtune.train.recipe import DEFAULT_RECIPE, load_recipe
     from slimtune.train.runner import run_recipe
 
-    recipe_arg, overrides = args.recipe, list(args.overrides)
-    if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
-        recipe_arg, overrides = None, [recipe_arg, *overrides]  # `slimtune train key=value` uses the default
+    recipe_arg, overrides = _recipe_and_overrides(args, "train")
     recipe = load_recipe(recipe_arg or DEFAULT_RECIPE, overrides)
     if args.dry_run:
         from slimtune.train.dry_run import dry_run
@@ -166,9 +177,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from slimtune.estimate import estimate, estimate_json, format_estimate
     from slimtune.train.recipe import DEFAULT_RECIPE, load_recipe
 
-    recipe_arg, overrides = args.recipe, list(args.overrides)
-    if recipe_arg is not None and "=" in recipe_arg and not Path(recipe_arg).exists():
-        recipe_arg, overrides = None, [recipe_arg, *overrides]  # `slimtune estimate key=value` uses the default
+    recipe_arg, overrides = _recipe_and_overrides(args, "estimate")
     recipe = load_recipe(recipe_arg or DEFAULT_RECIPE, overrides)
     if args.nproc_per_node < 1 or (args.nnodes or 1) < 1:
         raise ValueError(f"--nproc-per-node {args.nproc_per_node} --nnodes {args.nnodes}: use at least 1 of each.")

@@ -47,6 +47,20 @@ def test_nothing_matched_lists_existing_layers():
     assert "'qkv'" in message and "q_proj" in message and "down_proj" in message
 
 
+def test_an_entry_that_matches_nothing_is_warned_about():
+    """PEFT skips it silently: a typo (v_prj) adapts only the other layers."""
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=r"entries \['v_prj'\] match no module .*spelling.*q_proj"):
+        names = find_targets(model, ["q_proj", "v_prj"])
+    assert names and all(n.endswith("q_proj") for n in names)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        find_targets(model, ["q_proj", "v_proj"])
+        find_targets(model, r".*q_proj")
+
+
 def test_modules_to_save_are_never_targets():
     names = find_targets(tiny_bert_cls(), "all-linear", modules_to_save=["classifier"])
     assert not any("classifier" in n for n in names) and any(n.endswith("query") for n in names)

@@ -117,6 +117,15 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"training": {"max_grad_norm": float("nan")}, **MINIMAL}, r"^training\.max_grad_norm: expected a number or null"),
     ({"training": {"loraplus_lr_ratio": float("inf")}, **MINIMAL}, r"^training\.loraplus_lr_ratio: expected a number"),
     ({"method": {"peft_type": "LORA", "target_modules": "(q"}}, r"^method\.target_modules: .* not a valid regular"),
+    ({"training": {"seed": 2**64}, **MINIMAL}, r"^training\.seed: seed=18446744073709551616 is out of range"),
+    ({"method": {"peft_type": "LORA_PLUS"}, "training": {"loraplus_lr_ratio": 16.0}},
+     r"^training\.loraplus_lr_ratio: method LORA_PLUS sets the optimizer's parameter groups itself"),
+    ({"method": {"peft_type": "LORA_PLUS"}, "training": {"layerwise_lr_decay": 0.8}},
+     r"^training\.layerwise_lr_decay: method LORA_PLUS sets"),
+    ({"output": {"dir": "$SLIMTUNE_TEST_UNSET/run"}, **MINIMAL},
+     r"^output\.dir: dir='\$SLIMTUNE_TEST_UNSET/run': the environment variable SLIMTUNE_TEST_UNSET is not set"),
+    ({"data": {"dataset": "${SLIMTUNE_TEST_UNSET}.jsonl"}, **MINIMAL}, r"^data\.dataset: .*SLIMTUNE_TEST_UNSET is not"),
+    ({"training": {"mixed_precision": True}, **MINIMAL}, r"^training\.mixed_precision: expected one of"),
 ])
 def test_bad_recipes_name_the_dotted_key(data, message):
     with pytest.raises(RecipeError, match=message):
@@ -162,3 +171,36 @@ def test_a_loaded_recipe_knows_the_command_line_that_rebuilds_it(tmp_path):
     assert load_recipe("lora-smollm2-pycode").command_line() == "lora-smollm2-pycode"
     assert recipe_from_dict({"method": {"peft_type": "LORA"}}).command_line("--resume") == "<recipe> --resume"
     assert recipe == recipe_from_dict(recipe.to_dict(), name=recipe.name)  # the command is not part of the recipe
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("method: {peft_type: LORA}\ntraining:\n  batch_size: 4\n  learning_rate: 1.0e-4\n"
+                    "training:\n  max_steps: 2\n")
+    with pytest.raises(RecipeError, match=r"the key 'training' appears twice in one mapping \(lines 2 and 5\)"):
+        load_recipe(path)
+    path.write_text("method: {peft_type: LORA, r: 4, r: 8}\n")
+    with pytest.raises(RecipeError, match=r"the key 'r' appears twice"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"the key 'r' appears twice"):
+        load_recipe("lora-smollm2-pycode", ["method={peft_type: LORA, r: 4, r: 8}"])
+    path.write_text("description: x\nmethod:\n  <<: &m {peft_type: LORA, r: 4}\n  r: 8\n")
+    assert load_recipe(path).method.r == 8  # a YAML merge may still be overridden
+
+
+def test_yaml_booleans_read_as_the_words_they_were(tmp_path):
+    """YAML 1.1 reads an unquoted `no` as false: `mixed_precision: no` (the documented value) means "no"."""
+    path = tmp_path / "r.yaml"
+    path.write_text("method: {peft_type: LORA}\ntraining: {mixed_precision: no}\n")
+    assert load_recipe(path).training.mixed_precision == "no"
+    assert load_recipe(path, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    assert load_recipe(path, ["training.mixed_precision=auto"]).training.mixed_precision == "auto"
+
+
+def test_environment_variables_in_paths_are_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("RUNS_ROOT", str(tmp_path / "runs"))
+    recipe = recipe_from_dict({**MINIMAL, "output": {"dir": "$RUNS_ROOT/{name}"},
+                               "data": {"dataset": "${RUNS_ROOT}/train.jsonl"}}, name="try")
+    assert recipe.output_dir == tmp_path / "runs" / "try"
+    assert recipe.data.dataset == f"{tmp_path}/runs/train.jsonl"
+    assert recipe_from_dict(recipe.to_dict(), name="try") == recipe  # the saved recipe holds the resolved paths

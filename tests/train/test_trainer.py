@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -174,6 +175,36 @@ def test_training_lowers_the_loss_and_only_trains_the_adapter(tmp_path, tokenize
     assert {"lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb"} <= set(logged[1])
     assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # cosine ends at min_lr_ratio 0
     assert plot_loss(tmp_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_metrics_row_every_n_steps_holds_their_mean_loss_and_tokens(tmp_path, tokenizer, token_rows):
+    """As a HF Trainer logs with logging_steps=N: no step's loss is dropped from the log."""
+    (tmp_path / "every").mkdir()
+    (tmp_path / "third").mkdir()
+    every = make_trainer(lora_model(tokenizer), token_rows, tmp_path / "every", tokenizer, max_steps=5, batch_size=2)
+    every.train()
+    steps = [r for r in MetricsLog(tmp_path / "every").rows() if "loss" in r]
+    third = make_trainer(lora_model(tokenizer), token_rows, tmp_path / "third", tokenizer, max_steps=5, batch_size=2,
+                         log_every=3)
+    third.train()
+    rows = [r for r in MetricsLog(tmp_path / "third").rows() if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 5]
+    for row, window in zip(rows, (steps[:3], steps[3:])):
+        assert row["loss"] == pytest.approx(sum(r["loss"] for r in window) / len(window), rel=1e-6)
+        assert row["tokens"] == sum(r["tokens"] for r in window)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, tokenizer, token_rows):
+    said = []
+    training = TrainingSection(max_steps=2, warmup_steps=100)
+    batches = BatchIterator(token_rows, 1, seed=0, pad_id=tokenizer.pad_token_id)
+    Trainer(lora_model(tokenizer), batches, token_rows[:4], training, tmp_path, CPU, tokenizer.pad_token_id,
+            show_progress=False, log=said.append)
+    assert len(said) == 1 and re.search(r"warmup \(100 steps\) is not shorter than the run \(2 steps\)", said[0])
+    said.clear()
+    Trainer(lora_model(tokenizer), batches, token_rows[:4], TrainingSection(max_steps=2, warmup_steps=1), tmp_path,
+            CPU, tokenizer.pad_token_id, show_progress=False, log=said.append)
+    assert said == []
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -106,6 +107,13 @@ def find_targets(
             + (f" in layers {sorted(layers)}" if layers is not None else "")
             + f". Layers that can be adapted: {_summarise(wrappable_names(model))}."
         )
+    if not isinstance(target_modules, str):  # PEFT skips such an entry silently: a typo (v_prj) trains half the layers
+        names = [name for name, _ in model.named_modules() if name]
+        unmatched = [t for t in target_modules if not any(name_matches(name, [t]) for name in names)]
+        if unmatched:
+            warnings.warn(f"target_modules entries {unmatched} match no module of this model (only the others are "
+                          f"adapted); check their spelling. Layers that can be adapted: "
+                          f"{_summarise(wrappable_names(model))}.", stacklevel=2)
     return found
 
 

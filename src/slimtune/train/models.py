@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import transformers
+from gguf import GGUFReader
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,8 +126,6 @@ def _is_converted(folder: Path, source: dict[str, Any]) -> bool:
 def gguf_fields(gguf: Path) -> dict[str, Any]:
     """The string and number metadata of a GGUF file (``general.type``, ``tokenizer.ggml.pre``, ...); a file that is
     not GGUF, or is cut short, is a ValueError naming it."""
-    from gguf import GGUFReader
-
     try:
         fields = GGUFReader(gguf).fields
     except Exception as error:  # gguf raises ValueError/IndexError/struct errors for damaged files

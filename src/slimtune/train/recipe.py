@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,13 @@ from typing import Any, Literal, get_args, get_type_hints
 import yaml
 
 from slimtune.config import MethodConfig
-from slimtune.methods import config_classes
+from slimtune.methods import config_classes, method_for
+from slimtune.methods.contract import Method
 from slimtune.methods.prompts import PromptLearningConfig
 from slimtune.optim import OPTIMIZER_ALIASES, OPTIMIZER_NAMES
 from slimtune.quant import QuantConfig
 from slimtune.train.ludwig import is_ludwig_config, ludwig_to_recipe_dict
-from slimtune.train.schema import RecipeError, build, unknown_key_error
+from slimtune.train.schema import RecipeError, build, parse_yaml, unknown_key_error
 
 # Shipped recipes live inside the package (so a wheel carries them); the repository's top-level
 # ``recipes`` is a symlink to this folder, so `slimtune train recipes/x.yaml` works from the repo root.
@@ -41,6 +43,21 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "qlora-smollm2-pycode"
 DTYPES = Literal["float32", "bfloat16", "float16"]
 REPORTERS = Literal["jsonl", "tensorboard", "wandb"]  # training.report_to (slimtune.train.tracking)
+
+
+_ENV_VAR = re.compile(r"\$(\w+|\{\w+\})")
+
+
+def expand_vars(value: str, key: str) -> str:
+    """``$VAR`` / ``${VAR}`` in a recipe path replaced by the environment's value (as a shell would; ``~`` is
+    expanded where the path is used). An unset variable is an error, not a folder named ``$VAR``. Paths are
+    relative to the working directory, as on the command line."""
+    expanded = os.path.expandvars(value)
+    unset = _ENV_VAR.search(expanded)
+    if unset:
+        raise ValueError(f"{key}={value!r}: the environment variable {unset.group(1).strip('{}')} is not set; set it "
+                         "or write the path out.")
+    return expanded
 
 
 @dataclass
@@ -62,6 +79,8 @@ class ModelSection:
     config_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.name_or_path = expand_vars(self.name_or_path, "name_or_path")
+        self.tokenizer = None if self.tokenizer is None else expand_vars(self.tokenizer, "tokenizer")
         if self.config_overrides and self.init != "random":
             raise ValueError("config_overrides only apply to init: random (a pretrained model's weights fix its "
                              "shapes); remove them or set model.init: random.")
@@ -87,6 +106,9 @@ class DataSection:
             raise ValueError(f"max_seq_length={self.max_seq_length} must be at least 2.")
         for name in ("dataset", "eval_dataset"):
             value = getattr(self, name)
+            if value is not None:
+                value = expand_vars(value, name)
+                setattr(self, name, value)
             if value is not None and not str(value).strip():
                 raise ValueError(f"{name}={value!r} is empty; give a file, a folder, a hub id or "
                                  f"{'pycode' if name == 'dataset' else 'null (the held-out split of dataset)'}.")
@@ -138,6 +160,8 @@ class TrainingSection:
     layerwise_lr_decay: float | None = None
 
     def __post_init__(self) -> None:
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"seed={self.seed} is out of range; use an integer from 0 to 2**64 - 1 (e.g. 42).")
         known = list(OPTIMIZER_NAMES) + sorted(OPTIMIZER_ALIASES)
         if self.optim.lower() not in known:
             raise ValueError(f"optim={self.optim!r} is not an optimizer; use one of {known}.")
@@ -196,6 +220,9 @@ class OutputSection:
     dir: str = "runs/{name}"  # {name} is the recipe's name (its file name without .yaml)
     overwrite: bool = False  # replace an existing finished run folder instead of refusing
     plot: bool = True  # write loss.png (matplotlib)
+
+    def __post_init__(self) -> None:
+        self.dir = expand_vars(self.dir, "dir")
 
 
 @dataclass
@@ -303,6 +330,11 @@ def _build_method(data: Any, task_default: str) -> MethodConfig:
     return build(classes[peft_type], data, "method", skip=frozenset({"peft_type"}))
 
 
+def method_sets_param_groups(config: MethodConfig) -> bool:
+    """Whether the method defines the optimizer's parameter groups itself (LoRA+ as a method)."""
+    return type(method_for(config)).param_groups is not Method.param_groups
+
+
 def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     """Validate a parsed recipe dict into a :class:`Recipe` (raises :class:`RecipeError`)."""
     if not isinstance(data, dict):
@@ -322,6 +354,11 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     if method.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "
                           "which fine-tunes causal language models; use CAUSAL_LM.")
+    training = sections["training"]
+    for key in ("loraplus_lr_ratio", "layerwise_lr_decay"):
+        if getattr(training, key) is not None and method_sets_param_groups(method):
+            raise RecipeError(f"training.{key}: method {method.peft_type} sets the optimizer's parameter groups itself "
+                              f"(its own learning rates per group); drop training.{key}, or use peft_type LORA.")
     if sections["data"].packing and isinstance(method, PromptLearningConfig):
         raise RecipeError(f"data.packing: true cannot train {method.peft_type}: its virtual tokens (or prefix) "
                           "apply once per packed row, so every example after the first would see none, or see the "
@@ -353,7 +390,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override {item!r} is not of the form key.sub=value (e.g. training.max_steps=10).")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = parse_yaml(text) if text.strip() else None
         except (yaml.YAMLError, RecursionError) as error:
             raise RecipeError(f"override {item!r:.200}: the value is not valid YAML ({error or 'nested too deeply'})."
                               ) from None
@@ -383,7 +420,7 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"cannot read recipe {path}: {error}.") from None
     except yaml.YAMLError as error:

@@ -16,6 +16,8 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+import yaml
+
 from slimtune.errors import SlimtuneError
 
 
@@ -51,6 +53,7 @@ def describe(hint: Any) -> str:
 
 
 _NO = object()  # "does not match" marker (None is a legitimate converted value)
+_YAML_BOOL_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}  # what PyYAML reads as booleans
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -74,6 +77,10 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return _NO
     if origin is Literal:
         allowed = typing.get_args(hint)  # also by type, or 1 would match True
+        if isinstance(value, bool) and bool not in {type(v) for v in allowed}:
+            # YAML 1.1 reads an unquoted no/off/yes/on as a boolean: `mixed_precision: no` means the word
+            words = [v for v in allowed if isinstance(v, str) and v.lower() in _YAML_BOOL_WORDS[value]]
+            return words[0] if len(words) == 1 else _NO
         return value if value in allowed and type(value) in {type(v) for v in allowed} else _NO
     if hint is bool:
         return value if isinstance(value, bool) else _NO
@@ -150,3 +157,31 @@ def build(cls: type, data: Any, where: str, skip: frozenset[str] = frozenset()) 
         if isinstance(error, RecipeError):
             raise
         raise prefixed(where, error) from None
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: PyYAML keeps the last one silently, so a
+    second ``training:`` section would replace the whole first one. ``<<`` merges may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                twice = key in seen
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            seen.setdefault(key, line)
+            if twice:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                    "keep one (YAML would silently use the last)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values, refusing duplicate keys (see :class:`StrictLoader`)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)

@@ -245,6 +245,10 @@ class Trainer:
         warmup = settings.warmup_steps
         if warmup is None:
             warmup = math.ceil(settings.warmup_ratio * self.total_steps)  # transformers' get_warmup_steps
+        if warmup >= self.total_steps and warmup and self.is_main:
+            log(f"warning: the warmup ({warmup} steps) is not shorter than the run ({self.total_steps} steps): the "
+                f"learning rate never reaches training.learning_rate ({settings.learning_rate:g}). Lower "
+                "training.warmup_steps (or warmup_ratio), or train for more steps.")
         self.optimizer = build_optimizer(self.inner, settings)
         self.scheduler = make_scheduler(self.optimizer, settings.lr_scheduler, self.total_steps, warmup,
                                         settings.min_lr_ratio)
@@ -414,6 +418,7 @@ class Trainer:
         self.model.train()
         reset_peak_memory(self.device)
         window_tokens, window_start = 0, time.perf_counter()
+        logged_losses, logged_tokens = [], 0  # since the last metrics row: a row holds their mean / sum (as HF logs)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", unit="step",
                    disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
         with StopRequest(bar.write if self.show_progress else self.log) as stop, bar:
@@ -431,6 +436,8 @@ class Trainer:
                 self.state.tokens += row["tokens"]
                 self.state.train_seconds += time.perf_counter() - started
                 window_tokens += row["tokens"]
+                logged_losses.append(row["loss"])
+                logged_tokens += row["tokens"]
                 memory = peak_memory_mb(self.device)
                 self.peak_memory_mb = max(self.peak_memory_mb, memory)
                 elapsed = time.perf_counter() - window_start
@@ -440,8 +447,10 @@ class Trainer:
                 bar.update(1)
                 step = self.state.step
                 if step % settings.log_every == 0 or step == self.total_steps:
-                    self._write_row({"step": step, **row, "tokens_per_s": rate, "peak_mem_mb": memory,
+                    self._write_row({"step": step, **row, "loss": sum(logged_losses) / len(logged_losses),
+                                     "tokens": logged_tokens, "tokens_per_s": rate, "peak_mem_mb": memory,
                                      "epoch": self.batches.epoch, "train_seconds": self.state.train_seconds})
+                    logged_losses, logged_tokens = [], 0
                     window_tokens, window_start = 0, time.perf_counter()
                 if settings.eval_every and step % settings.eval_every == 0 and step < self.total_steps:
                     bar.write(f"step {step}: eval loss {self.evaluate():.4f}")
