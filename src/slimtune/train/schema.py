@@ -184,4 +184,8 @@ class StrictLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str) -> Any:
     """YAML text as Python values, refusing duplicate keys (see :class:`StrictLoader`)."""
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    loader = StrictLoader(text)  # a SafeLoader: plain values only, never objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
