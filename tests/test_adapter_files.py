@@ -185,3 +185,55 @@ def test_an_adapterhub_folder_points_to_load_adapterhub():
     folder = Path(__file__).parent / "fixtures" / "adapterhub" / "llama" / "seq_bn"
     with pytest.raises(ValueError, match=r"AdapterHub .* slimtune.load_adapterhub\(model"):
         slimtune.load_adapter(tiny_llama(), folder)
+
+
+def _peft_folders(tmp_path, **kwargs):
+    """Adapters "a" and "b" of random weights saved by PEFT (in tmp_path/a and tmp_path/b), and PEFT's model
+    holding both loaded, as PeftModel.from_pretrained + load_adapter leave it."""
+    import peft  # the oracle
+    config = lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kwargs)  # noqa: E731
+    saved = peft.get_peft_model(tiny_llama(), config(), adapter_name="a")
+    saved.add_adapter("b", config())
+    saved.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama().train(), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    return theirs
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_later_load_waits_and_frozen_loads_stay_frozen_as_in_peft(tmp_path):
+    """The model's first adapter becomes active, later ones wait (PEFT keeps the active adapter); frozen loads
+    leave nothing trainable, the first adapter included (activating must not unfreeze it)."""
+    theirs = _peft_folders(tmp_path, modules_to_save=["lm_head"])
+    ours = tiny_llama()
+    slimtune.load_adapter(ours, tmp_path / "a", "a")
+    slimtune.load_adapter(ours, tmp_path / "b", "b")
+    assert ours.slimtune_state.active == ["a"] == theirs.active_adapters
+    assert _trainable(ours) == _trainable(theirs) == []
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+    for activate, trainable in ((False, True), (None, False)):  # frozen or not, an inactive adapter does not train
+        slimtune.load_adapter(ours, tmp_path / "b", f"b{activate}", is_trainable=trainable, activate=activate)
+        assert ours.slimtune_state.active == ["a"] and _trainable(ours) == []
+    slimtune.load_adapter(ours, tmp_path / "b", "c", is_trainable=True, activate=True)  # asked: active, trains
+    assert ours.slimtune_state.active == ["c"]
+    assert _trainable(ours) and all(".c." in n or n.endswith(".c.weight") for n in _trainable(ours))
+    theirs.set_adapter("b")
+    slimtune.set_adapter(ours, "b")
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+
+
+def test_a_frozen_load_puts_the_model_in_eval_mode_as_peft(tmp_path):
+    """An inference load runs no dropout even into a model in train() mode (PEFT calls model.eval()); a
+    trainable load keeps the model's mode."""
+    theirs = _peft_folders(tmp_path, lora_dropout=0.5)
+    ours = slimtune.load_adapter(tiny_llama().train(), tmp_path / "a", "a")
+    assert not theirs.training and not any(m.training for m in ours.modules())
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(ours, inputs), logits(ours, inputs), atol=0, rtol=0)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+    trained = slimtune.load_adapter(tiny_llama().train(), tmp_path / "a", "a", is_trainable=True)
+    assert all(m.training for m in trained.modules())

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from multi_adapter_cases import _two_lora_adapters
-from tiny_models import logits, sample_inputs, tiny_llama
+from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama
 
 import slimtune
 from slimtune.methods.contract import tuner_layers
@@ -171,3 +171,150 @@ def test_an_adapter_on_a_tied_layer_warns_when_added_and_when_merged(target, twi
         merged = logits(slimtune.merge_and_unload(untied), inputs)
     assert not [w for w in caught if "tied" in str(w.message)]
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def _peft_two_adapters(tmp_path, targets_a, targets_b, **kwargs):
+    """PEFT's model with adapters "a" (active) and "b" of random weights, and slimtune's loaded from its folders."""
+    import peft  # the oracle
+    config = lambda targets: peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False, **kwargs)  # noqa: E731
+    theirs = peft.get_peft_model(tiny_llama(), config(targets_a), adapter_name="a")
+    theirs.add_adapter("b", config(targets_b))
+    theirs.save_pretrained(tmp_path)
+    ours = tiny_llama()
+    slimtune.load_adapter(ours, tmp_path / "a", "a")
+    slimtune.load_adapter(ours, tmp_path / "b", "b")
+    return theirs.eval(), ours.eval()
+
+
+def _merged(model):
+    return {name.removeprefix("base_model.model."): list(layer.merged_adapters) for name, layer in model.named_modules()
+            if hasattr(layer, "merged_adapters") and hasattr(layer, "base_layer")}
+
+
+def test_merging_named_adapters_merges_exactly_those_as_peft(tmp_path):
+    """``merge_adapter(model, ["b"])`` folds in "b" alone: the layers "b" does not adapt keep "a" unmerged."""
+    theirs, ours = _peft_two_adapters(tmp_path, ["q_proj", "v_proj"], ["q_proj", "k_proj"])
+    inputs = sample_inputs("llama")
+    slimtune.set_adapter(ours, ["a", "b"])
+    both = logits(ours, inputs)
+    slimtune.set_adapter(ours, "a")
+    slimtune.merge_adapter(ours, [])  # nothing named: nothing merged (as in PEFT)
+    assert not any(_merged(ours).values())
+    theirs.base_model.merge_adapter(["b"])
+    slimtune.merge_adapter(ours, ["b"])
+    assert _merged(ours) == _merged(theirs) and _merged(ours)["model.layers.0.self_attn.v_proj"] == []
+    torch.testing.assert_close(logits(ours, inputs), both, atol=1e-5, rtol=0)  # "b" merged, "a" still running
+    slimtune.unmerge_adapter(ours)
+    slimtune.delete_adapter(ours, "a")  # "a" was never merged
+    assert slimtune.list_adapters(ours) == ["b"]
+
+
+@pytest.mark.parametrize("config, tensor", [
+    (slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "lora_B.default.weight"),
+    (slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False, use_dora=True),
+     "lora_B.default.weight"),
+    (slimtune.IA3Config(target_modules=["q_proj"], feedforward_modules=[], init_ia3_weights=False), "ia3_l.default"),
+], ids=["lora", "dora", "ia3"])
+def test_a_merge_is_exactly_the_adapters_named_and_never_writes_inf_or_nan(config, tensor):
+    """An empty list merges nothing (None: the active adapters). A merged weight that would hold inf/NaN (a
+    diverged adapter) is refused, naming the adapter and the layer; the layers merged before it are unmerged
+    again, and with ``safe_merge`` (PEFT's check before any change) the base stays bit-identical."""
+    model = slimtune.add_adapter(tiny_llama(), config)
+    first, broken = (model.model.layers[i].self_attn.q_proj for i in (0, 1))
+    weights = [first.base_layer.weight.detach().clone(), broken.base_layer.weight.detach().clone()]
+    broken.merge([])
+    slimtune.merge_adapter(model, [])
+    assert not any(_merged(model).values()) and torch.equal(broken.base_layer.weight, weights[1])
+    with torch.no_grad():
+        broken.get_parameter(tensor).view(-1)[0] = float("inf")
+    for safe_merge in (False, True):
+        just_before = first.base_layer.weight.detach().clone()
+        with pytest.raises(ValueError, match=r"merging adapter 'default' into model\.layers\.1\.self_attn\.q_proj "
+                                             r"gives inf/NaN weights"):
+            slimtune.merge_adapter(model, safe_merge=safe_merge)
+        assert not any(_merged(model).values()) and torch.equal(broken.base_layer.weight, weights[1])
+        torch.testing.assert_close(first.base_layer.weight, weights[0], atol=1e-6, rtol=0)
+        assert torch.equal(first.base_layer.weight, just_before) or not safe_merge  # checked before any change
+    model = slimtune.add_adapter(tiny_llama(), config)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.get_parameter(tensor).view(-1)[0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="gives inf/NaN weights"):
+        slimtune.merge_and_unload(model, safe_merge=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if "ia3" not in k and "lora" not in k)
+    assert slimtune.list_adapters(model) == ["default"]
+
+
+def test_merging_while_the_adapters_are_disabled_is_refused_and_the_base_runs():
+    """A disabled model runs the base model alone: a merge then would leak the adapter into its outputs."""
+    model = _two_lora_adapters()
+    inputs = sample_inputs("llama")
+    with slimtune.disable_adapters(model):
+        base = logits(model, inputs)
+        with pytest.raises(ValueError, match=r"cannot merge \['a'\]: the adapters are disabled.*enable_adapter_layers"):
+            slimtune.merge_adapter(model)
+        torch.testing.assert_close(logits(model, inputs), base, atol=0, rtol=0)
+    slimtune.disable_adapter_layers(model)
+    for merge in (lambda: slimtune.merge_adapter(model, "b"), lambda: slimtune.merge_and_unload(model)):
+        with pytest.raises(ValueError, match="the adapters are disabled"):
+            merge()
+        torch.testing.assert_close(logits(model, inputs), base, atol=0, rtol=0)
+    assert not any(_merged(model).values())
+    slimtune.enable_adapter_layers(model)
+    slimtune.merge_adapter(model)
+    assert _merged(model)["model.layers.0.self_attn.q_proj"] == ["a"]
+
+
+def test_a_second_adapter_that_trains_biases_is_refused_as_in_peft():
+    """Biases are the base model's own tensors: a second adapter training them would change the first (PEFT: "supports
+    only 1 adapter with bias"). The refusal changes nothing; a first adapter with biases and others without is fine."""
+    import peft  # the oracle
+    with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+        peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(target_modules=["c_attn"], bias="all")).add_adapter(
+            "b", peft.LoraConfig(target_modules=["c_attn"], bias="lora_only"))
+    for first in ("all", "none"):
+        model = slimtune.add_adapter(tiny_gpt2(), slimtune.LoraConfig(r=2, target_modules=["c_attn"], bias=first), "a")
+        before = ({n: type(m) for n, m in model.named_modules()}, copy.deepcopy(model.state_dict()),
+                  {n: p.requires_grad for n, p in model.named_parameters()})
+        for bias in ("all", "lora_only"):
+            with pytest.raises(ValueError, match=rf"adapter 'b' trains biases \(bias='{bias}'\), but the model already "
+                                                 r"has adapters \['a'\].*use bias='none'"):
+                slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["c_attn"], bias=bias), "b")
+        assert {n: type(m) for n, m in model.named_modules()} == before[0]
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before[2]
+        assert model.state_dict().keys() == before[1].keys()
+        assert all(torch.equal(v, before[1][k]) for k, v in model.state_dict().items())
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["c_attn"]), "b")
+        assert slimtune.list_adapters(model) == ["a", "b"]
+
+
+def test_switching_adapters_unmerges_merged_ones_with_a_warning_as_peft(tmp_path):
+    theirs, ours = _peft_two_adapters(tmp_path, ["q_proj", "v_proj"], ["q_proj", "v_proj"])
+    inputs = sample_inputs("llama")
+    theirs.base_model.merge_adapter()
+    slimtune.merge_adapter(ours)
+    theirs.set_adapter("b")
+    with pytest.warns(UserWarning, match=r"adapter\(s\) \['a'\] are merged into the base weights; unmerging them "
+                                         r"before switching to \['b'\]"):
+        slimtune.set_adapter(ours, "b")
+    assert _merged(ours) == _merged(theirs) and not any(_merged(ours).values())
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+
+
+def test_merge_and_unload_merges_the_adapters_named_as_peft(tmp_path):
+    theirs, ours = _peft_two_adapters(tmp_path, ["q_proj", "v_proj"], ["q_proj", "k_proj"])
+    inputs = sample_inputs("llama")
+    expected = logits(theirs.merge_and_unload(adapter_names=["b"]), inputs)
+    plain = slimtune.merge_and_unload(ours, adapter_names=["b"])
+    assert not any(isinstance(m, TunerLayer) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_bad_adapter_names_are_clear_errors():
+    model = _two_lora_adapters()
+    with pytest.raises(TypeError, match=r"delete_adapter takes one adapter name \(a string\), got \['a'\]"):
+        slimtune.delete_adapter(model, ["a"])
+    for name in ("", "x.y", None):
+        with pytest.raises(ValueError, match=rf"adapter name {name!r} is not valid"):
+            slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"]), name)
+    assert slimtune.list_adapters(model) == ["a", "b"]

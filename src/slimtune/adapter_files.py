@@ -309,16 +309,24 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
     allow_pickle: bool = False,
-    activate: bool = True,
+    activate: bool | None = None,
     allow_outside_paths: bool = False,
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by slimtune or HF PEFT) to ``model`` in place.
+
+    As in PEFT, the adapter becomes active only if it is the model's first; later ones wait (the active
+    adapters stay as they were) until ``set_adapter``, or ``activate=True`` makes it the only active one now
+    (``activate=False``: never).
+
+    The adapter is frozen unless ``is_trainable``, and loading it makes nothing else trainable that was not
+    (adapters loaded frozen before stay frozen). A frozen load is for inference: as PEFT does, it puts the
+    model in ``eval()`` mode (no dropout); call ``model.train()`` to train.
 
     Folders the config names (AdapterFusion's ``adapter_paths``) must lie inside ``path`` unless
     ``allow_outside_paths`` (for a folder you trust: a config could otherwise make slimtune read anywhere).
 
     On any mismatch (missing keys, unexpected keys, wrong shapes or dtypes, sizes the file cannot hold) the
-    model is left as it was. The adapter is frozen unless ``is_trainable``.
+    model is left as it was.
     """
     check_name(adapter_name, "adapter name")
     if "." in adapter_name:
@@ -333,6 +341,7 @@ def load_adapter(
     config = _confined(config.replace(**resets) if resets else config, Path(path), config_file, allow_outside_paths)
     tensors = read_adapter_tensors(path, allow_pickle)
     _check_sizes(config, tensors, config_file)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
         add_adapter(model, config, adapter_name, activate=activate)
     except (ValueError, TypeError, KeyError, re.error) as error:
@@ -344,9 +353,14 @@ def load_adapter(
     except BaseException:
         remove_adapter(model, adapter_name)
         raise
+    own = {id(t) for t in live.values()}
+    for param in frozen:  # activating an adapter must not unfreeze one that was loaded frozen
+        if id(param) not in own:
+            param.requires_grad_(False)
     if not is_trainable:
         for tensor in live.values():
             tensor.requires_grad_(False)
+        model.eval()
     return model
 
 

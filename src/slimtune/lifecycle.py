@@ -29,7 +29,7 @@ from slimtune.core.state import AdapterState, create_state, drop_state, find_sta
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
-from slimtune.methods.layers import ModulesToSave
+from slimtune.methods.layers import ModulesToSave, NonFiniteMergeError, TunerLayer
 from slimtune.methods.targets import name_matches
 
 
@@ -46,11 +46,18 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     """
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a slimtune method config (e.g. LoraConfig), got {type(config).__name__}.")
+    check_adapter_name(adapter_name)
     config = copy.deepcopy(config)
     method = method_for(config)
     state = find_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
+    if state is not None and state.configs and bias_mode(config) != "none":
+        raise ValueError(
+            f"adapter {adapter_name!r} trains biases (bias={bias_mode(config)!r}), but the model already has adapters "
+            f"{list(state.configs)}: biases are the base model's own tensors, shared by every adapter, so training "
+            "them would change the other adapters too. Only one adapter can train biases, and it must be the first "
+            "(as in PEFT); use bias='none' for this one.")
     method.check(model, config)  # everything is validated before the first change to the model
     heads = _modules_to_save(model, config)
     first = state is None or not state.configs
@@ -68,6 +75,14 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     state.configs[adapter_name] = config
     _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
     return model
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """``adapter_name`` if it can name an adapter (a non-empty string without '.', as it becomes a module key)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} is not valid: an adapter name is one non-empty string "
+                         "without '.' (it becomes a module key), e.g. \"default\" or \"math\".")
+    return adapter_name
 
 
 def _take_host_mode(model: nn.Module, existing: set[int]) -> None:
@@ -152,6 +167,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an unmerged adapter, as PEFT does: layers left without adapters become their originals again; if it
     was active, the other active adapters stay so, else the first remaining adapter becomes active (with a
     warning); deleting the last one leaves the base model."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"delete_adapter takes one adapter name (a string), got {adapter_name!r}; to delete several, "
+                        "call it once per name.")
     state = get_state(model)
     state.check_known([adapter_name])
     if any(adapter_name in layer.merged_adapters for _, layer in tuner_layers(model)):
@@ -178,7 +196,8 @@ def apply_layerdrop(model: nn.Module, layerdrop: float, adapter_name: str = "lay
 # ---- switching ---------------------------------------------------------------------------------------
 def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     """Make ``adapter_name`` (or several names, their outputs summed) the active adapter(s); only active
-    adapters' parameters are trainable."""
+    adapters' parameters are trainable. Merged adapters are unmerged first, with a warning (as in PEFT): a
+    merged adapter would otherwise keep applying whatever is active."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     state = get_state(model)
     state.check_known(names)
@@ -187,6 +206,12 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
         if len(held) > 1:  # one module's copies do not add up: one of them would run alone, silently
             raise ValueError(f"{module_name} has a trained copy (modules_to_save) in each of {held}: only one can run "
                              "at a time (as in PEFT). Activate one of them, or route rows with slimtune.mixed_batch.")
+    merged = sorted({a for _, layer in tuner_layers(model) for a in layer.merged_adapters})
+    if merged:
+        warnings.warn(f"adapter(s) {merged} are merged into the base weights; unmerging them before switching to "
+                      f"{names} (as PEFT does). Merge again afterwards if you want the new adapter merged.",
+                      stacklevel=2)
+        unmerge_adapter(model)
     _activate(model, state, names)
 
 
@@ -234,27 +259,65 @@ def _apply_bias_modes(model: nn.Module, state: AdapterState) -> None:
 
 
 # ---- merging ----------------------------------------------------------------------------------------
-def merge_adapter(model: nn.Module, adapter_names: str | Sequence[str] | None = None) -> nn.Module:
-    """Fold the active (or named) adapters into the base weights: the forward stays the same, faster. A
-    named adapter needs not be active: once merged it always applies."""
+def merge_adapter(model: nn.Module, adapter_names: str | Sequence[str] | None = None,
+                  safe_merge: bool = False) -> nn.Module:
+    """Fold the active adapters (or exactly the named ones; an empty list: none) into the base weights: the
+    forward stays the same, faster. A named adapter needs not be active: once merged it always applies.
+
+    Every merged weight is built on a copy and checked: a merge that would put inf/NaN into a base weight (a
+    diverged adapter) raises a ``ValueError`` naming the adapter and the layer, and the layers this call had
+    merged already are unmerged again (the base is as it was, within rounding). ``safe_merge=True`` (PEFT's
+    name) checks every layer before changing any, so a refused merge leaves the base bit-identical (at the cost
+    of building each merged weight twice). Refused while the adapters are disabled (``disable_adapter_layers``,
+    inside ``disable_adapters``): the disabled model must run the base alone, so enable them first."""
     state = get_state(model)
     names = list(state.active if adapter_names is None else
                  [adapter_names] if isinstance(adapter_names, str) else adapter_names)
     state.check_known(names)
-    layers = {name: layer for name, layer in tuner_layers(model)
-              if any(a in layer.adapter_names and a not in layer.merged_adapters for a in names)}
-    for name, others in tied_weights(model, layers).items():
-        merging = [a for a in names if a in layers[name].adapter_names and a not in layers[name].merged_adapters]
-        warnings.warn(f"merging {merging} into {name} also changes {others}, which share its weight (tied "
-                      f"embeddings): the merged model will differ from the unmerged one. Keep the adapter unmerged, "
-                      f"or {UNTIE_ADVICE}.", stacklevel=2)
-    for peft_type in _methods_present(state):
-        mine = [a for a in names if state.configs[a].peft_type == peft_type]
-        if mine:
-            REGISTRY.method(peft_type).merge(model, mine, state)
-    for _, layer in tuner_layers(model):
-        layer.merge([a for a in names if a in layer.adapter_names])
+    if state.disabled:
+        raise ValueError(f"cannot merge {names}: the adapters are disabled (disable_adapter_layers, or inside "
+                         "disable_adapters), and the disabled model must give the base model's outputs. Call "
+                         "slimtune.enable_adapter_layers(model) first, or merge after the `with` block.")
+    _merge(model, state, names, safe_merge)
     return model
+
+
+def _merge(model: nn.Module, state: AdapterState, names: list[str], safe_merge: bool) -> None:
+    layers = {name: (layer, mine) for name, layer in tuner_layers(model)
+              if (mine := layer.to_merge([a for a in names if a in layer.adapter_names]))}
+    for name, others in tied_weights(model, layers).items():
+        warnings.warn(f"merging {layers[name][1]} into {name} also changes {others}, which share its weight (tied "
+                      f"embeddings): the merged model will differ from the unmerged one. Keep the adapter unmerged, "
+                      f"or {UNTIE_ADVICE}.", stacklevel=3)
+    if safe_merge:
+        for name, (layer, mine) in layers.items():
+            _merge_layer(name, layer, mine, check_only=True)
+    done: list[tuple[TunerLayer, list[list[str]]]] = []
+    try:
+        for name, (layer, mine) in layers.items():
+            before = layer.merge_calls
+            _merge_layer(name, layer, mine)
+            done.append((layer, before))
+        for peft_type in _methods_present(state):  # after the layers: a method that cannot merge undoes them
+            mine = [a for a in names if state.configs[a].peft_type == peft_type]
+            if mine:
+                REGISTRY.method(peft_type).merge(model, mine, state)
+    except BaseException:
+        for layer, before in reversed(done):  # back to the merges the layer had before this call
+            layer.unmerge()
+            for call in before:
+                layer.merge(call)
+        raise
+
+
+def _merge_layer(name: str, layer: TunerLayer, adapter_names: list[str], check_only: bool = False) -> None:
+    try:
+        if check_only:
+            layer.check_merge(adapter_names)
+        else:
+            layer.merge(adapter_names)
+    except NonFiniteMergeError as error:
+        raise NonFiniteMergeError(error.adapter_name, name) from None
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
@@ -267,15 +330,17 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge_adapters: bool = False) -> nn.Module:
+def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = False,
+           adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Remove slimtune entirely, giving back the original module objects.
 
-    With ``merge_adapters=True`` the active adapters are merged first and the active copies of
-    ``modules_to_save`` replace the originals: a standard model with the fine-tune baked in.
+    With ``merge_adapters=True`` the active adapters (or ``adapter_names``) are merged first, as
+    :func:`merge_adapter` does (``safe_merge`` likewise), and the active copies of ``modules_to_save``
+    replace the originals (as in PEFT): a standard model with the fine-tune baked in.
     """
     state = get_state(model)
     if merge_adapters:
-        merge_adapter(model)
+        merge_adapter(model, adapter_names, safe_merge=safe_merge)
     else:
         unmerge_adapter(model)
     for name, layer in list(tuner_layers(model)):
@@ -289,8 +354,11 @@ def unload(model: nn.Module, merge_adapters: bool = False) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    return unload(model, merge_adapters=True)
+def merge_and_unload(model: nn.Module, safe_merge: bool = False,
+                     adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Merge the active adapters (or ``adapter_names``) and remove slimtune: see :func:`unload` and
+    :func:`merge_adapter` (``safe_merge``, PEFT's argument: check every merged weight before changing any)."""
+    return unload(model, merge_adapters=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
 
 # ---- the base model alone ------------------------------------------------------------------------------

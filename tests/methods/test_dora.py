@@ -208,10 +208,10 @@ def test_contradicting_options_are_refused():
     with pytest.raises(ValueError, match="Embedding"):
         slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
     assert not hasattr(model, "slimtune_state")
-    slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"]), "plain")
-    with pytest.raises(ValueError, match="needs a DoraLinear"):
+    slimtune.add_adapter(model, slimtune.LoraFAConfig(target_modules=["q_proj"]), "fa")  # (plain LoRA: see below)
+    with pytest.raises(ValueError, match="already holds a LoraFALinear.*needs a DoraLinear"):
         slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"], use_dora=True), "dora")
-    assert slimtune.list_adapters(model) == ["plain"]
+    assert slimtune.list_adapters(model) == ["fa"]
 
 
 def test_plain_lora_adapter_can_join_a_dora_layer():
@@ -236,3 +236,31 @@ def test_training_lowers_loss_and_keeps_base_weights():
     losses = train_losses(model, sample_inputs("llama", batch=4, seq=16), steps=6, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05
     assert_base_unchanged(model, base)
+
+
+def test_dora_adapter_can_join_a_plain_lora_layer_as_peft(tmp_path):
+    """PEFT holds a plain LoRA and a DoRA adapter on one layer in either order; slimtune turns the LoRA layer into
+    a DoRA one holding the same LoRA tensors (an optimizer built before keeps working)."""
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                init_lora_weights=False), adapter_name="p")
+    theirs.add_adapter("d", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1.3)
+    theirs.save_pretrained(tmp_path)
+    ours = slimtune.load_adapter(tiny_llama(), tmp_path / "p", "p")
+    lora_a = ours.model.layers[0].self_attn.q_proj.lora_A["p"].weight
+    slimtune.load_adapter(ours, tmp_path / "d", "d")
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, DoraLinear) and layer.lora_A["p"].weight is lora_a
+    inputs = sample_inputs("llama")
+    theirs.eval()
+    for name in ("p", "d"):
+        theirs.set_adapter(name)
+        slimtune.set_adapter(ours, name)
+        torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
+    merged = slimtune.merge_adapter(slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(target_modules=["q_proj"])))
+    with pytest.raises(ValueError, match=r"holds merged adapters \['default'\]; a DoraLinear adapter can join it "
+                                         "once they are unmerged"):
+        slimtune.add_adapter(merged, slimtune.LoraConfig(target_modules=["q_proj"], use_dora=True), "e")

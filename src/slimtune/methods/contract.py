@@ -143,7 +143,11 @@ class LayerMethod(Method):
             module = model.get_submodule(name)
             if isinstance(module, TunerLayer):
                 needed = type(self.make_layer(module.base_layer, config))  # e.g. DoraLinear for use_dora=True
-                if not isinstance(module, self.layer_types) or not isinstance(module, needed):
+                upgrade = isinstance(module, self.layer_types) and type(module) in needed.__mro__[1:]
+                if upgrade and module.merged_adapters:
+                    raise ValueError(f"{name} holds merged adapters {module.merged_adapters}; a {needed.__name__} "
+                                     "adapter can join it once they are unmerged (slimtune.unmerge_adapter(model)).")
+                if not upgrade and (not isinstance(module, self.layer_types) or not isinstance(module, needed)):
                     raise ValueError(
                         f"{name} already holds a {type(module).__name__}; a {config.peft_type} adapter (which needs "
                         f"a {needed.__name__}) cannot be stacked on it. Use other target_modules or remove the "
@@ -159,10 +163,24 @@ class LayerMethod(Method):
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
         for name, module in self.plan(model, config):
-            layer = module if isinstance(module, TunerLayer) else self.make_layer(module, config)
+            if isinstance(module, TunerLayer):
+                needed = self.make_layer(module.base_layer, config)
+                layer = module if isinstance(module, type(needed)) else _upgraded(module, needed)
+            else:
+                layer = self.make_layer(module, config)
             layer.add_adapter(adapter_name, config, name)
             if layer is not module:
                 replace_module(model, name, layer)
+
+
+def _upgraded(layer: TunerLayer, richer: TunerLayer) -> TunerLayer:
+    """``richer`` (a subclass of ``layer``'s class, e.g. a DoraLinear for a LoraLinear) holding ``layer``'s adapters,
+    the very same tensors: a DoRA adapter can join layers that hold plain LoRA adapters, as in PEFT."""
+    for attr in layer.adapter_attrs + layer.adapter_values:
+        setattr(richer, attr, getattr(layer, attr))
+    richer.active_adapters, richer.merged_adapters = list(layer.active_adapters), list(layer.merged_adapters)
+    richer.disabled, richer.training = layer.disabled, layer.training
+    return richer
 
 
 class Registry:

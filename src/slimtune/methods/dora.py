@@ -12,7 +12,7 @@ from torch import nn
 
 from slimtune.config import LoraConfig
 from slimtune.core.modules import dense_weight
-from slimtune.methods.layers import mergeable_weight
+from slimtune.methods.layers import check_finite_merge, mergeable_weight
 from slimtune.methods.lora_layers import LoraLinear
 
 
@@ -134,11 +134,11 @@ class DoraLinear(LoraLinear):
     def merge_calls(self) -> list[list[str]]:
         return [list(names) for names, _ in self._merges]
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
+    def _merge(self, names: list[str], check_only: bool) -> None:
         """Fold adapters into W as the forward runs them: every DoRA norm is taken on W as it is before this call,
         whatever the order of the names, so ``W' = G ⊙ W + Σᵢ cᵢ sᵢ Bᵢ Aᵢ`` with ``cᵢ = gᵢ = mᵢ / ‖W + sᵢ Bᵢ Aᵢ‖``
-        for a DoRA adapter (1 for a plain one) and ``G = 1 + Σ_DoRA (gᵢ − 1)`` (one value per row)."""
-        names = [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]
+        for a DoRA adapter (1 for a plain one) and ``G = 1 + Σ_DoRA (gᵢ − 1)`` (one value per row). W' is built on
+        a copy and checked (see :meth:`TunerLayer.merge`)."""
         if not names:
             return
         w = self._weight_rows()
@@ -146,12 +146,20 @@ class DoraLinear(LoraLinear):
         with torch.no_grad():
             if scales:
                 merged = w.to(torch.promote_types(w.dtype, torch.float32), copy=True).mul_(_row_scale(scales))
+                check_finite_merge(merged, next(iter(scales)))
                 for name in names:
                     merged.add_(self._merge_term(name, scales))
-                w.copy_(merged.to(w.dtype))
-            else:  # plain LoRA adapters only: W' = W + Σ s B A, in place
+                    check_finite_merge(merged, name)
+                merged = merged.to(w.dtype)
+            else:  # plain LoRA adapters only: W' = W + Σ s B A
+                merged = w.detach().clone()
                 for name in names:
-                    w.add_(self.lora_product(name).to(w.dtype))
+                    merged.add_(self.lora_product(name).to(w.dtype))
+                    check_finite_merge(merged, name)
+            check_finite_merge(merged, names[-1])  # (a cast to a narrower dtype can overflow)
+            if check_only:
+                return
+            w.copy_(merged)
         self.merged_adapters += names
         self._merges.append((names, scales))
 

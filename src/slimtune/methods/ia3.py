@@ -19,7 +19,7 @@ from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.errors import NotMergeableError
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import IA3_TARGETS, model_type
-from slimtune.methods.layers import TunerLayer, mergeable_weight
+from slimtune.methods.layers import TunerLayer, check_finite_merge, mergeable_weight
 from slimtune.methods.targets import is_adaptable_linear, name_matches
 
 
@@ -118,15 +118,27 @@ class IA3Linear(TunerLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         raise NotMergeableError("(IA)³ rescales the weight rather than adding to it; use merge()/unmerge().")
 
-    def merge(self, adapter_names: list[str] | None = None) -> None:
+    def _merge(self, names: list[str], check_only: bool) -> None:
+        """Scale W (and b) by each adapter's ``l``, on copies checked first (see :meth:`TunerLayer.merge`)."""
+        if not names:
+            return
         weight = mergeable_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
-            for name in [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]:
-                weight.mul_(self._weight_scale(name).to(weight.dtype))
-                if not self.is_feedforward[name] and bias is not None:
-                    bias.mul_(self.ia3_l[name].detach().flatten().to(bias.dtype))
-                self.merged_adapters.append(name)
+            new_weight = weight.detach().clone()
+            new_bias = None if bias is None else bias.detach().clone()
+            for name in names:
+                new_weight.mul_(self._weight_scale(name).to(weight.dtype))
+                check_finite_merge(new_weight, name)
+                if not self.is_feedforward[name] and new_bias is not None:
+                    new_bias.mul_(self.ia3_l[name].detach().flatten().to(new_bias.dtype))
+                    check_finite_merge(new_bias, name)
+            if check_only:
+                return
+            weight.copy_(new_weight)
+            if bias is not None and new_bias is not None:
+                bias.copy_(new_bias)
+        self.merged_adapters += names
 
     def unmerge(self) -> None:
         if not self.merged_adapters:

@@ -120,14 +120,35 @@ class TunerLayer(nn.Module):
         call rebuilds the same weight (one call's adapters may depend on each other, as DoRA's do)."""
         return [[name] for name in self.merged_adapters]
 
+    def to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        """The adapters a merge call folds in: the named ones (None: the active ones; an empty list: none)
+        that are not merged yet."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [a for a in names if a not in self.merged_adapters]
+
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        names = [a for a in (adapter_names or self.active_adapters) if a not in self.merged_adapters]
+        """Fold ``adapter_names`` (None: the active adapters) into the base weight. The new weight is built on a
+        copy and checked first: if it is not finite, :class:`NonFiniteMergeError` names the adapter and the layer
+        is left as it was."""
+        self._merge(self.to_merge(adapter_names), check_only=False)
+
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Build and check what :meth:`merge` would write (raising as it would), changing nothing."""
+        self._merge(self.to_merge(adapter_names), check_only=True)
+
+    def _merge(self, names: list[str], check_only: bool) -> None:
+        if not names:
+            return
         weight = mergeable_weight(self.base_layer)
         with torch.no_grad():
+            merged = weight.detach().clone()
             for name in names:
-                delta = self.delta_weight(name)
-                weight.add_(delta.to(weight.dtype))
-                self.merged_adapters.append(name)
+                merged.add_(self.delta_weight(name).to(weight.dtype))
+                check_finite_merge(merged, name)
+            if check_only:
+                return
+            weight.copy_(merged)
+        self.merged_adapters += names
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
@@ -143,6 +164,23 @@ class TunerLayer(nn.Module):
         if self.disabled:
             return []
         return [a for a in self.active_adapters if a not in self.merged_adapters]
+
+
+class NonFiniteMergeError(ValueError):
+    """Merging an adapter would put inf/NaN into a base weight (a diverged adapter); nothing was changed."""
+
+    def __init__(self, adapter_name: str, layer_name: str | None = None) -> None:
+        self.adapter_name, self.layer_name = adapter_name, layer_name
+        where = f" into {layer_name}" if layer_name else ""
+        super().__init__(f"merging adapter {adapter_name!r}{where} gives inf/NaN weights: the adapter seems to be "
+                         "broken (diverged in training, or a damaged file). The base weights were left as they were; "
+                         "check the adapter's tensors (torch.isfinite) before merging it.")
+
+
+def check_finite_merge(merged: torch.Tensor, adapter_name: str) -> None:
+    """Raise :class:`NonFiniteMergeError` if a merged weight (built on a copy) holds inf or NaN."""
+    if not bool(torch.isfinite(merged).all()):
+        raise NonFiniteMergeError(adapter_name)
 
 
 def mergeable_weight(base: nn.Module) -> torch.Tensor:
