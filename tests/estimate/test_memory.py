@@ -13,7 +13,7 @@ from slimtune.estimate.activations import Precision, activation_model
 from slimtune.estimate.memory import optimizer_state_bytes, weight_bytes
 from slimtune.optim import make_optimizer, state_bytes
 from slimtune.perf.fast_path import enable_fast_path
-from slimtune.quant import QuantConfig, quant_summary, quantize
+from slimtune.quant import QuantConfig, QuantizedLinear, quant_summary, quantize
 from slimtune.train.runner import add_method
 
 METHODS = {
@@ -63,6 +63,18 @@ def test_output_head_stays_full_precision_and_tied_head_counts_once(tiny_folder)
     assert shape.tied and shape.head_name == "lm_head"
     assert "lm_head" not in {s.name for s in shape.quantized_linears(QuantConfig())}
     assert shape.params == sum(p.numel() for p in tiny_model().parameters())
+
+
+def test_the_estimate_counts_as_quantized_exactly_the_layers_quantize_replaces(tiny_folder, monkeypatch):
+    """One rule (``skipped_linear_names``): the model's _keep_in_fp32_modules stay full precision in both."""
+    shape = model_shape(tiny_folder)
+    monkeypatch.setattr(shape.meta, "_keep_in_fp32_modules", ["down_proj"], raising=False)
+    model = tiny_model()
+    model._keep_in_fp32_modules = ["down_proj"]
+    quantize(model, QuantConfig())
+    replaced = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert replaced and not any(n.endswith("down_proj") for n in replaced)
+    assert {s.name for s in shape.quantized_linears(QuantConfig())} == replaced
 
 
 def _saved_bytes(model, ids) -> int:

@@ -24,6 +24,11 @@ def test_defaults_are_qlora():
     (dict(compute_dtype="float64"), r"compute_dtype='float64' .*'bfloat16'"),
     (dict(skip_modules="lm_head"), r"skip_modules='lm_head' must be a list"),
     (dict(double_quant="yes"), r"double_quant='yes' must be True or False"),
+    (dict(blocksize=64.0), r"blocksize=64.0 is not supported; use an integer power of two"),
+    (dict(bits=4.0), r"bits=4.0 is not supported; use 4 .* an int"),
+    (dict(bits=True), r"bits=True is not supported"),
+    (dict(bits=8, quant_type="fp4"), r"quant_type='fp4' and blocksize=64 are 4-bit options; bits=8 .*ignore"),
+    (dict(bits=8, blocksize=128), r"blocksize=128 are 4-bit options"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -226,3 +226,14 @@ def test_a_layer_first_run_under_inference_mode_still_trains():
     layer(x).sum().backward()
     expected = torch.ones(3, 52) @ layer.dequantize(torch.float32)
     torch.testing.assert_close(x.grad, expected)
+
+
+def test_int8_codes_differ_from_bitsandbytes_int8params_only_by_its_fp16_cast():
+    """What int8.py's docstring says: Int8Params casts the weight to fp16 before quantizing it."""
+    bnb = bitsandbytes_oracle()
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    params = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+    theirs, their_scb = params.data, params.SCB
+    ours32, ours16 = quantize_int8_rowwise(w), quantize_int8_rowwise(w.half())
+    assert torch.equal(ours16[0], theirs) and torch.equal(ours16[1], their_scb.float())
+    assert not torch.equal(ours32[0], theirs) and (ours32[0].int() - theirs.int()).abs().max() <= 1

@@ -33,6 +33,7 @@ from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lokr import LokrLinear
 from slimtune.methods.lora_layers import LoraLinear
 from slimtune.quant.config import QuantConfig
+from slimtune.quant.model import skipped_linear_names
 from slimtune.train.models import DEFAULT_MODEL, DEFAULT_MODEL_PACKAGE, default_gguf_path, is_hub_id
 
 __all__ = ["KNOWN_CONFIGS", "ModelShape", "AdapterLayout", "WrappedLinear", "resolve_config", "model_shape",
@@ -196,10 +197,12 @@ class ModelShape:
         return sum(p.numel() for n, p in self.meta.named_parameters() if p.dim() == 3 and "experts" in n)
 
     def quantized_linears(self, quant: QuantConfig | None) -> list[LinearShape]:
-        """The linear layers ``slimtune.quant.quantize`` replaces (not skip_modules, not the output head)."""
+        """The linear layers ``slimtune.quant.quantize`` replaces (its own rule: not skip_modules, the output
+        heads or the model's ``_keep_in_fp32_modules``)."""
         if quant is None:
             return []
-        return [s for s in self.linears if not (quant.skips(s.name) or s.name == self.head_name)]
+        skipped = set(skipped_linear_names(self.meta, quant))
+        return [s for s in self.linears if s.name not in skipped]
 
 
 def _first(config: PretrainedConfig, *names: str, default: Any = None) -> Any:

@@ -22,15 +22,22 @@ __all__ = ["QuantConfig", "DEFAULT_SKIP_MODULES"]
 DEFAULT_SKIP_MODULES = ("lm_head",)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class QuantConfig:
     """Quantization of the frozen base model.
 
     Args:
         bits: 4 (NF4 / FP4 block-wise, QLoRA) or 8 (row-wise absmax int8, LLM.int8() storage).
-        quant_type: "nf4" (normal float, best for normally distributed weights) or "fp4" (4-bit only).
-        double_quant: quantize the per-block scales too (4-bit only; ~0.37 bits per weight saved).
-        blocksize: weights per scale for 4-bit, a power of two from 32 to 4096.
+        quant_type: "nf4" (normal float, best for normally distributed weights) or "fp4" (4-bit only: with
+            bits=8 it must stay "nf4", the default).
+        double_quant: quantize the per-block scales too (4-bit only; ~0.37 bits per weight saved; bits=8
+            ignores it).
+        blocksize: weights per scale for 4-bit, a power of two from 32 to 4096 (4-bit only: with bits=8
+            it must stay 64, the default).
         compute_dtype: dtype of the matmuls: "bfloat16" | "float16" | "float32" or a torch dtype;
             None picks bf16 on CUDA and fp32 on CPU when the model is quantized.
         skip_modules: module names kept in full precision; a module is skipped when its name equals
@@ -46,13 +53,17 @@ class QuantConfig:
     skip_modules: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8) or isinstance(self.bits, bool):
-            raise ValueError(f"bits={self.bits!r} is not supported; use 4 (NF4/FP4) or 8 (int8)")
+        if not _is_int(self.bits) or self.bits not in (4, 8):
+            raise ValueError(f"bits={self.bits!r} is not supported; use 4 (NF4/FP4) or 8 (int8), an int")
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_type={self.quant_type!r} is not supported; use one of {list(QUANT_TYPES)}")
-        if self.blocksize not in BLOCKSIZES or isinstance(self.blocksize, bool):
-            raise ValueError(f"blocksize={self.blocksize!r} is not supported; use a power of two from 32 to "
-                             f"4096: {list(BLOCKSIZES)}")
+        if not _is_int(self.blocksize) or self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize={self.blocksize!r} is not supported; use an integer power of two from 32 "
+                             f"to 4096: {list(BLOCKSIZES)}")
+        if self.bits == 8 and (self.quant_type != "nf4" or self.blocksize != 64):
+            raise ValueError(f"quant_type={self.quant_type!r} and blocksize={self.blocksize!r} are 4-bit options; "
+                             "bits=8 stores row-wise int8 and would ignore them: leave them at their defaults "
+                             "(\"nf4\", 64) with bits=8, or use bits=4")
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant={self.double_quant!r} must be True or False")
         if self.compute_dtype is not None:

@@ -2,7 +2,10 @@
 
 ``SCB_r = max_j |W_rj|`` (fp32, one per output row); ``CB = round(W * (127 / SCB_r))`` as int8;
 ``W ≈ CB * SCB_r / 127``. Same arithmetic as bitsandbytes' ``int8_vectorwise_quant`` /
-``int8_vectorwise_dequant`` (no outlier threshold: weights are stored whole).
+``int8_vectorwise_dequant`` (no outlier threshold: weights are stored whole), applied to the weight as
+given. bitsandbytes' ``Int8Params`` (what ``Linear8bitLt`` and transformers' 8-bit loading use) first
+casts the weight to float16, so from a float32 or bfloat16 weight its codes can differ from ours by one
+step (and its ``SCB`` by fp16 rounding); from a float16 weight, or ours from ``w.half()``, they are equal.
 """
 
 from __future__ import annotations

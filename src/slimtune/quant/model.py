@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from slimtune.core.modules import bias_of, is_conv1d, is_dense_linear, output_embedding_name, replace_module
+from slimtune.core.modules import (
+    bias_of,
+    is_conv1d,
+    is_dense_linear,
+    linear_dims,
+    output_embedding_name,
+    output_head_names,
+    replace_module,
+    weight_of,
+)
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
+from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
 
 __all__ = ["QuantSummary", "quantize", "quant_summary", "dequantize_model", "requantization_error",
-           "skipped_linear_names", "make_quantized_layer"]
+           "skipped_linear_names", "keep_in_fp32_patterns", "make_quantized_layer", "layer_from_state"]
 
 
 def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Linear layers that ``config`` keeps in full precision (skip_modules and the output head)."""
-    head = output_embedding_name(model)
-    return [n for n, m in model.named_modules() if is_dense_linear(m) and (config.skips(n) or n == head)]
+    """Linear layers that ``config`` keeps in full precision: ``skip_modules``, the output heads (the LM head,
+    a classification head such as ``score`` / ``classifier`` and the layers inside it, which
+    ``modules_to_save`` trains) and the model's ``_keep_in_fp32_modules`` (T5's ``wo``: its forward casts
+    activations to ``wo.weight.dtype``), which transformers+bitsandbytes never quantize either."""
+    heads = {n for n in output_head_names(model) if not any(part.isdigit() for part in n.split("."))}
+    head = output_embedding_name(model)  # wherever it is
+    heads |= {head} if head is not None else set()
+    keep = keep_in_fp32_patterns(model)
+    return [n for n, m in model.named_modules() if is_dense_linear(m) and (
+        config.skips(n) or n in heads or any(n.startswith(h + ".") for h in heads) or _matches_module(n, keep))]
+
+
+def keep_in_fp32_patterns(model: nn.Module, strict: bool = False) -> list[str]:
+    """The model's ``_keep_in_fp32_modules`` (``strict``: ``_keep_in_fp32_modules_strict``) patterns, [] if none."""
+    patterns = getattr(model, "_keep_in_fp32_modules_strict" if strict else "_keep_in_fp32_modules", None)
+    return sorted(p for p in patterns or () if isinstance(p, str) and p)
+
+
+def _matches_module(name: str, patterns: list[str]) -> bool:
+    """transformers' ``should_convert_module`` test, negated: a pattern matches ``name`` from its start up to a
+    module boundary (as a regex), or as a suffix."""
+    return any(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name) or name.endswith(p) for p in patterns)
 
 
 def make_quantized_layer(in_features: int, out_features: int, bias: bool, config: QuantConfig,
@@ -31,6 +61,43 @@ def make_quantized_layer(in_features: int, out_features: int, bias: bool, config
         return Linear8bit(in_features, out_features, bias, compute, dtype, device="meta")
     return Linear4bit(in_features, out_features, bias, config.quant_type, config.blocksize, config.double_quant,
                       compute, dtype, device="meta")
+
+
+def layer_from_state(state: dict[str, torch.Tensor], prefix: str, in_features: int, out_features: int,
+                     has_bias: bool, compute_dtype: torch.dtype, dtype: torch.dtype | None) -> QuantizedLinear:
+    """The quantized layer that the 4-bit / 8-bit state stored under ``prefix`` in ``state`` (keys ``weight``,
+    ``weight.absmax`` …, ``SCB``: transformers+bitsandbytes' layout) describes, as stored. ``dtype``: the dtype
+    of its dequantized weight (None: the 4-bit state's recorded dtype, float32 for 8-bit)."""
+    layer: QuantizedLinear
+    if is_8bit_prefix(state, prefix):
+        layer = Linear8bit(in_features, out_features, has_bias, compute_dtype, device="meta")
+    else:
+        qs = read_4bit_state(state, prefix, (out_features, in_features), [])
+        dtype = dtype or qs["dtype"]
+        layer = Linear4bit(in_features, out_features, has_bias, qs["quant_type"], qs["blocksize"],
+                           "nested_absmax" in qs, compute_dtype, device="meta")
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    result = layer.load_state_dict(own, strict=False, assign=True)
+    if result.missing_keys:
+        raise ValueError(f"quantized checkpoint is missing {[prefix + k for k in result.missing_keys]}")
+    layer.dtype = dtype or torch.float32  # a dequantized weight joins the model in the model's dtype
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.to(layer.dtype), requires_grad=False)
+    return layer
+
+
+def _stored_state(linear: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state of a linear layer whose weight is already quantized (a bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``, as ``from_pretrained`` makes from a pre-quantized folder) in the layout
+    :func:`layer_from_state` reads; None for a full-precision layer. Raises for another quantized kind."""
+    if weight_of(linear).is_floating_point():
+        return None
+    state = dict(linear.state_dict())
+    if not (is_4bit_prefix(state, "") or is_8bit_prefix(state, "")):
+        raise ValueError(f"its weight is {weight_of(linear).dtype}, not a full-precision weight, and the layer "
+                         f"({type(linear).__module__}.{type(linear).__name__}) holds no 4-bit or 8-bit state in "
+                         "bitsandbytes' layout: quantize the full-precision model instead")
+    return state
 
 
 @dataclass
@@ -74,6 +141,8 @@ def quant_summary(model: nn.Module) -> QuantSummary:
 def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """Replace the model's linear layers by frozen 4-bit / 8-bit ones, in place, and return it.
 
+    Layers already quantized by bitsandbytes (a pre-quantized folder loaded by ``from_pretrained``) become
+    slimtune layers holding the same codes and scales, as stored (``config`` does not apply to them).
     One layer at a time: each full-precision weight is released as soon as its layer is quantized
     (unless something else still references it), so peak memory grows by one layer, not a model.
     ``quant_summary(model)`` tells what was done.
@@ -85,12 +154,25 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                          "quantize the full-precision model, or call dequantize_model() first")
     skipped = set(skipped_linear_names(model, config))
     names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
+    stored: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:  # checked first: a refusal halfway would leave the model half quantized
-        if not torch.isfinite(linear_weight(model.get_submodule(name))).all():
+        try:
+            state = _stored_state(model.get_submodule(name))
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}; the model is unchanged") from None
+        if state is not None:
+            stored[name] = state
+        elif not torch.isfinite(linear_weight(model.get_submodule(name))).all():
             raise ValueError(f"{name}: the weight has inf or NaN values, which a quantized layer cannot hold (they "
                              "would decode as NaN); the model is unchanged. A diverged or damaged checkpoint?")
     for name in names:  # names only: holding the modules would keep every fp32 weight alive
         linear = model.get_submodule(name)
+        if name in stored:
+            in_f, out_f = linear_dims(linear)
+            adopted = layer_from_state(stored.pop(name), "", in_f, out_f, bias_of(linear) is not None,
+                                       config.resolved_compute_dtype(weight_of(linear).device), None)
+            replace_module(model, name, adopted.to(weight_of(linear).device))
+            continue
         w, bias = linear_weight(linear), bias_of(linear)
         layer = make_quantized_layer(w.shape[1], w.shape[0], bias is not None, config, w.device, w.dtype)
         layer.quantize_(w)

@@ -11,8 +11,10 @@ their keys). The full-precision model never exists in memory: one layer's weight
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -25,9 +27,9 @@ from slimtune.core.dtypes import default_compute_dtype
 from slimtune.core.modules import is_conv1d, is_dense_linear, linear_dims, replace_module, weight_of
 from slimtune.core.tensor_files import SafetensorsReader
 from slimtune.quant.config import QuantConfig
-from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear
-from slimtune.quant.model import make_quantized_layer, skipped_linear_names
-from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
+from slimtune.quant.linear import QuantizedLinear
+from slimtune.quant.model import keep_in_fp32_patterns, layer_from_state, make_quantized_layer, skipped_linear_names
+from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix
 
 __all__ = ["CheckpointNeedsMerging", "init_empty_weights", "load_quantized", "load_in_4bit",
            "load_quantized_from_state_dict", "init_random_quantized", "TensorSource", "checkpoint_source",
@@ -97,7 +99,9 @@ class _Source:
         if merged:
             raise CheckpointNeedsMerging(
                 f"{len(merged)} checkpoint tensors are merged into other parameters as transformers loads them, "
-                f"e.g. {merged[0]}; the layer-by-layer quantized loader reads tensors one by one.")
+                f"e.g. {merged[0]}; the layer-by-layer quantized loader reads tensors one by one. Load the model "
+                "with transformers' from_pretrained, which merges them, then quantize(model, config): layers stored "
+                "quantized by bitsandbytes (which from_pretrained then needs) are kept as stored.")
         self.keys = (self.keys - set(renamed.values())) | set(renamed)
         self._stored.update(renamed)
 
@@ -149,8 +153,9 @@ class _RandomSource(_Source):
     def __init__(self, model: nn.Module, std: float, seed: int, device: torch.device):
         super().__init__(tensors={})
         norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+        # one name per tensor: a tied weight (lm_head of tie_word_embeddings) is tied, not drawn twice
         self._shapes = {n: (tuple(p.shape), n.rpartition(".")[0] in norms and n.endswith("weight"))
-                        for n, p in model.named_parameters(remove_duplicate=False)}
+                        for n, p in model.named_parameters()}
         self.keys = set(self._shapes)
         self._std, self._device, self._seed = std, device, seed
 
@@ -227,14 +232,26 @@ def _build(model: ModelSource) -> nn.Module:
         return model()
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor, device) -> None:
+def _keeps_fp32(model: nn.Module) -> Callable[[str, torch.dtype], bool]:
+    """Whether tensor ``name`` of a model built in ``dtype`` is loaded in float32 instead, as ``from_pretrained``
+    does: ``_keep_in_fp32_modules`` when ``dtype`` is float16, ``_keep_in_fp32_modules_strict`` for float16 and
+    bfloat16 (patterns searched in the tensor's name, ``*`` as any text)."""
+    def compile_(patterns: list[str]) -> re.Pattern | None:
+        return re.compile("|".join(p.replace("*", ".*") for p in patterns)) if patterns else None
+
+    keep, strict = compile_(keep_in_fp32_patterns(model)), compile_(keep_in_fp32_patterns(model, strict=True))
+    return lambda name, dtype: bool(dtype == torch.float16 and keep and keep.search(name)) or bool(
+        dtype in (torch.float16, torch.bfloat16) and strict and strict.search(name))
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor, device, fp32: bool = False) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     old = getattr(owner, attr)
     if tuple(old.shape) != tuple(value.shape):
         raise ValueError(f"checkpoint tensor for {name!r} has shape {tuple(value.shape)}, the model expects "
                          f"{tuple(old.shape)}")
-    value = value.to(device=device, dtype=old.dtype)
+    value = value.to(device=device, dtype=torch.float32 if fp32 else old.dtype)
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
@@ -252,22 +269,8 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
         is_8bit_prefix(source.keys, key_prefix) else None
     layer: QuantizedLinear
     if stored is not None:
-        stored = {name + "." + k[len(key_prefix):]: v for k, v in stored.items()}
-        if is_8bit_prefix(stored, name + "."):
-            layer = Linear8bit(in_f, out_f, has_bias, config.resolved_compute_dtype(device) if config else
-                               default_compute_dtype(device), device="meta")
-        else:
-            qs = read_4bit_state(stored, name + ".", (out_f, in_f), [])
-            layer = Linear4bit(in_f, out_f, has_bias, qs["quant_type"], qs["blocksize"], "nested_absmax" in qs,
-                               config.resolved_compute_dtype(device) if config else default_compute_dtype(device),
-                               device="meta")
-        result = layer.load_state_dict({k[len(name) + 1:]: v for k, v in stored.items()}, strict=False, assign=True)
-        if result.missing_keys:
-            raise ValueError(f"quantized checkpoint is missing {[key_prefix + k for k in result.missing_keys]}")
-        layer.dtype = dtype  # a dequantized weight joins the model in the model's dtype
-        if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias.to(dtype), requires_grad=False)
-        layer.to(device)
+        compute = config.resolved_compute_dtype(device) if config else default_compute_dtype(device)
+        layer = layer_from_state(stored, key_prefix, in_f, out_f, has_bias, compute, dtype).to(device)
     elif quantize_it:
         assert config is not None  # the caller quantizes only with a config
         w = source.get(key_prefix + "weight").to(device=device, dtype=dtype)  # as from_pretrained(dtype=) casts it
@@ -308,16 +311,15 @@ def _load(model: ModelSource, source: _Source, config: QuantConfig | None, devic
         _load_layer(model, name, source, key_prefix, config, device,
                     quantize_it=not stored and config is not None and name not in skipped)
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    inside = lambda n: n.rpartition(".")[0] in quantized  # noqa: E731
-    for name, _ in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-        if inside(name):
-            continue
-        key = source.resolve(name, base)
+    keeps_fp32 = _keeps_fp32(model)
+    loaded: set[str] = set()  # model tensors that the checkpoint holds
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        key = None if name.rpartition(".")[0] in quantized else source.resolve(name, base)
         if key is not None:
-            _replace(model, name, source.get(key), device)
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
+            _replace(model, name, source.get(key), device, t.is_floating_point() and keeps_fp32(name, t.dtype))
+        if key is not None or name.rpartition(".")[0] in quantized:
+            loaded.add(name)
+    _tie_weights(model, loaded)
     empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if empty:
         raise ValueError(f"the checkpoint has no tensor for {len(empty)} model entries, e.g. {empty[:5]}; "
@@ -326,6 +328,26 @@ def _load(model: ModelSource, source: _Source, config: QuantConfig | None, devic
     if unused:
         logger.warning("%d checkpoint tensors were not used, e.g. %s", len(unused), unused[:5])
     return model.to(device)
+
+
+def _tie_weights(model: nn.Module, loaded: set[str]) -> None:
+    """Tie the weights the config ties, as ``from_pretrained`` does: a tied weight the checkpoint stores with
+    different values (a config that says tie_word_embeddings but a checkpoint with its own head) is kept."""
+    tie = getattr(model, "tie_weights", None)
+    if not callable(tie):
+        return
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    if "missing_keys" in inspect.signature(tie).parameters and hasattr(model, "all_tied_weights_keys"):
+        tie(missing_keys=names - loaded, recompute_mapping=False)  # transformers 5: checks every tied pair
+        return
+    heads = [getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("output", "input")]
+    where = {id(m): n for n, m in model.named_modules()}
+    head, embedding = [f"{where[id(m)]}.weight" if m is not None and id(m) in where else "" for m in heads]
+    if {head, embedding} <= loaded and not torch.equal(model.get_parameter(head), model.get_parameter(embedding)):
+        logger.warning("the config ties %s to %s but the checkpoint stores both, with different values: they are "
+                       "kept apart (as transformers does)", head, embedding)
+        return
+    tie()
 
 
 def load_quantized(model: ModelSource, paths: str | os.PathLike | list, config: QuantConfig | None = None,
