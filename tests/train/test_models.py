@@ -301,3 +301,32 @@ def test_default_model_converts_once_then_loads_from_cache(request, tmp_path, mo
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.isfinite(model(ids).logits).all() and out.shape[1] > ids.shape[1]
+
+
+def test_a_whole_load_that_needs_bitsandbytes_says_so(llama_dir, tmp_path, monkeypatch):
+    """A checkpoint transformers must load whole (merged expert tensors) and that bitsandbytes quantized needs
+    bitsandbytes for that load: the error says so instead of transformers' bare ImportError."""
+    import transformers
+
+    from slimtune.quant import CheckpointNeedsMerging
+
+    def needs_merging(*args, **kwargs):
+        raise CheckpointNeedsMerging("experts are merged while loading")
+
+    def no_bitsandbytes(*args, **kwargs):
+        raise ImportError("bitsandbytes is not installed")
+
+    monkeypatch.setattr(models, "load_quantized", needs_merging)
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", no_bitsandbytes)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_bitsandbytes)
+    with pytest.raises(ImportError, match="bitsandbytes is not installed"):  # not a bitsandbytes folder: as raised
+        models.load_model(str(llama_dir), quantization=QuantConfig())
+    import json
+    import shutil
+
+    folder = shutil.copytree(llama_dir, tmp_path / "bnb")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantized by bitsandbytes .*install bitsandbytes to load it"):
+        models.load_model(str(folder), quantization=QuantConfig())

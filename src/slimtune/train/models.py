@@ -393,7 +393,8 @@ def _load_quantized(model_cls: Any, folder: Path, dtype: torch.dtype, device: to
     try:
         return load_quantized(model, folder, quantization, device)
     except CheckpointNeedsMerging as why:
-        if getattr(config, "quantization_config", None) is not None:
+        prequantized = getattr(config, "quantization_config", None) is not None
+        if prequantized:
             logger.warning("Loading %s whole with transformers (%s); the layers bitsandbytes stored quantized are kept "
                            "as stored (this needs bitsandbytes installed)", folder, why)
         else:
@@ -401,6 +402,8 @@ def _load_quantized(model_cls: Any, folder: Path, dtype: torch.dtype, device: to
     try:
         model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra).to(device)
     except ImportError as error:
+        if not prequantized:
+            raise
         raise ValueError(f"{folder} was quantized by bitsandbytes and transformers merges its tensors while loading "
                          f"({error}): install bitsandbytes to load it, or load its full-precision original with a "
                          "quantization section.") from error
