@@ -354,6 +354,9 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     if method.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "
                           "which fine-tunes causal language models; use CAUSAL_LM.")
+    if method.inference_mode:
+        raise RecipeError("method.inference_mode: true marks an adapter for inference only (PEFT freezes it), so "
+                          "`slimtune train` would train nothing; remove it (saved adapters are marked so by slimtune).")
     training = sections["training"]
     for key in ("loraplus_lr_ratio", "layerwise_lr_decay"):
         if getattr(training, key) is not None and method_sets_param_groups(method):
