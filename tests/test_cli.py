@@ -100,7 +100,9 @@ def test_dry_run_and_default_recipe(capsys, tmp_path, monkeypatch):
     for override, message in [("method.target_modules=[nope]", "method: target_modules=['nope'] matched no module"),
                               (f"model.name_or_path={tmp_path / 'nowhere'}", "model.name_or_path: "),
                               (f"output.dir={tmp_path / 'a-file'}", "output.dir"),
-                              (f"data.dataset={tmp_path / 'none.jsonl'}", "data.dataset: ")]:
+                              (f"data.dataset={tmp_path / 'none.jsonl'}", "data.dataset: "),
+                              *([] if torch.cuda.is_available() else
+                                [("model.device=cuda:0", "model.device: device='cuda:0' asked for, but no CUDA GPU")])]:
         assert main(["train", "--dry-run", "training.max_steps=3", override]) == 2, override
         assert message in capsys.readouterr().err, override
 

@@ -84,6 +84,11 @@ def dry_run(recipe: Recipe, device: str | None = None, resume: bool = False, ran
     processes of a distributed run (``--nproc-per-node``), each estimated.
     """
     validate(recipe, resume)
+    if device is None:  # the run's own device: the error the run would give, naming the recipe key
+        try:
+            resolve_device(recipe.model.device)
+        except ValueError as error:
+            raise RecipeError(f"model.device: {error}") from None
     if recipe.training.kernels == "triton":  # fails only once the model is on its device otherwise
         target = resolve_device(recipe.model.device)
         try:
