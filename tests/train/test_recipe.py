@@ -205,3 +205,16 @@ def test_environment_variables_in_paths_are_expanded(monkeypatch, tmp_path):
     assert recipe.output_dir == tmp_path / "runs" / "try"
     assert recipe.data.dataset == f"{tmp_path}/runs/train.jsonl"
     assert recipe_from_dict(recipe.to_dict(), name="try") == recipe  # the saved recipe holds the resolved paths
+
+
+@pytest.mark.parametrize("value, message", [("010", r"'010' reads as the YAML 1\.1 octal number 8"),
+                                            ("1:30", r"'1:30' reads as the YAML 1\.1 base-60 number 90")])
+def test_yaml_11_number_forms_are_refused_not_misread(tmp_path, value, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"method: {{peft_type: LORA, r: {value}}}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("lora-smollm2-pycode", [f"method.r={value}"])
+    path.write_text("method: {peft_type: LORA, r: 10}\ntraining: {learning_rate: 0.0001, max_steps: 1_000}\n")
+    assert load_recipe(path).training.max_steps == 1000

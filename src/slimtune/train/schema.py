@@ -182,6 +182,22 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _plain_number(loader: StrictLoader, node: yaml.ScalarNode) -> Any:
+    """YAML 1.1 reads ``010`` as 8 (octal) and ``1:30`` as 90 (base 60), never what a recipe means: refused."""
+    method = yaml.SafeLoader.construct_yaml_int if node.tag.endswith(":int") else yaml.SafeLoader.construct_yaml_float
+    value, text = method(loader, node), str(node.value)
+    if ":" in text or re.fullmatch(r"[-+]?0[0-9_]+", text):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} reads as the YAML 1.1 {'base-60' if ':' in text else 'octal'} number {value}; write "
+            f"the number without {'the colon' if ':' in text else 'the leading zero'}, or quote it for a string",
+            node.start_mark)
+    return value
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", _plain_number)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", _plain_number)
+
+
 def parse_yaml(text: str) -> Any:
     """YAML text as Python values, refusing duplicate keys (see :class:`StrictLoader`)."""
     loader = StrictLoader(text)  # a SafeLoader: plain values only, never objects
