@@ -1,6 +1,6 @@
 """Every PEFT method of slimtune on one small task, side by side with full fine-tuning.
 
-    .venv/bin/python bench/compare_methods.py [--steps 120] [--threads 1] [--only lora,ia3]
+    .venv/bin/python bench/compare_methods.py [--steps 100] [--threads 1] [--only lora,ia3]
 
 The task is tiny but real: a small Llama (with biases, so BitFit has something to train) is first
 trained to *copy* digit strings (``d1..d8 = d1..d8``); each method then adapts that same base to
@@ -187,6 +187,9 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps <= MEMORY_STEPS:
+        parser.error(f"--steps {args.steps}: the first {MEMORY_STEPS} steps measure memory, so at least "
+                     f"{MEMORY_STEPS + 1} are needed for a timed step")
     torch.set_num_threads(args.threads)
     if args.worker:
         _mmap_threshold(64 << 10)

@@ -239,7 +239,8 @@ def table(precision: str, seconds: dict, args) -> list[str]:
         base_name = "base, bs 8" if "8" in scenario else "base"
         ours_base, theirs_base = rate("slimtune", base_name), rate("PEFT", base_name)
         assert ours_base is not None and theirs_base is not None
-        lines.append(f"| {scenario} | {ours[0]:.1f} / {ours[1]:.1f} | {ours[0] / ours_base[0] - 1:+.0%} "
+        shown = scenario.replace("8", str(args.adapters))  # the batched rows have --adapters rows
+        lines.append(f"| {shown} | {ours[0]:.1f} / {ours[1]:.1f} | {ours[0] / ours_base[0] - 1:+.0%} "
                      f"| {theirs[0]:.1f} / {theirs[1]:.1f} | {theirs[0] / theirs_base[0] - 1:+.0%} "
                      f"| {ours[0] / theirs[0]:.2f}x |")
     return lines

@@ -211,7 +211,7 @@ def _compare(args: argparse.Namespace, configs: dict[str, tuple[str, list[str]]]
           f"{human(cpu.context)}\n")
     rows = []
     header = ("| config | what | predicted peak | measured peak | error | predicted step | measured step | error | "
-              "matmul GFLOP/s |")
+              "GFLOP/s the estimate uses |")  # the measured matmul rate × the efficiency the estimator applies
     print(header + "\n|" + "---|" * 9)
     for name, (recipe_name, extra) in configs.items():
         overrides = _overrides(extra, folder, work / name)

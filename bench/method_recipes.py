@@ -128,7 +128,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--only {unknown}: not method recipes; they are {known}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results_file = args.out / "results.json"
+    # a smoke run (overrides given) keeps its figures apart: the README table is rebuilt from results.json only
+    results_file = args.out / ("smoke-results.json" if args.overrides else "results.json")
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if not args.table_only:
         for method, recipe, overrides in METHOD_RECIPES:

@@ -115,7 +115,8 @@ def peft_side(args, device: str, dtype: torch.dtype):
                                                        target_modules="all-linear"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if args.peft_optim == "adamw":
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+        # fused, as transformers' Trainer builds it by default (adamw_torch_fused) and as slimtune's optimizer is
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=True)
     else:
         import bitsandbytes as bnb
 

@@ -1,6 +1,9 @@
 """4-bit kernels: slimtune (Triton and pure torch) vs bitsandbytes vs the copy-bandwidth limit, in one run.
 
-    .venv/bin/python bench/kernels.py [--rows 14336 --cols 4096 --tokens 2048 --iters 50]
+(Not named ``kernels.py``: the bench folder is first on the import path, and bitsandbytes imports the optional
+``kernels`` package for its CPU kernels; a file of that name would shadow it and slow the anchor down.)
+
+    .venv/bin/python bench/kernel_speed.py [--rows 14336 --cols 4096 --tokens 2048 --iters 50]
 
 On the same NF4 + double-quantized weight (bitsandbytes quantizes it; slimtune reads bitsandbytes'
 storage as is, the layouts are the same):
