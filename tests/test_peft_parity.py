@@ -124,6 +124,25 @@ def test_embedding_lora_matches_peft(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
 
 
+def test_modules_to_save_picks_the_modules_peft_picks_and_its_files_load(tmp_path):
+    """PEFT's rule is a plain suffix: ``norm`` copies ``model.norm`` and every ``*_layernorm``."""
+    base = FAMILIES["llama"][0]()
+    config = dict(r=4, target_modules=["q_proj"], modules_to_save=["norm"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**config))
+    copies = {n.removeprefix("base_model.model.") for n, _ in theirs.named_modules() if n.endswith("modules_to_save")}
+    assert {n for n, _ in ours.named_modules() if n.endswith("modules_to_save")} == copies
+    assert any("input_layernorm" in n for n in copies) and any(n.startswith("model.norm") for n in copies)
+    assert slimtune.trainable_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+    for _, module in theirs.named_modules():  # trained copies that differ from the originals
+        if isinstance(module, peft.utils.other.ModulesToSaveWrapper):
+            torch.nn.init.normal_(module.modules_to_save["default"].weight)
+    theirs.save_pretrained(tmp_path)
+    loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(loaded, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+
+
 def test_lora_on_a_scaled_embedding_matches_peft_and_its_own_merge(tmp_path):
     """Gemma's embedding multiplies the rows it looks up by √hidden: the LoRA update is scaled the same way."""
     from transformers import AutoConfig, AutoModelForCausalLM

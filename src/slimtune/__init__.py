@@ -76,6 +76,8 @@ _EXPORTS = {
     "loraplus_param_groups": "slimtune.optim.loraplus",
     "create_loraplus_optimizer": "slimtune.optim.loraplus",
     "layerwise_lr_groups": "slimtune.optim.layerwise",
+    # transformers' Trainer
+    "SlimtuneCallback": "slimtune.hf_trainer",
     # reports and errors
     "trainable_parameters": "slimtune.report",
     "TrainableReport": "slimtune.report",
@@ -118,6 +120,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from slimtune.combination import add_weighted_adapter, combine_adapter_files, combine_adapters
     from slimtune.config import LoraConfig, MethodConfig
     from slimtune.errors import NotMergeableError
+    from slimtune.hf_trainer import SlimtuneCallback
     from slimtune.lifecycle import (
         add_adapter,
         after_optimizer_step,

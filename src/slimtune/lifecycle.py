@@ -30,7 +30,7 @@ from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
 from slimtune.methods.layers import ModulesToSave, NonFiniteMergeError, TunerLayer
-from slimtune.methods.targets import name_matches
+from slimtune.methods.targets import is_saved_module
 
 
 # ---- adding and removing ----------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def _modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
     if not names:
         return []
     found = [n for n, _ in model.named_modules()
-             if n and name_matches(n, names) and not in_head_copy(n) and ".base_layer" not in n]
+             if n and is_saved_module(n, names) and not in_head_copy(n) and ".base_layer" not in n]
     if not found:
         heads = [n for n, m in model.named_modules() if n and "." not in n and next(m.parameters(), None) is not None]
         if set(names) <= set(TASK_HEAD_MODULES.get(config.task_type or "", ())):

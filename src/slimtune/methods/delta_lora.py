@@ -71,9 +71,10 @@ class DeltaState(nn.Module):
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, delta_lambda: float, start_step: int) -> None:
         super().__init__()
+        # persistent: a checkpoint of the whole model (transformers' Trainer saves model.state_dict()) carries them
         for name, value in (("prev_A", A), ("prev_B", B), ("start_A", A), ("start_B", B)):
-            self.register_buffer(name, value.detach().clone(), persistent=False)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=A.device), persistent=False)
+            self.register_buffer(name, value.detach().clone())
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=A.device))
         self.delta_lambda, self.start_step = delta_lambda, start_step
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -136,7 +137,10 @@ class DeltaLoraLinear(LoraLinear):
         if adapter_name not in self.delta_state:
             return super().adapter_tensors(adapter_name)
         state = self.state_of(adapter_name)
-        (A, B), lam = self.lora_parameters(adapter_name), state.delta_lambda
+        # W holds λ s (B A − B_K A_K) only once updated; before (or if after_optimizer_step never ran, as in a loop
+        # that does not call it) the model is W₀ + s B A, and the export must say so
+        lam = state.delta_lambda if int(state.steps) > state.start_step else 0.0
+        A, B = self.lora_parameters(adapter_name)
         return {"lora_A.weight": torch.cat([A, state.start_A]).detach(),
                 "lora_B.weight": torch.cat([(1 + lam) * B, -lam * state.start_B], 1).detach()}
 

@@ -94,7 +94,7 @@ def find_targets(
             continue
         if name_matches(name, exclude_modules):
             continue
-        if modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save):
+        if modules_to_save and any(is_saved_module(prefix, modules_to_save) for prefix in _self_and_parents(name)):
             continue
         exact = not all_linear and not isinstance(target_modules, str) and name in target_modules
         if layers is not None and not exact and layer_index(name, layers_pattern) not in layers:
@@ -115,6 +115,18 @@ def find_targets(
                           f"adapted); check their spelling. Layers that can be adapted: "
                           f"{_summarise(wrappable_names(model))}.", stacklevel=2)
     return found
+
+
+def is_saved_module(name: str, modules_to_save: Sequence[str]) -> bool:
+    """Whether ``modules_to_save`` picks module ``name``: PEFT's own test, a plain string suffix (``norm`` picks
+    ``model.norm`` and every ``input_layernorm``; ``classifier`` picks DistilBERT's ``pre_classifier`` too), so the
+    same config copies the same modules, and PEFT's files load."""
+    return any(name.endswith(m) for m in modules_to_save)
+
+
+def _self_and_parents(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _summarise(names: list[str]) -> str:

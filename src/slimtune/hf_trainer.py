@@ -1,0 +1,50 @@
+"""transformers' ``Trainer`` with slimtune adapters: one callback does around it what slimtune's own trainer does.
+
+    import slimtune
+    from transformers import Trainer
+
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=16, target_modules="all-linear"))
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[slimtune.SlimtuneCallback()])
+
+The Trainer already trains exactly the adapter's parameters (the rest is frozen) and resumes from its own
+checkpoints, which hold the whole model under slimtune's module names. The callback adds:
+
+- after every optimizer step, :func:`slimtune.after_optimizer_step`: the methods' own work after an update
+  (Delta-LoRA moves the base weight W; without the callback a Delta-LoRA adapter trains as plain LoRA);
+- in every checkpoint folder (``checkpoint-N/``), the adapter in PEFT's format (``adapter/``, or
+  ``adapter-<name>/`` for each of several adapters), which ``slimtune.load_adapter`` and PEFT load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from slimtune.adapter_files import save_adapter
+from slimtune.core.state import find_state
+from slimtune.lifecycle import after_optimizer_step
+
+__all__ = ["SlimtuneCallback"]
+
+
+class SlimtuneCallback(TrainerCallback):
+    """See the module docstring. ``save_adapters``: write the adapters into each checkpoint folder."""
+
+    def __init__(self, save_adapters: bool = True) -> None:
+        self.save_adapters = save_adapters
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is not None and find_state(model) is not None:
+            after_optimizer_step(model)
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        adapters = find_state(model) if model is not None else None
+        if not self.save_adapters or adapters is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        names = list(adapters.configs)
+        for name in names:
+            save_adapter(model, folder / ("adapter" if len(names) == 1 else f"adapter-{name}"), name)
