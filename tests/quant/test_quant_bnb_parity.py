@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from oracles import bitsandbytes_oracle
 from safetensors.torch import load_file, save_file
 from tiny_models import sample_inputs, tiny_bert_cls, tiny_llama, tiny_llama_cls, tiny_t5
@@ -62,7 +63,10 @@ def test_t5_keeps_its_fp32_modules_like_bitsandbytes_and_computes_right(tmp_path
 
 
 def test_keep_in_fp32_patterns_match_as_transformers_does():
-    from transformers.quantizers.quantizers_utils import should_convert_module
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        pytest.skip("transformers < 5 has no should_convert_module to compare with")
 
     model = tiny_llama()
     patterns = ["mlp.down_proj", "model.layers.1.self_attn", "layers.0.mlp.up", "gate_.*"]
@@ -111,7 +115,8 @@ def _empty_llama(config, dtype=torch.float32):
 
 def test_a_stored_head_that_the_config_would_tie_is_kept(tmp_path):
     model = _llama_folder(tmp_path, tie_word_embeddings=True)
-    state = load_file(str(tmp_path / "model.safetensors"))
+    # copies: the file is written again below, and safetensors may map the tensors it returns from the file
+    state = {k: v.clone() for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
     assert "lm_head.weight" not in state  # tied: stored once, and tied again on load
     tied = load_quantized(_empty_llama(model.config), tmp_path, QuantConfig())
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
@@ -132,7 +137,8 @@ def test_the_stored_head_is_kept_with_a_tie_weights_of_transformers_4(tmp_path, 
             super().tie_weights(**kwargs)
 
     model = _llama_folder(tmp_path, tie_word_embeddings=True)
-    state = load_file(str(tmp_path / "model.safetensors"))
+    # copies: the file is written again below, and safetensors may map the tensors it returns from the file
+    state = {k: v.clone() for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
     tied = load_quantized(lambda: Transformers4Tie(model.config), tmp_path, QuantConfig())
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     state["lm_head.weight"] = torch.randn(128, 32) * 0.02
@@ -171,8 +177,9 @@ def test_a_bitsandbytes_quantized_moe_folder_loads_as_stored(tmp_path, bnbF):
     config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     _bnb_4bit(MixtralForCausalLM(config), tmp_path / "fp").save_pretrained(tmp_path / "bnb")
-    with pytest.raises(ValueError, match=r"merged .*Load the model with transformers' from_pretrained"):
-        load_quantized_checkpoint(lambda: MixtralForCausalLM(config), tmp_path / "bnb")
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 5 merges the experts' tensors on load
+        with pytest.raises(ValueError, match=r"merged .*Load the model with transformers' from_pretrained"):
+            load_quantized_checkpoint(lambda: MixtralForCausalLM(config), tmp_path / "bnb")
     theirs = MixtralForCausalLM.from_pretrained(tmp_path / "bnb", device_map="cpu").eval()  # bitsandbytes layers
     ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     reference = theirs(ids).logits
