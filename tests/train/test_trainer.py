@@ -321,6 +321,18 @@ def test_ctrl_c_asks_to_stop_then_aborts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_a_repeated_sigterm_never_aborts_the_stop_but_ctrl_c_does():
+    """A job's every process signalled and torchrun forwarding it: each rank gets SIGTERM twice, and its
+    checkpoint at the step boundary must still be saved."""
+    notes = []
+    with StopRequest(notes.append) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and len(notes) == 1 and "SIGTERM: stopping after this step" in notes[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_ctrl_c_in_training_saves_a_resumable_checkpoint(tmp_path, tokenizer, token_rows, monkeypatch):
     trainer = make_trainer(lora_model(tokenizer), token_rows, tmp_path, tokenizer, max_steps=6)
     step = trainer.train_step

@@ -48,7 +48,8 @@ from slimtune.train.checkpoint import (
 )
 from slimtune.train.run_folder import RunFolder
 
-__all__ = ["save_distributed_checkpoint", "load_distributed_checkpoint", "read_distributed_state", "DCP_DIR"]
+__all__ = ["save_distributed_checkpoint", "load_distributed_checkpoint", "read_distributed_state", "DCP_DIR",
+           "world_size_note"]
 
 DCP_DIR = "dcp"
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the frozen base is the recipe's, not the run's
@@ -143,6 +144,22 @@ def read_distributed_state(path: Path) -> dict[str, Any]:
                                                 "damaged. Delete this step's folder to resume from the one before.",
                                    name)
     return payload
+
+
+def saved_world_size(path: Path) -> int:
+    """How many ranks wrote checkpoint ``path`` (one random-state file each)."""
+    return len(list((path / "rng").glob("rank-*.json")))
+
+
+def world_size_note(path: Path, world_size: int) -> str | None:
+    """What a resume on another number of ranks changes: each rank's random stream (dropout masks) is its own, so
+    the run continues with other masks than an uninterrupted one (bit-identical only without dropout)."""
+    saved = saved_world_size(path)
+    if not saved or saved == world_size:
+        return None
+    return (f"{path.name} was saved by {saved} ranks and resumes on {world_size}: the ranks' random streams (dropout "
+            f"masks) differ from an uninterrupted run's from here on, so the result will too unless the method has no "
+            f"dropout; resume on {saved} processes for the same adapter as an uninterrupted run.")
 
 
 def load_distributed_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from slimtune.adapter_files import save_adapter
 from slimtune.core.files import atomic_write
-from slimtune.distributed.checkpoint import read_distributed_state
+from slimtune.distributed.checkpoint import read_distributed_state, world_size_note
 from slimtune.distributed.context import DistContext, launched_by_torchrun, process_group
 from slimtune.distributed.data import ShardedBatches, accumulation_for
 from slimtune.distributed.sharded_load import (
@@ -180,14 +180,20 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     if recipe.demo.enabled:
         log("demo: sample generations are skipped in distributed runs")
     if checkpoint is None:
+        if resume:
+            log(f"--resume: {run.path} has no checkpoint yet (the run stopped before its first); starting from the "
+                "beginning")
         log(f"eval loss of the base model: {trainer.evaluate_base():.4f}")
     else:
+        note = world_size_note(checkpoint, ctx.world_size)
+        if note is not None:
+            log(f"warning: {note}")
         trainer.resume(checkpoint)
         log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
     log(f"training {trainer.total_steps - trainer.state.step} steps on {ctx.world_size} × {ctx.device.type} ...")
     if not trainer.train():
-        log(f"resume with: slimtune train {recipe.command_line('--resume')} (any number of processes; the run "
-            f"folder is {run.path})")
+        log(f"resume with: slimtune train {recipe.command_line('--resume')} (on {ctx.world_size} processes for the "
+            f"adapter an uninterrupted run ends with; the run folder is {run.path})")
         return RunResult(run.path, False, {})
     return _finalize(recipe, trainer, run, ctx, strategy, wall_start, log)
 

@@ -160,8 +160,10 @@ def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_
 
 class StopRequest:
     """Ctrl-C handling: the first SIGINT asks the loop to stop at the next step boundary (and save a
-    checkpoint); a second one interrupts at once. SIGTERM (what a scheduler, ``kill``, Kubernetes or systemd
-    send before they kill) is handled the same way. Only installed in the main thread."""
+    checkpoint); a second SIGINT interrupts at once. SIGTERM (what a scheduler, ``kill``, Kubernetes or systemd
+    send before they kill) asks for the same stop, but never aborts: it often comes twice (a job's every process
+    signalled, and torchrun forwarding it to its ranks), and the stop it asks for must still save. Only
+    installed in the main thread."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -172,7 +174,9 @@ class StopRequest:
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM: the stop is under way
         self.requested = True
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         self._notify(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort without "
