@@ -231,7 +231,7 @@ def resolve_model_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, allow_pi
     if name == DEFAULT_MODEL:
         return ensure_converted(default_gguf_path())
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if is_gguf_file(path):
         return ensure_converted(path)
     if path.is_dir():
         _check_local_folder(path, allow_pickle)
@@ -295,12 +295,17 @@ def load_model(
     return model.eval()  # as from_pretrained returns it, however it was built (no dropout until train())
 
 
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file by its name (``.gguf``, any case)."""
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
 def gguf_file_of(name_or_path: str | os.PathLike) -> Path | None:
     """The resolved ``.gguf`` file a model name points at, None for folders, hub ids and the default model (whose
     converted folder's name identifies it)."""
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
-    if name == DEFAULT_MODEL or not (path.is_file() and path.suffix.lower() == ".gguf"):
+    if name == DEFAULT_MODEL or not is_gguf_file(path):
         return None
     return path.resolve()
 
