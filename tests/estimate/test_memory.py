@@ -174,6 +174,20 @@ def test_prompt_tuning_cannot_use_the_chunked_loss(tiny_folder):
     assert not est.chunked and est.layout.virtual_tokens == 8
 
 
+@pytest.mark.parametrize("router_logits", [False, True])
+def test_an_moe_training_its_router_balance_cannot_use_the_chunked_loss(tmp_path, router_logits):
+    """The trainer keeps the model's own loss (full logits) for a mixture of experts that adds its router
+    load-balancing loss; the estimate counts those logits too."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           output_router_logits=router_logits)
+    config.save_pretrained(tmp_path)
+    est = predict(make_recipe(tmp_path), TEST_CPU, timing=False)
+    assert est.chunked is not router_logits
+
+
 def test_virtual_tokens_add_logits_rows_but_no_scored_rows(tiny_folder):
     """Prompt tuning's virtual tokens get logits (the model's output covers them) but no labels: the loss
     copies and log-softmaxes the text's label rows only (train.trainer.loss_sum), so against LoRA with the

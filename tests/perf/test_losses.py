@@ -161,6 +161,17 @@ def test_head_path_matches_the_weight_path():
                                chunked_cross_entropy(h, head.weight, y, head.bias, chunk_size=8))
 
 
+def test_a_trained_head_gets_a_graph_from_a_batch_without_label_tokens():
+    """No label token in a micro-batch (all prompt, say) with a trained output layer: the loss is 0 with a graph
+    to the layer, as transformers' own loss is, so backward runs and gives zero gradients (it raised)."""
+    h = torch.randn(2, 5, 32)
+    head = torch.nn.Linear(32, 300)
+    total = chunked_head_cross_entropy(h, head, torch.full((2, 5), -100), 300, reduction="sum")
+    assert total.item() == 0.0 and total.requires_grad
+    total.backward()
+    assert torch.count_nonzero(head.weight.grad) == 0
+
+
 def _transformed_head_model(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 

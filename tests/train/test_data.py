@@ -16,7 +16,7 @@ from train_helpers import tiny_llama
 
 from slimtune.errors import DataError
 from slimtune.train import data as data_module
-from slimtune.train.batching import BatchIterator, collate, epoch_order
+from slimtune.train.batching import BatchIterator, collate, epoch_order, real_tokens
 from slimtune.train.data import load_examples, split_examples
 from slimtune.train.examples import normalize_example
 from slimtune.train.recipe import recipe_from_dict
@@ -423,6 +423,22 @@ def test_collate_pads_by_length(chat_tokenizer):
     assert packed["position_ids"].tolist() == [[0, 0, 1], [0, 0, 1]]  # padding: a segment of its own
     with pytest.raises(ValueError, match="pad_id is None"):
         collate(rows, pad_id=None)
+
+
+def test_real_tokens_count_no_padding_packed_or_not(chat_tokenizer):
+    """tokens/s counts the same tokens whether the rows are packed (no attention mask) or not: never padding."""
+    examples = _examples(7)
+    plain = tokenize_examples(examples, chat_tokenizer, max_length=256)
+    packed = tokenize_examples(examples, chat_tokenizer, max_length=80, packing=True)
+    real = sum(len(r["input_ids"]) for r in plain)
+    assert sum(len(r["input_ids"]) for r in packed) == real
+    pad = chat_tokenizer.pad_token_id
+    for rows in (plain.rows, packed.rows):
+        batches = [collate(rows[i:i + 3], pad, pad_to_multiple_of=8) for i in range(0, len(rows), 3)]
+        assert sum(b["input_ids"].numel() for b in batches) > real  # there is padding to leave out
+        assert sum(real_tokens(b) for b in batches) == real
+    whole = collate([{"input_ids": [5, 6], "labels": [-100, 6], "position_ids": [0, 1]}], pad_id=0)
+    assert real_tokens(whole) == 2  # no padding tail: a row that is one example
 
 
 # -------------------------------------------------------------------------------------- batching

@@ -27,8 +27,9 @@ from slimtune.train.batching import BatchIterator, collate
 from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.schedule import lr_multiplier
+from slimtune.train.stop_request import StopRequest
 from slimtune.train.tokenization import tokenize_examples
-from slimtune.train.trainer import StopRequest, Trainer, evaluate_loss, label_tokens, loss_sum
+from slimtune.train.trainer import Trainer, evaluate_loss, label_tokens, loss_sum
 
 CPU = torch.device("cpu")
 
@@ -126,6 +127,56 @@ def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):
     assert params[0][0] == pytest.approx(params[1][0], rel=1e-5)
     for a, b in zip(params[0][1], params[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_steps_tokens_are_its_rows_tokens_without_padding(tmp_path, tokenizer, packing):
+    """The tokens a step reports (and tokens/s) are its examples' tokens, packed or not: never the padding."""
+    token_rows = tokenize_examples(rows(16), tokenizer, max_length=48, packing=packing).rows
+    trainer = make_trainer(lora_model(tokenizer), token_rows, tmp_path, tokenizer, batch_size=3, max_steps=1)
+    trainer.batches = BatchIterator(token_rows, 3, seed=0, pad_id=tokenizer.pad_token_id, shuffle=False,
+                                    pad_to_multiple_of=16)
+    assert trainer.train_step()["tokens"] == sum(len(r["input_ids"]) for r in token_rows[:3])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("batch_size, accum", [(4, 1), (2, 2)])
+def test_an_moe_router_balancing_loss_is_trained_as_the_models_own_loss(tmp_path, tokenizer, token_rows,
+                                                                       batch_size, accum):
+    """Mixtral with output_router_logits: the objective is the model's own loss (cross-entropy + coefficient ×
+    load-balancing loss, what HF's Trainer trains); over micro-batches the balancing term is their mean. The
+    chunked loss, which leaves it out, is not used (and refused when asked for)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    coef = 0.5
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=coef)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    trainer = make_trainer(model, token_rows, tmp_path, tokenizer, batch_size=batch_size,
+                           gradient_accumulation_steps=accum, max_steps=1, max_grad_norm=None)
+    trainer.batches = BatchIterator(token_rows, batch_size, seed=0, pad_id=tokenizer.pad_token_id, shuffle=False)
+    assert not trainer.chunked and "router load-balancing" in trainer.loss_refusal
+    seen = []
+    trainer.optimizer.step = lambda *a, **k: seen.append([p.grad.clone() for p in trainer.params])
+    metrics = trainer.train_step()
+    # the same objective by hand, from the model's own losses on the same micro-batches
+    parts = [collate(token_rows[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, 4, batch_size)]
+    n_labels = sum(label_tokens(b) for b in parts)
+    outs = [model(**b, use_cache=False) for b in parts]
+    objective = sum((o.loss - coef * o.aux_loss) * label_tokens(b) / n_labels + coef * o.aux_loss / accum
+                    for o, b in zip(outs, parts))
+    objective.backward()
+    assert metrics["loss"] == pytest.approx(objective.item(), rel=1e-5)
+    assert outs[0].aux_loss.item() > 1.0  # the balancing term is a large part of it
+    for ours, theirs in zip(seen[0], [p.grad for p in trainer.params]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    from slimtune.train.trainer import chunked_loss_refusal
+
+    with pytest.raises(ValueError, match="router load-balancing"):
+        chunked_loss_refusal(model, "chunked")
 
 
 @pytest.mark.parametrize("epochs", [1, 2])

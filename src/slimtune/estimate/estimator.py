@@ -18,6 +18,7 @@ from slimtune.estimate.model_shapes import AdapterLayout, ModelShape, adapter_la
 from slimtune.estimate.per_rank import Distribution, distribution, per_rank
 from slimtune.estimate.timing import StepTime, step_time
 from slimtune.perf.fast_path import plan_fast_path
+from slimtune.perf.losses import router_aux_coef
 from slimtune.train.data import load_examples
 from slimtune.train.recipe import Recipe, apply_overrides, recipe_from_dict
 
@@ -110,7 +111,7 @@ def _chunked(recipe: Recipe, shape: ModelShape, layout: AdapterLayout) -> bool:
     mode = recipe.training.loss
     if mode == "full":
         return False
-    possible = shape.head_name is not None and not layout.forward_hooks
+    possible = shape.head_name is not None and not layout.forward_hooks and not router_aux_coef(shape.meta)
     if mode == "chunked" and not possible:
         raise ValueError("training.loss: 'chunked' cannot be used with this model and method (prompt learning's "
                          "hooks, or no output layer to split the loss at); use 'auto' or 'full'.")

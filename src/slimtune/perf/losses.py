@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["IGNORE_INDEX", "default_chunk_size", "chunked_cross_entropy", "chunked_head_cross_entropy",
-           "causal_lm_loss", "LogitTransform", "logit_transform"]
+           "causal_lm_loss", "LogitTransform", "logit_transform", "router_aux_coef"]
 
 IGNORE_INDEX = -100
 _CHUNK_BYTES = 256 << 20  # fp32 logits per chunk
@@ -182,13 +182,24 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tenso
     chunk = chunk_size or default_chunk_size(vocab_size)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     idx, y = _kept(labels, ignore_index, vocab_size)
-    total = h2.new_zeros((), dtype=torch.float64 if h2.dtype == torch.float64 else torch.float32)
+    # no label tokens: the head's loss on no tokens (0), which keeps the graph to a trained head's parameters
+    total = _chunk_loss(head, h2[:0], y[:0], transform) if idx.numel() == 0 else h2.new_zeros(
+        (), dtype=torch.float64 if h2.dtype == torch.float64 else torch.float32)
     for start in range(0, idx.numel(), chunk):
         hc = h2.index_select(0, idx[start:start + chunk])
         yc = y[start:start + chunk]
         total = total + (checkpoint(_chunk_loss, head, hc, yc, transform, use_reentrant=False)
                          if torch.is_grad_enabled() else _chunk_loss(head, hc, yc, transform))
     return total / idx.numel() if reduction == "mean" else total
+
+
+def router_aux_coef(model: nn.Module) -> float:
+    """The weight of a mixture-of-experts model's router load-balancing loss in its training objective, as its
+    own forward adds it (``output_router_logits`` on: Mixtral, Qwen-MoE, OLMoE …); 0 when it adds none."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def logit_transform(model: nn.Module) -> LogitTransform:

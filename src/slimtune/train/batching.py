@@ -64,6 +64,25 @@ def collate(
     return out
 
 
+def real_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """The tokens of a :func:`collate` batch that are not padding (what tokens/s counts), prompts included.
+
+    Unpacked: its ``attention_mask``. Packed (no mask): each row's padding tail is its last segment (positions
+    restart at 0 there) when none of that segment's labels is trained; a real example always has one (the
+    tokenizer drops those without), so a packed row counts as many tokens as its examples hold."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "position_ids" not in batch:
+        return batch["input_ids"].numel()
+    total = 0
+    for positions, labels in zip(batch["position_ids"], batch["labels"]):
+        starts = (positions == 0).nonzero()
+        tail = int(starts[-1]) if len(starts) else 0
+        padded = tail > 0 and bool((labels[tail:] == IGNORE_INDEX).all())
+        total += tail if padded else positions.numel()
+    return total
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """The order of ``n`` rows in ``epoch``: a permutation that depends only on (seed, epoch)."""
     order = list(range(n))

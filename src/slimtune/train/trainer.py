@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,8 +41,8 @@ from slimtune.distributed.wrap import gradient_sync, unwrap
 from slimtune.errors import InvalidFileError, TrainingDivergedError
 from slimtune.lifecycle import after_optimizer_step, disable_adapters, method_param_groups
 from slimtune.optim import make_optimizer, training_param_groups
-from slimtune.perf.losses import causal_lm_loss
-from slimtune.train.batching import BatchIterator, collate
+from slimtune.perf.losses import causal_lm_loss, router_aux_coef
+from slimtune.train.batching import BatchIterator, collate, real_tokens
 from slimtune.train.checkpoint import (
     STATE_FILE,
     latest_checkpoint,
@@ -56,6 +54,7 @@ from slimtune.train.checkpoint import (
 from slimtune.train.progress import MetricsLog, peak_memory_mb, reset_peak_memory
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.schedule import make_scheduler
+from slimtune.train.stop_request import StopRequest
 from slimtune.train.tokenization import IGNORE_INDEX
 
 
@@ -82,6 +81,12 @@ def chunked_loss_refusal(model: nn.Module, mode: str) -> str | None:
     """
     if mode == "full":
         return "training.loss: full"
+    if router_aux_coef(model):
+        reason = ("the model adds its router load-balancing loss to the cross-entropy (config.output_router_logits), "
+                  "which the chunked loss leaves out; use training.loss: full or auto")
+        if mode == "chunked":
+            raise ValueError(reason)
+        return reason
     head = getattr(model, "get_output_embeddings", lambda: None)()
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or getattr(head, "out_features", 0) or 2)
     probe = (torch.arange(PROBE_TOKENS) * 7919 % vocab).to(next(model.parameters()).device)[None]
@@ -112,18 +117,26 @@ def chunked_loss_works(model: nn.Module, mode: str) -> bool:
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], autocast, chunked: bool = False) -> torch.Tensor:
     """Sum of next-token cross-entropy over the label tokens of ``batch`` (fp32)."""
+    return loss_terms(model, batch, autocast, chunked)[0]
+
+
+def loss_terms(model: nn.Module, batch: dict[str, torch.Tensor], autocast,
+               chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(:func:`loss_sum`, the router load-balancing loss the forward returned, unweighted; None without one)."""
     if chunked:
         with autocast():
-            return causal_lm_loss(model, batch, reduction="sum", ignore_index=IGNORE_INDEX).float()
+            return causal_lm_loss(model, batch, reduction="sum", ignore_index=IGNORE_INDEX).float(), None
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with autocast():
-        logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
+        out = model(**inputs, use_cache=False)
+    logits = out.logits  # (batch, seq, vocab)
     # Prompt tuning and P-tuning put their virtual tokens before the input: their logits come first and
     # predict nothing of the text (PEFT gives them the label -100), so the text's positions are the last ones.
     logits = logits[:, logits.shape[1] - batch["labels"].shape[1]:]
     labels = batch["labels"][:, 1:]  # token t is predicted from the tokens before it
     keep = labels != IGNORE_INDEX  # only label positions: the prompt's logits would be a large dead copy
-    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    aux = getattr(out, "aux_loss", None)
+    return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum"), aux
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -156,40 +169,6 @@ def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_
     if count == 0:
         raise ValueError("the evaluation set has no label tokens; check the data and max_seq_length.")
     return total / count
-
-
-class StopRequest:
-    """Ctrl-C handling: the first SIGINT asks the loop to stop at the next step boundary (and save a
-    checkpoint); a second SIGINT interrupts at once. SIGTERM (what a scheduler, ``kill``, Kubernetes or systemd
-    send before they kill) asks for the same stop, but never aborts: it often comes twice (a job's every process
-    signalled, and torchrun forwarding it to its ranks), and the stop it asks for must still save. Only
-    installed in the main thread."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, notify: Callable[[str], None]) -> None:
-        self.requested = False
-        self._notify = notify
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return  # a repeated SIGTERM: the stop is under way
-        self.requested = True
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self._notify(f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort without "
-                     "saving)")
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 class StepMetrics(TypedDict):
@@ -261,6 +240,7 @@ class Trainer:
         self.loss_refusal = "distributed: the wrapped model's own forward" if dist is not None else \
             chunked_loss_refusal(model, settings.loss)
         self.chunked = self.loss_refusal is None
+        self.aux_coef = router_aux_coef(self.inner)
         # evaluation runs the unwrapped model: decided once (the probe is a forward of its own)
         self.eval_chunked = self.chunked if dist is None else chunked_loss_works(self.inner, settings.loss)
         self.state = TrainerState()
@@ -302,12 +282,16 @@ class Trainer:
         world = 1
         if self.dist is not None:
             n_labels, world = self.dist.sum_int(n_labels), self.dist.world_size
-        total = 0.0
+        total, aux_weight = 0.0, self.aux_coef / len(micro)
         for i, batch in enumerate(micro):
             with gradient_sync(self.model, enabled=i == len(micro) - 1):
-                loss = loss_sum(self.model, batch, self.autocast, self.chunked) / max(n_labels, 1)
-                (loss * world if world > 1 else loss).backward()
-            total += float(loss.detach())
+                ce, aux = loss_terms(self.model, batch, self.autocast, self.chunked)
+                loss = ce / max(n_labels, 1)
+                # an MoE router's balancing loss: weighted as the model's own loss weighs it, averaged over the
+                # micro-batches (and, by DDP/FSDP's gradient mean, over the ranks)
+                balance = aux.float() * aux_weight if aux is not None and aux_weight else loss.new_zeros(())
+                (loss * world + balance).backward()
+            total += float(loss.detach()) + float(balance.detach()) / world
         if self.dist is not None:
             total = self.dist.sum_float(total)
         grad_norm = None
@@ -319,7 +303,7 @@ class Trainer:
         after_optimizer_step(self.inner)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in micro)
+        tokens = sum(real_tokens(b) for b in micro)
         if self.dist is not None:
             tokens = self.dist.sum_int(tokens)
         return {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
