@@ -318,3 +318,78 @@ def test_bad_adapter_names_are_clear_errors():
         with pytest.raises(ValueError, match=rf"adapter name {name!r} is not valid"):
             slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"]), name)
     assert slimtune.list_adapters(model) == ["a", "b"]
+
+
+_ROUNDING_CASES = {
+    "lora": slimtune.LoraConfig(r=2, target_modules=["q_proj", "up_proj"], init_lora_weights=False),
+    "dora": slimtune.LoraConfig(r=2, target_modules=["q_proj", "up_proj"], init_lora_weights=False, use_dora=True),
+    "ia3": slimtune.IA3Config(target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"],
+                              init_ia3_weights=False),
+    "vera": slimtune.VeraConfig(r=4, target_modules=["q_proj"]),
+    "loha": slimtune.LohaConfig(r=2, target_modules=["q_proj", "up_proj"], init_weights=False),
+    "lokr": slimtune.LokrConfig(r=2, target_modules=["q_proj", "up_proj"], init_weights=False),
+}
+
+
+def _adapted(config, dtype):
+    torch.manual_seed(0)
+    model = slimtune.add_adapter(tiny_llama().to(dtype), copy.deepcopy(config))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:  # an adapter that changes the weights by more than a rounding unit
+                p.add_(torch.randn_like(p) * 0.3)
+                if "ia3_l" in n:  # (IA)³ scales within [0.5, 2]: an unmerge divides by them
+                    p.clamp_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(_ROUNDING_CASES))
+def test_a_merge_into_a_half_precision_base_rounds_once(name, dtype):
+    """W' = round(W + ΔW): the adapter term is added in fp32 and the sum rounded once to W's dtype (as PEFT's
+    merge), where rounding ΔW first left a third of LoRA's bf16 weights a unit off; unmerging restores W within
+    that one rounding."""
+    model = _adapted(_ROUNDING_CASES[name], dtype)
+    wide = copy.deepcopy(model).float()  # the same weights and adapter, exactly, in fp32
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    slimtune.merge_adapter(model)
+    slimtune.merge_adapter(wide)
+    merged = {n: p for n, p in model.named_parameters() if "base_layer" in n}
+    reference = {n: p for n, p in wide.named_parameters() if "base_layer" in n}
+    assert any(not torch.equal(before[n], merged[n]) for n in merged)
+    for n in merged:  # DoRA's row norms are computed from W's own dtype: a few weights round the other way
+        off = int((merged[n] != reference[n].to(dtype)).sum())
+        assert off <= (merged[n].numel() // 100 if name == "dora" else 0), (n, off)
+    bits = 7 if dtype == torch.bfloat16 else 10  # a rounding unit is at most 2^-bits of the value
+    units = {n: (p.detach().float().abs() * 2 + before[n].float().abs()) * 2.0 ** -bits for n, p in merged.items()}
+    slimtune.unmerge_adapter(model)
+    for n, p in merged.items():  # W' lost what is below its unit (divided by l ≥ 0.5 for (IA)³), no more
+        if name == "dora":
+            break  # its unmerge divides by the rows' scale G, which multiplies that loss (≈16× here)
+        assert bool(((p.float() - before[n].float()).abs() <= units[n] + 1e-6).all()), n
+
+
+def test_unmerging_an_ia3_vector_with_a_zero_leaves_no_nan_in_fp16():
+    """PEFT's guard against l = 0 (dividing by l + 1e-8) is applied in fp32: in fp16 1e-8 is 0, and 0/0 was NaN."""
+    model = _adapted(_ROUNDING_CASES["ia3"], torch.float16)
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.ia3_l["default"][..., :3] = 0.0
+    slimtune.merge_adapter(model)
+    slimtune.unmerge_adapter(model)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_merge_for_export_to_bf16_rounds_each_merged_weight_once(name):
+    """``slimtune merge --dtype bfloat16`` of an fp32 fine-tune: merged in fp32, then rounded (the adapter factors
+    were rounded to bf16 before the merge)."""
+    from slimtune.export import merge_for_export
+
+    model = _adapted(_ROUNDING_CASES[name], torch.float32)
+    exported, _ = merge_for_export(model, dtype=torch.bfloat16)
+    reference, _ = merge_for_export(model, dtype=torch.float32)
+    for (n, p), (m, q) in zip(exported.named_parameters(), reference.named_parameters()):
+        assert n == m and p.dtype == torch.bfloat16
+        assert torch.equal(p, q.to(torch.bfloat16)), n

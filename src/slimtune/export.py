@@ -1,7 +1,7 @@
 """Export a fine-tune as a standard model: merge adapters into (dequantized) base weights.
 
 A 4-bit base cannot absorb ``s · B A`` without re-rounding, so the export path dequantizes first,
-merges exactly in ``dtype``, and optionally re-quantizes while reporting the error that adds.
+merges (each weight rounded once to ``dtype``), and optionally re-quantizes while reporting the error that adds.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ def merge_for_export(model: nn.Module, dtype: torch.dtype = torch.float32, requa
     target = model if inplace else copy.deepcopy(model)
     report = ExportReport(dequantized_layers=sum(isinstance(m, QuantizedLinear) for m in target.modules()))
     dequantize_model(target, dtype)
+    # merged in the wider of each weight's dtype and ``dtype`` (adapters stay in theirs), then rounded once
+    for p in target.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.promote_types(p.dtype, dtype))
+    merge_and_unload(target)
     for p in target.parameters():
         if p.is_floating_point():
             p.data = p.data.to(dtype)
-    merge_and_unload(target)
     restore_conv1d(target)  # GPT-2's Conv1D layers, dequantized as nn.Linear under their wrappers, (in, out) again
     if requantize is not None:
         merged = {n: linear_weight(m).detach().clone() for n, m in target.named_modules() if is_dense_linear(m)}

@@ -79,6 +79,33 @@ def test_export_reproduces_the_trained_model_from_the_untouched_base(tmp_path):
                            base.model.layers[0].self_attn.q_proj.weight)  # W really moved
 
 
+@pytest.mark.parametrize("cast_after_adding", [False, True])
+def test_a_bf16_weight_loses_no_update_to_rounding(cast_after_adding):
+    """Each step moves a bf16 W by much less than half its rounding unit; W plus its compensation hold the sum of
+    every update (W alone within one rounding of it), where rounding each update away lost most of it."""
+    torch.manual_seed(0)
+    model = tiny_llama() if cast_after_adding else tiny_llama().to(torch.bfloat16)
+    config = slimtune.DeltaLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], delta_lambda=0.5,
+                                      delta_start_step=0, init_lora_weights=False)
+    slimtune.add_adapter(model, config)
+    if cast_after_adding:
+        model.to(torch.bfloat16)
+    layer = model.model.layers[0].self_attn.q_proj
+    w0 = layer.weight.detach().double()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    batch = sample_inputs("llama", batch=2, seq=8)
+    for _ in range(40):
+        _step(model, config, optimizer, batch)
+    state = layer.delta_state["default"]
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    intended = 0.5 * layer.scaling["default"] * (B @ A - state.start_B.double() @ state.start_A.double())
+    moved = layer.weight.double() + state.compensation.double() - w0
+    assert float((moved - intended).norm() / intended.norm()) < 0.01
+    one_unit = layer.weight.double().abs() * 2.0 ** -7  # bf16: 8 significant bits, so a unit is at most 2^-7 of W
+    assert bool(((layer.weight.double() - w0 - intended).abs() <= one_unit + 1e-12).all())
+    assert "compensation" in slimtune.methods.delta_lora.DeltaState.tensors(state)  # checkpointed with the rest
+
+
 def test_deleting_the_adapter_takes_its_updates_out_of_w():
     model, config, optimizer = _setup(0)
     w0 = model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()

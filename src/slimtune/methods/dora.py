@@ -12,7 +12,7 @@ from torch import nn
 
 from slimtune.config import LoraConfig
 from slimtune.core.modules import dense_weight
-from slimtune.methods.layers import check_finite_merge, mergeable_weight
+from slimtune.methods.layers import check_finite_merge, mergeable_weight, widened_copy
 from slimtune.methods.lora_layers import LoraLinear
 
 
@@ -144,18 +144,13 @@ class DoraLinear(LoraLinear):
         w = self._weight_rows()
         scales = {n: self.magnitude_scale(n).detach() for n in names if n in self.lora_magnitude_vector}
         with torch.no_grad():
+            merged = widened_copy(w)  # rounded once to W's dtype at the end, as PEFT's merge rounds
             if scales:
-                merged = w.to(torch.promote_types(w.dtype, torch.float32), copy=True).mul_(_row_scale(scales))
-                check_finite_merge(merged, next(iter(scales)))
-                for name in names:
-                    merged.add_(self._merge_term(name, scales))
-                    check_finite_merge(merged, name)
-                merged = merged.to(w.dtype)
-            else:  # plain LoRA adapters only: W' = W + Σ s B A
-                merged = w.detach().clone()
-                for name in names:
-                    merged.add_(self.lora_product(name).to(w.dtype))
-                    check_finite_merge(merged, name)
+                check_finite_merge(merged.mul_(_row_scale(scales)), next(iter(scales)))
+            for name in names:  # plain LoRA adapters only: W' = W + Σ s B A
+                merged.add_(self._merge_term(name, scales))
+                check_finite_merge(merged, name)
+            merged = merged.to(w.dtype)
             check_finite_merge(merged, names[-1])  # (a cast to a narrower dtype can overflow)
             if check_only:
                 return
@@ -169,14 +164,10 @@ class DoraLinear(LoraLinear):
             names, scales = self._merges.pop()
             w = self._weight_rows()
             with torch.no_grad():
-                if scales:
-                    restored = w.to(torch.promote_types(w.dtype, torch.float32), copy=True)
-                    for name in names:
-                        restored.sub_(self._merge_term(name, scales))
-                    w.copy_(restored.div_(_row_scale(scales)).to(w.dtype))
-                else:
-                    for name in reversed(names):
-                        w.sub_(self.lora_product(name).to(w.dtype))
+                restored = widened_copy(w)
+                for name in names:
+                    restored.sub_(self._merge_term(name, scales))
+                w.copy_(restored.div_(_row_scale(scales)) if scales else restored)
             del self.merged_adapters[-len(names):]
 
     def _merge_term(self, adapter_name: str, scales: dict[str, torch.Tensor]) -> torch.Tensor:

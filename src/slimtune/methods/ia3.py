@@ -19,7 +19,7 @@ from slimtune.core.modules import is_conv1d, linear_dims
 from slimtune.errors import NotMergeableError
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import IA3_TARGETS, model_type
-from slimtune.methods.layers import TunerLayer, check_finite_merge, mergeable_weight
+from slimtune.methods.layers import TunerLayer, check_finite_merge, mergeable_weight, widened_copy
 from slimtune.methods.targets import is_adaptable_linear, name_matches
 
 
@@ -124,15 +124,20 @@ class IA3Linear(TunerLayer):
             return
         weight = mergeable_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
-            new_weight = weight.detach().clone()
-            new_bias = None if bias is None else bias.detach().clone()
+        with torch.no_grad():  # in at least fp32, rounded once to W's dtype (as PEFT's merge rounds)
+            new_weight = widened_copy(weight)
+            new_bias = None if bias is None else widened_copy(bias)
             for name in names:
-                new_weight.mul_(self._weight_scale(name).to(weight.dtype))
+                new_weight.mul_(self._weight_scale(name))
                 check_finite_merge(new_weight, name)
                 if not self.is_feedforward[name] and new_bias is not None:
-                    new_bias.mul_(self.ia3_l[name].detach().flatten().to(new_bias.dtype))
+                    new_bias.mul_(self.ia3_l[name].detach().flatten())
                     check_finite_merge(new_bias, name)
+            new_weight = new_weight.to(weight.dtype)
+            check_finite_merge(new_weight, names[-1])  # (a cast to a narrower dtype can overflow)
+            if bias is not None and new_bias is not None:
+                new_bias = new_bias.to(bias.dtype)
+                check_finite_merge(new_bias, names[-1])
             if check_only:
                 return
             weight.copy_(new_weight)
@@ -145,12 +150,16 @@ class IA3Linear(TunerLayer):
             return
         weight = mergeable_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
-        with torch.no_grad():
+        with torch.no_grad():  # in at least fp32: PEFT's guard against l = 0 (+1e-8) is 0 in fp16
+            restored, restored_bias = widened_copy(weight), None if bias is None else widened_copy(bias)
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                weight.div_(self._weight_scale(name).to(weight.dtype) + 1e-8)  # PEFT's guard against l = 0
-                if not self.is_feedforward[name] and bias is not None:
-                    bias.div_(self.ia3_l[name].detach().flatten().to(bias.dtype) + 1e-8)
+                restored.div_(self._weight_scale(name).to(restored.dtype) + 1e-8)
+                if not self.is_feedforward[name] and restored_bias is not None:
+                    restored_bias.div_(self.ia3_l[name].detach().flatten().to(restored_bias.dtype) + 1e-8)
+            weight.copy_(restored)
+            if bias is not None and restored_bias is not None:
+                bias.copy_(restored_bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, feedforward={self.is_feedforward}"

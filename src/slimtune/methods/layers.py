@@ -141,10 +141,12 @@ class TunerLayer(nn.Module):
             return
         weight = mergeable_weight(self.base_layer)
         with torch.no_grad():
-            merged = weight.detach().clone()
+            merged = widened_copy(weight)  # W' = W + Σ ΔW rounded once to W's dtype, as PEFT's merge rounds
             for name in names:
-                merged.add_(self.delta_weight(name).to(weight.dtype))
+                merged.add_(self.delta_weight(name))
                 check_finite_merge(merged, name)
+            merged = merged.to(weight.dtype)
+            check_finite_merge(merged, names[-1])  # (a cast to a narrower dtype can overflow)
             if check_only:
                 return
             weight.copy_(merged)
@@ -155,9 +157,10 @@ class TunerLayer(nn.Module):
             return
         weight = mergeable_weight(self.base_layer)
         with torch.no_grad():
+            restored = widened_copy(weight)
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                weight.sub_(self.delta_weight(name).to(weight.dtype))
+                restored.sub_(self.delta_weight(self.merged_adapters.pop()))
+            weight.copy_(restored)
 
     def unmerged_active(self) -> list[str]:
         """Adapters whose contribution the forward must still add (active and not folded into W)."""
@@ -175,6 +178,11 @@ class NonFiniteMergeError(ValueError):
         super().__init__(f"merging adapter {adapter_name!r}{where} gives inf/NaN weights: the adapter seems to be "
                          "broken (diverged in training, or a damaged file). The base weights were left as they were; "
                          "check the adapter's tensors (torch.isfinite) before merging it.")
+
+
+def widened_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` in at least fp32, to add adapter terms to before one rounding back to its dtype."""
+    return weight.detach().to(torch.promote_types(weight.dtype, torch.float32), copy=True)
 
 
 def check_finite_merge(merged: torch.Tensor, adapter_name: str) -> None:
