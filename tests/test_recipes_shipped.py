@@ -17,6 +17,7 @@ from slimtune.cli import main
 from slimtune.methods.lora import LoraConfig
 from slimtune.train.dry_run import dry_run
 from slimtune.train.recipe import RecipeError, list_recipes, load_recipe, recipe_from_dict, recipe_summary
+from slimtune.train.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("method_recipes", ROOT / "bench" / "method_recipes.py")
@@ -133,6 +134,7 @@ def test_a_dry_run_names_the_problem(tmp_path):
         dry_run(load_recipe("lora-llama31-8b-pycode", [*base, f"data.dataset={tmp_path / 'missing.jsonl'}"]))
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")
+    (tmp_path / "run" / "recipe.yaml").write_text(f"{RunFolder.RECIPE_MARK}\n")  # a run's folder
     with pytest.raises(RecipeError, match="already holds a run"):
         dry_run(load_recipe("lora-llama31-8b-pycode", base))
     report = dry_run(load_recipe("lora-llama31-8b-pycode", [*base, "output.overwrite=true"]))

@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from run_helpers import tiny_recipe, write_recipe
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import tiny_gpt2, tiny_llama
 
 import slimtune
@@ -148,6 +149,35 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, c
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
 
 
+def test_a_resume_refuses_another_model_or_other_eval_rows_than_the_runs(tmp_path, monkeypatch, capsys):
+    """A relative model path names another model from another working directory, and an eval file edited in place
+    changes what "before" and "after" are measured on: both are refused, not mixed into the run."""
+    recipe = tiny_recipe(tmp_path, quantized=False, training={"max_steps": 4, "save_every": 1})
+    for project in ("a", "b"):  # two copies of the model, one of them changed
+        shutil.copytree(recipe["model"]["name_or_path"], tmp_path / project / "model")
+    changed = tmp_path / "b" / "model" / "model.safetensors"
+    weights = load_file(changed)
+    save_file({k: v + 0.1 for k, v in weights.items()}, changed)
+    recipe["model"]["name_or_path"] = "model"
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    monkeypatch.chdir(tmp_path / "a")
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2)
+        assert train(recipe_file) == 130
+    monkeypatch.chdir(tmp_path / "b")
+    assert train(recipe_file, "--resume") == 2
+    assert f"model.name_or_path ({str(tmp_path / 'a' / 'model')!r} -> {str(tmp_path / 'b' / 'model')!r})" in \
+        capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "a")
+    evals = Path(recipe["data"]["eval_dataset"])
+    kept = evals.read_text()
+    evals.write_text(kept.replace("a", "b", 1))
+    assert train(recipe_file, "--resume") == 2
+    assert "Cannot resume: the evaluation rows differ from the run's" in capsys.readouterr().err
+    evals.write_text(kept)
+    assert train(recipe_file, "--resume") == 0
+
+
 def test_a_folder_of_the_users_is_never_cleared_even_with_a_recipe_yaml_in_it(tmp_path, capsys):
     """A user's project folder that holds its own recipe.yaml (or metrics.jsonl, ...) beside other files is not
     a run: neither --resume nor output.overwrite=true deletes anything in it."""
@@ -162,10 +192,44 @@ def test_a_folder_of_the_users_is_never_cleared_even_with_a_recipe_yaml_in_it(tm
         assert "is not a slimtune run folder (it holds ['notes.txt']" in capsys.readouterr().err
         assert {p.name: p.read_text() for p in project.iterdir()} == mine
     assert not RunFolder(project).is_run() and RunFolder(project).foreign() == ["notes.txt"]
-    (project / "notes.txt").unlink()  # only slimtune's names left: a run killed early, replaced
+    (project / "notes.txt").unlink()  # only slimtune's names left, but the recipe.yaml is the user's
+    del mine["notes.txt"]
+    for extra in (["--resume"], ["output.overwrite=true"], []):
+        assert train(recipe_file, *extra) == 2
+        assert "not a slimtune run folder: its recipe.yaml was not written by `slimtune train`" in \
+            capsys.readouterr().err
+        assert {p.name: p.read_text() for p in project.iterdir()} == mine
+    (project / "recipe.yaml").write_text(f"{RunFolder.RECIPE_MARK}\nmodel: {{}}\n")  # a run's start: replaced
     assert RunFolder(project).is_run()
     assert train(recipe_file, "output.overwrite=true") == 0
-    assert (project / "summary.json").is_file() and "my recipe" not in (project / "recipe.yaml").read_text()
+    assert (project / "summary.json").is_file()
+
+
+def test_resume_never_clears_a_folder_without_the_runs_own_recipe(tmp_path, capsys):
+    """--resume into a folder holding only entries with slimtune's names (an adapter the user saved there) but no
+    recipe.yaml of a run is refused; it deleted the adapter and trained a new one from scratch."""
+    recipe_file = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 2}))
+    saved = tmp_path / "run" / "adapter"
+    saved.mkdir(parents=True)
+    (saved / "adapter_model.safetensors").write_bytes(b"the user's adapter")
+    for extra in (["--resume"], ["output.overwrite=true"]):
+        assert train(recipe_file, *extra) == 2
+        assert "holds ['adapter'] but no recipe.yaml, which a run writes first" in capsys.readouterr().err
+        assert (saved / "adapter_model.safetensors").read_bytes() == b"the user's adapter"
+    (tmp_path / "run" / ".recipe.yaml.tmp123").write_text("")  # only a first write's leftover: a run's start
+    (saved / "adapter_model.safetensors").unlink()
+    saved.rmdir()
+    assert RunFolder(tmp_path / "run").is_run()
+    assert train(recipe_file, "--resume") == 0
+    first_line = (tmp_path / "run" / "recipe.yaml").read_text().splitlines()[0]
+    assert first_line == RunFolder.RECIPE_MARK
+    assert RunFolder(tmp_path / "run").is_run()
+    recipe = tmp_path / "run" / "recipe.yaml"  # a run of an earlier slimtune: its recipe has no mark
+    recipe.write_text(recipe.read_text().split("\n", 1)[1])
+    assert RunFolder(tmp_path / "run").is_run()
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints", ignore_errors=True)
+    assert not RunFolder(tmp_path / "run").is_run()  # nor anything else a run writes early: the user's, maybe
 
 
 # ---- every method x optimizer: N steps straight == N/2, checkpoint, new model, resume, N/2 -------------------

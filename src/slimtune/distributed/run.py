@@ -175,7 +175,7 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
             run.clear()  # output.overwrite=true (validate refused a folder holding anything else)
         run.path.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
-            atomic_write(run.recipe_file, recipe.to_yaml().encode())
+            run.write_recipe(recipe.to_yaml())
     ctx.barrier()
     if recipe.demo.enabled:
         log("demo: sample generations are skipped in distributed runs")

@@ -1,7 +1,7 @@
 """The run folder of `slimtune train`, named and read in one place.
 
     runs/<recipe>/
-      recipe.yaml        the resolved recipe (written first)
+      recipe.yaml        the resolved recipe (written first, its first line RECIPE_MARK)
       metrics.jsonl      one JSON row per logged step and per evaluation
       checkpoints/       step-000040/ … (see slimtune.train.checkpoint)
       adapter/           the final adapter, PEFT's format
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from slimtune.core.files import lock_file
+from slimtune.core.files import atomic_write, lock_file
 from slimtune.errors import RunFolderBusyError, SaveError
 from slimtune.quant import QuantConfig
 from slimtune.train.schema import RecipeError
@@ -41,6 +41,7 @@ class RunFolder:
     TENSORBOARD = "tensorboard"  # training.report_to: [tensorboard]
     WANDB = "wandb"  # training.report_to: [wandb]
     OWN = (RECIPE, METRICS, CHECKPOINTS, ADAPTER, PLOT, SUMMARY, TENSORBOARD, WANDB)
+    RECIPE_MARK = "# the resolved recipe of this `slimtune train` run (its folder's mark: keep this line)"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -79,13 +80,34 @@ class RunFolder:
         return sorted(p.name for p in self.path.iterdir() if not self.is_own(p.name)) if self.path.is_dir() else []
 
     def is_run(self) -> bool:
-        """Whether the folder holds (the start of) a run, or what a crash left of its first file writes, and
-        nothing else: a folder with files of the user's beside a ``recipe.yaml`` is not one (it is never
-        cleared)."""
+        """Whether the folder holds (the start of) a run, or what a crash left of its first file write, and
+        nothing else. A run writes its marked ``recipe.yaml`` first, so a folder of entries with slimtune's names
+        but without it (an adapter saved there, the user's own recipe.yaml) is not one: it is never cleared."""
         if not self.path.is_dir():
             return False
         names = [p.name for p in self.path.iterdir()]
-        return bool(names) and all(self.is_own(name) for name in names)
+        if not names or not all(self.is_own(name) for name in names):
+            return False
+        if self.RECIPE not in names:
+            return all(name.startswith(".") for name in names)  # only the temporary file of that first write
+        return self.recipe_is_ours()
+
+    def recipe_is_ours(self) -> bool:
+        """Whether ``recipe.yaml`` was written by `slimtune train`: its first line is the mark (a run from before the
+        mark: a resolved recipe, every section written out, with a metrics log or checkpoints beside it)."""
+        try:
+            with self.recipe_file.open(encoding="utf-8", errors="replace") as file:
+                first = file.readline().rstrip("\n")
+        except OSError:
+            return False
+        if first == self.RECIPE_MARK:
+            return True
+        resolved = set(self.recipe_dict() or {}) >= {"model", "method", "data", "training", "output"}
+        return resolved and (self.metrics_file.is_file() or self.checkpoints.is_dir())
+
+    def write_recipe(self, text: str) -> None:
+        """Write the resolved recipe, marked as this run's (see :meth:`is_run`)."""
+        atomic_write(self.recipe_file, f"{self.RECIPE_MARK}\n{text}".encode())
 
     def clear(self) -> None:
         """Delete the run's own entries (``output.overwrite``); refuses a folder holding anything else."""
@@ -108,8 +130,17 @@ class RunFolder:
     def not_a_run(self) -> str:
         """Why the folder cannot be a run's: what in it slimtune did not write."""
         foreign = self.foreign()
-        return (f"output.dir: {self.path} exists and is not a slimtune run folder (it holds {foreign[:5]}"
-                f"{' ...' if len(foreign) > 5 else ''}, which slimtune did not write); use a new or empty folder.")
+        if foreign:
+            return (f"output.dir: {self.path} exists and is not a slimtune run folder (it holds {foreign[:5]}"
+                    f"{' ...' if len(foreign) > 5 else ''}, which slimtune did not write); use a new or empty folder.")
+        if self.recipe_file.is_file():
+            why = (f"its {self.RECIPE} was not written by `slimtune train` (is it your recipe? a run writes its "
+                   "resolved recipe under that name)")
+        else:
+            names = sorted(p.name for p in self.path.iterdir())
+            why = f"it holds {names[:5]} but no {self.RECIPE}, which a run writes first"
+        return (f"output.dir: {self.path} exists and is not a slimtune run folder: {why}; nothing in it is changed. "
+                f"Use a new or empty folder (e.g. output.dir={self.path / 'run'}).")
 
     def finished(self) -> bool:
         return self.summary_file.is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -72,9 +73,14 @@ def check_writable(folder: Path) -> None:
 
 
 def comparable(recipe: Recipe) -> dict[str, Any]:
-    """The recipe parts a resumed run must share with the original (output and demo may differ)."""
+    """The recipe parts a resumed run must share with the original (output and demo may differ). A local model
+    path is made absolute: a relative one names another model from another working directory."""
     data = recipe.to_dict()
-    return {k: data[k] for k in ("model", "method", "quantization", "data", "training")}
+    model = dict(data["model"])
+    path = model.get("name_or_path")
+    if isinstance(path, str) and os.path.exists(path):
+        model["name_or_path"] = str(Path(path).resolve())
+    return {**{k: data[k] for k in ("method", "quantization", "data", "training")}, "model": model}
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -254,7 +260,7 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     run.path.mkdir(parents=True, exist_ok=True)
     demo_prompt = sample_prompt(recipe.demo.prompt, eval_examples[0])
     if checkpoint is None:
-        atomic_write(run.recipe_file, recipe.to_yaml().encode())
+        run.write_recipe(recipe.to_yaml())
         log(f"eval loss of the base model: {trainer.evaluate_base():.4f}")
         if recipe.demo.enabled:
             log(f"\n── sample prompt ──\n{demo_prompt.text}\n── base model ──")

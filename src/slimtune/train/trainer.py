@@ -17,6 +17,7 @@ of the base model before training (adapters disabled) and of the fine-tune after
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,7 @@ from slimtune.errors import InvalidFileError, TrainingDivergedError
 from slimtune.lifecycle import after_optimizer_step, disable_adapters, method_param_groups
 from slimtune.optim import make_optimizer, training_param_groups
 from slimtune.perf.losses import causal_lm_loss, router_aux_coef
-from slimtune.train.batching import BatchIterator, collate, real_tokens
+from slimtune.train.batching import BatchIterator, collate, real_tokens, rows_fingerprint
 from slimtune.train.checkpoint import (
     STATE_FILE,
     latest_checkpoint,
@@ -317,7 +318,8 @@ class Trainer:
         if local_bad if self.dist is None else self.dist.any(local_bad):
             raise self._diverged(f"step {self.state.step}: trained weights are inf or NaN")
         self.state.data = self.batches.state_dict()
-        payload = {**vars(self.state), "total_steps": self.total_steps, "config": self.config_snapshot}
+        payload = {**vars(self.state), "total_steps": self.total_steps, "config": self.config_snapshot,
+                   "eval_rows_sha256": self.eval_rows_sha256}
         if self.dist is not None:
             return save_distributed_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer,
                                                self.scheduler, rng, payload, self.settings.keep_checkpoints,
@@ -336,6 +338,7 @@ class Trainer:
         if saved["total_steps"] != self.total_steps:
             raise ValueError(f"checkpoint {path} was made for {saved['total_steps']} steps, this recipe "
                              f"has {self.total_steps}; resume with the same training settings.")
+        self._check_eval_rows(saved)
         position = self.batches.state_dict()
         try:
             self.batches.load_state_dict(saved["data"])
@@ -360,6 +363,7 @@ class Trainer:
         if saved["total_steps"] != self.total_steps:
             raise ValueError(f"checkpoint {path} was made for {saved['total_steps']} steps, this run has "
                              f"{self.total_steps}; resume with the same training settings.")
+        self._check_eval_rows(saved)
         try:
             self.batches.load_state_dict(saved["data"])
         except (ValueError, TypeError, KeyError) as error:
@@ -371,6 +375,20 @@ class Trainer:
         set_rng_state(rng)
         if self.is_main:
             self.metrics.truncate_after(self.state.step)
+
+    @functools.cached_property
+    def eval_rows_sha256(self) -> str:
+        return rows_fingerprint(self.eval_rows)
+
+    def _check_eval_rows(self, saved: dict[str, Any]) -> None:
+        """Refuse a resume whose evaluation rows differ from the run's: its "before" and "after" losses would be
+        measured on different data (checkpoints from before the fingerprint pass)."""
+        then = saved.get("eval_rows_sha256", self.eval_rows_sha256)
+        if then != self.eval_rows_sha256:
+            raise ValueError(f"Cannot resume: the evaluation rows differ from the run's (fingerprint {then} then, "
+                             f"{self.eval_rows_sha256} now). The eval data file, the template or the tokenizer "
+                             "changed since the run started: restore them, or start a new run "
+                             "(output.overwrite=true or another output.dir).")
 
     # ---- the loop ---------------------------------------------------------------------------------
     def evaluate(self) -> float:
