@@ -135,7 +135,7 @@ def test_a_dry_run_names_the_problem(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.json").write_text("{}")
     (tmp_path / "run" / "recipe.yaml").write_text(f"{RunFolder.RECIPE_MARK}\n")  # a run's folder
-    with pytest.raises(RecipeError, match="already holds a run"):
+    with pytest.raises(RecipeError, match="holds a finished run"):
         dry_run(load_recipe("lora-llama31-8b-pycode", base))
     report = dry_run(load_recipe("lora-llama31-8b-pycode", [*base, "output.overwrite=true"]))
     assert f"data     {data} (33 bytes)" in str(report)

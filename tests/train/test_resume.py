@@ -117,8 +117,11 @@ def test_a_run_stopped_while_it_is_finalized_resumes_into_finalizing_it(tmp_path
     assert "interrupted while finishing the run; the training is saved" in capsys.readouterr().out
     run = tmp_path / "stopped"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]
+    trained_peak = json.loads((run / "checkpoints" / "step-000006" / "trainer_state.json").read_text())[
+        "peak_memory_mb"]
     assert train(stopped, "--resume") == 0
     assert "training 0 steps" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["peak_memory_mb"] == round(trained_peak, 1) > 0
     for name in ("adapter_model.safetensors",):
         a, b = load_file(tmp_path / "straight" / "adapter" / name), load_file(run / "adapter" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -145,6 +148,9 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, c
     assert train(recipe_file, "--resume") == 0
     assert train(recipe_file, "--resume") == 2
     assert "already finished" in capsys.readouterr().err
+    assert train(recipe_file, "training.max_steps=6") == 2  # no advice pointing back to --resume
+    err = capsys.readouterr().err
+    assert "holds a finished run. Replace it with output.overwrite=true" in err and "--resume" not in err
     assert train(recipe_file, "output.overwrite=true") == 0  # replaces the finished run
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
 

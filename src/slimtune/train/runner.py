@@ -94,6 +94,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
+TRAIN_FURTHER = ("to train its adapter further, load it trainable in Python (slimtune.load_adapter(model, "
+                 "'{run}/adapter', is_trainable=True)) and train it there.")
+
+
 def validate(recipe: Recipe, resume: bool) -> Path | None:
     """Check the run folder for a new run or a resume (and that a resume keeps the recipe); return the
     checkpoint to resume from. Cheap: nothing is loaded yet."""
@@ -101,7 +105,8 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
     check_writable(run.path)
     if resume:
         if run.finished():
-            raise RecipeError(f"run {run.path} already finished ({run.SUMMARY} exists); nothing to resume.")
+            raise RecipeError(f"run {run.path} already finished ({run.SUMMARY} exists); nothing to resume. A finished "
+                              f"run is not extended (its schedule ended): {TRAIN_FURTHER.format(run=run.path)}")
         checkpoint = latest_checkpoint(run.path)
         if checkpoint is None:
             check_no_incomplete_checkpoints(run.path)
@@ -117,6 +122,9 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
     if run.path.is_dir() and any(run.path.iterdir()):
         if not run.is_run():
             raise RecipeError(run.not_a_run())
+        if not recipe.output.overwrite and run.finished():
+            raise RecipeError(f"output.dir: {run.path} holds a finished run. Replace it with output.overwrite=true or "
+                              f"pick another output.dir=...; {TRAIN_FURTHER.format(run=run.path)}")
         if not recipe.output.overwrite:
             raise RecipeError(f"output.dir: {run.path} already holds a run. Continue it with --resume, replace it "
                               "with output.overwrite=true, or pick another output.dir=...")

@@ -190,6 +190,7 @@ class TrainerState:
     train_seconds: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     evals: list[dict[str, float]] = field(default_factory=list)
+    peak_memory_mb: float = 0.0  # during training steps, over every process of the run that trained (this rank's)
 
 
 def build_optimizer(model: nn.Module, settings: TrainingSection) -> torch.optim.Optimizer:
@@ -246,7 +247,6 @@ class Trainer:
         self.eval_chunked = self.chunked if dist is None else chunked_loss_works(self.inner, settings.loss)
         self.state = TrainerState()
         self.metrics = MetricsLog(run_dir, settings.report_to if self.is_main else [], run_config=self.config_snapshot)
-        self.peak_memory_mb = 0.0  # during training steps in this process
         self._epoch_iter: Iterator | None = None
         self.resumed_at: int | None = None  # the step this process resumed at (None: it started the run)
 
@@ -352,6 +352,7 @@ class Trainer:
         self._epoch_iter = None
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
+        self.state.peak_memory_mb = saved.get("peak_memory_mb", 0.0)  # (checkpoints from before it was kept)
         self.resumed_at = self.state.step
         set_rng_state(rng)
         self.metrics.truncate_after(self.state.step)
@@ -371,10 +372,16 @@ class Trainer:
         saved, rng = load_distributed_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dist)
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
+        self.state.peak_memory_mb = saved.get("peak_memory_mb", 0.0)  # (checkpoints from before it was kept)
         self.resumed_at = self.state.step
         set_rng_state(rng)
         if self.is_main:
             self.metrics.truncate_after(self.state.step)
+
+    @property
+    def peak_memory_mb(self) -> float:
+        """Peak memory during training steps, those before a resume included (0 before any step)."""
+        return self.state.peak_memory_mb
 
     @functools.cached_property
     def eval_rows_sha256(self) -> str:
@@ -445,7 +452,7 @@ class Trainer:
                 logged_losses.append(row["loss"])
                 logged_tokens += row["tokens"]
                 memory = peak_memory_mb(self.device)
-                self.peak_memory_mb = max(self.peak_memory_mb, memory)
+                self.state.peak_memory_mb = max(self.state.peak_memory_mb, memory)
                 elapsed = time.perf_counter() - window_start
                 rate = window_tokens / elapsed if elapsed > 0 else 0.0
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{rate:.0f}",
