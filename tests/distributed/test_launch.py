@@ -27,16 +27,17 @@ signal.signal(signal.SIGINT, note)
 Path(sys.argv[2]).write_text("ready")
 while time.monotonic() < stop_at[0]:
     time.sleep(0.02)
-sys.exit(0)
+sys.exit(int(sys.argv[3]))  # torchrun's status once its ranks stopped: 1 (they return 130, a "failure")
 """
 
 
-def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+def _start(tmp_path: Path, status: int = 1) -> tuple[subprocess.Popen, Path, Path]:
     child, out, ready = tmp_path / "child.py", tmp_path / "signals.txt", tmp_path / "ready"
     child.write_text(CHILD)
     out.write_text("")
     code = ("import sys; from slimtune.distributed.launch import launch; "
-            f"sys.exit(launch(1, [], command=[sys.executable, {str(child)!r}, {str(out)!r}, {str(ready)!r}]))")
+            f"sys.exit(launch(1, [], command=[sys.executable, {str(child)!r}, {str(out)!r}, {str(ready)!r}, "
+            f"'{status}']))")
     # in a session of its own, as a shell's foreground job: a terminal's Ctrl-C goes to its whole process group
     launcher = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
@@ -58,6 +59,14 @@ def test_a_signal_to_the_launcher_reaches_torchrun_once(tmp_path, signum):
     _, err = launcher.communicate(timeout=30)
     assert out.read_text().split() == [signal.Signals(signum).name]
     assert f"stopped by {signal.Signals(signum).name}" in err and "--resume" in err
+    assert launcher.returncode == 130  # stopped, resumable: as one process's `slimtune train`
+
+
+def test_a_run_that_finished_before_the_stop_took_effect_exits_0(tmp_path):
+    launcher, _, _ = _start(tmp_path, status=0)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 0 and "stopped by" not in err
 
 
 def test_a_terminals_ctrl_c_reaches_torchrun_once(tmp_path):

@@ -40,7 +40,8 @@ def _terminate_with_parent() -> Callable[[], None] | None:
 
 def launch(nproc_per_node: int, train_args: list[str], command: list[str] | None = None) -> int:
     """Run torchrun (or ``command``), pass Ctrl-C and SIGTERM on to it, and wait; say which way out there is.
-    Returns its exit status."""
+    Returns its exit status; after a stop, 130 as one process's `slimtune train` (torchrun reports the ranks'
+    130 as a failure, 1)."""
     process = subprocess.Popen(command or torchrun_command(nproc_per_node, train_args), start_new_session=True,
                                preexec_fn=_terminate_with_parent())
     stopped: list[str] = []
@@ -56,9 +57,10 @@ def launch(nproc_per_node: int, train_args: list[str], command: list[str] | None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if stopped:
+    if stopped and status != 0:
         print(f"stopped by {stopped[0]}: the ranks stop at a step boundary and keep a checkpoint; continue with "
               "`slimtune train ... --resume`.", file=sys.stderr)
+        return 130
     elif status != 0:
         print(f"error: the distributed run failed (torchrun exit status {status}: a rank ended with an error or "
               "was killed; torchrun's report above names it). A checkpoint it saved is kept: `slimtune train ... "
