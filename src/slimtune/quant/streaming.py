@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -85,6 +86,10 @@ class _Source:
             assert stack is not None  # files stay open in the caller's ExitStack
             for path in files:
                 handle = stack.enter_context(SafetensorsReader(path))
+                again = [k for k in handle.keys() if k in self._where]
+                if again:  # which one is the model's? (transformers would read only the files its index names)
+                    raise ValueError(f"{again[0]!r} (and {len(again) - 1} more) is stored in both "
+                                     f"{self._where[again[0]].path} and {path}; keep one checkpoint per folder")
                 self._where.update(dict.fromkeys(handle.keys(), handle))
         self.keys = set(tensors) if tensors is not None else set(self._where)
         self._stored: dict[str, str] = {}  # the model's name → the key stored in the file, where they differ
@@ -212,15 +217,40 @@ def random_source(model: nn.Module, std: float, seed: int, device: torch.device 
     return _RandomSource(model, std, seed, torch.device(device))
 
 
+SAFE_INDEX, SAFE_SINGLE, ADAPTER_FILE = "model.safetensors.index.json", "model.safetensors", "adapter_model.safetensors"
+
+
+def folder_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, as transformers picks them: the shards its index names (files
+    beside them that it does not name, such as an older revision's shards, are not read), else
+    ``model.safetensors``, else every ``*.safetensors`` file but an adapter's."""
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index} is not a safetensors index ({type(error).__name__}: {error}); restore it "
+                             "from the model's source") from None
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that are not in {folder}: {missing[:5]}; download the "
+                                    "whole checkpoint again")
+        return [folder / name for name in names]
+    if (folder / SAFE_SINGLE).is_file():
+        return [folder / SAFE_SINGLE]
+    found = sorted(f for f in folder.glob("*.safetensors") if f.name != ADAPTER_FILE)
+    if not found:
+        raise FileNotFoundError(f"no *.safetensors file of a model in {folder}")
+    return found
+
+
 def safetensors_files(paths: str | os.PathLike | list) -> list[Path]:
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files: list[Path] = []
     for item in map(Path, items):
         if item.is_dir():
-            found = sorted(item.glob("*.safetensors"))
-            if not found:
-                raise FileNotFoundError(f"no *.safetensors file in {item}")
-            files += found
+            files += folder_weight_files(item)
         elif item.suffix in (".bin", ".pt", ".pth"):
             raise ValueError(f"{item}: pickle checkpoints can run arbitrary code when loaded; convert it to "
                              "safetensors (safetensors.torch.save_file) and load that")
@@ -304,6 +334,13 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
     replace_module(model, name, layer)
 
 
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a checkpoint may set: not the non-persistent ones (rotary tables, GPT-Neo's attention masks),
+    which the model computes itself and transformers never reads from a file."""
+    return [(name, t) for name, t in model.named_buffers()
+            if name.rpartition(".")[2] not in model.get_submodule(name.rpartition(".")[0])._non_persistent_buffers_set]
+
+
 @torch.no_grad()
 def _load(model: ModelSource, source: _Source, config: QuantConfig | None, device) -> nn.Module:
     model = _build(model)
@@ -321,7 +358,7 @@ def _load(model: ModelSource, source: _Source, config: QuantConfig | None, devic
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     keeps_fp32 = _keeps_fp32(model)
     loaded: set[str] = set()  # model tensors that the checkpoint holds
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + persistent_buffers(model):
         key = None if name.rpartition(".")[0] in quantized else source.resolve(name, base)
         if key is not None:
             _replace(model, name, source.get(key), device, t.is_floating_point() and keeps_fp32(name, t.dtype))
