@@ -45,6 +45,27 @@ def test_fused_model_matches_unfused(quantized):
     assert fused.state_dict().keys() == model.state_dict().keys()
 
 
+def test_a_bitsandbytes_packed_base_layer_keeps_its_own_forward():
+    """A model transformers loaded 4-bit with bitsandbytes (a prequantized folder) holds ``Linear4bit`` layers:
+    ``nn.Linear`` over packed bytes. The fused node would multiply by those bytes; those layers are left alone,
+    the others fused."""
+    from oracles import bitsandbytes_oracle
+
+    bnb = bitsandbytes_oracle()
+    model = tiny_llama()
+    q = model.model.layers[0].self_attn.q_proj
+    packed = bnb.nn.Linear4bit(q.in_features, q.out_features, bias=False, compute_dtype=torch.float32)
+    packed.weight = bnb.nn.Params4bit(q.weight.detach().clone(), requires_grad=False)
+    model.model.layers[0].self_attn.q_proj = packed.to("cpu")  # the move quantizes it
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert use_fused_lora(model) == 13  # all but the packed one
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_function_matches_autograd_on_the_formula_with_dropout_and_trainable_bias():
     torch.manual_seed(0)
     base = torch.nn.Linear(24, 16).double().requires_grad_(False)

@@ -190,15 +190,23 @@ class FusedLoraForward:
         return fused_lora_linear(x, layer.base_layer, A, B, layer.scaling[name], p)
 
 
+def _fusable_base(base: nn.Module) -> bool:
+    """Whether the fused node can multiply by ``base``'s weight: ours (quantized or not) or a floating-point one.
+    Another library's packed layer (bitsandbytes' ``Linear4bit``, an ``nn.Linear`` over uint8 bytes) runs its
+    own forward."""
+    return isinstance(base, QuantizedLinear) or weight_of(base).is_floating_point()
+
+
 def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
     """Route every :class:`LoraLinear` of ``model`` (and subclasses keeping its forward, e.g. Delta-LoRA)
     through :func:`fused_lora_linear`, or back with ``enabled=False``. Returns the number of layers changed.
 
-    Layers whose equation differs (DoRA, LoRA-FA: ``fusable`` is False) are left alone.
+    Layers whose equation differs (DoRA, LoRA-FA: ``fusable`` is False) and layers over another library's packed
+    weights are left alone.
     """
     changed = 0
     for module in model.modules():
-        if not isinstance(module, LoraLinear) or not module.fusable:
+        if not isinstance(module, LoraLinear) or not module.fusable or not _fusable_base(module.base_layer):
             continue
         installed = isinstance(module.__dict__.get("forward"), FusedLoraForward)
         layer: nn.Module = module  # nn.Module types forward as an attribute: the instance's shadows the class's
