@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 import transformers as T
 from tokenizers import processors
 from train_helpers import make_tokenizer, tiny_llama
@@ -36,3 +37,19 @@ def test_empty_and_too_long_prompts_are_clear_errors():
                                          r"positions: shorten the prompt or lower --max-new-tokens"):
         generate_text(gpt2, tok, "word " * 30, max_new_tokens=8, raw=True, silent=True)
     assert generate_text(gpt2, tok, "word " * 3, max_new_tokens=2, raw=True, silent=True) is not None
+
+
+def test_generation_stops_at_the_models_own_end_tokens_too():
+    """An instruct model's end of turn (generation_config.eos_token_id, a list: Llama 3's <|eot_id|>) ends the
+    answer as transformers' generate does, besides the tokenizer's EOS; it ran on to max_new_tokens."""
+    tok = make_tokenizer(chat_template=None)
+    model = tiny_llama(vocab_size=len(tok)).eval()
+    ids = torch.tensor([prompt_ids(tok, "word word", raw=True)])
+    free = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                          eos_token_id=None, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    end = free[2]
+    answer = free[:free.index(end) + 1]
+    assert len(answer) < 8
+    model.generation_config.eos_token_id = [tok.eos_token_id, end]
+    text = generate_text(model, tok, "word word", max_new_tokens=8, raw=True, silent=True)
+    assert text == tok.decode(answer, skip_special_tokens=True)

@@ -80,6 +80,18 @@ class _StreamTo(TextStreamer):
         self.out.flush()
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS and every end token of the model's generation config
+    (an instruct model's end of turn, such as Llama 3's ``<|eot_id|>``, is often not the tokenizer's EOS)."""
+    stops: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for token in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(token, int) and token not in stops:
+                stops.append(token)
+    return stops
+
+
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
                   use_chat_template: bool | None = None, stream: TextIO | None = None,
@@ -107,7 +119,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
         # in fp32 beside the model (+0.4 GiB peak for the demo), so none is made.
         out = model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, use_cache=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer),
             streamer=_StreamTo(tokenizer, stream) if stream is not None else None,
             # the model's generation_config may ask for sampling (top_p ...): greedy means greedy
             top_p=None, top_k=None, **sampling,
