@@ -184,6 +184,31 @@ def test_reads_transformers_bitsandbytes_checkpoint(bnb_folder, input_ids, bnbF)
     assert all(torch.equal(saved[k], theirs_sd[k]) for k in saved)
 
 
+def test_a_merge_of_a_bitsandbytes_base_is_a_plain_folder(bnb_folder, input_ids, tmp_path):
+    """Merging an adapter into a base transformers+bitsandbytes saved 4-bit gives full-precision weights: the
+    merged config.json carries no quantization_config (transformers built Linear4bit layers over fp32 tensors
+    from it, and the first forward failed)."""
+    from transformers import AutoModelForCausalLM
+
+    import slimtune
+    from slimtune.train.inference import export_merged
+
+    class NoTokenizer:
+        def save_pretrained(self, path):
+            pass
+
+    path, _ = bnb_folder
+    model = load_quantized_checkpoint(_factory(path), path).eval()
+    assert model.config.quantization_config is not None
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    expected = model(input_ids).logits
+    export_merged(model, NoTokenizer(), tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_bad_checkpoints_are_explained(bnb_folder, fp_folder, make_llama, tmp_path):
     path, _ = bnb_folder
     state = load_file(str(path / "model.safetensors"))

@@ -146,6 +146,10 @@ def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float3
     temporary name and renamed, so it is complete or absent.
     """
     model, _ = merge_for_export(model, dtype=parse_dtype(dtype), inplace=True)
+    # the weights are plain now: a base loaded prequantized (bitsandbytes) must not make transformers treat the
+    # merged folder as quantized again
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     with atomic_folder(output) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
