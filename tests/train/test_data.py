@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import types
+import warnings
 from dataclasses import replace
 
 import datasets
@@ -569,3 +570,90 @@ def test_trl_conversational_prompt_completion_and_text_parts_are_read_as_chat():
     image = {"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "what?"}]}
     with pytest.raises(ValueError, match=r"example 0: messages\[0\]: content\[0\] is .*'image'.*only text parts"):
         load_examples([{"messages": [image, {"role": "assistant", "content": "a cat"}]}])
+
+
+# ------------------------------------------------------------------- tokenizing the rendered text whole
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _sentencepiece_tokenizer():
+    """A Llama-2/Mistral/Zephyr-style tokenizer: BPE over Metaspace pieces, ▁ prepended to the text it starts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([  # a line break is a piece of its own (byte fallback <0x0A>)
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)])
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    corpus = ["Hello there, what is the capital of France?\nParis is the capital.\n", "def add(a, b): return a + b"]
+    raw.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                             show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ZEPHYR
+    return tok
+
+
+@pytest.mark.parametrize("rows", ["single", "sharegpt"])
+def test_the_ids_are_the_whole_rendering_tokenized_as_apply_chat_template_does(rows):
+    """The prompt and each turn were tokenized apart: a SentencePiece tokenizer then began every answer with a
+    lone ▁ (a space token the model never emits) and shifted the context of later turns."""
+    tok = _sentencepiece_tokenizer()
+    messages = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Paris is"},
+                {"role": "user", "content": "what is the capital of France?"},
+                {"role": "assistant", "content": "Paris is the capital."}]
+    whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    if rows == "single":
+        prompt, response = encode_example({"prompt": messages[2]["content"], "response": messages[3]["content"],
+                                           "history": messages[:2]}, tok)
+        ids, trained = prompt + response, response
+    else:
+        example = normalize_example({"conversations": [{"from": "human" if m["role"] == "user" else "gpt",
+                                                        "value": m["content"]} for m in messages]}, "row 1")
+        segments = encode_conversation(example, tok)
+        ids = [t for piece, _ in segments for t in piece]
+        trained = [t for piece, on in segments if on for t in piece]
+    assert ids == whole[:len(ids)] and tok.convert_ids_to_tokens(whole[len(ids):]) == ["\n"]  # the tail cut
+    assert not tok.convert_ids_to_tokens(trained[0]).startswith("\u2581")  # "Paris" starts a line: no space
+    text = "".join(tok.convert_ids_to_tokens(trained)).replace("\u2581", " ")
+    assert text.startswith("Paris is the capital." if rows == "single" else "Paris is")
+
+
+def test_an_eos_inside_an_answer_is_not_its_end():
+    """A literal EOS in an answer, under a template whose turns end with another token (Gemma's <end_of_turn>),
+    does not cut the answer there: only an EOS that nothing but whitespace follows ends it."""
+    tok = _sentencepiece_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|system|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    prompt, response = encode_example({"prompt": "Hello there", "response": "Paris </s> is the capital."}, tok)
+    assert "".join(tok.convert_ids_to_tokens(response)).replace("\u2581", " ").startswith(
+        "Paris </s> is the capital.<|system|>")
+    assert response[-1] == tok.eos_token_id  # one EOS appended after the turn's own end
+
+
+def test_a_conversation_opening_with_an_assistant_greeting_trains_the_later_answers(chat_tokenizer):
+    """A ShareGPT row that opens with a gpt greeting: the greeting is context (no user turn precedes it to render
+    a generation prompt from; transformers refused that empty render with a raw error)."""
+    example = normalize_example({"conversations": [{"from": "gpt", "value": "Hi, how can I help?"},
+                                                   {"from": "human", "value": "Say yes"},
+                                                   {"from": "gpt", "value": "yes"}]}, "row 1")
+    segments = encode_conversation(example, chat_tokenizer)
+    trained = chat_tokenizer.decode([t for piece, on in segments if on for t in piece])
+    context = chat_tokenizer.decode([t for piece, on in segments if not on for t in piece])
+    assert trained.startswith("yes") and "Hi, how can I help?" in context
+
+
+def test_a_template_whose_generation_prompt_is_not_the_start_of_the_answered_turn_warns(chat_tokenizer):
+    """A template adding a reasoning block to the generation prompt only (DeepSeek-R1's <think>): what generation
+    feeds is not what training saw, which is said (it was silent)."""
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: <think>\n{% endif %}")
+    with pytest.warns(UserWarning, match="renders the generation prompt differently"):
+        prompt, response = encode_example({"prompt": "Say yes", "response": "yes"}, tok)
+    assert tok.decode(response).strip().startswith("yes")
+    tok.chat_template = tok.chat_template.replace("<think>\n", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_example({"prompt": "Say yes", "response": "yes"}, tok)  # a prefix: no warning

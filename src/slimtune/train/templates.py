@@ -9,7 +9,8 @@ and the response part is the rest. Without a chat template, the plain template i
     ### Instruction:\n{user turn}\n\n### Response:\n{assistant turn}\n\n   (each history pair)
     ### Instruction:\n{prompt}\n\n### Response:\n{response}<eos>
 
-The two parts are tokenized separately (as at inference, where the prompt is tokenized alone).
+The rendered text is tokenized whole (:func:`tokenize_pieces`) and cut into the two parts by character
+offsets, so the ids are those of the whole conversation as ``apply_chat_template`` tokenizes it.
 The response always ends with exactly one EOS: a template that writes text after its end-of-turn
 token (ChatML writes ``<|im_end|>\\n``) has that tail cut, since the model should stop at EOS.
 
@@ -20,6 +21,8 @@ at all (:func:`encode_texts`).
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,11 +77,16 @@ def render_chat(example: Mapping[str, Any], tokenizer: Any) -> tuple[str, str]:
     messages = to_messages(example)
     prompt = apply_template(tokenizer, messages[:-1], example, add_generation_prompt=True)
     full = apply_template(tokenizer, messages, example)
-    # Templates are expected to extend the generation prompt; some (e.g. ones that insert a
-    # reasoning block into the last turn) do not, so split at the longest shared prefix.
-    cut = len(prompt) if full.startswith(prompt) else next(
-        (i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full))
-    )
+    if full.startswith(prompt):
+        return prompt, full[len(prompt):]
+    # Some templates render the last turn otherwise once it is answered (one adding a reasoning block to the
+    # generation prompt only, one moving the system prompt into the last user turn): the whole rendering is
+    # trained, cut at the longest prefix it shares with the generation prompt, which then is not what training saw.
+    warnings.warn("the tokenizer's chat template renders the generation prompt differently from the start of the "
+                  "answered conversation (it adds or moves text in the last turn), so the prompt `slimtune "
+                  "generate` feeds is not what training saw; training cuts the whole rendering where the two part. "
+                  "Check the template (or use data.use_chat_template: false).", stacklevel=2)
+    cut = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return full[:cut], full[cut:]
 
 
@@ -105,6 +113,30 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def tokenize_pieces(tokenizer: Any, pieces: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+    """Token ids of each text's pieces, the text tokenized whole, as ``apply_chat_template(tokenize=True)`` and
+    inference tokenize it (a SentencePiece tokenizer prepends ``▁`` to every text it starts, and byte-level BPE
+    merges across a cut: tokenizing the pieces apart added a space token before every answer, or an extra
+    newline). A token belongs to the piece it starts in. A tokenizer without offsets (a slow one) gets the
+    pieces tokenized apart."""
+    texts = ["".join(parts) for parts in pieces]
+    try:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return [tokenizer(list(parts), add_special_tokens=False)["input_ids"] if parts else [] for parts in pieces]
+    out = []
+    for parts, ids, offsets in zip(pieces, encoded["input_ids"], encoded["offset_mapping"]):
+        ends = list(itertools.accumulate(len(part) for part in parts))
+        split: list[list[int]] = [[] for _ in parts]
+        piece = 0
+        for token, (start, _) in zip(ids, offsets):
+            while piece < len(parts) - 1 and start >= ends[piece]:
+                piece += 1
+            split[piece].append(token)
+        out.append(split)
+    return out
+
+
 def encode_examples(
     examples: Sequence[Mapping[str, Any]], tokenizer: Any, use_chat_template: bool | None = None
 ) -> list[tuple[list[int], list[int]]]:
@@ -122,17 +154,21 @@ def encode_examples(
     # A chat template writes its own BOS text when the model needs one; the plain one adds it
     # only where the tokenizer itself would (Llama yes, GPT-2 no).
     bos = [tokenizer.bos_token_id] if not chat and _adds_bos(tokenizer) else []
-    prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"]
     out = []
-    for prompt_ids, response_ids in zip(prompts, responses):
-        if eos in response_ids:  # cut what a template writes after its end-of-turn token
-            last = len(response_ids) - 1 - response_ids[::-1].index(eos)
-            response_ids = response_ids[: last + 1]
-        else:
-            response_ids = response_ids + [eos]
-        out.append((bos + prompt_ids, response_ids))
+    for prompt_ids, response_ids in tokenize_pieces(tokenizer, texts):
+        end = _eos_end(response_ids, eos, tokenizer)
+        out.append((bos + prompt_ids, response_ids[:end] if end is not None else response_ids + [eos]))
     return out
+
+
+def _eos_end(ids: list[int], eos: int, tokenizer: Any) -> int | None:
+    """Where an answer's ids end: after its last EOS when nothing but whitespace follows it (a template's line
+    break after its end-of-turn token, cut). None when there is no such EOS: an EOS inside the answer's own
+    text (a literal ``<eos>``, in a template whose turns end with another token) is not its end."""
+    if eos not in ids:
+        return None
+    end = len(ids) - ids[::-1].index(eos)
+    return end if not tokenizer.decode(ids[end:]).strip() else None
 
 
 def encode_texts(texts: Sequence[str], tokenizer: Any, end: bool = True) -> list[list[int]]:
@@ -187,6 +223,8 @@ def _chat_segments(example: Mapping[str, Any], tokenizer: Any) -> list[tuple[str
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if i == 0:  # a greeting before any user turn (nothing to render a generation prompt from): context
+            continue
         before = apply_template(tokenizer, messages[:i], example, add_generation_prompt=True)
         through = apply_template(tokenizer, messages[: i + 1], example)
         if not (full.startswith(before) and full.startswith(through) and done <= len(before) <= len(through)):
@@ -219,12 +257,12 @@ def encode_conversation(example: Mapping[str, Any], tokenizer: Any, use_chat_tem
     chat = _use_chat(tokenizer, use_chat_template)
     pieces = _chat_segments(example, tokenizer) if chat else _plain_segments(example)
     bos = [tokenizer.bos_token_id] if not chat and _adds_bos(tokenizer) else []
-    ids = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"]
+    ids = tokenize_pieces(tokenizer, [[text for text, _ in pieces]])[0]
     segments: list[Segment] = [(bos, False)] if bos else []
     for (_, trained), piece in zip(pieces, ids):
-        if trained and eos in piece:  # the turn ends at its EOS; what a template writes after it is context
-            last = len(piece) - 1 - piece[::-1].index(eos)
-            segments += [(piece[: last + 1], True), (piece[last + 1:], False)]
+        end = _eos_end(piece, eos, tokenizer) if trained else None
+        if end is not None:  # the turn ends at its EOS; what a template writes after it is context
+            segments += [(piece[:end], True), (piece[end:], False)]
         else:
             segments.append((piece, trained))
     while segments and not segments[-1][1]:  # nothing follows the last answer ...
