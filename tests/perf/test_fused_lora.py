@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tiny_models import tiny_llama
 
 import slimtune
+from slimtune.perf.fast_path import enable_fast_path
 from slimtune.perf.fused_lora import FusedLoraForward, dropout_mask, fused_lora_linear, use_fused_lora
 from slimtune.quant import Linear4bit, QuantConfig, quantize
 
@@ -64,6 +65,11 @@ def test_a_bitsandbytes_packed_base_layer_keeps_its_own_forward():
     assert use_fused_lora(model) == 13  # all but the packed one
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    only_packed = slimtune.unload(model)  # LoRA on the packed layer alone: `kernels: auto` runs it as it is
+    slimtune.add_adapter(only_packed, slimtune.LoraConfig(r=4, target_modules=["0.self_attn.q_proj"]))
+    chosen = enable_fast_path(only_packed)
+    assert chosen.fused_lora_layers == 0 and chosen.other_quantized_layers == 1
+    assert "8-bit or packed base (1 layers" in str(chosen)
 
 
 def test_function_matches_autograd_on_the_formula_with_dropout_and_trainable_bias():
@@ -223,3 +229,12 @@ def test_errors_name_the_problem():
         fused_lora_linear(torch.randn(2, 4), base, torch.randn(2, 4), torch.randn(4, 2), 1.0)
     with pytest.raises(ValueError, match="dropout_p=1.5"):
         fused_lora_linear(torch.randn(2, 4), base.requires_grad_(False), torch.randn(2, 4), torch.randn(4, 2), 1.0, 1.5)
+
+
+def test_the_fast_path_names_an_8bit_base_as_such():
+    """An 8-bit base was reported as "full-precision base (torch matmuls)"."""
+    model = tiny_llama()
+    quantize(model, QuantConfig(bits=8))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear"))
+    chosen = enable_fast_path(model)
+    assert chosen.quantized_layers == 0 and chosen.other_quantized_layers == 14 and "8-bit" in str(chosen)

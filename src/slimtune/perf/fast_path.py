@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimtune.methods.lora_layers import LoraLinear
 from slimtune.perf import kernels
-from slimtune.perf.fused_lora import FusedLoraForward, use_fused_lora
-from slimtune.quant.linear import Linear4bit
+from slimtune.perf.fused_lora import FusedLoraForward, fusable, use_fused_lora
+from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
 KERNEL_MODES = ("auto", "triton", "torch")
 # Measured on the development CPU (bench/lora_step.py, bench/qlora_step.py): the fused LoRA node's step is
@@ -41,11 +40,14 @@ class FastPath:
     triton: bool  # the 4-bit base's matmuls run in the Triton kernels
     fused_lora_layers: int  # LoRA layers routed through the fused autograd node
     quantized_layers: int = 0  # 4-bit layers in the model (none: a full-precision base)
+    other_quantized_layers: int = 0  # 8-bit ones, or another library's packed layers (their own matmuls)
 
     def __str__(self) -> str:
         if self.quantized_layers:
             how = "Triton kernels" if self.triton else "pure-torch dequantize + matmul"
             base = f"4-bit base ({self.quantized_layers} layers) via {how}"
+        elif self.other_quantized_layers:
+            base = f"8-bit or packed base ({self.other_quantized_layers} layers, each runs its own matmul)"
         else:
             base = "full-precision base (torch matmuls)"
         return (f"kernels={self.mode}: {base}; fused LoRA on {self.fused_lora_layers} layers; "
@@ -75,7 +77,9 @@ def enable_fast_path(model: nn.Module, mode: str = "auto") -> FastPath:
         if isinstance(module, Linear4bit):
             module.matmul_backend = backend
             quantized += 1
-    if any(isinstance(m, LoraLinear) and m.fusable for m in model.modules()):
+    if any(fusable(m) for m in model.modules()):
         use_fused_lora(model, enabled=fuse)
     fused = sum(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in model.modules())
-    return FastPath(mode, triton, fused, quantized)
+    other = sum(isinstance(m, QuantizedLinear) and not isinstance(m, Linear4bit) or isinstance(m, nn.Linear)
+                and not m.weight.is_floating_point() for m in model.modules())
+    return FastPath(mode, triton, fused, quantized, other)

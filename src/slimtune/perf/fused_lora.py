@@ -28,6 +28,8 @@ weight, extra forward arguments) keep the original forward call by call.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
@@ -37,7 +39,7 @@ from slimtune.methods.lora_layers import LoraLinear
 from slimtune.perf import kernels
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
-__all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "FusedLoraForward"]
+__all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "fusable", "FusedLoraForward"]
 
 
 def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Tensor:
@@ -190,10 +192,14 @@ class FusedLoraForward:
         return fused_lora_linear(x, layer.base_layer, A, B, layer.scaling[name], p)
 
 
-def _fusable_base(base: nn.Module) -> bool:
-    """Whether the fused node can multiply by ``base``'s weight: ours (quantized or not) or a floating-point one.
-    Another library's packed layer (bitsandbytes' ``Linear4bit``, an ``nn.Linear`` over uint8 bytes) runs its
+def fusable(module: nn.Module) -> TypeGuard[LoraLinear]:
+    """Whether ``module`` is a LoRA layer the fused node can run: its equation is LoRA's (not DoRA's, LoRA-FA's)
+    and its base weight is ours (quantized or not) or a floating-point one. A layer over another library's
+    packed weights (bitsandbytes' ``Linear4bit``/``Linear8bitLt``: ``nn.Linear`` over integer bytes) runs its
     own forward."""
+    if not isinstance(module, LoraLinear) or not module.fusable:
+        return False
+    base = module.base_layer
     return isinstance(base, QuantizedLinear) or weight_of(base).is_floating_point()
 
 
@@ -206,7 +212,7 @@ def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
     """
     changed = 0
     for module in model.modules():
-        if not isinstance(module, LoraLinear) or not module.fusable or not _fusable_base(module.base_layer):
+        if not fusable(module):
             continue
         installed = isinstance(module.__dict__.get("forward"), FusedLoraForward)
         layer: nn.Module = module  # nn.Module types forward as an attribute: the instance's shadows the class's
@@ -219,5 +225,6 @@ def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
     if enabled and not changed and not any(isinstance(m.__dict__.get("forward"), FusedLoraForward)
                                            for m in model.modules()):
         raise ValueError("use_fused_lora found no LoRA linear layer to fuse; add a LoRA adapter first "
-                         "(slimtune.inject(model, LoraConfig(...))). DoRA and LoRA-FA layers keep their own forward.")
+                         "(slimtune.add_adapter(model, LoraConfig(...))). DoRA and LoRA-FA layers, and layers over "
+                         "another library's packed weights, keep their own forward.")
     return changed
