@@ -41,6 +41,15 @@ def test_fsdp_shards_the_blocks_and_the_adapter_and_keeps_the_root_whole(tiny_fo
     assert est.memory.load_peak < predict(recipe, H100, timing=False).memory.load_peak  # only its own rows
 
 
+def test_fsdp_keeps_an_8bit_base_whole_on_every_rank(tiny_folder):
+    """FSDP2 shards parameters; an 8-bit layer's int8 codes are buffers, copied whole to every rank (the run logs
+    "rank 0 holds 18,432 of the quantized layers' 18,432 bytes"): the estimate said sharded, 1/N."""
+    recipe = make_recipe(tiny_folder, quantization={"bits": 8})
+    one = _by_label(predict(recipe, H100, timing=False))
+    four = _by_label(predict(_fsdp(recipe), H100, timing=False, ranks=4))
+    assert four["weights, 8-bit"] == one["weights, 8-bit"] > 0
+
+
 def test_fsdp_of_a_full_precision_base_shards_only_the_blocks_linear_weights(tiny_folder):
     recipe = make_recipe(tiny_folder)
     one = _by_label(predict(recipe, H100, timing=False))

@@ -127,6 +127,8 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"data": {"dataset": "${SLIMTUNE_TEST_UNSET}.jsonl"}, **MINIMAL}, r"^data\.dataset: .*SLIMTUNE_TEST_UNSET is not"),
     ({"training": {"mixed_precision": True}, **MINIMAL}, r"^training\.mixed_precision: expected one of"),
     ({"method": {"peft_type": "LORA", "inference_mode": True}}, r"^method\.inference_mode: true .* train nothing"),
+    ({"method": {"peft_type": "DELTA_LORA"}, "quantization": {"bits": 8}},
+     r"^method\.peft_type: DELTA_LORA moves the base weights .* drop the quantization section"),
 ])
 def test_bad_recipes_name_the_dotted_key(data, message):
     with pytest.raises(RecipeError, match=message):

@@ -95,7 +95,11 @@ def per_rank(mem: MemoryModel, shape: ModelShape, recipe: Recipe, dist: Distribu
                 comps.append(Component("weights_fp", "weights kept whole", c.bytes - blocks,
                                        "embeddings, norms and the output head: the root's frozen tensors, whole on "
                                        "every rank"))
-        elif c.key == "weights" and c.label.startswith("weights,"):  # a 4/8-bit base: its layers are in the blocks
+        elif c.key == "weights" and c.label == "weights, 8-bit":  # int8 codes are buffers: FSDP2 copies them
+            replicated += c.bytes
+            comps.append(replace(c, why=f"{c.why}; whole on every rank (FSDP2 shards parameters, and the 8-bit "
+                                        "layers' codes are buffers; a 4-bit base is sharded)"))
+        elif c.key == "weights" and c.label.startswith("weights,"):  # a 4-bit base: its layers are in the blocks
             sharded_total += c.bytes
             comps.append(replace(c, bytes=-(-c.bytes // n), on_device=not dist.cpu_offload,
                                  why=f"{c.why}; sharded over {_ranks(n)} (rows of whole blocks)"))

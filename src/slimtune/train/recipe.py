@@ -362,6 +362,10 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         if getattr(training, key) is not None and method_sets_param_groups(method):
             raise RecipeError(f"training.{key}: method {method.peft_type} sets the optimizer's parameter groups itself "
                               f"(its own learning rates per group); drop training.{key}, or use peft_type LORA.")
+    if quantization is not None and method.peft_type == "DELTA_LORA":
+        raise RecipeError("method.peft_type: DELTA_LORA moves the base weights after every step, which a quantized "
+                          "base cannot take (its weights are fixed codes); drop the quantization section, or use "
+                          "peft_type LORA.")
     if sections["data"].packing and isinstance(method, PromptLearningConfig):
         raise RecipeError(f"data.packing: true cannot train {method.peft_type}: its virtual tokens (or prefix) "
                           "apply once per packed row, so every example after the first would see none, or see the "
