@@ -113,12 +113,18 @@ def _eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+TOKENIZE_CHUNK = 256  # texts per tokenizer call (still a batch for the Rust tokenizer's threads)
+
+
 def tokenize_pieces(tokenizer: Any, pieces: Sequence[Sequence[str]]) -> list[list[list[int]]]:
     """Token ids of each text's pieces, the text tokenized whole, as ``apply_chat_template(tokenize=True)`` and
     inference tokenize it (a SentencePiece tokenizer prepends ``▁`` to every text it starts, and byte-level BPE
     merges across a cut: tokenizing the pieces apart added a space token before every answer, or an extra
     newline). A token belongs to the piece it starts in. A tokenizer without offsets (a slow one) gets the
     pieces tokenized apart."""
+    if len(pieces) > TOKENIZE_CHUNK:  # the offsets of a whole dataset at once: ~0.1 GiB more peak for the demo's
+        return [out for start in range(0, len(pieces), TOKENIZE_CHUNK)
+                for out in tokenize_pieces(tokenizer, pieces[start:start + TOKENIZE_CHUNK])]
     texts = ["".join(parts) for parts in pieces]
     try:
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
