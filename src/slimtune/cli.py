@@ -222,7 +222,8 @@ def _model_options(parser: argparse.ArgumentParser, adapters: str) -> None:
                              "hub id; default: the base the adapter names, else 'default'")
     parser.add_argument("--adapter", action="append", metavar="[NAME=]PATH", help=adapters)
     parser.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                        help="quantize the base to 4 bits (NF4); default: as the adapter's training run did")
+                        help="quantize the base to 4 bits (NF4, or the training run's 4-bit settings); default: as "
+                             "the adapter's training run did (4-bit, 8-bit or full precision)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:N'")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype of the base model (default float32)")

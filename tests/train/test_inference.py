@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from run_helpers import tiny_model_dir
+from transformers import AutoModelForCausalLM
 
+import slimtune
 from slimtune.cli import main
 from slimtune.perf.fast_path import FastPath
+from slimtune.quant import Linear4bit, Linear8bit
 from slimtune.train import inference
+from slimtune.train.run_folder import RunFolder
 
 
 @pytest.mark.parametrize("mode", ["auto", "torch"])
@@ -138,3 +142,18 @@ def test_merging_an_adapter_that_cannot_merge_is_a_clear_error(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "\nerror: PROMPT_TUNING adapter(s) ['default'] add virtual tokens and cannot be merged" in err
     assert "Traceback" not in err and not (tmp_path / "merged").exists()
+
+
+def test_load_in_4bit_gives_4_bits_even_for_an_adapter_of_an_8bit_run(tmp_path):
+    """By default an adapter's base is loaded as its run's was (8-bit here); --load-in-4bit asks for NF4, which it
+    gave as the run's 8 bits before."""
+    folder = tiny_model_dir()
+    model = slimtune.add_adapter(AutoModelForCausalLM.from_pretrained(folder),
+                                 slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    run = tmp_path / "run"
+    slimtune.save_adapter(model, run / "adapter")
+    (run / "recipe.yaml").write_text(f"{RunFolder.RECIPE_MARK}\nquantization: {{bits: 8}}\n")
+    for load_in_4bit, kind in ((None, Linear8bit), (True, Linear4bit)):
+        loaded, _ = inference.load_with_adapters(None, [("default", run / "adapter")], load_in_4bit=load_in_4bit,
+                                                 device="cpu", log=lambda message: None)
+        assert isinstance(loaded.model.layers[0].self_attn.k_proj, kind), load_in_4bit

@@ -124,7 +124,9 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     task_type = task_type or model_task_type(model_name)  # adapters saved without a task_type: the base's class
     quant = None
     if load_in_4bit or (load_in_4bit is None and adapters):
-        quant = (run_quantization(adapters[0][1]) if adapters else None) or (QuantConfig() if load_in_4bit else None)
+        quant = run_quantization(adapters[0][1]) if adapters else None  # the training run's base
+        if load_in_4bit and (quant is None or quant.bits != 4):  # asked for 4 bits: NF4, unless the run had 4-bit
+            quant = QuantConfig()
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=resolve_device(device),
                                                 task_type=task_type, quantization=quant)
     if quant is not None:
