@@ -20,6 +20,7 @@ from slimtune.adapter_files import adapter_tensors
 from slimtune.cli import main
 from slimtune.errors import InvalidFileError
 from slimtune.methods.fusion import AdapterFusionConfig
+from slimtune.train import runner
 from slimtune.train.batching import BatchIterator
 from slimtune.train.checkpoint import Checkpoint, method_tensors, read_checkpoint
 from slimtune.train.recipe import TrainingSection
@@ -96,10 +97,12 @@ def test_sigterm_stops_at_the_step_boundary_with_a_checkpoint_like_ctrl_c(tmp_pa
     assert "resumed from" in capsys.readouterr().out
 
 
-def test_a_run_stopped_while_it_is_finalized_resumes_into_finalizing_it(tmp_path, monkeypatch, capsys):
-    """save_every: 0 (the default recipe's): Ctrl-C during the last evaluation, after training ended. The resume
-    trains nothing again and finishes the run with the adapter an uninterrupted run writes; the checkpoint of
-    the finished training, kept only while the run was finalized, is gone once the summary is written."""
+@pytest.mark.parametrize("where", ["evaluation", "plot"])
+def test_a_run_stopped_while_it_is_finalized_resumes_into_finalizing_it(tmp_path, monkeypatch, capsys, where):
+    """save_every: 0 (the default recipe's): Ctrl-C during the last evaluation (or after it, while the loss is
+    plotted), after training ended. The resume trains nothing again and finishes the run with the adapter and
+    the logs an uninterrupted run writes; the checkpoint of the finished training, kept only while the run was
+    finalized, is gone once the summary is written."""
     recipe = tiny_recipe(tmp_path, training={"max_steps": 6, "save_every": 0})
     straight = write_recipe(tmp_path / "straight.yaml", {**recipe, "output": {"dir": str(tmp_path / "straight")}})
     stopped = write_recipe(tmp_path / "stopped.yaml", {**recipe, "output": {"dir": str(tmp_path / "stopped")}})
@@ -111,8 +114,14 @@ def test_a_run_stopped_while_it_is_finalized_resumes_into_finalizing_it(tmp_path
             raise KeyboardInterrupt
         return original(self)
 
+    def plot(run_dir):
+        raise KeyboardInterrupt
+
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "evaluate", evaluate)
+        if where == "evaluation":
+            patch.setattr(Trainer, "evaluate", evaluate)
+        else:
+            patch.setattr(runner, "plot_loss", plot)
         assert train(stopped) == 130
     assert "interrupted while finishing the run; the training is saved" in capsys.readouterr().out
     run = tmp_path / "stopped"
@@ -126,6 +135,11 @@ def test_a_run_stopped_while_it_is_finalized_resumes_into_finalizing_it(tmp_path
         a, b = load_file(tmp_path / "straight" / "adapter" / name), load_file(run / "adapter" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(tmp_path / "straight") == losses(run)
+    evals = [{k: row.get(k) for k in ("step", "eval_loss")} for row in map(json.loads, (run / "metrics.jsonl")
+             .read_text().splitlines()) if "eval_loss" in row]
+    straight = [{k: row.get(k) for k in ("step", "eval_loss")} for row in map(json.loads, (
+        tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in row]
+    assert evals == straight  # the stopped finalize's evaluation row is not kept twice
     assert not (run / "checkpoints").exists() and not (tmp_path / "straight" / "checkpoints").exists()
 
 

@@ -122,9 +122,19 @@ class MetricsLog:
                 out.append(row)
         return out
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after ``step`` (a resume replays those steps), rewriting the file atomically."""
-        kept = [row for row in self.rows() if row.get("step", 0) <= step]
+    def truncate_after(self, step: int, evals_at_step: int | None = None) -> None:
+        """Drop rows logged after ``step`` (a resume replays those steps), rewriting the file atomically; with
+        ``evals_at_step``, also the evaluation rows of ``step`` past that many (a run stopped while it was
+        finalized had logged its last evaluation after the checkpoint, and evaluates again)."""
+        kept, evals = [], 0
+        for row in self.rows():
+            if row.get("step", 0) > step:
+                continue
+            if row.get("step", 0) == step and "eval_loss" in row and evals_at_step is not None:
+                evals += 1
+                if evals > evals_at_step:
+                    continue
+            kept.append(row)
         with atomic_file(self.path) as tmp:
             tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
 

@@ -355,7 +355,7 @@ class Trainer:
         self.state.peak_memory_mb = saved.get("peak_memory_mb", 0.0)  # (checkpoints from before it was kept)
         self.resumed_at = self.state.step
         set_rng_state(rng)
-        self.metrics.truncate_after(self.state.step)
+        self.metrics.truncate_after(self.state.step, sum(e["step"] == self.state.step for e in self.state.evals))
 
     def _resume_distributed(self, path: Path) -> None:
         """:meth:`resume` of a checkpoint written with ``torch.distributed.checkpoint`` (at any world size)."""
@@ -376,7 +376,7 @@ class Trainer:
         self.resumed_at = self.state.step
         set_rng_state(rng)
         if self.is_main:
-            self.metrics.truncate_after(self.state.step)
+            self.metrics.truncate_after(self.state.step, sum(e["step"] == self.state.step for e in self.state.evals))
 
     @property
     def peak_memory_mb(self) -> float:
