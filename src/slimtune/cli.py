@@ -133,7 +133,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     active = [a for a in args.active.split(",") if a] if args.active else None
     model, tokenizer = _load(args, active)
     generate_text(model, tokenizer, prompt, args.max_new_tokens, False if args.no_chat_template else None,
-                  stream=sys.stdout, temperature=args.temperature, raw=args.raw)
+                  stream=sys.stdout, temperature=args.temperature, raw=args.raw, system=args.system)
     return 0
 
 
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a base model and optional adapters (streamed)")
     _model_options(p, "adapter folder; repeat for several adapters (NAME=PATH names them)")
     p.add_argument("-p", "--prompt", required=True, help="the user prompt ('-' reads stdin)")
+    p.add_argument("--system", default=None, help="a system prompt before it, rendered as training renders one")
     p.add_argument("--active", help="comma-separated adapter names to use together (default: the first)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")

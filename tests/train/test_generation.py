@@ -10,7 +10,7 @@ import transformers as T
 from tokenizers import processors
 from train_helpers import make_tokenizer, tiny_llama
 
-from slimtune.train.generation import generate_text, prompt_ids
+from slimtune.train.generation import generate_text, prompt_ids, sample_prompt
 from slimtune.train.templates import encode_example
 
 
@@ -53,3 +53,16 @@ def test_generation_stops_at_the_models_own_end_tokens_too():
     model.generation_config.eos_token_id = [tok.eos_token_id, end]
     text = generate_text(model, tok, "word word", max_new_tokens=8, raw=True, silent=True)
     assert text == tok.decode(answer, skip_special_tokens=True)
+
+
+def test_a_system_prompt_is_fed_as_training_rendered_it():
+    """`slimtune generate --system` and the run's sample (from an evaluation example with a system prompt) feed
+    the prompt part training saw for that example; the system prompt was dropped."""
+    tok = make_tokenizer()
+    example = {"system": "Answer in French.", "prompt": "Say hello", "response": "bonjour"}
+    ids = prompt_ids(tok, "Say hello", system="Answer in French.")
+    assert ids == encode_example(example, tok)[0] and ids != prompt_ids(tok, "Say hello")
+    sample = sample_prompt(None, example)
+    assert (sample.text, sample.system) == ("Say hello", "Answer in French.")
+    with pytest.raises(ValueError, match="a system prompt needs a template"):
+        prompt_ids(tok, "Say hello", raw=True, system="Answer in French.")

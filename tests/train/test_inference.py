@@ -157,3 +157,13 @@ def test_load_in_4bit_gives_4_bits_even_for_an_adapter_of_an_8bit_run(tmp_path):
         loaded, _ = inference.load_with_adapters(None, [("default", run / "adapter")], load_in_4bit=load_in_4bit,
                                                  device="cpu", log=lambda message: None)
         assert isinstance(loaded.model.layers[0].self_attn.k_proj, kind), load_in_4bit
+
+
+def test_generate_system_option_reaches_the_prompt(monkeypatch):
+    from slimtune.train import generation
+
+    seen = []
+    monkeypatch.setattr(generation, "prompt_ids", lambda tok, prompt, chat, raw, system: seen.append(system) or [1])
+    assert main(["generate", "--model", str(tiny_model_dir()), "--device", "cpu", "--max-new-tokens", "1",
+                 "-p", "hi", "--system", "Be brief."]) == 0
+    assert seen == ["Be brief."]

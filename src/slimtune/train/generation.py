@@ -30,6 +30,7 @@ class SamplePrompt:
 
     text: str
     raw: bool = False
+    system: str | None = None  # the example's system prompt, rendered as training rendered it
 
 
 def sample_prompt(given: str | None, example: Mapping[str, Any]) -> SamplePrompt:
@@ -38,15 +39,21 @@ def sample_prompt(given: str | None, example: Mapping[str, Any]) -> SamplePrompt
     raw = is_text_example(example)
     if given:
         return SamplePrompt(given, raw)
-    return SamplePrompt(text_opening(example["text"]) if raw else example["prompt"], raw)
-
-
-def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = None, raw: bool = False) -> list[int]:
-    """Token ids of ``prompt`` rendered exactly as training renders an example's prompt part; ``raw``: the text as
-    is, as training reads a plain-text example (the tokenizer's BOS where it adds one, no template)."""
     if raw:
+        return SamplePrompt(text_opening(example["text"]), raw)
+    return SamplePrompt(example["prompt"], raw, example.get("system") or None)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool | None = None, raw: bool = False,
+               system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` (after the ``system`` prompt, if any) rendered exactly as training renders an
+    example's prompt part; ``raw``: the text as is, as training reads a plain-text example (the tokenizer's BOS
+    where it adds one, no template)."""
+    if raw:
+        if system:
+            raise ValueError("a system prompt needs a template: drop --raw, or put the system text in the prompt.")
         return encode_texts([prompt], tokenizer, end=False)[0]
-    return encode_prompt(prompt, tokenizer, use_chat_template)
+    return encode_prompt({"prompt": prompt, "system": system} if system else prompt, tokenizer, use_chat_template)
 
 
 def position_limit(config: Any) -> int | None:
@@ -95,8 +102,8 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64,
                   use_chat_template: bool | None = None, stream: TextIO | None = None,
-                  temperature: float = 0.0, silent: bool = False, raw: bool = False) -> str:
-    """Continue ``prompt`` (in the training template, or as plain text when ``raw``); greedy when
+                  temperature: float = 0.0, silent: bool = False, raw: bool = False, system: str | None = None) -> str:
+    """Continue ``prompt`` (after ``system``, in the training template, or as plain text when ``raw``); greedy when
     ``temperature`` is 0 (the same text on every run). A sequence-to-sequence model (T5, BART) reads the prompt
     as its encoder input, as the tokenizer encodes it, and writes its answer.
 
@@ -107,7 +114,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     device = next(model.parameters()).device
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     tokens = tokenizer(prompt)["input_ids"] if encoder_decoder else \
-        prompt_ids(tokenizer, prompt, use_chat_template, raw)
+        prompt_ids(tokenizer, prompt, use_chat_template, raw, system)
     check_length(model.config, len(tokens), 0 if encoder_decoder else max_new_tokens)  # encoder: its own positions
     ids = torch.tensor([tokens], device=device, dtype=torch.long)
     was_training = model.training

@@ -274,7 +274,7 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
             log(f"\n── sample prompt ──\n{demo_prompt.text}\n── base model ──")
             with disable_adapters(model):
                 generate_text(model, tokenizer, demo_prompt.text, recipe.demo.max_new_tokens, data.use_chat_template,
-                              stream, raw=demo_prompt.raw)
+                              stream, raw=demo_prompt.raw, system=demo_prompt.system)
     else:
         trainer.resume(checkpoint)
         log(f"resumed from {checkpoint} (step {trainer.state.step}/{trainer.total_steps})")
@@ -330,7 +330,7 @@ def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer,
     if recipe.demo.enabled:
         log("── after fine-tuning ──")
         generate_text(model, tokenizer, demo_prompt.text, recipe.demo.max_new_tokens, recipe.data.use_chat_template,
-                      stream, raw=demo_prompt.raw)
+                      stream, raw=demo_prompt.raw, system=demo_prompt.system)
     plot = plot_loss(run.path) if recipe.output.plot else None
     report = trainable_parameters(model)
     summary = {
