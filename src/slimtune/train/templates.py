@@ -122,7 +122,7 @@ def tokenize_pieces(tokenizer: Any, pieces: Sequence[Sequence[str]]) -> list[lis
     merges across a cut: tokenizing the pieces apart added a space token before every answer, or an extra
     newline). A token belongs to the piece it starts in. A tokenizer without offsets (a slow one) gets the
     pieces tokenized apart."""
-    if len(pieces) > TOKENIZE_CHUNK:  # the offsets of a whole dataset at once: ~0.1 GiB more peak for the demo's
+    if len(pieces) > TOKENIZE_CHUNK:  # the offsets of a whole dataset at once cost the demo 0.1 GiB of peak
         return [out for start in range(0, len(pieces), TOKENIZE_CHUNK)
                 for out in tokenize_pieces(tokenizer, pieces[start:start + TOKENIZE_CHUNK])]
     texts = ["".join(parts) for parts in pieces]
