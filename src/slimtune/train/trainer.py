@@ -350,12 +350,7 @@ class Trainer:
             self.batches.load_state_dict(position)  # a refused checkpoint leaves the data position too
             raise
         self._epoch_iter = None
-        for key in ("step", "tokens", "train_seconds", "data", "evals"):
-            setattr(self.state, key, saved[key])
-        self.state.peak_memory_mb = saved.get("peak_memory_mb", 0.0)  # (checkpoints from before it was kept)
-        self.resumed_at = self.state.step
-        set_rng_state(rng)
-        self.metrics.truncate_after(self.state.step, sum(e["step"] == self.state.step for e in self.state.evals))
+        self._continue_from(saved, rng)
 
     def _resume_distributed(self, path: Path) -> None:
         """:meth:`resume` of a checkpoint written with ``torch.distributed.checkpoint`` (at any world size)."""
@@ -370,12 +365,16 @@ class Trainer:
         except (ValueError, TypeError, KeyError) as error:
             raise InvalidFileError(path / STATE_FILE, f"data: {error}", "data") from None
         saved, rng = load_distributed_checkpoint(path, self.model, self.optimizer, self.scheduler, self.dist)
+        self._continue_from(saved, rng)
+
+    def _continue_from(self, saved: dict[str, Any], rng: Any) -> None:
+        """Take the checkpoint's state, RNG and metrics position (after its tensors were applied)."""
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
         self.state.peak_memory_mb = saved.get("peak_memory_mb", 0.0)  # (checkpoints from before it was kept)
         self.resumed_at = self.state.step
         set_rng_state(rng)
-        if self.is_main:
+        if self.is_main:  # rank 0 writes the run's logs
             self.metrics.truncate_after(self.state.step, sum(e["step"] == self.state.step for e in self.state.evals))
 
     @property
