@@ -240,6 +240,15 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
     return config_from_file(config_file, data)
 
 
+def saved_method(path: str | os.PathLike) -> MethodConfig:
+    """The method config an adapter loaded from ``path`` gets: the folder's, without the fields that only say how
+    to initialise one (:data:`INIT_ONLY`: the weights come from the file)."""
+    config = read_adapter_config(path)
+    resets = {f.name: INIT_ONLY[f.name] for f in dataclasses.fields(config)
+              if f.name in INIT_ONLY and getattr(config, f.name) != INIT_ONLY[f.name]}
+    return config.replace(**resets) if resets else config
+
+
 def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     folder = Path(path)
     weights = folder / WEIGHTS_NAME
@@ -311,6 +320,7 @@ def load_adapter(
     allow_pickle: bool = False,
     activate: bool | None = None,
     allow_outside_paths: bool = False,
+    config: MethodConfig | None = None,
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by slimtune or HF PEFT) to ``model`` in place.
 
@@ -325,6 +335,9 @@ def load_adapter(
     Folders the config names (AdapterFusion's ``adapter_paths``) must lie inside ``path`` unless
     ``allow_outside_paths`` (for a folder you trust: a config could otherwise make slimtune read anywhere).
 
+    ``config`` replaces the folder's ``adapter_config.json`` (as PEFT's ``from_pretrained(..., config=...)``); the
+    file's tensors must still be exactly the ones it describes (use it to train with another dropout).
+
     On any mismatch (missing keys, unexpected keys, wrong shapes or dtypes, sizes the file cannot hold) the
     model is left as it was.
     """
@@ -334,11 +347,8 @@ def load_adapter(
     state = find_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
-    config = read_adapter_config(path)
     config_file = Path(path) / CONFIG_NAME
-    resets = {f.name: INIT_ONLY[f.name] for f in dataclasses.fields(config)
-              if f.name in INIT_ONLY and getattr(config, f.name) != INIT_ONLY[f.name]}
-    config = _confined(config.replace(**resets) if resets else config, Path(path), config_file, allow_outside_paths)
+    config = _confined(config or saved_method(path), Path(path), config_file, allow_outside_paths)
     tensors = read_adapter_tensors(path, allow_pickle)
     _check_sizes(config, tensors, config_file)
     frozen = [p for p in model.parameters() if not p.requires_grad]

@@ -34,6 +34,7 @@ from slimtune.methods.contract import Method
 from slimtune.methods.prompts import PromptLearningConfig
 from slimtune.optim import OPTIMIZER_ALIASES, OPTIMIZER_NAMES
 from slimtune.quant import QuantConfig
+from slimtune.train.adapter_start import method_from_adapter
 from slimtune.train.ludwig import is_ludwig_config, ludwig_to_recipe_dict
 from slimtune.train.schema import RecipeError, build, parse_yaml, unknown_key_error
 
@@ -77,10 +78,13 @@ class ModelSection:
     # `slimtune train` on large shapes. config_overrides change the config first (e.g. num_hidden_layers: 2).
     init: Literal["pretrained", "random"] = "pretrained"
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    # Train a saved adapter further (a finished run's adapter/, or PEFT's): its folder decides the method section.
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         self.name_or_path = expand_vars(self.name_or_path, "name_or_path")
         self.tokenizer = None if self.tokenizer is None else expand_vars(self.tokenizer, "tokenizer")
+        self.adapter = None if self.adapter is None else expand_vars(self.adapter, "adapter")
         if self.config_overrides and self.init != "random":
             raise ValueError("config_overrides only apply to init: random (a pretrained model's weights fix its "
                              "shapes); remove them or set model.init: random.")
@@ -349,7 +353,9 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     sections = {key: build(cls, data.get(key), key) for key, cls in SECTIONS.items()}
     quant = data.get("quantization")
     quantization = build(QuantConfig, quant, "quantization") if quant is not None else None
-    method = _build_method(data.get("method"), "CAUSAL_LM")
+    adapter = sections["model"].adapter
+    method = _build_method(data.get("method"), "CAUSAL_LM") if adapter is None else \
+        method_from_adapter(adapter, data.get("method"))
     distributed = build(DistributedSection, data["distributed"], "distributed") if "distributed" in data else None
     if method.task_type not in (None, "CAUSAL_LM"):
         raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "
