@@ -435,3 +435,34 @@ def test_prefix_tuning_on_a_seq2seq_model_needs_both_submodules():
     with pytest.raises(ValueError, match="needs num_transformer_submodules=2 .* got 1; leave it unset"):
         slimtune.add_adapter(base_model("t5"), slimtune.PrefixTuningConfig(
             num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM", num_transformer_submodules=1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_fixed_size_cache_or_a_prepared_mask_is_refused_by_name(method):
+    from transformers import StaticCache
+
+    model = ours_for(base_model("llama"), "llama", method).eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kind = METHODS[method][1].peft_type
+    with pytest.raises(ValueError, match=f"a {kind} adapter .*StaticCache has no room.*dynamic cache"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="static")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(ValueError, match="StaticCache has no room"):
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"needs the 2-D \(batch, seq\) attention mask .*got \(1, 1, 4, 4\)"):
+        model(ids, attention_mask=torch.ones(1, 1, 4, 4))
+    model(ids, attention_mask=torch.ones(1, 4, dtype=torch.long))  # the tokenizer's mask: fine
+
+
+@pytest.mark.parametrize("cls", [slimtune.PromptTuningConfig, slimtune.PromptEncoderConfig])
+def test_virtual_tokens_take_the_width_of_the_token_embeddings(cls):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)  # OPT-350m's layout: tokens embedded in 16, projected to the hidden size 32
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                                     num_attention_heads=2, ffn_dim=64, max_position_embeddings=64)).eval()
+    config = cls(num_virtual_tokens=3)
+    slimtune.add_adapter(model, config)
+    assert get_state(model).configs["default"].token_dim == 16 and config.token_dim is None
+    out = model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
+    assert out.logits.shape == (1, 6, VOCAB) and torch.isfinite(out.loss)

@@ -10,6 +10,7 @@ import transformers as T
 from tokenizers import processors
 from train_helpers import make_tokenizer, tiny_llama
 
+import slimtune
 from slimtune.train.generation import generate_text, prompt_ids, sample_prompt
 from slimtune.train.templates import encode_example
 
@@ -37,6 +38,16 @@ def test_empty_and_too_long_prompts_are_clear_errors():
                                          r"positions: shorten the prompt or lower --max-new-tokens"):
         generate_text(gpt2, tok, "word " * 30, max_new_tokens=8, raw=True, silent=True)
     assert generate_text(gpt2, tok, "word " * 3, max_new_tokens=2, raw=True, silent=True) is not None
+    text = next("word " * n for n in range(1, 30) if len(prompt_ids(tok, "word " * n, raw=True)) > 14)
+    fits = len(prompt_ids(tok, text, raw=True))
+    assert fits + 8 <= 32 < fits + 8 + 10  # room for the prompt and 8 new tokens, not for 10 virtual ones too
+    generate_text(gpt2, tok, text, max_new_tokens=8, raw=True, silent=True)
+    slimtune.add_adapter(gpt2, slimtune.PromptTuningConfig(num_virtual_tokens=10))
+    with pytest.raises(ValueError, match=rf"the prompt's {fits} tokens and --max-new-tokens 8 exceed the model's 32 "
+                                         r"positions less the 10 its prompt-learning adapter puts first \(22 left\)"):
+        generate_text(gpt2, tok, "word " * 20, max_new_tokens=8, raw=True, silent=True)
+    with slimtune.disable_adapters(gpt2):  # the base model alone has its 32
+        generate_text(gpt2, tok, "word " * 20, max_new_tokens=8, raw=True, silent=True)
 
 
 def test_generation_stops_at_the_models_own_end_tokens_too():

@@ -170,3 +170,17 @@ def test_rows_longer_than_the_models_positions_are_refused_before_the_run_folder
     assert re.search(r"data.max_seq_length: rows of up to \d+ tokens \(max_seq_length=48\) are longer than the "
                      r"model's 16 positions; set data.max_seq_length: 16", capsys.readouterr().err)
     assert seen == ["LlamaConfig"] and not (tmp_path / "run").exists()
+
+
+def test_a_prompt_adapters_virtual_tokens_count_against_the_models_positions(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "position_limit", lambda config: 16)
+    base = tiny_recipe(tmp_path, quantized=False, training={"max_steps": 1, "save_every": 0}, demo={"enabled": False})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", base)), "--no-progress"]) == 2
+    longest = int(re.search(r"rows of up to (\d+) tokens", capsys.readouterr().err).group(1))
+    monkeypatch.setattr(runner, "position_limit", lambda config: longest + 4)  # the rows fit, with 8 more they do not
+    prompt = {**base, "method": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}}
+    assert main(["train", str(write_recipe(tmp_path / "p.yaml", prompt)), "--no-progress"]) == 2
+    assert (f"are longer than the model's {longest + 4} positions less the 8 its prompt-learning adapter puts first "
+            f"({longest - 4} left); set data.max_seq_length: {longest - 4}.") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", base)), "--no-progress"]) == 0  # LoRA: no virtual

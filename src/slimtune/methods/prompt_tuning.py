@@ -68,6 +68,13 @@ def prepend_prompt(model: nn.Module, prompt: nn.Module, p: int, kwargs: dict, to
 class VirtualTokenMethod(PromptLearningMethod):
     """Shared forward rewrite of prompt tuning and P-tuning: ``[P; E(x)]`` on the (encoder) input."""
 
+    def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
+        """Virtual tokens live beside the token embeddings, so ``token_dim`` is their width, which is not always the
+        hidden size (OPT-350m embeds in 512 and projects to 1024)."""
+        if config.token_dim is None:
+            config.token_dim = weight_of(transformers_model(model).get_input_embeddings()).shape[-1]
+        super().fill_dims(model, config)
+
     def rewrite_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,
                        kwargs: dict[str, Any]) -> dict[str, Any]:
         p = config.num_virtual_tokens

@@ -215,9 +215,25 @@ class PromptLearningMethod(Method):
             return None
         _, config, prompt = active
         call = as_kwargs(module, args, kwargs)
+        check_call(call, config.peft_type)
         if role == "encoder":
             return (), self.rewrite_encoder_inputs(model, config, prompt, call)
         return (), self.rewrite_inputs(model, config, prompt, call)
+
+
+def check_call(kwargs: dict[str, Any], peft_type: str) -> None:
+    """Refuse what a prompt-learning adapter cannot grow by its virtual tokens: a fixed-size (static, compilable)
+    cache has no slots for them, and a prepared mask (4-D, or one per layer type) no columns."""
+    cache = get_cache(kwargs)
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise ValueError(f"a {peft_type} adapter puts its virtual tokens (or prefix) in the key/value cache, which a "
+                         f"fixed-size {type(cache).__name__} has no room for; use the default dynamic cache (drop "
+                         "cache_implementation='static' from generate).")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"a {peft_type} adapter needs the 2-D (batch, seq) attention mask to grow by its virtual "
+                         f"tokens, got {shape}; pass the tokenizer's attention_mask and use the default dynamic cache.")
 
 
 def as_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
+from slimtune.methods.prompts import active_prompt
 from slimtune.train.examples import is_text_example
 from slimtune.train.templates import encode_prompt, encode_texts
 
@@ -65,14 +66,28 @@ def position_limit(config: Any) -> int | None:
     return None
 
 
-def check_length(config: Any, tokens: int, max_new_tokens: int) -> None:
-    """Refuse a prompt that is empty or, with the tokens to write, longer than the model's positions."""
+def virtual_positions(model: Any) -> int:
+    """Positions the active prompt-learning adapter takes before the real tokens (its virtual tokens, or its
+    prefix: the real tokens' positions start after them); 0 without one."""
+    prompt = active_prompt(model)
+    return 0 if prompt is None else prompt[1].num_virtual_tokens
+
+
+def positions_text(limit: int, virtual: int) -> str:
+    """``"the model's 1,024 positions"``, less an adapter's virtual tokens when it has some."""
+    return f"the model's {limit:,} positions" + \
+        (f" less the {virtual:,} its prompt-learning adapter puts first ({limit - virtual:,} left)" if virtual else "")
+
+
+def check_length(model: Any, tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that is empty or, with the tokens to write, longer than the model's positions (less those
+    an active prompt-learning adapter takes)."""
     if tokens == 0:
         raise ValueError("the prompt is empty (and the tokenizer adds no BOS token): give some text to continue.")
-    limit = position_limit(config)
-    if limit is not None and tokens + max_new_tokens > limit:
-        raise ValueError(f"the prompt's {tokens:,} tokens and --max-new-tokens {max_new_tokens:,} exceed the "
-                         f"model's {limit:,} positions: shorten the prompt or lower --max-new-tokens.")
+    limit, virtual = position_limit(getattr(model, "config", None)), virtual_positions(model)
+    if limit is not None and virtual + tokens + max_new_tokens > limit:
+        raise ValueError(f"the prompt's {tokens:,} tokens and --max-new-tokens {max_new_tokens:,} exceed "
+                         f"{positions_text(limit, virtual)}: shorten the prompt or lower --max-new-tokens.")
 
 
 class _StreamTo(TextStreamer):
@@ -115,7 +130,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     tokens = tokenizer(prompt)["input_ids"] if encoder_decoder else \
         prompt_ids(tokenizer, prompt, use_chat_template, raw, system)
-    check_length(model.config, len(tokens), 0 if encoder_decoder else max_new_tokens)  # encoder: its own positions
+    check_length(model, len(tokens), 0 if encoder_decoder else max_new_tokens)  # encoder: its own positions
     ids = torch.tensor([tokens], device=device, dtype=torch.long)
     was_training = model.training
     model.eval()

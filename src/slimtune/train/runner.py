@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from torch import nn
 
-from slimtune.adapter_files import save_adapter
+from slimtune.adapter_files import load_adapter, save_adapter
 from slimtune.core.dtypes import resolve_device
 from slimtune.core.files import atomic_write
 from slimtune.estimate.fit import DoesNotFitError, check_fits
@@ -36,7 +36,14 @@ from slimtune.report import TrainableReport, trainable_parameters
 from slimtune.train.batching import BatchIterator
 from slimtune.train.checkpoint import check_no_incomplete_checkpoints, checkpoint_config, latest_checkpoint
 from slimtune.train.data import load_examples
-from slimtune.train.generation import SamplePrompt, generate_text, position_limit, sample_prompt
+from slimtune.train.generation import (
+    SamplePrompt,
+    generate_text,
+    position_limit,
+    positions_text,
+    sample_prompt,
+    virtual_positions,
+)
 from slimtune.train.models import load_model_and_tokenizer, load_tokenizer, random_model
 from slimtune.train.packing import packing_refusal
 from slimtune.train.progress import human_bytes, human_seconds, plot_loss, process_peak_rss_mb
@@ -77,9 +84,10 @@ def comparable(recipe: Recipe) -> dict[str, Any]:
     path is made absolute: a relative one names another model from another working directory."""
     data = recipe.to_dict()
     model = dict(data["model"])
-    path = model.get("name_or_path")
-    if isinstance(path, str) and os.path.exists(path):
-        model["name_or_path"] = str(Path(path).resolve())
+    for key in ("name_or_path", "adapter"):
+        path = model.get(key)
+        if isinstance(path, str) and os.path.exists(path):
+            model[key] = str(Path(path).resolve())
     return {**{k: data[k] for k in ("method", "quantization", "data", "training")}, "model": model}
 
 
@@ -94,8 +102,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-TRAIN_FURTHER = ("to train its adapter further, load it trainable in Python (slimtune.load_adapter(model, "
-                 "'{run}/adapter', is_trainable=True)) and train it there.")
+TRAIN_FURTHER = ("to train its adapter further, start a new run from it (model.adapter: '{run}/adapter', and "
+                 "another output.dir).")
 
 
 def validate(recipe: Recipe, resume: bool) -> Path | None:
@@ -206,11 +214,15 @@ def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None])
 
 # ---- 4. method -------------------------------------------------------------------------------------------
 def add_method(model: PreTrainedModel, recipe: Recipe) -> FastPath:
-    """The recipe's adapter (initialised from ``training.seed``), the fast path, activation checkpointing,
-    no KV cache."""
+    """The recipe's adapter (initialised from ``training.seed``, or loaded from ``model.adapter``), the fast path,
+    activation checkpointing, no KV cache."""
     random.seed(recipe.training.seed)
     torch.manual_seed(recipe.training.seed)  # the adapter's initial weights
-    add_adapter(model, recipe.method)
+    if recipe.model.adapter is None:
+        add_adapter(model, recipe.method)
+    else:  # the saved weights replace the drawn ones; the recipe's method is the folder's (dropout aside)
+        load_adapter(model, recipe.model.adapter, is_trainable=True, allow_pickle=recipe.model.allow_pickle,
+                     config=recipe.method)
     fast = enable_fast_path(model, recipe.training.kernels)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
@@ -247,8 +259,8 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
     eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
     _log_tokens(train_rows, eval_rows, data.max_seq_length, log)
-    check_positions(model, data.max_seq_length, train_rows, eval_rows)
     log(str(add_method(model, recipe)))
+    check_positions(model, data.max_seq_length, train_rows, eval_rows)  # after: a prompt adapter takes positions
     log(str(trainable_parameters(model)))
     check_packing(recipe, model, device)
     settings = recipe.training
@@ -293,11 +305,12 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
 def check_positions(model: nn.Module, max_seq_length: int, *rows: TokenizedDataset) -> None:
     """Refuse rows longer than the model's positions (an absolute position table fails past its end; rotary
     positions run on, beyond what the model was trained for)."""
-    limit = position_limit(getattr(model, "config", None))
+    limit, virtual = position_limit(getattr(model, "config", None)), virtual_positions(model)
     longest = max((len(row["input_ids"]) for part in rows for row in part.rows), default=0)
-    if limit is not None and longest > limit:
+    if limit is not None and virtual + longest > limit:
         raise RecipeError(f"data.max_seq_length: rows of up to {longest:,} tokens (max_seq_length={max_seq_length:,}) "
-                          f"are longer than the model's {limit:,} positions; set data.max_seq_length: {limit}.")
+                          f"are longer than {positions_text(limit, virtual)}; set data.max_seq_length: "
+                          f"{limit - virtual}.")
 
 
 def check_packing(recipe: Recipe, model: nn.Module, device: torch.device) -> None:
