@@ -237,3 +237,32 @@ def test_a_frozen_load_puts_the_model_in_eval_mode_as_peft(tmp_path):
     torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-5, rtol=0)
     trained = slimtune.load_adapter(tiny_llama().train(), tmp_path / "a", "a", is_trainable=True)
     assert all(m.training for m in trained.modules())
+
+
+@pytest.mark.parametrize("activate", [None, True])
+def test_a_failed_load_beside_other_adapters_keeps_which_are_active_and_frozen(tmp_path, activate):
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.core.state import get_state
+
+    folder, _ = _saved_adapter(tmp_path, init_lora_weights=False)
+    bad = slimtune.save_adapter(slimtune.add_adapter(tiny_llama(seed=5), slimtune.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)), tmp_path / "bad")
+    tensors = load_file(bad / "adapter_model.safetensors")
+    tensors[sorted(tensors)[-1]][-1, -1] = float("nan")  # the last tensor: everything before it was copied in
+    save_file(tensors, bad / "adapter_model.safetensors")
+    model = slimtune.load_adapter(tiny_llama(), folder, "a")  # frozen, for inference
+    slimtune.load_adapter(model, folder, "c", is_trainable=True)
+    slimtune.set_adapter(model, ["a", "c"])
+    inputs = sample_inputs("llama")
+    before, grads = logits(model, inputs), {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(grads.values()) and not all(grads.values())
+    with pytest.raises(InvalidFileError, match="NaN|inf|finite"):
+        slimtune.load_adapter(model, bad, "b", activate=activate)
+    assert get_state(model).active == ["a", "c"] and "b" not in get_state(model).configs
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
+    alone = slimtune.load_adapter(tiny_llama(), folder, "a")  # an inference load: nothing trains
+    with pytest.raises(InvalidFileError):
+        slimtune.load_adapter(alone, bad, "b", activate=activate)
+    assert not any(p.requires_grad for p in alone.parameters()) and get_state(alone).active == ["a"]

@@ -46,7 +46,7 @@ from slimtune.core.files import atomic_folder, check_name, inside, recover_folde
 from slimtune.core.state import find_state, get_state
 from slimtune.core.tensor_files import SafetensorsReader, check_finite, read_pickled_tensors
 from slimtune.errors import InvalidFileError, SaveError
-from slimtune.lifecycle import add_adapter, bias_mode, bias_names, remove_adapter
+from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
 
@@ -352,17 +352,14 @@ def load_adapter(
     tensors = read_adapter_tensors(path, allow_pickle)
     _check_sizes(config, tensors, config_file)
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    try:
-        add_adapter(model, config, adapter_name, activate=activate)
-    except (ValueError, TypeError, KeyError, re.error) as error:
-        raise _field_error(config_file, error) from None
-    try:
+    with undone_on_error(model, adapter_name):
+        try:
+            add_adapter(model, config, adapter_name, activate=activate)
+        except (ValueError, TypeError, KeyError, re.error) as error:
+            raise _field_error(config_file, error) from None
         live = adapter_tensors(model, adapter_name)
         originals, duplicates = head_biases(model, adapter_name)
         _copy_checked(live, tensors, Path(path), {**embedding_weights(model, adapter_name), **originals}, duplicates)
-    except BaseException:
-        remove_adapter(model, adapter_name)
-        raise
     own = {id(t) for t in live.values()}
     for param in frozen:  # activating an adapter must not unfreeze one that was loaded frozen
         if id(param) not in own:

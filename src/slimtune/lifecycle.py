@@ -143,6 +143,28 @@ def in_head_copy(name: str) -> bool:
     return "modules_to_save" in parts or "original_module" in parts
 
 
+@contextlib.contextmanager
+def undone_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Add adapter ``adapter_name`` inside the block; if the block raises, the adapter is removed and the adapters
+    that were active, and every parameter's ``requires_grad``, are as before it (a failed load changes nothing)."""
+    state = find_state(model)
+    active = list(state.active) if state is not None else []
+    grads = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        state = find_state(model)
+        if state is not None and adapter_name in state.configs:
+            remove_adapter(model, adapter_name)
+            state = find_state(model)
+            if state is not None and active:
+                _activate(model, state, active)
+            for param in model.parameters():
+                if id(param) in grads:
+                    param.requires_grad_(grads[id(param)])
+        raise
+
+
 def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter (active or not); layers left without adapters turn back into their original modules."""
     state = get_state(model)

@@ -52,6 +52,16 @@ def test_weights_holding_nan_are_refused_and_the_model_left_as_it_was(tmp_path):
     with pytest.raises(InvalidFileError, match=rf"'{key}' holds 1 inf/NaN values"):
         adapterhub.load_adapterhub(model, folder)
     assert find_state(model) is None
+    for name in ("a", "c"):  # beside other adapters: which are active, and what trains, stay as they were
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name)
+    slimtune.set_adapter(model, ["a", "c"])
+    for param in model.parameters():
+        param.requires_grad_(False)  # e.g. loaded for inference
+    before = logits(model, _inputs("llama"))
+    with pytest.raises(InvalidFileError):
+        adapterhub.load_adapterhub(model, folder, "b")
+    assert find_state(model).active == ["a", "c"] and not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(logits(model, _inputs("llama")), before, atol=0, rtol=0)
 
 
 def test_the_two_adapter_config_formats_are_told_apart_by_content(tmp_path):

@@ -23,7 +23,7 @@ from slimtune.adapterhub import format as hubformat
 from slimtune.adapterhub.sites import align, hidden_size, hub_tensors
 from slimtune.core.files import atomic_folder
 from slimtune.core.state import get_state
-from slimtune.lifecycle import add_adapter, remove_adapter
+from slimtune.lifecycle import add_adapter, undone_on_error
 from slimtune.methods.bottleneck import BottleneckConfig
 from slimtune.methods.contract import saved_modules
 from slimtune.methods.fusion import AdapterFusionConfig
@@ -70,8 +70,8 @@ def load_adapterhub(model: nn.Module, path: str | os.PathLike, adapter_name: str
     name = adapter_name or saved_name
     stored = hubformat.read_weights(folder, weights, allow_pickle)
     assert stored is not None
-    add_adapter(model, config, name, activate=activate)
-    try:
+    with undone_on_error(model, name):
+        add_adapter(model, config, name, activate=activate)
         live = hub_tensors(model, name, name)
         stored = align(stored, set(live), model, saved_name, name, container)
         if container == "adapter_fusion_layer":  # AdapterHub also keeps fusion layers where no adapter sits
@@ -82,9 +82,6 @@ def load_adapterhub(model: nn.Module, path: str | os.PathLike, adapter_name: str
             head = model.get_submodule(module_name)
             assert isinstance(head, ModulesToSave)  # add_adapter made it, from modules_to_save
             hubformat.copy_checked(head.adapter_tensors(name), tensors, folder / "head")
-    except BaseException:
-        remove_adapter(model, name)
-        raise
     if not is_trainable:
         for tensor in [*live.values(), *_head_tensors(model, name).values()]:
             tensor.requires_grad_(False)
