@@ -266,3 +266,21 @@ def test_a_failed_load_beside_other_adapters_keeps_which_are_active_and_frozen(t
     with pytest.raises(InvalidFileError):
         slimtune.load_adapter(alone, bad, "b", activate=activate)
     assert not any(p.requires_grad for p in alone.parameters()) and get_state(alone).active == ["a"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_file_in_a_narrower_float_dtype_loads_cast_and_its_nan_is_named(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _saved_adapter(tmp_path, init_lora_weights=False)
+    weights = folder / "adapter_model.safetensors"
+    narrow = {k: v.to(dtype) for k, v in load_file(weights).items()}
+    save_file(narrow, weights)
+    model = slimtune.load_adapter(tiny_llama(), folder)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    torch.testing.assert_close(model.get_parameter(key.replace("base_model.model.", "").replace(
+        "lora_A.weight", "lora_A.default.weight")), narrow[key].float(), atol=0, rtol=0)
+    narrow[key] = narrow[key].float().index_fill(1, torch.tensor([0]), float("nan")).to(dtype)
+    save_file(narrow, weights)
+    with pytest.raises(InvalidFileError, match=rf"'{key}' holds 4 inf/NaN values"):
+        slimtune.load_adapter(tiny_llama(), folder)

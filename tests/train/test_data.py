@@ -92,6 +92,9 @@ def test_hash_split_is_disjoint_and_complete():
         ("d.csv", "prompt,response,response\nq,a,b\n", ValueError,
          r"d.csv: line 1: the header names \['response'\] more than once"),
         ("d.csv", "prompt,response\nq,a\nq\n", ValueError, r"d.csv: line 3: field 'response' is empty \(null"),
+        ("d.csv", 'prompt,response\nq1,a1\nq2,"a2\nq3,a3\nq4,a4\n', ValueError,  # not one row swallowing the rest
+         r"d.csv: line 3: the row starting here is not readable as CSV \(unexpected end of data\); check "
+         r"its quotes"),
         ("d.jsonl", '{"prompt": "q", "response": null}\n', ValueError, r"line 1: field 'response' is empty"),
         ("d.json", '{"rows": 3}', ValueError,
          r"object with named lists of rows \('train', and 'validation' or 'test'\) or a .data. list; .*\['rows'\]"),

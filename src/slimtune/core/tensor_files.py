@@ -188,8 +188,11 @@ def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -
     """Refuse weights holding inf or NaN (a damaged file, or a run that diverged): loaded, they would turn every
     output into NaN without a word."""
     for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        if not value.is_floating_point():
+            continue
+        finite = torch.isfinite(value.float() if value.element_size() == 1 else value)  # float8: no isfinite kernel
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
             raise InvalidFileError(Path(path), f"{key!r} holds {bad:,} inf/NaN values of {value.numel():,}: the file "
                                                "is damaged, or was saved from a run that diverged. Use another copy "
                                                "of the adapter (or an earlier checkpoint's adapter/ folder).", key)

@@ -123,7 +123,8 @@ def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
+    # strict: an unclosed quote is an error, not a field running on over every later line
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True)
     rows, start = [], 2  # line of the first record, after the header
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
@@ -138,8 +139,9 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
             except StopIteration:
                 break
             except csv.Error as error:
-                raise DataError(f"{path}: line {reader.line_num}: not readable as "
-                                f"{'CSV' if delimiter == ',' else 'TSV'} ({error}).") from None
+                raise DataError(f"{path}: line {start}: the row starting here is not readable as "
+                                f"{'CSV' if delimiter == ',' else 'TSV'} ({error}); check "
+                                "its quotes: a field that opens a quote must close it.") from None
             # Keep only named columns: a ragged row puts its extra cells under the key None.
             rows.append((f"{path}: line {start}", {k: v for k, v in row.items() if k is not None}))
             start = reader.line_num + 1
