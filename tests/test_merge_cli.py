@@ -241,3 +241,21 @@ def test_demo_adapter_as_gguf_matches_the_merged_model(request, tmp_path):
               f"{(got - stored).abs().max().item():.2e}")
         torch.testing.assert_close(got, stored, atol=1e-3, rtol=1e-4)  # the file holds the merged weights, no more
         assert rel < bound, (quant, rel)
+
+
+def test_overwrite_replaces_a_merged_model_never_an_input_or_the_users_files(tmp_path, tokenizer, capsys):
+    adapter, _ = _adapter(tmp_path, tokenizer)
+    base = tmp_path / "base"
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    for output in (base, adapter, tmp_path):  # the base, the adapter, a folder holding them
+        assert main(["merge", "--adapter", str(adapter), "-o", str(output), "--overwrite", "--device", "cpu"]) == 2
+        assert f"replacing it would delete {base if output == tmp_path else output}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "-o", str(merged), "--device", "cpu"]) == 0
+    (merged / "notes.txt").write_text("mine")
+    assert main(["merge", "--adapter", str(adapter), "-o", str(merged), "--overwrite", "--device", "cpu"]) == 2
+    assert "the folder holds other files (['notes.txt'])" in capsys.readouterr().err
+    (merged / "notes.txt").unlink()
+    assert main(["merge", "--adapter", str(adapter), "-o", str(merged), "--overwrite", "--device", "cpu"]) == 0
+    AutoModelForCausalLM.from_pretrained(merged)

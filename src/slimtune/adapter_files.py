@@ -42,7 +42,15 @@ from safetensors.torch import save
 from torch import nn
 
 from slimtune.config import MethodConfig, config_json
-from slimtune.core.files import atomic_folder, check_name, inside, recover_folder, write_file, writer_in_progress
+from slimtune.core.files import (
+    atomic_folder,
+    check_name,
+    check_replaceable,
+    inside,
+    recover_folder,
+    write_file,
+    writer_in_progress,
+)
 from slimtune.core.state import find_state, get_state
 from slimtune.core.tensor_files import SafetensorsReader, check_finite, read_pickled_tensors
 from slimtune.errors import InvalidFileError, SaveError
@@ -142,15 +150,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     of the user's is ever deleted). A failed write (disk full, read-only) is a
     :class:`~slimtune.errors.SaveError` and leaves the previous adapter there intact."""
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot save the adapter to {folder}: it is a file; pass a folder path.")
     contents = adapter_file_contents(model, adapter_name)
-    if folder.is_dir():
-        ours = ADAPTER_FILES | {name.split("/")[0] for name in contents}
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
-        if foreign:
-            raise ValueError(f"cannot save the adapter to {folder}: the folder holds other files ({foreign[:3]}), "
-                             "which replacing it would delete; save into an empty or new folder.")
+    ours = ADAPTER_FILES | {name.split("/")[0] for name in contents}
+    check_replaceable(folder, ours.__contains__, what="the adapter")
     try:
         with atomic_folder(folder) as tmp:
             for name, data in contents.items():

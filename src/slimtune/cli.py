@@ -188,7 +188,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from slimtune.train.inference import check_merge_options, export_adapter_gguf, export_merged, export_merged_gguf
+    from slimtune.train.inference import (
+        check_merge_options,
+        check_merged_output,
+        export_adapter_gguf,
+        export_merged,
+        export_merged_gguf,
+    )
 
     quant, args.load_in_4bit = check_merge_options(args.format, args.quant, args.base_precision, args.load_in_4bit,
                                                    args.dtype, len(args.adapter))
@@ -201,6 +207,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                          f"{output / ('adapter.gguf' if args.format == 'gguf-lora' else 'model.gguf')}.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise FileExistsError(f"--output {output} already exists and is not empty; pass --overwrite or another path.")
+    if args.format == "folder":  # --overwrite replaces a merged model, never the user's files or an input
+        check_merged_output(output, args.model, [Path(path) for _, path in _adapters(args)])
     if args.format == "gguf-lora":
         export_adapter_gguf(_adapters(args)[0][1], output, args.model, quant or "f32")
         print(f"GGUF LoRA adapter ({quant}) written to {output} (llama.cpp: llama-cli -m BASE.gguf --lora {output}; "

@@ -20,9 +20,15 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from slimtune.adapter_files import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_tensors
+from slimtune.adapter_files import (
+    ADAPTER_FILES,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_adapter_config,
+    read_adapter_tensors,
+)
 from slimtune.config import LoraConfig, MethodConfig, config_json
-from slimtune.core.files import atomic_folder
+from slimtune.core.files import atomic_folder, check_replaceable
 from slimtune.core.state import get_state
 from slimtune.core.task_arithmetic import MERGE_RULES, PRUNING_RULES, SIGN_METHODS, merge_task_tensors
 from slimtune.lifecycle import add_adapter
@@ -235,6 +241,7 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
                           majority_sign_method: str = "total", svd_clamp: float | None = None) -> Path:
     """:func:`combine_adapters` on saved LoRA adapters (PEFT's format), without loading a model."""
     how = Combination(combination_type, rank, density, majority_sign_method, svd_clamp)
+    check_replaceable(output, ADAPTER_FILES.__contains__, paths, "the combined adapter")
     configs = _check_combination([str(p) for p in paths], weights, [read_adapter_config(p) for p in paths])
     per_module: dict[str, list[Factors]] = {}
     shapes: dict[str, tuple[str, str, int, int]] = {}  # module → (first path, kind, in, out)

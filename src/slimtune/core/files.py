@@ -35,7 +35,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -299,6 +299,34 @@ def recover_folder(final: str | os.PathLike) -> bool:
         shutil.rmtree(trash, ignore_errors=True)
         changed = True
     return changed
+
+
+# What ``save_pretrained`` writes into a model folder (weights, shards and their index, configs, tokenizer files).
+MODEL_FOLDER_FILE = re.compile(
+    r"(config|generation_config|tokenizer_config|special_tokens_map|added_tokens|preprocessor_config)\.json"
+    r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|chat_template\.(jinja|json)"
+    r"|tokenizer\.(json|model)|vocab\.(json|txt)|merges\.txt|spiece\.model|sentencepiece\.bpe\.model")
+
+
+def check_replaceable(final: str | os.PathLike, ours: Callable[[str], bool], inputs: Iterable[str | os.PathLike] = (),
+                      what: str = "the output") -> None:
+    """Refuse to replace the folder ``final`` (as :func:`atomic_folder` does) when that would delete something
+    that is not the output's own: a file, files in it that ``ours`` does not recognise (the user's), or one of
+    the ``inputs`` the output is made from (the folder itself, or a folder inside it)."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"cannot write {what} to {final}: it is a file; pass a folder path.")
+    target = final.resolve()
+    for source in inputs:
+        resolved = Path(source).resolve()
+        if resolved == target or target in resolved.parents:
+            raise ValueError(f"cannot write {what} to {final}: replacing it would delete {source}, which it is made "
+                             "from; choose another folder.")
+    if final.is_dir():
+        foreign = sorted(p.name for p in final.iterdir() if not ours(p.name))
+        if foreign:
+            raise ValueError(f"cannot write {what} to {final}: the folder holds other files ({foreign[:3]}), which "
+                             "replacing it would delete; write into an empty or new folder.")
 
 
 def check_name(name: object, what: str) -> str:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -52,8 +53,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
                          "save_quantized after slimtune.unload(model) (or before adding them).")
     path = Path(path)
     if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
         path = path / CHECKPOINT_NAME
+    _check_replaceable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot save the quantized checkpoint to {path}: {path.parent} (or a folder above it) is a "
+                         "file; pass a folder path.") from None
     summary = quant_summary(model)
     if summary.layers == 0:
         raise ValueError("the model has no quantized layer; quantize(model, QuantConfig(...)) first, or save it "
@@ -64,6 +70,21 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return path
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to write over a safetensors file that is not a quantized checkpoint (a base model's full-precision
+    weights, in the folder they came from, would be lost)."""
+    if not path.exists():
+        return
+    try:
+        with safe_open(path, "pt") as handle:
+            ours = "slimtune_quant" in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - any unreadable file: not ours either
+        ours = False
+    if not ours:
+        raise ValueError(f"cannot save the quantized checkpoint to {path}: that file holds other weights (not a "
+                         "quantized checkpoint), which it would replace; save into another folder or file.")
 
 
 def load_quantized_checkpoint(model: ModelSource, path: str | os.PathLike | list,

@@ -22,6 +22,7 @@ Merging a QLoRA adapter (:func:`load_for_merge`, ``base=``; ``slimtune merge --b
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ import torch
 
 from slimtune.adapter_files import load_adapter, read_adapter_config
 from slimtune.core.dtypes import parse_dtype, resolve_device
-from slimtune.core.files import atomic_folder
+from slimtune.core.files import MODEL_FOLDER_FILE, atomic_folder, check_replaceable
 from slimtune.estimate import resolve_config
 from slimtune.export import merge_for_export
 from slimtune.gguf_export import write_gguf, write_gguf_lora
@@ -140,6 +141,14 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     return model, tokenizer
 
 
+def check_merged_output(output: str | os.PathLike, model: str | None, adapters: Sequence[Path] = ()) -> None:
+    """Refuse a merged model's output folder whose replacement would delete the user's files or an input: the base
+    model's folder (``model``, or the one each adapter names) or an adapter's."""
+    bases = [model] if model else [read_adapter_config(path).base_model_name_or_path for path in adapters]
+    inputs = [p for p in [*bases, *adapters] if p and os.path.isdir(p)]
+    check_replaceable(output, lambda name: bool(MODEL_FOLDER_FILE.fullmatch(name)), inputs, "the merged model")
+
+
 @torch.no_grad()
 def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float32") -> Path:
     """Merge the active adapter into the weights (in ``dtype``) and save a plain transformers folder.
@@ -147,6 +156,7 @@ def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float3
     A 4-bit base is dequantized first (what the adapter was trained on). The folder is written to a
     temporary name and renamed, so it is complete or absent.
     """
+    check_merged_output(output, getattr(model, "name_or_path", None))
     model, _ = merge_for_export(model, dtype=parse_dtype(dtype), inplace=True)
     # the weights are plain now: a base loaded prequantized (bitsandbytes) must not make transformers treat the
     # merged folder as quantized again
