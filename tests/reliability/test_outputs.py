@@ -88,3 +88,23 @@ def test_a_quantized_checkpoint_never_replaces_other_weights(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file; pass a folder path"):
         save_quantized(model, tmp_path / "file" / "q")
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_full_disk_inside_safetensors_writer_is_a_save_error_naming_the_path(tmp_path, kind):
+    from safetensors import SafetensorError
+
+    from slimtune.core.files import atomic_file, atomic_folder
+    from slimtune.errors import SaveError
+
+    target = tmp_path / ("out.safetensors" if kind == "file" else "out")
+    (target.write_bytes(b"old") if kind == "file" else (target.mkdir(), (target / "a").write_bytes(b"old")))
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(SaveError, match=rf"cannot write {target}: No space left on device; free some disk space"):
+        with atomic_file(target) if kind == "file" else atomic_folder(target):
+            raise full
+    assert (target.read_bytes() if kind == "file" else (target / "a").read_bytes()) == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out" if kind == "folder" else "out.safetensors"]
+    with pytest.raises(SafetensorError, match="header"):  # other safetensors errors stay what they are
+        with atomic_file(tmp_path / "x") if kind == "file" else atomic_folder(tmp_path / "x"):
+            raise SafetensorError("invalid header")

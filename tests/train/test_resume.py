@@ -169,6 +169,25 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch, c
     assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
 
 
+def test_a_resume_over_checkpoints_moved_elsewhere_and_linked_back_says_so_and_keeps_them(tmp_path, monkeypatch,
+                                                                                           capsys):
+    recipe_file = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, training={"max_steps": 4, "save_every": 1}))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        assert train(recipe_file) == 130
+    checkpoints = tmp_path / "run" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.iterdir())
+    checkpoints.rename(tmp_path / "elsewhere")  # e.g. to another disk, after "free some disk space"
+    checkpoints.symlink_to(tmp_path / "elsewhere")
+    assert train(recipe_file, "--resume") == 2
+    assert f"--resume: {checkpoints} is a symbolic link (to {tmp_path / 'elsewhere'})" in capsys.readouterr().err
+    assert checkpoints.is_symlink() and sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == kept
+    checkpoints.unlink()
+    (tmp_path / "elsewhere").rename(checkpoints)
+    assert train(recipe_file, "--resume") == 0
+    assert f"resumed from {checkpoints / kept[-1]}" in capsys.readouterr().out
+
+
 def test_a_resume_refuses_another_model_or_other_eval_rows_than_the_runs(tmp_path, monkeypatch, capsys):
     """A relative model path names another model from another working directory, and an eval file edited in place
     changes what "before" and "after" are measured on: both are refused, not mixed into the run."""

@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+from safetensors import SafetensorError
+
 from slimtune.errors import SaveError
 
 fcntl: ModuleType | None
@@ -102,6 +104,15 @@ def _fsync_tree(root: Path) -> None:
     fsync_folder(root)
 
 
+def os_error(error: BaseException) -> OSError | None:
+    """``error`` as the OS error it is or reports: safetensors' writer raises its own error type with the OS's
+    ``(os error 28)`` in the message (a full disk)."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error)) if isinstance(error, SafetensorError) else None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1)))) if found else None
+
+
 def _save_error(error: OSError, what: Path, kept: str) -> SaveError:
     reason = error.strerror or str(error)
     hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
@@ -151,10 +162,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
         fsync_folder(path.parent)
-    except OSError as error:
-        if isinstance(error, SaveError):
+    except Exception as error:
+        failed = os_error(error)
+        if failed is None or isinstance(error, SaveError):
             raise
-        raise _save_error(error, path, kept) from error
+        raise _save_error(failed, path, kept) from error
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -215,8 +227,9 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
                 os.replace(old / final.name, final)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-        if isinstance(error, OSError) and not isinstance(error, SaveError):
-            raise _save_error(error, final, kept) from error
+        failed = os_error(error)
+        if failed is not None and not isinstance(error, SaveError):
+            raise _save_error(failed, final, kept) from error
         raise
     finally:
         os.close(lock)

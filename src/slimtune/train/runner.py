@@ -115,6 +115,11 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
         if run.finished():
             raise RecipeError(f"run {run.path} already finished ({run.SUMMARY} exists); nothing to resume. A finished "
                               f"run is not extended (its schedule ended): {TRAIN_FURTHER.format(run=run.path)}")
+        if run.checkpoints.is_symlink():  # its checkpoints are not read through a link: say so, never start over
+            raise RecipeError(f"--resume: {run.checkpoints} is a symbolic link (to {os.readlink(run.checkpoints)}); a "
+                              "run keeps its checkpoints in its own folder: move that folder back in its place "
+                              f"(rm {run.checkpoints} && mv {run.checkpoints.resolve()} {run.checkpoints}), then "
+                              "resume.")
         checkpoint = latest_checkpoint(run.path)
         if checkpoint is None:
             check_no_incomplete_checkpoints(run.path)
