@@ -56,10 +56,14 @@ def test_train_generate_eval_merge(capsys, tmp_path, monkeypatch):
     # rows longer than the model's positions are cut there (an absolute position table would fail past it)
     with monkeypatch.context() as patch:
         patch.setattr(generation, "position_limit", lambda config: 28)
+        assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all",
+                     "--max-seq-length", "512"]) == 0
+        captured = capsys.readouterr()
+        assert "--max-seq-length 512 is beyond the model's 28 positions: rows are cut at 28" in captured.err
+        assert "left out by --max-seq-length 28" in captured.out
         assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all"]) == 0
-    captured = capsys.readouterr()
-    assert "--max-seq-length 512 is beyond the model's 28 positions: rows are cut at 28" in captured.err
-    assert "left out by --max-seq-length 28" in captured.out
+        captured = capsys.readouterr()  # the run's own max_seq_length (48), cut at 28 without a word about a flag
+        assert "beyond" not in captured.err and "left out by --max-seq-length 28" in captured.out
     # a file's validation split is the training run's: --validation-fraction is data.validation_fraction
     for share in (0.3, 0.7):
         assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"),
@@ -184,3 +188,23 @@ def test_a_recipe_after_its_overrides_is_told_to_go_first(command, tmp_path, cap
     err = capsys.readouterr().err
     assert f"'{recipe_file}' is not a key=value override; name the recipe first" in err
     assert f"slimtune {command} {recipe_file} training.max_steps=1" in err
+
+
+def test_eval_and_generate_read_the_data_as_the_adapters_training_run_did(capsys, tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path, quantized=False, data={"use_chat_template": False, "max_seq_length": 30},
+                         training={"max_steps": 2, "save_every": 0}, demo={"enabled": False})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    adapter = str(tmp_path / "run" / "adapter")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", adapter, "--data", str(tmp_path / "eval.jsonl"), "--split", "all"]) == 0
+    out = capsys.readouterr().out
+    assert f"eval loss {summary['eval_loss_after']:.4f}" in out  # the run's template and row length: its loss
+    assert "by --max-seq-length 30" in out
+    assert main(["eval", "--adapter", adapter, "--data", str(tmp_path / "eval.jsonl"), "--split", "all",
+                 "--max-seq-length", "512"]) == 0
+    assert "left out" not in capsys.readouterr().out  # 30 tokens left some out above; 512 does not
+    seen = []
+    monkeypatch.setattr(generation, "generate_text", lambda *args, **kwargs: seen.append(args[4]))
+    assert main(["generate", "--adapter", adapter, "-p", "hi"]) == 0
+    assert seen == [False]  # the plain template the run trained with, not the tokenizer's chat template

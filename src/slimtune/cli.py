@@ -23,6 +23,9 @@ from pathlib import Path
 from slimtune.errors import SlimtuneError
 from slimtune.train.pycode import VALIDATION_FRACTION
 
+NO_TEMPLATE_HELP = ("use the plain ### Instruction template (default: the template the adapter's training run used, "
+                    "else the tokenizer's chat template when it has one)")
+
 # RecipeError is a ValueError; SlimtuneError covers the rest (NotMergeableError is a RuntimeError)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, SlimtuneError)
 
@@ -128,19 +131,21 @@ def _load(args: argparse.Namespace, active: list[str] | None = None):
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from slimtune.train.generation import generate_text
+    from slimtune.train.inference import run_data
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read().rstrip("\r\n")  # `echo` ends with a newline
     active = [a for a in args.active.split(",") if a] if args.active else None
     model, tokenizer = _load(args, active)
-    generate_text(model, tokenizer, prompt, args.max_new_tokens, False if args.no_chat_template else None,
+    template = False if args.no_chat_template else run_data(_adapters(args)).get("use_chat_template")
+    generate_text(model, tokenizer, prompt, args.max_new_tokens, template,
                   stream=sys.stdout, temperature=args.temperature, raw=args.raw, system=args.system)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.train.data import load_examples
-    from slimtune.train.generation import position_limit
-    from slimtune.train.inference import adapters_task_type
+    from slimtune.train.generation import position_limit, virtual_positions
+    from slimtune.train.inference import DEFAULT_EVAL_LENGTH, adapters_task_type, run_data
     from slimtune.train.tokenization import tokenize_examples
     from slimtune.train.trainer import evaluate_loss
 
@@ -154,12 +159,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(seq2seq.format(f"{type(model).__name__} is"))
-    length, limit = args.max_seq_length, position_limit(model.config)
-    if limit is not None and length > limit:
-        print(f"--max-seq-length {length} is beyond the model's {limit} positions: rows are cut at {limit}",
-              file=sys.stderr)
+    trained = run_data(adapters)  # default to how the adapter's training run read its data
+    length = args.max_seq_length or trained.get("max_seq_length") or DEFAULT_EVAL_LENGTH
+    limit = position_limit(model.config)
+    if limit is not None and length > limit - virtual_positions(model):
+        limit -= virtual_positions(model)
+        if args.max_seq_length:
+            print(f"--max-seq-length {length} is beyond the model's {limit} positions: rows are cut at {limit}",
+                  file=sys.stderr)
         length = limit
-    rows = tokenize_examples(examples, tokenizer, length, False, False if args.no_chat_template else None)
+    template = False if args.no_chat_template else trained.get("use_chat_template")
+    rows = tokenize_examples(examples, tokenizer, length, False, template)
     device = next(model.parameters()).device
     loss = evaluate_loss(model, rows.rows, args.batch_size, tokenizer.pad_token_id, device)
     cut = rows.stats
@@ -276,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--active", help="comma-separated adapter names to use together (default: the first)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
+    p.add_argument("--no-chat-template", action="store_true", help=NO_TEMPLATE_HELP)
     p.add_argument("--raw", action="store_true",
                    help="continue the prompt as plain text, no template (adapters trained on plain 'text' data)")
     p.set_defaults(func=_cmd_generate)
@@ -289,9 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the share of a file's rows held out as its validation split: the training run's "
                         f"data.validation_fraction (default {VALIDATION_FRACTION})"),
     p.add_argument("--max-examples", type=positive_int, default=None)
-    p.add_argument("--max-seq-length", type=positive_int, default=512)
+    p.add_argument("--max-seq-length", type=positive_int, default=None,
+                   help="cut rows at this many tokens (default: the adapter's training run's data.max_seq_length, "
+                        "else 512)")
     p.add_argument("--batch-size", type=positive_int, default=4)
-    p.add_argument("--no-chat-template", action="store_true", help="use the plain ### Instruction template")
+    p.add_argument("--no-chat-template", action="store_true", help=NO_TEMPLATE_HELP)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("estimate", help="will a recipe fit, and how long will it take? (reads only the model's config)",

@@ -29,6 +29,8 @@ def test_the_section_is_checked_and_round_trips():
         _recipe(fsdp_fraction=0.0)
     with pytest.raises(RecipeError, match="distributed.timeout: unknown key. Did you mean 'timeout_s'"):
         _recipe(timeout=5)
+    with pytest.raises(RecipeError, match="cpu_offload=true keeps FSDP's parameter shards .* strategy=ddp shards"):
+        _recipe(strategy="ddp", cpu_offload=True)  # a key that would do nothing
 
 
 def test_auto_shards_a_base_that_is_large_for_one_device():

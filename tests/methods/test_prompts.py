@@ -321,6 +321,19 @@ def test_prompt_tuning_text_init_needs_its_inputs():
         slimtune.PromptTuningConfig(prompt_tuning_init="TEXT")
     with pytest.raises(ValueError, match="encoder_reparameterization_type='GRU'"):
         slimtune.PromptEncoderConfig(encoder_reparameterization_type="GRU")
+    with pytest.raises(ValueError, match=r"tokenizer_kwargs=\{'use_fast': False\} only apply with prompt_tuning_init"):
+        slimtune.PromptTuningConfig(tokenizer_kwargs={"use_fast": False})  # PEFT refuses these too
+
+
+def test_p_tuning_options_its_mlp_encoder_does_not_use_are_warned_about():
+    with pytest.warns(UserWarning, match=r"MLP encoder .*: encoder_num_layers=5, encoder_dropout=0.1 is ignored"):
+        slimtune.PromptEncoderConfig(encoder_num_layers=5, encoder_dropout=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimtune.PromptEncoderConfig()
+        slimtune.PromptEncoderConfig(encoder_num_layers=5, encoder_dropout=0.1, encoder_reparameterization_type="LSTM")
 
 
 @pytest.mark.parametrize("layout", [dict(multi_query=True), dict(multi_query=False),

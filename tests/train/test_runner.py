@@ -30,12 +30,13 @@ def _config_only(tmp_path):
 
 def test_random_init_trains_the_shapes_of_a_config_without_weights(tmp_path, capsys):
     folder = _config_only(tmp_path)
-    recipe = tiny_recipe(tmp_path, model={"name_or_path": str(folder), "init": "random", "tokenizer": str(folder),
+    recipe = tiny_recipe(tmp_path, model={"name_or_path": str(folder), "init": "random",
                                           "config_overrides": {"num_hidden_layers": 1}},
                          training={"max_steps": 2, "save_every": 0}, demo={"enabled": False})
     assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "random weights in the shapes of" in out
+    assert f"tokenizer: '{folder}'" in out  # the folder's own tokenizer, not the default model's
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2
     built = recipe_from_dict(recipe)

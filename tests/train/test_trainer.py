@@ -90,6 +90,10 @@ def test_schedule_names_and_warmup():
         lr_multiplier("step", 5, 0)
     with pytest.raises(ValueError, match="lr_scheduler=constant has no warmup .*constant_with_warmup"):
         TrainingSection(lr_scheduler="constant", warmup_steps=2)
+    for constant in ("constant", "constant_with_warmup"):  # a floor for a rate that never decays: a key doing nothing
+        with pytest.raises(ValueError, match=f"min_lr_ratio=0.1 is where a decay ends, and lr_scheduler={constant}"):
+            TrainingSection(lr_scheduler=constant, min_lr_ratio=0.1)
+    TrainingSection(lr_scheduler="linear", min_lr_ratio=0.1)
     linear = lr_multiplier("linear", total_steps=4, warmup_steps=0, min_ratio=0.2)  # linear with a floor
     assert [linear(s) for s in range(4)] == pytest.approx([1.0, 0.8, 0.6, 0.4])
 
@@ -347,7 +351,7 @@ def test_optimizer_features_from_training_keys(tmp_path, tokenizer, token_rows):
         TrainingSection(loraplus_lr_ratio=0.5)
 
 
-@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit"])
+@pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit", "ADAMW_8BIT"])
 def test_8bit_optimizers_keep_embedding_tables_in_fp32_as_a_hf_trainer_does(tmp_path, tokenizer, token_rows, optim):
     config = slimtune.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
     model = lora_model(tokenizer, config)

@@ -150,6 +150,9 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     torch.manual_seed(training.seed + ctx.rank)  # per-rank streams (dropout) from here on
     strategy = "fsdp" if plan is not None else \
         str(ctx.broadcast_object(choose_strategy(settings.strategy, model, ctx.device, settings.fsdp_fraction)))
+    if settings.cpu_offload and (strategy != "fsdp" or ctx.device.type != "cuda"):
+        log(f"distributed.cpu_offload: nothing to offload ({strategy} on {ctx.device.type}: only FSDP's shards on "
+            "a GPU move to CPU memory)")
     wrapped = wrap_model(model, strategy, ctx, settings.cpu_offload)
     if plan is not None:
         fill_shards(plan, ctx)

@@ -19,6 +19,7 @@ so a saved P-tuning adapter loads as plain prompt embeddings (PEFT's ``inference
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -164,6 +165,9 @@ class PromptTuningConfig(PromptLearningConfig):
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ValueError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text (the text) and "
                              "tokenizer_name_or_path (a local tokenizer folder or a hub id) to turn it into tokens.")
+        if self.tokenizer_kwargs and self.prompt_tuning_init != "TEXT":  # as PEFT: options for a tokenizer not used
+            raise ValueError(f"tokenizer_kwargs={self.tokenizer_kwargs!r} only apply with prompt_tuning_init='TEXT' "
+                             "(they load the tokenizer of the init text); drop them or set the TEXT init.")
 
 
 @dataclass
@@ -185,6 +189,14 @@ class PromptEncoderConfig(PromptLearningConfig):
         check_positive_int("encoder_hidden_size", self.encoder_hidden_size, optional=True)
         check_positive_int("encoder_num_layers", self.encoder_num_layers)
         check_probability("encoder_dropout", self.encoder_dropout)
+        if self.encoder_reparameterization_type == "MLP":  # as PEFT, which warns of the first
+            ignored = [f"{name}={getattr(self, name)}" for name, default in (("encoder_num_layers", 2),
+                                                                           ("encoder_dropout", 0.0))
+                       if getattr(self, name) != default]
+            if ignored:
+                warnings.warn(f"P-tuning's MLP encoder has exactly 2 layers and no dropout: {', '.join(ignored)} "
+                              "is ignored (they shape the LSTM encoder, encoder_reparameterization_type='LSTM').",
+                              stacklevel=3)
 
 
 class PromptTuningMethod(VirtualTokenMethod):

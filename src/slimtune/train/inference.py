@@ -50,6 +50,16 @@ def parse_adapter_arg(text: str, index: int) -> tuple[str, Path]:
     return ("default" if index == 0 else f"adapter{index}"), Path(text)
 
 
+DEFAULT_EVAL_LENGTH = 512  # `slimtune eval`'s row length when neither --max-seq-length nor a training run says
+
+
+def run_data(adapters: Sequence[tuple[str, Path]]) -> dict[str, Any]:
+    """The ``data`` section of the run that wrote the first adapter (its template, its row length), or ``{}``."""
+    run = RunFolder.of_adapter(adapters[0][1]) if adapters else None
+    section = (run.recipe_dict() or {}).get("data") if run is not None else None
+    return section if isinstance(section, dict) else {}
+
+
 def run_quantization(adapter_dir: Path) -> QuantConfig | None:
     """The ``quantization`` section of the run that wrote ``adapter_dir``, if it is a run's adapter."""
     run = RunFolder.of_adapter(adapter_dir)

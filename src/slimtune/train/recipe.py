@@ -201,6 +201,10 @@ class TrainingSection:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be 0 or more.")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+        if self.min_lr_ratio and self.lr_scheduler.startswith("constant"):
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} is where a decay ends, and lr_scheduler="
+                             f"{self.lr_scheduler} does not decay; use lr_scheduler: cosine or linear, or drop "
+                             "min_lr_ratio.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be positive, or null for no clipping.")
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
@@ -245,6 +249,9 @@ class DistributedSection:
             raise ValueError(f"fsdp_fraction={self.fsdp_fraction} must be in (0, 1].")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} must be a positive number of seconds.")
+        if self.cpu_offload and self.strategy == "ddp":
+            raise ValueError("cpu_offload=true keeps FSDP's parameter shards in CPU memory, and strategy=ddp shards "
+                             "nothing; use strategy: fsdp (or auto), or drop cpu_offload.")
 
 
 @dataclass

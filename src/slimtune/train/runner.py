@@ -191,16 +191,24 @@ def random_model_config(recipe: Recipe) -> tuple[Any, str]:
     return config, source
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # a folder's own tokenizer
+
+
 def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None]) -> tuple[PreTrainedModel, Any]:
     """The base model and tokenizer; with a ``quantization`` section, each linear weight is quantized as it
     is read (the full-precision model never exists). ``model.init: random``: the shapes of the named model
-    with random weights, made layer by layer (the tokenizer: ``model.tokenizer``, else the default model's)."""
+    with random weights, made layer by layer (the tokenizer: ``model.tokenizer``, else the model folder's when it
+    has one, else the default model's)."""
     spec = recipe.model
     if spec.init == "random":
         config, source = random_model_config(recipe)
         log(f"model: random weights in the shapes of {spec.name_or_path!r} ({source})")
         model = random_model(config, spec.dtype, device, quantization=recipe.quantization, seed=recipe.training.seed)
-        tokenizer = load_tokenizer(spec.tokenizer or "default", spec.allow_pickle)
+        folder = Path(spec.name_or_path).expanduser()
+        own = folder if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+        tokenizer_source = spec.tokenizer or (str(own) if own is not None else "default")
+        log(f"tokenizer: {tokenizer_source!r}")
+        tokenizer = load_tokenizer(tokenizer_source, spec.allow_pickle)
         vocab = getattr(config, "vocab_size", None)
         if vocab is not None and len(tokenizer) > vocab:
             raise RecipeError(f"model.tokenizer: its {len(tokenizer):,} tokens exceed the random model's vocabulary "

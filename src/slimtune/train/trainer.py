@@ -201,7 +201,7 @@ def build_optimizer(model: nn.Module, settings: TrainingSection) -> torch.optim.
                                    settings.layerwise_lr_decay)
     beta1, beta2 = settings.adam_betas  # two numbers (checked by TrainingSection)
     options = {}
-    if "8bit" in settings.optim:  # as a HF Trainer does with bitsandbytes: embedding tables keep fp32 moments
+    if "8bit" in settings.optim.lower():  # as a HF Trainer does with bitsandbytes: embedding tables keep fp32 moments
         options["full_precision"] = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     return make_optimizer(settings.optim, groups, lr=settings.learning_rate, betas=(beta1, beta2),
                           eps=settings.adam_epsilon, weight_decay=settings.weight_decay, **options)
