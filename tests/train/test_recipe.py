@@ -220,3 +220,22 @@ def test_yaml_11_number_forms_are_refused_not_misread(tmp_path, value, message):
         load_recipe("lora-smollm2-pycode", [f"method.r={value}"])
     path.write_text("method: {peft_type: LORA, r: 10}\ntraining: {learning_rate: 0.0001, max_steps: 1_000}\n")
     assert load_recipe(path).training.max_steps == 1000
+
+
+def test_nested_aliases_that_expand_past_any_recipe_are_refused_at_once(tmp_path):
+    """A few hundred bytes of nested YAML aliases ("billion laughs") expand to 9⁹ values: writing the recipe out
+    (recipe.yaml, the resume comparison) would run for hours; it is refused when read, in the file or an override."""
+    levels = "\n".join(f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10))
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"method: {{peft_type: LORA}}\nmodel:\n  init: random\n  config_overrides:\n    l0: &l0 [x]\n"
+                    f"{levels}\n")
+    assert len(path.read_text()) < 1000
+    with pytest.raises(RecipeError, match=r"bomb.yaml is not valid YAML: its aliases expand to [\d,]+ values"):
+        load_recipe(path)
+    small = "{a: &a [1, 2], b: [*a, *a]}"  # ordinary anchors stay fine
+    recipe = load_recipe("lora-smollm2-pycode", ["model.init=random", f"model.config_overrides={small}"])
+    assert recipe.model.config_overrides == {"a": [1, 2], "b": [[1, 2], [1, 2]]}
+    override = "{l0: &l0 [x], " + ", ".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]"
+                                           for i in range(1, 8)) + "}"
+    with pytest.raises(RecipeError, match="the value is not valid YAML .*aliases expand"):
+        load_recipe("lora-smollm2-pycode", [f"model.config_overrides={override}"])

@@ -198,10 +198,31 @@ StrictLoader.add_constructor("tag:yaml.org,2002:int", _plain_number)
 StrictLoader.add_constructor("tag:yaml.org,2002:float", _plain_number)
 
 
+MAX_VALUES = 100_000  # a recipe's values once its aliases are expanded: far more than any recipe needs
+
+
+def expanded_values(value: Any, sizes: dict[int, int] | None = None) -> int:
+    """How many values ``value`` holds once YAML's aliases are expanded (each shared part counted where it is used,
+    computed once): what writing it out or walking it costs."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    sizes = {} if sizes is None else sizes
+    if id(value) not in sizes:
+        parts = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(expanded_values(part, sizes) for part in parts)
+    return sizes[id(value)]
+
+
 def parse_yaml(text: str) -> Any:
-    """YAML text as Python values, refusing duplicate keys (see :class:`StrictLoader`)."""
+    """YAML text as Python values, refusing duplicate keys (see :class:`StrictLoader`) and aliases that expand
+    beyond :data:`MAX_VALUES` values (a few hundred bytes of nested aliases make billions: a "billion laughs")."""
     loader = StrictLoader(text)  # a SafeLoader: plain values only, never objects
     try:
-        return loader.get_single_data()
+        data = loader.get_single_data()
     finally:
         loader.dispose()
+    count = expanded_values(data)
+    if count > MAX_VALUES:
+        raise yaml.YAMLError(f"its aliases expand to {count:,} values (more than {MAX_VALUES:,}); write the values "
+                             "out, or use fewer nested aliases")
+    return data
