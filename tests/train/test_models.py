@@ -18,6 +18,10 @@ from slimtune.train import models
 from slimtune.train.models import cache_root, ensure_converted, load_model_and_tokenizer, resolve_model_path
 
 
+class NotATensor:
+    """Pickled beside weights: torch's weights-only reader refuses to build it (it could be any code)."""
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -144,6 +148,43 @@ def test_pickle_weights_are_refused_unless_allowed(llama_dir, tmp_path):
     assert resolve_model_path(tmp_path, allow_pickle=True) == tmp_path
     model, _ = load_model_and_tokenizer(tmp_path, allow_pickle=True, tokenizer_name_or_path=llama_dir)
     torch.testing.assert_close(model.lm_head.weight, tiny_llama(vocab_size=387).lm_head.weight)
+    torch.save({"model.norm.weight": torch.ones(32), "extra": NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=rf"{tmp_path}: its pickle weights hold more than tensors") as refused:
+        load_model_and_tokenizer(tmp_path, allow_pickle=True, tokenizer_name_or_path=llama_dir)
+    assert "weights_only" not in str(refused.value)  # torch's advice to unpickle it unrestricted is not repeated
+
+
+def test_a_damaged_or_incomplete_checkpoint_is_refused_by_name_in_full_precision_as_in_4_bits(llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.errors import InvalidFileError
+
+    def copy(name):
+        folder = tmp_path / name
+        shutil.copytree(llama_dir, folder)
+        return folder
+
+    weights = load_file(llama_dir / "model.safetensors")
+    missing = copy("missing")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp.down_proj" not in k}, missing / "model.safetensors")
+    truncated = copy("truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for quantization in (None, QuantConfig()):
+        with pytest.raises(ValueError, match=r"no tensor for 1 model entries, e.g. \['model.layers.1.mlp.down_proj"):
+            load_model_and_tokenizer(missing, quantization=quantization)
+    with pytest.raises(InvalidFileError, match=rf"{truncated}: a weights file is damaged or truncated"):
+        load_model_and_tokenizer(truncated)
+    wider = copy("wider")
+    config = (wider / "config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 96')
+    assert config != (wider / "config.json").read_text()
+    (wider / "config.json").write_text(config)
+    with pytest.raises(InvalidFileError, match=rf"{wider}: the weights do not fit the model its config.json describes"):
+        load_model_and_tokenizer(wider)
+    model, _ = load_model_and_tokenizer(llama_dir, task_type="SEQ_CLS", num_labels=3)  # a new head: initialized
+    assert model.score.weight.shape[0] == 3
 
 
 def test_bad_paths_name_the_path_and_the_fix(tmp_path, llama_dir):

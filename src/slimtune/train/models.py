@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +31,15 @@ import torch
 import transformers
 from gguf import GGUFReader
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slimtune.compat import gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
+from slimtune.core.modules import output_embedding_name, output_head_names
+from slimtune.errors import InvalidFileError
 from slimtune.gguf_export import restore_pre_tokenizer
 from slimtune.quant import (
     CheckpointNeedsMerging,
@@ -274,8 +278,7 @@ def load_model(
         if quantization is not None and any(folder.glob("*.safetensors")):
             model = _load_quantized(model_cls, folder, torch_dtype, torch.device(device), quantization, extra)
         else:
-            model = model_cls.from_pretrained(folder, dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
-                                              **extra).to(device)
+            model = _load_full_precision(model_cls, folder, torch_dtype, allow_pickle, extra).to(device)
             if quantization is not None:  # pickle weights (allowed): quantize the loaded model
                 quantize(model, quantization)
     except ValueError as error:
@@ -293,6 +296,35 @@ def load_model(
     # (restarting position_ids); generate() still caches through generation_config.use_cache.
     model.config.use_cache = False
     return model.eval()  # as from_pretrained returns it, however it was built (no dropout until train())
+
+
+def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow_pickle: bool,
+                         extra: dict[str, Any]) -> Any:
+    """``from_pretrained`` of ``folder``, refusing what it would only print: weights missing from the checkpoint (they
+    would train from random values; a task head the checkpoint never had is initialized, as transformers does),
+    and naming the folder when a file is damaged, a shape differs, or a pickle holds more than tensors."""
+    try:
+        model, info = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=None if allow_pickle else True,
+                                                output_loading_info=True, **extra)
+    except SafetensorError as error:
+        raise InvalidFileError(folder, f"a weights file is damaged or truncated ({error}); download or save the model "
+                                       "again.") from None
+    except pickle.UnpicklingError as error:  # torch's weights-only reader refused it: no code ran
+        raise InvalidFileError(folder, f"its pickle weights hold more than tensors ({str(error).splitlines()[0]}); "
+                                       "they are not loaded. Use safetensors weights from a trusted source.") from None
+    except RuntimeError as error:
+        if "mismatched" not in str(error) and "size mismatch" not in str(error):
+            raise
+        raise InvalidFileError(folder, f"the weights do not fit the model its config.json describes ({error}); is "
+                                       "config.json this checkpoint's?") from None
+    heads = output_head_names(model) - {output_embedding_name(model)}
+    missing = sorted(key for key in info.get("missing_keys", ())
+                     if not any(key == head or key.startswith(head + ".") for head in heads))
+    if missing:
+        raise InvalidFileError(folder, f"the checkpoint has no tensor for {len(missing)} model entries, e.g. "
+                                       f"{missing[:5]}: an incomplete download, or not this architecture's checkpoint "
+                                       "(config.json).")
+    return model
 
 
 def is_gguf_file(path: Path) -> bool:
