@@ -218,6 +218,18 @@ def test_bad_checkpoints_are_explained(bnb_folder, fp_folder, make_llama, tmp_pa
         load_quantized_from_state_dict(_factory(path), broken)
     with pytest.raises(ValueError, match=r"stored weight has shape \[64, 64\] but the module .* \(128, 128\)"):
         load_quantized_from_state_dict(lambda: make_llama(hidden_size=128), state)
+    for stat in ("quant_map", "nested_absmax", "nested_quant_map"):  # a damaged statistic decodes to NaN
+        damaged = dict(state)
+        name = f"model.layers.0.mlp.up_proj.weight.{stat}"
+        damaged[name] = damaged[name].float().clone()
+        damaged[name][0] = float("nan") if stat != "nested_absmax" else float("inf")
+        with pytest.raises(ValueError, match=rf"{name} holds inf/NaN values: the checkpoint is damaged"):
+            load_quantized_from_state_dict(_factory(path), damaged)
+    eight = save_quantized(quantize(make_llama(), QuantConfig(bits=8)), tmp_path / "eight")
+    damaged = load_file(str(eight))
+    damaged["model.layers.0.mlp.up_proj.SCB"][1] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.SCB holds inf/NaN values"):
+        load_quantized_from_state_dict(make_llama, damaged)
     no_norm = {k: v for k, v in state.items() if k != "model.norm.weight"}
     with pytest.raises(ValueError, match=r"no tensor for 1 model entries, e.g. \['model.norm.weight'\]"):
         load_quantized_from_state_dict(_factory(path), no_norm)

@@ -22,7 +22,7 @@ from slimtune.core.modules import (
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
-from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state
+from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state, read_8bit_state
 
 __all__ = ["QuantSummary", "quantize", "quant_summary", "dequantize_model", "requantization_error",
            "skipped_linear_names", "keep_in_fp32_patterns", "make_quantized_layer", "layer_from_state"]
@@ -70,6 +70,7 @@ def layer_from_state(state: dict[str, torch.Tensor], prefix: str, in_features: i
     of its dequantized weight (None: the 4-bit state's recorded dtype, float32 for 8-bit)."""
     layer: QuantizedLinear
     if is_8bit_prefix(state, prefix):
+        read_8bit_state(state, prefix, (out_features, in_features), [])  # checked here, where its keys are whole
         layer = Linear8bit(in_features, out_features, has_bias, compute_dtype, device="meta")
     else:
         qs = read_4bit_state(state, prefix, (out_features, in_features), [])

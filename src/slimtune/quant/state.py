@@ -133,8 +133,17 @@ def read_4bit_state(state_dict: dict, prefix: str, shape: tuple[int, int], unexp
         known |= {prefix + "weight.nested_absmax", prefix + "weight.nested_quant_map"}
     else:
         state["absmax"] = absmax.float().reshape(-1)
+    for name in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset"):
+        _check_finite(f"{prefix}weight.{name}", state.get(name))
     unexpected.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
     return state
+
+
+def _check_finite(key: str, value: torch.Tensor | None) -> None:
+    """Refuse a quantization statistic holding inf or NaN: every weight it scales would decode to NaN."""
+    if value is not None and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{key} holds inf/NaN values: the checkpoint is damaged (the layer's weights would decode "
+                         "to NaN); use another copy of it.")
 
 
 def write_8bit_state(layer, dest: dict, prefix: str, keep_vars: bool) -> None:
@@ -158,6 +167,7 @@ def read_8bit_state(state_dict: dict, prefix: str, shape: tuple[int, int],
     fmt = fmt.item() if isinstance(fmt, torch.Tensor) else fmt
     if fmt not in (0, "row"):
         raise ValueError(f"{prefix}weight_format={fmt!r} is not supported; only row-major (0 / 'row') is")
+    _check_finite(prefix + "SCB", scb)
     known = {prefix + "weight", prefix + "bias", prefix + "SCB", prefix + "weight_format"}
     unexpected.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
     return weight, scb.float()
