@@ -208,3 +208,29 @@ def test_eval_and_generate_read_the_data_as_the_adapters_training_run_did(capsys
     monkeypatch.setattr(generation, "generate_text", lambda *args, **kwargs: seen.append(args[4]))
     assert main(["generate", "--adapter", adapter, "-p", "hi"]) == 0
     assert seen == [False]  # the plain template the run trained with, not the tokenizer's chat template
+
+
+def test_pickle_adapters_need_the_clis_own_opt_in_and_errors_name_the_file_read(capsys, tmp_path):
+    from run_helpers import tiny_model_dir
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import slimtune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    folder = slimtune.save_adapter(model, tmp_path / "adapter")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save(tensors, folder / "adapter_model.bin")
+    command = ["generate", "--adapter", str(folder), "-p", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    assert main(command) == 2
+    assert "(the CLI: --allow-pickle) if you trust its source" in capsys.readouterr().err
+    assert main([*command, "--allow-pickle"]) == 0
+    tensors[sorted(tensors)[0]][0, 0] = float("nan")
+    torch.save(tensors, folder / "adapter_model.bin")
+    assert main([*command, "--allow-pickle"]) == 2
+    assert f"{folder / 'adapter_model.bin'}: " in capsys.readouterr().err  # the file read, not a .safetensors one
+    (folder / "adapter_model.safetensors").mkdir()
+    assert main(command) == 2
+    assert "adapter_model.safetensors: is not a file (a folder?)" in capsys.readouterr().err

@@ -254,6 +254,8 @@ def saved_method(path: str | os.PathLike) -> MethodConfig:
 def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     folder = Path(path)
     weights = folder / WEIGHTS_NAME
+    if weights.exists() and not weights.is_file():
+        raise InvalidFileError(weights, "is not a file (a folder?); the adapter's weights are one safetensors file.")
     if not weights.is_file():
         pickle_file = folder / PICKLE_NAME
         if not pickle_file.is_file():
@@ -261,8 +263,8 @@ def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) ->
         if not allow_pickle:
             raise InvalidFileError(
                 pickle_file, "refusing to load a pickle file: unpickling can run arbitrary code. Re-save the adapter "
-                "as safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True if "
-                "you trust its source.")
+                "as safetensors (PEFT: save_pretrained(..., safe_serialization=True)), or pass allow_pickle=True "
+                "(the CLI: --allow-pickle) if you trust its source.")
         return read_pickled_tensors(pickle_file)  # even when allowed, torch's restricted unpickler runs no code
     try:
         with SafetensorsReader(weights) as reader:
@@ -416,7 +418,7 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
     declares, which the file may hold), after checking every key, shape and dtype; nothing else is accepted.
     Keys matching ``duplicates`` (another copy of a live tensor that PEFT writes but never loads) are checked
     against that tensor and skipped."""
-    weights = folder / WEIGHTS_NAME
+    weights = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / PICKLE_NAME  # the one read
     resolved = {}
     for key, value in stored.items():
         target_key = key if key in live or key in optional else PEFT_PREFIX + key

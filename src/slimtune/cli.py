@@ -126,7 +126,8 @@ def _load(args: argparse.Namespace, active: list[str] | None = None):
     from slimtune.train.inference import load_with_adapters
 
     return load_with_adapters(args.model, _adapters(args), args.load_in_4bit, args.device, args.dtype, active,
-                              log=lambda m: print(m, file=sys.stderr), kernels=args.kernels)
+                              log=lambda m: print(m, file=sys.stderr), kernels=args.kernels,
+                              allow_pickle=args.allow_pickle)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -248,6 +249,9 @@ def _model_options(parser: argparse.ArgumentParser, adapters: str) -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                         help="auto (default): Triton kernels + fused LoRA on CUDA, the fastest pure-torch path "
                              "elsewhere; triton: insist; torch: the pure-torch reference")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickle weights (pytorch_model.bin, adapter_model.bin), with torch's "
+                             "weights-only reader: only files from a source you trust")
 
 
 def build_parser() -> argparse.ArgumentParser:

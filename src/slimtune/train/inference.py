@@ -112,12 +112,13 @@ def model_task_type(model_name: str) -> str:
 
 def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]], load_in_4bit: bool | None = None,
                        device: str = "auto", dtype: str = "float32", active: list[str] | None = None,
-                       log=print, kernels: str = "auto") -> tuple[Any, Any]:
+                       log=print, kernels: str = "auto", allow_pickle: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer): the base model, 4-bit if asked (or as its run was), with adapters loaded; a causal
     or a sequence-to-sequence LM, as the adapters' ``task_type`` says.
 
     ``active`` names the adapters to use (several are combined); default: the first one. ``kernels``:
     the fast path (``auto | triton | torch``, see :func:`slimtune.perf.fast_path.enable_fast_path`).
+    ``allow_pickle``: also read pickle weights (``pytorch_model.bin``, ``adapter_model.bin``) from trusted sources.
     """
     # Clear errors for wrong folders or names before the (slow) model load.
     names = [name for name, _ in adapters]
@@ -139,11 +140,11 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
         if load_in_4bit and (quant is None or quant.bits != 4):  # asked for 4 bits: NF4, unless the run had 4-bit
             quant = QuantConfig()
     model, tokenizer = load_model_and_tokenizer(model_name, dtype=dtype, device=resolve_device(device),
-                                                task_type=task_type, quantization=quant)
+                                                task_type=task_type, quantization=quant, allow_pickle=allow_pickle)
     if quant is not None:
         log(str(quant_summary(model)))
     for name, path in adapters:
-        load_adapter(model, path, adapter_name=name, activate=False)
+        load_adapter(model, path, adapter_name=name, activate=False, allow_pickle=allow_pickle)
     if adapters:
         set_adapter(model, chosen)
     log(str(enable_fast_path(model, kernels)))

@@ -201,7 +201,8 @@ def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
             f"Model folder {str(folder)!r} has only pickle weights {pickles}. Loading a pickle file can run "
             f"arbitrary code hidden in it, so slimtune loads safetensors only. Convert it once where you trust "
             f"the file (`AutoModel.from_pretrained(dir).save_pretrained(dir)` writes model.safetensors), or "
-            f"pass allow_pickle=True if you trust its source."
+            f"pass allow_pickle=True (the CLI: --allow-pickle; a recipe: model.allow_pickle: true) if you trust "
+            f"its source."
         )
     if not pickles:
         raise ValueError(f"Model folder {str(folder)!r} has no weights (*.safetensors); it contains {names[:20]}.")
