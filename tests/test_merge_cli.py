@@ -259,3 +259,8 @@ def test_overwrite_replaces_a_merged_model_never_an_input_or_the_users_files(tmp
     (merged / "notes.txt").unlink()
     assert main(["merge", "--adapter", str(adapter), "-o", str(merged), "--overwrite", "--device", "cpu"]) == 0
     AutoModelForCausalLM.from_pretrained(merged)
+    (tmp_path / "afile").write_text("x")
+    for fmt in ("folder", "gguf"):  # refused before the model loads, naming the file in the way
+        assert main(["merge", "--adapter", str(adapter), "--format", fmt, "-o", str(tmp_path / "afile" / "m.gguf"),
+                     "--device", "cpu"]) == 2
+        assert f"{tmp_path / 'afile'} is a file, not a folder; choose another path" in capsys.readouterr().err

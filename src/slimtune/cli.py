@@ -199,6 +199,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from slimtune.core.files import check_creatable
     from slimtune.train.inference import (
         check_merge_options,
         check_merged_output,
@@ -213,6 +214,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--pre {args.pre} names the pre-tokenizer of a merged GGUF model (--format gguf); "
                          f"--format {args.format} writes no tokenizer.")
     output = Path(args.output)
+    check_creatable(output, f"the {args.format} output")  # before the model loads
     if args.format != "folder" and output.is_dir():
         raise ValueError(f"--output {output} is a folder; --format {args.format} writes one file, e.g. "
                          f"{output / ('adapter.gguf' if args.format == 'gguf-lora' else 'model.gguf')}.")

@@ -44,7 +44,7 @@ from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import AutoConfig
 
-from slimtune.core.files import atomic_file
+from slimtune.core.files import atomic_file, check_creatable
 from slimtune.gguf_quants import QUANT_TYPES, check_quant, encode, permute_qk, tensor_type
 
 ARCH = "llama"
@@ -126,6 +126,7 @@ def _output_path(path: str | os.PathLike) -> Path:
     if final.is_dir():
         raise ValueError(f"GGUF output path {str(final)!r} is a folder; pass a file path such as "
                          f"{str(final / 'model.gguf')!r}.")
+    check_creatable(final, "the GGUF file")
     final.parent.mkdir(parents=True, exist_ok=True)
     return final
 

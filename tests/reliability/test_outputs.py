@@ -86,7 +86,7 @@ def test_a_quantized_checkpoint_never_replaces_other_weights(tmp_path):
     first = save_quantized(model, tmp_path / "q")
     assert save_quantized(model, tmp_path / "q") == first  # its own checkpoint is replaced
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="is a file; pass a folder path"):
+    with pytest.raises(ValueError, match=r"file is a file, not a folder; choose another path"):
         save_quantized(model, tmp_path / "file" / "q")
 
 
@@ -108,3 +108,18 @@ def test_a_full_disk_inside_safetensors_writer_is_a_save_error_naming_the_path(t
     with pytest.raises(SafetensorError, match="header"):  # other safetensors errors stay what they are
         with atomic_file(tmp_path / "x") if kind == "file" else atomic_folder(tmp_path / "x"):
             raise SafetensorError("invalid header")
+
+
+def test_a_folder_that_cannot_be_renamed_away_is_refused_before_writing(tmp_path, monkeypatch):
+    from slimtune.core.files import atomic_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    for target in (".", tmp_path):
+        with pytest.raises(ValueError, match=rf"cannot replace {target} as a whole \(it is the current folder\)"):
+            with atomic_folder(target):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    with pytest.raises(ValueError, match="it is a mount point"):
+        with atomic_folder("/proc"):
+            pass

@@ -200,6 +200,10 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
     ``final`` whole (the protocol in the module docstring). On any error it is removed, ``final`` stays as
     it was, and an OS error is raised as :class:`~slimtune.errors.SaveError` naming ``final``."""
     final = Path(final)
+    if final.is_dir() and (os.path.ismount(final) or final.resolve() == Path.cwd().resolve()):
+        kind = "a mount point" if os.path.ismount(final) else "the current folder"
+        raise ValueError(f"cannot replace {final} as a whole (it is {kind}): write into a folder inside it, e.g. "
+                         f"{final / 'out'}.")
     kept = f"The previous {final.name} is intact." if final.exists() else f"{final.name} was not created."
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +323,15 @@ MODEL_FOLDER_FILE = re.compile(
     r"(config|generation_config|tokenizer_config|special_tokens_map|added_tokens|preprocessor_config)\.json"
     r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|chat_template\.(jinja|json)"
     r"|tokenizer\.(json|model)|vocab\.(json|txt)|merges\.txt|spiece\.model|sentencepiece\.bpe\.model")
+
+
+def check_creatable(path: str | os.PathLike, what: str) -> None:
+    """Raise a ``ValueError`` unless the folders above ``path`` exist or can be made (no file in the way)."""
+    probe = Path(path).parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"cannot write {what} to {path}: {probe} is a file, not a folder; choose another path.")
 
 
 def check_replaceable(final: str | os.PathLike, ours: Callable[[str], bool], inputs: Iterable[str | os.PathLike] = (),

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from slimtune.core.files import atomic_file
+from slimtune.core.files import atomic_file, check_creatable
 from slimtune.core.state import find_state
 from slimtune.quant.model import quant_summary
 from slimtune.quant.streaming import ModelSource, load_quantized
@@ -55,11 +55,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict[str
     if path.suffix != ".safetensors":
         path = path / CHECKPOINT_NAME
     _check_replaceable(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"cannot save the quantized checkpoint to {path}: {path.parent} (or a folder above it) is a "
-                         "file; pass a folder path.") from None
+    check_creatable(path, "the quantized checkpoint")
+    path.parent.mkdir(parents=True, exist_ok=True)
     summary = quant_summary(model)
     if summary.layers == 0:
         raise ValueError("the model has no quantized layer; quantize(model, QuantConfig(...)) first, or save it "

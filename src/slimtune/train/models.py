@@ -21,7 +21,6 @@ import importlib.util
 import json
 import logging
 import os
-import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -310,14 +309,15 @@ def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow
     except SafetensorError as error:
         raise InvalidFileError(folder, f"a weights file is damaged or truncated ({error}); download or save the model "
                                        "again.") from None
-    except pickle.UnpicklingError as error:  # torch's weights-only reader refused it: no code ran
-        raise InvalidFileError(folder, f"its pickle weights hold more than tensors ({str(error).splitlines()[0]}); "
-                                       "they are not loaded. Use safetensors weights from a trusted source.") from None
-    except RuntimeError as error:
-        if "mismatched" not in str(error) and "size mismatch" not in str(error):
-            raise
-        raise InvalidFileError(folder, f"the weights do not fit the model its config.json describes ({error}); is "
-                                       "config.json this checkpoint's?") from None
+    except Exception as error:  # noqa: BLE001 - told apart below; anything else goes on as it was
+        if type(error).__name__ == "UnpicklingError":  # torch's weights-only reader refused it: no code ran
+            raise InvalidFileError(folder, f"its pickle weights hold more than tensors ({str(error).splitlines()[0]})"
+                                           "; they are not loaded. Use safetensors weights from a trusted source."
+                                   ) from None
+        if isinstance(error, RuntimeError) and ("mismatched" in str(error) or "size mismatch" in str(error)):
+            raise InvalidFileError(folder, f"the weights do not fit the model its config.json describes ({error}); "
+                                           "is config.json this checkpoint's?") from None
+        raise
     heads = output_head_names(model) - {output_embedding_name(model)}
     missing = sorted(key for key in info.get("missing_keys", ())
                      if not any(key == head or key.startswith(head + ".") for head in heads))
