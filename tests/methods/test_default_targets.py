@@ -60,3 +60,26 @@ def test_the_callers_config_is_left_as_it_was_and_serves_other_architectures():
     assert config.target_modules is None
     assert {n.rpartition(".")[2] for n in _adapted(llama)} == {"q_proj", "v_proj"}
     assert {n.rpartition(".")[2] for n in _adapted(gpt2)} == {"c_attn"}
+
+
+def test_the_low_rank_table_is_peft_s_for_every_architecture_both_list():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LORA
+
+    shared = set(PEFT_LORA) & set(LOW_RANK_TARGETS)
+    assert {"rwkv", "nemotron_h", "gemma4", "llama", "gpt2"} <= shared
+    assert {k: LOW_RANK_TARGETS[k] for k in shared} == {k: PEFT_LORA[k] for k in shared}
+
+
+def test_rwkvs_defaults_and_all_linear_take_its_blocks_output_layers():
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    base = RwkvForCausalLM(RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                      intermediate_size=64, context_length=32))
+    for ours, theirs in ((slimtune.LoraConfig(r=2), peft.LoraConfig(r=2)),
+                         (slimtune.LoraConfig(r=2, target_modules="all-linear"),
+                          peft.LoraConfig(r=2, target_modules="all-linear"))):
+        model = slimtune.add_adapter(copy.deepcopy(base), ours)
+        reference = peft.get_peft_model(copy.deepcopy(base), theirs)
+        assert "rwkv.blocks.0.attention.output" in _adapted(model)  # a block's `output`, not the model's head
+        assert _adapted(model) == _adapted(reference.base_model.model)

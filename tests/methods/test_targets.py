@@ -1,8 +1,10 @@
 """Target matching follows PEFT: names/suffixes, full-match regex, all-linear, excludes, layer indexes."""
 
 import pytest
+import torch
 from tiny_models import tiny_bert_cls, tiny_llama
 
+import slimtune
 from slimtune.methods.targets import find_targets, layer_index, name_matches, pattern_value
 
 
@@ -64,3 +66,22 @@ def test_an_entry_that_matches_nothing_is_warned_about():
 def test_modules_to_save_are_never_targets():
     names = find_targets(tiny_bert_cls(), "all-linear", modules_to_save=["classifier"])
     assert not any("classifier" in n for n in names) and any(n.endswith("query") for n in names)
+
+
+def _tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    return MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+                                        conv_kernel=4, time_step_rank=4))
+
+
+def test_lora_refuses_the_layers_mamba_kernels_read_as_tensors_as_peft_does():
+    for targets in ("all-linear", ["out_proj", "in_proj"]):
+        with pytest.raises(ValueError, match=r"target_modules: \['out_proj'\] of a mamba model cannot take LoRA"):
+            slimtune.add_adapter(_tiny_mamba(), slimtune.LoraConfig(r=2, target_modules=targets))
+    model = slimtune.add_adapter(_tiny_mamba(), slimtune.LoraConfig(r=2, target_modules="all-linear",
+                                                                    exclude_modules=["out_proj"]))
+    mixer = model.backbone.layers[0].mixer
+    assert hasattr(mixer.in_proj, "base_layer") and not hasattr(mixer.out_proj, "base_layer")
+    model(torch.tensor([[1, 2, 3]]))

@@ -123,3 +123,35 @@ def test_a_weight_that_overflows_the_dtype_asked_for_is_named_as_such(make_llama
                                          r"\|value\| 1e\+06\); load the model in a wider dtype"):
         load_quantized(lambda: AutoModelForCausalLM.from_config(model.config, dtype=torch.float16), tmp_path,
                        QuantConfig())
+
+
+def _phimoe():
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    torch.manual_seed(0)
+    return PhimoeForCausalLM(PhimoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                          num_experts_per_tok=2)).eval()
+
+
+def _mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    return MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+                                        conv_kernel=4, time_step_rank=4)).eval()
+
+
+@pytest.mark.parametrize("build, kept, quantized", [
+    (_phimoe, "model.layers.0.mlp.router", "model.layers.0.self_attn.q_proj"),  # a router with its own forward
+    (_mamba, "backbone.layers.0.mixer.dt_proj", "backbone.layers.0.mixer.in_proj"),  # a weight read as a tensor
+], ids=["router", "mamba"])
+def test_layers_a_quantized_layer_cannot_stand_in_for_stay_in_full_precision(build, kept, quantized):
+    model = build()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = model(ids).logits
+        quantize(model, QuantConfig())
+        after = model(ids).logits  # runs (the packed weight read as a tensor, or a router's tuple, broke it)
+    assert type(model.get_submodule(kept)) is not Linear4bit and isinstance(model.get_submodule(quantized), Linear4bit)
+    assert torch.isfinite(after).all() and (after - before).abs().max() < 0.5

@@ -100,8 +100,10 @@ def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """Module names of the output layer: named like one (``lm_head``, ``score`` …) or the output embedding."""
-    names = {n for n, _ in model.named_modules() if n.split(".")[-1] in OUTPUT_HEAD_NAMES}
+    """Module names of the output layer: named like one (``lm_head``, ``score`` …) outside the numbered blocks (a
+    block's own ``output`` layer, RWKV's or ProphetNet's, is not a head), or the output embedding."""
+    names = {n for n, _ in model.named_modules()
+             if n.split(".")[-1] in OUTPUT_HEAD_NAMES and not any(part.isdigit() for part in n.split("."))}
     head = output_embedding_name(model)
     return names | ({head} if head is not None else set())
 

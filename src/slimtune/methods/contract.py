@@ -116,14 +116,15 @@ class LayerMethod(Method):
         raise NotImplementedError
 
     # model_type → the layers adapted when target_modules is unset (PEFT's defaults; see default_targets)
-    default_targets: ClassVar[Mapping[str, list[str]]] = {}
+    default_targets: ClassVar[Mapping[str, list[str] | str]] = {}
 
     def fill_default_targets(self, model: nn.Module, config: MethodConfig) -> None:
         """Set an unset ``target_modules`` to the defaults for ``model``'s architecture, as PEFT does (the saved
         config then lists them); left unset for an architecture without defaults (find_targets explains)."""
         defaults = self.default_targets.get(model_type(model) or "")
         if getattr(config, "target_modules", "") is None and defaults is not None:
-            setattr(config, "target_modules", list(defaults))  # noqa: B010 (not every config has the field)
+            setattr(config, "target_modules",  # noqa: B010 (not every config has the field)
+                    defaults if isinstance(defaults, str) else list(defaults))
 
     def target_names(self, model: nn.Module, config: MethodConfig, skip: Iterable[str]) -> list[str]:
         """Names of the modules ``config`` targets (PEFT's matching rules)."""

@@ -14,13 +14,18 @@ from torch import nn
 
 _QV = ["q_proj", "v_proj"]
 
-# LoRA and its family (DoRA, LoRA-FA, Delta-LoRA, LoRA+), LoHa and VeRA.
-LOW_RANK_TARGETS: dict[str, list[str]] = {
+# LoRA and its family (DoRA, LoRA-FA, Delta-LoRA, LoRA+), LoHa and VeRA. A string is a full-match regex.
+LOW_RANK_TARGETS: dict[str, list[str] | str] = {
     **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
                      "stablelm", "opt", "gptj", "gpt_neo", "bart"], _QV),
     **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
     **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
-    **dict.fromkeys(["bloom", "gpt_neox", "falcon", "chatglm"], ["query_key_value"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon", "chatglm", "RefinedWeb", "RefinedWebModel"], ["query_key_value"]),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+    "btlm": ["c_proj", "c_attn"],
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
     "deberta-v2": ["query_proj", "value_proj"],
     "deberta": ["in_proj"],
@@ -29,7 +34,7 @@ LOW_RANK_TARGETS: dict[str, list[str]] = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 # VeRA keeps phi to its attention (PEFT's table for VeRA).
-VERA_TARGETS: dict[str, list[str]] = {**LOW_RANK_TARGETS, "phi": _QV}
+VERA_TARGETS: dict[str, list[str] | str] = {**LOW_RANK_TARGETS, "phi": _QV}
 
 # (IA)³: (target_modules, feedforward_modules — those among them whose input is rescaled).
 IA3_TARGETS: dict[str, tuple[list[str], list[str]]] = {

@@ -125,7 +125,7 @@ class LohaMethod(LayerMethod):
     peft_type: ClassVar[str] = "LOHA"
     config_class: ClassVar[type[MethodConfig]] = LohaConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LohaLinear,)
-    default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
+    default_targets: ClassVar[Mapping[str, list[str] | str]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         return wrap_linear(base, LohaLinear, "LoHa")

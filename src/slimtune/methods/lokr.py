@@ -176,7 +176,7 @@ class LokrMethod(LayerMethod):
     peft_type: ClassVar[str] = "LOKR"
     config_class: ClassVar[type[MethodConfig]] = LokrConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LokrLinear,)
-    default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
+    default_targets: ClassVar[Mapping[str, list[str] | str]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         return wrap_linear(base, LokrLinear, "LoKr")

@@ -7,7 +7,7 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.0968
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 from torch import nn
@@ -16,7 +16,7 @@ from slimtune.config import LoraConfig, MethodConfig
 from slimtune.core.modules import is_conv1d
 from slimtune.core.state import AdapterState
 from slimtune.methods.contract import LayerMethod
-from slimtune.methods.default_targets import LOW_RANK_TARGETS
+from slimtune.methods.default_targets import LOW_RANK_TARGETS, model_type
 from slimtune.methods.dora import DoraLinear
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear
@@ -56,15 +56,33 @@ def warn_on_fan_in_fan_out(model: nn.Module, config: LoraConfig, names: list[str
                       "Conv1D; slimtune follows the layer.", stacklevel=4)
 
 
+# Mamba-based architectures whose kernels read these layers' weights as tensors (PEFT's list).
+MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+MAMBA_DIRECT_WEIGHTS = frozenset({"out_proj", "conv1d"})
+
+
 class LoraMethod(LayerMethod):
     peft_type: ClassVar[str] = "LORA"
     config_class: ClassVar[type[MethodConfig]] = LoraConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LoraLinear, LoraEmbedding)
-    default_targets: ClassVar[Mapping[str, list[str]]] = LOW_RANK_TARGETS
+    default_targets: ClassVar[Mapping[str, list[str] | str]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         assert isinstance(config, LoraConfig)
         return make_lora_layer(base, config)
+
+    def target_names(self, model: nn.Module, config: MethodConfig, skip: Iterable[str]) -> list[str]:
+        """PEFT's targets, less those a Mamba-style model reads the weight of directly (its fused kernels take
+        ``out_proj.weight`` and ``conv1d.weight`` as tensors, so LoRA there would be skipped, yet merged): refused,
+        as PEFT refuses them."""
+        names = super().target_names(model, config, skip)
+        if model_type(model) in MAMBA_MODEL_TYPES:
+            bad = sorted({n.rpartition(".")[2] for n in names} & MAMBA_DIRECT_WEIGHTS)
+            if bad:
+                raise ValueError(f"target_modules: {bad} of a {model_type(model)} model cannot take LoRA: its Mamba "
+                                 f"kernels read their weights directly (as PEFT refuses: {sorted(MAMBA_DIRECT_WEIGHTS)}"
+                                 "); leave them out, e.g. exclude_modules=" + repr(bad) + ".")
+        return names
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
         assert isinstance(config, LoraConfig)

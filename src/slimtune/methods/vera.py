@@ -160,7 +160,7 @@ class VeraMethod(LayerMethod):
     peft_type: ClassVar[str] = "VERA"
     config_class: ClassVar[type[MethodConfig]] = VeraConfig
     layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (VeraLinear,)
-    default_targets: ClassVar[Mapping[str, list[str]]] = VERA_TARGETS
+    default_targets: ClassVar[Mapping[str, list[str] | str]] = VERA_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
         if not is_adaptable_linear(base):

@@ -32,13 +32,41 @@ def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
     """Linear layers that ``config`` keeps in full precision: ``skip_modules``, the output heads (the LM head,
     a classification head such as ``score`` / ``classifier`` and the layers inside it, which
     ``modules_to_save`` trains) and the model's ``_keep_in_fp32_modules`` (T5's ``wo``: its forward casts
-    activations to ``wo.weight.dtype``), which transformers+bitsandbytes never quantize either."""
-    heads = {n for n in output_head_names(model) if not any(part.isdigit() for part in n.split("."))}
+    activations to ``wo.weight.dtype``), which transformers+bitsandbytes never quantize either; and layers a
+    quantized layer cannot stand in for: linear subclasses with a forward of their own (:func:`plain_linear`) and
+    weights the model reads as tensors (:func:`read_as_tensors`)."""
+    heads = output_head_names(model)
     head = output_embedding_name(model)  # wherever it is
     heads |= {head} if head is not None else set()
     keep = keep_in_fp32_patterns(model)
+    direct = read_as_tensors(model)
     return [n for n, m in model.named_modules() if is_dense_linear(m) and (
-        config.skips(n) or n in heads or any(n.startswith(h + ".") for h in heads) or _matches_module(n, keep))]
+        config.skips(n) or n in heads or any(n.startswith(h + ".") for h in heads) or _matches_module(n, keep)
+        or n in direct or not plain_linear(m))]
+
+
+# nn.Linear subclasses whose own forward is still x Wᵀ + b (a quantized layer computes the same).
+PLAIN_LINEAR_CLASSES = frozenset({"FalconLinear"})
+# A Mamba mixer (it holds ``A_log``) reads these layers' weights as tensors: dt_proj's in its CPU path, all three
+# in the fused CUDA kernels; a packed 4-bit weight there would be read as garbage.
+MAMBA_TENSOR_LAYERS = ("dt_proj", "x_proj", "out_proj")
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether a linear layer computes only ``x Wᵀ + b`` (what a quantized layer replaces): ``Conv1D``, ``nn.Linear``
+    and subclasses that keep its forward; not a router that returns (scores, indices) from its own forward (Llama 4's,
+    PhiMoE's), which transformers+bitsandbytes keep in full precision too."""
+    return is_conv1d(module) or type(module).forward is nn.Linear.forward or \
+        type(module).__name__ in PLAIN_LINEAR_CLASSES
+
+
+def read_as_tensors(model: nn.Module) -> set[str]:
+    """Linear layers whose weight the model reads directly rather than calling them (Mamba mixers' projections)."""
+    found = set()
+    for name, module in model.named_modules():
+        if hasattr(module, "A_log"):
+            found |= {f"{name}.{child}".lstrip(".") for child in MAMBA_TENSOR_LAYERS if hasattr(module, child)}
+    return found
 
 
 def keep_in_fp32_patterns(model: nn.Module, strict: bool = False) -> list[str]:
