@@ -42,7 +42,7 @@ def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
     direct = read_as_tensors(model)
     return [n for n, m in model.named_modules() if is_dense_linear(m) and (
         config.skips(n) or n in heads or any(n.startswith(h + ".") for h in heads) or _matches_module(n, keep)
-        or n in direct or not plain_linear(m))]
+        or n in direct or (weight_of(m).is_floating_point() and not plain_linear(m)))]
 
 
 # nn.Linear subclasses whose own forward is still x Wᵀ + b (a quantized layer computes the same).
@@ -54,8 +54,9 @@ MAMBA_TENSOR_LAYERS = ("dt_proj", "x_proj", "out_proj")
 
 def plain_linear(module: nn.Module) -> bool:
     """Whether a linear layer computes only ``x Wᵀ + b`` (what a quantized layer replaces): ``Conv1D``, ``nn.Linear``
-    and subclasses that keep its forward; not a router that returns (scores, indices) from its own forward (Llama 4's,
-    PhiMoE's), which transformers+bitsandbytes keep in full precision too."""
+    and subclasses that keep its forward; not a router that returns (scores, indices) from its own forward (Llama
+    4's, PhiMoE's), which transformers+bitsandbytes keep in full precision too. (A layer bitsandbytes already
+    quantized is a subclass with its own forward too: it is taken as stored, and not asked about.)"""
     return is_conv1d(module) or type(module).forward is nn.Linear.forward or \
         type(module).__name__ in PLAIN_LINEAR_CLASSES
 
