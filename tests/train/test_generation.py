@@ -45,9 +45,9 @@ def test_empty_and_too_long_prompts_are_clear_errors():
     slimtune.add_adapter(gpt2, slimtune.PromptTuningConfig(num_virtual_tokens=10))
     with pytest.raises(ValueError, match=rf"the prompt's {fits} tokens and --max-new-tokens 8 exceed the model's 32 "
                                          r"positions less the 10 its prompt-learning adapter puts first \(22 left\)"):
-        generate_text(gpt2, tok, "word " * 20, max_new_tokens=8, raw=True, silent=True)
+        generate_text(gpt2, tok, text, max_new_tokens=8, raw=True, silent=True)
     with slimtune.disable_adapters(gpt2):  # the base model alone has its 32
-        generate_text(gpt2, tok, "word " * 20, max_new_tokens=8, raw=True, silent=True)
+        generate_text(gpt2, tok, text, max_new_tokens=8, raw=True, silent=True)
 
 
 def test_generation_stops_at_the_models_own_end_tokens_too():
