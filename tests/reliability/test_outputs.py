@@ -105,6 +105,10 @@ def test_a_full_disk_inside_safetensors_writer_is_a_save_error_naming_the_path(t
             raise full
     assert (target.read_bytes() if kind == "file" else (target / "a").read_bytes()) == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out" if kind == "folder" else "out.safetensors"]
+    too_big = SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    with pytest.raises(SaveError, match=r"File too large; the file is larger than .* file-size limit \(ulimit -f\)"):
+        with atomic_file(target) if kind == "file" else atomic_folder(target):
+            raise too_big
     with pytest.raises(SafetensorError, match="header"):  # other safetensors errors stay what they are
         with atomic_file(tmp_path / "x") if kind == "file" else atomic_folder(tmp_path / "x"):
             raise SafetensorError("invalid header")

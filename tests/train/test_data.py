@@ -370,6 +370,8 @@ def test_truncation_and_dropping_are_counted(chat_tokenizer):
     assert ds.stats.n_tokens == max_length + lengths[2]
     with pytest.raises(ValueError, match="No example fits max_length=4"):
         tokenize_examples(examples[1:2], chat_tokenizer, max_length=4)
+    with pytest.raises(ValueError, match="No evaluation example fits max_length=4"):  # which set, for a run
+        tokenize_examples(examples[1:2], chat_tokenizer, max_length=4, part="evaluation")
 
 
 def _examples(n):

@@ -129,6 +129,8 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"method": {"peft_type": "LORA", "inference_mode": True}}, r"^method\.inference_mode: true .* train nothing"),
     ({"method": {"peft_type": "DELTA_LORA"}, "quantization": {"bits": 8}},
      r"^method\.peft_type: DELTA_LORA moves the base weights .* drop the quantization section"),
+    ({"training": {"keep_dequantized": True}, **MINIMAL},
+     r"^training\.keep_dequantized: true keeps a quantized base's decoded weights .* no quantization section"),
 ])
 def test_bad_recipes_name_the_dotted_key(data, message):
     with pytest.raises(RecipeError, match=message):

@@ -117,7 +117,9 @@ def _save_error(error: OSError, what: Path, kept: str) -> SaveError:
     reason = error.strerror or str(error)
     hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota)",
             errno.EROFS: "the file system is read-only: choose a writable location",
-            errno.EACCES: "you lack write permission there: choose a writable location"}.get(
+            errno.EACCES: "you lack write permission there: choose a writable location",
+            errno.EFBIG: "the file is larger than the file system or the process's file-size limit (ulimit -f) "
+                         "allows"}.get(
         error.errno or 0, "choose a writable location with free space")
     return SaveError(error.errno or errno.EIO, f"cannot write {what}: {reason}; {hint}. {kept}")
 

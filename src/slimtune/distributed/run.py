@@ -141,7 +141,8 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     model, tokenizer, plan = _load_base(recipe, settings, ctx, log)
     data = recipe.data
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
-    eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
+    eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template,
+                                  "evaluation")
     with stand_ins(model, ctx.device) if plan is not None else contextlib.nullcontext():
         log(str(add_method(model, recipe)))  # the same seed on every rank: the same initial adapter
     check_positions(model, data.max_seq_length, train_rows, eval_rows)  # after: a prompt adapter takes positions

@@ -65,7 +65,7 @@ def _read_text(path: Path) -> str:
     the line."""
     data = path.read_bytes()
     if not data.strip():
-        raise DataError(f"{path}: the file is empty; it needs rows to learn from.")
+        raise DataError(f"{path}: the file is empty; it needs rows (one example each).")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:

@@ -375,6 +375,10 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         if getattr(training, key) is not None and method_sets_param_groups(method):
             raise RecipeError(f"training.{key}: method {method.peft_type} sets the optimizer's parameter groups itself "
                               f"(its own learning rates per group); drop training.{key}, or use peft_type LORA.")
+    if training.keep_dequantized and quantization is None:
+        raise RecipeError("training.keep_dequantized: true keeps a quantized base's decoded weights for backward, and "
+                          "this recipe has no quantization section (a full-precision base); drop the key, or add "
+                          "quantization.")
     if quantization is not None and method.peft_type == "DELTA_LORA":
         raise RecipeError("method.peft_type: DELTA_LORA moves the base weights after every step, which a quantized "
                           "base cannot take (its weights are fixed codes); drop the quantization section, or use "

@@ -270,7 +270,8 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     model, tokenizer = load_model(recipe, device, log)
     data = recipe.data
     train_rows = tokenize_examples(train_examples, tokenizer, data.max_seq_length, data.packing, data.use_chat_template)
-    eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template)
+    eval_rows = tokenize_examples(eval_examples, tokenizer, data.max_seq_length, False, data.use_chat_template,
+                                  "evaluation")
     _log_tokens(train_rows, eval_rows, data.max_seq_length, log)
     log(str(add_method(model, recipe)))
     check_positions(model, data.max_seq_length, train_rows, eval_rows)  # after: a prompt adapter takes positions

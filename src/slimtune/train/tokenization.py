@@ -115,8 +115,9 @@ def tokenize_examples(
     max_length: int,
     packing: bool = False,
     use_chat_template: bool | None = None,
+    part: str = "",
 ) -> TokenizedDataset:
-    """Tokenize examples into training rows.
+    """Tokenize examples into training rows (``part``: which set they are, e.g. "evaluation", for errors).
 
     Args:
         examples: normalized examples (see :mod:`slimtune.train.data`).
@@ -146,7 +147,8 @@ def tokenize_examples(
     stats.n_label_tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
     if not rows:
         raise ValueError(
-            f"No example fits max_length={max_length}: all {stats.n_examples} prompts fill it. Raise the length "
+            f"No {part + ' ' if part else ''}example fits max_length={max_length}: all {stats.n_examples} prompts fill "
+            f"it. Raise the length "
             f"(data.max_seq_length in a recipe, --max-seq-length for slimtune eval)."
         )
     return TokenizedDataset(rows, stats)
