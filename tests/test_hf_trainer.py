@@ -59,3 +59,29 @@ def test_checkpoints_hold_the_adapter_and_a_resume_continues_delta_lora_exactly(
     torch.testing.assert_close(_logits(resumed), _logits(whole), atol=1e-5, rtol=0)
     reloaded = slimtune.load_adapter(tiny_llama(), tmp_path / "run" / "checkpoint-4" / "adapter")
     torch.testing.assert_close(_logits(reloaded), _logits(whole), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config", [
+    slimtune.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]),
+    slimtune.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+], ids=["lora on the head", "a trained copy of the head"])
+def test_a_tied_head_under_an_adapter_checkpoints_and_resumes_exactly(tmp_path, config):
+    """lm_head shares the input embedding's weight; wrapped, its weight is `lm_head.base_layer.weight` (or
+    `.original_module.weight`), which transformers' save_pretrained refused as an undeclared shared tensor."""
+    def build():
+        return slimtune.add_adapter(tiny_llama(tie_word_embeddings=True), config)
+
+    with pytest.warns(UserWarning, match="shared with"):
+        whole = build()
+    Trainer(model=whole, args=_args(tmp_path / "whole"), train_dataset=ROWS).train()
+    args = _args(tmp_path / "run", save_strategy="steps", save_steps=2)
+    with pytest.warns(UserWarning, match="shared with"):
+        first = build()
+    Trainer(model=first, args=args, train_dataset=ROWS, callbacks=[slimtune.SlimtuneCallback()]).train()
+    with pytest.warns(UserWarning, match="shared with"):
+        resumed = build()
+    Trainer(model=resumed, args=args, train_dataset=ROWS, callbacks=[slimtune.SlimtuneCallback()]).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    torch.testing.assert_close(_logits(resumed), _logits(whole), atol=1e-5, rtol=0)
+    head = getattr(resumed.lm_head, "base_layer", None) or resumed.lm_head.original_module
+    assert head.weight is resumed.model.embed_tokens.weight  # still tied after the resume

@@ -72,6 +72,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
         module.add_adapter(adapter_name)
     _take_host_mode(model, existing)
     _warn_on_tied_weights(model, adapter_name, heads)
+    _declare_tied_weights(model)
     state.configs[adapter_name] = config
     _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
     return model
@@ -113,6 +114,17 @@ def _warn_on_tied_weights(model: nn.Module, adapter_name: str, heads: list[str])
                       f"with {others} (tied embeddings): the copy trains alone and {others} keep the original weight, "
                       "so the two are no longer tied while the adapter is active, nor after merge_and_unload.",
                       stacklevel=3)
+
+
+def _declare_tied_weights(model: nn.Module) -> None:
+    """Tell transformers' ``save_pretrained`` that a wrapped layer's weight is a tied one (``lm_head.base_layer.weight``
+    is the input embedding's): it drops the duplicate, as it drops ``lm_head.weight``, rather than refuse to save
+    (a HF Trainer checkpoint of a model with LoRA on a tied head)."""
+    wrappers = [(name, layer, "base_layer") for name, layer in tuner_layers(model)] + \
+        [(name, module, "original_module") for name, module in saved_modules(model)]
+    for name, others in tied_weights(model, [name for name, _, _ in wrappers]).items():
+        wrapper, inner = next((w, i) for n, w, i in wrappers if n == name)
+        setattr(wrapper, "_tied_weights_keys", {f"{inner}.weight": f"{others[0]}.weight"})  # noqa: B010 (transformers reads its keys)
 
 
 def _modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
