@@ -673,3 +673,52 @@ def test_tokenizing_in_chunks_gives_the_same_ids(chat_tokenizer, monkeypatch):
     whole = tokenize_examples(examples, chat_tokenizer, max_length=128).rows
     monkeypatch.setattr(templates, "TOKENIZE_CHUNK", 3)
     assert tokenize_examples(examples, chat_tokenizer, max_length=128).rows == whole
+
+
+def _trained(tokenizer, row, chat=None):
+    """The text a row trains (its tokens whose label is not -100), through load_examples' normalization."""
+    from slimtune.train.tokenization import tokenize_examples
+
+    example = normalize_example(row, "row")
+    labels = tokenize_examples([example], tokenizer, 512, use_chat_template=chat).rows[0]["labels"]
+    return tokenizer.decode([t for t in labels if t != -100])
+
+
+THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>"
+            "{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PARTS_ONLY = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% for p in m.content %}{% if p.type == 'text' %}"
+              "{{ p.text }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_what_a_template_would_leave_out_of_an_answer_is_refused_not_trained_without_it(chat_tokenizer):
+    from train_helpers import make_tokenizer
+
+    thinking = {"messages": [{"role": "user", "content": "2+2?"},
+                             {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}
+    assert _trained(make_tokenizer(chat_template=THINKING), thinking) == "<think>two and two</think>4<|im_end|>"
+    with pytest.raises(DataError, match="does not render its answer's 'reasoning_content'"):
+        _trained(chat_tokenizer, thinking)  # ChatML has no reasoning block
+    with pytest.raises(DataError, match="'reasoning_content', which the plain template has no place for"):
+        _trained(chat_tokenizer, thinking, chat=False)
+    plain = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}]}
+    with pytest.raises(DataError, match="does not render its answer's 'content'"):  # it reads parts lists only
+        _trained(make_tokenizer(chat_template=PARTS_ONLY), plain)
+    calls = {"messages": [{"role": "user", "content": "Weather?"},
+                          {"role": "assistant", "content": "Let me check.", "tool_calls": [{"type": "function"}]}]}
+    with pytest.raises(DataError, match=r"row: messages\[1\] holds 'tool_calls': slimtune does not train tool calls"):
+        normalize_example(calls, "row")
+    with pytest.raises(DataError, match="row: the row lists 'tools'"):
+        normalize_example({**plain, "tools": [{"type": "function"}]}, "row")
+
+
+@pytest.mark.parametrize("chat", [None, False], ids=["chat template", "plain template"])
+def test_a_greeting_before_the_first_user_turn_is_context_after_a_system_turn_too(chat_tokenizer, chat):
+    row = {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "gpt", "value": "GREETING"},
+                             {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "answer"}]}
+    trained = _trained(chat_tokenizer, row, chat)
+    assert "answer" in trained and "GREETING" not in trained
+    assert normalize_example({**row, "system": "Be kind."}, "row")["system"] == "Be kind."
+    with pytest.raises(DataError, match="row: the row's 'system' and its first turn's system prompt differ"):
+        normalize_example({**row, "system": "Be brief."}, "row")

@@ -17,6 +17,7 @@ _EXPECTED = ("'prompt' and 'response' (or 'instruction'/'input' and 'output', or
              "'conversations', or plain 'text')")
 # ShareGPT speaker names (``from``), and the chat roles (``role``) read the same way.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TOOL_KEYS = ("tool_calls", "function_call")  # an assistant turn that calls tools (OpenAI's and TRL's message fields)
 
 
 def _text(row: Mapping[str, Any], key: str, where: str) -> str:
@@ -41,16 +42,28 @@ def _content(message: Mapping[str, Any], where: str) -> str:
     return "".join(texts)
 
 
+def _turn(msg: Any, where: str) -> dict[str, Any]:
+    """One chat message as a turn: role, text, and an assistant's ``reasoning_content`` (rendered by templates that
+    know it, Qwen3's and DeepSeek-R1's); tool calls are refused rather than trained without them."""
+    if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+        raise DataError(f"{where} must be an object with 'role' and 'content', got {msg!r:.80}.")
+    if msg["role"] not in ("system", "user", "assistant"):
+        raise DataError(f"{where} has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
+    calls = next((key for key in TOOL_KEYS if msg.get(key)), None)
+    if calls is not None:
+        raise DataError(f"{where} holds {calls!r}: slimtune does not train tool calls yet (the answer would be "
+                         "learned without them); leave such rows out of the data.")
+    turn = {"role": msg["role"], "content": _content(msg, where)}
+    reasoning = msg.get("reasoning_content")
+    if reasoning is not None and msg["role"] == "assistant":
+        turn["reasoning_content"] = _text(msg, "reasoning_content", where)
+    return turn
+
+
 def _from_messages(messages: Any, where: str) -> dict[str, Any]:
     if not isinstance(messages, list) or len(messages) < 2:
         raise DataError(f"{where}: 'messages' must be a list of at least a user and an assistant turn.")
-    turns = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
-            raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content', got {msg!r:.80}.")
-        if msg["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{i}] has role {msg['role']!r}; use 'system', 'user' or 'assistant'.")
-        turns.append({"role": msg["role"], "content": _content(msg, f"{where}: messages[{i}]")})
+    turns = [_turn(msg, f"{where}: messages[{i}]") for i, msg in enumerate(messages)]
     example: dict[str, Any] = {}
     if turns[0]["role"] == "system":
         example["system"] = turns.pop(0)["content"]
@@ -58,6 +71,8 @@ def _from_messages(messages: Any, where: str) -> dict[str, Any]:
         roles = [m["role"] for m in messages]
         raise DataError(f"{where}: messages must end with a user turn then an assistant turn; roles are {roles}.")
     example["prompt"], example["response"] = turns[-2]["content"], turns[-1]["content"]
+    if "reasoning_content" in turns[-1]:
+        example["reasoning"] = turns[-1]["reasoning_content"]
     if len(turns) > 2:
         example["history"] = turns[:-2]
     return example
@@ -101,12 +116,17 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
     """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
+    if row.get("tools"):
+        raise DataError(f"{where}: the row lists 'tools' for its chat template: slimtune does not train tool use yet "
+                         "(the template would render the conversation without them); leave such rows out.")
     if row.get("messages") is not None:  # None: a column other rows fill (Parquet, Arrow, HF datasets)
         example = _from_messages(row["messages"], where)
     elif row.get("conversations") is not None:
         example = _from_sharegpt(row["conversations"], where)
-        if row.get("system") is not None and "system" not in example and _text(row, "system", where):
-            example["system"] = _text(row, "system", where)
+        if row.get("system") is not None and _text(row, "system", where):
+            if example.get("system", row["system"]) != row["system"]:
+                raise DataError(f"{where}: the row's 'system' and its first turn's system prompt differ; keep one.")
+            example["system"] = row["system"]
     else:
         prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
         response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)

@@ -35,9 +35,20 @@ def to_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
     """The example as chat messages, the response last (a system prompt given as "" is rendered as such: the
     template's default system prompt, which some write when there is none, is not the same text)."""
     messages = [{"role": "system", "content": example["system"]}] if example.get("system") is not None else []
-    messages += [{"role": m["role"], "content": m["content"]} for m in example.get("history", [])]
-    messages += [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
+    messages += [dict(m) for m in example.get("history", [])]  # role, content (and an answer's reasoning_content)
+    answer = {"role": "assistant", "content": example["response"]}
+    if example.get("reasoning") is not None:
+        answer["reasoning_content"] = example["reasoning"]
+    messages += [{"role": "user", "content": example["prompt"]}, answer]
     return messages
+
+
+def _check_plain(example: Mapping[str, Any]) -> None:
+    """Refuse what the plain template has no place for (an answer's reasoning would be dropped)."""
+    if example.get("reasoning") is not None or any("reasoning_content" in m for m in example.get("history", [])):
+        raise DataError("an example holds 'reasoning_content', which the plain template has no place for (it would "
+                        "be trained without it); use a tokenizer whose chat template renders it (Qwen3's, "
+                        "DeepSeek-R1's), or drop the field.")
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -46,6 +57,7 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 def render_plain(example: Mapping[str, Any]) -> tuple[str, str]:
     """``(prompt_text, response_text)`` with the plain ``### Instruction / ### Response`` template."""
+    _check_plain(example)
     parts = [f"{example['system']}\n\n"] if example.get("system") else []
     history = example.get("history", [])
     for turn in history:
@@ -77,6 +89,7 @@ def render_chat(example: Mapping[str, Any], tokenizer: Any) -> tuple[str, str]:
     messages = to_messages(example)
     prompt = apply_template(tokenizer, messages[:-1], example, add_generation_prompt=True)
     full = apply_template(tokenizer, messages, example)
+    _check_rendered(full, messages[-1], example)
     if full.startswith(prompt):
         return prompt, full[len(prompt):]
     # Some templates render the last turn otherwise once it is answered (one adding a reasoning block to the
@@ -88,6 +101,20 @@ def render_chat(example: Mapping[str, Any], tokenizer: Any) -> tuple[str, str]:
                   "Check the template (or use data.use_chat_template: false).", stacklevel=2)
     cut = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return full[:cut], full[cut:]
+
+
+def _check_rendered(full: str, answer: Mapping[str, Any], example: Mapping[str, Any]) -> None:
+    """Refuse a rendering that left out the answer's text or its reasoning: a template that reads content only as a
+    list of parts (a vision model's) renders a string as nothing, one without a thinking block drops
+    ``reasoning_content``; the turn would train on its markup alone."""
+    for key in ("content", "reasoning_content"):
+        text = str(answer.get(key) or "").strip()[-40:].strip()  # its end (a template may rewrite the start: R1's
+        if text and text not in full:  # drops a leading <think> block from the content)
+            first = str(example.get("prompt", ""))[:60]
+            raise DataError(f"the example whose prompt begins {first!r}: the tokenizer's chat template does not "
+                            f"render its answer's {key!r} (a template that reads content only as a list of parts, or "
+                            "one without a reasoning block?), so it cannot be trained; use a tokenizer whose template "
+                            "renders it, the plain template (data.use_chat_template: false), or drop the field.")
 
 
 def _use_chat(tokenizer: Any, use_chat_template: bool | None) -> bool:
@@ -229,7 +256,7 @@ def _chat_segments(example: Mapping[str, Any], tokenizer: Any) -> list[tuple[str
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        if i == 0:  # a greeting before any user turn (nothing to render a generation prompt from): context
+        if not any(m["role"] == "user" for m in messages[:i]):  # a greeting before any user turn: context
             continue
         before = apply_template(tokenizer, messages[:i], example, add_generation_prompt=True)
         through = apply_template(tokenizer, messages[: i + 1], example)
@@ -244,12 +271,15 @@ def _chat_segments(example: Mapping[str, Any], tokenizer: Any) -> list[tuple[str
 
 def _plain_segments(example: Mapping[str, Any]) -> list[tuple[str, bool]]:
     """:func:`render_plain`'s text cut into (text, is an assistant turn) pieces."""
+    _check_plain(example)
     pieces = [(f"{example['system']}\n\n", False)] if example.get("system") else []
+    asked = False  # a greeting before the first user turn is context
     for turn in [*example.get("history", []), {"role": "user", "content": example["prompt"]}]:
         if turn["role"] == "user":
             pieces.append((PLAIN_PROMPT.format(prompt=turn["content"]), False))
+            asked = True
         else:  # an assistant turn is trained; a system note between turns is context, as a leading one is
-            pieces += [(turn["content"], turn["role"] == "assistant"), ("\n\n", False)]
+            pieces += [(turn["content"], turn["role"] == "assistant" and asked), ("\n\n", False)]
     return [*pieces, (example["response"], True)]
 
 
