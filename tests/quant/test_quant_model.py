@@ -142,10 +142,22 @@ def _mamba():
                                         conv_kernel=4, time_step_rank=4)).eval()
 
 
+def _gated_deltanet():
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3NextForCausalLM(Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])).eval()
+
+
 @pytest.mark.parametrize("build, kept, quantized", [
     (_phimoe, "model.layers.0.mlp.router", "model.layers.0.self_attn.q_proj"),  # a router with its own forward
     (_mamba, "backbone.layers.0.mixer.dt_proj", "backbone.layers.0.mixer.in_proj"),  # a weight read as a tensor
-], ids=["router", "mamba"])
+    (_gated_deltanet, "lm_head", "model.layers.0.linear_attn.out_proj"),  # A_log without Mamba's D: called, quantized
+], ids=["router", "mamba", "gated deltanet"])
 def test_layers_a_quantized_layer_cannot_stand_in_for_stay_in_full_precision(build, kept, quantized):
     model = build()
     ids = torch.tensor([[1, 2, 3, 4, 5]])

@@ -185,6 +185,15 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_by_name_in_full_precision
         load_model_and_tokenizer(wider)
     model, _ = load_model_and_tokenizer(llama_dir, task_type="SEQ_CLS", num_labels=3)  # a new head: initialized
     assert model.score.weight.shape[0] == 3
+    from transformers import BertConfig, BertForMaskedLM, LlamaModel
+
+    BertForMaskedLM(BertConfig(vocab_size=387, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64)).save_pretrained(tmp_path / "mlm")
+    bert = models.load_model(tmp_path / "mlm", task_type="SEQ_CLS")  # a masked LM's checkpoint has no pooler: new
+    assert bert.bert.pooler.dense.weight.shape == (32, 32)
+    LlamaModel(tiny_llama(vocab_size=387).config).save_pretrained(tmp_path / "no-head")  # the body alone
+    with pytest.raises(InvalidFileError, match=r"no tensor for 1 model entries, e.g. \['lm_head.weight'\]"):
+        models.load_model(tmp_path / "no-head")
 
 
 def test_bad_paths_name_the_path_and_the_fix(tmp_path, llama_dir):

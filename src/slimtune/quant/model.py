@@ -47,8 +47,9 @@ def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
 
 # nn.Linear subclasses whose own forward is still x Wᵀ + b (a quantized layer computes the same).
 PLAIN_LINEAR_CLASSES = frozenset({"FalconLinear"})
-# A Mamba mixer (it holds ``A_log``) reads these layers' weights as tensors: dt_proj's in its CPU path, all three
-# in the fused CUDA kernels; a packed 4-bit weight there would be read as garbage.
+# A Mamba mixer (it holds ``A_log`` and ``D``; a Gated DeltaNet layer holds no ``D`` and calls its out_proj) reads
+# these layers' weights as tensors: dt_proj's in its CPU path, all three in the fused CUDA kernels; a packed
+# 4-bit weight there would be read as garbage.
 MAMBA_TENSOR_LAYERS = ("dt_proj", "x_proj", "out_proj")
 
 
@@ -65,7 +66,7 @@ def read_as_tensors(model: nn.Module) -> set[str]:
     """Linear layers whose weight the model reads directly rather than calling them (Mamba mixers' projections)."""
     found = set()
     for name, module in model.named_modules():
-        if hasattr(module, "A_log"):
+        if hasattr(module, "A_log") and hasattr(module, "D"):
             found |= {f"{name}.{child}".lstrip(".") for child in MAMBA_TENSOR_LAYERS if hasattr(module, child)}
     return found
 
