@@ -128,3 +128,51 @@ def test_a_resume_knows_the_adapter_folder_by_its_absolute_path(tmp_path, monkey
     relative = _continued(tmp_path, first)
     relative["model"]["adapter"] = "adapter"
     assert runner.comparable(recipe_from_dict(relative)) == absolute
+
+
+def _saved(tmp_path, config, name="saved"):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    import slimtune
+
+    slimtune.add_adapter(model, config)
+    return str(slimtune.save_adapter(model, tmp_path / name))
+
+
+def test_repeating_the_folder_in_another_order_or_its_init_fields_is_accepted(tmp_path):
+    import slimtune
+
+    folder = _saved(tmp_path, slimtune.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "k_proj"]))
+    recipe = tiny_recipe(tmp_path, quantized=False, model={"adapter": folder})
+    for section in ({"target_modules": ["k_proj", "q_proj", "v_proj"]},  # PEFT writes a set: any order
+                    {"inference_mode": True, "init_lora_weights": "gaussian"}):  # the file's, or how it began
+        built = recipe_from_dict({**recipe, "method": {"peft_type": "LORA", **section}}).method
+        assert sorted(built.target_modules) == ["k_proj", "q_proj", "v_proj"] and not built.inference_mode
+    with pytest.raises(RecipeError, match="method.target_modules: .* differs"):
+        recipe_from_dict({**recipe, "method": {"target_modules": ["k_proj", "q_proj"]}})
+
+
+def test_a_lora_folder_trains_further_as_any_of_the_lora_family(tmp_path):
+    import slimtune
+
+    folder = _saved(tmp_path, slimtune.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    recipe = tiny_recipe(tmp_path, quantized=False, model={"adapter": folder})
+    built = recipe_from_dict({**recipe, "method": {"peft_type": "LORA_FA"}}).method
+    assert built.peft_type == "LORA_FA" and built.r == 2  # LoRA-FA saves as LoRA: the run says which it is
+    delta = recipe_from_dict({**recipe, "method": {"peft_type": "DELTA_LORA", "delta_lambda": 0.25}}).method
+    assert delta.peft_type == "DELTA_LORA" and delta.delta_lambda == 0.25
+    with pytest.raises(RecipeError, match="method.peft_type: 'IA3' differs"):
+        recipe_from_dict({**recipe, "method": {"peft_type": "IA3"}})
+
+
+@pytest.mark.parametrize("config", ["p_tuning", "prefix_projection"])
+def test_an_adapter_holding_only_its_encoders_output_is_refused(tmp_path, config):
+    import slimtune
+
+    made = slimtune.PromptEncoderConfig(num_virtual_tokens=2, encoder_hidden_size=8) if config == "p_tuning" else \
+        slimtune.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8)
+    folder = _saved(tmp_path, made)
+    with pytest.raises(RecipeError, match="holds what its encoder computed, not the encoder"):
+        recipe_from_dict(tiny_recipe(tmp_path, quantized=False, model={"adapter": folder}, method=None))
+    plain = _saved(tmp_path, slimtune.PrefixTuningConfig(num_virtual_tokens=2), "plain")
+    recipe = tiny_recipe(tmp_path, quantized=False, model={"adapter": plain}, method=None)
+    assert recipe_from_dict(recipe).method.peft_type == "PREFIX_TUNING"
