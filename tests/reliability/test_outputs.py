@@ -66,8 +66,10 @@ def test_a_merged_export_never_replaces_the_base_folder_it_came_from(tmp_path, m
     with pytest.raises(ValueError, match="replacing it would delete"):
         export_merged(loaded(), tokenizer, tmp_path)
     assert _contents(tmp_path / "base") == before
+    tokenizer.chat_template = {"default": "{{ messages }}", "tool_use": "{{ tools }}"}  # saved in a sub-folder
     export_merged(loaded(), tokenizer, tmp_path / "merged")
-    export_merged(loaded(), tokenizer, tmp_path / "merged")  # a merged model is replaced
+    assert (tmp_path / "merged" / "additional_chat_templates").is_dir()
+    export_merged(loaded(), tokenizer, tmp_path / "merged")  # a merged model is replaced, whatever it wrote
     (tmp_path / "merged" / "NOTES.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"other files \(\['NOTES.txt'\]\)"):
         export_merged(loaded(), tokenizer, tmp_path / "merged")

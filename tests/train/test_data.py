@@ -66,6 +66,8 @@ def test_csv_and_tsv(tmp_path):
     assert load_examples(csv_file) == [
         {"prompt": "Say hi", "response": "hello, world"}, {"prompt": "two\nlines", "response": "ok"},
     ]
+    stray = write(tmp_path / "s.csv", 'prompt,response\n"Say" hello,ok\n"Say hi" ,fine\n')  # as pandas reads it
+    assert [e["prompt"] for e in load_examples(stray)] == ["Say hello", "Say hi "]
     tsv = write(tmp_path / "d.tsv", "instruction\tinput\toutput\tsystem\nAdd\t\t3\tBe brief.\n")
     assert load_examples(tsv) == [{"prompt": "Add", "response": "3", "system": "Be brief."}]
 
@@ -93,8 +95,7 @@ def test_hash_split_is_disjoint_and_complete():
          r"d.csv: line 1: the header names \['response'\] more than once"),
         ("d.csv", "prompt,response\nq,a\nq\n", ValueError, r"d.csv: line 3: field 'response' is empty \(null"),
         ("d.csv", 'prompt,response\nq1,a1\nq2,"a2\nq3,a3\nq4,a4\n', ValueError,  # not one row swallowing the rest
-         r"d.csv: line 3: the row starting here is not readable as CSV \(unexpected end of data\); check "
-         r"its quotes"),
+         r"d.csv: line 3: the row starting here opens a quote that never closes"),
         ("d.jsonl", '{"prompt": "q", "response": null}\n', ValueError, r"line 1: field 'response' is empty"),
         ("d.json", '{"rows": 3}', ValueError,
          r"object with named lists of rows \('train', and 'validation' or 'test'\) or a .data. list; .*\['rows'\]"),

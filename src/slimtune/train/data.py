@@ -123,31 +123,50 @@ def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    # strict: an unclosed quote is an error, not a field running on over every later line
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, strict=True)
-    rows, start = [], 2  # line of the first record, after the header
+    """Rows of a CSV/TSV file, each named by its first line. Read strictly first: a quote left open is an error, not
+    a field running on over every later line; a stray quote inside a field (``"Say" hello``), which strict reading
+    also refuses, reads as pandas (``datasets``) reads it."""
+    text = _read_text(path)
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
     try:
-        header = reader.fieldnames or []
-        twice = sorted({name for name in header if header.count(name) > 1})
-        if twice:  # DictReader would keep the last column of each name without a word
-            raise DataError(f"{path}: line 1: the header names {twice} more than once; give each column its own name.")
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as error:
-                raise DataError(f"{path}: line {start}: the row starting here is not readable as "
-                                f"{'CSV' if delimiter == ',' else 'TSV'} ({error}); check "
-                                "its quotes: a field that opens a quote must close it.") from None
-            # Keep only named columns: a ragged row puts its extra cells under the key None.
-            rows.append((f"{path}: line {start}", {k: v for k, v in row.items() if k is not None}))
-            start = reader.line_num + 1
+        try:
+            return iter(_csv_rows(text, path, delimiter, strict=True))
+        except csv.Error as error:
+            if "end of data" in str(error):  # the file ended inside a quoted field
+                raise DataError(f"{path}: line {error.args[1]}: the row starting here opens a quote that never "
+                                "closes (it would swallow every later line); close it.") from None
+        try:
+            return iter(_csv_rows(text, path, delimiter, strict=False))
+        except csv.Error as error:
+            raise DataError(f"{path}: line {error.args[1]}: not readable as {'CSV' if delimiter == ',' else 'TSV'} "
+                            f"({error.args[0]}).") from None
     finally:
         csv.field_size_limit(limit)
-    return iter(rows)
+
+
+def _csv_rows(text: str, path: Path, delimiter: str, strict: bool) -> list[tuple[str, Any]]:
+    """The rows, or a ``csv.Error(message, line where the bad row starts)``."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
+    try:
+        header = list(reader.fieldnames or [])
+    except csv.Error as error:
+        raise csv.Error(str(error), 1) from None
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # DictReader would keep the last column of each name without a word
+        raise DataError(f"{path}: line 1: the header names {twice} more than once; give each column its own name.")
+    rows: list[tuple[str, Any]] = []
+    start = 2  # line of the first record, after the header
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return rows
+        except csv.Error as error:
+            raise csv.Error(str(error), start) from None
+        # Keep only named columns: a ragged row puts its extra cells under the key None.
+        rows.append((f"{path}: line {start}", {k: v for k, v in row.items() if k is not None}))
+        start = reader.line_num + 1
 
 
 def _read_arrow_table(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:

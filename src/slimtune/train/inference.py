@@ -22,7 +22,7 @@ Merging a QLoRA adapter (:func:`load_for_merge`, ``base=``; ``slimtune merge --b
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,12 +152,15 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
     return model, tokenizer
 
 
-def check_merged_output(output: str | os.PathLike, model: str | None, adapters: Sequence[Path] = ()) -> None:
-    """Refuse a merged model's output folder whose replacement would delete the user's files or an input: the base
-    model's folder (``model``, or the one each adapter names) or an adapter's."""
+def check_merged_output(output: str | os.PathLike, model: str | None, adapters: Sequence[Path] = (),
+                        written: Collection[str] | None = None) -> None:
+    """Refuse a merged model's output folder whose replacement would delete an input (the base model's folder,
+    ``model`` or the one each adapter names; an adapter's) or, once the new folder's names are ``written``, files
+    in it that are neither those nor a model folder's (the user's)."""
     bases = [model] if model else [read_adapter_config(path).base_model_name_or_path for path in adapters]
     inputs = [p for p in [*bases, *adapters] if p and os.path.isdir(p)]
-    check_replaceable(output, lambda name: bool(MODEL_FOLDER_FILE.fullmatch(name)), inputs, "the merged model")
+    check_replaceable(output, lambda name: written is None or bool(MODEL_FOLDER_FILE.fullmatch(name)) or
+                      name in written, inputs, "the merged model")
 
 
 @torch.no_grad()
@@ -177,6 +180,8 @@ def export_merged(model: Any, tokenizer: Any, output: Path, dtype: str = "float3
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # what this save writes (a tokenizer's extra templates …) may be replaced; anything else is the user's
+        check_merged_output(output, getattr(model, "name_or_path", None), written={p.name for p in tmp.iterdir()})
     return output
 
 
