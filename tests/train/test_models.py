@@ -395,3 +395,20 @@ def test_a_whole_load_that_needs_bitsandbytes_says_so(llama_dir, tmp_path, monke
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"quantized by bitsandbytes .*install bitsandbytes to load it"):
         models.load_model(str(folder), quantization=QuantConfig())
+
+
+def test_a_folder_asking_for_its_own_code_is_refused_by_name_and_known_types_load(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "custom"
+    shutil.copytree(llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "modeling_x.py").write_text("raise SystemExit('remote code ran')\n")
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert models.load_model(folder) is not None  # a known model_type: transformers' own class, no code run
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "my_custom_arch"}))
+    with pytest.raises(ValueError, match=rf"{folder}'?: its config.json asks for code of its own \(auto_map\) for "
+                                         r"model_type 'my_custom_arch'.*never runs code from a model folder"):
+        models.load_model(folder)

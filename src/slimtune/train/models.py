@@ -282,9 +282,15 @@ def load_model(
             if quantization is not None:  # pickle weights (allowed): quantize the loaded model
                 quantize(model, quantization)
     except ValueError as error:
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        if config.get("auto_map") and "recognize this architecture" in str(error):
+            raise ValueError(
+                f"Model folder {str(folder)!r}: its config.json asks for code of its own (auto_map) for model_type "
+                f"{config.get('model_type')!r}, which transformers does not know, and slimtune never runs code from "
+                "a model folder (trust_remote_code); use a model transformers supports natively.") from None
         if "Unrecognized configuration class" not in str(error):
             raise
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        model_type = config.get("model_type")
         raise ValueError(
             f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant in "
             f"transformers; pick a task_type its architecture supports (e.g. CAUSAL_LM for decoder-only models)."
