@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TypeGuard, cast
 
 import torch
@@ -97,6 +97,29 @@ def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]
         if others:
             tied[name] = sorted(set(others))
     return tied
+
+
+def new_part(model: nn.Module, key: str, stored: Collection[str]) -> str | None:
+    """The part of ``model`` the checkpoint never had that the missing tensor ``key`` is in, to initialize as
+    transformers does: a task head (``score``, ``classifier`` …), or a part the task's class adds to another
+    class's checkpoint (a masked LM's pooler under SEQ_CLS). None when the tensor is missing beside stored ones (a
+    layer of a block), is a part of the checkpoint's own class (its final norm), or is the language-model head (a
+    base model's checkpoint, LlamaModel's, is not the LM's): an incomplete checkpoint. ``stored``: the names of
+    the tensors the checkpoint filled."""
+    head = output_embedding_name(model)
+    if head is not None and (key == head or key.startswith(head + ".")):
+        return None
+    parts = key.split(".")
+    top: str | None = parts[0]  # nothing above it stored but the model itself: a new top-level part
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth])
+        if any(k.startswith(prefix + ".") for k in stored):  # the nearest part the checkpoint holds
+            top = ".".join(parts[:depth + 1]) if prefix == getattr(model, "base_model_prefix", None) else None
+            break
+    if top is None or top in output_head_names(model):
+        return top
+    written_for = getattr(getattr(model, "config", None), "architectures", None) or []
+    return top if type(model).__name__ not in written_for else None
 
 
 def output_head_names(model: nn.Module) -> set[str]:

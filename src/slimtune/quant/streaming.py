@@ -29,8 +29,7 @@ from slimtune.core.modules import (
     is_conv1d,
     is_dense_linear,
     linear_dims,
-    output_embedding_name,
-    output_head_names,
+    new_part,
     replace_module,
     weight_of,
 )
@@ -365,7 +364,7 @@ def _load(model: ModelSource, source: _Source, config: QuantConfig | None, devic
         if key is not None or name.rpartition(".")[0] in quantized:
             loaded.add(name)
     _tie_weights(model, loaded)
-    _init_new_heads(model, device)
+    _init_new_parts(model, device, loaded)
     empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if empty:
         raise ValueError(f"the checkpoint has no tensor for {len(empty)} model entries, e.g. {empty[:5]}; "
@@ -376,21 +375,19 @@ def _load(model: ModelSource, source: _Source, config: QuantConfig | None, devic
     return model.to(device)
 
 
-def _init_new_heads(model: nn.Module, device: torch.device) -> None:
-    """A task head the checkpoint does not hold at all (a classifier on a language model's checkpoint, the usual
-    start of a SEQ_CLS / TOKEN_CLS fine-tune) is initialized as ``from_pretrained`` does it, with its warning; a
-    missing LM head stays an error (the checkpoint is then not this model's)."""
-    lm_head = output_embedding_name(model)
+def _init_new_parts(model: nn.Module, device: torch.device, loaded: set[str]) -> None:
+    """A part the checkpoint does not hold at all (a classifier on a language model's checkpoint, the usual start of
+    a SEQ_CLS / TOKEN_CLS fine-tune; a masked LM's pooler) is initialized as ``from_pretrained`` does it, with its
+    warning; a missing LM head, or a tensor missing beside stored ones, stays an error (:func:`new_part`)."""
     init = getattr(model, "_init_weights", None)
-    new = []
-    for name in sorted(output_head_names(model) - {lm_head}):
+    if not callable(init):
+        return
+    empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    new = sorted({part for name in empty if (part := new_part(model, name, loaded)) is not None})
+    for name in new:
         module = model.get_submodule(name)
-        tensors = [*module.parameters(), *module.buffers()]
-        in_a_block = any(part.isdigit() for part in name.split("."))
-        if callable(init) and tensors and all(t.is_meta for t in tensors) and not in_a_block:
-            module.to_empty(device=device)
-            module.apply(init)
-            new.append(name)
+        module.to_empty(device=device)
+        module.apply(init)
     if new:
         logger.warning("%s not in the checkpoint: newly initialized (as transformers does for a new task head); train "
                        "it (modules_to_save, the default for SEQ_CLS/TOKEN_CLS)", ", ".join(new))

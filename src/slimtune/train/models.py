@@ -37,7 +37,7 @@ from slimtune.compat import gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
-from slimtune.core.modules import output_embedding_name
+from slimtune.core.modules import new_part
 from slimtune.errors import InvalidFileError
 from slimtune.gguf_export import restore_pre_tokenizer
 from slimtune.quant import (
@@ -325,28 +325,12 @@ def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow
                                            "is config.json this checkpoint's?") from None
         raise
     stored = [key for key in model.state_dict() if key not in set(info.get("missing_keys", ()))]
-    missing = sorted(key for key in info.get("missing_keys", ()) if not _new_module(model, key, stored))
+    missing = sorted(key for key in info.get("missing_keys", ()) if new_part(model, key, stored) is None)
     if missing:
         raise InvalidFileError(folder, f"the checkpoint has no tensor for {len(missing)} model entries, e.g. "
                                        f"{missing[:5]}: an incomplete download, or not this architecture's checkpoint "
                                        "(config.json).")
     return model
-
-
-def _new_module(model: Any, key: str, stored: list[str]) -> bool:
-    """Whether the missing ``key`` belongs to a part the checkpoint never had, as transformers initializes it (a task
-    head, a masked LM's missing pooler): no tensor below the model (or its base model) is stored for the module it
-    is in; one missing beside stored ones (a layer of a block) is an incomplete checkpoint, and so is a missing
-    language-model head (its output would be noise: a base model's checkpoint, LlamaModel's, is not the LM's)."""
-    head = output_embedding_name(model)
-    if head is not None and key.startswith(head + "."):
-        return False
-    parts = key.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:depth])
-        if any(k.startswith(prefix + ".") for k in stored):  # the nearest part the checkpoint holds
-            return prefix == getattr(model, "base_model_prefix", None)
-    return True  # nothing above it is stored but the model itself: a new top-level part
 
 
 def is_gguf_file(path: Path) -> bool:
