@@ -66,8 +66,9 @@ def test_csv_and_tsv(tmp_path):
     assert load_examples(csv_file) == [
         {"prompt": "Say hi", "response": "hello, world"}, {"prompt": "two\nlines", "response": "ok"},
     ]
-    stray = write(tmp_path / "s.csv", 'prompt,response\n"Say" hello,ok\n"Say hi" ,fine\n')  # as pandas reads it
-    assert [e["prompt"] for e in load_examples(stray)] == ["Say hello", "Say hi "]
+    stray = write(tmp_path / "s.csv", 'prompt,response\nfine,ok\n"Say" hello,ok\n"open,never closed\nmore,rows\n')
+    with pytest.raises(DataError, match=r"s.csv: line 3: the row starting here is not readable as CSV .* doubled"):
+        load_examples(stray)  # read leniently, the unclosed quote after it would swallow the rest of the file
     tsv = write(tmp_path / "d.tsv", "instruction\tinput\toutput\tsystem\nAdd\t\t3\tBe brief.\n")
     assert load_examples(tsv) == [{"prompt": "Add", "response": "3", "system": "Be brief."}]
 
@@ -712,6 +713,16 @@ def test_what_a_template_would_leave_out_of_an_answer_is_refused_not_trained_wit
         normalize_example(calls, "row")
     with pytest.raises(DataError, match="row: the row lists 'tools'"):
         normalize_example({**plain, "tools": [{"type": "function"}]}, "row")
+    for none in ([], "[]", ""):  # a chat row naming no tool, and any other row's own 'tools' column, are data
+        normalize_example({**plain, "tools": none}, "row")
+    normalize_example({"instruction": "Which tool cuts wood?", "output": "A saw.", "tools": "saw, hammer"}, "row")
+    empty = {"messages": [plain["messages"][0], {**plain["messages"][1], "reasoning_content": ""}]}
+    assert _trained(chat_tokenizer, empty, chat=False).startswith("four")  # "" in a mixed set: no reasoning
+    R1 = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    think = {"messages": [{"role": "user", "content": "2+2?"},  # R1 drops the block before a short answer
+                          {"role": "assistant", "content": "<think>Two plus two is four.</think>It is 4."}]}
+    assert _trained(make_tokenizer(chat_template=R1), think) == "It is 4.<|im_end|>"
 
 
 @pytest.mark.parametrize("chat", [None, False], ids=["chat template", "plain template"])

@@ -123,24 +123,21 @@ def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    """Rows of a CSV/TSV file, each named by its first line. Read strictly first: a quote left open is an error, not
-    a field running on over every later line; a stray quote inside a field (``"Say" hello``), which strict reading
-    also refuses, reads as pandas (``datasets``) reads it."""
+    """Rows of a CSV/TSV file, each named by its first line, read strictly: a quote left open is an error, not a
+    field running on over every later line (a lenient reader turns the rest of the file into one example), and
+    so is a stray quote inside a field (write it doubled, ``""``, inside a quoted field)."""
     text = _read_text(path)
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
     try:
-        try:
-            return iter(_csv_rows(text, path, delimiter, strict=True))
-        except csv.Error as error:
-            if "end of data" in str(error):  # the file ended inside a quoted field
-                raise DataError(f"{path}: line {error.args[1]}: the row starting here opens a quote that never "
-                                "closes (it would swallow every later line); close it.") from None
-        try:
-            return iter(_csv_rows(text, path, delimiter, strict=False))
-        except csv.Error as error:
-            raise DataError(f"{path}: line {error.args[1]}: not readable as {'CSV' if delimiter == ',' else 'TSV'} "
-                            f"({error.args[0]}).") from None
+        return iter(_csv_rows(text, path, delimiter, strict=True))
+    except csv.Error as error:
+        kind = "CSV" if delimiter == "," else "TSV"
+        why = "opens a quote that never closes (it would swallow every later line); close it" \
+            if "end of data" in str(error.args[0]) else \
+            f"is not readable as {kind} ({error.args[0]}): a quote inside a field must be doubled (\"\") and the " \
+            "field quoted"
+        raise DataError(f"{path}: line {error.args[1]}: the row starting here {why}.") from None
     finally:
         csv.field_size_limit(limit)
 

@@ -55,8 +55,8 @@ def _turn(msg: Any, where: str) -> dict[str, Any]:
                          "learned without them); leave such rows out of the data.")
     turn = {"role": msg["role"], "content": _content(msg, where)}
     reasoning = msg.get("reasoning_content")
-    if reasoning is not None and msg["role"] == "assistant":
-        turn["reasoning_content"] = _text(msg, "reasoning_content", where)
+    if reasoning is not None and msg["role"] == "assistant" and _text(msg, "reasoning_content", where):
+        turn["reasoning_content"] = reasoning  # "" (a row without reasoning in a mixed set): none
     return turn
 
 
@@ -100,6 +100,13 @@ def _from_sharegpt(conversation: Any, where: str) -> dict[str, Any]:
     return {**_from_messages(messages, where), "train_all_turns": True}
 
 
+def _lists_tools(tools: Any) -> bool:
+    """Whether a chat row's ``tools`` column names any tool (a list, or its JSON text; ``[]`` and "" name none)."""
+    if isinstance(tools, str):
+        return tools.strip() not in ("", "[]", "null")
+    return bool(tools)
+
+
 def _from_text(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     text = _text(row, TEXT_KEY, where)
     if not text.strip():
@@ -116,7 +123,7 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
     """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
-    if row.get("tools"):
+    if (row.get("messages") is not None or row.get("conversations") is not None) and _lists_tools(row.get("tools")):
         raise DataError(f"{where}: the row lists 'tools' for its chat template: slimtune does not train tool use yet "
                          "(the template would render the conversation without them); leave such rows out.")
     if row.get("messages") is not None:  # None: a column other rows fill (Parquet, Arrow, HF datasets)

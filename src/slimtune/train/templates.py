@@ -45,7 +45,7 @@ def to_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
 
 def _check_plain(example: Mapping[str, Any]) -> None:
     """Refuse what the plain template has no place for (an answer's reasoning would be dropped)."""
-    if example.get("reasoning") is not None or any("reasoning_content" in m for m in example.get("history", [])):
+    if example.get("reasoning") or any(m.get("reasoning_content") for m in example.get("history", [])):
         raise DataError("an example holds 'reasoning_content', which the plain template has no place for (it would "
                         "be trained without it); use a tokenizer whose chat template renders it (Qwen3's, "
                         "DeepSeek-R1's), or drop the field.")
@@ -108,8 +108,9 @@ def _check_rendered(full: str, answer: Mapping[str, Any], example: Mapping[str, 
     list of parts (a vision model's) renders a string as nothing, one without a thinking block drops
     ``reasoning_content``; the turn would train on its markup alone."""
     for key in ("content", "reasoning_content"):
-        text = str(answer.get(key) or "").strip()[-40:].strip()  # its end (a template may rewrite the start: R1's
-        if text and text not in full:  # drops a leading <think> block from the content)
+        text = str(answer.get(key) or "").rpartition("</think>")[2] if key == "content" else str(answer.get(key) or "")
+        text = text.strip()[-40:].strip()  # its end: a template may rewrite a <think> block before it (R1 drops it,
+        if text and text not in full:  # Qwen3 re-renders it)
             first = str(example.get("prompt", ""))[:60]
             raise DataError(f"the example whose prompt begins {first!r}: the tokenizer's chat template does not "
                             f"render its answer's {key!r} (a template that reads content only as a list of parts, or "
