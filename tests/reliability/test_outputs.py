@@ -73,6 +73,10 @@ def test_a_merged_export_never_replaces_the_base_folder_it_came_from(tmp_path, m
     (tmp_path / "merged" / "NOTES.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"other files \(\['NOTES.txt'\]\)"):
         export_merged(loaded(), tokenizer, tmp_path / "merged")
+    from slimtune.train.inference import check_merged_output
+
+    with pytest.raises(ValueError, match=r"other files \(\['NOTES.txt'\]\)"):  # known before anything is merged
+        check_merged_output(tmp_path / "merged", str(tmp_path / "base"))
 
 
 def test_a_quantized_checkpoint_never_replaces_other_weights(tmp_path):

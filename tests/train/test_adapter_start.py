@@ -158,10 +158,14 @@ def test_a_lora_folder_trains_further_as_any_of_the_lora_family(tmp_path):
     recipe = tiny_recipe(tmp_path, quantized=False, model={"adapter": folder})
     built = recipe_from_dict({**recipe, "method": {"peft_type": "LORA_FA"}}).method
     assert built.peft_type == "LORA_FA" and built.r == 2  # LoRA-FA saves as LoRA: the run says which it is
-    delta = recipe_from_dict({**recipe, "method": {"peft_type": "DELTA_LORA", "delta_lambda": 0.25}}).method
-    assert delta.peft_type == "DELTA_LORA" and delta.delta_lambda == 0.25
-    with pytest.raises(RecipeError, match="method.peft_type: 'IA3' differs"):
-        recipe_from_dict({**recipe, "method": {"peft_type": "IA3"}})
+    plus = recipe_from_dict({**recipe, "method": {"peft_type": "LORA_PLUS", "loraplus_lr_ratio": 4.0}}).method
+    assert plus.peft_type == "LORA_PLUS" and plus.loraplus_lr_ratio == 4.0
+    for other in ("IA3", "DELTA_LORA"):  # Delta-LoRA's adapter holds other tensors (its rank-2r export)
+        with pytest.raises(RecipeError, match=rf"method.peft_type: '{other}' differs .*\(or LORA_FA / LORA_PLUS\)"):
+            recipe_from_dict({**recipe, "method": {"peft_type": other}})
+    dora = _saved(tmp_path, slimtune.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "dora")
+    with pytest.raises(RecipeError, match=r"which is LORA with DoRA; drop method.peft_type \(the folder decides"):
+        recipe_from_dict({**recipe, "model": {**recipe["model"], "adapter": dora}, "method": {"peft_type": "LORA_FA"}})
 
 
 @pytest.mark.parametrize("config", ["p_tuning", "prefix_projection"])

@@ -192,11 +192,14 @@ def test_a_damaged_or_incomplete_checkpoint_is_refused_by_name_in_full_precision
     for quantization in (None, QuantConfig()):  # a masked LM's checkpoint has no pooler: new, in both loads
         bert = models.load_model(tmp_path / "mlm", task_type="SEQ_CLS", quantization=quantization)
         assert bert.bert.pooler.dense.weight.shape == (32, 32) and not bert.bert.pooler.dense.weight.is_meta
-    no_norm = copy("no_norm")  # a part of the checkpoint's own class missing: incomplete, not new
+    no_norm = copy("no_norm")  # a part of the checkpoint's own class missing: incomplete, not new, in any task
     save_file({k: v for k, v in weights.items() if k != "model.norm.weight"}, no_norm / "model.safetensors")
     for quantization in (None, QuantConfig()):
-        with pytest.raises(ValueError, match=r"no tensor for 1 model entries, e.g. \['model.norm.weight'\]"):
-            load_model_and_tokenizer(no_norm, quantization=quantization)
+        for task in ("CAUSAL_LM", "SEQ_CLS"):
+            with pytest.raises(ValueError, match=r"no tensor for 1 model entries, e.g. \['model.norm.weight'\]"):
+                models.load_model(no_norm, task_type=task, quantization=quantization)
+    with pytest.raises(ValueError, match=r"no tensor for 1 model entries, e.g. \['norm.weight'\]"):
+        models.load_model(no_norm, task_type="FEATURE_EXTRACTION")  # the base model alone: named without "model."
     LlamaModel(tiny_llama(vocab_size=387).config).save_pretrained(tmp_path / "no-head")  # the body alone
     with pytest.raises(InvalidFileError, match=r"no tensor for 1 model entries, e.g. \['lm_head.weight'\]"):
         models.load_model(tmp_path / "no-head")

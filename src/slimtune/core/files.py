@@ -324,7 +324,8 @@ def recover_folder(final: str | os.PathLike) -> bool:
 MODEL_FOLDER_FILE = re.compile(
     r"(config|generation_config|tokenizer_config|special_tokens_map|added_tokens|preprocessor_config)\.json"
     r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|chat_template\.(jinja|json)"
-    r"|tokenizer\.(json|model)|vocab\.(json|txt)|merges\.txt|spiece\.model|sentencepiece\.bpe\.model")
+    r"|tokenizer\.(json|model)|vocab\.(json|txt)|merges\.txt|spiece\.model|sentencepiece\.bpe\.model"
+    r"|sentencepiece\.model|spm(_char)?\.model|(source|target)\.spm|tekken\.json|additional_chat_templates")
 
 
 def check_creatable(path: str | os.PathLike, what: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import TypeGuard, cast
 
 import torch
+import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -99,13 +100,13 @@ def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]
     return tied
 
 
-def new_part(model: nn.Module, key: str, stored: Collection[str]) -> str | None:
+def new_part(model: nn.Module, key: str, stored: Collection[str], saved_parts: Collection[str]) -> str | None:
     """The part of ``model`` the checkpoint never had that the missing tensor ``key`` is in, to initialize as
     transformers does: a task head (``score``, ``classifier`` …), or a part the task's class adds to another
     class's checkpoint (a masked LM's pooler under SEQ_CLS). None when the tensor is missing beside stored ones (a
     layer of a block), is a part of the checkpoint's own class (its final norm), or is the language-model head (a
     base model's checkpoint, LlamaModel's, is not the LM's): an incomplete checkpoint. ``stored``: the names of
-    the tensors the checkpoint filled."""
+    the tensors the checkpoint filled; ``saved_parts``: :func:`checkpoint_class_parts`."""
     head = output_embedding_name(model)
     if head is not None and (key == head or key.startswith(head + ".")):
         return None
@@ -118,8 +119,26 @@ def new_part(model: nn.Module, key: str, stored: Collection[str]) -> str | None:
             break
     if top is None or top in output_head_names(model):
         return top
-    written_for = getattr(getattr(model, "config", None), "architectures", None) or []
-    return top if type(model).__name__ not in written_for else None
+    return top if top not in saved_parts else None
+
+
+def checkpoint_class_parts(model: nn.Module) -> set[str]:
+    """Module names of the class the checkpoint was saved from (``config.architectures``), built on the meta device:
+    a part of it that the checkpoint lacks is missing, not new. The model's own, when that class is the model's or
+    unknown (every part is then the checkpoint's)."""
+    config = getattr(model, "config", None)
+    names = [a for a in getattr(config, "architectures", None) or [] if isinstance(a, str)]
+    if not names or type(model).__name__ in names or not hasattr(transformers, names[0]):
+        return {n for n, _ in model.named_modules()}
+    try:
+        with torch.device("meta"):
+            saved_from = getattr(transformers, names[0])(config)
+    except Exception:  # noqa: BLE001 - a class that cannot be built from this config: take every part as the model's
+        return {n for n, _ in model.named_modules()}
+    prefix = getattr(saved_from, "base_model_prefix", "") or ""
+    parts = {n for n, _ in saved_from.named_modules()}
+    # named as the model names them: its base model alone (LlamaModel's "norm") or a task model around it
+    return parts | {n[len(prefix) + 1:] for n in parts if n.startswith(prefix + ".")} | {f"{prefix}.{n}" for n in parts}
 
 
 def output_head_names(model: nn.Module) -> set[str]:

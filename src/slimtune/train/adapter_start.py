@@ -4,8 +4,8 @@ The folder (a finished run's ``adapter/``, or any adapter in PEFT's format) deci
 ``adapter_config.json`` is the recipe's ``method`` section, and its weights are where training starts. A
 ``method`` section in the recipe may only repeat the folder's values, and change what training alone uses
 (the dropout fields); anything that would change the adapter's tensors or its function is the folder's. A
-LoRA folder (LoRA-FA, Delta-LoRA and LoRA+ save as PEFT's LoRA) may be trained further as any of the LoRA
-family, naming it in ``method.peft_type``.
+LoRA folder (LoRA-FA and LoRA+ save as PEFT's LoRA) may be trained further as either, naming it in
+``method.peft_type``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from slimtune.methods.prefix import PrefixTuningConfig
 from slimtune.methods.prompt_tuning import PromptEncoderConfig
 from slimtune.train.schema import RecipeError, build, unknown_key_error
 
+SWITCHABLE = ("LORA_FA", "LORA_PLUS")  # LoRA variants whose tensors are LoRA's own
 ORDERLESS = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform")  # PEFT writes sets
 
 
@@ -70,11 +71,13 @@ def method_from_adapter(folder: str, section: Any) -> MethodConfig:
     peft_type = given.pop("peft_type", saved.peft_type)
     classes = config_classes()
     cls = classes.get(peft_type) if isinstance(peft_type, str) else None
-    family = isinstance(saved, LoraConfig) and type(saved) is LoraConfig and cls is not None and \
-        issubclass(cls, LoraConfig)  # a LoRA file trains further as LoRA-FA, Delta-LoRA or LoRA+ too
+    # a plain LoRA file trains further as LoRA-FA or LoRA+ too (the same tensors; Delta-LoRA's and DoRA's differ)
+    family = type(saved) is LoraConfig and not saved.use_dora and peft_type in SWITCHABLE
     if peft_type != saved.peft_type and not family:
+        options = f" (or {' / '.join(SWITCHABLE)})" if type(saved) is LoraConfig and not saved.use_dora else ""
         raise RecipeError(f"method.peft_type: {peft_type!r:.80} differs from the adapter in model.adapter={folder!r}, "
-                          f"which is {saved.peft_type}; drop method.peft_type (the folder decides it).")
+                          f"which is {saved.peft_type}{' with DoRA' if getattr(saved, 'use_dora', False) else ''}; "
+                          f"drop method.peft_type (the folder decides it){options}.")
     cls = cls or type(saved)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in given:

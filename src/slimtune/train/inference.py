@@ -155,12 +155,13 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
 def check_merged_output(output: str | os.PathLike, model: str | None, adapters: Sequence[Path] = (),
                         written: Collection[str] | None = None) -> None:
     """Refuse a merged model's output folder whose replacement would delete an input (the base model's folder,
-    ``model`` or the one each adapter names; an adapter's) or, once the new folder's names are ``written``, files
-    in it that are neither those nor a model folder's (the user's)."""
+    ``model`` or the one each adapter names; an adapter's) or files in it that are not a model folder's (the
+    user's); once the new folder is written, what it holds (``written``, a tokenizer's own extra files) is the
+    output's too."""
     bases = [model] if model else [read_adapter_config(path).base_model_name_or_path for path in adapters]
     inputs = [p for p in [*bases, *adapters] if p and os.path.isdir(p)]
-    check_replaceable(output, lambda name: written is None or bool(MODEL_FOLDER_FILE.fullmatch(name)) or
-                      name in written, inputs, "the merged model")
+    check_replaceable(output, lambda name: bool(MODEL_FOLDER_FILE.fullmatch(name)) or name in (written or ()),
+                      inputs, "the merged model")
 
 
 @torch.no_grad()
