@@ -95,5 +95,5 @@ def method_from_adapter(folder: str, section: Any) -> MethodConfig:
                               f"whose {key} is {theirs!r:.80}; training a saved adapter further keeps what it is "
                               f"(only dropout may change): drop method.{key}.")
         changes[key] = mine
-    resets = {key: getattr(saved, key) for key in fields if ignored(key) and hasattr(saved, key)}
-    return stated.replace(**{**{k: getattr(saved, k) for k in stored if not may_change(k)}, **changes, **resets})
+    kept = {key: getattr(saved, key) for key in stored if not may_change(key)}  # the file's, ignored fields too
+    return stated.replace(**kept, **changes)

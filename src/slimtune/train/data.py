@@ -130,7 +130,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, CSV_FIELD_LIMIT))
     try:
-        return iter(_csv_rows(text, path, delimiter, strict=True))
+        return iter(_csv_rows(text, path, delimiter))
     except csv.Error as error:
         kind = "CSV" if delimiter == "," else "TSV"
         why = "opens a quote that never closes (it would swallow every later line); close it" \
@@ -142,9 +142,9 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
         csv.field_size_limit(limit)
 
 
-def _csv_rows(text: str, path: Path, delimiter: str, strict: bool) -> list[tuple[str, Any]]:
-    """The rows, or a ``csv.Error(message, line where the bad row starts)``."""
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=strict)
+def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[str, Any]]:
+    """The rows, read strictly, or a ``csv.Error(message, line where the bad row starts)``."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
         header = list(reader.fieldnames or [])
     except csv.Error as error:
