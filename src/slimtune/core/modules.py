@@ -100,13 +100,19 @@ def tied_weights(model: nn.Module, names: Iterable[str]) -> dict[str, list[str]]
     return tied
 
 
-def new_part(model: nn.Module, key: str, stored: Collection[str], saved_parts: Collection[str]) -> str | None:
+def held_parts(stored: Iterable[str]) -> set[str]:
+    """Every module name above a stored tensor's (``a.b.c.weight`` → ``a``, ``a.b``, ``a.b.c``): what
+    :func:`new_part` asks of each missing tensor, computed once."""
+    return {".".join(parts[:depth]) for key in stored for parts in [key.split(".")] for depth in range(1, len(parts))}
+
+
+def new_part(model: nn.Module, key: str, held: Collection[str], saved_parts: Collection[str]) -> str | None:
     """The part of ``model`` the checkpoint never had that the missing tensor ``key`` is in, to initialize as
     transformers does: a task head (``score``, ``classifier`` …), or a part the task's class adds to another
     class's checkpoint (a masked LM's pooler under SEQ_CLS). None when the tensor is missing beside stored ones (a
     layer of a block), is a part of the checkpoint's own class (its final norm), or is the language-model head (a
-    base model's checkpoint, LlamaModel's, is not the LM's): an incomplete checkpoint. ``stored``: the names of
-    the tensors the checkpoint filled; ``saved_parts``: :func:`checkpoint_class_parts`."""
+    base model's checkpoint, LlamaModel's, is not the LM's): an incomplete checkpoint. ``held``: :func:`held_parts`
+    of the tensors the checkpoint filled; ``saved_parts``: :func:`checkpoint_class_parts`."""
     head = output_embedding_name(model)
     if head is not None and (key == head or key.startswith(head + ".")):
         return None
@@ -114,7 +120,7 @@ def new_part(model: nn.Module, key: str, stored: Collection[str], saved_parts: C
     top: str | None = parts[0]  # nothing above it stored but the model itself: a new top-level part
     for depth in range(len(parts) - 1, 0, -1):
         prefix = ".".join(parts[:depth])
-        if any(k.startswith(prefix + ".") for k in stored):  # the nearest part the checkpoint holds
+        if prefix in held:  # the nearest part the checkpoint holds
             top = ".".join(parts[:depth + 1]) if prefix == getattr(model, "base_model_prefix", None) else None
             break
     if top is None or top in output_head_names(model):

@@ -27,6 +27,7 @@ from slimtune.compat import checkpoint_key_mapper
 from slimtune.core.dtypes import default_compute_dtype
 from slimtune.core.modules import (
     checkpoint_class_parts,
+    held_parts,
     is_conv1d,
     is_dense_linear,
     linear_dims,
@@ -384,8 +385,8 @@ def _init_new_parts(model: nn.Module, device: torch.device, loaded: set[str]) ->
     if not callable(init):
         return
     empty = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    parts = checkpoint_class_parts(model) if empty else set()
-    new = sorted({part for name in empty if (part := new_part(model, name, loaded, parts)) is not None})
+    held, parts = (held_parts(loaded), checkpoint_class_parts(model)) if empty else (set(), set())
+    new = sorted({part for name in empty if (part := new_part(model, name, held, parts)) is not None})
     for name in new:
         module = model.get_submodule(name)
         module.to_empty(device=device)

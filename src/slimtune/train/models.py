@@ -37,7 +37,7 @@ from slimtune.compat import gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
-from slimtune.core.modules import checkpoint_class_parts, new_part
+from slimtune.core.modules import checkpoint_class_parts, held_parts, new_part
 from slimtune.errors import InvalidFileError
 from slimtune.gguf_export import restore_pre_tokenizer
 from slimtune.quant import (
@@ -324,9 +324,10 @@ def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow
             raise InvalidFileError(folder, f"the weights do not fit the model its config.json describes ({error}); "
                                            "is config.json this checkpoint's?") from None
         raise
-    stored = [key for key in model.state_dict() if key not in set(info.get("missing_keys", ()))]
-    parts = checkpoint_class_parts(model) if info.get("missing_keys") else set()
-    missing = sorted(key for key in info.get("missing_keys", ()) if new_part(model, key, stored, parts) is None)
+    absent = set(info.get("missing_keys", ()))
+    held = held_parts(key for key in model.state_dict() if key not in absent) if absent else set()
+    parts = checkpoint_class_parts(model) if absent else set()
+    missing = sorted(key for key in absent if new_part(model, key, held, parts) is None)
     if missing:
         raise InvalidFileError(folder, f"the checkpoint has no tensor for {len(missing)} model entries, e.g. "
                                        f"{missing[:5]}: an incomplete download, or not this architecture's checkpoint "
