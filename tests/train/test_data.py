@@ -574,6 +574,12 @@ def test_trl_conversational_prompt_completion_and_text_parts_are_read_as_chat():
     row = {"prompt": [{"role": "system", "content": "Be brief."}, user],
            "completion": [{"role": "assistant", "content": "done"}]}
     assert load_examples([row]) == [{"system": "Be brief.", "prompt": "first part", "response": "done"}]
+    with pytest.raises(DataError, match="row: the row lists 'tools'"):  # as a 'messages' row with tools is
+        normalize_example({**row, "tools": [{"type": "function"}]}, "row")
+    normalize_example({**row, "tools": []}, "row")
+    for empty in ("", "  ", []):  # the answer would be the EOS alone
+        with pytest.raises(DataError, match="row: the response is empty"):
+            normalize_example({**row, "completion": [{"role": "assistant", "content": empty}]}, "row")
     image = {"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "what?"}]}
     with pytest.raises(ValueError, match=r"example 0: messages\[0\]: content\[0\] is .*'image'.*only text parts"):
         load_examples([{"messages": [image, {"role": "assistant", "content": "a cat"}]}])
@@ -734,3 +740,12 @@ def test_a_greeting_before_the_first_user_turn_is_context_after_a_system_turn_to
     assert normalize_example({**row, "system": "Be kind."}, "row")["system"] == "Be kind."
     with pytest.raises(DataError, match="row: the row's 'system' and its first turn's system prompt differ"):
         normalize_example({**row, "system": "Be brief."}, "row")
+
+
+def test_an_answer_sharing_its_first_token_with_the_prompt_is_said(chat_tokenizer, recwarn):
+    # "\n" ending the template's prompt and the answer's indentation are one token ("\n   "): it counts as prompt
+    assert _trained(chat_tokenizer, {"prompt": "def f(x):", "response": "    return x"}) == " return x<|im_end|>"
+    assert [str(w.message) for w in recwarn if "share a token with the end of the prompt" in str(w.message)]
+    recwarn.clear()
+    assert _trained(chat_tokenizer, {"prompt": "def f(x):", "response": "return x"}) == "return x<|im_end|>"
+    assert not [w for w in recwarn if "share a token" in str(w.message)]

@@ -125,6 +125,8 @@ def test_task_types(llama_dir, tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     seq2seq, _ = load_model_and_tokenizer(tmp_path, task_type="SEQ_2_SEQ_LM")
     assert type(seq2seq).__name__ == "T5ForConditionalGeneration"
+    with pytest.raises(ValueError, match=r"no CAUSAL_LM variant in transformers; `slimtune train` fine-tunes causal"):
+        load_model_and_tokenizer(tmp_path)  # not "pick a task_type": train refuses the others
 
 
 def test_argument_errors(llama_dir):

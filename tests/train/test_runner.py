@@ -185,3 +185,15 @@ def test_a_prompt_adapters_virtual_tokens_count_against_the_models_positions(tmp
             f"({longest - 4} left); set data.max_seq_length: {longest - 4}.") in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert main(["train", str(write_recipe(tmp_path / "r.yaml", base)), "--no-progress"]) == 0  # LoRA: no virtual
+
+
+def test_the_log_says_how_many_evaluation_examples_were_cut_or_left_out(tmp_path, capsys):
+    from run_helpers import rows, write_jsonl
+
+    long = " ".join(["word"] * 60)
+    evals = write_jsonl(tmp_path / "long_eval.jsonl", [*rows(3), {"prompt": long, "response": "a"},
+                                                       {"prompt": "Say it.", "response": long}])
+    recipe = tiny_recipe(tmp_path, quantized=False, data={"eval_dataset": str(evals)},
+                         training={"max_steps": 1, "save_every": 0}, demo={"enabled": False})
+    assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
+    assert "; 4 evaluation rows (1 truncated, 1 dropped)" in capsys.readouterr().out

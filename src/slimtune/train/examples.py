@@ -123,7 +123,13 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
     """Turn one raw row into a normalized example; ``where`` (e.g. "data.jsonl: line 3") prefixes errors."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with {_EXPECTED}, got {type(row).__name__} {row!r:.80}.")
-    if (row.get("messages") is not None or row.get("conversations") is not None) and _lists_tools(row.get("tools")):
+    prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
+    response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
+    # TRL's conversational prompt-completion rows: message lists, the completion's last turn trained
+    conversational = bool(prompt_key and response_key and isinstance(row[prompt_key], list)
+                          and isinstance(row[response_key], list))
+    chat = conversational or row.get("messages") is not None or row.get("conversations") is not None
+    if chat and _lists_tools(row.get("tools")):
         raise DataError(f"{where}: the row lists 'tools' for its chat template: slimtune does not train tool use yet "
                          "(the template would render the conversation without them); leave such rows out.")
     if row.get("messages") is not None:  # None: a column other rows fill (Parquet, Arrow, HF datasets)
@@ -134,12 +140,10 @@ def normalize_example(row: Any, where: str) -> dict[str, Any]:
             if example.get("system", row["system"]) != row["system"]:
                 raise DataError(f"{where}: the row's 'system' and its first turn's system prompt differ; keep one.")
             example["system"] = row["system"]
+    elif conversational:
+        assert prompt_key is not None and response_key is not None
+        example = _from_messages([*row[prompt_key], *row[response_key]], where)
     else:
-        prompt_key = next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
-        response_key = next((k for k in RESPONSE_KEYS if row.get(k) is not None), None)
-        if prompt_key and response_key and isinstance(row[prompt_key], list) and isinstance(row[response_key], list):
-            # TRL's conversational prompt-completion rows: message lists, the completion's last turn trained
-            return _from_messages([*row[prompt_key], *row[response_key]], where)
         if (prompt_key is None or response_key is None) and row.get(TEXT_KEY) is not None:
             return _from_text(row, where)
         if prompt_key is None or response_key is None:

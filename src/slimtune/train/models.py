@@ -291,10 +291,11 @@ def load_model(
         if "Unrecognized configuration class" not in str(error):
             raise
         model_type = config.get("model_type")
-        raise ValueError(
-            f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant in "
-            f"transformers; pick a task_type its architecture supports (e.g. CAUSAL_LM for decoder-only models)."
-        ) from error
+        advice = ("`slimtune train` fine-tunes causal (decoder-only) language models: pick one (Llama, Qwen, "
+                  "SmolLM2 …), or fine-tune this model from Python (slimtune.add_adapter with its task_type)"
+                  if task_type == "CAUSAL_LM" else "pick a task_type its architecture supports")
+        raise ValueError(f"Model {os.fspath(name_or_path)!r} (model_type {model_type!r}) has no {task_type} variant "
+                         f"in transformers; {advice}.") from error
     gguf = gguf_file_of(name_or_path)
     if gguf is not None:  # not the cache folder: adapters record this as their base, and it may change
         model.config._name_or_path = str(gguf)

@@ -343,9 +343,10 @@ def _device(recipe: Recipe) -> torch.device:
 
 def _log_tokens(train_rows: TokenizedDataset, eval_rows: TokenizedDataset, max_len: int,
                 log: Callable[[str], None]) -> None:
-    stats = train_rows.stats
+    stats, held = train_rows.stats, eval_rows.stats
     log(f"tokens: {stats.n_tokens:,} in {stats.n_sequences} training rows of at most {max_len} "
-        f"({stats.n_truncated} examples truncated, {stats.n_dropped} dropped); {len(eval_rows)} evaluation rows")
+        f"({stats.n_truncated} examples truncated, {stats.n_dropped} dropped); {len(eval_rows)} evaluation rows"
+        f"{f' ({held.n_truncated} truncated, {held.n_dropped} dropped)' if held.n_truncated or held.n_dropped else ''}")
 
 
 def finalize(recipe: Recipe, model: nn.Module, tokenizer: Any, trainer: Trainer, run: RunFolder,

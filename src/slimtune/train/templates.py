@@ -158,16 +158,22 @@ def tokenize_pieces(tokenizer: Any, pieces: Sequence[Sequence[str]]) -> list[lis
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
         return [tokenizer(list(parts), add_special_tokens=False)["input_ids"] if parts else [] for parts in pieces]
-    out = []
+    out, straddled = [], False
     for parts, ids, offsets in zip(pieces, encoded["input_ids"], encoded["offset_mapping"]):
         ends = list(itertools.accumulate(len(part) for part in parts))
         split: list[list[int]] = [[] for _ in parts]
         piece = 0
-        for token, (start, _) in zip(ids, offsets):
+        for token, (start, stop) in zip(ids, offsets):
             while piece < len(parts) - 1 and start >= ends[piece]:
                 piece += 1
+            straddled |= piece < len(parts) - 1 and start < ends[piece] < stop
             split[piece].append(token)
         out.append(split)
+    if straddled:
+        warnings.warn("some examples' answers start with characters that share a token with the end of the prompt "
+                      "(e.g. an answer starting with spaces or a line break, after the template's own line break): "
+                      "that token counts as prompt, so those characters are not trained (as TRL labels them). Strip "
+                      "the answers' leading whitespace if it matters.", stacklevel=2)
     return out
 
 
