@@ -37,6 +37,11 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def tokens(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["tokens"] for r in rows if "tokens" in r}
+
+
 def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
     """Press Ctrl-C (or send ``signum``) while optimizer step ``step`` runs (the loop stops after finishing it)."""
     original = Trainer.train_step
@@ -52,8 +57,10 @@ def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGINT) -> None:
 
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     # Dropout 0.1, accumulation, warmup + cosine and several epochs (40 rows / 4 per batch = 10
-    # batches per epoch, 2 per step, 12 steps): every piece of state has to come back exactly.
-    recipe = tiny_recipe(tmp_path, training={"max_steps": 12, "save_every": 4, "keep_checkpoints": 2})
+    # batches per epoch, 2 per step, 12 steps): every piece of state has to come back exactly. A metrics row
+    # every 3 steps: the stop (step 7) falls inside a row's window, whose steps before it the row must count.
+    recipe = tiny_recipe(tmp_path, training={"max_steps": 12, "save_every": 4, "keep_checkpoints": 2,
+                                             "log_every": 3})
     straight = write_recipe(tmp_path / "straight.yaml", {**recipe, "output": {"dir": str(tmp_path / "straight")}})
     broken = write_recipe(tmp_path / "broken.yaml", {**recipe, "output": {"dir": str(tmp_path / "broken")}})
     assert train(straight) == 0
@@ -74,7 +81,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     assert a.keys() == b.keys() and len(a) == 28  # 7 linear layers x 2 blocks x (A, B)
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit for bit
-    assert losses(tmp_path / "straight") == losses(run)  # steps 1..12, once each, the same to the last bit
+    assert losses(tmp_path / "straight") == losses(run)  # steps 3..12, once each, the same to the last bit
+    assert list(losses(run)) == [3, 6, 9, 12] and tokens(tmp_path / "straight") == tokens(run)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["eval_loss_after"] < summary["eval_loss_before"]
 

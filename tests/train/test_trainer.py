@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import math
 import os
 import re
@@ -196,6 +197,8 @@ def test_a_step_never_reaches_into_the_next_epoch(tmp_path, tokenizer, token_row
         assert trainer.total_steps == 2 * epochs
         assert trainer.train() is True
         trained.append(trainer.state.tokens)
+        rows = [json.loads(line) for line in (tmp_path / str(i) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows if "loss" in r] == [0.5, 1.0, 1.5, 2.0][: 2 * epochs]  # done, as HF logs
     assert trained[0] == trained[1] == epochs * sum(len(r["input_ids"]) for r in six)
 
 

@@ -191,6 +191,10 @@ class TrainerState:
     data: dict[str, Any] = field(default_factory=dict)
     evals: list[dict[str, float]] = field(default_factory=list)
     peak_memory_mb: float = 0.0  # during training steps, over every process of the run that trained (this rank's)
+    # the steps since the last metrics row (a row holds their mean loss and summed tokens, as HF logs): kept in a
+    # checkpoint, so a run resumed inside a log_every window writes the row an uninterrupted run writes
+    unlogged_losses: list[float] = field(default_factory=list)
+    unlogged_tokens: int = 0
 
 
 def build_optimizer(model: nn.Module, settings: TrainingSection) -> torch.optim.Optimizer:
@@ -226,6 +230,7 @@ class Trainer:
         self.config_snapshot = config_snapshot or {}
         per_epoch = len(batches) if isinstance(batches, ShardedBatches) else \
             math.ceil(len(batches) / settings.gradient_accumulation_steps)
+        self.steps_per_epoch = per_epoch
         self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
         warmup = settings.warmup_steps
         if warmup is None:
@@ -372,6 +377,8 @@ class Trainer:
         for key in ("step", "tokens", "train_seconds", "data", "evals"):
             setattr(self.state, key, saved[key])
         self.state.peak_memory_mb = saved.get("peak_memory_mb", 0.0)  # (checkpoints from before it was kept)
+        self.state.unlogged_losses = list(saved.get("unlogged_losses", []))  # (and from before the window was)
+        self.state.unlogged_tokens = saved.get("unlogged_tokens", 0)
         self.resumed_at = self.state.step
         set_rng_state(rng)
         if self.is_main:  # rank 0 writes the run's logs
@@ -430,7 +437,6 @@ class Trainer:
         self.model.train()
         reset_peak_memory(self.device)
         window_tokens, window_start = 0, time.perf_counter()
-        logged_losses, logged_tokens = [], 0  # since the last metrics row: a row holds their mean / sum (as HF logs)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="training", unit="step",
                    disable=not (self.show_progress and self.is_main), dynamic_ncols=True)
         with StopRequest(bar.write if self.show_progress else self.log) as stop, bar:
@@ -448,8 +454,8 @@ class Trainer:
                 self.state.tokens += row["tokens"]
                 self.state.train_seconds += time.perf_counter() - started
                 window_tokens += row["tokens"]
-                logged_losses.append(row["loss"])
-                logged_tokens += row["tokens"]
+                self.state.unlogged_losses.append(row["loss"])
+                self.state.unlogged_tokens += row["tokens"]
                 memory = peak_memory_mb(self.device)
                 self.state.peak_memory_mb = max(self.state.peak_memory_mb, memory)
                 elapsed = time.perf_counter() - window_start
@@ -459,10 +465,12 @@ class Trainer:
                 bar.update(1)
                 step = self.state.step
                 if step % settings.log_every == 0 or step == self.total_steps:
-                    self._write_row({"step": step, **row, "loss": sum(logged_losses) / len(logged_losses),
-                                     "tokens": logged_tokens, "tokens_per_s": rate, "peak_mem_mb": memory,
-                                     "epoch": self.batches.epoch, "train_seconds": self.state.train_seconds})
-                    logged_losses, logged_tokens = [], 0
+                    losses = self.state.unlogged_losses
+                    self._write_row({"step": step, **row, "loss": sum(losses) / len(losses),
+                                     "tokens": self.state.unlogged_tokens, "tokens_per_s": rate, "peak_mem_mb": memory,
+                                     "epoch": round(step / self.steps_per_epoch, 4),  # done, as HF logs it
+                                     "train_seconds": self.state.train_seconds})
+                    self.state.unlogged_losses, self.state.unlogged_tokens = [], 0
                     window_tokens, window_start = 0, time.perf_counter()
                 if settings.eval_every and step % settings.eval_every == 0 and step < self.total_steps:
                     bar.write(f"step {step}: eval loss {self.evaluate():.4f}")
