@@ -28,20 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
 from safetensors.torch import save
 from torch import nn
 
-from slimtune.config import MethodConfig, config_json
+from slimtune.config import MethodConfig, config_json, fits_type
 from slimtune.core.files import (
     atomic_folder,
     check_name,
@@ -57,6 +55,8 @@ from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
+from slimtune.methods.prefix import PrefixTuningConfig
+from slimtune.methods.prompt_tuning import PromptEncoderConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,32 +163,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
 
 # ---- reading (the trust boundary) ------------------------------------------------------------------------
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a config field's type hint (unknown hints: the config decides)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, h) for h in args)
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # finite: JSON's NaN and Infinity pass every range check (``nan <= 0`` is False)
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, set, frozenset) or hint in (list, tuple, set, frozenset):
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict) and (not args or all(_matches(v, args[1]) for v in value.values()))
-    return True
-
-
 def _field_error(config_file: Path, error: Exception) -> InvalidFileError:
     """A config's own ``ValueError("r=0 must be …")`` as an error naming the file and the key."""
     message = str(error)
@@ -208,7 +182,7 @@ def config_from_file(config_file: Path, data: dict[str, Any]) -> MethodConfig:
         data = {**data, "init_lora_weights": True}
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        if field.name in data and field.init and not _matches(data[field.name], hints[field.name]):
+        if field.name in data and field.init and not fits_type(data[field.name], hints[field.name]):
             raise InvalidFileError(config_file, f"{field.name}={data[field.name]!r:.80} is not of the field's type "
                                                 f"({hints[field.name]}).", field.name)
     try:
@@ -316,6 +290,16 @@ def _confined(config: MethodConfig, folder: Path, config_file: Path, outside: bo
     return config.replace(**changes) if changes else config
 
 
+def folded_encoder(config: MethodConfig) -> str | None:
+    """What a saved prompt adapter is when its file holds its encoder's output instead of the encoder (P-tuning,
+    prefix tuning with ``prefix_projection``), or None."""
+    if isinstance(config, PromptEncoderConfig):
+        return "a P_TUNING adapter"
+    if isinstance(config, PrefixTuningConfig) and config.prefix_projection:
+        return "a PREFIX_TUNING adapter with prefix_projection"
+    return None
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -353,6 +337,10 @@ def load_adapter(
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
     config_file = Path(path) / CONFIG_NAME
     config = _confined(config or saved_method(path), Path(path), config_file, allow_outside_paths)
+    if is_trainable and folded_encoder(config):
+        raise ValueError(f"{path} holds {folded_encoder(config)}: its file holds what its encoder computed, not the "
+                         "encoder, so it cannot be trained further (PEFT refuses it too); load it with "
+                         "is_trainable=False, or train a new adapter.")
     tensors = read_adapter_tensors(path, allow_pickle)
     _check_sizes(config, tensors, config_file)
     frozen = [p for p in model.parameters() if not p.requires_grad]

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 # PEFT's task types, with the transformers auto class that loads a model for each.
 TASK_TYPES = {
@@ -76,7 +79,10 @@ def check_probability(name: str, value: Any) -> None:
 
 
 def layer_list(value: Any) -> Any:
-    """``layers_to_transform``: one index becomes a one-element list, as PEFT reads it."""
+    """``layers_to_transform``: one index becomes a one-element list, as PEFT reads it; an empty list means every
+    layer (PEFT's "no filter"), as None does."""
+    if isinstance(value, (list, tuple)) and not value:
+        return None
     return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
 
@@ -84,6 +90,8 @@ def check_layer_targets(config: Any) -> None:
     """Normalise and check, in place, the fields the layer-wrapping configs share (PEFT's names):
     ``target_modules`` and ``exclude_modules`` (a list, or a full-match regex string), the head copy a SEQ_CLS
     task trains by default, ``layers_to_transform``, and the values of ``rank_pattern``/``alpha_pattern``."""
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        config.target_modules = "all-linear"  # as PEFT reads it
     config.target_modules = str_list("target_modules", config.target_modules)
     if hasattr(config, "exclude_modules"):
         config.exclude_modules = str_list("exclude_modules", config.exclude_modules)
@@ -196,6 +204,45 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     return value
+
+
+def fits_type(value: Any, hint: Any) -> bool:
+    """Whether a config value (JSON's, or a config object's after its checks) fits a field's type hint (unknown hints:
+    the config decides)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(fits_type(value, h) for h in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # finite: JSON's NaN and Infinity pass every range check (``nan <= 0`` is False)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple, set, frozenset):
+        listed = isinstance(value, (list, tuple))
+        return listed and all(fits_type(v, args[0]) for v in value) if args else listed
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and (not args or all(fits_type(v, args[1]) for v in value.values()))
+    return True
+
+
+def check_field_types(config: MethodConfig) -> None:
+    """Raise a TypeError naming the first field whose value does not fit its type (``use_rslora="yes"`` acts as
+    True, is saved as "yes", and no loader, slimtune's included, would read the file back)."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if item.init and not fits_type(_to_json(value), hints[item.name]):
+            raise TypeError(f"{type(config).__name__}: {item.name}={value!r:.80} must be of type "
+                            f"{hints[item.name]}.")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from slimtune.config import TASK_HEAD_MODULES, MethodConfig
+from slimtune.config import TASK_HEAD_MODULES, MethodConfig, check_field_types
 from slimtune.core.modules import replace_module, tied_weights
 from slimtune.core.state import AdapterState, create_state, drop_state, find_state, get_state
 from slimtune.methods import REGISTRY, method_for
@@ -47,6 +47,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     if not isinstance(config, MethodConfig):
         raise TypeError(f"config must be a slimtune method config (e.g. LoraConfig), got {type(config).__name__}.")
     check_adapter_name(adapter_name)
+    check_field_types(config)
     config = copy.deepcopy(config)
     method = method_for(config)
     state = find_state(model)

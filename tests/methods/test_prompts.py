@@ -479,3 +479,26 @@ def test_virtual_tokens_take_the_width_of_the_token_embeddings(cls):
     assert get_state(model).configs["default"].token_dim == 16 and config.token_dim is None
     out = model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]]))
     assert out.logits.shape == (1, 6, VOCAB) and torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("config, message", [
+    (slimtune.PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=2),
+     r"num_transformer_submodules=2 is for encoder-decoder models.*a CAUSAL_LM model takes one prompt"),
+    (slimtune.PromptTuningConfig(num_virtual_tokens=2, token_dim=48), r"token_dim=48, but LlamaForCausalLM's token "
+                                                                      r"embeddings are 32 wide"),
+    (slimtune.PrefixTuningConfig(num_virtual_tokens=2, num_layers=3), r"num_layers=3, but LlamaForCausalLM has 2 "),
+    (slimtune.PrefixTuningConfig(num_virtual_tokens=2, num_layers=1), r"num_layers=1, but LlamaForCausalLM has 2 "),
+], ids=["submodules", "token_dim", "more layers", "fewer layers"])
+def test_sizes_set_by_hand_must_be_the_models(config, message):
+    # PEFT prepends 2p rows (and pads the mask by p), crashes on a missing layer, or mis-sizes the prefix
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=message):
+        slimtune.add_adapter(model, config)
+    assert not hasattr(model, "slimtune_state")
+
+
+def test_a_prefix_sized_by_hand_for_another_width_is_refused():
+    with pytest.raises(ValueError, match=r"token_dim=48, but GPT2LMHeadModel's attention has 32"):
+        slimtune.add_adapter(tiny_gpt2(), slimtune.PrefixTuningConfig(num_virtual_tokens=2, token_dim=48))
+    with pytest.raises(ValueError, match=r"num_attention_heads=8, but GPT2LMHeadModel's attention has 4"):
+        slimtune.add_adapter(tiny_gpt2(), slimtune.PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=8))

@@ -1,5 +1,7 @@
 """Target matching follows PEFT: names/suffixes, full-match regex, all-linear, excludes, layer indexes."""
 
+import re
+
 import pytest
 import torch
 from tiny_models import tiny_bert_cls, tiny_llama
@@ -85,3 +87,34 @@ def test_lora_refuses_the_layers_mamba_kernels_read_as_tensors_as_peft_does():
     mixer = model.backbone.layers[0].mixer
     assert hasattr(mixer.in_proj, "base_layer") and not hasattr(mixer.out_proj, "base_layer")
     model(torch.tensor([[1, 2, 3]]))
+
+
+def test_an_empty_layers_to_transform_is_every_layer_as_in_peft():
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(
+        target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[]))
+    assert sorted(n for n, _ in slimtune.lifecycle.tuner_layers(model)) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_pattern_keys_that_match_no_layer_warn_and_all_linear_ignores_case():
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['q_prj'\] match no adapted layer"):
+        model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(
+            target_modules="ALL-LINEAR", rank_pattern={"q_prj": 4, "v_proj": 2}, alpha_pattern={"o_proj": 3}))
+    assert model.model.layers[0].self_attn.v_proj.lora_A["default"].weight.shape[0] == 2
+    assert model.model.layers[0].mlp.down_proj.lora_A["default"].weight.shape[0] == 8  # all-linear, as PEFT reads it
+
+
+def test_targets_taken_whole_by_modules_to_save_are_named_in_the_error():
+    with pytest.raises(ValueError, match=r"matched no module outside modules_to_save=\['self_attn'\]"):
+        slimtune.add_adapter(tiny_llama(),
+                             slimtune.LoraConfig(target_modules=["q_proj"], modules_to_save=["self_attn"]))
+
+
+@pytest.mark.parametrize("field, value", [("use_rslora", "yes"), ("use_dora", 1), ("fan_in_fan_out", "no"),
+                                          ("init_lora_weights", 0), ("layers_to_transform", [0, "1"])])
+def test_a_config_value_of_the_wrong_type_is_refused_before_it_is_saved(field, value):
+    # it would act (use_rslora="yes" scales as True) and be saved, and no loader would read the file back
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="^" + re.escape(f"LoraConfig: {field}={value!r} must be of type")):
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"], **{field: value}))
+    assert not hasattr(model, "slimtune_state")

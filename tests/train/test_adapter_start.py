@@ -177,6 +177,9 @@ def test_an_adapter_holding_only_its_encoders_output_is_refused(tmp_path, config
     folder = _saved(tmp_path, made)
     with pytest.raises(RecipeError, match="holds what its encoder computed, not the encoder"):
         recipe_from_dict(tiny_recipe(tmp_path, quantized=False, model={"adapter": folder}, method=None))
+    with pytest.raises(ValueError, match="holds a P.* adapter.*: its file holds what its encoder computed"):
+        slimtune.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir()), folder, is_trainable=True)
+    slimtune.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir()), folder)  # for inference
     plain = _saved(tmp_path, slimtune.PrefixTuningConfig(num_virtual_tokens=2), "plain")
     recipe = tiny_recipe(tmp_path, quantized=False, model={"adapter": plain}, method=None)
     assert recipe_from_dict(recipe).method.peft_type == "PREFIX_TUNING"

@@ -25,7 +25,7 @@ from slimtune.core.modules import replace_module
 from slimtune.core.state import AdapterState
 from slimtune.methods.default_targets import model_type
 from slimtune.methods.layers import ModulesToSave, TunerLayer
-from slimtune.methods.targets import find_targets
+from slimtune.methods.targets import find_targets, warn_unused_patterns
 
 PEFT_PREFIX = "base_model.model."
 
@@ -129,9 +129,11 @@ class LayerMethod(Method):
     def target_names(self, model: nn.Module, config: MethodConfig, skip: Iterable[str]) -> list[str]:
         """Names of the modules ``config`` targets (PEFT's matching rules)."""
         self.fill_default_targets(model, config)
-        return find_targets(model, getattr(config, "target_modules", None), getattr(config, "exclude_modules", None),
-                            getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None),
-                            getattr(config, "modules_to_save", None), skip=skip)
+        names = find_targets(model, getattr(config, "target_modules", None), getattr(config, "exclude_modules", None),
+                             getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None),
+                             getattr(config, "modules_to_save", None), skip=skip)
+        warn_unused_patterns(config, names)
+        return names
 
     def plan(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Module]]:
         """``(name, module to wrap or an existing wrapper this method can add to)`` for every target."""

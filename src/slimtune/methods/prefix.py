@@ -128,6 +128,15 @@ class PrefixTuningMethod(PromptLearningMethod):
         super().fill_dims(model, config)
         assert isinstance(config, PrefixTuningConfig) and config.token_dim and config.num_attention_heads
         dims = model_dims(model)
+        if dims["num_layers"] is not None and config.num_layers != dims["num_layers"]:  # one cache entry per layer
+            raise ValueError(f"num_layers={config.num_layers}, but {type(model).__name__} has {dims['num_layers']} "
+                             "layers (the prefix feeds each one's key/value cache); leave num_layers unset, it is "
+                             "read from the model.")
+        if dims["num_key_value_heads"] is None and dims["head_dim"] is None:  # keys and values are hidden_size wide
+            for name in ("num_attention_heads", "token_dim"):
+                if dims[name] is not None and getattr(config, name) != dims[name]:
+                    raise ValueError(f"{name}={getattr(config, name)}, but {type(model).__name__}'s attention has "
+                                     f"{dims[name]}; leave {name} unset, it is read from the model.")
         if dims["num_key_value_heads"] is not None:
             # The cache holds num_key_value_heads heads of head_dim each, which need not make up hidden_size
             # (grouped-query attention; Gemma's head_dim 256 × 16 heads for a hidden size of 3072), as PEFT sizes it.

@@ -72,8 +72,13 @@ class VirtualTokenMethod(PromptLearningMethod):
     def fill_dims(self, model: nn.Module, config: PromptLearningConfig) -> None:
         """Virtual tokens live beside the token embeddings, so ``token_dim`` is their width, which is not always the
         hidden size (OPT-350m embeds in 512 and projects to 1024)."""
+        width = weight_of(transformers_model(model).get_input_embeddings()).shape[-1]
         if config.token_dim is None:
-            config.token_dim = weight_of(transformers_model(model).get_input_embeddings()).shape[-1]
+            config.token_dim = width
+        elif config.token_dim != width:
+            raise ValueError(f"token_dim={config.token_dim}, but {type(model).__name__}'s token embeddings are {width} "
+                             "wide (virtual tokens are prepended to them); leave token_dim unset, it is read from the "
+                             "model.")
         super().fill_dims(model, config)
 
     def rewrite_inputs(self, model: nn.Module, config: PromptLearningConfig, prompt: PromptModule,

@@ -156,6 +156,10 @@ class PromptLearningMethod(Method):
                 setattr(config, name, dims[name])
         if config.num_transformer_submodules is None:
             config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+        elif config.task_type != "SEQ_2_SEQ_LM" and config.num_transformer_submodules != 1:
+            raise ValueError(f"num_transformer_submodules={config.num_transformer_submodules} is for "
+                             "encoder-decoder models (a prompt for the encoder and one for the decoder); a "
+                             f"{config.task_type} model takes one prompt: leave num_transformer_submodules unset.")
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
         assert isinstance(config, PromptLearningConfig)

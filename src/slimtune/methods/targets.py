@@ -38,10 +38,22 @@ def layer_index(name: str, layers_pattern: str | Sequence[str] | None) -> int | 
 
 def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     """Per-module override (``rank_pattern`` / ``alpha_pattern``): first key matching a dotted suffix, as PEFT."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    return next((value for key, value in patterns.items() if pattern_matches(key, name)), default)
+
+
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether a ``rank_pattern`` / ``alpha_pattern`` key picks module ``name`` (a regex of its dotted suffix)."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def warn_unused_patterns(config: Any, targets: Sequence[str]) -> None:
+    """Warn of ``rank_pattern`` / ``alpha_pattern`` keys that match no adapted layer, as PEFT does (a typo would
+    quietly train those layers at the default rank or alpha)."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        unused = [k for k in getattr(config, field, None) or {} if not any(pattern_matches(k, t) for t in targets)]
+        if unused:
+            warnings.warn(f"{field} keys {unused} match no adapted layer and are ignored; check their spelling "
+                          f"(adapted layers: {_summarise(list(targets))}).", stacklevel=3)
 
 
 def is_adaptable_linear(module: nn.Module) -> bool:
@@ -82,7 +94,7 @@ def find_targets(
     heads = output_head_names(model) if all_linear else set()
     skip = set(skip)
     layers = set(layers_to_transform) if layers_to_transform is not None else None
-    found = []
+    found, saved_out = [], False
     for name, module in model.named_modules():
         if not name or name in skip or any(name.startswith(s + ".") for s in skip):
             continue
@@ -95,6 +107,7 @@ def find_targets(
         if name_matches(name, exclude_modules):
             continue
         if modules_to_save and any(is_saved_module(prefix, modules_to_save) for prefix in _self_and_parents(name)):
+            saved_out = True
             continue
         exact = not all_linear and not isinstance(target_modules, str) and name in target_modules
         if layers is not None and not exact and layer_index(name, layers_pattern) not in layers:
@@ -104,6 +117,8 @@ def find_targets(
         raise ValueError(
             f"target_modules={target_modules!r} matched no module"
             + (f" (after exclude_modules={exclude_modules!r})" if exclude_modules else "")
+            + (f" outside modules_to_save={list(modules_to_save or [])!r} (a module trained whole, or inside one, "
+               "takes no adapter)" if saved_out else "")
             + (f" in layers {sorted(layers)}" if layers is not None else "")
             + f". Layers that can be adapted: {_summarise(wrappable_names(model))}."
         )

@@ -13,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from slimtune.adapter_files import INIT_ONLY, saved_method
+from slimtune.adapter_files import INIT_ONLY, folded_encoder, saved_method
 from slimtune.config import LoraConfig, MethodConfig
 from slimtune.errors import InvalidFileError
 from slimtune.methods import config_classes
-from slimtune.methods.prefix import PrefixTuningConfig
-from slimtune.methods.prompt_tuning import PromptEncoderConfig
 from slimtune.train.schema import RecipeError, build, unknown_key_error
 
 SWITCHABLE = ("LORA_FA", "LORA_PLUS")  # LoRA variants whose tensors are LoRA's own
@@ -45,9 +43,8 @@ def _same(field: str, mine: Any, theirs: Any) -> bool:
 
 def _trainable(saved: MethodConfig, folder: str) -> None:
     """Refuse an adapter whose file holds an encoder's output, not the encoder (PEFT refuses to train it too)."""
-    if isinstance(saved, PromptEncoderConfig) or (isinstance(saved, PrefixTuningConfig) and saved.prefix_projection):
-        raise RecipeError(f"model.adapter: {folder!r} is a {saved.peft_type} adapter"
-                          f"{' with prefix_projection' if isinstance(saved, PrefixTuningConfig) else ''}: its file "
+    if folded_encoder(saved):
+        raise RecipeError(f"model.adapter: {folder!r} is {folded_encoder(saved)}: its file "
                           "holds what its encoder computed, not the encoder, so it cannot be trained further (PEFT "
                           "refuses it too); train a new adapter, or start from this one's virtual tokens with "
                           "peft_type PROMPT_TUNING in Python.")
