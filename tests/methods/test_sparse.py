@@ -123,6 +123,46 @@ def test_selective_combines_with_lora_and_two_sparse_adapters_cannot_share_a_par
     torch.testing.assert_close(model.model.norm.weight, base.model.norm.weight, atol=0, rtol=0)
 
 
+def test_a_sparse_adapter_applies_only_while_active_or_merged_and_never_inside_disable_adapters(tmp_path):
+    base, inputs = tiny_llama(), sample_inputs("llama")
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.SelectiveConfig(target_parameters=["norm.weight"]), "a")
+    _train(model, "llama", steps=3, lr=0.3)
+    trained = logits(model, inputs)
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "b")
+    slimtune.save_adapter(model, tmp_path / "b", "b")
+    with_b = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "b", "b")
+    slimtune.set_adapter(model, "b")  # "a"'s trained norms are base values again
+    torch.testing.assert_close(logits(model, inputs), logits(with_b, inputs), atol=0, rtol=0)
+    slimtune.save_adapter(model, tmp_path / "a", "a")  # inactive: its file holds the trained values all the same
+    loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(logits(loaded, inputs), trained, atol=0, rtol=0)
+    slimtune.load_adapter(with_b, tmp_path / "a", "a")  # loaded inactive: no change until activated
+    torch.testing.assert_close(logits(with_b, inputs), logits(model, inputs), atol=0, rtol=0)
+    slimtune.set_adapter(model, "a")
+    torch.testing.assert_close(logits(model, inputs), trained, atol=0, rtol=0)
+    slimtune.set_adapter(model, ["a", "b"])
+    both = logits(model, inputs)
+    slimtune.merge_adapter(model, ["a"])
+    slimtune.set_adapter(model, "b")  # a merged adapter applies, active or not
+    torch.testing.assert_close(logits(model, inputs), both, atol=0, rtol=0)
+    with slimtune.disable_adapters(model):  # merged, then disabled: the base alone
+        torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+
+
+def test_a_sparse_file_names_base_parameters_whatever_wraps_them(tmp_path):
+    # LoRA wrapped q_proj first: the selective adapter's weight is q_proj.base_layer.weight in that model
+    base = tiny_llama()
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_modules=["q_proj"]), "sel")
+    slimtune.set_adapter(model, ["default", "sel"])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(2)
+    slimtune.save_adapter(model, tmp_path, "sel")
+    alone = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(alone.model.layers[0].self_attn.q_proj.weight,
+                               model.model.layers[0].self_attn.q_proj.base_layer.weight, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "needs target_modules, target_parameters or layers_to_transform"),
     ({"target_parameters": ["nope"]}, "matched no parameter"),
@@ -184,3 +224,75 @@ def test_layerdrop_on_encoder_decoder_drops_in_both_stacks():
 def test_layerdrop_probability_must_be_in_0_1(bad):
     with pytest.raises(ValueError, match=rf"layerdrop={bad!r} must be a probability in \[0, 1\)"):
         slimtune.LayerDropConfig(layerdrop=bad)
+
+
+def _gemma2(layers=4):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2)))
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _drop_only(monkeypatch, first_kept: int, blocks: int):
+    """Make LayerDrop's draw skip blocks [0, first_kept) of every list and keep the rest."""
+    keep = torch.tensor([0.0] * first_kept + [0.9] * (blocks - first_kept))
+    monkeypatch.setattr("slimtune.methods.layerdrop.torch.rand", lambda *_: keep[: _[0]])
+
+
+def test_a_skipped_block_is_the_identity_and_the_others_keep_their_position(monkeypatch):
+    # Gemma 2 gives block i the mask of config.layer_types[i] (sliding or full): skipping block 0 must not hand
+    # block 1 block 0's sliding-window mask.
+    ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    model, definition = slimtune.apply_layerdrop(_gemma2(), 0.5), _gemma2()
+    definition.model.layers[0] = _Identity()
+    model.train(), definition.train()
+    with torch.no_grad():
+        model(ids)  # a block's first call tells what it returns (the hidden states alone here)
+        _drop_only(monkeypatch, 1, 4)
+        torch.testing.assert_close(model(ids).logits, definition(ids).logits, atol=0, rtol=0)
+
+
+def test_layerdrop_never_skips_a_block_later_blocks_read_from(monkeypatch):
+    # T5's first block computes the relative position bias every other block adds: it always runs
+    model, base = slimtune.apply_layerdrop(tiny_t5(), 0.5), tiny_t5()
+    inputs = sample_inputs("t5")
+    for m in (model, base):
+        m.train()
+        for d in m.modules():
+            if isinstance(d, torch.nn.Dropout):
+                d.p = 0.0
+            if isinstance(getattr(d, "dropout", None), float):  # T5's attention-weight dropout
+                d.dropout = 0.0
+    with torch.no_grad():
+        model(**inputs)
+        _drop_only(monkeypatch, 1, 2)
+        torch.testing.assert_close(model(**inputs).logits, base(**inputs).logits)
+    # T5's blocks return tuples: a skipped one is left out of the list (a tensor in its place would be misread)
+    monkeypatch.setattr("slimtune.methods.layerdrop.torch.rand", lambda *_: torch.tensor([0.9, 0.0]))
+    assert list(model.encoder.block) == [model.encoder.block._modules["0"]]
+
+
+@pytest.mark.parametrize("config", [slimtune.SelectiveConfig(target_modules=["q_proj"]),
+                                    slimtune.SelectiveConfig(layers_to_transform=[1])], ids=["modules", "blocks"])
+def test_selective_refuses_quantized_layers_it_would_leave_out(config):
+    from slimtune.quant.config import QuantConfig
+    from slimtune.quant.model import quantize
+
+    model = quantize(tiny_llama(), QuantConfig())
+    with pytest.raises(ValueError, match=r"selects quantized layers \['model.layers.\d.self_attn.q_proj \(4-bit\)'"):
+        slimtune.add_adapter(model, config)
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["norm.weight"]))  # full precision: trains
+
+
+def test_selective_names_the_parameter_a_tied_head_is():
+    with pytest.raises(ValueError, match=r"matched no parameter of this model \(lm_head.weight is "
+                                         r"model.embed_tokens.weight: select it by that name\)"):
+        slimtune.add_adapter(tiny_llama(tie_word_embeddings=True), slimtune.SelectiveConfig(target_modules=["lm_head"]))

@@ -88,6 +88,7 @@ def test_overrides_are_yaml_values_and_create_sections():
     ({"method": {"peft_type": "LORA", "target_modules": ["q", 3]}}, r"^method\.target_modules\[1\]: expected a string"),
     ({"method": {"peft_type": "NOPE"}}, r"^method\.peft_type: 'NOPE' is not a known method; use one of \[.*'LORA'"),
     ({"method": {"r": 4}}, r"^method\.peft_type: missing"),
+    ({"method": {"peft_type": "LAYERDROP"}}, r"^method\.peft_type: LAYERDROP adds no parameters.*apply_layerdrop"),
     ({}, r"^method: missing"),
     ({"training": {"max_steps": 2.5}, **MINIMAL}, r"^training\.max_steps: expected an integer or null, got float"),
     ({"training": {"lr_scheduler": "cos"}, **MINIMAL}, r"^training\.lr_scheduler: expected one of 'cosine', 'linear'"),

@@ -17,11 +17,28 @@ from slimtune.core.state import AdapterState
 from slimtune.methods.contract import Method
 
 
+class PassThrough(nn.Module):
+    """A skipped block that returns its input hidden states (what a block returning a tensor computes as identity)."""
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return kwargs["hidden_states"] if hidden_states is None else hidden_states
+
+
+def owns_shared_state(block: nn.Module) -> bool:
+    """Whether later blocks read something this block computes (T5's first block computes the relative position
+    bias every other block adds): such a block is never skipped."""
+    return any(getattr(m, "has_relative_attention_bias", False) is True for m in block.modules())
+
+
 class LayerDropList(nn.ModuleList):
     """A block list that, in training, skips each block with probability ``p``: ``h_{l+1} = h_l`` w.p. ``p``.
 
     Shares its entries with the list it replaces (same module names and state-dict keys); in eval
-    mode it is the plain list. If every block would be skipped, one random block runs. Fan et al., 2019,
+    mode it is the plain list. If every block would be skipped, one random block runs. A skipped block that
+    returned a tensor when it last ran is replaced by a :class:`PassThrough`, so the list keeps its length and
+    every block its position (Gemma 2/3 and Qwen pick a block's attention mask by its index in the loop); a block
+    returning a tuple is left out of the list (a tensor in its place would be read as one), and a block not seen
+    yet runs. A block whose result later blocks read (T5's position bias) always runs. Fan et al., 2019,
     arXiv:1909.11556.
     """
 
@@ -30,6 +47,16 @@ class LayerDropList(nn.ModuleList):
         self._modules = layers._modules  # the very same entries, so later surgery shows up in both
         self.p = p
         self.disabled = False
+        self.returned_tensor: dict[int, bool] = {}  # id(block) → whether its last output was the hidden states alone
+        self.hooks = [block.register_forward_hook(self._note_output) for block in self._modules.values()]
+
+    def _note_output(self, block: nn.Module, args: Any, output: Any) -> None:
+        self.returned_tensor[id(block)] = isinstance(output, torch.Tensor)
+
+    def close(self) -> None:
+        """Remove the hooks that watch the blocks' outputs (the list is being taken out of the model)."""
+        for hook in self.hooks:
+            hook.remove()
 
     def _kept(self, layers: list[Any]) -> list[Any]:
         if not self.training or self.p == 0 or self.disabled:
@@ -37,7 +64,14 @@ class LayerDropList(nn.ModuleList):
         keep = torch.rand(len(layers)) >= self.p
         if layers and not keep.any():  # never skip them all: the loss must still depend on the blocks
             keep[torch.randint(len(layers), ())] = True
-        return [layer for layer, k in zip(layers, keep.tolist()) if k]
+        kept = []
+        for layer, k in zip(layers, keep.tolist()):
+            returned_tensor = self.returned_tensor.get(id(layer))
+            if k or returned_tensor is None or owns_shared_state(layer):
+                kept.append(layer)
+            elif returned_tensor:
+                kept.append(PASS_THROUGH)
+        return kept
 
     def __iter__(self):
         return iter(self._kept(list(self._modules.values())))
@@ -49,6 +83,9 @@ class LayerDropList(nn.ModuleList):
 
     def extra_repr(self) -> str:
         return f"layerdrop={self.p}"
+
+
+PASS_THROUGH = PassThrough()
 
 
 @dataclass
@@ -104,4 +141,7 @@ class LayerDropMethod(Method):
 
     def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
         for name, original in state.data.pop(adapter_name, []):
+            dropping = model.get_submodule(name)
+            if isinstance(dropping, LayerDropList):
+                dropping.close()
             replace_module(model, name, original)

@@ -26,6 +26,7 @@ from slimtune.methods.contract import PEFT_PREFIX, Method
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.prompts import PROMPT_CONTAINER
 from slimtune.methods.targets import layer_index, name_matches
+from slimtune.quant.linear import QuantizedLinear
 
 
 def _adapter_parameter_names(model: nn.Module) -> set[str]:
@@ -47,8 +48,23 @@ class TrainedInPlace:
     params: dict[str, nn.Parameter]
     before: dict[str, torch.Tensor]
     merged: bool = False
-    swapped_out: bool = False  # inside disable_adapters: ``before`` holds the trained values
+    swapped_out: bool = False  # the base values are in the weights, and ``before`` holds the trained ones
     names: list[str] = field(default_factory=list)
+
+    @torch.no_grad()
+    def swap(self, out: bool) -> None:
+        """Put the base values (``out``) or the trained ones in the weights."""
+        if self.swapped_out == out:
+            return
+        for name, param in self.params.items():
+            current = param.detach().clone()
+            param.copy_(self.before[name])
+            self.before[name] = current
+        self.swapped_out = out
+
+    def trained(self) -> dict[str, torch.Tensor]:
+        """The trained values (in the weights, or kept aside while the base ones are in)."""
+        return self.before if self.swapped_out else dict(self.params)
 
 
 class SparseMethod(Method):
@@ -94,40 +110,43 @@ class SparseMethod(Method):
         return {a: state.data[a] for a in state.adapters_of(self.peft_type)}
 
     def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
-        return {PEFT_PREFIX + n: p for n, p in state.data[adapter_name].params.items()}
+        """The trained values under the parameters' names in the base model (``.base_layer`` of another method's
+        wrapper left out, so the file loads whichever adapters the model holds)."""
+        return {PEFT_PREFIX + n.replace(".base_layer.", "."): t
+                for n, t in state.data[adapter_name].trained().items()}
+
+    def _place(self, state: AdapterState, active: list[str]) -> None:
+        """Trained values in the weights for the active and the merged adapters, base values for the others and
+        for all of them inside ``disable_adapters``."""
+        for adapter, data in self._mine(state).items():
+            data.swap(state.disabled or (adapter not in active and not data.merged))
 
     def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
         for adapter, data in self._mine(state).items():
             for param in data.params.values():
                 param.requires_grad_(adapter in adapter_names)
+        self._place(state, adapter_names)
 
-    @torch.no_grad()
     def set_disabled(self, model: nn.Module, disabled: bool, state: AdapterState) -> None:
         """Inside ``disable_adapters``: swap the values from before training back in (and out again)."""
-        for data in self._mine(state).values():
-            if data.merged or data.swapped_out == disabled:
-                continue
-            for name, param in data.params.items():
-                current = param.detach().clone()
-                param.copy_(data.before[name])
-                data.before[name] = current
-            data.swapped_out = disabled
+        self._place(state, state.active)
 
     def merge(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
-        """The trained values are already in the weights; merged ones survive removal."""
+        """Trained values in the weights (a merged adapter applies whether active or not); they survive removal."""
         for adapter in adapter_names:
             state.data[adapter].merged = True
+        self._place(state, state.active)
 
     def unmerge(self, model: nn.Module, state: AdapterState) -> None:
         for data in self._mine(state).values():
             data.merged = False
+        self._place(state, state.active)
 
     @torch.no_grad()
     def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
         data = state.data.pop(adapter_name)
-        for name, param in data.params.items():
-            if not data.merged:
-                param.copy_(data.before[name])
+        data.swap(not data.merged)
+        for param in data.params.values():
             param.requires_grad_(False)
 
 
@@ -213,10 +232,11 @@ class SelectiveMethod(SparseMethod):
             if layers is not None and layer_index(name, config.layers_pattern) not in layers:
                 continue
             chosen.append(name)
+        _refuse_quantized(model, config)
         for key, hit in matched.items():  # each given selector must select something, as LoRA's targets must
             if getattr(config, key) is not None and not hit:
-                raise ValueError(f"{key}={getattr(config, key)!r} matched no parameter of this model; parameter "
-                                 f"names look like {[n for n, _ in self.eligible(model, config)][:4]}.")
+                raise ValueError(f"{key}={getattr(config, key)!r} matched no parameter of this model{_tied(model)}; "
+                                 f"parameter names look like {[n for n, _ in self.eligible(model, config)][:4]}.")
         if not chosen:
             raise ValueError(
                 f"SELECTIVE matched no parameter (target_modules={config.target_modules!r}, target_parameters="
@@ -224,6 +244,39 @@ class SelectiveMethod(SparseMethod):
                 f"look like {[n for n, _ in self.eligible(model, config)][:4]}."
             )
         return chosen
+
+
+def _tied(model: nn.Module) -> str:
+    """Which parameters are another's under a second name (a tied head): listed once, under the first."""
+    first: dict[int, str] = {}
+    tied = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.append(f"{name} is {first[id(param)]}")
+        first.setdefault(id(param), name)
+    return f" ({'; '.join(tied[:3])}: select it by that name)" if tied else ""
+
+
+def _refuse_quantized(model: nn.Module, config: SelectiveConfig) -> None:
+    """A quantized layer's weight is packed codes, not a parameter: one the selection names cannot train in place
+    (it would be left out silently)."""
+    picked, layers = [], config.layers_to_transform
+    assert not isinstance(layers, int)  # __post_init__ made a one-element list of a single index
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        if layers is not None and layer_index(name, config.layers_pattern) not in layers:
+            continue
+        if (config.target_modules is None and config.target_parameters is None) or (
+                config.target_modules is not None and any(name_matches(m, config.target_modules)
+                                                          for m in _prefixes(name))):
+            picked.append(f"{name} ({module.bits}-bit)")
+    if picked:
+        selector = "target_modules" if config.target_modules is not None else "layers_to_transform"
+        raise ValueError(f"{selector}={getattr(config, selector)!r} selects quantized layers {picked[:3]}"
+                         f"{f' and {len(picked) - 3} more' if len(picked) > 3 else ''}, whose weights are packed codes "
+                         "that cannot train in place. Train them on an unquantized base (no quantization), adapt "
+                         "them with LoRA, or select full-precision parameters (target_parameters=['norm.weight']).")
 
 
 def _prefixes(module_name: str) -> list[str]:

@@ -336,6 +336,10 @@ def _build_method(data: Any, task_default: str) -> MethodConfig:
         raise RecipeError(f"method.peft_type: missing; use one of {sorted(classes)}.")
     if not isinstance(peft_type, str) or peft_type not in classes:
         raise RecipeError(f"method.peft_type: {peft_type!r:.80} is not a known method; use one of {sorted(classes)}.")
+    if peft_type == "LAYERDROP":  # a recipe holds one method, and LayerDrop alone trains nothing
+        raise RecipeError("method.peft_type: LAYERDROP adds no parameters to train, and a recipe holds one method; "
+                          "train another method (e.g. LORA) and add LayerDrop beside it from Python "
+                          "(slimtune.apply_layerdrop(model, 0.1) after add_adapter).")
     data = dict(data)
     data.setdefault("task_type", task_default)
     return build(classes[peft_type], data, "method", skip=frozenset({"peft_type"}))
