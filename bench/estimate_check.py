@@ -92,8 +92,10 @@ STEPS = 4  # the first allocates the optimizer state; the median of the others i
 
 
 def _overrides(extra: list[str], folder: Path, out: Path) -> list[str]:
+    # the measured Trainer.train() evaluates nothing: an evaluation batch of 1 keeps the estimate's own evaluation
+    # term (slimtune train evaluates the base model first) out of the comparison of training steps
     return [f"model.name_or_path={folder}", "model.device=cpu", f"training.max_steps={STEPS}", "training.eval_every=0",
-            "training.save_every=0", "training.log_every=1", f"output.dir={out}",
+            "training.eval_batch_size=1", "training.save_every=0", "training.log_every=1", f"output.dir={out}",
             "output.plot=false", "demo.enabled=false", *extra]
 
 

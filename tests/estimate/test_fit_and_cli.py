@@ -32,7 +32,7 @@ def test_advice_makes_it_fit(tiny_folder):
 
 
 def test_check_fits_raises_with_the_advice(tiny_folder):
-    recipe = make_recipe(tiny_folder, data={"max_seq_length": 256}, training={"loss": "full"})
+    recipe = make_recipe(tiny_folder, data={"max_seq_length": 256}, training={"loss": "full", "eval_batch_size": 1})
     device = replace(TEST_CPU, context=2**20)  # a small process, so the step's own memory decides
     peak = check_fits(recipe, device).peak
     with pytest.raises(DoesNotFitError) as info:
@@ -43,6 +43,10 @@ def test_check_fits_raises_with_the_advice(tiny_folder):
     assert "model.gradient_checkpointing=true" in message  # the fitting changes, as overrides to paste
     small = check_fits(recipe, device.with_memory(int(peak / 1.05)))  # over, but within the 10% margin
     assert not small.fits
+    evaluating = make_recipe(tiny_folder, data={"max_seq_length": 256}, training={"loss": "full",
+                                                                                   "eval_batch_size": 16})
+    with pytest.raises(DoesNotFitError, match=r"\(training.eval_batch_size=1\)"):  # its evaluation sets the peak
+        check_fits(evaluating, device.with_memory(int(peak * 1.2)))
 
 
 def test_gpu_profile_estimate_and_h200_llama_8b():

@@ -169,6 +169,28 @@ def test_chunked_loss_removes_the_full_vocabulary_logits(tiny_folder):
     assert chunked.memory.train_peak < full.memory.train_peak
 
 
+def test_an_evaluation_batch_larger_than_the_training_batch_sets_the_peak(tiny_folder):
+    # slimtune train evaluates the base model first, at training.eval_batch_size, with no gradients: its loss's
+    # full-vocabulary logits at 16 rows outgrow a training step of 1 row (measured: -73% without this term)
+    seq, vocab = 256, 512
+
+    def peak(eval_batch, loss="full"):
+        return predict(make_recipe(tiny_folder, data={"max_seq_length": seq, "max_eval_examples": 64},
+                                   training={"loss": loss, "batch_size": 1, "eval_batch_size": eval_batch}),
+                       TEST_CPU, timing=False).memory
+
+    small, large = peak(1), peak(16)
+    assert small.component("evaluation") == 0 and large.component("evaluation") > 0
+    logits = 16 * seq * vocab * 4
+    assert large.component("evaluation") > 3 * logits  # logits, their label rows' copy and the log-softmax
+    assert large.train_peak - small.train_peak > 2 * logits
+    assert peak(16, "auto").train_peak < large.train_peak  # chunked: the evaluation's loss is chunked too
+    capped = predict(make_recipe(tiny_folder, data={"max_seq_length": seq, "max_eval_examples": 1},
+                                 training={"loss": "full", "batch_size": 1, "eval_batch_size": 16}),
+                     TEST_CPU, timing=False).memory
+    assert capped.train_peak == small.train_peak  # one evaluation row makes one-row batches
+
+
 def test_prompt_tuning_cannot_use_the_chunked_loss(tiny_folder):
     est = predict(make_recipe(tiny_folder, METHODS["prompt"]), TEST_CPU, timing=False)
     assert not est.chunked and est.layout.virtual_tokens == 8
@@ -265,3 +287,11 @@ def test_a_mixture_of_experts_is_estimated_as_it_loads_whole_with_its_experts_un
     assert experts > 0
     assert est.memory.load_peak == shape.params * 4 + overhead  # the whole fp32 model first
     assert "the whole model in full precision, then quantized" in report and "in fused experts" in report
+
+
+def test_a_model_without_a_causal_lm_class_is_a_clear_error(tmp_path):
+    from transformers import T5Config
+
+    T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model_type 't5' has no causal-LM class in transformers: `slimtune train`"):
+        predict(make_recipe(tmp_path), TEST_CPU, timing=False)

@@ -143,7 +143,9 @@ def _memory(recipe: Recipe, shape: ModelShape, layout: AdapterLayout, device: De
                             recipe.model.gradient_checkpointing, on_gpu=device.on_gpu)
     mem = memory_model(shape, layout, acts, quant=recipe.quantization, prec=prec, optim=recipe.training.optim,
                        batch=recipe.training.batch_size, seq=recipe.data.max_seq_length, chunked=chunked,
-                       on_gpu=device.on_gpu, overhead=_overhead(device), heap_retention=device.heap_retention)
+                       on_gpu=device.on_gpu, overhead=_overhead(device), heap_retention=device.heap_retention,
+                       eval_batch=min(recipe.training.eval_batch_size,
+                                      recipe.data.max_eval_examples or recipe.training.eval_batch_size))
     return mem, prec, chunked
 
 

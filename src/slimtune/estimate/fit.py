@@ -106,6 +106,9 @@ def _candidates(recipe: Recipe, on_gpu: bool) -> Iterator[tuple[str, list[str], 
         yield (f"training.batch_size: {t.batch_size} → {half} (gradient_accumulation_steps "
                f"{t.gradient_accumulation_steps} → {accumulation}, same effective batch)",
                [f"training.batch_size={half}", f"training.gradient_accumulation_steps={accumulation}"], 0)
+    if t.eval_batch_size > t.batch_size:  # the evaluation pass may set the peak
+        yield (f"training.eval_batch_size: {t.eval_batch_size} → {t.batch_size} (evaluation only)",
+               [f"training.eval_batch_size={t.batch_size}"], 0)
     if quant is None:
         yield "quantization: none → 4-bit NF4 + double quant (QLoRA)", ["quantization.bits=4"], 1
         yield "quantization: none → 8-bit", ["quantization.bits=8"], 1

@@ -25,7 +25,7 @@ __all__ = ["Component", "MemoryModel", "quantized_storage_bytes", "weight_bytes"
 
 @dataclass(frozen=True)
 class Component:
-    key: str  # weights | weights_fp | adapter | gradients | optimizer | activations | logits | overhead
+    key: str  # weights | weights_fp | adapter | gradients | optimizer | activations | logits | overhead | evaluation
     label: str
     bytes: int
     why: str
@@ -110,7 +110,8 @@ def _optimizer_step_transient(name: str, tensors: list[tuple[str, int]], foreach
     return (3 if "8bit" in key else 1) * 4 * largest
 
 
-def loss_bytes(shape: ModelShape, tokens: int, label_tokens: int, chunked: bool, prec: Precision) -> tuple[int, str]:
+def loss_bytes(shape: ModelShape, tokens: int, label_tokens: int, chunked: bool, prec: Precision,
+               forward_only: bool = False) -> tuple[int, str]:
     """Peak bytes of the loss at the end of the forward, and why.
 
     Full: logits ``(tokens, V)`` in the head's dtype, their label rows copied (and upcast to fp32 under
@@ -128,17 +129,17 @@ def loss_bytes(shape: ModelShape, tokens: int, label_tokens: int, chunked: bool,
         return total, f"chunked cross-entropy: {c:,} tokens × {v:,} vocab fp32 logits + logsumexp temp"
     e_l = prec.matmul
     forward = tokens * v * e_l + n * v * e_l + (n * v * 4 if e_l != 4 else 0) + n * v * 4
-    backward = max(3 * n * v * 4, n * v * 4 + tokens * v * e_l + n * v * e_l)
+    backward = 0 if forward_only else max(3 * n * v * 4, n * v * 4 + tokens * v * e_l + n * v * e_l)
     return max(forward, backward), f"full-vocabulary logits: {tokens:,} tokens × {v:,} vocab ({e_l} B) + fp32 " \
                                    "log-softmax and its gradients"
 
 
 def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel, *, quant: QuantConfig | None,
                  prec: Precision, optim: str, batch: int, seq: int, chunked: bool, on_gpu: bool,
-                 overhead: list[Component], heap_retention: float) -> MemoryModel:
+                 overhead: list[Component], heap_retention: float, eval_batch: int = 0) -> MemoryModel:
     """Put the terms together; ``overhead`` are the device's fixed terms, ``heap_retention`` the share of the
     step's transient memory the allocator keeps on top (glibc's heap on CPU, the caching allocator's slack
-    on a GPU)."""
+    on a GPU); ``eval_batch`` the rows per evaluation batch (0: no evaluation), whose pass may peak higher."""
     stored, full_rest, n_quant = weight_bytes(shape, quant, prec.weight)
     comps: list[Component] = []
     dtype = {4: "fp32", 2: "16-bit"}[prec.weight]
@@ -215,6 +216,14 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
         comps.append(Component("optimizer_step", "optimizer step temporaries", step - phase,
                                "the update's temporaries exceed the forward/backward peak"))
     train_peak = sum(c.bytes for c in comps if c.on_device)
+    if eval_batch:
+        extra = _evaluation_excess(shape, layout, acts, comps, prec, chunked, eval_batch, seq, tokens) - train_peak
+        if extra > 0:
+            comps.append(Component("evaluation", f"evaluation pass (batch {eval_batch})", extra,
+                                   "the no-grad evaluation peaks above the training step: its loss over "
+                                   f"{eval_batch} × {seq} tokens and one layer's activations, beside the weights "
+                                   "and optimizer states (gradients are freed)"))
+            train_peak += extra
     load_peak = 0
     if quant is not None and shape.fused_expert_params:  # read whole in full precision, then quantized
         load_peak = shape.params * prec.weight + sum(c.bytes for c in overhead if c.on_device)
@@ -223,6 +232,18 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
         load_peak = stored + full_rest + largest * 4 + sum(c.bytes for c in overhead if c.on_device)
     host = sum(c.bytes for c in comps if not c.on_device)
     return MemoryModel(comps, train_peak, load_peak, host, list(acts.notes))
+
+
+def _evaluation_excess(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel, comps: list[Component],
+                       prec: Precision, chunked: bool, eval_batch: int, seq: int, train_tokens: int) -> int:
+    """Peak bytes of an evaluation pass: what stays allocated (weights, adapter, optimizer states, fixed
+    overhead) + the forward's loss at the evaluation batch + one layer's forward activations + hidden states."""
+    tokens = tokens_of(eval_batch, seq, layout)
+    loss, _ = loss_bytes(shape, tokens, max(eval_batch * (seq - 1), 1), chunked, prec, forward_only=True)
+    layer = -(-max(acts.per_layer, default=0) * tokens // max(train_tokens, 1))
+    kept = sum(c.bytes for c in comps if c.on_device and (c.key in ("weights", "weights_fp", "adapter", "optimizer")
+                                                           or (c.key == "overhead" and c.label != "allocator slack")))
+    return kept + loss + layer + 2 * tokens * shape.hidden * prec.weight
 
 
 def _optimizer_why(optim: str) -> str:

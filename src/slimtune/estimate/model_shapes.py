@@ -153,8 +153,15 @@ def resolve_config(name_or_path: str | os.PathLike) -> tuple[PretrainedConfig, s
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     """The causal LM built from ``config`` on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model: PreTrainedModel = AutoModelForCausalLM.from_config(config)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise
+        raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} has no causal-LM class in transformers: "
+                         "`slimtune train` and `slimtune estimate` handle causal (decoder-only) language models; "
+                         "pick one (Llama, Qwen, SmolLM2 …).") from None
     return model
 
 
