@@ -65,3 +65,40 @@ def test_mixed_batch_routes_head_copies():
         mixed = logits(model, inputs)
     for i, reference in enumerate([singles["b"], base, singles["a"]]):
         torch.testing.assert_close(mixed[i], logits(reference, inputs)[i], atol=1e-5, rtol=0)
+
+
+def test_what_one_row_cannot_own_is_refused_and_names_must_match_the_rows(family, tmp_path):
+    import pytest
+
+    base, singles, multi = family
+    inputs = sample_inputs("llama", batch=4)
+    model = copy.deepcopy(multi)
+    slimtune.add_adapter(model, slimtune.PromptTuningConfig(num_virtual_tokens=3), "prompt", activate=False)
+    with pytest.raises(ValueError, match=r"\['prompt'\] are prompt-learning adapters, which change every row"):
+        with slimtune.mixed_batch(model, ["prompt", None, "lora", None]):  # named: it ran the base model
+            pass
+    slimtune.set_adapter(model, ["lora", "prompt"])
+    with pytest.raises(ValueError, match="prompt-learning adapters"):  # active: it prefixed every row
+        with slimtune.mixed_batch(model, ["lora", None, "lora", None]):
+            pass
+    model = copy.deepcopy(multi)
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["model.norm.weight"]), "sel")
+    slimtune.set_adapter(model, ["lora", "sel"])
+    with pytest.raises(ValueError, match=r"'sel' \(SELECTIVE\) has its trained values in the base weights"):
+        with slimtune.mixed_batch(model, ["lora", None, None, None]):  # every row ran it
+            pass
+    slimtune.set_adapter(model, "lora")  # its values put aside: served
+    with slimtune.mixed_batch(model, ["lora", None]):  # it ran rows lora, lora, base, base
+        with pytest.raises(ValueError, match="got 2 adapter names but the model received a batch of 4 rows"):
+            model(**inputs)
+    with slimtune.mixed_batch(model, ["lora", None, "dora", None]):
+        model.train()
+        with pytest.raises(ValueError, match="mixed_batch serves inference"):
+            model(**inputs)
+        model.eval()
+    with pytest.raises(ValueError, match="mixed_batch serves inference"):
+        with slimtune.mixed_batch(model.train(), ["lora"] * 4):
+            pass
+    model.eval()
+    with slimtune.disable_adapters(model), slimtune.mixed_batch(model, ["lora", "dora", None, "vera"]):
+        torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=1e-6, rtol=0)  # as PEFT's

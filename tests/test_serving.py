@@ -251,6 +251,10 @@ def test_requests_it_cannot_serve_are_clear_errors(family):
         serve.generate(ids, adapter_names=["lora"])
     with pytest.raises(ValueError, match="not among this decoder's adapters"):
         Decoder(multi, adapters=["lora"]).generate(ids, adapter_names=["lora", "vera"])
+    from tiny_models import tiny_t5
+
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder model; Decoder serves"):
+        Decoder(tiny_t5())  # (its generate failed inside transformers)
     ia3 = slimtune.add_adapter(tiny_llama(), slimtune.IA3Config(target_modules=["k_proj", "down_proj"],
                                                                 feedforward_modules=["down_proj"]))
     with pytest.raises(ValueError, match="cannot be routed per row"):

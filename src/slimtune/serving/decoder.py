@@ -111,6 +111,9 @@ class Decoder:
         config = getattr(model, "config", None)
         if not isinstance(config, PretrainedConfig):
             raise ValueError(f"{type(model).__name__} has no transformers config; Decoder serves transformers models.")
+        if config.is_encoder_decoder:
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; Decoder serves causal language "
+                             "models. Use slimtune.mixed_batch with model.generate for it.")
         self.model, self.config, self.cache, self.cache_name = model, config, cache, entry[1]
         params = forward_parameters(model)
         self._logits_to_keep, self._cache_position = "logits_to_keep" in params, "cache_position" in params

@@ -31,6 +31,8 @@ from slimtune.core.state import get_state
 from slimtune.methods import method_for
 from slimtune.methods.contract import tuner_layers
 from slimtune.methods.layers import ModulesToSave, TunerLayer
+from slimtune.methods.prompts import PromptLearningMethod
+from slimtune.methods.sparse import TrainedInPlace
 
 BASE = "__base__"  # PEFT's row name for "no adapter"; None works too
 
@@ -276,9 +278,20 @@ def check_rows(model: nn.Module, used: list[str], layers: Sequence[tuple[str, Tu
         if method_for(state.configs[name]).changes_base_weights:
             raise ValueError(f"adapter {name!r} ({state.configs[name].peft_type}) changed the base weights themselves, "
                              "which a mixed batch cannot undo per row. Run it on its own model copy.")
+    in_weights = [n for n, data in state.data.items() if isinstance(data, TrainedInPlace) and not data.swapped_out]
+    if in_weights:  # an active or merged sparse adapter: its trained values are every row's weights
+        raise ValueError(f"adapter {in_weights[0]!r} ({state.configs[in_weights[0]].peft_type}) has its trained "
+                         "values in the base weights (it is active or merged), so every row would run it; activate "
+                         "other adapters (slimtune.set_adapter) or unmerge it first.")
+    prompts = [n for n in dict.fromkeys([*used, *state.active])
+               if isinstance(method_for(state.configs[n]), PromptLearningMethod)]
+    if prompts:  # virtual tokens are put before every row of a batch
+        raise ValueError(f"adapter(s) {prompts} are prompt-learning adapters, which change every row's inputs: a mixed "
+                         "batch cannot give each row its own. Serve them with model.generate on their own.")
     merged = [n for n, layer in (tuner_layers(model) if layers is None else layers) if layer.merged_adapters]
     if merged:
-        raise ValueError(f"{merged[0]} has merged adapters; mixed batches need unmerged ones: slimtune.unmerge(model).")
+        raise ValueError(f"{merged[0]} has merged adapters; mixed batches need unmerged ones: "
+                         "slimtune.unmerge_adapter(model).")
 
 
 @contextlib.contextmanager
