@@ -502,3 +502,15 @@ def test_a_prefix_sized_by_hand_for_another_width_is_refused():
         slimtune.add_adapter(tiny_gpt2(), slimtune.PrefixTuningConfig(num_virtual_tokens=2, token_dim=48))
     with pytest.raises(ValueError, match=r"num_attention_heads=8, but GPT2LMHeadModel's attention has 4"):
         slimtune.add_adapter(tiny_gpt2(), slimtune.PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=8))
+
+
+def test_an_encoder_decoder_prefix_may_size_its_layers_for_a_decoder_of_another_depth():
+    # distilbart's shape: 3 encoder, 2 decoder layers; num_layers=2 is what runs (the model's count is the encoder's)
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=128, max_position_embeddings=64)).eval()
+    slimtune.add_adapter(model, slimtune.PrefixTuningConfig(num_virtual_tokens=3, num_layers=2))
+    model(input_ids=torch.randint(3, 100, (2, 6)), decoder_input_ids=torch.randint(3, 100, (2, 4)))

@@ -258,6 +258,10 @@ def test_a_skipped_block_is_the_identity_and_the_others_keep_their_position(monk
         model(ids)  # a block's first call tells what it returns (the hidden states alone here)
         _drop_only(monkeypatch, 1, 4)
         torch.testing.assert_close(model(ids).logits, definition(ids).logits, atol=0, rtol=0)
+    from slimtune.optim.layerwise import parameter_depths
+
+    depths, blocks = parameter_depths(model)  # code walking the blocks still finds them all, in order
+    assert blocks == 4 and depths["model.layers.3.mlp.up_proj.weight"] == 4
 
 
 def test_layerdrop_never_skips_a_block_later_blocks_read_from(monkeypatch):
@@ -277,7 +281,11 @@ def test_layerdrop_never_skips_a_block_later_blocks_read_from(monkeypatch):
         torch.testing.assert_close(model(**inputs).logits, base(**inputs).logits)
     # T5's blocks return tuples: a skipped one is left out of the list (a tensor in its place would be misread)
     monkeypatch.setattr("slimtune.methods.layerdrop.torch.rand", lambda *_: torch.tensor([0.9, 0.0]))
-    assert list(model.encoder.block) == [model.encoder.block._modules["0"]]
+    calls, handles = _count_block_calls(model, [model.encoder.block._modules["1"], model.decoder.block._modules["1"]])
+    with torch.no_grad():
+        model(**inputs)
+    assert not calls  # left out of both stacks' loops
+    assert len(list(model.encoder.block)) == 2  # code walking the blocks outside the forward sees them all
 
 
 @pytest.mark.parametrize("config", [slimtune.SelectiveConfig(target_modules=["q_proj"]),

@@ -34,7 +34,8 @@ class LayerDropList(nn.ModuleList):
     """A block list that, in training, skips each block with probability ``p``: ``h_{l+1} = h_l`` w.p. ``p``.
 
     Shares its entries with the list it replaces (same module names and state-dict keys); in eval
-    mode it is the plain list. If every block would be skipped, one random block runs. A skipped block that
+    mode, and outside the forward of the module holding it (code that walks the blocks), it is the plain list.
+    If every block would be skipped, one random block runs. A skipped block that
     returned a tensor when it last ran is replaced by a :class:`PassThrough`, so the list keeps its length and
     every block its position (Gemma 2/3 and Qwen pick a block's attention mask by its index in the loop); a block
     returning a tuple is left out of the list (a tensor in its place would be read as one), and a block not seen
@@ -42,13 +43,19 @@ class LayerDropList(nn.ModuleList):
     arXiv:1909.11556.
     """
 
-    def __init__(self, layers: nn.ModuleList, p: float) -> None:
+    def __init__(self, layers: nn.ModuleList, p: float, owner: nn.Module) -> None:
         nn.Module.__init__(self)
         self._modules = layers._modules  # the very same entries, so later surgery shows up in both
         self.p = p
         self.disabled = False
+        self.in_forward = False  # blocks are dropped only in the forward of the module holding the list
         self.returned_tensor: dict[int, bool] = {}  # id(block) → whether its last output was the hidden states alone
         self.hooks = [block.register_forward_hook(self._note_output) for block in self._modules.values()]
+        self.hooks += [owner.register_forward_pre_hook(lambda *_: self._entered(True)),
+                       owner.register_forward_hook(lambda *_: self._entered(False), always_call=True)]
+
+    def _entered(self, inside: bool) -> None:
+        self.in_forward = inside
 
     def _note_output(self, block: nn.Module, args: Any, output: Any) -> None:
         self.returned_tensor[id(block)] = isinstance(output, torch.Tensor)
@@ -59,7 +66,7 @@ class LayerDropList(nn.ModuleList):
             hook.remove()
 
     def _kept(self, layers: list[Any]) -> list[Any]:
-        if not self.training or self.p == 0 or self.disabled:
+        if not self.training or self.p == 0 or self.disabled or not self.in_forward:  # (code reading the list: all)
             return layers
         keep = torch.rand(len(layers)) >= self.p
         if layers and not keep.any():  # never skip them all: the loss must still depend on the blocks
@@ -130,7 +137,8 @@ class LayerDropMethod(Method):
         for name in block_lists(model, config.layers_pattern):
             original = model.get_submodule(name)
             assert isinstance(original, nn.ModuleList)
-            replace_module(model, name, LayerDropList(original, config.layerdrop))
+            owner = model.get_submodule(name.rpartition(".")[0])
+            replace_module(model, name, LayerDropList(original, config.layerdrop, owner))
             replaced.append((name, original))
         state.data[adapter_name] = replaced
 

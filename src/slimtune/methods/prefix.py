@@ -128,7 +128,8 @@ class PrefixTuningMethod(PromptLearningMethod):
         super().fill_dims(model, config)
         assert isinstance(config, PrefixTuningConfig) and config.token_dim and config.num_attention_heads
         dims = model_dims(model)
-        if dims["num_layers"] is not None and config.num_layers != dims["num_layers"]:  # one cache entry per layer
+        decoder_only = not transformers_model(model).config.is_encoder_decoder  # (a decoder may be shallower)
+        if decoder_only and dims["num_layers"] is not None and config.num_layers != dims["num_layers"]:
             raise ValueError(f"num_layers={config.num_layers}, but {type(model).__name__} has {dims['num_layers']} "
                              "layers (the prefix feeds each one's key/value cache); leave num_layers unset, it is "
                              "read from the model.")

@@ -468,7 +468,7 @@ class Trainer:
                     losses = self.state.unlogged_losses
                     self._write_row({"step": step, **row, "loss": sum(losses) / len(losses),
                                      "tokens": self.state.unlogged_tokens, "tokens_per_s": rate, "peak_mem_mb": memory,
-                                     "epoch": round(step / self.steps_per_epoch, 4),  # done, as HF logs it
+                                     "epoch": self._epochs_done(),
                                      "train_seconds": self.state.train_seconds})
                     self.state.unlogged_losses, self.state.unlogged_tokens = [], 0
                     window_tokens, window_start = 0, time.perf_counter()
@@ -481,6 +481,14 @@ class Trainer:
             if self.checkpoint_here() is None:  # the finished training: a run stopped while it is finalized (the
                 self.save(rng_state())  # last evaluation, the sample, the plot) resumes into finalizing it
         return True
+
+    def _epochs_done(self) -> float:
+        """Epochs done, fractional: micro-batches taken over the epoch's, as HF logs them (a sharded step is one
+        global batch)."""
+        b = self.batches
+        done = b.epoch + b.index / max(len(b), 1) if isinstance(b, BatchIterator) else \
+            self.state.step / self.steps_per_epoch
+        return round(done, 4)
 
     def _diverged(self, what: str) -> TrainingDivergedError:
         latest = latest_checkpoint(self.run_dir)
