@@ -85,3 +85,15 @@ def test_a_tied_head_under_an_adapter_checkpoints_and_resumes_exactly(tmp_path, 
     torch.testing.assert_close(_logits(resumed), _logits(whole), atol=1e-5, rtol=0)
     head = getattr(resumed.lm_head, "base_layer", None) or resumed.lm_head.original_module
     assert head.weight is resumed.model.embed_tokens.weight  # still tied after the resume
+
+
+def test_a_lora_plus_adapter_needs_its_own_optimizer_under_the_trainer(tmp_path):
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraPlusConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                       loraplus_lr_ratio=4))
+    with pytest.raises(ValueError, match="would train as plain LoRA"):  # the Trainer's AdamW: one rate
+        Trainer(model=model, args=_args(tmp_path / "a"), train_dataset=ROWS,
+                callbacks=[slimtune.SlimtuneCallback()]).train()
+    optimizer = slimtune.create_loraplus_optimizer(model, torch.optim.AdamW, lr=5e-2)  # the adapter's ratio
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([5e-2, 4 * 5e-2])
+    Trainer(model=model, args=_args(tmp_path / "b"), train_dataset=ROWS, optimizers=(optimizer, None),
+            callbacks=[slimtune.SlimtuneCallback()]).train()

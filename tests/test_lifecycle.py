@@ -393,3 +393,63 @@ def test_merge_for_export_to_bf16_rounds_each_merged_weight_once(name):
     for (n, p), (m, q) in zip(exported.named_parameters(), reference.named_parameters()):
         assert n == m and p.dtype == torch.bfloat16
         assert torch.equal(p, q.to(torch.bfloat16)), n
+
+
+def _state_of(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}, \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_refused_switches_and_merges_change_nothing():
+    model = _two_lora_adapters()
+    slimtune.add_adapter(model, slimtune.PromptTuningConfig(num_virtual_tokens=2), "p1")
+    slimtune.add_adapter(model, slimtune.PromptTuningConfig(num_virtual_tokens=2), "p2")
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["model.norm.weight"]), "s")
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.5)  # "s" trained (its values go aside while it is inactive)
+    slimtune.set_adapter(model, "a")
+    slimtune.merge_adapter(model, ["a"])
+    before = _state_of(model)
+    with pytest.raises(ValueError, match="only one prompt-learning adapter"):
+        slimtune.set_adapter(model, ["p1", "p2", "b"])  # it had switched the layers to "b" and unmerged "a"
+    with pytest.raises(slimtune.NotMergeableError):
+        slimtune.merge_adapter(model, ["s", "p1"], safe_merge=True)  # it had merged "s"
+    after = _state_of(model)
+    assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert slimtune.lifecycle._merged_names(model, model.slimtune_state) == ["a"]
+
+
+def test_an_adapter_loaded_frozen_stays_frozen_when_others_come_and_go(tmp_path):
+    model = _two_lora_adapters()
+    slimtune.save_adapter(model, tmp_path, "a")
+    fresh = tiny_llama()
+    slimtune.load_adapter(fresh, tmp_path, "a")  # frozen, active
+    slimtune.add_adapter(fresh, slimtune.LoraConfig(r=2, target_modules=["k_proj"]), "b")
+    slimtune.delete_adapter(fresh, "b")
+    assert not [n for n, p in fresh.named_parameters() if p.requires_grad]  # as in PEFT
+
+
+def test_sparse_adapters_and_merged_layers_never_write_over_each_other():
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "l")
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["layers.0.self_attn.q_proj.weight"]), "s")
+    slimtune.set_adapter(model, ["l", "s"])  # the name as the base model has it, through LoRA's wrapper
+    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad
+    with pytest.raises(ValueError, match="already trained in place by adapter 's'"):  # one weight, one owner
+        slimtune.add_adapter(model, slimtune.SelectiveConfig(target_modules=["layers.0.self_attn.q_proj"]), "t")
+    with pytest.raises(ValueError, match="q_proj's weight is trained in place by adapter 's'"):
+        slimtune.merge_adapter(model, ["l"])  # switching "s" would overwrite the merge
+    slimtune.delete_adapter(model, "s")
+    slimtune.merge_adapter(model, ["l"])
+    with pytest.raises(ValueError, match=r"q_proj holds merged adapters \['l'\]; a sparse adapter"):
+        slimtune.add_adapter(model, slimtune.SelectiveConfig(target_modules=["layers.0.self_attn.q_proj"]), "t")
+
+
+def test_unload_inside_disable_adapters_gives_back_the_base():
+    base, inputs = tiny_llama(), sample_inputs("llama")
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                          init_lora_weights=False))
+    slimtune.merge_adapter(model)
+    with slimtune.disable_adapters(model):
+        slimtune.unload(model)  # leaving the block merged the adapter into the plain layer again
+    torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=1e-6, rtol=0)

@@ -11,6 +11,8 @@ checkpoints, which hold the whole model under slimtune's module names. The callb
 
 - after every optimizer step, :func:`slimtune.after_optimizer_step`: the methods' own work after an update
   (Delta-LoRA moves the base weight W; without the callback a Delta-LoRA adapter trains as plain LoRA);
+- before training, a check that the optimizer has the learning rates a method sets per group (LoRA+; build it with
+  ``slimtune.create_loraplus_optimizer``);
 - in every checkpoint folder (``checkpoint-N/``), the adapter in PEFT's format (``adapter/``, or
   ``adapter-<name>/`` for each of several adapters), which ``slimtune.load_adapter`` and PEFT load.
 """
@@ -25,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from slimtune.adapter_files import save_adapter
 from slimtune.core.state import find_state
-from slimtune.lifecycle import after_optimizer_step
+from slimtune.lifecycle import after_optimizer_step, method_param_groups
 
 __all__ = ["SlimtuneCallback"]
 
@@ -35,6 +37,22 @@ class SlimtuneCallback(TrainerCallback):
 
     def __init__(self, save_adapters: bool = True) -> None:
         self.save_adapters = save_adapters
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        """Refuse an optimizer without the learning rates the active method sets per group (LoRA+'s B matrices
+        learn ``loraplus_lr_ratio`` times faster): the Trainer's default one would train it as plain LoRA."""
+        if model is None or optimizer is None or find_state(model) is None:
+            return
+        wanted = method_param_groups(model, args.learning_rate)
+        if wanted is None:
+            return
+        rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        ratios = {rates[id(p)] / group["lr"] for group in wanted for p in group["params"] if id(p) in rates}
+        if max(ratios, default=1.0) > min(ratios, default=1.0) * (1 + 1e-6):
+            raise ValueError("the active adapter sets its own learning rate per parameter group (LoRA+), which the "
+                             "Trainer's optimizer does not have: it would train as plain LoRA. Pass Trainer(optimizers="
+                             "(slimtune.create_loraplus_optimizer(model, torch.optim.AdamW, lr=...), None)).")
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None and find_state(model) is not None:

@@ -30,6 +30,7 @@ from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
 from slimtune.methods.layers import ModulesToSave, NonFiniteMergeError, TunerLayer
+from slimtune.methods.sparse import adapter_parameter_names, in_place_owners
 from slimtune.methods.targets import is_saved_module
 
 
@@ -60,6 +61,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
             "them would change the other adapters too. Only one adapter can train biases, and it must be the first "
             "(as in PEFT); use bias='none' for this one.")
     method.check(model, config)  # everything is validated before the first change to the model
+    frozen = _frozen_adapters(model)
     heads = _modules_to_save(model, config)
     first = state is None or not state.configs
     state = state or create_state(model)
@@ -76,7 +78,21 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     _declare_tied_weights(model)
     state.configs[adapter_name] = config
     _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
+    for param in frozen:  # an adapter loaded frozen stays so (as in PEFT)
+        param.requires_grad_(False)
     return model
+
+
+def _frozen_adapters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapters' parameters that are frozen now (loaded with is_trainable=False): switching the active set
+    on adding or removing another adapter must leave them so."""
+    state = find_state(model)
+    if state is None:
+        return []
+    params = dict(model.named_parameters())
+    names = adapter_parameter_names(model)
+    owned = in_place_owners(state)
+    return [p for n, p in params.items() if not p.requires_grad and (n in names or id(p) in owned)]
 
 
 def check_adapter_name(adapter_name: object) -> str:
@@ -182,6 +198,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter (active or not); layers left without adapters turn back into their original modules."""
     state = get_state(model)
     state.check_known([adapter_name])
+    frozen = _frozen_adapters(model)
     config = state.configs.pop(adapter_name)
     for name, layer in list(tuner_layers(model)):
         layer.delete_adapter(adapter_name)
@@ -194,8 +211,10 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     method_for(config).remove(model, adapter_name, state)
     if not state.configs:
         drop_state(model)
-    else:
-        _activate(model, state, [a for a in state.active if a != adapter_name] or [next(iter(state.configs))])
+        return
+    _activate(model, state, [a for a in state.active if a != adapter_name] or [next(iter(state.configs))])
+    for param in frozen:
+        param.requires_grad_(False)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -207,7 +226,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                         "call it once per name.")
     state = get_state(model)
     state.check_known([adapter_name])
-    if any(adapter_name in layer.merged_adapters for _, layer in tuner_layers(model)):
+    if adapter_name in _merged_names(model, state):
         raise ValueError(f"adapter {adapter_name!r} is merged into the base weights; call "
                          "slimtune.unmerge_adapter(model) before deleting it.")
     if state.active == [adapter_name] and len(state.configs) > 1:
@@ -233,21 +252,29 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     """Make ``adapter_name`` (or several names, their outputs summed) the active adapter(s); only active
     adapters' parameters are trainable. Merged adapters are unmerged first, with a warning (as in PEFT): a
     merged adapter would otherwise keep applying whatever is active."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    names = [adapter_name] if isinstance(adapter_name, str) else list(dict.fromkeys(adapter_name))
     state = get_state(model)
     state.check_known(names)
+    for peft_type in _methods_present(state):  # before any change: a refused switch leaves the model as it was
+        REGISTRY.method(peft_type).check_active(model, names, state)
     for module_name, module in saved_modules(model):
         held = [a for a in names if a in module.modules_to_save]
         if len(held) > 1:  # one module's copies do not add up: one of them would run alone, silently
             raise ValueError(f"{module_name} has a trained copy (modules_to_save) in each of {held}: only one can run "
                              "at a time (as in PEFT). Activate one of them, or route rows with slimtune.mixed_batch.")
-    merged = sorted({a for _, layer in tuner_layers(model) for a in layer.merged_adapters})
+    merged = _merged_names(model, state)
     if merged:
         warnings.warn(f"adapter(s) {merged} are merged into the base weights; unmerging them before switching to "
                       f"{names} (as PEFT does). Merge again afterwards if you want the new adapter merged.",
                       stacklevel=2)
         unmerge_adapter(model)
     _activate(model, state, names)
+
+
+def _merged_names(model: nn.Module, state: AdapterState) -> list[str]:
+    """Adapters merged into the base weights: in wrapped layers, or by their method (a sparse adapter's values)."""
+    return sorted({a for _, layer in tuner_layers(model) for a in layer.merged_adapters} |
+                  {a for t in _methods_present(state) for a in REGISTRY.method(t).merged_adapters(state)})
 
 
 def _activate(model: nn.Module, state: AdapterState, names: list[str]) -> None:
@@ -306,8 +333,8 @@ def merge_adapter(model: nn.Module, adapter_names: str | Sequence[str] | None = 
     of building each merged weight twice). Refused while the adapters are disabled (``disable_adapter_layers``,
     inside ``disable_adapters``): the disabled model must run the base alone, so enable them first."""
     state = get_state(model)
-    names = list(state.active if adapter_names is None else
-                 [adapter_names] if isinstance(adapter_names, str) else adapter_names)
+    names = list(dict.fromkeys(state.active if adapter_names is None else
+                               [adapter_names] if isinstance(adapter_names, str) else adapter_names))
     state.check_known(names)
     if state.disabled:
         raise ValueError(f"cannot merge {names}: the adapters are disabled (disable_adapter_layers, or inside "
@@ -324,6 +351,17 @@ def _merge(model: nn.Module, state: AdapterState, names: list[str], safe_merge: 
         warnings.warn(f"merging {layers[name][1]} into {name} also changes {others}, which share its weight (tied "
                       f"embeddings): the merged model will differ from the unmerged one. Keep the adapter unmerged, "
                       f"or {UNTIE_ADVICE}.", stacklevel=3)
+    owned = in_place_owners(state)
+    for name, (layer, mine) in layers.items():
+        weight = getattr(layer.base_layer, "weight", None)
+        if id(weight) in owned:
+            raise ValueError(f"{name}'s weight is trained in place by adapter {owned[id(weight)]!r} "
+                             f"({state.configs[owned[id(weight)]].peft_type}): {mine} merged into it would be "
+                             "overwritten when that adapter is switched. Keep them unmerged, or merge_and_unload.")
+    methods = sorted(_methods_present(state), key=lambda t: REGISTRY.method(t).changes_base_weights)
+    for peft_type in [t for t in methods if not REGISTRY.method(t).changes_base_weights]:  # may refuse: first
+        if mine := [a for a in names if state.configs[a].peft_type == peft_type]:
+            REGISTRY.method(peft_type).merge(model, mine, state)
     if safe_merge:
         for name, (layer, mine) in layers.items():
             _merge_layer(name, layer, mine, check_only=True)
@@ -333,9 +371,8 @@ def _merge(model: nn.Module, state: AdapterState, names: list[str], safe_merge: 
             before = layer.merge_calls
             _merge_layer(name, layer, mine)
             done.append((layer, before))
-        for peft_type in _methods_present(state):  # after the layers: a method that cannot merge undoes them
-            mine = [a for a in names if state.configs[a].peft_type == peft_type]
-            if mine:
+        for peft_type in [t for t in methods if REGISTRY.method(t).changes_base_weights]:  # once the layers merged
+            if mine := [a for a in names if state.configs[a].peft_type == peft_type]:
                 REGISTRY.method(peft_type).merge(model, mine, state)
     except BaseException:
         for layer, before in reversed(done):  # back to the merges the layer had before this call
@@ -420,9 +457,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         _set_disabled(model, state, False)
+        live = {id(layer) for _, layer in tuner_layers(model)}  # (unload or delete inside the block took some away)
         for layer in layers:
-            for names in merged[id(layer)]:
-                layer.merge(names)
+            for names in merged[id(layer)] if id(layer) in live else ():
+                if known := [n for n in names if n in layer.adapter_names]:
+                    layer.merge(known)
 
 
 def disable_adapter_layers(model: nn.Module) -> None:

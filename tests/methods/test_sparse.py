@@ -142,11 +142,16 @@ def test_a_sparse_adapter_applies_only_while_active_or_merged_and_never_inside_d
     torch.testing.assert_close(logits(model, inputs), trained, atol=0, rtol=0)
     slimtune.set_adapter(model, ["a", "b"])
     both = logits(model, inputs)
-    slimtune.merge_adapter(model, ["a"])
-    slimtune.set_adapter(model, "b")  # a merged adapter applies, active or not
+    slimtune.set_adapter(model, "b")
+    slimtune.merge_adapter(model, ["a"])  # a merged adapter applies, active or not
     torch.testing.assert_close(logits(model, inputs), both, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="'a' is merged into the base weights; call slimtune.unmerge_adapter"):
+        slimtune.delete_adapter(model, "a")  # (it baked the values in)
     with slimtune.disable_adapters(model):  # merged, then disabled: the base alone
         torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+    with pytest.warns(UserWarning, match=r"adapter\(s\) \['a'\] are merged into the base weights; unmerging"):
+        slimtune.set_adapter(model, "b")  # as a merged LoRA is
+    torch.testing.assert_close(logits(model, inputs), logits(with_b, inputs), atol=0, rtol=0)
 
 
 def test_a_sparse_file_names_base_parameters_whatever_wraps_them(tmp_path):

@@ -55,6 +55,9 @@ class Method:
     def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
         """After the active set changed (``adapter_names`` may include other methods' adapters)."""
 
+    def check_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        """Raise if these adapters cannot be active together (called before anything changes)."""
+
     def set_disabled(self, model: nn.Module, disabled: bool, state: AdapterState) -> None:
         """Entering (True) or leaving (False) "base model only" mode."""
 
@@ -64,6 +67,10 @@ class Method:
 
     def unmerge(self, model: nn.Module, state: AdapterState) -> None:
         """Take every merged adapter of this method out again."""
+
+    def merged_adapters(self, state: AdapterState) -> list[str]:
+        """This method's adapters merged beyond wrapped layers (their layers list their own merges)."""
+        return []
 
     # ---- files ------------------------------------------------------------------------------------
     def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:

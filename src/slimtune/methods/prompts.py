@@ -181,12 +181,16 @@ class PromptLearningMethod(Method):
             for handle in state.shared.pop(self.peft_type, {}).values():
                 handle.remove()
 
-    def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
-        container = getattr(model, PROMPT_CONTAINER)
-        prompts = [a for a in adapter_names if a in container]
+    def check_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        prompts = [a for a in adapter_names if a in getattr(model, PROMPT_CONTAINER)]
         if len(prompts) > 1:
             raise ValueError(f"only one prompt-learning adapter can be active at a time, got {prompts}; "
                              "activate one of them (virtual tokens of several prompts do not compose).")
+
+    def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
+        self.check_active(model, adapter_names, state)
+        container = getattr(model, PROMPT_CONTAINER)
+        prompts = [a for a in adapter_names if a in container]
         for name, module in container.items():
             if state.configs[name].peft_type == self.peft_type:
                 module.requires_grad_(name in prompts)

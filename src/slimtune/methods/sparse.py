@@ -22,14 +22,14 @@ from torch import nn
 
 from slimtune.config import MethodConfig, default_head, layer_list, str_list
 from slimtune.core.state import AdapterState
-from slimtune.methods.contract import PEFT_PREFIX, Method
+from slimtune.methods.contract import PEFT_PREFIX, Method, tuner_layers
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.prompts import PROMPT_CONTAINER
 from slimtune.methods.targets import layer_index, name_matches
 from slimtune.quant.linear import QuantizedLinear
 
 
-def _adapter_parameter_names(model: nn.Module) -> set[str]:
+def adapter_parameter_names(model: nn.Module) -> set[str]:
     """Parameters that belong to adapters (wrapped-layer adapters, head copies, prompt encoders)."""
     names = set()
     for module_name, module in model.named_modules():
@@ -67,6 +67,12 @@ class TrainedInPlace:
         return self.before if self.swapped_out else dict(self.params)
 
 
+def in_place_owners(state: AdapterState) -> dict[int, str]:
+    """id() of each base parameter a sparse adapter trains in place → that adapter's name."""
+    return {id(param): adapter for adapter, data in state.data.items() if isinstance(data, TrainedInPlace)
+            for param in data.params.values()}
+
+
 class SparseMethod(Method):
     """Shared machinery: pick base parameters, train them in place, remember their old values.
 
@@ -84,23 +90,30 @@ class SparseMethod(Method):
         raise NotImplementedError
 
     def eligible(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Parameter]]:
-        adapter_params = _adapter_parameter_names(model)
+        adapter_params = adapter_parameter_names(model)
         heads = getattr(config, "modules_to_save", None) or []
         return [(n, p) for n, p in model.named_parameters() if n not in adapter_params
                 and not any(re.match(rf"(^|.*\.){re.escape(h)}($|\..*)", n) for h in heads)]
 
     def check(self, model: nn.Module, config: MethodConfig) -> None:
-        """Raise (before the model is changed) if nothing would train."""
-        self.select(model, config)
+        """Raise (before the model is changed) if nothing would train, or a chosen weight holds merged adapters
+        (switching this adapter in and out would overwrite them)."""
+        names = self.select(model, config)
+        for layer_name, layer in tuner_layers(model):
+            if layer.merged_adapters and any(n.startswith(f"{layer_name}.base_layer.") for n in names):
+                raise ValueError(f"{layer_name} holds merged adapters {layer.merged_adapters}; a sparse adapter "
+                                 "training its weight in place would overwrite them. Unmerge them first "
+                                 "(slimtune.unmerge_adapter(model)).")
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
         names = self.select(model, config)
-        owned = {n: a for a, data in state.data.items() if isinstance(data, TrainedInPlace) for n in data.params}
-        clash = sorted(n for n in names if n in owned)
-        if clash:
-            raise ValueError(f"parameters {clash[:3]} are already trained in place by adapter {owned[clash[0]]!r}; "
-                             "two sparse adapters cannot own one parameter. Remove that adapter first.")
         params = dict(model.named_parameters())
+        owned = in_place_owners(state)  # by identity: a wrapper renames a weight (….base_layer.weight)
+        clash = sorted(n for n in names if id(params[n]) in owned)
+        if clash:
+            raise ValueError(f"parameters {clash[:3]} are already trained in place by adapter "
+                             f"{owned[id(params[clash[0]])]!r}; two sparse adapters cannot own one parameter. Remove "
+                             "that adapter first.")
         state.data[adapter_name] = TrainedInPlace({n: params[n] for n in names},
                                                   {n: params[n].detach().clone() for n in names})
         for name in names:
@@ -141,6 +154,9 @@ class SparseMethod(Method):
         for data in self._mine(state).values():
             data.merged = False
         self._place(state, state.active)
+
+    def merged_adapters(self, state: AdapterState) -> list[str]:
+        return [name for name, data in self._mine(state).items() if data.merged]
 
     @torch.no_grad()
     def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
@@ -221,9 +237,10 @@ class SelectiveMethod(SparseMethod):
         matched = {"target_modules": False, "target_parameters": False}
         for name, _ in self.eligible(model, config):
             module_name = name.rpartition(".")[0]
+            plain = name.replace(".base_layer.", ".")  # as the model names it without other adapters' wrappers
             by_module = config.target_modules is not None and any(
                 name_matches(m, config.target_modules) for m in _prefixes(module_name))
-            by_param = config.target_parameters is not None and name_matches(name, config.target_parameters)
+            by_param = config.target_parameters is not None and name_matches(plain, config.target_parameters)
             matched["target_modules"] |= by_module
             matched["target_parameters"] |= by_param
             everything = config.target_modules is None and config.target_parameters is None

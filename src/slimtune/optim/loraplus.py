@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.core.state import find_state
+
 
 def check_ratio(loraplus_lr_ratio: Any) -> None:
     if isinstance(loraplus_lr_ratio, bool) or not isinstance(loraplus_lr_ratio, (int, float)) or loraplus_lr_ratio < 1:
@@ -61,13 +63,20 @@ def create_loraplus_optimizer(
     model: nn.Module,
     optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,  # a class taking (params, lr=, …)
     lr: float = 2e-4,
-    loraplus_lr_ratio: float = 16.0,
-    loraplus_lr_embedding: float = 1e-6,
+    loraplus_lr_ratio: float | None = None,
+    loraplus_lr_embedding: float | None = None,
     loraplus_weight_decay: float = 0.0,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """An optimizer over :func:`loraplus_param_groups`, as PEFT's ``create_loraplus_optimizer`` makes it: every group
     has ``loraplus_weight_decay`` (0 by default; 1-D parameters always 0), which a ``weight_decay`` among
-    ``optimizer_kwargs`` (passed to ``optimizer_cls``) does not change."""
+    ``optimizer_kwargs`` (passed to ``optimizer_cls``) does not change. The ratio and the embeddings' rate left
+    unset are the active LoRA+ adapter's (``LoraPlusConfig``), else 16 and 1e-6."""
+    configs = [vars(state.configs[a]) for a in state.active] if (state := find_state(model)) is not None else []
+    own = next((fields for fields in configs if "loraplus_lr_ratio" in fields), {})
+    if loraplus_lr_ratio is None:
+        loraplus_lr_ratio = float(own.get("loraplus_lr_ratio", 16.0))
+    if loraplus_lr_embedding is None:
+        loraplus_lr_embedding = float(own.get("loraplus_lr_embedding", 1e-6))
     groups = loraplus_param_groups(model, lr, loraplus_lr_ratio, loraplus_lr_embedding, loraplus_weight_decay)
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
