@@ -38,8 +38,8 @@ from slimtune.export import merge_for_export
 from slimtune.gguf_export import write_gguf
 from slimtune.train.data import load_examples
 from slimtune.train.inference import MERGE_BASES, load_for_merge
+from slimtune.train.losses import evaluate_loss
 from slimtune.train.tokenization import tokenize_examples
-from slimtune.train.trainer import evaluate_loss
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "In 2024, the year 1492 was"]
 

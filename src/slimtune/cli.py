@@ -147,8 +147,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.train.data import load_examples
     from slimtune.train.generation import position_limit, virtual_positions
     from slimtune.train.inference import DEFAULT_EVAL_LENGTH, adapters_task_type, run_data
+    from slimtune.train.losses import evaluate_loss
     from slimtune.train.tokenization import tokenize_examples
-    from slimtune.train.trainer import evaluate_loss
 
     examples = load_examples(args.data, split=args.split, validation_fraction=args.validation_fraction,
                              max_examples=args.max_examples)

@@ -212,7 +212,7 @@ def test_an_moe_training_its_router_balance_cannot_use_the_chunked_loss(tmp_path
 
 def test_virtual_tokens_add_logits_rows_but_no_scored_rows(tiny_folder):
     """Prompt tuning's virtual tokens get logits (the model's output covers them) but no labels: the loss
-    copies and log-softmaxes the text's label rows only (train.trainer.loss_sum), so against LoRA with the
+    copies and log-softmaxes the text's label rows only (train.losses.loss_sum), so against LoRA with the
     full loss on the same rows the loss term grows by the virtual tokens' fp32 logits and nothing more."""
     seq, virtual, vocab = 64, 8, 512
     data, training = {"max_seq_length": seq}, {"loss": "full"}

@@ -20,11 +20,11 @@ from slimtune.train import data as data_module
 from slimtune.train.batching import BatchIterator, collate, epoch_order, real_tokens
 from slimtune.train.data import load_examples, split_examples
 from slimtune.train.examples import normalize_example
+from slimtune.train.losses import label_tokens
 from slimtune.train.recipe import recipe_from_dict
 from slimtune.train.runner import load_data
 from slimtune.train.templates import encode_conversation, encode_example, encode_prompt, render_plain
 from slimtune.train.tokenization import IGNORE_INDEX, tokenize_examples
-from slimtune.train.trainer import label_tokens
 
 ROWS = [
     {"prompt": "Say hi", "response": "hello world"},

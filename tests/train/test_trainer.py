@@ -25,12 +25,13 @@ from slimtune.methods.lora import LoraMethod
 from slimtune.perf import losses
 from slimtune.train import progress
 from slimtune.train.batching import BatchIterator, collate
+from slimtune.train.losses import evaluate_loss, label_tokens, loss_sum
 from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.schedule import lr_multiplier
 from slimtune.train.stop_request import StopRequest
 from slimtune.train.tokenization import tokenize_examples
-from slimtune.train.trainer import Trainer, evaluate_loss, label_tokens, loss_sum
+from slimtune.train.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -178,7 +179,7 @@ def test_an_moe_router_balancing_loss_is_trained_as_the_models_own_loss(tmp_path
     assert outs[0].aux_loss.item() > 1.0  # the balancing term is a large part of it
     for ours, theirs in zip(seen[0], [p.grad for p in trainer.params]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
-    from slimtune.train.trainer import chunked_loss_refusal
+    from slimtune.train.losses import chunked_loss_refusal
 
     with pytest.raises(ValueError, match="router load-balancing"):
         chunked_loss_refusal(model, "chunked")
@@ -492,7 +493,7 @@ def test_auto_loss_falls_back_when_the_forward_changes_logits_unknown_to_the_chu
     subclass doubling them) is caught by the probe: ``auto`` keeps the model's own loss, ``chunked`` says why."""
     from transformers import LlamaForCausalLM
 
-    from slimtune.train.trainer import chunked_loss_refusal, chunked_loss_works
+    from slimtune.train.losses import chunked_loss_refusal, chunked_loss_works
 
     class DoublingLlama(LlamaForCausalLM):
         def forward(self, *args, labels=None, **kwargs):
