@@ -49,3 +49,33 @@ def test_nproc_per_node_starts_torchrun_with_the_same_train_command():
     assert command[-6:] == ["-m", "slimtune", "train", "my.yaml", "training.max_steps=3", "--resume"]
     with pytest.raises(ValueError, match="positive number"):
         torchrun_command(0, [])
+
+
+def test_an_adapter_training_base_weights_in_place_is_never_sharded():
+    # FSDP2 puts new sharded parameters in the modules: a BitFit/selective adapter kept the old ones, trained
+    # nothing it saved, and wrote the base values as its file
+    import slimtune
+    from tiny_models import tiny_llama
+
+    with pytest.raises(RecipeError, match="distributed.strategy: fsdp cannot train SELECTIVE"):
+        recipe_from_dict({"method": {"peft_type": "SELECTIVE", "target_parameters": ["norm.weight"]},
+                          "distributed": {"strategy": "fsdp"}})
+    model = slimtune.add_adapter(tiny_llama(), slimtune.SelectiveConfig(target_parameters=["norm.weight"]))
+    cpu = torch.device("cpu")
+    assert choose_strategy("auto", model, cpu, fsdp_fraction=1e-12) == "ddp"
+    with pytest.raises(ValueError, match="fsdp cannot train a BitFit or selective adapter"):
+        choose_strategy("fsdp", model, cpu, fsdp_fraction=1.0)
+
+
+def test_the_logged_epoch_of_a_sharded_run_counts_each_ranks_micro_batches():
+    # as HF's Trainer logs it under DDP, and as one process with the same rows per step does
+    from types import SimpleNamespace
+
+    from slimtune.distributed.data import ShardedBatches
+    from slimtune.train.trainer import Trainer
+
+    rows = [{"input_ids": [1, 2], "labels": [1, 2]}] * 22
+    batches = ShardedBatches(rows, batch_size=1, accumulation=2, rank=0, world_size=2, seed=0, pad_id=0)
+    for _ in range(3):
+        batches.step_rows()
+    assert Trainer._epochs_done(SimpleNamespace(batches=batches)) == round(6 / 11, 4)  # 12 rows: 6 of 11 per rank

@@ -559,3 +559,12 @@ def test_a_scheduler_state_that_fails_to_load_leaves_the_optimizer_as_it_was(che
             read_checkpoint(folder).apply(trainer.model, trainer.optimizer, trainer.scheduler)
         assert _same(_optimizer_state(trainer), optimizer_before)
         assert_unchanged(trainer.model, before)
+
+
+def test_a_distributed_runs_checkpoint_read_by_one_process_says_how_to_resume_it(checkpoint_folder):
+    # it said "the checkpoint is damaged. Delete this step's folder": every step's folder, one after another
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _sealed_copy(checkpoint_folder, tmp,
+                              lambda p: p.update(distributed={"world_size": 2, "strategy": "ddp"}))
+        with pytest.raises(ValueError, match=r"written by a distributed run .* --resume --nproc-per-node N"):
+            read_checkpoint(folder)

@@ -30,7 +30,7 @@ from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.schedule import lr_multiplier
 from slimtune.train.stop_request import StopRequest
-from slimtune.train.tokenization import tokenize_examples
+from slimtune.train.tokenization import IGNORE_INDEX, tokenize_examples
 from slimtune.train.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -514,3 +514,13 @@ def test_auto_loss_falls_back_when_the_forward_changes_logits_unknown_to_the_chu
     assert chunked_loss_refusal(model, "auto") is None and chunked_loss_refusal(model, "full") == "training.loss: full"
     with pytest.raises(ValueError, match="differs from DoublingLlama's own"):
         chunked_loss_works(doubling, "chunked")
+
+
+def test_a_micro_batch_without_labels_adds_no_tokens(tmp_path, tokenizer, token_rows):
+    # a rank's stand-in at an epoch's short end (distributed.data): all labels masked, none of the run's tokens
+    stand_in = {**token_rows[0], "labels": [IGNORE_INDEX] * len(token_rows[0]["labels"])}
+    rows = [token_rows[0], stand_in]
+    trainer = make_trainer(lora_model(tokenizer), rows, tmp_path, tokenizer, max_steps=1, batch_size=1,
+                           gradient_accumulation_steps=2)
+    trainer.batches = BatchIterator(rows, 1, seed=0, pad_id=tokenizer.pad_token_id, shuffle=False)
+    assert trainer.train_step()["tokens"] == len(token_rows[0]["input_ids"])

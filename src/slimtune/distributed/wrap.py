@@ -28,7 +28,9 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from slimtune.config import LoraConfig
+from slimtune.core.state import find_state
 from slimtune.distributed.context import DistContext
+from slimtune.methods.sparse import in_place_owners
 from slimtune.quant.linear import QuantizedLinear
 from slimtune.quant.sharded_nf4 import make_model_shardable
 from slimtune.train.recipe import Recipe
@@ -63,9 +65,14 @@ def choose_strategy(requested: str, model: nn.Module, device: torch.device, fsdp
     """``requested`` unless it is ``auto`` (see the module docstring)."""
     if requested not in STRATEGIES:
         raise ValueError(f"distributed.strategy={requested!r} is not a strategy; use one of {list(STRATEGIES)}.")
+    in_place = bool(in_place_owners(state)) if (state := find_state(model)) is not None else False
+    if requested == "fsdp" and in_place:
+        raise ValueError("distributed.strategy: fsdp cannot train a BitFit or selective adapter: it trains base "
+                         "weights in place, and FSDP2 replaces them with sharded ones the adapter does not hold "
+                         "(its files would keep the untrained values). Use distributed.strategy: ddp.")
     if requested != "auto":
         return requested
-    return strategy_for_bytes(model_bytes(model), device_memory(device), fsdp_fraction)
+    return "ddp" if in_place else strategy_for_bytes(model_bytes(model), device_memory(device), fsdp_fraction)
 
 
 def strategy_for_bytes(stored: int, memory: int, fsdp_fraction: float) -> str:

@@ -417,6 +417,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Read checkpoint folder ``path`` and check every file (see the module docstring); change nothing."""
     path = Path(path)
     payload = read_state_file(path)
+    if isinstance(payload.get("distributed"), dict):  # (its tensors are torch.distributed.checkpoint's files)
+        raise ValueError(f"checkpoint {path} was written by a distributed run ({payload['distributed']}); resume it "
+                         "as one: `slimtune train RECIPE --resume --nproc-per-node N` (any N, 1 included), or give "
+                         "the recipe its distributed section.")
     _read_files(path, payload["files"])
     tensors = read_tensors(path / TENSORS_FILE)
     file = path / STATE_FILE

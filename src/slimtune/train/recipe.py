@@ -387,6 +387,10 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
         raise RecipeError("method.peft_type: DELTA_LORA moves the base weights after every step, which a quantized "
                           "base cannot take (its weights are fixed codes); drop the quantization section, or use "
                           "peft_type LORA.")
+    if distributed is not None and distributed.strategy == "fsdp" and method.peft_type in ("BITFIT", "SELECTIVE"):
+        raise RecipeError(f"distributed.strategy: fsdp cannot train {method.peft_type}: it trains base weights in "
+                          "place, which FSDP2 replaces with shards the adapter does not hold; use strategy: ddp "
+                          "(auto picks it).")
     if sections["data"].packing and isinstance(method, PromptLearningConfig):
         raise RecipeError(f"data.packing: true cannot train {method.peft_type}: its virtual tokens (or prefix) "
                           "apply once per packed row, so every example after the first would see none, or see the "

@@ -202,7 +202,8 @@ class Trainer:
         after_optimizer_step(self.inner)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(real_tokens(b) for b in micro)
+        # (a rank's stand-in micro-batch at an epoch's short end has no labels, and no tokens of the run's)
+        tokens = sum(real_tokens(b) for b in micro if label_tokens(b))
         if self.dist is not None:
             tokens = self.dist.sum_int(tokens)
         return {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
@@ -376,12 +377,12 @@ class Trainer:
         return True
 
     def _epochs_done(self) -> float:
-        """Epochs done, fractional: micro-batches taken over the epoch's, as HF logs them (a sharded step is one
-        global batch)."""
+        """Epochs done, fractional: micro-batches taken over the epoch's, as HF logs them (per rank)."""
         b = self.batches
-        done = b.epoch + b.index / max(len(b), 1) if isinstance(b, BatchIterator) else \
-            self.state.step / self.steps_per_epoch
-        return round(done, 4)
+        if isinstance(b, BatchIterator):
+            return round(b.epoch + b.index / max(len(b), 1), 4)
+        rows = b.batch_size * b.world_size  # a micro-batch of every rank
+        return round(b.epoch + math.ceil(b.start / rows) / max(math.ceil(len(b.dataset) / rows), 1), 4)
 
     def _diverged(self, what: str) -> TrainingDivergedError:
         latest = latest_checkpoint(self.run_dir)
