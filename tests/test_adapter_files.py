@@ -284,3 +284,46 @@ def test_a_file_in_a_narrower_float_dtype_loads_cast_and_its_nan_is_named(tmp_pa
     save_file(narrow, weights)
     with pytest.raises(InvalidFileError, match=rf"'{key}' holds 4 inf/NaN values"):
         slimtune.load_adapter(tiny_llama(), folder)
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["lora only", "head copies"])
+def test_an_adapter_for_a_resized_vocabulary_loads_its_embeddings_as_peft_does(tmp_path, heads):
+    # Unsloth / LLaMA-Factory with added tokens: PEFT >= 0.7 stores the resized embed_tokens / lm_head whole
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    def resized():
+        model = tiny_llama()
+        model.resize_token_embeddings(model.config.vocab_size + 3, mean_resizing=False)
+        return model.eval()
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(resized(), PeftLoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[
+        "embed_tokens", "lm_head"] if heads else None))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+        peft_model.get_input_embeddings().weight[-3:] = torch.randn(3, peft_model.config.hidden_size)
+    peft_model.save_pretrained(tmp_path, save_embedding_layers=True)  # ("auto" compares with the Hub's config)
+    inputs = {"input_ids": torch.tensor([[5, 6, peft_model.config.vocab_size - 1]])}
+    expected = peft_model.eval()(**inputs).logits
+    loaded = slimtune.load_adapter(resized(), tmp_path)
+    torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+    with pytest.raises(InvalidFileError, match=r"trained with a vocabulary of \d+ tokens: resize the base first"):
+        slimtune.load_adapter(tiny_llama(), tmp_path)  # not resized
+
+
+def test_key_spellings_peft_reads_are_read(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True,
+                                                                   init_lora_weights=False))
+    slimtune.save_adapter(model, tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    respelled = {k.replace("lora_A.weight", "lora_A.default.weight").replace(
+        "lora_magnitude_vector", "lora_magnitude_vector.weight"): v for k, v in load_file(file).items()}
+    assert respelled.keys() != load_file(file).keys()
+    save_file(respelled, file)  # a dumped PeftModel state dict; DoRA's magnitude as PEFT also accepts it
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(slimtune.load_adapter(tiny_llama(), tmp_path), inputs), logits(model, inputs))

@@ -55,6 +55,7 @@ from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
+from slimtune.methods.layers import ModulesToSave, TunerLayer
 from slimtune.methods.prefix import PrefixTuningConfig
 from slimtune.methods.prompt_tuning import PromptEncoderConfig
 
@@ -351,7 +352,8 @@ def load_adapter(
             raise _field_error(config_file, error) from None
         live = adapter_tensors(model, adapter_name)
         originals, duplicates = head_biases(model, adapter_name)
-        _copy_checked(live, tensors, Path(path), {**embedding_weights(model, adapter_name), **originals}, duplicates)
+        _copy_checked(live, tensors, Path(path), {**embedding_weights(model, adapter_name), **originals},
+                      [*duplicates, *embedding_copies(model, adapter_name)])
     own = {id(t) for t in live.values()}
     for param in frozen:  # activating an adapter must not unfreeze one that was loaded frozen
         if id(param) not in own:
@@ -367,12 +369,31 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights w
 
 
 def embedding_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Base weights PEFT may store with an adapter (``save_embedding_layers``: a resized vocabulary): those
-    of the embedding and output layers the adapter's config targets, keyed as PEFT keys them."""
-    return {f"{PEFT_PREFIX}{name}.base_layer.{k}": p for name, layer in tuner_layers(model)
-            if adapter_name in layer.adapter_names and (isinstance(layer.base_layer, nn.Embedding)
-                                                        or name.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
-            for k, p in layer.base_layer.named_parameters()}
+    """Base weights PEFT may store with an adapter (``save_embedding_layers``: a resized vocabulary), keyed as PEFT
+    keys them: those of the embedding and output layers the adapter's config targets, and (PEFT ≥ 0.7's "auto",
+    whatever the targets) the ``embed_tokens`` / ``lm_head`` layers whole, or a head copy's original. Loaded into
+    the base, as PEFT loads them: the rows of tokens added to the vocabulary are the trained ones."""
+    stored: dict[str, torch.Tensor] = {f"{PEFT_PREFIX}{name}.base_layer.{k}": p for name, layer in tuner_layers(model)
+              if adapter_name in layer.adapter_names and (isinstance(layer.base_layer, nn.Embedding)
+                                                          or name.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
+              for k, p in layer.base_layer.named_parameters()}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in EMBEDDING_NAMES or isinstance(module, TunerLayer):
+            continue
+        held = (module.original_module, "original_module.") if isinstance(module, ModulesToSave) else (module, "")
+        stored.update({f"{PEFT_PREFIX}{name}.{held[1]}{k}": p for k, p in held[0].named_parameters()})
+    return stored
+
+
+def embedding_copies(model: nn.Module, adapter_name: str) -> list[tuple[re.Pattern[str], torch.Tensor]]:
+    """A head copy of ``embed_tokens`` / ``lm_head`` once more under ``<head>.modules_to_save.`` (PEFT's "auto"
+    ``save_embedding_layers`` keeps every key naming those layers): checked against the copy and skipped (its
+    own key holds it)."""
+    return [(re.compile(re.escape(f"{PEFT_PREFIX}{name}.modules_to_save.") + rf"(?:{re.escape(adapter_name)}\.)?"
+                        + re.escape(k)), p)
+            for name, module in saved_modules(model) if name.rsplit(".", 1)[-1] in EMBEDDING_NAMES
+            and adapter_name in module.adapter_names
+            for k, p in module.modules_to_save[adapter_name].named_parameters()]
 
 
 def head_biases(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor],
@@ -399,6 +420,15 @@ def head_biases(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Te
     return originals, duplicates
 
 
+def _spellings(key: str) -> list[str]:
+    """The names a stored tensor may go by, as PEFT reads them: with or without the ``base_model.model.`` prefix,
+    PEFT's in-memory adapter name (``lora_A.default.weight``, from a dumped state dict) and DoRA's magnitude as
+    ``lora_magnitude_vector.weight``."""
+    plain = re.sub(r"\.default(?=\.[^.]+$)", "", key)
+    plain = plain.removesuffix(".weight") if plain.endswith("lora_magnitude_vector.weight") else plain
+    return list(dict.fromkeys(k for name in (key, plain) for k in (name, PEFT_PREFIX + name)))
+
+
 def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], folder: Path,
                   optional: dict[str, torch.Tensor],
                   duplicates: Sequence[tuple[re.Pattern[str], torch.Tensor]] = ()) -> None:
@@ -409,7 +439,7 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
     weights = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / PICKLE_NAME  # the one read
     resolved = {}
     for key, value in stored.items():
-        target_key = key if key in live or key in optional else PEFT_PREFIX + key
+        target_key = next((k for k in _spellings(key) if k in live or k in optional), PEFT_PREFIX + key)
         target = live.get(target_key, optional.get(target_key))
         skip = target is None
         if target is None:
@@ -420,9 +450,14 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
                                             "adapter's config; was the adapter trained on another architecture, or "
                                             "the file altered?", key)
         if target.shape != value.shape:
+            resized = any(n in key for n in EMBEDDING_NAMES) and target.dim() == 2 \
+                and target.shape[1:] == value.shape[1:]
             raise InvalidFileError(weights, f"{key!r} has shape {tuple(value.shape)} but the model expects "
-                                            f"{tuple(target.shape)}; the adapter was trained for a different model "
-                                            "size.", key)
+                                            f"{tuple(target.shape)}; " + (
+                                                f"the adapter was trained with a vocabulary of {value.shape[0]} "
+                                                "tokens: resize the base first (model.resize_token_embeddings("
+                                                f"{value.shape[0]}), as for training)." if resized else
+                                                "the adapter was trained for a different model size."), key)
         if target.is_floating_point() and not value.is_floating_point():
             raise InvalidFileError(weights, f"{key!r} has dtype {value.dtype}; adapter weights are floating point.",
                                    key)

@@ -54,8 +54,9 @@ def test_nproc_per_node_starts_torchrun_with_the_same_train_command():
 def test_an_adapter_training_base_weights_in_place_is_never_sharded():
     # FSDP2 puts new sharded parameters in the modules: a BitFit/selective adapter kept the old ones, trained
     # nothing it saved, and wrote the base values as its file
-    import slimtune
     from tiny_models import tiny_llama
+
+    import slimtune
 
     with pytest.raises(RecipeError, match="distributed.strategy: fsdp cannot train SELECTIVE"):
         recipe_from_dict({"method": {"peft_type": "SELECTIVE", "target_parameters": ["norm.weight"]},
