@@ -353,7 +353,7 @@ def load_adapter(
         live = adapter_tensors(model, adapter_name)
         originals, duplicates = head_biases(model, adapter_name)
         _copy_checked(live, tensors, Path(path), {**embedding_weights(model, adapter_name), **originals},
-                      [*duplicates, *embedding_copies(model, adapter_name)])
+                      [*duplicates, *embedding_copies(model, adapter_name)], vocabulary_weights(model))
     own = {id(t) for t in live.values()}
     for param in frozen:  # activating an adapter must not unfreeze one that was loaded frozen
         if id(param) not in own:
@@ -369,20 +369,37 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights w
 
 
 def embedding_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Base weights PEFT may store with an adapter (``save_embedding_layers``: a resized vocabulary), keyed as PEFT
-    keys them: those of the embedding and output layers the adapter's config targets, and (PEFT ≥ 0.7's "auto",
-    whatever the targets) the ``embed_tokens`` / ``lm_head`` layers whole, or a head copy's original. Loaded into
-    the base, as PEFT loads them: the rows of tokens added to the vocabulary are the trained ones."""
-    stored: dict[str, torch.Tensor] = {f"{PEFT_PREFIX}{name}.base_layer.{k}": p for name, layer in tuner_layers(model)
-              if adapter_name in layer.adapter_names and (isinstance(layer.base_layer, nn.Embedding)
-                                                          or name.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
-              for k, p in layer.base_layer.named_parameters()}
+    """Base weights PEFT may store with an adapter (``save_embedding_layers``: a resized vocabulary): those
+    of the embedding and output layers the adapter's config targets, keyed as PEFT keys them."""
+    return {f"{PEFT_PREFIX}{name}.base_layer.{k}": p for name, layer in tuner_layers(model)
+            if adapter_name in layer.adapter_names and (isinstance(layer.base_layer, nn.Embedding)
+                                                        or name.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
+            for k, p in layer.base_layer.named_parameters()}
+
+
+def vocabulary_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``embed_tokens`` / ``lm_head`` weights (or a head copy's original) PEFT ≥ 0.7 stores whole with any
+    adapter trained on a resized vocabulary ("auto" ``save_embedding_layers``), keyed as PEFT keys them. They load
+    into the base, as in PEFT, only as rows of added tokens: see :func:`_added_rows_only`."""
+    stored: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] not in EMBEDDING_NAMES or isinstance(module, TunerLayer):
             continue
         held = (module.original_module, "original_module.") if isinstance(module, ModulesToSave) else (module, "")
-        stored.update({f"{PEFT_PREFIX}{name}.{held[1]}{k}": p for k, p in held[0].named_parameters()})
+        stored.update({f"{PEFT_PREFIX}{name}.{held[1]}{k}": p for k, p in held[0].named_parameters() if p.dim() == 2})
     return stored
+
+
+def _added_rows_only(key: str, value: torch.Tensor, base: torch.Tensor, weights: Path) -> None:
+    """An adapter file may bring the rows of tokens added to the vocabulary, never change the base's own: the
+    stored table must equal the base's up to its first differing row, and that row lie in the vocabulary's last
+    half (the file of another base, or one written to alter it, differs from the first rows)."""
+    differs = (value.to(base.dtype) != base.detach().cpu()).any(dim=1).nonzero()
+    if len(differs) and int(differs[0]) < base.shape[0] // 2:
+        raise InvalidFileError(weights, f"{key!r} would change row {int(differs[0])} of the base's "
+                                        f"{base.shape[0]}-token table: an adapter may bring only the rows of tokens "
+                                        "added at its end (a resized vocabulary); was it trained on another base "
+                                        "model, or the file altered?", key)
 
 
 def embedding_copies(model: nn.Module, adapter_name: str) -> list[tuple[re.Pattern[str], torch.Tensor]]:
@@ -431,11 +448,14 @@ def _spellings(key: str) -> list[str]:
 
 def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], folder: Path,
                   optional: dict[str, torch.Tensor],
-                  duplicates: Sequence[tuple[re.Pattern[str], torch.Tensor]] = ()) -> None:
-    """Copy ``stored`` into ``live`` (this adapter's own tensors) and ``optional`` (base weights the config
-    declares, which the file may hold), after checking every key, shape and dtype; nothing else is accepted.
-    Keys matching ``duplicates`` (another copy of a live tensor that PEFT writes but never loads) are checked
-    against that tensor and skipped."""
+                  duplicates: Sequence[tuple[re.Pattern[str], torch.Tensor]] = (),
+                  vocabulary: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy ``stored`` into ``live`` (this adapter's own tensors), ``optional`` (base weights the config
+    declares, which the file may hold) and ``vocabulary`` (embedding tables, whose added rows only the file may
+    bring), after checking every key, shape and dtype; nothing else is accepted. Keys matching ``duplicates``
+    (another copy of a live tensor that PEFT writes but never loads) are checked against that tensor and skipped."""
+    vocabulary = {k: t for k, t in (vocabulary or {}).items() if k not in live and k not in optional}
+    optional = {**vocabulary, **optional}
     weights = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / PICKLE_NAME  # the one read
     resolved = {}
     for key, value in stored.items():
@@ -463,6 +483,8 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
                                    key)
         if skip:
             continue
+        if target_key in vocabulary:
+            _added_rows_only(key, value, target, weights)
         if target_key in resolved:
             raise InvalidFileError(weights, f"{key!r} is stored twice (with and without the {PEFT_PREFIX!r} prefix).",
                                    key)

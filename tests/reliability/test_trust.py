@@ -258,7 +258,9 @@ def test_an_adapter_file_cannot_add_modules_or_write_base_weights(tmp_path, extr
     save_file({**tensors, extra: torch.zeros(shape)}, folder / "adapter_model.safetensors")
     fresh = tiny_llama()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(InvalidFileError, match=rf"adapter_model\.safetensors: tensor '{extra}' does not belong"):
+    message = rf"'{extra}' would change row 0 of the base's" if extra.endswith("lm_head.weight") else \
+        rf"adapter_model\.safetensors: tensor '{extra}' does not belong"  # (a resized vocabulary's rows may come)
+    with pytest.raises(InvalidFileError, match=message):
         slimtune.load_adapter(fresh, folder)
     after = fresh.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
