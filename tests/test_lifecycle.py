@@ -427,6 +427,9 @@ def test_an_adapter_loaded_frozen_stays_frozen_when_others_come_and_go(tmp_path)
     slimtune.add_adapter(fresh, slimtune.LoraConfig(r=2, target_modules=["k_proj"]), "b")
     slimtune.delete_adapter(fresh, "b")
     assert not [n for n, p in fresh.named_parameters() if p.requires_grad]  # as in PEFT
+    slimtune.set_adapter(model, "b")
+    slimtune.delete_adapter(model, "b")  # its successor becomes active and trains (as in PEFT)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] and model.slimtune_state.active == ["a"]
 
 
 def test_sparse_adapters_and_merged_layers_never_write_over_each_other():
@@ -439,7 +442,11 @@ def test_sparse_adapters_and_merged_layers_never_write_over_each_other():
         slimtune.add_adapter(model, slimtune.SelectiveConfig(target_modules=["layers.0.self_attn.q_proj"]), "t")
     with pytest.raises(ValueError, match="q_proj's weight is trained in place by adapter 's'"):
         slimtune.merge_adapter(model, ["l"])  # switching "s" would overwrite the merge
-    slimtune.delete_adapter(model, "s")
+    both = copy.deepcopy(model)
+    inputs = sample_inputs("llama")
+    expected = logits(both, inputs)
+    torch.testing.assert_close(logits(slimtune.merge_and_unload(both), inputs), expected, atol=1e-5, rtol=0)
+    slimtune.delete_adapter(model, "s")  # (merged together, nothing switches "s" after)
     slimtune.merge_adapter(model, ["l"])
     with pytest.raises(ValueError, match=r"q_proj holds merged adapters \['l'\]; a sparse adapter"):
         slimtune.add_adapter(model, slimtune.SelectiveConfig(target_modules=["layers.0.self_attn.q_proj"]), "t")
@@ -453,3 +460,10 @@ def test_unload_inside_disable_adapters_gives_back_the_base():
     with slimtune.disable_adapters(model):
         slimtune.unload(model)  # leaving the block merged the adapter into the plain layer again
     torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=1e-6, rtol=0)
+
+
+def test_selective_takes_a_wrapped_weight_by_either_name():
+    for name in ("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.q_proj.base_layer.weight"):
+        model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=2, target_modules=["q_proj"]), "l")
+        slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=[name]), "s", activate=True)
+        assert model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad, name

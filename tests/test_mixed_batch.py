@@ -91,6 +91,8 @@ def test_what_one_row_cannot_own_is_refused_and_names_must_match_the_rows(family
     with slimtune.mixed_batch(model, ["lora", None]):  # it ran rows lora, lora, base, base
         with pytest.raises(ValueError, match="got 2 adapter names but the model received a batch of 4 rows"):
             model(**inputs)
+        with pytest.raises(ValueError, match="got 2 adapter names but the model received a batch of 4 rows"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)  # (PEFT refuses it too)
     with slimtune.mixed_batch(model, ["lora", None, "dora", None]):
         model.train()
         with pytest.raises(ValueError, match="mixed_batch serves inference"):
@@ -102,3 +104,5 @@ def test_what_one_row_cannot_own_is_refused_and_names_must_match_the_rows(family
     model.eval()
     with slimtune.disable_adapters(model), slimtune.mixed_batch(model, ["lora", "dora", None, "vera"]):
         torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=1e-6, rtol=0)  # as PEFT's
+    with slimtune.mixed_batch(model, ["lora", "dora", None, "vera"]), slimtune.disable_adapters(model):
+        torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=1e-6, rtol=0)  # either order

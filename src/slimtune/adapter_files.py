@@ -39,6 +39,15 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from slimtune.adapter_keys import (
+    EMBEDDING_NAMES,
+    added_rows_only,
+    embedding_copies,
+    embedding_weights,
+    head_biases,
+    spellings,
+    vocabulary_weights,
+)
 from slimtune.config import MethodConfig, config_json, fits_type
 from slimtune.core.files import (
     atomic_folder,
@@ -55,7 +64,6 @@ from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
-from slimtune.methods.layers import ModulesToSave, TunerLayer
 from slimtune.methods.prefix import PrefixTuningConfig
 from slimtune.methods.prompt_tuning import PromptEncoderConfig
 
@@ -365,87 +373,6 @@ def load_adapter(
     return model
 
 
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these base weights when an adapter targets them
-
-
-def embedding_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """Base weights PEFT may store with an adapter (``save_embedding_layers``: a resized vocabulary): those
-    of the embedding and output layers the adapter's config targets, keyed as PEFT keys them."""
-    return {f"{PEFT_PREFIX}{name}.base_layer.{k}": p for name, layer in tuner_layers(model)
-            if adapter_name in layer.adapter_names and (isinstance(layer.base_layer, nn.Embedding)
-                                                        or name.rsplit(".", 1)[-1] in EMBEDDING_NAMES)
-            for k, p in layer.base_layer.named_parameters()}
-
-
-def vocabulary_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The ``embed_tokens`` / ``lm_head`` weights (or a head copy's original) PEFT ≥ 0.7 stores whole with any
-    adapter trained on a resized vocabulary ("auto" ``save_embedding_layers``), keyed as PEFT keys them. They load
-    into the base, as in PEFT, only as rows of added tokens: see :func:`_added_rows_only`."""
-    stored: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in EMBEDDING_NAMES or isinstance(module, TunerLayer):
-            continue
-        held = (module.original_module, "original_module.") if isinstance(module, ModulesToSave) else (module, "")
-        stored.update({f"{PEFT_PREFIX}{name}.{held[1]}{k}": p for k, p in held[0].named_parameters() if p.dim() == 2})
-    return stored
-
-
-def _added_rows_only(key: str, value: torch.Tensor, base: torch.Tensor, weights: Path) -> None:
-    """An adapter file may bring the rows of tokens added to the vocabulary, never change the base's own: the
-    stored table must equal the base's up to its first differing row, and that row lie in the vocabulary's last
-    half (the file of another base, or one written to alter it, differs from the first rows)."""
-    differs = (value.to(base.dtype) != base.detach().cpu()).any(dim=1).nonzero()
-    if len(differs) and int(differs[0]) < base.shape[0] // 2:
-        raise InvalidFileError(weights, f"{key!r} would change row {int(differs[0])} of the base's "
-                                        f"{base.shape[0]}-token table: an adapter may bring only the rows of tokens "
-                                        "added at its end (a resized vocabulary); was it trained on another base "
-                                        "model, or the file altered?", key)
-
-
-def embedding_copies(model: nn.Module, adapter_name: str) -> list[tuple[re.Pattern[str], torch.Tensor]]:
-    """A head copy of ``embed_tokens`` / ``lm_head`` once more under ``<head>.modules_to_save.`` (PEFT's "auto"
-    ``save_embedding_layers`` keeps every key naming those layers): checked against the copy and skipped (its
-    own key holds it)."""
-    return [(re.compile(re.escape(f"{PEFT_PREFIX}{name}.modules_to_save.") + rf"(?:{re.escape(adapter_name)}\.)?"
-                        + re.escape(k)), p)
-            for name, module in saved_modules(model) if name.rsplit(".", 1)[-1] in EMBEDDING_NAMES
-            and adapter_name in module.adapter_names
-            for k, p in module.modules_to_save[adapter_name].named_parameters()]
-
-
-def head_biases(model: nn.Module, adapter_name: str) -> tuple[dict[str, torch.Tensor],
-                                                               list[tuple[re.Pattern[str], torch.Tensor]]]:
-    """What PEFT's ``bias="all"`` adds to a file for each head copy (``modules_to_save``), which matches every
-    parameter name holding "bias": the frozen original's biases (``<head>.original_module.bias``), which PEFT
-    loads back into the original (what runs with the adapters disabled), so slimtune does too; and the copy's
-    biases once more, as ``<head>.modules_to_save.[<adapter>.]bias``, which PEFT never loads (the copy's own key
-    ``<head>.bias`` holds its bias), so slimtune accepts and skips them. Keyed as PEFT keys them."""
-    config = get_state(model).configs[adapter_name]
-    originals: dict[str, torch.Tensor] = {}
-    duplicates: list[tuple[re.Pattern[str], torch.Tensor]] = []
-    if bias_mode(config) != "all":
-        return originals, duplicates
-    for name, module in saved_modules(model):
-        if adapter_name not in module.adapter_names:
-            continue
-        prefix = f"{method_for(config).saved_modules_prefix}{name}."
-        originals.update({f"{prefix}original_module.{k}": p
-                          for k, p in module.original_module.named_parameters() if k.endswith("bias")})
-        # PEFT strips the adapter's name only where it is the second-to-last part (a bias of the head itself)
-        duplicates += [(re.compile(re.escape(f"{prefix}modules_to_save.") + r"(?:[^.]+\.)?" + re.escape(k)), p)
-                       for k, p in module.adapter_tensors(adapter_name).items() if k.endswith("bias")]
-    return originals, duplicates
-
-
-def _spellings(key: str) -> list[str]:
-    """The names a stored tensor may go by, as PEFT reads them: with or without the ``base_model.model.`` prefix,
-    PEFT's in-memory adapter name (``lora_A.default.weight``, from a dumped state dict) and DoRA's magnitude as
-    ``lora_magnitude_vector.weight``."""
-    plain = re.sub(r"\.default(?=\.[^.]+$)", "", key)
-    plain = plain.removesuffix(".weight") if plain.endswith("lora_magnitude_vector.weight") else plain
-    return list(dict.fromkeys(k for name in (key, plain) for k in (name, PEFT_PREFIX + name)))
-
-
 def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], folder: Path,
                   optional: dict[str, torch.Tensor],
                   duplicates: Sequence[tuple[re.Pattern[str], torch.Tensor]] = (),
@@ -459,7 +386,7 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
     weights = folder / WEIGHTS_NAME if (folder / WEIGHTS_NAME).is_file() else folder / PICKLE_NAME  # the one read
     resolved = {}
     for key, value in stored.items():
-        target_key = next((k for k in _spellings(key) if k in live or k in optional), PEFT_PREFIX + key)
+        target_key = next((k for k in spellings(key) if k in live or k in optional), PEFT_PREFIX + key)
         target = live.get(target_key, optional.get(target_key))
         skip = target is None
         if target is None:
@@ -484,7 +411,7 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
         if skip:
             continue
         if target_key in vocabulary:
-            _added_rows_only(key, value, target, weights)
+            added_rows_only(key, value, target, weights)
         if target_key in resolved:
             raise InvalidFileError(weights, f"{key!r} is stored twice (with and without the {PEFT_PREFIX!r} prefix).",
                                    key)

@@ -47,8 +47,12 @@ class SlimtuneCallback(TrainerCallback):
         wanted = method_param_groups(model, args.learning_rate)
         if wanted is None:
             return
-        rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        ratios = {rates[id(p)] / group["lr"] for group in wanted for p in group["params"] if id(p) in rates}
+        # the rate each group starts from (a warmup has set the current ones to 0), against the method's groups
+        # that scale with the learning rate (LoRA+'s embedding rate is a fixed number)
+        rates = {id(p): group.get("initial_lr", group["lr"]) for group in optimizer.param_groups
+                 for p in group["params"]}
+        ratios = {rates[id(p)] / group["lr"] for group in wanted if group.get("name") != "embedding"
+                  for p in group["params"] if id(p) in rates}
         if max(ratios, default=1.0) > min(ratios, default=1.0) * (1 + 1e-6):
             raise ValueError("the active adapter sets its own learning rate per parameter group (LoRA+), which the "
                              "Trainer's optimizer does not have: it would train as plain LoRA. Pass Trainer(optimizers="

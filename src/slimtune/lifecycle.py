@@ -30,7 +30,7 @@ from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
 from slimtune.methods.layers import ModulesToSave, NonFiniteMergeError, TunerLayer
-from slimtune.methods.sparse import adapter_parameter_names, in_place_owners
+from slimtune.methods.sparse import frozen_active_parameters, in_place_owners
 from slimtune.methods.targets import is_saved_module
 
 
@@ -61,7 +61,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
             "them would change the other adapters too. Only one adapter can train biases, and it must be the first "
             "(as in PEFT); use bias='none' for this one.")
     method.check(model, config)  # everything is validated before the first change to the model
-    frozen = _frozen_adapters(model)
+    frozen = frozen_active_parameters(model)
     heads = _modules_to_save(model, config)
     first = state is None or not state.configs
     state = state or create_state(model)
@@ -81,18 +81,6 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     for param in frozen:  # an adapter loaded frozen stays so (as in PEFT)
         param.requires_grad_(False)
     return model
-
-
-def _frozen_adapters(model: nn.Module) -> list[nn.Parameter]:
-    """The adapters' parameters that are frozen now (loaded with is_trainable=False): switching the active set
-    on adding or removing another adapter must leave them so."""
-    state = find_state(model)
-    if state is None:
-        return []
-    params = dict(model.named_parameters())
-    names = adapter_parameter_names(model)
-    owned = in_place_owners(state)
-    return [p for n, p in params.items() if not p.requires_grad and (n in names or id(p) in owned)]
 
 
 def check_adapter_name(adapter_name: object) -> str:
@@ -198,7 +186,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter (active or not); layers left without adapters turn back into their original modules."""
     state = get_state(model)
     state.check_known([adapter_name])
-    frozen = _frozen_adapters(model)
+    frozen = frozen_active_parameters(model)
     config = state.configs.pop(adapter_name)
     for name, layer in list(tuner_layers(model)):
         layer.delete_adapter(adapter_name)
@@ -354,10 +342,10 @@ def _merge(model: nn.Module, state: AdapterState, names: list[str], safe_merge: 
     owned = in_place_owners(state)
     for name, (layer, mine) in layers.items():
         weight = getattr(layer.base_layer, "weight", None)
-        if id(weight) in owned:
+        if id(weight) in owned and owned[id(weight)] not in names:  # (merged with it: nothing switches it after)
             raise ValueError(f"{name}'s weight is trained in place by adapter {owned[id(weight)]!r} "
                              f"({state.configs[owned[id(weight)]].peft_type}): {mine} merged into it would be "
-                             "overwritten when that adapter is switched. Keep them unmerged, or merge_and_unload.")
+                             "overwritten when that adapter is switched. Keep them unmerged, or merge both.")
     methods = sorted(_methods_present(state), key=lambda t: REGISTRY.method(t).changes_base_weights)
     for peft_type in [t for t in methods if not REGISTRY.method(t).changes_base_weights]:  # may refuse: first
         if mine := [a for a in names if state.configs[a].peft_type == peft_type]:

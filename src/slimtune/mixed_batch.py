@@ -60,14 +60,26 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     hook = model.register_forward_pre_hook(functools.partial(_check_call, len(rows), generating), with_kwargs=True)
     undo.append(hook.remove)
     try:
-        set_generate(model, generating, undo)
+        set_generate(model, len(rows), generating, undo)
+        state = get_state(model)
         for layer, route in routes:
-            set_forward(layer, layer.base_layer.forward if route is None else RoutedForward(layer.base_layer, route),
-                        undo)
+            set_forward(layer, layer.base_layer.forward if route is None else
+                        _UnlessDisabled(state, layer.base_layer, RoutedForward(layer.base_layer, route)), undo)
         with route_heads([m for _, m in saved_modules(model)], rows, used):
             yield model
     finally:
         undo_all(undo)
+
+
+class _UnlessDisabled:
+    """A routed forward that runs the base layer alone while the adapters are disabled (``disable_adapters``
+    entered inside the block), as outside it."""
+
+    def __init__(self, state: Any, base: Callable[..., Any], routed: Callable[..., Any]) -> None:
+        self.state, self.base, self.routed = state, base, routed
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.base if self.state.disabled else self.routed)(*args, **kwargs)
 
 
 TRAINING = ("mixed_batch serves inference (the adapters' factors are read without gradients or dropout); call "
@@ -85,13 +97,14 @@ def _check_call(names: int, generating: list[bool], module: nn.Module, args: tup
                          f"{inputs.shape[0]} rows; give one adapter name per row.")
 
 
-def set_generate(model: nn.Module, generating: list[bool], undo: list[Callable[[], None]]) -> None:
+def set_generate(model: nn.Module, names: int, generating: list[bool], undo: list[Callable[[], None]]) -> None:
     """Wrap ``model.generate`` to mark its calls (it repeats rows, and the names with them)."""
     original = getattr(model, "generate", None)
     if original is None:
         return
 
     def generate(*args: Any, **kwargs: Any) -> Any:
+        _check_call(names, generating, model, args, kwargs)  # its inputs: one row per name (it repeats them after)
         generating[0] = True
         try:
             return original(*args, **kwargs)

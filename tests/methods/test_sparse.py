@@ -309,3 +309,14 @@ def test_selective_names_the_parameter_a_tied_head_is():
     with pytest.raises(ValueError, match=r"matched no parameter of this model \(lm_head.weight is "
                                          r"model.embed_tokens.weight: select it by that name\)"):
         slimtune.add_adapter(tiny_llama(tie_word_embeddings=True), slimtune.SelectiveConfig(target_modules=["lm_head"]))
+
+
+def test_a_copy_of_a_layerdrop_model_drops_blocks_itself_and_pickles(tmp_path):
+    model = slimtune.apply_layerdrop(tiny_llama(layers=8), 0.5)
+    twin = copy.deepcopy(model).train()
+    calls, handles = _count_block_calls(twin, list(twin.model.layers._modules.values()))
+    torch.manual_seed(0)
+    for _ in range(5):
+        twin(**sample_inputs("llama"))
+    assert len(calls) < 35  # about half of 40 (its hooks moved the original's list: it dropped nothing)
+    torch.save(model, tmp_path / "model.pt")  # (lambdas in its hooks could not be pickled)

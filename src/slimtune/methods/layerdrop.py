@@ -51,11 +51,14 @@ class LayerDropList(nn.ModuleList):
         self.in_forward = False  # blocks are dropped only in the forward of the module holding the list
         self.returned_tensor: dict[int, bool] = {}  # id(block) → whether its last output was the hidden states alone
         self.hooks = [block.register_forward_hook(self._note_output) for block in self._modules.values()]
-        self.hooks += [owner.register_forward_pre_hook(lambda *_: self._entered(True)),
-                       owner.register_forward_hook(lambda *_: self._entered(False), always_call=True)]
+        self.hooks += [owner.register_forward_pre_hook(self._enter),
+                       owner.register_forward_hook(self._leave, always_call=True)]
 
-    def _entered(self, inside: bool) -> None:
-        self.in_forward = inside
+    def _enter(self, *_: Any) -> None:  # (bound methods: a deepcopy's hooks move its own list, and pickle)
+        self.in_forward = True
+
+    def _leave(self, *_: Any) -> None:
+        self.in_forward = False
 
     def _note_output(self, block: nn.Module, args: Any, output: Any) -> None:
         self.returned_tensor[id(block)] = isinstance(output, torch.Tensor)

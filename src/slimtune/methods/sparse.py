@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from slimtune.config import MethodConfig, default_head, layer_list, str_list
-from slimtune.core.state import AdapterState
-from slimtune.methods.contract import PEFT_PREFIX, Method, tuner_layers
+from slimtune.core.state import AdapterState, find_state
+from slimtune.methods.contract import PEFT_PREFIX, Method, saved_modules, tuner_layers
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.prompts import PROMPT_CONTAINER
 from slimtune.methods.targets import layer_index, name_matches
@@ -39,6 +39,28 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     skip_parts = {"modules_to_save", "original_module", PROMPT_CONTAINER}
     names |= {n for n, _ in model.named_parameters() if skip_parts & set(n.split("."))}
     return names
+
+
+def frozen_active_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The active adapters' parameters that are frozen (loaded with is_trainable=False): switching the active set on
+    adding or removing another adapter leaves them so, as PEFT does (an adapter that becomes active trains)."""
+    state = find_state(model)
+    if state is None:
+        return []
+    owned: list[nn.Parameter] = []
+    for _, layer in tuner_layers(model):
+        for attr in layer.adapter_attrs:
+            held = getattr(layer, attr)
+            for name in (n for n in state.active if n in held):
+                owned += list(held[name].parameters()) if isinstance(held[name], nn.Module) else [held[name]]
+    for _, module in saved_modules(model):
+        copies = module.modules_to_save
+        owned += [p for n in state.active if n in copies for p in copies[n].parameters()]
+    prompts = getattr(model, PROMPT_CONTAINER, {})
+    owned += [p for n in state.active if n in prompts for p in prompts[n].parameters()]
+    owned += [p for n in state.active if isinstance(data := state.data.get(n), TrainedInPlace)
+              for p in data.params.values()]
+    return [p for p in owned if not p.requires_grad]
 
 
 @dataclass
@@ -240,7 +262,8 @@ class SelectiveMethod(SparseMethod):
             plain = name.replace(".base_layer.", ".")  # as the model names it without other adapters' wrappers
             by_module = config.target_modules is not None and any(
                 name_matches(m, config.target_modules) for m in _prefixes(module_name))
-            by_param = config.target_parameters is not None and name_matches(plain, config.target_parameters)
+            by_param = config.target_parameters is not None and (name_matches(plain, config.target_parameters)
+                                                                 or name_matches(name, config.target_parameters))
             matched["target_modules"] |= by_module
             matched["target_parameters"] |= by_param
             everything = config.target_modules is None and config.target_parameters is None
