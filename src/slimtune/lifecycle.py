@@ -346,7 +346,7 @@ def _merge(model: nn.Module, state: AdapterState, names: list[str], safe_merge: 
             raise ValueError(f"{name}'s weight is trained in place by adapter {owned[id(weight)]!r} "
                              f"({state.configs[owned[id(weight)]].peft_type}): {mine} merged into it would be "
                              "overwritten when that adapter is switched. Keep them unmerged, or merge both.")
-    methods = sorted(_methods_present(state), key=lambda t: REGISTRY.method(t).changes_base_weights)
+    methods = _methods_present(state)
     for peft_type in [t for t in methods if not REGISTRY.method(t).changes_base_weights]:  # may refuse: first
         if mine := [a for a in names if state.configs[a].peft_type == peft_type]:
             REGISTRY.method(peft_type).merge(model, mine, state)
