@@ -352,3 +352,15 @@ def test_a_resized_gpt2_and_a_table_stored_in_bf16_load(tmp_path):
     inputs = {"input_ids": torch.tensor([[5, 6, peft_model.config.vocab_size - 1]])}
     loaded = slimtune.load_adapter(resized(), tmp_path)
     torch.testing.assert_close(loaded(**inputs).logits, peft_model.eval()(**inputs).logits, atol=0.05, rtol=0)
+
+
+def test_a_transformers_4_per_expert_adapter_is_refused_saying_why(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=2, target_modules=["q_proj"]))
+    slimtune.save_adapter(model, tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.block_sparse_moe.experts.0.w1.lora_A.weight"
+    save_file({**load_file(file), key: torch.zeros(2, 32)}, file)
+    with pytest.raises(InvalidFileError, match="as transformers 4 laid mixtures of experts out.*load it with PEFT"):
+        slimtune.load_adapter(tiny_llama(), tmp_path)

@@ -393,9 +393,15 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
             target = next((t for pattern, t in duplicates if pattern.fullmatch(key) or pattern.fullmatch(target_key)),
                           None)
         if target is None:
+            experts = re.search(r"\.experts\.\d+\.", key) is not None  # transformers 4's one module per expert
             raise InvalidFileError(weights, f"tensor {key!r} does not belong to any module or parameter of this "
-                                            "adapter's config; was the adapter trained on another architecture, or "
-                                            "the file altered?", key)
+                                            "adapter's config; " + (
+                                                "it adapts one expert's own layer, as transformers 4 laid mixtures of "
+                                                "experts out, and transformers 5 fuses the experts into one tensor, "
+                                                "which slimtune does not adapt: load it with PEFT (it converts such "
+                                                "files), or train the adapter again." if experts else
+                                                "was the adapter trained on another architecture, or the file "
+                                                "altered?"), key)
         if target.shape != value.shape:
             resized = any(n in key for n in EMBEDDING_NAMES) and target.dim() == 2 \
                 and target.shape[1:] == value.shape[1:]
