@@ -329,7 +329,8 @@ def test_key_spellings_peft_reads_are_read(tmp_path):
     torch.testing.assert_close(logits(slimtune.load_adapter(tiny_llama(), tmp_path), inputs), logits(model, inputs))
 
 
-def test_a_resized_gpt2_and_a_table_stored_in_bf16_load(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_resized_gpt2_and_a_table_stored_in_16_bits_load(tmp_path, dtype):
     # PEFT stores the model's own embedding tables whatever their name (GPT-2's wte), as the training base had them
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -347,8 +348,8 @@ def test_a_resized_gpt2_and_a_table_stored_in_bf16_load(tmp_path):
         peft_model.get_input_embeddings().weight[-3:] = torch.randn(3, peft_model.config.n_embd)
     peft_model.save_pretrained(tmp_path, save_embedding_layers=True)
     file = tmp_path / "adapter_model.safetensors"
-    save_file({k: v.to(torch.bfloat16) if "wte" in k or "lm_head" in k else v for k, v in load_file(file).items()},
-              file)  # a bf16 training base: every row rounded
+    save_file({k: v.to(dtype) if "wte" in k or "lm_head" in k else v for k, v in load_file(file).items()},
+              file)  # a 16-bit training base: every row rounded (fp16's small values to its subnormal steps)
     inputs = {"input_ids": torch.tensor([[5, 6, peft_model.config.vocab_size - 1]])}
     loaded = slimtune.load_adapter(resized(), tmp_path)
     torch.testing.assert_close(loaded(**inputs).logits, peft_model.eval()(**inputs).logits, atol=0.05, rtol=0)

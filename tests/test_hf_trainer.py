@@ -93,6 +93,10 @@ def test_a_lora_plus_adapter_needs_its_own_optimizer_under_the_trainer(tmp_path)
     with pytest.raises(ValueError, match="would train as plain LoRA"):  # the Trainer's AdamW: one rate
         Trainer(model=model, args=_args(tmp_path / "a", warmup_steps=2), train_dataset=ROWS,  # (rates 0 at first)
                 callbacks=[slimtune.SlimtuneCallback()]).train()
+    embeddings = slimtune.add_adapter(tiny_llama(), slimtune.LoraPlusConfig(r=4, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="would train as plain LoRA"):  # its only group has a fixed rate
+        Trainer(model=embeddings, args=_args(tmp_path / "e"), train_dataset=ROWS,
+                callbacks=[slimtune.SlimtuneCallback()]).train()
     optimizer = slimtune.create_loraplus_optimizer(model, torch.optim.AdamW, lr=5e-2)  # the adapter's ratio
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([5e-2, 4 * 5e-2])
     Trainer(model=model, args=_args(tmp_path / "b"), train_dataset=ROWS, optimizers=(optimizer, None),

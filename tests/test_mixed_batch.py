@@ -63,6 +63,9 @@ def test_mixed_batch_routes_head_copies():
                                if ".default" in k}, strict=False)
     with slimtune.mixed_batch(model, ["b", None, "a"]):
         mixed = logits(model, inputs)
+        with slimtune.disable_adapters(model):  # the head copies too
+            torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+        torch.testing.assert_close(logits(model, inputs), mixed, atol=0, rtol=0)
     for i, reference in enumerate([singles["b"], base, singles["a"]]):
         torch.testing.assert_close(mixed[i], logits(reference, inputs)[i], atol=1e-5, rtol=0)
 

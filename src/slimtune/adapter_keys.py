@@ -53,9 +53,11 @@ def added_rows_only(key: str, value: torch.Tensor, base: torch.Tensor, weights: 
     stored table must equal the base's up to its first differing row, and that row lie in the vocabulary's last
     half (the file of another base, or one written to alter it, differs from the first rows)."""
     # within the rounding of the coarser dtype (an adapter trained on a bf16 base, loaded into an fp32 one)
-    eps = max(torch.finfo(value.dtype).eps, torch.finfo(base.dtype).eps) if value.is_floating_point() else 0.0
+    coarse = max((torch.finfo(t.dtype) for t in (value, base) if t.is_floating_point()), key=lambda f: f.eps,
+                 default=None)
+    eps, floor = (coarse.eps, coarse.eps * coarse.tiny) if coarse is not None else (0.0, 0.0)  # (fp16 subnormals)
     stored, own = value.float(), base.detach().float().cpu()
-    differs = ((stored - own).abs() > eps * own.abs()).any(dim=1).nonzero()
+    differs = ((stored - own).abs() > eps * own.abs() + floor).any(dim=1).nonzero()
     if len(differs) and int(differs[0]) < base.shape[0] // 2:
         raise InvalidFileError(weights, f"{key!r} would change row {int(differs[0])} of the base's "
                                         f"{base.shape[0]}-token table: an adapter may bring only the rows of tokens "

@@ -53,7 +53,9 @@ class SlimtuneCallback(TrainerCallback):
                  for p in group["params"]}
         ratios = {rates[id(p)] / group["lr"] for group in wanted if group.get("name") != "embedding"
                   for p in group["params"] if id(p) in rates}
-        if max(ratios, default=1.0) > min(ratios, default=1.0) * (1 + 1e-6):
+        fixed = [abs(rates[id(p)] - group["lr"]) <= 1e-6 * group["lr"] for group in wanted
+                 if group.get("name") == "embedding" for p in group["params"] if id(p) in rates]
+        if max(ratios, default=1.0) > min(ratios, default=1.0) * (1 + 1e-6) or not all(fixed):
             raise ValueError("the active adapter sets its own learning rate per parameter group (LoRA+), which the "
                              "Trainer's optimizer does not have: it would train as plain LoRA. Pass Trainer(optimizers="
                              "(slimtune.create_loraplus_optimizer(model, torch.optim.AdamW, lr=...), None)).")

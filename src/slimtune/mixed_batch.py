@@ -65,7 +65,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         for layer, route in routes:
             set_forward(layer, layer.base_layer.forward if route is None else
                         _UnlessDisabled(state, layer.base_layer, RoutedForward(layer.base_layer, route)), undo)
-        with route_heads([m for _, m in saved_modules(model)], rows, used):
+        with route_heads([m for _, m in saved_modules(model)], rows, used, state):
             yield model
     finally:
         undo_all(undo)

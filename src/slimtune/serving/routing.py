@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from slimtune.core.state import get_state
+from slimtune.core.state import AdapterState, get_state
 from slimtune.methods import method_for
 from slimtune.methods.contract import tuner_layers
 from slimtune.methods.layers import ModulesToSave, TunerLayer
@@ -248,10 +248,14 @@ def undo_all(undo: list[Callable[[], None]]) -> None:
 class _RowHeads:
     """Forward hook of a ``modules_to_save`` wrapper: each row through its adapter's copy (few adapters: a loop)."""
 
-    def __init__(self, names: list[str], index: torch.Tensor) -> None:
-        self.names, self.index = names, index
+    def __init__(self, names: list[str], index: torch.Tensor, state: AdapterState | None) -> None:
+        self.names, self.index, self.state = names, index, state
 
     def __call__(self, module: ModulesToSave, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        if not module.disabled:  # (disable_adapters entered and left inside the block re-enabled the wrapper)
+            output = module.original_module(*args, **kwargs)
+        if self.state is not None and self.state.disabled:  # disable_adapters inside the block: the base alone
+            return output
         x = args[0] if args else next(iter(kwargs.values()))
         idx = repeat_rows(self.index, x.shape[0]).to(x.device)
         output = output.clone()
@@ -295,7 +299,8 @@ def check_rows(model: nn.Module, used: list[str], layers: Sequence[tuple[str, Tu
 
 
 @contextlib.contextmanager
-def route_heads(heads: Sequence[ModulesToSave], rows: Rows, used: list[str]) -> Iterator[None]:
+def route_heads(heads: Sequence[ModulesToSave], rows: Rows, used: list[str],
+                state: AdapterState | None = None) -> Iterator[None]:
     """Each row through its own adapter's head copy (``modules_to_save``), if the model has any."""
     index = torch.tensor([used.index(row[0]) + 1 if row else 0 for row in rows])
     previous = [m.disabled for m in heads]
@@ -303,7 +308,7 @@ def route_heads(heads: Sequence[ModulesToSave], rows: Rows, used: list[str]) -> 
     try:
         for module in heads:
             module.disabled = True
-            handles.append(module.register_forward_hook(_RowHeads(used, index), with_kwargs=True))
+            handles.append(module.register_forward_hook(_RowHeads(used, index, state), with_kwargs=True))
         yield
     finally:
         for handle in handles:
