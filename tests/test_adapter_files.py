@@ -286,30 +286,39 @@ def test_a_file_in_a_narrower_float_dtype_loads_cast_and_its_nan_is_named(tmp_pa
         slimtune.load_adapter(tiny_llama(), folder)
 
 
-@pytest.mark.parametrize("heads", [False, True], ids=["lora only", "head copies"])
-def test_an_adapter_for_a_resized_vocabulary_loads_its_embeddings_as_peft_does(tmp_path, heads):
-    # Unsloth / LLaMA-Factory with added tokens: PEFT >= 0.7 stores the resized embed_tokens / lm_head whole
-    from peft import LoraConfig as PeftLoraConfig
+def _resized(build):
+    """``build()`` with 3 tokens added to its vocabulary (random rows), in eval mode."""
+    model = build()
+    model.resize_token_embeddings(model.config.vocab_size + 3, mean_resizing=False)
+    return model.eval()
+
+
+def _peft_resized_adapter(folder, build, config):
+    """A PEFT adapter trained on ``_resized(build)`` (nonzero weights, trained rows for the added tokens), saved with
+    the embedding tables as PEFT >= 0.7 saves them; its model and inputs reaching an added token."""
     from peft import get_peft_model
 
-    def resized():
-        model = tiny_llama()
-        model.resize_token_embeddings(model.config.vocab_size + 3, mean_resizing=False)
-        return model.eval()
-
     torch.manual_seed(0)
-    peft_model = get_peft_model(resized(), PeftLoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[
-        "embed_tokens", "lm_head"] if heads else None))
+    peft_model = get_peft_model(_resized(build), config)
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
-        peft_model.get_input_embeddings().weight[-3:] = torch.randn(3, peft_model.config.hidden_size)
-    peft_model.save_pretrained(tmp_path, save_embedding_layers=True)  # ("auto" compares with the Hub's config)
-    inputs = {"input_ids": torch.tensor([[5, 6, peft_model.config.vocab_size - 1]])}
-    expected = peft_model.eval()(**inputs).logits
-    loaded = slimtune.load_adapter(resized(), tmp_path)
-    torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-6, rtol=0)
+        table = peft_model.get_input_embeddings().weight
+        table[-3:] = torch.randn(3, table.shape[1])
+    peft_model.save_pretrained(folder, save_embedding_layers=True)  # ("auto" compares with the Hub's config)
+    return peft_model.eval(), {"input_ids": torch.tensor([[5, 6, peft_model.config.vocab_size - 1]])}
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["lora only", "head copies"])
+def test_an_adapter_for_a_resized_vocabulary_loads_its_embeddings_as_peft_does(tmp_path, heads):
+    # Unsloth / LLaMA-Factory with added tokens: PEFT >= 0.7 stores the resized embed_tokens / lm_head whole
+    from peft import LoraConfig as PeftLoraConfig
+
+    peft_model, inputs = _peft_resized_adapter(tmp_path, tiny_llama, PeftLoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"] if heads else None))
+    loaded = slimtune.load_adapter(_resized(tiny_llama), tmp_path)
+    torch.testing.assert_close(loaded(**inputs).logits, peft_model(**inputs).logits, atol=1e-6, rtol=0)
     with pytest.raises(InvalidFileError, match=r"trained with a vocabulary of \d+ tokens: resize the base first"):
         slimtune.load_adapter(tiny_llama(), tmp_path)  # not resized
 
@@ -333,26 +342,16 @@ def test_key_spellings_peft_reads_are_read(tmp_path):
 def test_a_resized_gpt2_and_a_table_stored_in_16_bits_load(tmp_path, dtype):
     # PEFT stores the model's own embedding tables whatever their name (GPT-2's wte), as the training base had them
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
     from safetensors.torch import load_file, save_file
     from tiny_models import tiny_gpt2
 
-    def resized():
-        model = tiny_gpt2()
-        model.resize_token_embeddings(model.config.vocab_size + 3, mean_resizing=False)
-        return model.eval()
-
-    torch.manual_seed(0)
-    peft_model = get_peft_model(resized(), PeftLoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
-    with torch.no_grad():
-        peft_model.get_input_embeddings().weight[-3:] = torch.randn(3, peft_model.config.n_embd)
-    peft_model.save_pretrained(tmp_path, save_embedding_layers=True)
+    peft_model, inputs = _peft_resized_adapter(tmp_path, tiny_gpt2, PeftLoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     file = tmp_path / "adapter_model.safetensors"
     save_file({k: v.to(dtype) if "wte" in k or "lm_head" in k else v for k, v in load_file(file).items()},
               file)  # a 16-bit training base: every row rounded (fp16's small values to its subnormal steps)
-    inputs = {"input_ids": torch.tensor([[5, 6, peft_model.config.vocab_size - 1]])}
-    loaded = slimtune.load_adapter(resized(), tmp_path)
-    torch.testing.assert_close(loaded(**inputs).logits, peft_model.eval()(**inputs).logits, atol=0.05, rtol=0)
+    loaded = slimtune.load_adapter(_resized(tiny_gpt2), tmp_path)
+    torch.testing.assert_close(loaded(**inputs).logits, peft_model(**inputs).logits, atol=0.05, rtol=0)
 
 
 def test_a_transformers_4_per_expert_adapter_is_refused_saying_why(tmp_path):

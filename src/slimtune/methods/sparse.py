@@ -29,7 +29,7 @@ from slimtune.methods.targets import layer_index, name_matches
 from slimtune.quant.linear import QuantizedLinear
 
 
-def adapter_parameter_names(model: nn.Module) -> set[str]:
+def _adapter_parameter_names(model: nn.Module) -> set[str]:
     """Parameters that belong to adapters (wrapped-layer adapters, head copies, prompt encoders)."""
     names = set()
     for module_name, module in model.named_modules():
@@ -112,7 +112,7 @@ class SparseMethod(Method):
         raise NotImplementedError
 
     def eligible(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Parameter]]:
-        adapter_params = adapter_parameter_names(model)
+        adapter_params = _adapter_parameter_names(model)
         heads = getattr(config, "modules_to_save", None) or []
         return [(n, p) for n, p in model.named_parameters() if n not in adapter_params
                 and not any(re.match(rf"(^|.*\.){re.escape(h)}($|\..*)", n) for h in heads)]

@@ -123,7 +123,6 @@ class Trainer:
         self.config_snapshot = config_snapshot or {}
         per_epoch = len(batches) if isinstance(batches, ShardedBatches) else \
             math.ceil(len(batches) / settings.gradient_accumulation_steps)
-        self.steps_per_epoch = per_epoch
         self.total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
         warmup = settings.warmup_steps
         if warmup is None:
