@@ -50,7 +50,11 @@ def two_ranks(tmp_path_factory) -> Path:
              recipe_file(tmp, "ddp-qlora", quantized=True, strategy="ddp", checkpointing=True)]
     if FSDP_QLORA:
         files.append(recipe_file(tmp, "fsdp-qlora", quantized=True, strategy="fsdp", checkpointing=True))
-    (tmp / "launch.log").write_text(check(torchrun(str(WORKER), *map(str, files))).stdout)
+    def fresh() -> None:  # a rerun starts the runs anew rather than resuming them
+        for f in files:
+            shutil.rmtree(f.with_suffix(""), ignore_errors=True)
+
+    (tmp / "launch.log").write_text(check(torchrun(str(WORKER), *map(str, files), fresh=fresh)).stdout)
     return tmp
 
 

@@ -56,7 +56,7 @@ def loaded(tmp_path_factory) -> Path:
                 p.normal_()  # the sharded biases reach the logits
     model.save_pretrained(tmp / "model")
     (tmp / "out").mkdir()
-    check(torchrun(str(WORKER), str(tmp / "model"), str(tmp / "out")))
+    check(torchrun(str(WORKER), str(tmp / "model"), str(tmp / "out"), fresh=lambda: None))  # files rewritten
     return tmp
 
 
