@@ -364,3 +364,23 @@ def test_a_transformers_4_per_expert_adapter_is_refused_saying_why(tmp_path):
     save_file({**load_file(file), key: torch.zeros(2, 32)}, file)
     with pytest.raises(InvalidFileError, match="as transformers 4 laid mixtures of experts out.*load it with PEFT"):
         slimtune.load_adapter(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["LoraConfig", "IA3Config", "VeraConfig"])
+def test_the_saved_layout_flag_is_the_layers_as_peft_writes_it(tmp_path, method):
+    """GPT-2's Conv1D layers store (in, out): the saved config says fan_in_fan_out true whatever the config said (it
+    said false; PEFT corrects its config and saves true), and false for nn.Linear layers."""
+    import peft
+    from tiny_models import tiny_gpt2
+
+    for build, targets in ((tiny_gpt2, ["c_attn", "c_fc"]), (tiny_llama, ["q_proj", "v_proj"])):
+        conv1d = build is tiny_gpt2
+        options = {"IA3Config": {"feedforward_modules": targets[1:]}, "VeraConfig": {"r": 4}}.get(method, {"r": 2})
+        ours = getattr(slimtune, method)(target_modules=targets, fan_in_fan_out=not conv1d, **options)
+        theirs = getattr(peft, method)(target_modules=targets, fan_in_fan_out=not conv1d, **options)
+        with pytest.warns(UserWarning, match=f"fan_in_fan_out={not conv1d} does not match"):
+            slimtune.save_adapter(slimtune.add_adapter(build(), ours), tmp_path / "ours")
+        peft.get_peft_model(build(), theirs).save_pretrained(tmp_path / "theirs")
+        saved = [json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "theirs")]
+        assert saved[0]["fan_in_fan_out"] is saved[1]["fan_in_fan_out"] is conv1d
+        assert ours.fan_in_fan_out is not conv1d  # the user's config is left as it was

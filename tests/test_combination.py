@@ -104,6 +104,51 @@ def test_linear_combination_and_add_weighted_adapter_match_peft(tmp_path):
         slimtune.add_weighted_adapter(ours, ["a", "c"], [1, 1], "bad", combination_type="linear")
 
 
+def test_combined_factors_are_laid_out_as_peft_lays_them_so_combining_again_matches(tmp_path):
+    """'cat' puts each wᵢsᵢ into A as PEFT does (the product alone agreed before: a later 'linear' of the result
+    split the scale differently and gave other logits); the combination keeps the first adapter's dropout."""
+    torch.manual_seed(7)
+    options = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**options, lora_alpha=8, lora_dropout=0.1), "a")
+    theirs.add_adapter("b", peft.LoraConfig(**options, lora_alpha=2))
+    theirs.save_pretrained(tmp_path, selected_adapters=["a", "b"])
+    ours = slimtune.load_adapter(tiny_llama(), tmp_path / "a", "a")
+    slimtune.load_adapter(ours, tmp_path / "b", "b")
+    for combine in (theirs.add_weighted_adapter, partial(slimtune.add_weighted_adapter, ours)):
+        combine(["a", "b"], [0.7, -0.4], "ab", combination_type="cat")
+        combine(["b", "a"], [1.5, 0.3], "ba", combination_type="cat")
+        combine(["ab", "ba"], [0.5, 2.0], "again", combination_type="linear")  # equal ranks: 8
+    ours_q, theirs_q = ours.model.layers[0].self_attn.q_proj, theirs.base_model.model.model.layers[0].self_attn.q_proj
+    for name in ("ab", "again"):
+        for factor in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(ours_q, factor)[name].weight, getattr(theirs_q, factor)[name].weight)
+    assert ours.slimtune_state.configs["ab"].lora_dropout == theirs.peft_config["ab"].lora_dropout == 0.1
+    theirs.set_adapter("again")
+    slimtune.set_adapter(ours, "again")
+    inputs = sample_inputs("llama")
+    torch.testing.assert_close(logits(ours.eval(), inputs), logits(theirs.eval(), inputs), atol=1e-5, rtol=0)
+
+
+def test_add_weighted_adapter_names_what_is_wrong_before_the_combination_type(recwarn):
+    """A non-LoRA source or no source said "combination_type='svd' needs rank=…" (the default type); a weight that is
+    not a finite number made a NaN adapter; options PEFT ignores for a type warn rather than fail PEFT's calls."""
+    model = slimtune.add_adapter(tiny_llama(), slimtune.IA3Config(target_modules=["k_proj"], feedforward_modules=[]),
+                                 "x")
+    slimtune.add_adapter(model, slimtune.IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "y")
+    with pytest.raises(ValueError, match="adapter 'x' is IA3: only plain LoRA adapters"):
+        slimtune.add_weighted_adapter(model, ["x", "y"], [1, 1], "xy")
+    with pytest.raises(ValueError, match=r"give one weight per adapter: 0 adapters"):
+        slimtune.add_weighted_adapter(model, [], [], "none")
+    model = _two_lora_adapters()
+    for bad in (float("nan"), float("inf"), "0.5x"):
+        with pytest.raises(ValueError, match=f"weight {bad!r} of adapter 'b' is not a finite number"):
+            slimtune.add_weighted_adapter(model, ["a", "b"], [0.5, bad], "ab", combination_type="cat")
+    assert "ab" not in slimtune.list_adapters(model)
+    with pytest.warns(UserWarning, match=r"\{'density': 0.5\} do nothing for combination_type='svd'"):
+        slimtune.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab", density=0.5)
+    assert "ab" in slimtune.list_adapters(model)
+
+
 def _counted_bernoulli(monkeypatch):
     """torch.bernoulli drawing from a generator seeded by its call count: the same masks for PEFT and slimtune
     when both prune the same tensors in the same order, whatever else each draws from the global generator."""
@@ -202,14 +247,14 @@ def test_pruned_combination_of_saved_files_matches_the_live_one(tmp_path):
 
 def test_dare_on_conv1d_prunes_in_peft_layout(tmp_path, monkeypatch):
     """GPT-2's Conv1D updates are pruned as (in, out), as PEFT lays them out: live, and from files whose config
-    says fan_in_fan_out (as PEFT writes it for GPT-2; the files alone cannot tell a Conv1D from a Linear)."""
+    says fan_in_fan_out (the files alone cannot tell a Conv1D from a Linear), as slimtune writes it for GPT-2 (with
+    the config's default False, as PEFT does) and carries it into the combination."""
     model = tiny_gpt2()
     torch.manual_seed(2)
     for name in ("a", "b"):
         slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False), name)
         slimtune.save_adapter(model, tmp_path / name, adapter_name=name)
-        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     calls = _counted_bernoulli(monkeypatch)
     options = {"combination_type": "dare_linear_svd", "rank": 2, "density": 0.5}
     slimtune.combine_adapter_files([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], tmp_path / "ab", **options)
@@ -217,6 +262,8 @@ def test_dare_on_conv1d_prunes_in_peft_layout(tmp_path, monkeypatch):
     calls.clear()
     slimtune.combine_adapters(model, ["a", "b"], [0.5, 0.5], "ab", **options)
     assert from_files == sorted(calls) == [torch.Size([32, 96])] * 4  # c_attn: in 32, out 96; 2 adapters × 2 blocks
+    assert json.loads((tmp_path / "ab" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert model.slimtune_state.configs["ab"].fan_in_fan_out is True
 
 
 def test_a_single_adapter_is_combined_linearly_whatever_the_options(tmp_path):

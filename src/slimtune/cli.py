@@ -233,7 +233,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         print(f"merged model ({quant}) written to {output} (llama.cpp: llama-cli -m {output}; Ollama: FROM {output})")
     else:
         export_merged(model, tokenizer, output, args.dtype)
-        print(f"merged model written to {output} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
+        auto = "AutoModelForSeq2SeqLM" if getattr(model.config, "is_encoder_decoder", False) else "AutoModelForCausalLM"
+        print(f"merged model written to {output} (load it with transformers' {auto}.from_pretrained)")
     return 0
 
 

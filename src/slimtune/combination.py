@@ -8,10 +8,12 @@ PEFT's merging rules (task arithmetic, TIES, DARE, magnitude pruning; see :mod:`
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -41,6 +43,9 @@ from slimtune.methods.targets import pattern_value
 SVD_TYPES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 COMBINATION_TYPES = ("cat", *MERGE_RULES, *SVD_TYPES)
 Factors = tuple[float, torch.Tensor, torch.Tensor, float]  # (weight wᵢ, Aᵢ (rᵢ, in), Bᵢ (out, rᵢ), scaling sᵢ)
+# The fields a combined adapter's config sets itself (scaling 1, exact targets; the rest is the first adapter's)
+REPLACED_FIELDS = frozenset({"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
+                             "exclude_modules", "layers_to_transform", "layers_pattern", "inference_mode"})
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,8 @@ def combine_factors(pairs: Sequence[Factors], how: Combination,
         A = merge([a for _, a, _, _ in floats], [root if positive else -root for root, positive in roots])
         return A, merge([b for _, _, b, _ in floats], [root for root, _ in roots])
     if how.type == "cat" or (how.type == "svd" and how.svd_clamp is None):
-        A = torch.cat([a for _, a, _, _ in floats])
-        B = torch.cat([w * s * b for w, _, b, s in floats], 1)
+        A = torch.cat([w * s * a for w, a, _, s in floats])  # weight and scaling in A, where PEFT puts them: a
+        B = torch.cat([b for _, _, b, _ in floats], 1)  # later combination by a factor rule then matches PEFT's
         return (A, B) if how.type == "cat" else _thin_svd(B, A, how)
     # The SVD of the (out, in) update, as PEFT computes it (a clamp depends on the signs LAPACK gives its vectors).
     updates = [s * b @ a for _, a, b, s in floats]
@@ -156,6 +161,9 @@ def _check_combination(adapters: Sequence[str], weights: Sequence[float], config
     if not adapters or len(weights) != len(adapters):
         raise ValueError(f"give one weight per adapter: {len(adapters)} adapters {list(adapters)} but "
                          f"{len(weights)} weights {list(weights)}.")
+    if bad := [(name, w) for name, w in zip(adapters, weights) if not _finite_number(w)]:
+        raise ValueError(f"weight {bad[0][1]!r} of adapter {bad[0][0]!r} is not a finite number; give each adapter a "
+                         "real weight (e.g. 0.5, or -1 to subtract it).")
     lora_configs: list[LoraConfig] = []
     for name, config in zip(adapters, configs):
         if not isinstance(config, LoraConfig) or config.use_dora or method_for(config).changes_base_weights:
@@ -173,13 +181,21 @@ def _check_combination(adapters: Sequence[str], weights: Sequence[float], config
     return lora_configs
 
 
+def _finite_number(value: object) -> bool:
+    try:
+        return math.isfinite(float(cast(float, value)))
+    except (TypeError, ValueError):
+        return False
+
+
 def _combined_config(template: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
-    """A LoRA config with scaling 1 everywhere, exact per-module ranks and full module names as targets."""
+    """A LoRA config with scaling 1 everywhere, exact per-module ranks and full module names as targets; the
+    first adapter's other settings (dropout, layout, initialisation, task) carried over, as PEFT carries them."""
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern
     pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
-    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern,
-                      alpha_pattern=dict(pattern), task_type=template.task_type,
-                      base_model_name_or_path=template.base_model_name_or_path)
+    kept = {f.name: getattr(template, f.name) for f in fields(LoraConfig) if f.name not in REPLACED_FIELDS}
+    return LoraConfig(**kept, r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern,
+                      alpha_pattern=dict(pattern))
 
 
 def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -224,14 +240,22 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     vectors are kept, which neither changes, so they do not change the result.
     """
     del svd_full_matrices, svd_driver
+    known = get_state(model).configs
+    get_state(model).check_known(list(adapters))
+    configs = _check_combination(adapters, weights, [known[a] for a in adapters])
+    svd = combination_type in SVD_TYPES
+    unused = {"density": None if combination_type.removesuffix("_svd") in PRUNING_RULES else density,
+              "svd_clamp": None if svd else svd_clamp, "svd_rank": None if svd else svd_rank}
+    if (unused := {k: v for k, v in unused.items() if v is not None}) and combination_type in COMBINATION_TYPES:
+        warnings.warn(f"{unused} do nothing for combination_type={combination_type!r} (PEFT ignores them too); leave "
+                      "them out.", stacklevel=2)
+        density = None if "density" in unused else density
+        svd_clamp = None if "svd_clamp" in unused else svd_clamp
     if len(adapters) == 1:
         combination_type, density, svd_clamp = "linear", None, None
     rank = None
     if combination_type in SVD_TYPES:
-        known = get_state(model).configs
-        configs = [known[a] for a in adapters if a in known]
-        rank = svd_rank or max((max([c.r, *c.rank_pattern.values()]) for c in configs if isinstance(c, LoraConfig)),
-                               default=None)
+        rank = svd_rank or max(max([c.r, *c.rank_pattern.values()]) for c in configs)
     return combine_adapters(model, adapters, weights, adapter_name, combination_type, rank, density=density,
                             majority_sign_method=majority_sign_method, svd_clamp=svd_clamp)
 

@@ -30,7 +30,7 @@ from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
 from slimtune.methods.layers import ModulesToSave, NonFiniteMergeError, TunerLayer
-from slimtune.methods.sparse import frozen_active_parameters, in_place_owners
+from slimtune.methods.sparse import check_in_place_fits, frozen_active_parameters, in_place_owners
 from slimtune.methods.targets import is_saved_module
 
 
@@ -186,6 +186,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter (active or not); layers left without adapters turn back into their original modules."""
     state = get_state(model)
     state.check_known([adapter_name])
+    check_in_place_fits(state, [adapter_name])
     frozen = frozen_active_parameters(model)
     config = state.configs.pop(adapter_name)
     for name, layer in list(tuner_layers(model)):
@@ -399,6 +400,7 @@ def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = Fa
     replace the originals (as in PEFT): a standard model with the fine-tune baked in.
     """
     state = get_state(model)
+    check_in_place_fits(state, list(state.configs))
     if merge_adapters:
         merge_adapter(model, adapter_names, safe_merge=safe_merge)
     else:
@@ -438,10 +440,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     state = get_state(model)
     layers = [layer for _, layer in tuner_layers(model)]
     merged = {id(layer): layer.merge_calls for layer in layers}
-    for layer in layers:
-        layer.unmerge()
-    _set_disabled(model, state, True)
-    try:
+    try:  # (a method refusing to disable leaves everything as it was)
+        for layer in layers:
+            layer.unmerge()
+        _set_disabled(model, state, True)
         yield model
     finally:
         _set_disabled(model, state, False)

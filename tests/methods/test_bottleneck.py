@@ -13,6 +13,7 @@ from tiny_models import (
     logits,
     one_thread,  # noqa: F401 (a fixture, used by pytestmark)
     sample_inputs,
+    tiny_bart_cls,
     tiny_gpt2,
     tiny_llama,
     train_losses,
@@ -137,6 +138,17 @@ def test_merging_is_refused_with_a_reason():
 def test_bad_config_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         slimtune.BottleneckConfig(**kwargs)
+
+
+@pytest.mark.parametrize("adapter_type", ["houlsby", "pfeiffer"])
+def test_default_layers_on_an_architecture_they_do_not_cover_say_so(adapter_type):
+    """BART's projections are out_proj/fc2: the error quoted the internal default regex as if the user had set it."""
+    bart = tiny_bart_cls()
+    message = (r"^target_modules is unset and the default bottleneck layers .* match no module of this 'bart' "
+               r"model; .*fc2 \(e\.g\. model\.encoder\.layers\.0\.fc2\)")
+    with pytest.raises(ValueError, match=message):
+        slimtune.add_adapter(bart, slimtune.BottleneckConfig(adapter_type=adapter_type))
+    slimtune.add_adapter(bart, slimtune.BottleneckConfig(adapter_type=adapter_type, target_modules=["fc2"]))
 
 
 # ---- AdapterHub placement (its parity with the adapters library: tests/adapterhub/) ---------------------------

@@ -320,3 +320,46 @@ def test_a_copy_of_a_layerdrop_model_drops_blocks_itself_and_pickles(tmp_path):
         twin(**sample_inputs("llama"))
     assert len(calls) < 35  # about half of 40 (its hooks moved the original's list: it dropped nothing)
     torch.save(model, tmp_path / "model.pt")  # (lambdas in its hooks could not be pickled)
+
+
+@pytest.mark.parametrize("rebuild", ["assign", "meta"])
+def test_a_sparse_adapter_follows_its_parameters_when_torch_replaces_them(tmp_path, rebuild):
+    """load_state_dict(assign=True) and to("meta") + to_empty + load_state_dict put new parameter objects into the
+    modules: the adapter kept editing the old ones (its file held untrained values; disable_adapters and unload
+    kept the training in the weights)."""
+    base, inputs = tiny_gpt2(), sample_inputs("gpt2")
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.BitFitConfig())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    if rebuild == "assign":
+        model.load_state_dict(weights, assign=True)
+    else:
+        model.to("meta").to_empty(device="cpu").load_state_dict(weights)
+    _train(model, "gpt2", steps=3, lr=0.3)
+    trained = logits(model, inputs)
+    assert (trained - logits(base, inputs)).abs().max() > 1e-3
+    slimtune.save_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(slimtune.load_adapter(copy.deepcopy(base), tmp_path), inputs), trained)
+    with slimtune.disable_adapters(model):
+        torch.testing.assert_close(logits(model, inputs), logits(base, inputs), atol=0, rtol=0)
+    torch.testing.assert_close(logits(slimtune.unload(model), inputs), logits(base, inputs), atol=0, rtol=0)
+
+
+def test_a_resized_sparse_parameter_is_refused_by_name_and_changes_nothing():
+    """resize_token_embeddings after a selective adapter on the embedding: disable_adapters, unload and
+    delete_adapter said "size of tensor a (160) must match …", and disable_adapters left the other adapters
+    disabled."""
+    model, inputs = tiny_llama(), sample_inputs("llama")
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "lora")
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=["embed_tokens.weight"]), "emb")
+    slimtune.set_adapter(model, ["lora", "emb"])
+    model.resize_token_embeddings(160)
+    adapted = logits(model, inputs)
+    message = r"model.embed_tokens.weight is now \(160, 32\) but was \(128, 32\) when its sparse adapter was added"
+    for operation in (lambda: slimtune.disable_adapters(model).__enter__(), lambda: slimtune.unload(model),
+                      lambda: slimtune.delete_adapter(model, "emb")):
+        with pytest.raises(ValueError, match=message):
+            operation()
+        assert slimtune.list_adapters(model) == ["lora", "emb"]
+        torch.testing.assert_close(logits(model, inputs), adapted, atol=0, rtol=0)
+    slimtune.delete_adapter(model, "lora")  # the other adapters work as before
+    assert slimtune.list_adapters(model) == ["emb"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from run_helpers import tiny_model_dir
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import slimtune
 from slimtune.cli import main
@@ -118,6 +118,13 @@ def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, met
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     assert main(["eval", *argv, "--data", str(data), "--split", "all"]) == 2
     assert "a sequence-to-sequence model: evaluate it from Python" in capsys.readouterr().err
+    if method != "prompt":  # the merged folder loads with the class merge names (it named AutoModelForCausalLM)
+        assert main(["merge", *argv, "--output", str(tmp_path / "merged")]) == 0
+        assert "load it with transformers' AutoModelForSeq2SeqLM.from_pretrained" in capsys.readouterr().out
+        merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged")
+        with torch.no_grad():
+            merged_logits = merged(input_ids=ids, decoder_input_ids=start).logits
+        torch.testing.assert_close(merged_logits, adapted, atol=1e-5, rtol=0)
 
 
 def test_an_adapter_of_a_classifier_is_refused_by_name(tmp_path):

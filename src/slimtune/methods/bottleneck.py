@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -50,8 +52,9 @@ from slimtune.core.modules import linear_dims, replace_module
 from slimtune.core.state import AdapterState
 from slimtune.errors import NotMergeableError
 from slimtune.methods.contract import PEFT_PREFIX, LayerMethod
+from slimtune.methods.default_targets import model_type
 from slimtune.methods.layers import TunerLayer
-from slimtune.methods.targets import is_adaptable_linear
+from slimtune.methods.targets import adaptable_summary, is_adaptable_linear
 
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
 PLACEMENTS = ("projection", "adapterhub")
@@ -60,6 +63,7 @@ PLACEMENTS = ("projection", "adapterhub")
 # the full module name; T5's encoder-decoder attention counts as attention).
 ATTENTION_OUTPUTS = r".*\.(self_attn\.o_proj|attn\.c_proj|attention\.output\.dense|SelfAttention\.o|EncDecAttention\.o)"
 FFN_OUTPUTS = r".*\.(mlp\.down_proj|mlp\.c_proj|layer\.\d+\.output\.dense|DenseReluDense\.wo)"
+DEFAULT_TARGETS = (f"(?:{ATTENTION_OUTPUTS}|{FFN_OUTPUTS})", FFN_OUTPUTS)  # Houlsby's, Pfeiffer's
 
 # AdapterHub's presets for the placement fields left None: double_seq_bn, seq_bn, par_bn.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -148,9 +152,7 @@ class BottleneckConfig(MethodConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} applies to placement='adapterhub' only; set "
                                  "placement='adapterhub' or leave it out.")
         if self.target_modules is None:
-            self.target_modules = (
-                f"(?:{ATTENTION_OUTPUTS}|{FFN_OUTPUTS})" if self.adapter_type == "houlsby" else FFN_OUTPUTS
-            )
+            self.target_modules = DEFAULT_TARGETS[0] if self.adapter_type == "houlsby" else DEFAULT_TARGETS[1]
 
     def _check_adapterhub(self) -> None:
         if self.target_modules is not None:
@@ -299,6 +301,19 @@ class BottleneckMethod(LayerMethod):
             f"bottleneck adapters follow a linear output projection, not a {type(base).__name__}; "
             "pick target_modules that name linear layers (e.g. 'o_proj', 'down_proj')."
         )
+
+    def target_names(self, model: nn.Module, config: MethodConfig, skip: Iterable[str]) -> list[str]:
+        """As every layer method; the default layers (set when ``target_modules`` is left out) say which families
+        they know when this model is not one of them."""
+        assert isinstance(config, BottleneckConfig)
+        if config.target_modules in DEFAULT_TARGETS and not any(
+                re.fullmatch(config.target_modules, name) for name, _ in model.named_modules()):
+            raise ValueError(f"target_modules is unset and the default bottleneck layers (the attention and "
+                             "feed-forward output projections of the BERT, GPT-2, Llama and T5 families) match no "
+                             f"module of this {model_type(model)!r} model; set target_modules to its output "
+                             f"projections (e.g. ['out_proj', 'fc2'] for BART or OPT). Layers that can be adapted: "
+                             f"{adaptable_summary(model)}.")
+        return super().target_names(model, config, skip)
 
     def check(self, model: nn.Module, config: MethodConfig) -> None:
         assert isinstance(config, BottleneckConfig)

@@ -14,6 +14,7 @@ Layer-wrapping methods (LoRA and its family, VeRA, LoHa, (IA)³, bottleneck adap
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtune.config import MethodConfig
-from slimtune.core.modules import replace_module
+from slimtune.core.modules import is_conv1d, replace_module
 from slimtune.core.state import AdapterState
 from slimtune.methods.default_targets import model_type
 from slimtune.methods.layers import ModulesToSave, TunerLayer
@@ -172,7 +173,11 @@ class LayerMethod(Method):
         self.plan(model, config)
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
-        for name, module in self.plan(model, config):
+        plan = self.plan(model, config)
+        if hasattr(config, "fan_in_fan_out"):
+            bases = {n: m.base_layer if isinstance(m, TunerLayer) else m for n, m in plan}
+            settle_fan_in_fan_out(config, {n: m for n, m in bases.items() if not isinstance(m, nn.Embedding)})
+        for name, module in plan:
             if isinstance(module, TunerLayer):
                 needed = self.make_layer(module.base_layer, config)
                 layer = module if isinstance(module, type(needed)) else _upgraded(module, needed)
@@ -225,3 +230,17 @@ class Registry:
     def config_from_dict(self, data: dict[str, Any]) -> MethodConfig:
         """Read any registered method's config from its dict (``peft_type`` picks the class)."""
         return self.method(data.get("peft_type")).config_class.from_dict(data)
+
+
+def settle_fan_in_fan_out(config: Any, layers: dict[str, nn.Module]) -> None:
+    """A config's ``fan_in_fan_out`` (LoRA, IA3, VeRA) follows the layers (GPT-2's Conv1D stores (in, out)): say so
+    when the config disagrees, and record their layout in the model's copy of the config (saved with the adapter),
+    as PEFT does."""
+    conv1d = {name: is_conv1d(layer) for name, layer in layers.items()}
+    wrong = [n for n, kind in conv1d.items() if kind != config.fan_in_fan_out]
+    if wrong:
+        warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not match {wrong[0]} (and {len(wrong) - 1} more): "
+                      f"{'it is' if conv1d[wrong[0]] else 'it is not'} a transformers Conv1D; slimtune follows the "
+                      "layer.", stacklevel=4)
+    if len(set(conv1d.values())) == 1:
+        config.fan_in_fan_out = next(iter(conv1d.values()))

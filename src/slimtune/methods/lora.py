@@ -6,15 +6,12 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.0968
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import ClassVar
 
 from torch import nn
 
 from slimtune.config import LoraConfig, MethodConfig
-from slimtune.core.modules import is_conv1d
-from slimtune.core.state import AdapterState
 from slimtune.methods.contract import LayerMethod
 from slimtune.methods.default_targets import LOW_RANK_TARGETS, model_type
 from slimtune.methods.dora import DoraLinear
@@ -46,16 +43,6 @@ def make_lora_layer(base: nn.Module, config: LoraConfig) -> TunerLayer:
     )
 
 
-def warn_on_fan_in_fan_out(model: nn.Module, config: LoraConfig, names: list[str]) -> None:
-    """``fan_in_fan_out`` follows the layer (GPT-2's Conv1D stores (in, out)); say so when the config disagrees,
-    as PEFT does."""
-    wrong = [n for n in names if is_conv1d(model.get_submodule(n)) != config.fan_in_fan_out]
-    if wrong:
-        warnings.warn(f"fan_in_fan_out={config.fan_in_fan_out} does not match {wrong[0]} (and {len(wrong) - 1} more): "
-                      f"{'it is' if is_conv1d(model.get_submodule(wrong[0])) else 'it is not'} a transformers "
-                      "Conv1D; slimtune follows the layer.", stacklevel=4)
-
-
 # Mamba-based architectures whose kernels read these layers' weights as tensors (PEFT's list).
 MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
 MAMBA_DIRECT_WEIGHTS = frozenset({"out_proj", "conv1d"})
@@ -83,9 +70,3 @@ class LoraMethod(LayerMethod):
                                  f"kernels read their weights directly (as PEFT refuses: {sorted(MAMBA_DIRECT_WEIGHTS)}"
                                  "); leave them out, e.g. exclude_modules=" + repr(bad) + ".")
         return names
-
-    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
-        assert isinstance(config, LoraConfig)
-        warn_on_fan_in_fan_out(model, config, [n for n, m in self.plan(model, config)
-                                               if not isinstance(m, (TunerLayer, nn.Embedding))])
-        super().add(model, config, adapter_name, state)

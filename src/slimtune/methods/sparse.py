@@ -14,7 +14,7 @@ same key PEFT uses for biases trained with ``bias="all"``), plus any ``modules_t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -65,28 +65,55 @@ def frozen_active_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @dataclass
 class TrainedInPlace:
-    """What a sparse adapter keeps: its parameters, their values before training, and which are merged."""
+    """What a sparse adapter keeps: where its parameters live, their values before training, and whether merged.
 
-    params: dict[str, nn.Parameter]
+    The owning modules are kept rather than the parameters: ``load_state_dict(assign=True)``, ``to("meta")`` /
+    ``to_empty`` and the like put new parameter objects into the same modules (and another method's wrapper keeps
+    the module as its ``base_layer``).
+    """
+
+    owners: dict[str, tuple[nn.Module, str]]  # parameter name when added → (the module holding it, attribute)
     before: dict[str, torch.Tensor]
     merged: bool = False
     swapped_out: bool = False  # the base values are in the weights, and ``before`` holds the trained ones
-    names: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The parameters as their modules hold them now."""
+        return {name: getattr(module, attr) for name, (module, attr) in self.owners.items()}
 
     @torch.no_grad()
     def swap(self, out: bool) -> None:
-        """Put the base values (``out``) or the trained ones in the weights."""
+        """Put the base values (``out``) or the trained ones in the weights; nothing changes if one does not fit."""
         if self.swapped_out == out:
             return
-        for name, param in self.params.items():
+        params = self.check_fits()
+        for name, param in params.items():
             current = param.detach().clone()
             param.copy_(self.before[name])
             self.before[name] = current
         self.swapped_out = out
 
+    def check_fits(self) -> dict[str, nn.Parameter]:
+        """The parameters, if the values kept for them still fit (else a clear error)."""
+        params = self.params
+        for name, param in params.items():
+            if param.shape != self.before[name].shape:
+                raise ValueError(f"{name} is now {tuple(param.shape)} but was {tuple(self.before[name].shape)} when "
+                                 "its sparse adapter was added (resize_token_embeddings after adding it?): the values "
+                                 "kept for it no longer fit. Resize the model before adding the adapter.")
+        return params
+
     def trained(self) -> dict[str, torch.Tensor]:
         """The trained values (in the weights, or kept aside while the base ones are in)."""
         return self.before if self.swapped_out else dict(self.params)
+
+
+def check_in_place_fits(state: AdapterState, adapter_names: list[str]) -> None:
+    """Raise before a removal changes anything if a sparse adapter's parameters no longer fit its kept values."""
+    for name in adapter_names:
+        if isinstance(data := state.data.get(name), TrainedInPlace):
+            data.check_fits()
 
 
 def in_place_owners(state: AdapterState) -> dict[int, str]:
@@ -136,8 +163,8 @@ class SparseMethod(Method):
             raise ValueError(f"parameters {clash[:3]} are already trained in place by adapter "
                              f"{owned[id(params[clash[0]])]!r}; two sparse adapters cannot own one parameter. Remove "
                              "that adapter first.")
-        state.data[adapter_name] = TrainedInPlace({n: params[n] for n in names},
-                                                  {n: params[n].detach().clone() for n in names})
+        owners = {n: (model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
+        state.data[adapter_name] = TrainedInPlace(owners, {n: params[n].detach().clone() for n in names})
         for name in names:
             params[name].requires_grad_(True)
 

@@ -144,6 +144,11 @@ def _self_and_parents(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
+def adaptable_summary(model: nn.Module) -> str:
+    """The layers of ``model`` an adapter can wrap, for error messages."""
+    return _summarise(wrappable_names(model))
+
+
 def _summarise(names: list[str]) -> str:
     """Short names (last component) with one full example each, so the message stays readable."""
     by_suffix: dict[str, str] = {}
