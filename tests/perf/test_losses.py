@@ -118,6 +118,33 @@ def test_never_materializes_the_full_logits():
     assert default_chunk_size(128256) == 523 and default_chunk_size(10**9) == 16
 
 
+class _ZeroFilled(TorchDispatchMode):
+    """Records the sizes of the zero-filled tensors created (the chunked loss's gradient buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "zero" in func.__name__:
+            self.sizes.append(out.numel())
+        return out
+
+
+def test_no_gradient_buffers_without_grad_mode():
+    """Under torch.no_grad() (evaluation of a model whose head trains) the loss built the hidden states' and the
+    weight's gradient buffers all the same: a Function's needs_input_grad ignores the caller's grad mode."""
+    h, w, b, y = _problem(tokens=40, vocab=50, dtype=torch.float32)
+    w.requires_grad_(True)
+    with torch.no_grad(), _ZeroFilled() as mode:
+        chunked_cross_entropy(h, w, y, b, chunk_size=8)
+    assert h.numel() not in mode.sizes and w.numel() not in mode.sizes and b.numel() not in mode.sizes
+    with _ZeroFilled() as mode:
+        chunked_cross_entropy(h, w, y, b, chunk_size=8)
+    assert w.numel() in mode.sizes  # (the recorder sees them when gradients are wanted)
+
+
 def _model_loss_sum(model, batch):
     labels = batch["labels"]
     out = model(**batch)
@@ -176,7 +203,10 @@ def _transformed_head_model(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     setting = {"gemma2": {"final_logit_softcapping": 0.5, "head_dim": 8}, "cohere": {"logit_scale": 4.0},
-               "granite": {"logits_scaling": 0.25}}[model_type]
+               "granite": {"logits_scaling": 0.25}, "hyperclovax": {"logits_scaling": 4.0},
+               "falcon_h1": {"lm_head_multiplier": 0.25, "head_dim": 8, "mamba_d_ssm": 32, "mamba_n_heads": 4,
+                             "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_d_state": 8, "mamba_chunk_size": 8},
+               }[model_type]
     config = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **setting)
     torch.manual_seed(0)
@@ -184,10 +214,11 @@ def _transformed_head_model(model_type: str):
 
 
 @pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["weight", "head"])
-@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite"])
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "hyperclovax", "falcon_h1"])
 def test_transformed_logits_match_the_models_own_loss(model_type, target_modules):
-    """Gemma 2 soft-caps its logits (cap · tanh(z / cap)), Cohere multiplies them, Granite divides them: the
-    chunked loss applies the same transform, with its gradient (the caps and scales here are far from 1)."""
+    """Gemma 2 soft-caps its logits (cap · tanh(z / cap)), Cohere multiplies them, Granite divides them by
+    logits_scaling, HyperCLOVAX multiplies them by it, Falcon-H1 by lm_head_multiplier: the chunked loss applies the
+    same transform, with its gradient (the caps and scales here are far from 1)."""
     model = _transformed_head_model(model_type)
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
                                                     init_lora_weights=False))

@@ -489,31 +489,41 @@ def test_the_loss_skips_the_virtual_tokens_of_prompt_methods(config):
 
 
 def test_auto_loss_falls_back_when_the_forward_changes_logits_unknown_to_the_chunked_loss():
-    """A model whose forward transforms its logits in a way the chunked loss does not know of (here: a
-    subclass doubling them) is caught by the probe: ``auto`` keeps the model's own loss, ``chunked`` says why."""
+    """A model whose forward transforms its logits in a way the chunked loss does not know of (here: a subclass
+    scaling them by 1.1, as Falcon-H1's lm_head_multiplier did before the chunked loss knew it) is caught by the
+    probe: ``auto`` keeps the model's own loss, ``chunked`` says why. The probe compares logits: a random-weight
+    model's small logits hardly move the loss (the loss comparison passed it), yet every gradient was 10% off."""
     from transformers import LlamaForCausalLM
 
     from slimtune.train.losses import chunked_loss_refusal, chunked_loss_works
 
-    class DoublingLlama(LlamaForCausalLM):
+    class ScalingLlama(LlamaForCausalLM):
         def forward(self, *args, labels=None, **kwargs):
             out = super().forward(*args, **kwargs)
-            out.logits = out.logits * 2.0
+            out.logits = out.logits * 1.1
             if labels is not None:
                 out.loss = self.loss_function(out.logits, labels, self.config.vocab_size)
             return out
 
     model = tiny_llama()
     assert chunked_loss_works(model, "auto")
-    doubling = DoublingLlama(model.config)
-    with torch.no_grad():
-        for p in doubling.parameters():
-            p.mul_(3.0)  # logits large enough that doubling them changes the loss
-    assert not chunked_loss_works(doubling, "auto")
-    assert "differs from DoublingLlama's own" in chunked_loss_refusal(doubling, "auto")
+    scaling = ScalingLlama(model.config)
+    assert not chunked_loss_works(scaling, "auto")
+    assert "logits differ from ScalingLlama's own" in chunked_loss_refusal(scaling, "auto")
     assert chunked_loss_refusal(model, "auto") is None and chunked_loss_refusal(model, "full") == "training.loss: full"
-    with pytest.raises(ValueError, match="differs from DoublingLlama's own"):
-        chunked_loss_works(doubling, "chunked")
+    with pytest.raises(ValueError, match="logits differ from ScalingLlama's own"):
+        chunked_loss_works(scaling, "chunked")
+
+
+def test_the_logit_transform_is_read_from_a_composite_models_text_config():
+    """Gemma 3n's softcap lives in its text_config (transformers reads get_text_config()); it was missed."""
+    from transformers import Gemma3nConfig
+
+    from slimtune.perf.losses import logit_transform
+
+    holder = torch.nn.Module()
+    holder.config = Gemma3nConfig()
+    assert logit_transform(holder).softcap == holder.config.get_text_config().final_logit_softcapping == 30.0
 
 
 def test_a_micro_batch_without_labels_adds_no_tokens(tmp_path, tokenizer, token_rows):

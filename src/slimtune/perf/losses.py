@@ -163,6 +163,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"hidden size {hidden.shape[-1]} does not match the output weight {tuple(weight.shape)} "
                          "(expected (vocab, hidden))")
     chunk = chunk_size or default_chunk_size(weight.shape[0])
+    if not torch.is_grad_enabled():  # (inside the Function grad mode is off: it would build gradients all the same)
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, ignore_index, reduction, transform)
 
 
@@ -202,14 +204,22 @@ def router_aux_coef(model: nn.Module) -> float:
     return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
+# Model types whose ``logits_scaling`` multiplies the logits (Granite's, the others', divides them)
+MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax"})
+
+
 def logit_transform(model: nn.Module) -> LogitTransform:
-    """What ``model``'s forward does to its output layer's result, from its config (see LogitTransform)."""
+    """What ``model``'s forward does to its output layer's result, from its (text) config (see LogitTransform):
+    Cohere's ``logit_scale``, Granite's ``logits_scaling`` (HyperCLOVAX multiplies by it), Falcon-H1's
+    ``lm_head_multiplier``, Gemma's ``final_logit_softcapping``. Others are caught by the trainer's probe."""
     config = getattr(model, "config", None)
-    scale = getattr(config, "logit_scale", None)
-    scaling = getattr(config, "logits_scaling", None)
-    cap = getattr(config, "final_logit_softcapping", None)
-    return LogitTransform(scale=float(scale if scale is not None else 1.0) / float(scaling or 1.0),
-                          softcap=float(cap) if cap else None)
+    get_text_config = getattr(config, "get_text_config", None)
+    text = get_text_config() if get_text_config is not None else config
+    scale = float(getattr(text, "logit_scale", None) or 1.0) * float(getattr(text, "lm_head_multiplier", None) or 1.0)
+    scaling = float(getattr(text, "logits_scaling", None) or 1.0)
+    scale = scale * scaling if getattr(text, "model_type", None) in MULTIPLYING_LOGITS_SCALING else scale / scaling
+    cap = getattr(text, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(cap) if cap else None)
 
 
 def _decoder_of(model: nn.Module) -> nn.Module | None:
@@ -226,6 +236,33 @@ def _decoder_of(model: nn.Module) -> nn.Module | None:
     return decoder if isinstance(decoder, nn.Module) and decoder is not model else None
 
 
+def _split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the decoder giving the last hidden states, the output layer) where the chunked loss splits ``model``."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    decoder = _decoder_of(model)
+    if head is None or decoder is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings / decoder to split the loss at; "
+                         "use the model's own loss (model(**batch).loss)")
+    if model._forward_pre_hooks or model._forward_hooks:
+        raise ValueError("the model has forward hooks (e.g. prompt tuning) that running its decoder directly would "
+                         "bypass; use the model's own loss (model(**batch).loss)")
+    return decoder, head
+
+
+def _hidden_states(decoder: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = decoder(**inputs, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def split_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits (fp32) as :func:`causal_lm_loss` computes them, all at once: the decoder's hidden states
+    through the output layer and :func:`logit_transform`. For checking them against the model's own."""
+    decoder, head = _split(model)
+    z = head(_hidden_states(decoder, inputs))
+    return logit_transform(model)(z if z.dtype == torch.float64 else z.float())
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
                    reduction: str = "sum", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token cross-entropy of a transformers causal LM on ``batch`` (``input_ids``, ``labels``, …)
@@ -235,21 +272,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     Position t is scored on ``labels[:, t + 1]`` (the shift is done here). ``reduction="sum"`` (the
     trainer divides by the step's label count) or ``"mean"``.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    decoder = _decoder_of(model)
-    if head is None or decoder is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings / decoder to split the loss at; "
-                         "use the model's own loss (model(**batch).loss)")
+    decoder, head = _split(model)
     config = getattr(model, "config", None)
     transform = logit_transform(model)
-    if model._forward_pre_hooks or model._forward_hooks:
-        raise ValueError("the model has forward hooks (e.g. prompt tuning) that running its decoder directly would "
-                         "bypass; use the model's own loss (model(**batch).loss)")
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = decoder(**inputs, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, S, H)
+    hidden = _hidden_states(decoder, {k: v for k, v in batch.items() if k != "labels"})  # (B, S, H)
     # shift by padding the labels (a view of hidden, no copy): position t is scored on labels[t + 1]
     shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
     if type(head) is nn.Linear:
