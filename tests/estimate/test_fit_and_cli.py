@@ -92,7 +92,7 @@ def test_does_not_fit_exit_status_and_advice_in_json(capsys, tiny_folder):
     status, out = _cli_json(capsys, ["estimate", "lora-smollm2-pycode", f"model.name_or_path={tiny_folder}",
                                      "--device", "h200", "--memory", "620MiB", "--json"])
     assert status == 1 and not out["memory"]["fits"]
-    assert out["advice"] and all({"label", "overrides", "peak_bytes", "fits", "step_seconds"} == set(a)
+    assert out["advice"] and all({"label", "overrides", "peak_bytes", "needed_bytes", "fits", "step_seconds"} == set(a)
                                  for a in out["advice"])
 
 

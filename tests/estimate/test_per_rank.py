@@ -4,6 +4,7 @@ rank keeps whole, and that ranks on one CPU node share its memory."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -105,3 +106,28 @@ def test_cli_nproc_per_node(capsys, tiny_folder):
     with pytest.raises(SystemExit) as exit_:
         main(["estimate", "--nproc-per-node", "0"])
     assert exit_.value.code == 2 and "argument --nproc-per-node: 0 must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("per_machine", [2, 1])
+def test_advice_for_ranks_says_per_rank_and_launches_them(tiny_folder, per_machine):
+    """On a CPU node the ranks share its memory: each advice line gives what the node needs beside the rank's peak
+    (it showed the rank's peak alone, under the node's limit yet marked ✗), and its command starts the same ranks
+    (it started one process)."""
+    from slimtune.estimate import estimate
+    from slimtune.estimate.report import format_estimate
+
+    recipe = make_recipe(tiny_folder, quantization=QLORA)
+    alone = predict(recipe, TEST_CPU, timing=False).peak
+    est = estimate(recipe, replace(TEST_CPU, memory=alone, free=None), timing=False, ranks=2, per_machine=per_machine)
+    assert est.advice and all(a.needed == a.peak * per_machine for a in est.advice)
+    lines = format_estimate(est).splitlines()
+    chosen = [line.strip() for line in lines if line.strip().startswith(("✓", "✗"))]
+    commands = [line.strip() for line in lines if line.strip().startswith(("slimtune train", "torchrun"))]
+    assert len(chosen) == len(commands) == len(est.advice)
+    launch = ("slimtune train --nproc-per-node 2 " if per_machine == 2
+              else "torchrun --nnodes 2 --nproc-per-node 1 -m slimtune train ")
+    assert all(command.startswith(launch) for command in commands)
+    if per_machine == 2:
+        assert all(re.search(r"→ \S+ \S+ \(\S+ \S+ per rank\)", line) for line in chosen), chosen
+    else:
+        assert not any("per rank" in line for line in chosen)

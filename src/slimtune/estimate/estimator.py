@@ -35,6 +35,7 @@ class Advice:
     fits: bool
     step_seconds: float | None
     kind: int  # 0: same training, 1: changes the numerics (quantization), 2: changes the data (truncation)
+    needed: int  # what the run needs of the limit: the peak, or on a CPU that of a node's ranks together
 
 
 @dataclass

@@ -128,7 +128,7 @@ def _try(est: Estimate, label: str, overrides: list[str], kind: int) -> Advice |
     if other.peak >= est.peak:
         return None
     seconds = other.time.seconds if other.time is not None else None
-    return Advice(label, overrides, other.peak, other.fits, seconds, kind)
+    return Advice(label, overrides, other.peak, other.fits, seconds, kind, other.needed)
 
 
 def _shorter_rows(est: Estimate) -> Advice | None:

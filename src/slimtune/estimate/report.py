@@ -98,9 +98,20 @@ def format_estimate(est: Estimate) -> str:
         lines.append("\nchanges that lower the peak (each re-estimated; new peak, step time):")
         for a in est.advice:
             step = f", {human_seconds(a.step_seconds)}/step" if a.step_seconds is not None else ""
-            lines.append(f"  {'✓' if a.fits else '✗'} {a.label} → {human(a.peak)}{step}")
-            lines.append(f"      slimtune train {r.command_line(*a.overrides)}")
+            peak = f"{human(a.needed)} ({human(a.peak)} per rank)" if a.needed > a.peak else human(a.peak)
+            lines.append(f"  {'✓' if a.fits else '✗'} {a.label} → {peak}{step}")
+            lines.append(f"      {_train_command(est)} {r.command_line(*a.overrides)}")
     return "\n".join(lines)
+
+
+def _train_command(est: Estimate) -> str:
+    """``slimtune train`` as the estimate's ranks run it: one node with --nproc-per-node, several through torchrun."""
+    d = est.distribution
+    if d is None or d.ranks == 1:
+        return "slimtune train"
+    if d.ranks == d.per_machine:
+        return f"slimtune train --nproc-per-node {d.ranks}"
+    return f"torchrun --nnodes {d.ranks // d.per_machine} --nproc-per-node {d.per_machine} -m slimtune train"
 
 
 def estimate_json(est: Estimate) -> dict[str, Any]:
@@ -134,7 +145,8 @@ def estimate_json(est: Estimate) -> dict[str, Any]:
             "per_machine": est.distribution.per_machine, "cpu_offload": est.distribution.cpu_offload,
             "needed_bytes": est.needed},
         "time": None,
-        "advice": [{"label": a.label, "overrides": a.overrides, "peak_bytes": a.peak, "fits": a.fits,
+        "advice": [{"label": a.label, "overrides": a.overrides, "peak_bytes": a.peak, "needed_bytes": a.needed,
+                    "fits": a.fits,
                     "step_seconds": a.step_seconds} for a in est.advice],
     }
     if est.time is not None:
