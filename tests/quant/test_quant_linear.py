@@ -85,6 +85,18 @@ def test_transient_weights_share_one_buffer_per_size_and_stay_exact():
     assert a.transient_weight(torch.float32).data_ptr() == wb.data_ptr()  # the same buffer, reused
 
 
+def test_decoding_follows_a_code_book_replaced_through_data():
+    """`quant_map.data = …` swaps the buffer's storage without bumping its version: the cached decoding table kept
+    serving the old code book (a plain in-place change was already seen)."""
+    q = Linear4bit.from_linear(_linear(bias=False))
+    before = q.dequantize()
+    q.quant_map.data = q.quant_map.data * 3.0
+    torch.testing.assert_close(q.dequantize(), before * 3.0)
+    with torch.no_grad():
+        q.quant_map.mul_(0.5)
+    torch.testing.assert_close(q.dequantize(), before * 1.5)
+
+
 def test_compute_dtype_and_output_dtype():
     q = Linear4bit.from_linear(_linear(), compute_dtype=torch.bfloat16)
     x = torch.randn(2, 80)

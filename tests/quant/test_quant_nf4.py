@@ -12,8 +12,9 @@ SHAPES = [(64, 64), (100, 70), (576, 192), (3, 5), (1, 33), (7,)]
 
 
 def test_codebooks_equal_bitsandbytes_tables(bnbF):
-    for qt in ("nf4", "fp4"):
-        assert torch.equal(codebooks.codebook(qt), bnbF.get_4bit_type(qt, device="cpu"))
+    for qt in ("nf4", "fp4"):  # bit for bit: FP4's code 8 is +0 there (a -0 here made saved files differ)
+        theirs = bnbF.get_4bit_type(qt, device="cpu")
+        assert torch.equal(codebooks.codebook(qt).view(torch.int32), theirs.view(torch.int32))
     assert torch.equal(codebooks.codebook("nf4"), torch.tensor(codebooks.NF4_VALUES))
     signed = codebooks.dynamic_map(signed=True)
     assert signed.shape == (256,) and torch.equal(signed, bnbF.create_dynamic_map(signed=True))
@@ -105,10 +106,11 @@ def test_chunked_quantization_equals_single_pass(monkeypatch):
 def test_zero_blocks_match_bitsandbytes(bnbF):
     w = torch.zeros(4, 64)
     w[1] = torch.randn(64, generator=torch.Generator().manual_seed(6))
+    w[2] = -0.0  # a block of negative zeros: absmax +0 (it was -0)
     for qt in ("nf4", "fp4"):
         ref_packed, st = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type=qt)
         packed, absmax = nf4.quantize_4bit(w, qt, 64)
-        assert torch.equal(packed, ref_packed) and torch.equal(absmax, st.absmax)
+        assert torch.equal(packed, ref_packed) and torch.equal(absmax.view(torch.int32), st.absmax.view(torch.int32))
         assert torch.equal(nf4.dequantize_4bit(packed, absmax, w.shape, qt, 64), bnbF.dequantize_4bit(ref_packed, st))
 
 
@@ -127,6 +129,20 @@ def test_double_quantization_is_accurate_and_compact():
     assert codes.dtype == torch.uint8 and absmax2.shape == (12,) and offset.shape == ()
     restored = nf4.double_dequantize(codes, absmax2, offset)
     assert (restored - absmax).abs().max() < 0.01 * absmax.max()
+
+
+def test_double_quantization_of_scales_whose_fp32_sum_overflows_stays_finite():
+    """Finite weights near 1e38: the scales' fp32 mean overflowed to inf and the whole layer decoded as NaN (as
+    bitsandbytes' does); the mean is taken in fp64 then."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    w[:, 0] = 2e38
+    packed, absmax = nf4.quantize_4bit(w, "nf4", 64)
+    codes, absmax2, offset = nf4.double_quantize(absmax)
+    assert torch.isfinite(offset) and offset == pytest.approx(2e38, rel=1e-6)
+    decoded = nf4.dequantize_4bit(packed, nf4.double_dequantize(codes, absmax2, offset), w.shape, "nf4", 64)
+    assert torch.isfinite(decoded).all() and (decoded[:, 0] / 2e38 - 1).abs().max() < 0.01
+    small = torch.rand(300, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(nf4.double_quantize(small)[2], small.mean())  # the usual case: fp32's mean, as bitsandbytes
 
 
 def test_nf4_double_quant_storage_is_under_4_13_bits():

@@ -40,7 +40,7 @@ NF4_VALUES = (
 # Unnormalised FP4 magnitudes in bit-pattern order; divided by 12 (the largest) in ``codebook``.
 FP4_VALUES = (
     0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-    -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,
+    0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0,  # code 8 (sign bit alone) is +0 in bitsandbytes too
 )  # fmt: skip
 
 

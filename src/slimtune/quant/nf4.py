@@ -61,9 +61,9 @@ _CHUNK_ACCEL = 1 << 22  # on GPUs: fewer, larger kernel launches
 _DEQUANT_CHUNK = 1 << 20  # packed bytes per dequantization chunk on CPUs (a multiple of every block size / 2)
 _LUT_BINS = 1 << 16  # bins of bitsandbytes' 8-bit CPU quantization table
 # Decoding tables per code-book tensor (the standard books are cached tensors, a layer's quant_map a
-# buffer), rebuilt when the tensor changes (its version counter), and int32 index scratch per size: a
+# buffer), rebuilt when the tensor changes (its version counter or storage), and int32 index scratch per size: a
 # training step decodes every weight twice, so neither is rebuilt or reallocated per call.
-_WORDS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(code) -> (code, its version, words)
+_WORDS: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}  # id -> (code, (version, storage), words)
 _INDEX_SCRATCH: dict[tuple[str, int], torch.Tensor] = {}
 
 
@@ -80,7 +80,7 @@ def _decoding_words(code: torch.Tensor, device: torch.device) -> torch.Tensor:
     def forget(_: weakref.ref) -> None:
         _WORDS.pop(key, None)
 
-    _WORDS[key] = (weakref.ref(code, forget), code._version, words)
+    _WORDS[key] = (weakref.ref(code, forget), (code._version, code.data_ptr()), words)  # `.data = …` swaps storage
     return words
 
 
@@ -88,7 +88,7 @@ def _cached_words(code: torch.Tensor, device: torch.device) -> torch.Tensor | No
     hit = _WORDS.get(id(code))
     if hit is None or code.is_inference() or hit[0]() is not code or hit[2].device != device:
         return None
-    return hit[2] if hit[1] == code._version else None
+    return hit[2] if hit[1] == (code._version, code.data_ptr()) else None
 
 
 def _index_buffer(device: torch.device, numel: int, reuse: bool) -> torch.Tensor:
@@ -200,7 +200,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
             m = (b1 - b0) * blocksize
             chunk = blocks[b0:b1]  # (b1 - b0, blocksize)
             am = absmax[b0:b1]
-            am.copy_(torch.maximum(chunk.amax(dim=1), chunk.amin(dim=1).neg()))  # = max |w|, exactly
+            am.copy_(torch.maximum(chunk.amax(dim=1), chunk.amin(dim=1).neg())).add_(0.0)  # max |w| (+0, not -0)
             # bitsandbytes multiplies by the reciprocal (clamped so that a zero block stays zero)
             inv = (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
             scaled = scaled_buf[:m]
@@ -356,6 +356,8 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """
     absmax = absmax.float()
     offset = absmax.mean()  # over the whole tensor: callers must not chunk this
+    if not torch.isfinite(offset):  # fp32's sum overflowed (scales near 1e38; bitsandbytes decodes NaN then)
+        offset = absmax.double().mean().float()
     codes, absmax2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
     return codes, absmax2, offset
 
