@@ -3,6 +3,9 @@ states and the tensors autograd keeps, counted exactly; and the terms' behaviour
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import TEST_CPU, make_recipe, tiny_model
@@ -295,3 +298,18 @@ def test_a_model_without_a_causal_lm_class_is_a_clear_error(tmp_path):
     T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model_type 't5' has no causal-LM class in transformers: `slimtune train`"):
         predict(make_recipe(tmp_path), TEST_CPU, timing=False)
+
+
+def test_a_folder_bitsandbytes_quantized_is_counted_as_stored(tiny_folder, tmp_path):
+    """Its layers load as stored whatever the recipe says: it was counted in full precision without a quantization
+    section (7× the weights of a 4-bit model), and as the section's bits with one."""
+    folder = shutil.copytree(tiny_folder, tmp_path / "bnb-4bit")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    as_quantized = predict(make_recipe(tiny_folder, quantization={"bits": 4}), TEST_CPU, timing=False)
+    for section in (None, {"bits": 8}):
+        stored = predict(make_recipe(folder, quantization=section), TEST_CPU, timing=False)
+        assert stored.memory.component("weights") == as_quantized.memory.component("weights") > 0
+        assert stored.recipe.quantization is not None and stored.recipe.quantization.bits == 4

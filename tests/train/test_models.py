@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -13,8 +14,9 @@ import torch
 from train_helpers import make_tokenizer, tiny_llama
 
 from slimtune.core.tensor_files import SafetensorsReader
-from slimtune.quant import Linear4bit, QuantConfig, dequantize_model, quantize
-from slimtune.train import models
+from slimtune.errors import InvalidFileError
+from slimtune.quant import Linear4bit, QuantConfig, QuantizedLinear, dequantize_model, quantize
+from slimtune.train import models, quantized_loading
 from slimtune.train.models import cache_root, ensure_converted, load_model_and_tokenizer, resolve_model_path
 
 
@@ -392,7 +394,7 @@ def test_a_whole_load_that_needs_bitsandbytes_says_so(llama_dir, tmp_path, monke
     def no_bitsandbytes(*args, **kwargs):
         raise ImportError("bitsandbytes is not installed")
 
-    monkeypatch.setattr(models, "load_quantized", needs_merging)
+    monkeypatch.setattr(quantized_loading, "load_quantized", needs_merging)
     monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", no_bitsandbytes)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_bitsandbytes)
     with pytest.raises(ImportError, match="bitsandbytes is not installed"):  # not a bitsandbytes folder: as raised
@@ -423,3 +425,76 @@ def test_a_folder_asking_for_its_own_code_is_refused_by_name_and_known_types_loa
     with pytest.raises(ValueError, match=rf"{folder}'?: its config.json asks for code of its own \(auto_map\) for "
                                          r"model_type 'my_custom_arch'.*never runs code from a model folder"):
         models.load_model(folder)
+
+
+@pytest.mark.parametrize("section", [None, QuantConfig(bits=8)], ids=["no-section", "another-section"])
+def test_a_bitsandbytes_folder_loads_into_slimtunes_layers_as_stored(llama_dir, tmp_path, section, caplog):
+    """A folder transformers + bitsandbytes saved quantized: without a quantization section it kept bitsandbytes'
+    layers (whose CPU path, once run in eval mode, has no backward: every LoRA gradient was wrong), and a section
+    quantized the layers its producer kept in full precision (q_proj here). It loads as stored, into slimtune's
+    layers, as transformers loads it (a config passed for a quantized folder does not apply, with a warning)."""
+    from oracles import bitsandbytes_oracle
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = bitsandbytes_oracle()
+    stored = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head", "q_proj"])
+    theirs = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=stored, device_map="cpu",
+                                                  dtype=torch.float32).eval()
+    theirs.save_pretrained(tmp_path / "bnb")
+    config = json.loads((tmp_path / "bnb" / "config.json").read_text())
+    del config["quantization_config"]["llm_int8_skip_modules"]  # the files alone say which layers stay full precision
+    (tmp_path / "bnb" / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="slimtune"):
+        ours = models.load_model(str(tmp_path / "bnb"), quantization=section)
+    assert not [n for n, m in ours.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    quantized = {n for n, m in ours.named_modules() if isinstance(m, QuantizedLinear)}
+    assert quantized == {n for n, m in ours.named_modules() if isinstance(m, Linear4bit)}
+    assert quantized == {n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized and not any(n.endswith("q_proj") for n in quantized)
+    ids = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
+    assert ("do not apply" in caplog.text) is (section is not None)
+
+
+def test_a_quantized_config_without_quantized_weights_is_refused(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(llama_dir, tmp_path / "plain")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no layer in its weights is stored quantized; remove quantization_config"):
+        models.load_model(str(folder))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_without_a_quantization_config_are_refused_or_loaded_as_stored(llama_dir, tmp_path, bits):
+    """slimtune's own quantized checkpoint in a model folder (config.json without quantization_config): the 8-bit
+    codes were read as float weights, silently (4-bit ones failed on their shapes). Refused without a section,
+    loaded as stored with one; a packed weight whose quantization state is missing is named as such (it was
+    called a float overflow)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.quant import save_quantized
+
+    folder = tmp_path / "quantized"
+    folder.mkdir()
+    shutil.copy(llama_dir / "config.json", folder)
+    model = models.load_model(str(llama_dir))
+    save_quantized(quantize(model, QuantConfig(bits=bits)), folder)
+    with pytest.raises(InvalidFileError, match=r"stored quantized \(e\.g\. .*\) but config\.json has no"):
+        models.load_model(str(folder))
+    loaded = models.load_model(str(folder), quantization=QuantConfig(bits=bits))
+    ids = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    tensors = load_file(folder / "model.safetensors")
+    state = next(k for k in tensors if k.endswith((".SCB", "quant_state.bitsandbytes__nf4")))
+    save_file({k: v for k, v in tensors.items() if k != state}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"weight is stored as torch\.(int8|uint8) \(quantized codes\?\) without a"):
+        models.load_model(str(folder), quantization=QuantConfig(bits=bits, skip_modules=[]))

@@ -5,6 +5,7 @@ Only the model's config is read; nothing is loaded, downloaded or allocated. :mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from slimtune.estimate.per_rank import Distribution, distribution, per_rank
 from slimtune.estimate.timing import StepTime, step_time
 from slimtune.perf.fast_path import plan_fast_path
 from slimtune.perf.losses import router_aux_coef
+from slimtune.quant.config import stored_quantization
 from slimtune.train.data import load_examples
 from slimtune.train.recipe import Recipe, apply_overrides, recipe_from_dict
 
@@ -189,8 +191,12 @@ def predict(recipe: Recipe, device: DeviceProfile, *, timing: bool = True, ranks
     """Predict ``recipe``'s memory (and, with ``timing``, its step and run time) on ``device``; no advice.
     ``ranks`` > 1 (or a recipe with a ``distributed`` section): the memory of each rank of that many processes
     (:mod:`.per_rank`; ``per_machine`` of them share a CPU node's memory); the step time stays one rank's (the
-    collectives are not modelled)."""
+    collectives are not modelled). A model folder quantized by bitsandbytes is counted as stored (it loads so)."""
     shape, layout = _shape_and_layout(recipe)
+    stored = stored_quantization(shape.meta.config)
+    if stored is not None:
+        compute = recipe.quantization.compute_dtype if recipe.quantization is not None else None
+        recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(stored, compute_dtype=compute))
     mem, prec, chunked = _memory(recipe, shape, layout, device)
     dist = None
     if ranks > 1 or recipe.distributed is not None:

@@ -16,7 +16,7 @@ from slimtune.core.dtypes import default_compute_dtype, dtype_name, parse_dtype
 from slimtune.quant.codebooks import QUANT_TYPES
 from slimtune.quant.nf4 import BLOCKSIZES
 
-__all__ = ["QuantConfig", "DEFAULT_SKIP_MODULES"]
+__all__ = ["QuantConfig", "DEFAULT_SKIP_MODULES", "stored_quantization"]
 
 # The output head stays in full precision (QLoRA keeps it 16-bit; it is often tied to the embedding).
 DEFAULT_SKIP_MODULES = ("lm_head",)
@@ -102,3 +102,22 @@ class QuantConfig:
             raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; allowed: bits, quant_type, "
                              "double_quant, blocksize, compute_dtype, skip_modules")
         return cls(**d)
+
+
+def stored_quantization(config: Any) -> QuantConfig | None:
+    """What a checkpoint quantized by transformers + bitsandbytes says of itself (``config.json``'s
+    ``quantization_config``; ``config``: that file's dict or a transformers config), None for any other checkpoint.
+    Its layers load as stored: the fields describe them (bitsandbytes' defaults: FP4, no double quantization)."""
+    stored = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config",
+                                                                                         None)
+    if stored is not None and not isinstance(stored, dict):
+        stored = stored.to_dict()  # a transformers BitsAndBytesConfig
+    if not stored or stored.get("quant_method") != "bitsandbytes":
+        return None
+    skip = stored.get("llm_int8_skip_modules")
+    if stored.get("load_in_8bit"):
+        return QuantConfig(bits=8, skip_modules=skip)
+    if not stored.get("load_in_4bit"):
+        return None
+    return QuantConfig(bits=4, quant_type=stored.get("bnb_4bit_quant_type") or "fp4",
+                       double_quant=bool(stored.get("bnb_4bit_use_double_quant")), skip_modules=skip)

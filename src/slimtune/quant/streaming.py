@@ -312,15 +312,20 @@ def _load_layer(model: nn.Module, name: str, source: _Source, key_prefix: str, c
         layer = layer_from_state(stored, key_prefix, in_f, out_f, has_bias, compute, dtype).to(device)
     elif quantize_it:
         assert config is not None  # the caller quantizes only with a config
-        w = source.get(key_prefix + "weight").to(device=device, dtype=dtype)  # as from_pretrained(dtype=) casts it
+        raw = source.get(key_prefix + "weight")
+        if not raw.is_floating_point():
+            raise ValueError(f"{key_prefix}weight is stored as {raw.dtype} (quantized codes?) without a quantization "
+                             "state this loader knows (bitsandbytes' weight.quant_state.bitsandbytes__nf4/fp4 for "
+                             "4-bit, SCB for 8-bit); is the checkpoint complete?")
+        w = raw.to(device=device, dtype=dtype)  # as from_pretrained(dtype=) casts it
         if is_conv1d(old):
             w = w.t()  # Conv1D stores (in, out)
         layer = make_quantized_layer(in_f, out_f, has_bias, config, device, dtype)
         try:
             layer.quantize_(w)
         except ValueError as error:
-            raw = source.get(key_prefix + "weight")
-            if raw.dtype != dtype and bool(torch.isfinite(raw).all()):  # finite as stored: the cast overflowed
+            if raw.dtype != dtype and bool(torch.isfinite(raw).all()) and bool(
+                    raw.abs().max() > torch.finfo(dtype).max):  # finite as stored: the cast overflowed
                 raise ValueError(f"{key_prefix}weight: its {raw.dtype} values overflow {dtype} (largest |value| "
                                  f"{float(raw.abs().max()):.3g}); load the model in a wider dtype, e.g. bfloat16 or "
                                  "float32.") from None
@@ -343,7 +348,8 @@ def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def _load(model: ModelSource, source: _Source, config: QuantConfig | None, device) -> nn.Module:
+def _load(model: ModelSource, source: _Source, config: QuantConfig | None, device, stored_only: bool = False
+          ) -> nn.Module:
     model = _build(model)
     device = torch.device(device)
     base = getattr(model, "base_model_prefix", "") or ""
@@ -355,7 +361,7 @@ def _load(model: ModelSource, source: _Source, config: QuantConfig | None, devic
             continue  # tied or absent: reported below if it stays empty
         stored = is_4bit_prefix(source.keys, key_prefix) or is_8bit_prefix(source.keys, key_prefix)
         _load_layer(model, name, source, key_prefix, config, device,
-                    quantize_it=not stored and config is not None and name not in skipped)
+                    quantize_it=not stored and not stored_only and config is not None and name not in skipped)
     quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     keeps_fp32 = _keeps_fp32(model)
     loaded: set[str] = set()  # model tensors that the checkpoint holds
@@ -417,18 +423,24 @@ def _tie_weights(model: nn.Module, loaded: set[str]) -> None:
 
 
 def load_quantized(model: ModelSource, paths: str | os.PathLike | list, config: QuantConfig | None = None,
-                   device: torch.device | str = "cpu") -> nn.Module:
+                   device: torch.device | str = "cpu", stored_only: bool = False) -> nn.Module:
     """Build ``model`` (an empty module or a function that builds one) from safetensors file(s)/folder.
 
     Full-precision linear weights are quantized with ``config`` as they are read (layers named in
     ``config.skip_modules`` and the output head stay full precision); layers stored quantized
-    (slimtune or transformers+bitsandbytes checkpoints) are loaded as they are, ``config`` optional.
+    (slimtune or transformers+bitsandbytes checkpoints) are loaded as they are, ``config`` optional (its compute
+    dtype). ``stored_only``: a quantized checkpoint's full-precision layers stay so, as its producer kept them.
     """
     with contextlib.ExitStack() as stack:
         source = _Source(files=safetensors_files(paths), stack=stack)
         built = _build(model)
         source.follow_renames(built)
-        return _load(built, source, config, device)
+        if stored_only and not any(is_4bit_prefix(source.keys, p) or is_8bit_prefix(source.keys, p)
+                                   for p in {k.rpartition("weight")[0] for k in source.keys if k.endswith("weight")}):
+            raise ValueError(f"{paths}: config.json says bitsandbytes quantized this checkpoint "
+                             "(quantization_config), but no layer in its weights is stored quantized; remove "
+                             "quantization_config from config.json, or restore the checkpoint's quantized weights")
+        return _load(built, source, config, device, stored_only)
 
 
 def load_in_4bit(model: ModelSource, paths: str | os.PathLike | list, config: QuantConfig | None = None,

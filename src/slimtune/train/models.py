@@ -41,12 +41,17 @@ from slimtune.core.modules import checkpoint_class_parts, held_parts, new_part
 from slimtune.errors import InvalidFileError
 from slimtune.gguf_export import restore_pre_tokenizer
 from slimtune.quant import (
-    CheckpointNeedsMerging,
     QuantConfig,
     init_empty_weights,
     init_random_quantized,
-    load_quantized,
     quantize,
+)
+from slimtune.quant.config import stored_quantization
+from slimtune.train.quantized_loading import (
+    as_stored,
+    checkpoint_keys,
+    load_quantized_model,
+    refuse_unannounced_quantization,
 )
 
 logger = logging.getLogger("slimtune")
@@ -274,15 +279,20 @@ def load_model(
     folder = resolve_model_path(name_or_path, allow_pickle=allow_pickle)
     model_cls = getattr(transformers, TASK_TYPES[task_type])
     extra: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
+    data = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    stored = stored_quantization(data)
     try:
-        if quantization is not None and any(folder.glob("*.safetensors")):
-            model = _load_quantized(model_cls, folder, torch_dtype, torch.device(device), quantization, extra)
+        if stored is not None and any(folder.glob("*.safetensors")):
+            model = load_quantized_model(model_cls, folder, torch_dtype, torch.device(device),
+                                    as_stored(folder, stored, quantization), extra, stored_only=True)
+        elif quantization is not None and any(folder.glob("*.safetensors")):
+            model = load_quantized_model(model_cls, folder, torch_dtype, torch.device(device), quantization, extra)
         else:
             model = _load_full_precision(model_cls, folder, torch_dtype, allow_pickle, extra).to(device)
             if quantization is not None:  # pickle weights (allowed): quantize the loaded model
                 quantize(model, quantization)
     except ValueError as error:
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        config = data
         if config.get("auto_map") and "recognize this architecture" in str(error):
             raise ValueError(
                 f"Model folder {str(folder)!r}: its config.json asks for code of its own (auto_map) for model_type "
@@ -322,9 +332,11 @@ def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow
                                            "; they are not loaded. Use safetensors weights from a trusted source."
                                    ) from None
         if isinstance(error, RuntimeError) and ("mismatched" in str(error) or "size mismatch" in str(error)):
+            refuse_unannounced_quantization(folder, checkpoint_keys(folder))
             raise InvalidFileError(folder, f"the weights do not fit the model its config.json describes ({error}); "
                                            "is config.json this checkpoint's?") from None
         raise
+    refuse_unannounced_quantization(folder, info.get("unexpected_keys", ()))  # its codes were read as weights
     absent = set(info.get("missing_keys", ()))
     held = held_parts(key for key in model.state_dict() if key not in absent) if absent else set()
     parts = checkpoint_class_parts(model) if absent else set()
@@ -430,31 +442,3 @@ def load_model_and_tokenizer(
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def _load_quantized(model_cls: Any, folder: Path, dtype: torch.dtype, device: torch.device, quantization: QuantConfig,
-                    extra: dict[str, Any]) -> Any:
-    """The model built on the meta device, then filled from ``folder`` tensor by tensor, quantizing linear weights;
-    loaded whole and then quantized where transformers merges checkpoint tensors (a mixture of experts)."""
-    config = transformers.AutoConfig.from_pretrained(folder, **extra)
-    with init_empty_weights():
-        model = model_cls.from_config(config, dtype=dtype)
-    try:
-        return load_quantized(model, folder, quantization, device)
-    except CheckpointNeedsMerging as why:
-        prequantized = getattr(config, "quantization_config", None) is not None
-        if prequantized:
-            logger.warning("Loading %s whole with transformers (%s); the layers bitsandbytes stored quantized are kept "
-                           "as stored (this needs bitsandbytes installed)", folder, why)
-        else:
-            logger.warning("Loading %s in full precision, then quantizing it: %s", folder, why)
-    try:
-        model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra).to(device)
-    except ImportError as error:
-        if not prequantized:
-            raise
-        raise ValueError(f"{folder} was quantized by bitsandbytes and transformers merges its tensors while loading "
-                         f"({error}): install bitsandbytes to load it, or load its full-precision original with a "
-                         "quantization section.") from error
-    quantize(model, quantization)
-    return model

@@ -220,7 +220,7 @@ def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None])
                                                     allow_pickle=spec.allow_pickle,
                                                     tokenizer_name_or_path=spec.tokenizer,
                                                     quantization=recipe.quantization)
-    if recipe.quantization is not None:
+    if recipe.quantization is not None or quant_summary(model).layers:  # (a folder bitsandbytes quantized: as stored)
         log(str(quant_summary(model)))
     return model, tokenizer
 
