@@ -62,7 +62,13 @@ def test_a_folders_index_decides_which_shards_are_read(tmp_path):
     build = lambda: LlamaForCausalLM(current.config)  # noqa: E731
     torch.testing.assert_close(_logits(load_in_4bit(build, folder)), _logits(load_in_4bit(build, clean)),
                                rtol=0, atol=0)
-    names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    names = index["weight_map"].values()
+    pickled = {**index, "weight_map": {k: v.replace(".safetensors", ".bin") for k, v in index["weight_map"].items()}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(pickled))  # it said "not a safetensors header"
+    with pytest.raises(ValueError, match=r"index\.json names shards that are not safetensors files, e\.g\. 'model-"):
+        load_in_4bit(build, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     (folder / sorted(set(names))[-1]).unlink()
     with pytest.raises(FileNotFoundError, match=r"index\.json names shards that are not in .*model-0000"):
         load_in_4bit(build, folder)

@@ -233,6 +233,11 @@ def folder_weight_files(folder: Path) -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"{index} is not a safetensors index ({type(error).__name__}: {error}); restore it "
                              "from the model's source") from None
+        pickles = [name for name in names if not name.endswith(".safetensors")]
+        if pickles:
+            raise ValueError(f"{index} names shards that are not safetensors files, e.g. {pickles[0]!r} (pickle "
+                             "weights can run code when loaded); convert them to safetensors, or load the model in "
+                             "full precision with allow_pickle (model.allow_pickle: true) if you trust them")
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shards that are not in {folder}: {missing[:5]}; download the "
