@@ -284,7 +284,7 @@ def load_model(
     try:
         if stored is not None and any(folder.glob("*.safetensors")):
             model = load_quantized_model(model_cls, folder, torch_dtype, torch.device(device),
-                                    as_stored(folder, stored, quantization), extra, stored_only=True)
+                                         as_stored(folder, stored, quantization), extra, stored_only=True)
         elif quantization is not None and any(folder.glob("*.safetensors")):
             model = load_quantized_model(model_cls, folder, torch_dtype, torch.device(device), quantization, extra)
         else:
@@ -292,15 +292,14 @@ def load_model(
             if quantization is not None:  # pickle weights (allowed): quantize the loaded model
                 quantize(model, quantization)
     except ValueError as error:
-        config = data
-        if config.get("auto_map") and "recognize this architecture" in str(error):
+        if data.get("auto_map") and "recognize this architecture" in str(error):
             raise ValueError(
                 f"Model folder {str(folder)!r}: its config.json asks for code of its own (auto_map) for model_type "
-                f"{config.get('model_type')!r}, which transformers does not know, and slimtune never runs code from "
+                f"{data.get('model_type')!r}, which transformers does not know, and slimtune never runs code from "
                 "a model folder (trust_remote_code); use a model transformers supports natively.") from None
         if "Unrecognized configuration class" not in str(error):
             raise
-        model_type = config.get("model_type")
+        model_type = data.get("model_type")
         advice = ("`slimtune train` fine-tunes causal (decoder-only) language models: pick one (Llama, Qwen, "
                   "SmolLM2 …), or fine-tune this model from Python (slimtune.add_adapter with its task_type)"
                   if task_type == "CAUSAL_LM" else "pick a task_type its architecture supports")
