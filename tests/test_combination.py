@@ -123,6 +123,11 @@ def test_combined_factors_are_laid_out_as_peft_lays_them_so_combining_again_matc
         for factor in ("lora_A", "lora_B"):
             torch.testing.assert_close(getattr(ours_q, factor)[name].weight, getattr(theirs_q, factor)[name].weight)
     assert ours.slimtune_state.configs["ab"].lora_dropout == theirs.peft_config["ab"].lora_dropout == 0.1
+    # an initialisation's rules do not bind the combination's factors (orthogonal needs an even rank; 4 + 3 = 7)
+    slimtune.add_adapter(ours, slimtune.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="orthogonal"), "o")
+    slimtune.add_adapter(ours, slimtune.LoraConfig(r=3, target_modules=["q_proj"]), "three")
+    slimtune.combine_adapters(ours, ["o", "three"], [1.0, 1.0], "seven")
+    assert ours.slimtune_state.configs["seven"].init_lora_weights is True
     theirs.set_adapter("again")
     slimtune.set_adapter(ours, "again")
     inputs = sample_inputs("llama")
@@ -264,6 +269,10 @@ def test_dare_on_conv1d_prunes_in_peft_layout(tmp_path, monkeypatch):
     assert from_files == sorted(calls) == [torch.Size([32, 96])] * 4  # c_attn: in 32, out 96; 2 adapters × 2 blocks
     assert json.loads((tmp_path / "ab" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     assert model.slimtune_state.configs["ab"].fan_in_fan_out is True
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())  # as slimtune wrote it before
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    with pytest.raises(ValueError, match=r"configs disagree on fan_in_fan_out \(\[True, False\]\): DARE prunes"):
+        slimtune.combine_adapter_files([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], tmp_path / "ab2", **options)
 
 
 def test_a_single_adapter_is_combined_linearly_whatever_the_options(tmp_path):

@@ -45,7 +45,8 @@ COMBINATION_TYPES = ("cat", *MERGE_RULES, *SVD_TYPES)
 Factors = tuple[float, torch.Tensor, torch.Tensor, float]  # (weight wᵢ, Aᵢ (rᵢ, in), Bᵢ (out, rᵢ), scaling sᵢ)
 # The fields a combined adapter's config sets itself (scaling 1, exact targets; the rest is the first adapter's)
 REPLACED_FIELDS = frozenset({"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
-                             "exclude_modules", "layers_to_transform", "layers_pattern", "inference_mode"})
+                             "exclude_modules", "layers_to_transform", "layers_pattern", "inference_mode",
+                             "init_lora_weights"})  # (the factors are set: an initialisation's rank rules do not apply)
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,11 @@ def combine_adapter_files(paths: Sequence[str | os.PathLike], weights: Sequence[
                                  f"of {first[2:]}; the adapters were trained for different model shapes.")
             per_module.setdefault(module, []).append((weight, A, B, s))
     tensors, ranks = {}, {}
+    layouts = {c.fan_in_fan_out for c in configs}
+    if len(layouts) > 1 and how.type.startswith("dare"):  # DARE's draws fall on the layer's layout
+        raise ValueError(f"the adapters' configs disagree on fan_in_fan_out ({[c.fan_in_fan_out for c in configs]}): "
+                         "DARE prunes in the layers' layout (true for GPT-2's Conv1D); set it to the layers' in every "
+                         "adapter_config.json (slimtune before 2026-12 wrote false for GPT-2).")
     transposed_layout = configs[0].fan_in_fan_out
     for module, pairs in per_module.items():
         embedding = shapes[module][1] == "embedding"

@@ -61,6 +61,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
             "them would change the other adapters too. Only one adapter can train biases, and it must be the first "
             "(as in PEFT); use bias='none' for this one.")
     method.check(model, config)  # everything is validated before the first change to the model
+    check_in_place_fits(model)
     frozen = frozen_active_parameters(model)
     heads = _modules_to_save(model, config)
     first = state is None or not state.configs
@@ -186,7 +187,7 @@ def remove_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter (active or not); layers left without adapters turn back into their original modules."""
     state = get_state(model)
     state.check_known([adapter_name])
-    check_in_place_fits(state, [adapter_name])
+    check_in_place_fits(model)
     frozen = frozen_active_parameters(model)
     config = state.configs.pop(adapter_name)
     for name, layer in list(tuner_layers(model)):
@@ -325,6 +326,7 @@ def merge_adapter(model: nn.Module, adapter_names: str | Sequence[str] | None = 
     names = list(dict.fromkeys(state.active if adapter_names is None else
                                [adapter_names] if isinstance(adapter_names, str) else adapter_names))
     state.check_known(names)
+    check_in_place_fits(model)
     if state.disabled:
         raise ValueError(f"cannot merge {names}: the adapters are disabled (disable_adapter_layers, or inside "
                          "disable_adapters), and the disabled model must give the base model's outputs. Call "
@@ -400,7 +402,7 @@ def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = Fa
     replace the originals (as in PEFT): a standard model with the fine-tune baked in.
     """
     state = get_state(model)
-    check_in_place_fits(state, list(state.configs))
+    check_in_place_fits(model)
     if merge_adapters:
         merge_adapter(model, adapter_names, safe_merge=safe_merge)
     else:

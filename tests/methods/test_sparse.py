@@ -355,11 +355,27 @@ def test_a_resized_sparse_parameter_is_refused_by_name_and_changes_nothing():
     model.resize_token_embeddings(160)
     adapted = logits(model, inputs)
     message = r"model.embed_tokens.weight is now \(160, 32\) but was \(128, 32\) when its sparse adapter was added"
+    other = slimtune.LoraConfig(r=2, target_modules=["v_proj"])
     for operation in (lambda: slimtune.disable_adapters(model).__enter__(), lambda: slimtune.unload(model),
-                      lambda: slimtune.delete_adapter(model, "emb")):
+                      lambda: slimtune.delete_adapter(model, "emb"), lambda: slimtune.delete_adapter(model, "lora"),
+                      lambda: slimtune.add_adapter(model, other, "new", activate=True),
+                      lambda: slimtune.set_adapter(model, "lora"), lambda: slimtune.merge_adapter(model)):
         with pytest.raises(ValueError, match=message):
             operation()
-        assert slimtune.list_adapters(model) == ["lora", "emb"]
+        assert slimtune.list_adapters(model) == ["lora", "emb"] and model.slimtune_state.active == ["lora", "emb"]
         torch.testing.assert_close(logits(model, inputs), adapted, atol=0, rtol=0)
-    slimtune.delete_adapter(model, "lora")  # the other adapters work as before
-    assert slimtune.list_adapters(model) == ["emb"]
+
+
+def test_a_sparse_adapter_whose_module_was_replaced_is_refused():
+    """resize_token_embeddings replaces an untied output layer: a selective adapter on lm_head kept writing into the
+    old module (disable_adapters and unload gave the trained head, the file held the old one), without an error."""
+    model = tiny_llama()
+    model.config.tie_word_embeddings = False
+    slimtune.add_adapter(model, slimtune.SelectiveConfig(target_modules=["lm_head"]))
+    model.resize_token_embeddings(200)
+    with pytest.raises(ValueError, match=r"the module holding lm_head.weight was replaced since its sparse adapter"):
+        slimtune.save_adapter(model, "unused")
+    with pytest.raises(ValueError, match=r"the module holding lm_head.weight was replaced"):
+        slimtune.disable_adapters(model).__enter__()
+    with pytest.raises(ValueError, match=r"the module holding lm_head.weight was replaced"):
+        slimtune.unload(model)

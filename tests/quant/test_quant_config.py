@@ -52,3 +52,20 @@ def test_skip_matching_by_name_suffix_and_inside():
     assert c.skips("lm_head") and c.skips("model.lm_head")
     assert c.skips("model.layers.0.mlp.down_proj") and c.skips("lm_head.inner")
     assert not c.skips("model.layers.0.mlp.up_proj") and not c.skips("my_lm_head")
+
+
+def test_stored_quantization_reads_what_bitsandbytes_wrote():
+    """config.json's quantization_config as transformers writes it (quant_method missing before transformers 4.32,
+    where it still means bitsandbytes); other methods and plain configs are not bitsandbytes'."""
+    from slimtune.quant.config import stored_quantization
+
+    four = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True, "llm_int8_skip_modules": ["lm_head", "q_proj"]}
+    assert stored_quantization({"quantization_config": four}) == QuantConfig(
+        bits=4, quant_type="nf4", double_quant=True, skip_modules=["lm_head", "q_proj"])
+    assert stored_quantization({"quantization_config": {"load_in_4bit": True}}) == QuantConfig(
+        bits=4, quant_type="fp4", double_quant=False)  # bitsandbytes' own defaults
+    assert stored_quantization({"quantization_config": {"load_in_8bit": True}}).bits == 8
+    for other in ({"quant_method": "gptq", "bits": 4}, {"quant_method": "awq"}, {}):
+        assert stored_quantization({"quantization_config": other}) is None
+    assert stored_quantization({"model_type": "llama"}) is None

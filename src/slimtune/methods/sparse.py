@@ -83,19 +83,25 @@ class TrainedInPlace:
         return {name: getattr(module, attr) for name, (module, attr) in self.owners.items()}
 
     @torch.no_grad()
-    def swap(self, out: bool) -> None:
+    def swap(self, model: nn.Module, out: bool) -> None:
         """Put the base values (``out``) or the trained ones in the weights; nothing changes if one does not fit."""
         if self.swapped_out == out:
             return
-        params = self.check_fits()
+        params = self.check_fits(model)
         for name, param in params.items():
             current = param.detach().clone()
             param.copy_(self.before[name])
             self.before[name] = current
         self.swapped_out = out
 
-    def check_fits(self) -> dict[str, nn.Parameter]:
-        """The parameters, if the values kept for them still fit (else a clear error)."""
+    def check_fits(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters, if ``model`` still holds their modules and the values kept for them still fit (else a
+        clear error): resize_token_embeddings resizes an input embedding in place but replaces an output layer."""
+        held = {id(module) for module in model.modules()}
+        if replaced := [name for name, (module, _) in self.owners.items() if id(module) not in held]:
+            raise ValueError(f"the module holding {replaced[0]} was replaced since its sparse adapter was added "
+                             "(resize_token_embeddings makes a new output layer): the adapter's values belong to the "
+                             "old one. Resize the model before adding the adapter.")
         params = self.params
         for name, param in params.items():
             if param.shape != self.before[name].shape:
@@ -109,11 +115,13 @@ class TrainedInPlace:
         return self.before if self.swapped_out else dict(self.params)
 
 
-def check_in_place_fits(state: AdapterState, adapter_names: list[str]) -> None:
-    """Raise before a removal changes anything if a sparse adapter's parameters no longer fit its kept values."""
-    for name in adapter_names:
-        if isinstance(data := state.data.get(name), TrainedInPlace):
-            data.check_fits()
+def check_in_place_fits(model: nn.Module) -> None:
+    """Raise before a lifecycle call changes anything if a sparse adapter's parameters are no longer those it
+    kept values for (see :meth:`TrainedInPlace.check_fits`)."""
+    state = find_state(model)
+    for data in state.data.values() if state is not None else ():
+        if isinstance(data, TrainedInPlace):
+            data.check_fits(model)
 
 
 def in_place_owners(state: AdapterState) -> dict[int, str]:
@@ -174,35 +182,36 @@ class SparseMethod(Method):
     def adapter_tensors(self, model: nn.Module, adapter_name: str, state: AdapterState) -> dict[str, torch.Tensor]:
         """The trained values under the parameters' names in the base model (``.base_layer`` of another method's
         wrapper left out, so the file loads whichever adapters the model holds)."""
-        return {PEFT_PREFIX + n.replace(".base_layer.", "."): t
-                for n, t in state.data[adapter_name].trained().items()}
+        data = state.data[adapter_name]
+        data.check_fits(model)
+        return {PEFT_PREFIX + n.replace(".base_layer.", "."): t for n, t in data.trained().items()}
 
-    def _place(self, state: AdapterState, active: list[str]) -> None:
+    def _place(self, model: nn.Module, state: AdapterState, active: list[str]) -> None:
         """Trained values in the weights for the active and the merged adapters, base values for the others and
         for all of them inside ``disable_adapters``."""
         for adapter, data in self._mine(state).items():
-            data.swap(state.disabled or (adapter not in active and not data.merged))
+            data.swap(model, state.disabled or (adapter not in active and not data.merged))
 
     def set_active(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
         for adapter, data in self._mine(state).items():
             for param in data.params.values():
                 param.requires_grad_(adapter in adapter_names)
-        self._place(state, adapter_names)
+        self._place(model, state, adapter_names)
 
     def set_disabled(self, model: nn.Module, disabled: bool, state: AdapterState) -> None:
         """Inside ``disable_adapters``: swap the values from before training back in (and out again)."""
-        self._place(state, state.active)
+        self._place(model, state, state.active)
 
     def merge(self, model: nn.Module, adapter_names: list[str], state: AdapterState) -> None:
         """Trained values in the weights (a merged adapter applies whether active or not); they survive removal."""
         for adapter in adapter_names:
             state.data[adapter].merged = True
-        self._place(state, state.active)
+        self._place(model, state, state.active)
 
     def unmerge(self, model: nn.Module, state: AdapterState) -> None:
         for data in self._mine(state).values():
             data.merged = False
-        self._place(state, state.active)
+        self._place(model, state, state.active)
 
     def merged_adapters(self, state: AdapterState) -> list[str]:
         return [name for name, data in self._mine(state).items() if data.merged]
@@ -210,7 +219,7 @@ class SparseMethod(Method):
     @torch.no_grad()
     def remove(self, model: nn.Module, adapter_name: str, state: AdapterState) -> None:
         data = state.data.pop(adapter_name)
-        data.swap(not data.merged)
+        data.swap(model, not data.merged)
         for param in data.params.values():
             param.requires_grad_(False)
 

@@ -112,8 +112,9 @@ def stored_quantization(config: Any) -> QuantConfig | None:
                                                                                          None)
     if stored is not None and not isinstance(stored, dict):
         stored = stored.to_dict()  # a transformers BitsAndBytesConfig
-    if not stored or stored.get("quant_method") != "bitsandbytes":
-        return None
+    bitsandbytes = stored and (stored.get("load_in_4bit") or stored.get("load_in_8bit"))
+    if not stored or stored.get("quant_method", "bitsandbytes" if bitsandbytes else None) != "bitsandbytes":
+        return None  # (transformers before 4.32 wrote no quant_method; it reads such a config as bitsandbytes')
     skip = stored.get("llm_int8_skip_modules")
     if stored.get("load_in_8bit"):
         return QuantConfig(bits=8, skip_modules=skip)
