@@ -201,3 +201,23 @@ def test_a_layer_with_an_unknown_quantized_weight_is_refused_clearly():
                                          r"full-precision weight.*; the model is unchanged"):
         quantize(model)
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_quantizing_layers_bitsandbytes_repacked_for_its_cpu_kernel_warns(tmp_path, monkeypatch):
+    """bitsandbytes repacks a 4-bit layer for its AVX512-BF16 inference kernel the first time it runs in eval mode,
+    rounding its scales to bf16; its state_dict undoes the repacking, not the rounding: quantize() took the layer
+    about 1e-3 from its stored weights without a word. (The repacking is simulated: this CPU may lack the kernel.)"""
+    bnb = bitsandbytes_oracle()
+    theirs = _bnb_4bit(tiny_llama(), tmp_path)
+    layer = theirs.model.layers[0].self_attn.q_proj
+    layer.weight.quant_state.packing_format_for_cpu = True
+
+    def undo(data, state):
+        state.packing_format_for_cpu = False
+        return data, state
+
+    monkeypatch.setattr(bnb.nn.modules, "_convert_weight_packed_for_cpu_inverse", undo)
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.self_attn\.q_proj and 0 more layers were repacked by "
+                                         r"bitsandbytes for its CPU inference kernel"):
+        quantize(theirs, QuantConfig())
+    assert isinstance(theirs.model.layers[0].self_attn.q_proj, Linear4bit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -186,6 +187,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     skipped = set(skipped_linear_names(model, config))
     names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
     stored: dict[str, dict[str, torch.Tensor]] = {}
+    repacked = [n for n in names if getattr(getattr(weight_of(model.get_submodule(n)), "quant_state", None),
+                                            "packing_format_for_cpu", False)]  # (reading the state undoes it)
+    if repacked:
+        warnings.warn(f"{repacked[0]} and {len(repacked) - 1} more layers were repacked by bitsandbytes for its CPU "
+                      "inference kernel (the model ran in eval mode), which rounds their block scales to bf16: they "
+                      "are taken as bitsandbytes gives them back, about 1e-3 from the stored weights. Quantize right "
+                      "after from_pretrained, or load the folder with slimtune.load_model (as stored).", stacklevel=2)
     for name in names:  # checked first: a refusal halfway would leave the model half quantized
         try:
             state = _stored_state(model.get_submodule(name))
