@@ -204,7 +204,7 @@ def router_aux_coef(model: nn.Module) -> float:
     return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
-# Model types whose ``logits_scaling`` multiplies the logits (Granite's, the others', divides them)
+# Model types whose ``logits_scaling`` multiplies the logits (Granite and the others divide them by it)
 MULTIPLYING_LOGITS_SCALING = frozenset({"hyperclovax"})
 
 
