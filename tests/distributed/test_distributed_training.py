@@ -117,7 +117,14 @@ def test_one_rank_checkpoint_resumes_on_two_nodes(single, tmp_path):
                                "-m", "slimtune", "train", str(recipe), f"output.dir={copy}", "--resume",
                                "--no-progress"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=120) for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=120) for node in nodes]
+    except subprocess.TimeoutExpired:  # say what each node was doing (one hang was seen, once, in many runs)
+        for node in nodes:
+            node.kill()
+        said = [node.communicate() for node in nodes]
+        pytest.fail("the two-node launch hung:\n" + "\n".join(f"node {rank}: {out[-1500:]}\n{err[-3000:]}"
+                                                              for rank, (out, err) in enumerate(said)))
     for node, (out, err) in zip(nodes, outputs):
         assert node.returncode == 0, f"{out[-2000:]}\n{err[-4000:]}"
     assert "1 micro-batches × 2 ranks" in outputs[0][0]
