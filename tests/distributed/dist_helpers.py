@@ -78,8 +78,10 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-30)) for k in a)
 
 
-def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float = 1e-5) -> None:
-    moved = max(float(a[k].abs().max()) for k in a if "lora_B" in k)
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float = 1e-5,
+                        moved_key: str = "lora_B") -> None:
+    """``a`` and ``b`` agree to ``rel``, and ``a`` trained: its ``moved_key`` tensors (initialized to 0) moved."""
+    moved = max(float(a[k].abs().max()) for k in a if moved_key in k)
     assert moved > 1e-3, "the adapters did not train: the comparison would prove nothing"
     difference = relative_difference(a, b)
     assert difference < rel, f"adapters differ: {difference:.2e} relative (tolerance {rel:.0e})"

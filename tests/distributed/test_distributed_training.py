@@ -104,6 +104,22 @@ def test_two_rank_fsdp_checkpoint_resumes_on_one_rank(two_ranks, single, tmp_pat
     assert_same_adapter(adapter(single / "lora"), adapter(copy))
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_method_with_only_vectors_to_train_resumes(tmp_path, strategy, capsys):
+    """VeRA trains vectors only (no weight-decay group): its distributed checkpoint resumes to the same adapter
+    (torch's optimizer-state loader drops the options of an empty group: ``KeyError: 'lr'`` when one was made)."""
+    recipe = recipe_file(tmp_path, "vera", strategy=strategy, save_every=2)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["method"] = {"peft_type": "VERA", "r": 8, "target_modules": ["q_proj", "v_proj"], "vera_dropout": 0.0}
+    recipe.write_text(yaml.safe_dump(spec))
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    copy = _unfinished_copy(tmp_path / "vera", tmp_path / "resumed")
+    capsys.readouterr()
+    assert main(["train", str(recipe), f"output.dir={copy}", "--resume", "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert_same_adapter(adapter(tmp_path / "vera"), adapter(copy), moved_key="lambda_b")
+
+
 def test_one_rank_checkpoint_resumes_on_two_nodes(single, tmp_path):
     """1 rank × batch 2 × 2 micro-batches, checkpoint at step 2, resumed by 2 nodes of 1 rank (torchrun --nnodes 2
     on localhost): 1 micro-batch per rank, the same adapter."""

@@ -106,7 +106,7 @@ def training_param_groups(model: nn.Module, lr: float, method_groups: list[dict[
     """The optimizer's parameter groups over the trainable parameters of ``model``.
 
     The method's own groups (``method_groups``, e.g. a LORA_PLUS adapter's), else LoRA+ groups, else
-    layer-wise decayed learning rates, else two groups: weight decay on matrices, none on biases and
+    layer-wise decayed learning rates, else (at most) two groups: weight decay on matrices, none on biases and
     norms (1-D tensors). Every trainable parameter is in exactly one group.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -126,7 +126,8 @@ def training_param_groups(model: nn.Module, lr: float, method_groups: list[dict[
     else:
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
-        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+        # no empty group: torch's distributed optimizer-state loader drops an empty group's options (lr...)
+        groups = [group for group in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
     grouped = [p for g in groups for p in g["params"]]
     if len(grouped) != len(trainable) or {id(p) for p in grouped} != {id(p) for p in trainable}:
         raise ValueError("the parameter groups must list every trainable parameter exactly once.")
