@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from slimtune.adapter_files import serialize_adapter
@@ -35,11 +36,28 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
+def _stored_codes(model: nn.Module) -> set[int]:
+    """The parameters that hold a quantized layer's codes and scales (its weight counts by its logical size): a
+    4-bit layer's under FSDP, which shards them as parameters; everything but the layer's bias."""
+    return {id(p) for m in model.modules() if isinstance(m, QuantizedLinear)
+            for name, p in m.named_parameters(recurse=False) if name != "bias"}
+
+
+def _logical_size(param: nn.Parameter) -> int:
+    """How many weights ``param`` holds: a bitsandbytes 4-bit weight (``Params4bit``) packs two per byte of its
+    storage; its quantization state knows the shape."""
+    if type(param).__name__ != "Params4bit":
+        return param.numel()
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel() * 2 * param.element_size()
+
+
 def trainable_parameters(model: nn.Module, adapter_name: str | None = None) -> TrainableReport:
     """Trainable / total parameter counts (quantized weights counted by their logical size) and the
     size of the active adapter's safetensors file."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    codes = _stored_codes(model)
+    total = sum(_logical_size(p) for p in model.parameters() if id(p) not in codes)
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     state = find_state(model)
     size = None
