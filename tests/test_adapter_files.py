@@ -9,6 +9,7 @@ from safetensors import safe_open
 from tiny_models import logits, sample_inputs, tiny_llama
 
 import slimtune
+from slimtune.adapter_files import adapter_tensors
 from slimtune.errors import InvalidFileError
 
 
@@ -321,6 +322,40 @@ def test_an_adapter_for_a_resized_vocabulary_loads_its_embeddings_as_peft_does(t
     torch.testing.assert_close(loaded(**inputs).logits, peft_model(**inputs).logits, atol=1e-6, rtol=0)
     with pytest.raises(InvalidFileError, match=r"trained with a vocabulary of \d+ tokens: resize the base first"):
         slimtune.load_adapter(tiny_llama(), tmp_path)  # not resized
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["lora only", "head copies"])
+def test_an_adapter_on_a_resized_vocabulary_saves_the_tables_as_peft_does(tmp_path, heads):
+    """Tokens added to a base loaded from a folder: the adapter file holds the resized tables (PEFT's "auto"
+    save_embedding_layers), and loads into a base resized again (other rows for the added tokens) to the same
+    model; an adapter on the base as saved holds no tables."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    def base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    heads_to_save = {"modules_to_save": ["lm_head"]} if heads else {}
+    plain = slimtune.add_adapter(base(), slimtune.LoraConfig(r=2, target_modules=["q_proj"], **heads_to_save))
+    slimtune.save_adapter(plain, tmp_path / "plain")
+    assert set(load_file(tmp_path / "plain" / "adapter_model.safetensors")) == set(adapter_tensors(plain))
+    torch.manual_seed(0)
+    model = slimtune.add_adapter(_resized(base), slimtune.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                     init_lora_weights=False, **heads_to_save))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-3:] = torch.randn(3, model.config.hidden_size)  # the added tokens
+    slimtune.save_adapter(model, tmp_path / "ours")
+    theirs = get_peft_model(_resized(base), PeftLoraConfig(r=2, target_modules=["q_proj"], **heads_to_save))
+    theirs.save_pretrained(tmp_path / "theirs")  # "auto": it compares with the folder's config.json
+    saved = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert saved > set(adapter_tensors(model))
+    assert saved == {k for k in load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+                     if ".modules_to_save." not in k}  # (PEFT writes a head copy a second time)
+    inputs = {"input_ids": torch.tensor([[5, 6, model.config.vocab_size - 1]])}
+    loaded = slimtune.load_adapter(_resized(base), tmp_path / "ours")
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=0)
 
 
 def test_key_spellings_peft_reads_are_read(tmp_path):

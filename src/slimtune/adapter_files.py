@@ -45,6 +45,7 @@ from slimtune.adapter_keys import (
     embedding_copies,
     embedding_weights,
     head_biases,
+    resized_vocabulary_tables,
     spellings,
     vocabulary_weights,
 )
@@ -105,8 +106,10 @@ def adapter_tensors(model: nn.Module, adapter_name: str = "default") -> dict[str
 
 
 def serialize_adapter(model: nn.Module, adapter_name: str = "default") -> bytes:
-    """The adapter's safetensors file content (also used to report its size on disk)."""
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, adapter_name).items()}
+    """The adapter's safetensors file content (also used to report its size on disk): with the vocabulary's tables
+    when it was resized (:func:`~slimtune.adapter_keys.resized_vocabulary_tables`)."""
+    live = {**resized_vocabulary_tables(model, adapter_name), **adapter_tensors(model, adapter_name)}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in live.items()}
     return save(tensors, metadata={"format": "pt"})
 
 

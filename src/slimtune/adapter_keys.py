@@ -5,6 +5,7 @@ dict's adapter name, DoRA's magnitude with ``.weight``)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -46,6 +47,36 @@ def vocabulary_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         held = (module.original_module, "original_module.") if isinstance(module, ModulesToSave) else (module, "")
         stored.update({f"{PEFT_PREFIX}{name}.{held[1]}{k}": p for k, p in held[0].named_parameters() if p.dim() == 2})
     return stored
+
+
+def base_vocabulary_size(model: nn.Module) -> int | None:
+    """The vocabulary size in the base model's own ``config.json`` (the local folder the model was loaded from), as
+    PEFT reads it to tell a resized vocabulary; None where there is no such file (a hub name offline, a GGUF file)."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    path = Path(source) / "config.json" if source else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    text = data.get("text_config") if "vocab_size" not in data else data
+    size = text.get("vocab_size") if isinstance(text, dict) else None
+    return size if isinstance(size, int) else None
+
+
+def resized_vocabulary_tables(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The embedding and output tables an adapter file holds, as PEFT's "auto" ``save_embedding_layers`` writes
+    them, when the vocabulary was resized since the base was saved (added tokens: their rows are trained or
+    initialized here, and the base on disk lacks them); nothing otherwise."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    now, base = getattr(text, "vocab_size", None), base_vocabulary_size(model)
+    if now is None or base is None or now == base:
+        return {}
+    return {**vocabulary_weights(model), **embedding_weights(model, adapter_name)}
 
 
 def added_rows_only(key: str, value: torch.Tensor, base: torch.Tensor, weights: Path) -> None:
