@@ -72,7 +72,7 @@ def resized_vocabulary_tables(model: nn.Module, adapter_name: str) -> dict[str, 
     them, when the vocabulary was resized since the base was saved (added tokens: their rows are trained or
     initialized here, and the base on disk lacks them); nothing otherwise."""
     config = getattr(model, "config", None)
-    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    text = getattr(config, "get_text_config", lambda: config)()
     now, base = getattr(text, "vocab_size", None), base_vocabulary_size(model)
     if now is None or base is None or now == base:
         return {}
