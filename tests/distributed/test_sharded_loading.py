@@ -122,3 +122,30 @@ def test_a_checkpoint_transformers_merges_on_load_is_loaded_whole(tmp_path):
                                "data": {"dataset": "pycode"}, "output": {"dir": str(tmp_path / "run")}})
     with pytest.raises(WholeLoadNeeded, match="merged"):
         load_skeleton(recipe, torch.device("cpu"))
+
+
+def test_a_folder_quantized_by_bitsandbytes_is_loaded_whole_also_when_the_section_skips_its_quantized_layers(
+        tmp_path):
+    """Its producer quantized the MLP and kept attention in full precision; the recipe's section skips the MLP:
+    per rank, the attention layers were quantized and the MLP's packed codes read as full-precision weights (a
+    crash). It loads whole, as stored."""
+    from oracles import bitsandbytes_oracle
+    from transformers import BitsAndBytesConfig
+
+    bitsandbytes_oracle()
+    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "full")
+    kept = ["lm_head", "q_proj", "k_proj", "v_proj", "o_proj"]
+    stored = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept,
+                                bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "full", quantization_config=stored, device_map="cpu",
+                                         dtype=torch.float32).save_pretrained(tmp_path / "bnb")
+    make_tokenizer().save_pretrained(tmp_path / "bnb")
+    recipe = recipe_from_dict({"model": {"name_or_path": str(tmp_path / "bnb")},
+                               "quantization": {"bits": 4, "skip_modules": ["lm_head", "gate_proj", "up_proj",
+                                                                           "down_proj"]},
+                               "method": {"peft_type": "LORA", "target_modules": "all-linear"},
+                               "data": {"dataset": "pycode"}, "output": {"dir": str(tmp_path / "run")}})
+    with pytest.raises(WholeLoadNeeded, match=r"mlp\.\w+_proj\.weight is stored quantized"):
+        load_skeleton(recipe, torch.device("cpu"))

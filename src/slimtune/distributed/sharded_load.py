@@ -78,12 +78,14 @@ def quantized_skeleton(model: nn.Module, source: TensorSource, config: QuantConf
     base = getattr(model, "base_model_prefix", "") or ""
     skipped = set(skipped_linear_names(model, config))
     plan = ShardedBase(model, source, config)
+    prefixes = {name: source.resolve_prefix(name, base) for name, m in model.named_modules() if is_dense_linear(m)}
+    for prefix in prefixes.values():  # (a skipped layer too: it loads as stored, its producer's quantization)
+        if prefix is not None and (is_4bit_prefix(source.keys, prefix) or is_8bit_prefix(source.keys, prefix)):
+            raise WholeLoadNeeded(f"{prefix}weight is stored quantized")
     for name, old in [(n, m) for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]:
-        prefix = source.resolve_prefix(name, base)
+        prefix = prefixes[name]
         if prefix is None:
             continue  # tied or absent: reported below
-        if is_4bit_prefix(source.keys, prefix) or is_8bit_prefix(source.keys, prefix):
-            raise WholeLoadNeeded(f"{prefix}weight is stored quantized")
         in_f, out_f = linear_dims(old)
         layer = make_quantized_layer(in_f, out_f, old.bias is not None, config, device, old.weight.dtype)
         assert isinstance(layer, Linear4bit)  # a 4-bit config (why_not_per_rank)
