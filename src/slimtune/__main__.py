@@ -1,8 +1,33 @@
-"""``python -m slimtune``: the ``slimtune`` command (what ``torchrun -m slimtune train ...`` starts)."""
+"""``python -m slimtune``: the ``slimtune`` command (what ``torchrun -m slimtune train ...`` starts).
 
+A rank torchrun started ends without the interpreter's teardown, once its output is flushed: that teardown
+destroys what torch's gloo backend leaves behind after the process group is gone, and now and then aborts the
+process there ("terminate called without an active exception", SIGABRT) after a run that finished, and whose
+files were all written: torchrun then reported the run as failed, and, with several nodes, the other nodes' launchers
+waited out their exit barrier (5 minutes) for a node that had crashed.
+"""
+
+import logging
+import os
 import sys
 
 from slimtune.cli import main
+from slimtune.distributed.context import launched_by_torchrun
+
+
+def _exit_rank(code: int) -> None:
+    """End this torchrun rank with ``code`` at once: output flushed, logging closed, no interpreter teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream or a pipe the reader closed: nothing more can be said
+            pass
+    os._exit(code)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if launched_by_torchrun():
+        _exit_rank(status)
+    sys.exit(status)

@@ -1,0 +1,34 @@
+"""``python -m slimtune``: a torchrun rank ends without the interpreter's teardown, its output and status whole."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from slimtune.distributed.context import TORCHRUN_VARIABLES
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _run(tmp_path: Path, *args: str, torchrun: bool) -> subprocess.CompletedProcess:
+    """``python -m slimtune ARGS`` whose interpreter teardown says so (an exit hook), as a torchrun rank or not."""
+    (tmp_path / "sitecustomize.py").write_text("import atexit\natexit.register(print, 'teardown ran')\n")
+    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_VARIABLES, "PYTHONUNBUFFERED")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(SRC)])
+    if torchrun:
+        env.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+        assert set(TORCHRUN_VARIABLES) <= set(env)
+    return subprocess.run([sys.executable, "-m", "slimtune", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_torchrun_rank_skips_the_teardown_and_keeps_its_output(tmp_path):
+    plain = _run(tmp_path, "recipes", torchrun=False)
+    assert plain.returncode == 0 and plain.stdout.endswith("teardown ran\n")  # the hook works
+    rank = _run(tmp_path, "recipes", torchrun=True)
+    assert rank.returncode == 0, rank.stderr
+    assert "teardown ran" not in rank.stdout
+    # a pipe's buffered output is flushed before the exit
+    assert len(rank.stdout) > 100 and rank.stdout == plain.stdout.removesuffix("teardown ran\n")
