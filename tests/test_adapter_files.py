@@ -10,6 +10,7 @@ from tiny_models import logits, sample_inputs, tiny_llama
 
 import slimtune
 from slimtune.adapter_files import adapter_tensors
+from slimtune.core.state import get_state
 from slimtune.errors import InvalidFileError
 
 
@@ -244,8 +245,6 @@ def test_a_frozen_load_puts_the_model_in_eval_mode_as_peft(tmp_path):
 def test_a_failed_load_beside_other_adapters_keeps_which_are_active_and_frozen(tmp_path, activate):
     from safetensors.torch import load_file, save_file
 
-    from slimtune.core.state import get_state
-
     folder, _ = _saved_adapter(tmp_path, init_lora_weights=False)
     bad = slimtune.save_adapter(slimtune.add_adapter(tiny_llama(seed=5), slimtune.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)), tmp_path / "bad")
@@ -419,3 +418,23 @@ def test_the_saved_layout_flag_is_the_layers_as_peft_writes_it(tmp_path, method)
         saved = [json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "theirs")]
         assert saved[0]["fan_in_fan_out"] is saved[1]["fan_in_fan_out"] is conv1d
         assert ours.fan_in_fan_out is not conv1d  # the user's config is left as it was
+
+
+def test_load_adapter_takes_a_config_as_peft_takes_one(tmp_path):
+    """config= replaces the folder's config: slimtune's, PEFT's (as PeftModel.from_pretrained takes it), or a dict
+    of its fields; the file's tensors load as saved."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    folder, saved = _saved_adapter(tmp_path, init_lora_weights=False)
+    stored = json.loads((folder / "adapter_config.json").read_text())
+    inputs = sample_inputs("llama")
+    for given in (slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.25),
+                  PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.25),
+                  {**stored, "lora_dropout": 0.25}):
+        model = slimtune.load_adapter(tiny_llama(), folder, config=given)
+        assert get_state(model).configs["default"].lora_dropout == 0.25, type(given)
+        torch.testing.assert_close(logits(model, inputs), logits(saved, inputs), atol=0, rtol=0)
+    with pytest.raises(TypeError, match="config must be a slimtune method config .* got int"):
+        slimtune.load_adapter(tiny_llama(), folder, config=4)
+    with pytest.raises(InvalidFileError, match=r"config=: peft_type='NOPE' is not a method slimtune knows"):
+        slimtune.load_adapter(tiny_llama(), folder, config={**stored, "peft_type": "NOPE"})

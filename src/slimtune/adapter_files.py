@@ -302,6 +302,20 @@ def _confined(config: MethodConfig, folder: Path, config_file: Path, outside: bo
     return config.replace(**changes) if changes else config
 
 
+def given_config(config: Any) -> MethodConfig:
+    """``load_adapter``'s ``config=``: a slimtune method config, or PEFT's (a ``PeftConfig`` or its dict, as PEFT's
+    ``from_pretrained(..., config=...)`` takes one), read as ``adapter_config.json`` is."""
+    if isinstance(config, MethodConfig):
+        return config
+    data = config.to_dict() if callable(getattr(config, "to_dict", None)) else config
+    if not isinstance(data, dict):
+        raise TypeError(f"config must be a slimtune method config (e.g. LoraConfig), a PEFT config or a dict of its "
+                        f"fields; got {type(config).__name__}.")
+    # as adapter_config.json holds it (PEFT's target_modules: a set, written as a list)
+    data = json.loads(json.dumps(data, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+    return config_from_file(Path("config="), data)
+
+
 def folded_encoder(config: MethodConfig) -> str | None:
     """What a saved prompt adapter is when its file holds its encoder's output instead of the encoder (P-tuning,
     prefix tuning with ``prefix_projection``), or None."""
@@ -320,7 +334,7 @@ def load_adapter(
     allow_pickle: bool = False,
     activate: bool | None = None,
     allow_outside_paths: bool = False,
-    config: MethodConfig | None = None,
+    config: MethodConfig | dict[str, Any] | Any | None = None,
 ) -> nn.Module:
     """Add the adapter saved in ``path`` (by slimtune or HF PEFT) to ``model`` in place.
 
@@ -335,8 +349,9 @@ def load_adapter(
     Folders the config names (AdapterFusion's ``adapter_paths``) must lie inside ``path`` unless
     ``allow_outside_paths`` (for a folder you trust: a config could otherwise make slimtune read anywhere).
 
-    ``config`` replaces the folder's ``adapter_config.json`` (as PEFT's ``from_pretrained(..., config=...)``); the
-    file's tensors must still be exactly the ones it describes (use it to train with another dropout).
+    ``config`` (slimtune's, PEFT's, or a dict of its fields) replaces the folder's ``adapter_config.json`` (as
+    PEFT's ``from_pretrained(..., config=...)``); the file's tensors must still be exactly the ones it describes
+    (use it to train with another dropout).
 
     On any mismatch (missing keys, unexpected keys, wrong shapes or dtypes, sizes the file cannot hold) the
     model is left as it was.
@@ -348,7 +363,8 @@ def load_adapter(
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
     config_file = Path(path) / CONFIG_NAME
-    config = _confined(config or saved_method(path), Path(path), config_file, allow_outside_paths)
+    config = _confined(saved_method(path) if config is None else given_config(config), Path(path), config_file,
+                       allow_outside_paths)
     if is_trainable and folded_encoder(config):
         raise ValueError(f"{path} holds {folded_encoder(config)}: its file holds what its encoder computed, not the "
                          "encoder, so it cannot be trained further (PEFT refuses it too); load it with "
