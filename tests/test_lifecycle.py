@@ -10,6 +10,7 @@ from multi_adapter_cases import _two_lora_adapters
 from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama
 
 import slimtune
+from slimtune.core.state import get_state
 from slimtune.methods.contract import tuner_layers
 from slimtune.methods.layers import TunerLayer
 
@@ -467,3 +468,29 @@ def test_selective_takes_a_wrapped_weight_by_either_name():
         model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(r=2, target_modules=["q_proj"]), "l")
         slimtune.add_adapter(model, slimtune.SelectiveConfig(target_parameters=[name]), "s", activate=True)
         assert model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad, name
+
+
+def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing():
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = slimtune.LoraConfig(r=2, target_modules=["q_proj"])
+    wrapped = get_peft_model(tiny_llama(), PeftLoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"holds PEFT's layers \(the model itself: PeftModel\).*unload"):
+        slimtune.add_adapter(wrapped, config)
+    injected = tiny_llama()
+    layer = get_peft_model(injected, PeftLoraConfig(r=2, target_modules=["v_proj"])).base_model.model
+    with pytest.raises(TypeError, match=r"holds PEFT's layers \(model\.layers\.0\.self_attn\.v_proj: Linear\)"):
+        slimtune.add_adapter(layer, config)
+    model = slimtune.add_adapter(tiny_llama(), config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter name 'a/b' cannot name a file or folder"):
+        slimtune.add_adapter(model, config, adapter_name="a/b")  # (save_adapter of several writes a folder each)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
+        slimtune.unload(model, adapter_names=["nope"])  # (it was ignored: every adapter was removed)
+    with pytest.raises(ValueError, match="set_adapter needs at least one adapter name.*disable_adapters"):
+        slimtune.set_adapter(model, [])
+    assert get_state(model).active == ["default"] and list(get_state(model).configs) == ["default"]
+    assert [n for n, _ in tuner_layers(model)] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
+        model.state_dict().keys()

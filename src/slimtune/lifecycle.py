@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from slimtune.config import TASK_HEAD_MODULES, MethodConfig, check_field_types
+from slimtune.core.files import check_name
 from slimtune.core.modules import replace_module, tied_weights
 from slimtune.core.state import AdapterState, create_state, drop_state, find_state, get_state
 from slimtune.methods import REGISTRY, method_for
@@ -31,7 +32,7 @@ from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
 from slimtune.methods.layers import ModulesToSave, NonFiniteMergeError, TunerLayer
 from slimtune.methods.sparse import check_in_place_fits, frozen_active_parameters, in_place_owners
-from slimtune.methods.targets import is_saved_module
+from slimtune.methods.targets import check_not_peft_model, is_saved_module
 
 
 # ---- adding and removing ----------------------------------------------------------------------------
@@ -60,6 +61,7 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
             f"{list(state.configs)}: biases are the base model's own tensors, shared by every adapter, so training "
             "them would change the other adapters too. Only one adapter can train biases, and it must be the first "
             "(as in PEFT); use bias='none' for this one.")
+    check_not_peft_model(model)
     method.check(model, config)  # everything is validated before the first change to the model
     check_in_place_fits(model)
     frozen = frozen_active_parameters(model)
@@ -85,11 +87,12 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
 
 
 def check_adapter_name(adapter_name: object) -> str:
-    """``adapter_name`` if it can name an adapter (a non-empty string without '.', as it becomes a module key)."""
+    """``adapter_name`` if it can name an adapter: a non-empty string without '.' (it becomes a module key) that can
+    name a folder (an adapter saved beside others is saved under its name), as load_adapter takes it."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name {adapter_name!r} is not valid: an adapter name is one non-empty string "
                          "without '.' (it becomes a module key), e.g. \"default\" or \"math\".")
-    return adapter_name
+    return check_name(adapter_name, "adapter name")
 
 
 def _take_host_mode(model: nn.Module, existing: set[int]) -> None:
@@ -244,6 +247,9 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     merged adapter would otherwise keep applying whatever is active."""
     names = [adapter_name] if isinstance(adapter_name, str) else list(dict.fromkeys(adapter_name))
     state = get_state(model)
+    if not names:
+        raise ValueError("set_adapter needs at least one adapter name; to run the base model alone, use "
+                         "`with slimtune.disable_adapters(model):` (or disable_adapter_layers).")
     state.check_known(names)
     for peft_type in _methods_present(state):  # before any change: a refused switch leaves the model as it was
         REGISTRY.method(peft_type).check_active(model, names, state)
@@ -403,6 +409,7 @@ def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = Fa
     """
     state = get_state(model)
     check_in_place_fits(model)
+    state.check_known(list(adapter_names or []))
     if merge_adapters:
         merge_adapter(model, adapter_names, safe_merge=safe_merge)
     else:

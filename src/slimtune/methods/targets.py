@@ -155,3 +155,14 @@ def _summarise(names: list[str]) -> str:
     for name in names:
         by_suffix.setdefault(name.split(".")[-1], name)
     return ", ".join(f"{suffix} (e.g. {full})" if suffix != full else suffix for suffix, full in by_suffix.items())
+
+
+def check_not_peft_model(model: nn.Module) -> None:
+    """Refuse a model PEFT has already changed (a ``PeftModel``, or tuner layers ``inject_adapter_in_model`` put in):
+    its layers are PEFT's wrappers, which slimtune cannot wrap again."""
+    peft = next((name for name, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if peft is not None:
+        raise TypeError(f"this model holds PEFT's layers ({peft or 'the model itself'}: "
+                        f"{type(model.get_submodule(peft)).__name__}); slimtune adds its adapters to a plain model. "
+                        "Give it PEFT's base (peft_model.unload() or merge_and_unload()), or save the PEFT adapter "
+                        "(save_pretrained) and load it with slimtune.load_adapter(base, folder).")
