@@ -46,7 +46,8 @@ def two_ranks(tmp_path_factory) -> Path:
     """One launch of 2 ranks × batch 2: DDP and FSDP2 × LoRA and QLoRA (FSDP2 LoRA with a checkpoint at step 2;
     the QLoRA runs with activation checkpointing, as the shipped recipes)."""
     tmp = tmp_path_factory.mktemp("two-ranks")
-    files = [recipe_file(tmp, "ddp", strategy="ddp"), recipe_file(tmp, "fsdp", strategy="fsdp", save_every=2),
+    files = [recipe_file(tmp, "ddp", strategy="ddp", eval_every=2),
+             recipe_file(tmp, "fsdp", strategy="fsdp", save_every=2),
              recipe_file(tmp, "ddp-qlora", quantized=True, strategy="ddp", checkpointing=True)]
     if FSDP_QLORA:
         files.append(recipe_file(tmp, "fsdp-qlora", quantized=True, strategy="fsdp", checkpointing=True))
@@ -56,6 +57,14 @@ def two_ranks(tmp_path_factory) -> Path:
 
     (tmp / "launch.log").write_text(check(torchrun(str(WORKER), *map(str, files), fresh=fresh)).stdout)
     return tmp
+
+
+def test_an_evaluation_the_ranks_run_together_is_printed_once(two_ranks):
+    out = (two_ranks / "launch.log").read_text()
+    assert out.count("distributed: 2 ranks") == len(list(two_ranks.glob("*.yaml")))  # (what rank 0 alone says)
+    assert out.count("step 2: eval loss") == 1
+    # the quantized layers' share: for the runs with a quantized base (they have it from the section, or stored)
+    assert out.count("of the quantized layers'") == len(list(two_ranks.glob("*qlora.yaml")))
 
 
 @pytest.mark.parametrize("run, reference", [("ddp", "lora"), ("fsdp", "lora"), ("ddp-qlora", "qlora"),

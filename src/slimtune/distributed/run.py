@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -80,12 +82,30 @@ def run_distributed(recipe: Recipe, resume: bool = False, show_progress: bool = 
     check_writable(recipe.output_dir)
     with process_group(recipe.model.device, settings.timeout_s) as ctx:
         say = log if ctx.is_main else _quiet
-        with RunLock(recipe.output_dir, say):  # held by rank 0
+        with RunLock(recipe.output_dir, say), _warnings_of_rank_0(ctx.is_main):  # the lock: held by rank 0
             return _run(recipe, settings, ctx, resume, show_progress, say, force)
 
 
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: their messages would repeat rank 0's."""
+
+
+@contextlib.contextmanager
+def _warnings_of_rank_0(is_main: bool) -> Iterator[None]:
+    """Warnings (slimtune's logger, Python's ``warnings``) from rank 0 only: every rank loads the same recipe, model
+    and data, so the others' would repeat them; errors still come from every rank."""
+    if is_main:
+        yield
+        return
+    logger = logging.getLogger("slimtune")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _accumulation(recipe: Recipe, checkpoint: Path | None, world_size: int) -> int:
@@ -164,8 +184,8 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     if strategy == "fsdp":
         log(f"fsdp: {replicated_bytes(wrapped):,} of them are whole on every rank (the root's frozen parameters: "
             "embeddings, final norm; buffers)")
-    if recipe.quantization is not None:
-        mine, whole = held_bytes(wrapped, quantized_only=True)
+    mine, whole = held_bytes(wrapped, quantized_only=True)
+    if whole:  # (a quantization section, or a folder stored quantized)
         log(f"{strategy}: rank 0 holds {mine:,} of the quantized layers' {whole:,} bytes (packed weights, scales)")
     batches = ShardedBatches(train_rows, training.batch_size, accumulation, ctx.rank, ctx.world_size, training.seed,
                              tokenizer.pad_token_id)

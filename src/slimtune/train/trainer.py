@@ -366,7 +366,9 @@ class Trainer:
                     self.state.unlogged_losses, self.state.unlogged_tokens = [], 0
                     window_tokens, window_start = 0, time.perf_counter()
                 if settings.eval_every and step % settings.eval_every == 0 and step < self.total_steps:
-                    bar.write(f"step {step}: eval loss {self.evaluate():.4f}")
+                    loss = self.evaluate()  # (collective: every rank evaluates its share; rank 0 says it)
+                    if self.is_main:
+                        bar.write(f"step {step}: eval loss {loss:.4f}")
                     window_tokens, window_start = 0, time.perf_counter()  # tokens/s counts training only
                 if settings.save_every and step % settings.save_every == 0 and step < self.total_steps:
                     self.save(rng_state())
