@@ -13,8 +13,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _run(tmp_path: Path, *args: str, torchrun: bool) -> subprocess.CompletedProcess:
-    """``python -m slimtune ARGS`` whose interpreter teardown says so (an exit hook), as a torchrun rank or not."""
-    (tmp_path / "sitecustomize.py").write_text("import atexit\natexit.register(print, 'teardown ran')\n")
+    """``python -m slimtune ARGS`` whose exit hooks and interpreter teardown say when they run, as a torchrun rank
+    or not."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, sys\natexit.register(print, 'exit hooks ran')\n"
+        "class Teardown:\n    def __del__(self):\n"
+        "        sys.stdout.write('teardown ran\\n')\n        sys.stdout.flush()\n"
+        "marker = Teardown()\n")
     env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_VARIABLES, "PYTHONUNBUFFERED")}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(SRC)])
     if torchrun:
@@ -26,9 +31,9 @@ def _run(tmp_path: Path, *args: str, torchrun: bool) -> subprocess.CompletedProc
 
 def test_a_torchrun_rank_skips_the_teardown_and_keeps_its_output(tmp_path):
     plain = _run(tmp_path, "recipes", torchrun=False)
-    assert plain.returncode == 0 and plain.stdout.endswith("teardown ran\n")  # the hook works
+    assert plain.returncode == 0 and plain.stdout.endswith("exit hooks ran\nteardown ran\n")  # the markers work
     rank = _run(tmp_path, "recipes", torchrun=True)
     assert rank.returncode == 0, rank.stderr
-    assert "teardown ran" not in rank.stdout
-    # a pipe's buffered output is flushed before the exit
+    assert rank.stdout.endswith("exit hooks ran\n")  # (a W&B run finishes in one)
+    # no teardown, and a pipe's buffered output is flushed before the exit
     assert len(rank.stdout) > 100 and rank.stdout == plain.stdout.removesuffix("teardown ran\n")

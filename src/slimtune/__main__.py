@@ -7,6 +7,7 @@ files were all written: torchrun then reported the run as failed, and, with seve
 waited out their exit barrier (5 minutes) for a node that had crashed.
 """
 
+import atexit
 import logging
 import os
 import sys
@@ -16,7 +17,9 @@ from slimtune.distributed.context import launched_by_torchrun
 
 
 def _exit_rank(code: int) -> None:
-    """End this torchrun rank with ``code`` at once: output flushed, logging closed, no interpreter teardown."""
+    """End this torchrun rank with ``code``: the exit hooks run (a W&B run finishes, temporary folders go), logging
+    is closed and the output flushed, then the process ends without the interpreter's teardown."""
+    atexit._run_exitfuncs()  # what an ordinary exit runs first, while everything is alive
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
