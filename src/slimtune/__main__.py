@@ -1,9 +1,12 @@
 """``python -m slimtune``: the ``slimtune`` command (what ``torchrun -m slimtune train ...`` starts).
 
-A rank torchrun started ends without the interpreter's teardown, once its output is flushed: that teardown
-destroys what torch's gloo backend leaves behind after the process group is gone, and now and then aborts the
-process there ("terminate called without an active exception", SIGABRT) after a run that finished, and whose
-files were all written: torchrun then reported the run as failed, and, with several nodes, the other nodes' launchers
+A rank torchrun started ends without the interpreter's teardown, once its exit hooks ran and its output is
+flushed. In that teardown a thread of torch's gloo backend could still be freeing the last collective's work (a
+barrier's allgather), whose tensors need the GIL to release their Python objects: a thread taking the GIL while the
+interpreter finalizes is ended by it, inside a C++ noexcept destructor, so the process aborted ("terminate called
+without an active exception", SIGABRT; the core dump's stack: ProcessGroupGloo::runLoop, ~AsyncBarrierWork,
+TensorImpl::decref_pyobject, take_gil, PyThread_exit_thread). That happened now and then after a run that had
+finished and written all its files: torchrun reported it failed, and with several nodes the other nodes' launchers
 waited out their exit barrier (5 minutes) for a node that had crashed.
 """
 

@@ -50,9 +50,10 @@ def env(**extra: str) -> dict[str, str]:
                                            os.environ.get("PYTHONPATH", "")]), **extra}
 
 
-# What a rank prints when it aborts in C++ (a joinable thread destroyed, gloo's or the store's) in the interpreter's
-# teardown, after its script ended: about once in a hundred launches on a loaded 2-core machine. `python -m slimtune`
-# ranks skip that teardown (slimtune/__main__.py); the test scripts' ranks run it and are relaunched
+# What a rank prints when it aborts in the interpreter's teardown, after its script ended (a gloo thread freeing the
+# last collective's work takes the GIL while the interpreter finalizes; see slimtune/__main__.py): about once in a
+# hundred launches on a loaded 2-core machine. `python -m slimtune` ranks skip that teardown; the test scripts' ranks
+# run it and are relaunched
 GLOO_THREAD_ABORT = "terminate called without an active exception"
 
 
