@@ -62,7 +62,7 @@ from slimtune.core.files import (
 from slimtune.core.state import find_state, get_state
 from slimtune.core.tensor_files import SafetensorsReader, check_finite, read_pickled_tensors
 from slimtune.errors import InvalidFileError, SaveError
-from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
+from slimtune.lifecycle import add_adapter, bias_mode, bias_names, check_adapter_name, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
 from slimtune.methods.prefix import PrefixTuningConfig
@@ -356,9 +356,7 @@ def load_adapter(
     On any mismatch (missing keys, unexpected keys, wrong shapes or dtypes, sizes the file cannot hold) the
     model is left as it was.
     """
-    check_name(adapter_name, "adapter name")
-    if "." in adapter_name:
-        raise ValueError(f"adapter name {adapter_name!r} contains '.', which cannot name a module; use another name.")
+    check_adapter_name(adapter_name)  # before any file is read
     state = find_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
