@@ -10,10 +10,12 @@ from run_helpers import tiny_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
-from slimtune.train import tracking
+from slimtune.distributed.run import run_distributed
+from slimtune.train import progress, tracking
 from slimtune.train.progress import MetricsLog
 from slimtune.train.recipe import RecipeError, TrainingSection, recipe_from_dict
 from slimtune.train.runner import run_recipe
+from slimtune.train.trainer import Trainer
 
 ROWS = [
     {"step": 0, "eval_loss": 3.0, "eval_ppl": 20.0},
@@ -138,3 +140,35 @@ def test_a_training_run_reports_to_tensorboard(tmp_path):
     assert events["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in rows if "loss" in r]
     assert events["eval/loss"] == [(r["step"], pytest.approx(r["eval_loss"])) for r in rows if "eval_loss" in r]
     assert [step for step, _ in events["eval/loss"]] == [0, 3]  # the base model, then the fine-tune
+
+
+@pytest.mark.parametrize("runner", ["single", "distributed"])
+@pytest.mark.parametrize("ending", ["finished", "failed"])
+def test_a_run_ends_its_trackers_when_it_ends(tmp_path, monkeypatch, ending, runner):
+    """The trackers close with the run, after its last row (the final evaluation), whether it finished or failed:
+    not at the process's exit (a W&B run left open until then would take a later run's rows in a notebook)."""
+    events: list[str] = []
+
+    class Recorder(tracking.Reporter):
+        def log(self, row):
+            events.append("eval" if "eval_loss" in row else "train")
+
+        def close(self):
+            events.append("close")
+
+    monkeypatch.setattr(progress, "make_reporters", lambda *_: [Recorder()])
+    if ending == "failed":
+        def fail(self):
+            raise RuntimeError("a failure in training")
+        monkeypatch.setattr(Trainer, "train_step", fail)
+    extra = {"distributed": {"strategy": "ddp"}} if runner == "distributed" else {}  # (a group of one here)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, quantized=False, training={"max_steps": 2, "save_every": 0},
+                                          demo={"enabled": False}, **extra))
+    run = run_distributed if runner == "distributed" else run_recipe
+    if ending == "failed":
+        with pytest.raises(RuntimeError, match="a failure in training"):
+            run(recipe, show_progress=False, log=lambda _: None)
+        assert events == ["eval", "close"]  # the base model's evaluation, then the end
+    else:
+        run(recipe, show_progress=False, log=lambda _: None)
+        assert events == ["eval", "train", "train", "eval", "close"]

@@ -82,8 +82,8 @@ def run_distributed(recipe: Recipe, resume: bool = False, show_progress: bool = 
     check_writable(recipe.output_dir)
     with process_group(recipe.model.device, settings.timeout_s) as ctx:
         say = log if ctx.is_main else _quiet
-        with RunLock(recipe.output_dir, say), _warnings_of_rank_0(ctx.is_main):  # the lock: held by rank 0
-            return _run(recipe, settings, ctx, resume, show_progress, say, force)
+        with RunLock(recipe.output_dir, say), _warnings_of_rank_0(ctx.is_main), contextlib.ExitStack() as at_end:
+            return _run(recipe, settings, ctx, resume, show_progress, say, force, at_end)  # (the lock: rank 0's)
 
 
 def _quiet(message: str) -> None:
@@ -148,7 +148,7 @@ def _load_base(recipe: Recipe, settings: DistributedSection, ctx: DistContext, l
 
 
 def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume: bool, show_progress: bool,
-         log: Callable[[str], None], force: bool) -> RunResult:
+         log: Callable[[str], None], force: bool, at_end: contextlib.ExitStack) -> RunResult:
     wall_start = time.perf_counter()
     checkpoint = validate(recipe, resume)
     accumulation = _accumulation(recipe, checkpoint, ctx.world_size)
@@ -194,6 +194,7 @@ def _run(recipe: Recipe, settings: DistributedSection, ctx: DistContext, resume:
     trainer = Trainer(wrapped, batches, eval_rows.rows, training, run.path, ctx.device, tokenizer.pad_token_id,
                       config_snapshot=comparable(recipe), show_progress=show_progress, log=log, dist=ctx,
                       strategy=strategy)
+    at_end.callback(trainer.metrics.close)  # the trackers end with the run (TensorBoard closed, W&B finished)
     if ctx.is_main:
         if checkpoint is None:
             run.clear()  # output.overwrite=true (validate refused a folder holding anything else)

@@ -9,6 +9,7 @@ leaves nothing behind. The run folder's layout is :class:`~slimtune.train.run_fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -253,12 +254,12 @@ def run_recipe(recipe: Recipe, resume: bool = False, show_progress: bool = True,
     memory estimate says the run will not fit. The run folder's lock is held throughout (:class:`RunLock`:
     a second run on the same folder is refused)."""
     check_writable(recipe.output_dir)  # before the lock file is made beside the run folder
-    with RunLock(recipe.output_dir, log):
-        return _run_recipe(recipe, resume, show_progress, log, stream, force)
+    with RunLock(recipe.output_dir, log), contextlib.ExitStack() as at_end:
+        return _run_recipe(recipe, resume, show_progress, log, stream, force, at_end)
 
 
 def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable[[str], None],
-                stream: TextIO | None, force: bool) -> RunResult:
+                stream: TextIO | None, force: bool, at_end: contextlib.ExitStack) -> RunResult:
     wall_start = time.perf_counter()
     checkpoint = validate(recipe, resume)
     check_memory(recipe, force, log)
@@ -281,6 +282,7 @@ def _run_recipe(recipe: Recipe, resume: bool, show_progress: bool, log: Callable
     batches = BatchIterator(train_rows, settings.batch_size, seed=settings.seed, pad_id=tokenizer.pad_token_id)
     trainer = Trainer(model, batches, eval_rows.rows, settings, run.path, device, tokenizer.pad_token_id,
                       config_snapshot=comparable(recipe), show_progress=show_progress, log=log)
+    at_end.callback(trainer.metrics.close)  # the trackers end with the run (TensorBoard closed, W&B finished)
     log("loss: chunked cross-entropy (no full-vocabulary logits)" if trainer.chunked else
         f"loss: the model's own (full logits): {trainer.loss_refusal}")
 
