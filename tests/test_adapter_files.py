@@ -438,3 +438,36 @@ def test_load_adapter_takes_a_config_as_peft_takes_one(tmp_path):
         slimtune.load_adapter(tiny_llama(), folder, config=4)
     with pytest.raises(InvalidFileError, match=r"config=: peft_type='NOPE' is not a method slimtune knows"):
         slimtune.load_adapter(tiny_llama(), folder, config={**stored, "peft_type": "NOPE"})
+
+
+@pytest.mark.parametrize("method", ["p_tuning", "prefix_projection"])
+def test_a_given_config_loads_a_folded_encoder_as_peft_does(tmp_path, method):
+    """A P-tuning (or projected prefix) file holds its encoder's outputs: a frozen load with config= (PEFT's or a
+    dict) builds the table they fill, as PeftModel.from_pretrained(config=) does, whatever inference_mode says;
+    a config's init-only fields (a tokenizer to download) are not followed."""
+    import peft
+
+    def config():
+        if method == "p_tuning":
+            return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16)
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True,
+                                       encoder_hidden_size=16)
+
+    torch.manual_seed(0)
+    trained = peft.get_peft_model(tiny_llama(), config())
+    with torch.no_grad():
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    trained.save_pretrained(tmp_path)
+    inputs = sample_inputs("llama")
+    expected = logits(trained.eval(), inputs)
+    for given in (config(), config().to_dict()):
+        torch.testing.assert_close(logits(slimtune.load_adapter(tiny_llama(), tmp_path, config=given), inputs),
+                                   expected)
+    saved = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    peft.get_peft_model(tiny_llama(), saved).save_pretrained(tmp_path / "prompt")
+    text_init = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                        prompt_tuning_init_text="hi", tokenizer_name_or_path="no-such/tokenizer")
+    loaded = slimtune.load_adapter(tiny_llama(), tmp_path / "prompt", config=text_init)  # (no download tried)
+    assert get_state(loaded).configs["default"].prompt_tuning_init == "RANDOM"

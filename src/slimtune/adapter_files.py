@@ -231,7 +231,11 @@ def read_adapter_config(path: str | os.PathLike) -> MethodConfig:
 def saved_method(path: str | os.PathLike) -> MethodConfig:
     """The method config an adapter loaded from ``path`` gets: the folder's, without the fields that only say how
     to initialise one (:data:`INIT_ONLY`: the weights come from the file)."""
-    config = read_adapter_config(path)
+    return without_init_fields(read_adapter_config(path))
+
+
+def without_init_fields(config: MethodConfig) -> MethodConfig:
+    """``config`` with the fields that only say how to initialise an adapter reset (:data:`INIT_ONLY`)."""
     resets = {f.name: INIT_ONLY[f.name] for f in dataclasses.fields(config)
               if f.name in INIT_ONLY and getattr(config, f.name) != INIT_ONLY[f.name]}
     return config.replace(**resets) if resets else config
@@ -361,8 +365,10 @@ def load_adapter(
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")
     config_file = Path(path) / CONFIG_NAME
-    config = _confined(saved_method(path) if config is None else given_config(config), Path(path), config_file,
-                       allow_outside_paths)
+    chosen = saved_method(path) if config is None else without_init_fields(given_config(config))
+    # as PEFT's from_pretrained: a frozen load is for inference (a P-tuning encoder, or a prefix projection, is then
+    # the table of its outputs the file holds), whatever the config says
+    config = _confined(chosen.replace(inference_mode=not is_trainable), Path(path), config_file, allow_outside_paths)
     if is_trainable and folded_encoder(config):
         raise ValueError(f"{path} holds {folded_encoder(config)}: its file holds what its encoder computed, not the "
                          "encoder, so it cannot be trained further (PEFT refuses it too); load it with "
