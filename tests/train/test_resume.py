@@ -442,3 +442,31 @@ def test_a_damaged_trainer_state_says_what_to_do(tmp_path, text, problem):
         "Delete this step's folder to resume from the one before"
     with pytest.raises(InvalidFileError, match=rf"trainer_state.json: {problem}.*{advice}"):
         read_checkpoint(step)
+
+
+def test_a_checkpoint_with_the_empty_decay_group_of_earlier_versions_resumes(tmp_path, monkeypatch, capsys):
+    """Earlier slimtune kept an empty weight-decay group when only vectors train (VeRA's): such a checkpoint
+    resumes to the adapter of an uninterrupted run, the group dropped."""
+    from slimtune import optim
+
+    recipe = {**tiny_recipe(tmp_path, training={"max_steps": 6, "save_every": 0}, demo={"enabled": False}),
+              "method": {"peft_type": "VERA", "r": 8, "target_modules": ["q_proj", "v_proj"]}}
+    straight = write_recipe(tmp_path / "straight.yaml", {**recipe, "output": {"dir": str(tmp_path / "straight")}})
+    old = write_recipe(tmp_path / "old.yaml", {**recipe, "output": {"dir": str(tmp_path / "old")}})
+    assert train(straight) == 0
+
+    def earlier_groups(model, lr, *args, **kwargs):  # what earlier versions built: a decay group even when empty
+        groups = optim.training_param_groups(model, lr, *args, **kwargs)
+        return groups if len(groups) == 2 else [{"params": []}, *groups]
+
+    with monkeypatch.context() as patch:
+        patch.setattr("slimtune.train.trainer.training_param_groups", earlier_groups)
+        interrupt_at(patch, 3)
+        assert train(old) == 130
+    saved = json.loads((tmp_path / "old" / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert [len(g["params"]) for g in saved["optimizer"]["param_groups"]] == [0, 8]  # (2 layers × q, v × λ_b, λ_d)
+    assert train(old, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "old" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

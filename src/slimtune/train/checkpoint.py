@@ -341,6 +341,22 @@ class Checkpoint:
                     raise InvalidFileError(file, f"optimizer.state[{index}].{key} has shape {tuple(value.shape)}, "
                                                  f"its parameter {tuple(params[index].shape)}.", key)
 
+    def _drop_empty_groups(self, live_groups: int) -> None:
+        """Checkpoints of earlier slimtune versions hold an empty weight-decay group when every trainable parameter
+        is a vector (VeRA, BitFit, norms), a group the optimizer now leaves out: drop such groups, and the
+        scheduler's entries for them, when they are what tells the two apart."""
+        saved, scheduler = self.state["optimizer"], self.state["scheduler"]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or len(groups) <= live_groups or not isinstance(scheduler, dict):
+            return
+        empty = [i for i, g in enumerate(groups) if isinstance(g, dict) and g.get("params") == []]
+        if len(groups) - len(empty) != live_groups:
+            return
+        saved["param_groups"] = [g for i, g in enumerate(groups) if i not in empty]
+        for key, value in scheduler.items():  # per-group lists (base_lrs, _last_lr, a LambdaLR's lr_lambdas)
+            if isinstance(value, list) and len(value) == len(groups):
+                scheduler[key] = [v for i, v in enumerate(value) if i not in empty]
+
     def _check_rng(self) -> None:
         file, rng = self.path / STATE_FILE, self.state["rng"]
         python = rng.get("python")
@@ -357,6 +373,7 @@ class Checkpoint:
         self._check(trainable_tensors(model), self.model, "trainable parameters")
         live_method = method_tensors(model)
         self._check(live_method, self.method, "method state")
+        self._drop_empty_groups(len(optimizer.param_groups))
         self._check_optimizer(optimizer)
         file, scheduler_state = self.path / STATE_FILE, self.state["scheduler"]
         if set(scheduler_state) != set(scheduler.state_dict()):
