@@ -50,6 +50,13 @@ def test_train_generate_eval_merge(capsys, tmp_path, monkeypatch):
     line = capsys.readouterr().out
     assert f"eval loss {summary['eval_loss_after']:.4f}" in line and "perplexity" in line
     assert "cut at" not in line
+    two = ["eval", "--adapter", f"a={adapter}", "--adapter", f"b={adapter}", "--data", str(tmp_path / "eval.jsonl"),
+           "--split", "all"]
+    assert main(two) == 0  # the first alone, as it says
+    captured = capsys.readouterr()
+    assert captured.out == line and "adapters ['a', 'b']: active ['a'] (--active" in captured.err
+    assert main([*two, "--active", "a,b"]) == 0  # both: the update counted twice scores otherwise
+    assert "eval loss" in (both := capsys.readouterr().out) and both != line
     assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "eval.jsonl"), "--split", "all",
                  "--max-seq-length", "28"]) == 0  # the rows' prompts are 26 to 29 tokens
     assert "left out by --max-seq-length 28" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from slimtune.train.pycode import VALIDATION_FRACTION
 
 NO_TEMPLATE_HELP = ("use the plain ### Instruction template (default: the template the adapter's training run used, "
                     "else the tokenizer's chat template when it has one)")
+ACTIVE_HELP = "comma-separated adapter names to use together (default: the first)"
 
 # RecipeError is a ValueError; SlimtuneError covers the rest (NotMergeableError is a RuntimeError)
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, SlimtuneError)
@@ -122,6 +123,10 @@ def _adapters(args: argparse.Namespace):
     return [parse_adapter_arg(text, i) for i, text in enumerate(args.adapter or [])]
 
 
+def _active(args: argparse.Namespace) -> list[str] | None:
+    return [a for a in args.active.split(",") if a] if args.active else None
+
+
 def _load(args: argparse.Namespace, active: list[str] | None = None):
     from slimtune.train.inference import load_with_adapters
 
@@ -135,8 +140,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from slimtune.train.inference import run_data
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read().rstrip("\r\n")  # `echo` ends with a newline
-    active = [a for a in args.active.split(",") if a] if args.active else None
-    model, tokenizer = _load(args, active)
+    model, tokenizer = _load(args, _active(args))
     template = False if args.no_chat_template else run_data(_adapters(args)).get("use_chat_template")
     generate_text(model, tokenizer, prompt, args.max_new_tokens, template,
                   stream=sys.stdout, temperature=args.temperature, raw=args.raw, system=args.system)
@@ -157,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               "sequence-to-sequence model: evaluate it from Python, or read its answers with `slimtune generate`."
     if adapters and adapters_task_type(adapters) not in (None, "CAUSAL_LM"):  # before the (slow) model load
         raise ValueError(seq2seq.format("the adapter is for"))
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, _active(args))
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(seq2seq.format(f"{type(model).__name__} is"))
     trained = run_data(adapters)  # default to how the adapter's training run read its data
@@ -290,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, "adapter folder; repeat for several adapters (NAME=PATH names them)")
     p.add_argument("-p", "--prompt", required=True, help="the user prompt ('-' reads stdin)")
     p.add_argument("--system", default=None, help="a system prompt before it, rendered as training renders one")
-    p.add_argument("--active", help="comma-separated adapter names to use together (default: the first)")
+    p.add_argument("--active", help=ACTIVE_HELP)
     p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat-template", action="store_true", help=NO_TEMPLATE_HELP)
@@ -299,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="loss and perplexity of a model (+ adapter) on a dataset")
-    _model_options(p, "adapter folder (optional)")
+    _model_options(p, "adapter folder (optional); repeat for several adapters (NAME=PATH names them)")
+    p.add_argument("--active", help=ACTIVE_HELP)
     p.add_argument("--data", default="pycode", help="'pycode' or a .jsonl/.json/.csv/.tsv/.txt file (default pycode)")
     p.add_argument("--split", default="validation", choices=["train", "validation", "all"])
     p.add_argument("--validation-fraction", type=fraction, default=VALIDATION_FRACTION,

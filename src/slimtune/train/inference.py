@@ -147,6 +147,8 @@ def load_with_adapters(model_name: str | None, adapters: list[tuple[str, Path]],
         load_adapter(model, path, adapter_name=name, activate=False, allow_pickle=allow_pickle)
     if adapters:
         set_adapter(model, chosen)
+    if len(names) > 1:  # which of them computes is not otherwise visible
+        log(f"adapters {names}: active {chosen}" + ("" if active else " (--active NAME,NAME uses several together)"))
     log(str(enable_fast_path(model, kernels)))
     model.eval()
     return model, tokenizer
