@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,3 +198,25 @@ def test_the_log_says_how_many_evaluation_examples_were_cut_or_left_out(tmp_path
                          training={"max_steps": 1, "save_every": 0}, demo={"enabled": False})
     assert main(["train", str(write_recipe(tmp_path / "r.yaml", recipe)), "--no-progress"]) == 0
     assert "; 4 evaluation rows (1 truncated, 1 dropped)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_another_ranks_write_probe_is_no_part_of_the_run_folder(tmp_path, monkeypatch, resume):
+    """Every rank of a distributed run checks that the run folder is writable by making an empty folder in it for a
+    moment: a rank validating the folder meanwhile neither refuses it for that entry nor deletes it."""
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, quantized=False))
+    recipe.output_dir.mkdir()  # an empty folder: a new run (or a resume that starts over)
+    original, outcomes = runner.tempfile.TemporaryDirectory, []
+
+    def probe(*args, **kwargs):
+        made = original(*args, **kwargs)
+        if not outcomes:  # (the other rank's own probe does not start a third)
+            outcomes.append("checking")
+            outcomes.append(runner.validate(recipe, resume))  # the other rank, while this probe exists
+            runner.RunFolder(recipe.output_dir).clear()
+            assert Path(made.name).is_dir()
+        return made
+
+    monkeypatch.setattr(runner.tempfile, "TemporaryDirectory", probe)
+    assert runner.validate(recipe, resume) is None
+    assert outcomes == ["checking", None] and list(recipe.output_dir.iterdir()) == []

@@ -42,6 +42,9 @@ class RunFolder:
     WANDB = "wandb"  # training.report_to: [wandb]
     OWN = (RECIPE, METRICS, CHECKPOINTS, ADAPTER, PLOT, SUMMARY, TENSORBOARD, WANDB)
     RECIPE_MARK = "# the resolved recipe of this `slimtune train` run (its folder's mark: keep this line)"
+    # the prefix of the empty folder a run makes for a moment to test that the folder is writable: not part of
+    # the folder for any rule here (another rank of a distributed run may be testing while this one looks)
+    WRITE_PROBE = ".slimtune-write-probe-"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -75,9 +78,15 @@ class RunFolder:
         """Whether an entry of a run folder is one slimtune writes (or the temporary name it writes it under)."""
         return name in cls.OWN or name.startswith(tuple(f".{n}." for n in cls.OWN))
 
+    def entries(self) -> list[Path]:
+        """What the folder holds, without write probes (none for a missing folder)."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if not p.name.startswith(self.WRITE_PROBE)]
+
     def foreign(self) -> list[str]:
         """The folder's entries slimtune did not write, sorted (none for a missing folder)."""
-        return sorted(p.name for p in self.path.iterdir() if not self.is_own(p.name)) if self.path.is_dir() else []
+        return sorted(p.name for p in self.entries() if not self.is_own(p.name))
 
     def is_run(self) -> bool:
         """Whether the folder holds (the start of) a run, or what a crash left of its first file write, and
@@ -85,7 +94,7 @@ class RunFolder:
         but without it (an adapter saved there, the user's own recipe.yaml) is not one: it is never cleared."""
         if not self.path.is_dir():
             return False
-        names = [p.name for p in self.path.iterdir()]
+        names = [p.name for p in self.entries()]
         if not names or not all(self.is_own(name) for name in names):
             return False
         if self.RECIPE not in names:
@@ -115,7 +124,7 @@ class RunFolder:
             return
         if self.foreign():
             raise RecipeError(self.not_a_run())
-        for entry in self.path.iterdir():
+        for entry in self.entries():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -137,7 +146,7 @@ class RunFolder:
             why = (f"its {self.RECIPE} was not written by `slimtune train` (is it your recipe? a run writes its "
                    "resolved recipe under that name)")
         else:
-            names = sorted(p.name for p in self.path.iterdir())
+            names = sorted(p.name for p in self.entries())
             why = f"it holds {names[:5]} but no {self.RECIPE}, which a run writes first"
         return (f"output.dir: {self.path} exists and is not a slimtune run folder: {why}; nothing in it is changed. "
                 f"Use a new or empty folder (e.g. output.dir={self.path / 'run'}).")

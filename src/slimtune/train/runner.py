@@ -74,7 +74,7 @@ def check_writable(folder: Path) -> None:
         raise RecipeError(f"output.dir: cannot create {folder}: {probe} is a file, not a folder; "
                           "choose another output.dir.")
     try:
-        tempfile.TemporaryDirectory(dir=probe).cleanup()
+        tempfile.TemporaryDirectory(dir=probe, prefix=RunFolder.WRITE_PROBE).cleanup()
     except OSError as error:
         raise RecipeError(f"output.dir: {probe} is not writable ({error.strerror}); "
                           "choose another output.dir.") from None
@@ -124,7 +124,7 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
         checkpoint = latest_checkpoint(run.path)
         if checkpoint is None:
             check_no_incomplete_checkpoints(run.path)
-            if run.path.is_dir() and any(run.path.iterdir()) and not run.is_run():
+            if run.entries() and not run.is_run():
                 raise RecipeError(run.not_a_run())
             return None  # killed before its first checkpoint (or before it began): nothing to lose, start again
         saved = checkpoint_config(checkpoint)
@@ -133,7 +133,7 @@ def validate(recipe: Recipe, resume: bool) -> Path | None:
             raise RecipeError(f"--resume: the recipe differs from the one {run.path} was started with: "
                               f"{'; '.join(changed[:6])}. Resume with the same recipe and overrides.")
         return checkpoint
-    if run.path.is_dir() and any(run.path.iterdir()):
+    if run.entries():
         if not run.is_run():
             raise RecipeError(run.not_a_run())
         if not recipe.output.overwrite and run.finished():
