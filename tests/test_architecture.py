@@ -24,6 +24,7 @@ LAYERS = [
                  "slimtune.adapterhub.layers", "slimtune.adapterhub.sites", "slimtune.adapterhub.format",
                  "slimtune.adapterhub.initial"]),
     ("adapter operations", ["slimtune.lifecycle", "slimtune.adapter_files", "slimtune.adapter_keys", "slimtune.report",
+                            "slimtune.peft_conversion",
                             "slimtune.combination",
                             "slimtune.mixed_batch", "slimtune.export", "slimtune.perf", "slimtune.gguf_export",
                             "slimtune.gguf_quants", "slimtune.adapterhub", "slimtune.serving"]),

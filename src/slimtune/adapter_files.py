@@ -67,6 +67,7 @@ from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
 from slimtune.methods.prefix import PrefixTuningConfig
 from slimtune.methods.prompt_tuning import PromptEncoderConfig
+from slimtune.peft_conversion import warn_if_peft_drops
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -163,6 +164,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     :class:`~slimtune.errors.SaveError` and leaves the previous adapter there intact."""
     folder = Path(path)
     contents = adapter_file_contents(model, adapter_name)
+    if json.loads(contents[CONFIG_NAME])["peft_type"] == "LORA":
+        warn_if_peft_drops(model, adapter_name, [name for name, layer in tuner_layers(model)
+                                                 if adapter_name in layer.adapter_names])
     ours = ADAPTER_FILES | {name.split("/")[0] for name in contents}
     check_replaceable(folder, ours.__contains__, what="the adapter")
     try:
