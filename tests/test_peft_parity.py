@@ -326,7 +326,9 @@ def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load
 
 
 @pytest.mark.parametrize("key, value", [("lora_bias", True), ("trainable_token_indices", [5, 6]),
-                                        ("layer_replication", [[0, 1], [0, 1]]), ("use_qalora", True)])
+                                        ("layer_replication", [[0, 1], [0, 1]]), ("use_qalora", True),
+                                        ("velora_config", {"num_groups": 4}),
+                                        ("monteclora_config", {"num_experts": 4})])
 def test_peft_options_that_change_the_adapter_are_refused_by_name(key, value, tmp_path):
     base = FAMILIES["llama"][0]()
     slimtune.save_adapter(slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(target_modules=["q_proj"])),
@@ -334,6 +336,24 @@ def test_peft_options_that_change_the_adapter_are_refused_by_name(key, value, tm
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, key: value}))
     with pytest.raises(ValueError, match=rf"{key}=.*: PEFT's {key} changes the adapter's weights or forward"):
+        slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_settings_of_an_initialisation_or_a_runtime_load_without_a_word(tmp_path):
+    """PEFT's eva_config / corda_config / runtime_config only say how an adapter was started or where PEFT runs it:
+    the file's weights are the adapter. An init that changed the base is refused, saying how PEFT converts it."""
+    base = FAMILIES["llama"][0]()
+    slimtune.save_adapter(slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(target_modules=["q_proj"])),
+                          tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    settings = {"eva_config": {"rho": 2.0}, "corda_config": {"cache_file": "x"},
+                "runtime_config": {"ephemeral_gpu_offload": True}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, **settings}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(ValueError, match="pissa_niter_4.*save it from PEFT with path_initial_model_for_weight_conv"):
         slimtune.load_adapter(copy.deepcopy(base), tmp_path)
 
 

@@ -29,6 +29,8 @@ TASK_TYPES = {
 }
 BIAS_MODES = ("none", "all", "lora_only")
 LORA_INITS = (True, False, "gaussian", "orthogonal")
+# PEFT's initialisations that change the base weights too (a saved adapter needs that changed base)
+CONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
 ConfigT = TypeVar("ConfigT", bound="MethodConfig")
 
@@ -256,11 +258,14 @@ class LoraConfig(MethodConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
-    ignored_keys: ClassVar[frozenset[str]] = MethodConfig.ignored_keys | {"megatron_core", "loftq_config",
-                                                                           "qalora_group_size"}
+    # (settings of an initialisation, or of where PEFT runs: the file's weights are what they made)
+    ignored_keys: ClassVar[frozenset[str]] = MethodConfig.ignored_keys | {
+        "megatron_core", "loftq_config", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config",
+        "runtime_config"}
     unsupported_keys: ClassVar[frozenset[str]] = frozenset(
         {"lora_bias", "trainable_token_indices", "layer_replication", "target_parameters", "alora_invocation_tokens",
-         "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "megatron_config"})
+         "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "megatron_config", "velora_config",
+         "monteclora_config"})
 
     r: int = 8
     lora_alpha: float = 8
@@ -293,8 +298,12 @@ class LoraConfig(MethodConfig):
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not a bias mode; use one of {BIAS_MODES}.")
         if self.init_lora_weights not in LORA_INITS:
+            converted = isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(CONVERTED_INITS)
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {LORA_INITS}."
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {LORA_INITS}." + (
+                    " An adapter PEFT saved with this initialisation belongs to a base it changed: load it with PEFT, "
+                    "or save it from PEFT with path_initial_model_for_weight_conversion (a plain LoRA of the "
+                    "original base), which slimtune loads." if converted else "")
             )
         check_layer_targets(self)
 
