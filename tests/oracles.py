@@ -76,6 +76,43 @@ def bitsandbytes_oracle():
     return bnb
 
 
+def bitsandbytes_layers(model, names, bits: int, quant_type: str = "nf4", double_quant: bool = False,
+                        quant_storage: torch.dtype = torch.uint8):
+    """``model`` with its ``nn.Linear`` layers named (last part) in ``names`` swapped, in place, for bitsandbytes'
+    ``Linear4bit`` (``bits=4``: block size 64, fp32 compute) or ``Linear8bitLt`` (``bits=8``) holding their weights,
+    as transformers' ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` makes them."""
+    bnb = bitsandbytes_oracle()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear) or child_name not in names:
+                continue
+            weight = child.weight.detach().clone()
+            if bits == 4:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, compress_statistics=double_quant,
+                                          quant_type=quant_type, quant_storage=quant_storage)
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=64, quant_type=quant_type,
+                                                 compress_statistics=double_quant, quant_storage=quant_storage)
+            else:
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+            setattr(module, child_name, layer.to("cpu"))  # (moving to a device quantizes the weight)
+    return model
+
+
+# Every bitsandbytes layout a layer can have: (bits, quant_type, double_quant, quant_storage).
+BITSANDBYTES_KINDS = [(4, "nf4", False, torch.uint8), (4, "nf4", True, torch.uint8), (4, "fp4", False, torch.uint8),
+                      (4, "fp4", True, torch.bfloat16), (4, "nf4", True, torch.bfloat16), (8, None, False, None)]
+
+
+def bitsandbytes_kind_id(kind) -> str:
+    bits, quant_type, double_quant, storage = kind
+    return "int8" if bits == 8 else f"{quant_type}{'-dq' if double_quant else ''}-{str(storage).split('.')[-1]}"
+
+
 # ---- PEFT's prompt-learning outputs, captured (tests/fixtures/peft_prompts/capture.py) ----------------------------
 PEFT_PROMPTS = Path(__file__).resolve().parent / "fixtures" / "peft_prompts"
 

@@ -1,8 +1,11 @@
-"""QLoRA: LoRA on frozen 4-bit layers, and moving adapters between 4-bit and full-precision bases."""
+"""QLoRA: LoRA on frozen 4-bit layers (slimtune's and bitsandbytes'), and moving adapters between 4-bit and
+full-precision bases."""
 
 import copy
 
+import pytest
 import torch
+from oracles import BITSANDBYTES_KINDS, bitsandbytes_kind_id, bitsandbytes_layers
 from tiny_models import logits, sample_inputs, tiny_gpt2, tiny_llama, train_losses
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
@@ -128,3 +131,32 @@ def test_a_4bit_gpt2_merges_into_conv1d_layers_that_transformers_loads(tmp_path)
     streamed = load_model(tmp_path / "base", dtype="float32", device="cpu", quantization=QLORA)
     assert {n for n, m in streamed.named_modules() if getattr(m, "conv1d", False)} == \
         {n for n, m in base.named_modules() if type(m).__name__ == "Conv1D"}
+
+
+@pytest.mark.parametrize("kind", [BITSANDBYTES_KINDS[1], BITSANDBYTES_KINDS[4], BITSANDBYTES_KINDS[5]],
+                         ids=bitsandbytes_kind_id)
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_merging_into_bitsandbytes_layers_is_refused_and_merge_for_export_merges_them(kind, use_dora):
+    """PEFT merges into bitsandbytes layers by dequantizing, adding and requantizing in place. slimtune refuses the
+    in-place merge, as for its own quantized layers (it had added ΔW to the packed bytes when bf16 held them, and
+    sent users to merge_for_export, which left bitsandbytes layers alone); merge_for_export dequantizes them."""
+    targets = ["q_proj", "up_proj"]
+    model = bitsandbytes_layers(tiny_llama(), targets, *kind)
+    torch.manual_seed(0)
+    model = slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, use_dora=use_dora,
+                                                            init_lora_weights=False))
+    inputs = sample_inputs("llama")
+    expected = logits(model, inputs)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(slimtune.NotMergeableError, match=r"cannot merge into a bitsandbytes\.nn\.modules\.Linear"
+                                                         r"(4bit|8bitLt) in place: its weight is quantized.*"
+                                                         r"merge_for_export\(model\)"):
+        slimtune.merge_and_unload(model)
+    as_bytes = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731 (packed bytes held as bf16: NaNs)
+    assert all(torch.equal(as_bytes(t), as_bytes(before[n])) for n, t in model.state_dict().items())
+    torch.testing.assert_close(logits(model, inputs), expected, atol=1e-6, rtol=0)
+    exported, report = merge_for_export(model)
+    assert report.dequantized_layers == 4
+    assert {type(exported.get_submodule(f"model.layers.{i}.{part}")) for i in (0, 1)
+            for part in ("self_attn.q_proj", "mlp.up_proj")} == {torch.nn.Linear}
+    torch.testing.assert_close(logits(exported, inputs), expected, atol=1e-5, rtol=0)

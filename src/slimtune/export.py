@@ -17,6 +17,7 @@ from slimtune.lifecycle import merge_and_unload
 from slimtune.quant import QuantConfig, QuantizedLinear, dequantize_model, quantize
 from slimtune.quant.linear import linear_weight
 from slimtune.quant.model import restore_conv1d
+from slimtune.quant.state import is_bitsandbytes_quantized
 
 
 @dataclass
@@ -32,12 +33,14 @@ def merge_for_export(model: nn.Module, dtype: torch.dtype = torch.float32, requa
                      inplace: bool = False) -> tuple[nn.Module, ExportReport]:
     """Merge the active adapters into a full-precision copy of ``model`` and unwrap it.
 
-    Quantized base layers are dequantized to ``dtype`` first. With ``requantize``, the merged
+    Quantized base layers (slimtune's, and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, which refuse a merge in
+    place) are dequantized to ``dtype`` first. With ``requantize``, the merged
     linear layers are quantized again and the relative error that re-rounding adds is reported.
     Returns ``(plain model, report)``; ``model`` itself is untouched unless ``inplace``.
     """
     target = model if inplace else copy.deepcopy(model)
-    report = ExportReport(dequantized_layers=sum(isinstance(m, QuantizedLinear) for m in target.modules()))
+    report = ExportReport(dequantized_layers=sum(isinstance(m, QuantizedLinear) or is_bitsandbytes_quantized(m)
+                                                 for m in target.modules()))
     dequantize_model(target, dtype)
     # merged in the wider of each weight's dtype and ``dtype`` (adapters stay in theirs), then rounded once
     for p in target.parameters():

@@ -1,10 +1,12 @@
-"""DoRA: parity with PEFT (outputs, files both ways), merge round trips, detached norm, one base matmul, 4-bit bases."""
+"""DoRA: parity with PEFT (outputs, files both ways, bitsandbytes bases), merge round trips, detached norm, one base
+matmul, 4-bit bases."""
 
 import copy
 
 import peft
 import pytest
 import torch
+from oracles import BITSANDBYTES_KINDS, bitsandbytes_kind_id, bitsandbytes_layers
 from safetensors.torch import load_file
 from tiny_models import FAMILIES, assert_base_unchanged, logits, sample_inputs, tiny_llama, train_losses
 
@@ -197,6 +199,83 @@ def test_works_on_a_4bit_base():
     grads = {n: p.grad for n, p in quantized.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
     assert any("lora_magnitude_vector" in n for n in grads)
+
+
+def _peft_pair_on_bitsandbytes(kind, targets=("q_proj", "down_proj")):
+    """PEFT's DoRA and ours on the same bitsandbytes model (built twice: Int8Params do not deep-copy), each adapter
+    as it starts; then ``share()`` gives both PEFT's adapter with random A, B and magnitudes."""
+    config = {"r": 4, "lora_alpha": 8, "target_modules": list(targets), "use_dora": True}
+    theirs = peft.get_peft_model(bitsandbytes_layers(tiny_llama(), targets, *kind), peft.LoraConfig(**config))
+    ours = slimtune.add_adapter(bitsandbytes_layers(tiny_llama(), targets, *kind), slimtune.LoraConfig(**config))
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    peft_params = {n.removeprefix("base_model.model.").removesuffix(".weight") if "magnitude" in n else
+                   n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert set(peft_params) == set(mine) and any("magnitude" in n for n in mine)
+
+    def share():
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in peft_params.items():
+                p.copy_(p * (1 + 0.2 * torch.rand(p.shape, generator=g)) if "magnitude" in name else
+                        0.1 * torch.randn(p.shape, generator=g))
+                mine[name].copy_(p)
+    return theirs, ours, peft_params, mine, share
+
+
+def _assert_same_gradients(ours: dict, theirs: dict) -> None:
+    """Each gradient within 1e-5 of the largest entry of PEFT's (float32 rounding is ~3e-7 of it here)."""
+    for name, p in ours.items():
+        scale = theirs[name].grad.abs().max().item()
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+def _logits_and_backward(model, ids):
+    """The logits of ONE forward, whose loss is backpropagated (PEFT's 8-bit layers on CPU fail a second one)."""
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach()
+
+
+@pytest.mark.parametrize("kind", BITSANDBYTES_KINDS, ids=bitsandbytes_kind_id)
+def test_on_bitsandbytes_layers_magnitudes_outputs_and_gradients_match_peft(kind):
+    """On bitsandbytes' layers (nn.Linear subclasses) the magnitude started from the raw codes' row norms (8-bit:
+    351.8 for PEFT's 0.0932), and 4-bit failed on the packed weight's shape."""
+    theirs, ours, peft_params, mine, share = _peft_pair_on_bitsandbytes(kind)
+    for name in [n for n in mine if "magnitude" in n]:
+        torch.testing.assert_close(mine[name], peft_params[name], atol=1e-6, rtol=1e-6)
+    share()
+    ids = sample_inputs("llama")["input_ids"]
+    theirs.train(), ours.train()
+    torch.testing.assert_close(_logits_and_backward(ours, ids), _logits_and_backward(theirs, ids), atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(mine, peft_params)
+
+
+def test_a_bitsandbytes_8bit_base_runs_on_x_alone_and_the_norm_uses_its_dequantized_weight():
+    """On CUDA, Linear8bitLt's forward rounds its input rows to int8 and keeps the columns with an entry over its
+    threshold (in any row) in full precision: sending A's rows through it with x (the one-base-call probe) rounds
+    W Aᵀ and can change x's own outputs. PEFT calls it on x alone and takes the norm from the dequantized weight;
+    this CPU test gives the layers that forward (LLM.int8's arithmetic, in plain torch)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    def int8_forward(layer):
+        weight = dequantize_module_weight(layer).clone()
+
+        def forward(x):
+            outliers = (x.reshape(-1, x.shape[-1]).abs() > 6.0).any(0)  # (in,): kept in full precision (threshold 6)
+            inliers = x.masked_fill(outliers, 0)
+            scale = inliers.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+            rounded = (inliers / scale).round() * scale + x * outliers
+            return rounded @ weight.T + (layer.bias if layer.bias is not None else 0)
+        return forward
+
+    theirs, ours, peft_params, mine, share = _peft_pair_on_bitsandbytes((8, None, False, None), ("q_proj",))
+    for model in (theirs, ours):
+        q_proj = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj.base_layer"))
+        q_proj.forward = int8_forward(q_proj)
+    share()
+    ids = sample_inputs("llama")["input_ids"]
+    torch.testing.assert_close(_logits_and_backward(ours, ids), _logits_and_backward(theirs, ids), atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(mine, peft_params)
 
 
 def test_contradicting_options_are_refused():

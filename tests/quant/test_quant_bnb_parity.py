@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
-from oracles import bitsandbytes_oracle
+from oracles import BITSANDBYTES_KINDS, bitsandbytes_kind_id, bitsandbytes_layers, bitsandbytes_oracle
 from safetensors.torch import load_file, save_file
 from tiny_models import sample_inputs, tiny_bert_cls, tiny_llama, tiny_llama_cls, tiny_t5
 from torch import nn
@@ -24,6 +24,7 @@ from slimtune.quant import (
     load_quantized_checkpoint,
     quantize,
 )
+from slimtune.quant.model import dense_weight
 
 
 def _bnb_4bit(model: nn.Module, folder):
@@ -221,3 +222,49 @@ def test_quantizing_layers_bitsandbytes_repacked_for_its_cpu_kernel_warns(tmp_pa
                                          r"bitsandbytes for its CPU inference kernel"):
         quantize(theirs, QuantConfig())
     assert isinstance(theirs.model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+@pytest.mark.parametrize("kind", BITSANDBYTES_KINDS, ids=bitsandbytes_kind_id)
+def test_dense_weight_of_a_bitsandbytes_layer_is_what_peft_dequantizes(kind):
+    """bitsandbytes' layers subclass nn.Linear: their weight (packed 4-bit bytes, maybe stored as bf16, or int8
+    codes) was taken as the matrix itself, so DoRA started its magnitudes from the codes' row norms."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    model = bitsandbytes_layers(tiny_llama(), ["q_proj", "down_proj"], *kind)
+    for layer in (model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.down_proj):
+        expected = dequantize_module_weight(layer)
+        assert expected.shape == (layer.out_features, layer.in_features)
+        assert torch.equal(dense_weight(layer), expected)
+        assert dense_weight(layer, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", [BITSANDBYTES_KINDS[0], BITSANDBYTES_KINDS[4], BITSANDBYTES_KINDS[5]],
+                         ids=bitsandbytes_kind_id)
+def test_dequantize_model_replaces_bitsandbytes_layers_too(kind):
+    from peft.utils.integrations import dequantize_module_weight
+
+    model = bitsandbytes_layers(tiny_llama(), ["q_proj", "o_proj", "up_proj"], *kind)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits
+    expected = dequantize_module_weight(model.model.layers[0].mlp.up_proj)
+    dequantize_model(model)
+    assert not [n for n, m in model.named_modules() if type(m) is not nn.Linear and isinstance(m, nn.Linear)]
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_adopts_bitsandbytes_4bit_bytes_stored_as_bf16():
+    """``quant_storage=torch.bfloat16`` (FSDP-QLoRA's) stores the packed bytes in a float tensor: it was taken as
+    a full-precision weight of shape (n / 4, 1) and quantized again."""
+    bnbF = bitsandbytes_oracle().functional
+    model = bitsandbytes_layers(tiny_llama(), ["q_proj"], 4, "nf4", True, torch.bfloat16)
+    bnb_q = model.model.layers[0].self_attn.q_proj
+    expected = bnbF.dequantize_4bit(bnb_q.weight.data, bnb_q.weight.quant_state)
+    with pytest.raises(ValueError, match="already quantized"):
+        Linear4bit.from_linear(bnb_q)
+    quantize(model, QuantConfig())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Linear4bit) and q_proj.double_quant
+    assert torch.equal(q_proj.dequantize(), expected)

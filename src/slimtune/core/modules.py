@@ -2,7 +2,7 @@
 
 - :func:`replace_module`: put a module at a dotted name.
 - Layer geometry: :func:`is_conv1d` (transformers' GPT-2 ``Conv1D``, weight stored ``(in, out)``),
-  :func:`is_dense_linear` (``nn.Linear`` or ``Conv1D``), :func:`linear_dims`, :func:`dense_weight`;
+  :func:`is_dense_linear` (``nn.Linear`` or ``Conv1D``), :func:`linear_dims`;
   :func:`weight_of` / :func:`bias_of` read a layer's ``weight`` / ``bias`` typed as the tensors they are.
 - The model's parts: :func:`output_embedding_name` / :func:`output_head_names` (the output layer),
   :func:`tied_weights` (layers sharing one weight, e.g. tied embeddings) and
@@ -60,17 +60,6 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 def bias_of(module: nn.Module) -> torch.Tensor | None:
     """``module.bias`` of a linear-like layer: a tensor, or None when the layer has no bias."""
     return cast("torch.Tensor | None", module.bias)
-
-
-def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight as a float ``(out, in)`` tensor: dequantized for quantized layers (anything with a
-    ``dequantize(dtype)``), a transposed view for ``Conv1D``, the parameter itself for ``nn.Linear``."""
-    dequantize = getattr(module, "dequantize", None)
-    if callable(dequantize) and not isinstance(module, nn.Linear):
-        return dequantize(dtype or torch.float32)
-    weight = weight_of(module)
-    weight = weight.T if is_conv1d(module) else weight
-    return weight if dtype is None else weight.to(dtype)
 
 
 def output_embedding_name(model: nn.Module) -> str | None:

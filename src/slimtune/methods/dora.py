@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from slimtune.config import LoraConfig
-from slimtune.core.modules import dense_weight
 from slimtune.methods.layers import check_finite_merge, mergeable_weight, widened_copy
 from slimtune.methods.lora_layers import LoraLinear
+from slimtune.quant.model import dense_weight
+from slimtune.quant.state import is_bitsandbytes_quantized
 
 
 class DoraLinear(LoraLinear):
@@ -26,7 +27,9 @@ class DoraLinear(LoraLinear):
     - The norm never builds an ``(out, in)`` matrix: row-wise,
       ``‖W + sBA‖² = ‖W‖² + 2s·Σ B ⊙ (W Aᵀ) + s²·Σ B (A Aᵀ) ⊙ B``, where ``W Aᵀ`` is the base layer applied
       to the r rows of A (so 4-bit bases work
-      unchanged) and ``‖W‖²_row`` is cached until the base weight changes.
+      unchanged) and ``‖W‖²_row`` is cached until the base weight changes. On a bitsandbytes layer, whose
+      8-bit forward rounds its inputs (and picks outlier columns over all rows), ``W Aᵀ`` comes from its
+      dequantized weight and its forward sees ``x`` alone, as in PEFT.
     - Dropout touches only the LoRA branch, so training runs ONE base matmul even with dropout > 0
       (PEFT runs a second one on the dropped-out input); in eval mode the two agree exactly.
     - Adapters added here with ``use_dora=False`` are plain LoRA adapters.
@@ -55,9 +58,9 @@ class DoraLinear(LoraLinear):
         for name in self.unmerged_active():
             (A, B), dropout = self.lora_modules(name), self.lora_dropout[name]
             lora = B(A(dropout(x.to(A.weight.dtype)))) * self.scaling[name]  # s B A x̃
-            if name in probes:
+            if name in dora:
                 wx = (base if bias is None else base - bias).to(lora.dtype)  # W x
-                g = self.lora_magnitude_vector[name] / self.weight_norm(name, probes[name])  # norm detached
+                g = self.lora_magnitude_vector[name] / self.weight_norm(name, probes.get(name))  # norm detached
                 lora = g * (wx + lora) - wx  # DoRA's output minus the W x the base already gave
             result = result + lora.to(result.dtype)
         return result
@@ -80,7 +83,7 @@ class DoraLinear(LoraLinear):
     def _base_and_probes(self, x: torch.Tensor, names: list[str], *args, **kwargs):
         """The base output and ``W Aᵀ`` per named DoRA adapter from ONE base call on ``[x; A₁; A₂ …]``:
         the base weight is read once per forward, as for plain LoRA (a weight pass dominates on big models)."""
-        if not names or args or kwargs:
+        if not names or args or kwargs or is_bitsandbytes_quantized(self.base_layer):
             return self.base_layer(x, *args, **kwargs), {}
         flat = x.reshape(-1, x.shape[-1])
         rows = [self.lora_parameters(n)[0].detach().to(x.dtype) for n in names]
@@ -94,7 +97,10 @@ class DoraLinear(LoraLinear):
         return out[: flat.shape[0]].reshape(*x.shape[:-1], out.shape[-1]), probes
 
     def _base_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows Wᵀ`` (bias excluded) through the base layer itself, whatever its storage."""
+        """``rows Wᵀ`` (bias excluded) through the base layer itself, whatever its storage (a bitsandbytes layer's
+        dequantized weight: its forward rounds the rows)."""
+        if is_bitsandbytes_quantized(self.base_layer):
+            return rows @ dense_weight(self.base_layer, rows.dtype).T
         weight = getattr(self.base_layer, "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else rows.dtype
         out = self.base_layer(rows.to(dtype)).to(rows.dtype)

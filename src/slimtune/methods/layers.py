@@ -20,6 +20,7 @@ from torch import nn
 
 from slimtune.core.modules import weight_of
 from slimtune.errors import NotMergeableError
+from slimtune.quant.state import is_bitsandbytes_quantized
 
 
 class TunerLayer(nn.Module):
@@ -192,11 +193,16 @@ def check_finite_merge(merged: torch.Tensor, adapter_name: str) -> None:
 
 
 def mergeable_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight, to merge into in place; refused for a quantized one (slimtune's, or bitsandbytes',
+    whose packed bytes may sit in a float ``quant_storage`` tensor): re-rounding it there is what
+    ``merge_for_export`` does openly, with ``requantize``."""
     weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or is_bitsandbytes_quantized(base):
         raise NotMergeableError(
-            f"cannot merge into a {type(base).__name__}: its weight is not a floating-point tensor. For a "
-            "quantized base, merge into a dequantized copy with slimtune.export.merge_for_export(model)."
+            f"cannot merge into a {type(base).__module__}.{type(base).__name__} in place: its weight is quantized "
+            "(merging would re-round it to the quantized grid). Merge into a full-precision copy with "
+            "slimtune.export.merge_for_export(model), and pass requantize=slimtune.quant.QuantConfig(...) to quantize "
+            "the merged model again (PEFT's merge into bitsandbytes layers dequantizes, adds and requantizes likewise)."
         )
     return weight
 

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimtune.core.dtypes import default_compute_dtype, dtype_name
-from slimtune.core.modules import bias_of, dense_weight, is_dense_linear
+from slimtune.core.modules import bias_of, is_conv1d, is_dense_linear, weight_of
 from slimtune.quant import int8, nf4
 from slimtune.quant.codebooks import check_quant_type, codebook, dynamic_map
 from slimtune.quant.state import (
+    is_bitsandbytes_quantized,
     read_4bit_state,
     read_8bit_state,
     write_4bit_state,
@@ -188,7 +189,7 @@ class QuantizedLinear(nn.Module):
 
     @staticmethod
     def _check_not_quantized(linear: nn.Module) -> None:
-        if isinstance(linear, QuantizedLinear):
+        if isinstance(linear, QuantizedLinear) or is_bitsandbytes_quantized(linear):
             raise ValueError(f"this layer is already quantized ({linear!r}); quantize the full-precision "
                              "weights, or call dequantize_model() first")
 
@@ -199,7 +200,8 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
     if not is_dense_linear(linear):
         raise ValueError(f"cannot quantize a {type(linear).__name__}: only nn.Linear and transformers' Conv1D "
                          "are supported")
-    return dense_weight(linear)
+    weight = weight_of(linear)
+    return weight.T if is_conv1d(linear) else weight
 
 
 class Linear4bit(QuantizedLinear):

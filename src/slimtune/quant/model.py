@@ -23,10 +23,17 @@ from slimtune.core.modules import (
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
-from slimtune.quant.state import is_4bit_prefix, is_8bit_prefix, read_4bit_state, read_8bit_state
+from slimtune.quant.state import (
+    bitsandbytes_state,
+    is_8bit_prefix,
+    is_bitsandbytes_quantized,
+    read_4bit_state,
+    read_8bit_state,
+)
 
 __all__ = ["QuantSummary", "quantize", "quant_summary", "dequantize_model", "requantization_error",
-           "skipped_linear_names", "keep_in_fp32_patterns", "make_quantized_layer", "layer_from_state"]
+           "skipped_linear_names", "keep_in_fp32_patterns", "make_quantized_layer", "layer_from_state", "dense_weight",
+           "as_quantized_layer"]
 
 
 def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -43,7 +50,8 @@ def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
     direct = read_as_tensors(model)
     return [n for n, m in model.named_modules() if is_dense_linear(m) and (
         config.skips(n) or n in heads or any(n.startswith(h + ".") for h in heads) or _matches_module(n, keep)
-        or n in direct or (weight_of(m).is_floating_point() and not plain_linear(m)))]
+        or n in direct or (weight_of(m).is_floating_point() and not is_bitsandbytes_quantized(m)
+                           and not plain_linear(m)))]
 
 
 # nn.Linear subclasses whose own forward is still x Wᵀ + b (a quantized layer computes the same).
@@ -118,18 +126,34 @@ def layer_from_state(state: dict[str, torch.Tensor], prefix: str, in_features: i
     return layer
 
 
-def _stored_state(linear: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The state of a linear layer whose weight is already quantized (a bitsandbytes ``Linear4bit`` /
-    ``Linear8bitLt``, as ``from_pretrained`` makes from a pre-quantized folder) in the layout
-    :func:`layer_from_state` reads; None for a full-precision layer. Raises for another quantized kind."""
-    if weight_of(linear).is_floating_point():
+def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight of a linear-like layer as a float ``(out, in)`` tensor, whatever holds it: dequantized for a
+    slimtune quantized layer and for a bitsandbytes one (``Linear4bit`` — NF4 / FP4, double quant or not, any
+    ``quant_storage`` — and ``Linear8bitLt``, decoded from its state as bitsandbytes' ``dequantize_4bit`` /
+    ``int8_vectorwise_dequant`` decode it), a transposed view for ``Conv1D``, the parameter itself for
+    ``nn.Linear``. ``dtype``: the result's (None: float32 when dequantized, else the weight's own)."""
+    quantized = as_quantized_layer(module)
+    if quantized is not None:
+        return quantized.dequantize(dtype or torch.float32)
+    weight = weight_of(module)
+    weight = weight.T if is_conv1d(module) else weight
+    return weight if dtype is None else weight.to(dtype)
+
+
+def as_quantized_layer(module: nn.Module) -> QuantizedLinear | None:
+    """``module`` itself when it is a slimtune quantized layer; for a bitsandbytes one, a slimtune layer holding
+    the same codes and scales (its bias left out, its dtype the one the 4-bit state records, float32 for 8-bit);
+    None for a full-precision layer."""
+    if isinstance(module, QuantizedLinear):
+        return module
+    if not is_bitsandbytes_quantized(module):
         return None
-    state = dict(linear.state_dict())
-    if not (is_4bit_prefix(state, "") or is_8bit_prefix(state, "")):
-        raise ValueError(f"its weight is {weight_of(linear).dtype}, not a full-precision weight, and the layer "
-                         f"({type(linear).__module__}.{type(linear).__name__}) holds no 4-bit or 8-bit state in "
-                         "bitsandbytes' layout: quantize the full-precision model instead")
-    return state
+    state = bitsandbytes_state(module)
+    assert state is not None  # a bitsandbytes-quantized layer has a state, or bitsandbytes_state raised
+    in_features, out_features = linear_dims(module)
+    state.pop("bias", None)
+    layer = layer_from_state(state, "", in_features, out_features, False, torch.float32, None)
+    return layer.to(weight_of(module).device)
 
 
 @dataclass
@@ -196,7 +220,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                       "after from_pretrained, or load the folder with slimtune.load_model (as stored).", stacklevel=2)
     for name in names:  # checked first: a refusal halfway would leave the model half quantized
         try:
-            state = _stored_state(model.get_submodule(name))
+            state = bitsandbytes_state(model.get_submodule(name))
         except ValueError as error:
             raise ValueError(f"{name}: {error}; the model is unchanged") from None
         if state is not None:
@@ -225,22 +249,26 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized layer by a frozen ``nn.Linear`` holding its dequantized weight (a GPT-2 ``Conv1D``
-    again for one made from it, so that ``save_pretrained`` writes its checkpoint layout).
+    """Replace every quantized layer (slimtune's, and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``) by a frozen
+    ``nn.Linear`` holding its dequantized weight (a GPT-2 ``Conv1D`` again for one made from it, so that
+    ``save_pretrained`` writes its checkpoint layout).
 
-    ``dtype`` defaults to each layer's original dtype. Works inside adapter wrappers too (their
-    ``base_layer`` is replaced, by an ``nn.Linear`` the wrapper's math expects: :func:`restore_conv1d` turns it
-    back once the adapter is merged and unloaded), which is what merging into a full-precision export needs.
+    ``dtype`` defaults to each layer's original dtype (a bitsandbytes 8-bit layer's: float32). Works inside adapter
+    wrappers too (their ``base_layer`` is replaced, by an ``nn.Linear`` the wrapper's math expects:
+    :func:`restore_conv1d` turns it back once the adapter is merged and unloaded), which is what merging into a
+    full-precision export needs.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) or is_bitsandbytes_quantized(m)]
     for name in names:
-        q = model.get_submodule(name)
-        assert isinstance(q, QuantizedLinear)  # names holds quantized layers only
+        module = model.get_submodule(name)
+        q = as_quantized_layer(module)
+        assert q is not None  # names holds quantized layers only
         w = q.dequantize(dtype or q.dtype)
-        linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+        bias = bias_of(module)
+        linear = nn.Linear(q.in_features, q.out_features, bias=bias is not None, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=False)
-        if q.bias is not None:
-            linear.bias = nn.Parameter(q.bias.detach().to(w.dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
         setattr(linear, "conv1d", q.conv1d)  # noqa: B010 - what restore_conv1d reads (nn.Linear has no such field)
         replace_module(model, name, linear)
     return restore_conv1d(model)

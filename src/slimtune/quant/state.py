@@ -10,6 +10,10 @@
   ``P.weight.quant_state.bitsandbytes__nf4`` (or ``__fp4``)  uint8 UTF-8 JSON: quant_type, blocksize,
       dtype, shape, and with double quant nested_blocksize, nested_dtype, nested_offset.
 8-bit layer: ``P.weight`` int8 (out, in), ``P.SCB`` fp32 (out,), ``P.weight_format`` uint8 0 ("row").
+
+bitsandbytes' own layers (``Linear4bit`` / ``Linear8bitLt``, what transformers' ``from_pretrained`` makes with a
+``BitsAndBytesConfig``) write this layout from their ``state_dict()``: :func:`bitsandbytes_state` reads it, so
+slimtune decodes their weights with its own arithmetic, without importing bitsandbytes.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import json
 from typing import Any
 
 import torch
+from torch import nn
 
 from slimtune.core.dtypes import dtype_name, parse_dtype
+from slimtune.core.modules import weight_of
 from slimtune.quant.codebooks import QUANT_TYPES
 from slimtune.quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE
 
 __all__ = ["write_4bit_state", "read_4bit_state", "write_8bit_state", "read_8bit_state", "quant_state_key",
-           "is_4bit_prefix", "is_8bit_prefix"]
+           "is_4bit_prefix", "is_8bit_prefix", "is_bitsandbytes_quantized", "bitsandbytes_state"]
 
 _QS = "weight.quant_state.bitsandbytes__"
 
@@ -39,6 +45,34 @@ def is_4bit_prefix(keys, prefix: str) -> bool:
 
 def is_8bit_prefix(keys, prefix: str) -> bool:
     return prefix + "SCB" in keys
+
+
+def is_bitsandbytes_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes layer holding a quantized weight: a quantized ``Params4bit`` (its
+    packed bytes may be stored in a float ``quant_storage`` dtype, bf16 …) or an ``Int8Params`` holding int8 codes
+    (not one kept in fp16, ``has_fp16_weights=True``). Such layers subclass ``nn.Linear``, yet their ``weight`` is
+    no (out, in) matrix of values. (An adapter wrapper around one, which shows its base layer's weight, is not.)"""
+    if not isinstance(module, nn.Linear):
+        return False
+    weight = getattr(module, "weight", None)
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return getattr(weight, "quant_state", None) is not None  # (None until bitsandbytes quantized it)
+    return kind == "Int8Params" and isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+
+
+def bitsandbytes_state(linear: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state of a linear layer whose weight bitsandbytes quantized (:func:`is_bitsandbytes_quantized`), from its
+    own ``state_dict()``, in the layout :func:`read_4bit_state` / :func:`read_8bit_state` read; None for a
+    full-precision layer. Raises for a layer with a weight that is not floating point in another layout."""
+    if not is_bitsandbytes_quantized(linear) and weight_of(linear).is_floating_point():
+        return None
+    state = dict(linear.state_dict())
+    if not (is_4bit_prefix(state, "") or is_8bit_prefix(state, "")):
+        raise ValueError(f"its weight is {weight_of(linear).dtype}, not a full-precision weight, and the layer "
+                         f"({type(linear).__module__}.{type(linear).__name__}) holds no 4-bit or 8-bit state in "
+                         "bitsandbytes' layout: quantize the full-precision model instead")
+    return state
 
 
 def _out(t: torch.Tensor, keep_vars: bool) -> torch.Tensor:
