@@ -311,6 +311,16 @@ def test_merge_and_unload_merges_the_adapters_named_as_peft(tmp_path):
     torch.testing.assert_close(logits(plain, inputs), expected, atol=1e-5, rtol=0)
 
 
+def test_merge_and_unload_takes_one_name_as_merge_adapter_does():
+    model = tiny_llama()
+    for name in ("code", "chat"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                             name)
+    inputs = sample_inputs("llama")
+    expected = logits(slimtune.merge_and_unload(copy.deepcopy(model), adapter_names=["code"]), inputs)
+    torch.testing.assert_close(logits(slimtune.merge_and_unload(model, adapter_names="code"), inputs), expected)
+
+
 def test_bad_adapter_names_are_clear_errors():
     model = _two_lora_adapters()
     with pytest.raises(TypeError, match=r"delete_adapter takes one adapter name \(a string\), got \['a'\]"):
@@ -470,7 +480,7 @@ def test_selective_takes_a_wrapped_weight_by_either_name():
         assert model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad, name
 
 
-def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing():
+def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing(tmp_path):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -478,6 +488,9 @@ def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing():
     wrapped = get_peft_model(tiny_llama(), PeftLoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match=r"holds PEFT's layers \(the model itself: PeftModel\).*unload"):
         slimtune.add_adapter(wrapped, config)
+    slimtune.save_adapter(slimtune.add_adapter(tiny_llama(), config), tmp_path)
+    with pytest.raises(TypeError, match=r"holds PEFT's layers \(the model itself: PeftModel\).*unload"):
+        slimtune.load_adapter(wrapped, tmp_path)  # (not the adapter file's fault)
     injected = tiny_llama()
     layer = get_peft_model(injected, PeftLoraConfig(r=2, target_modules=["v_proj"])).base_model.model
     with pytest.raises(TypeError, match=r"holds PEFT's layers \(model\.layers\.0\.self_attn\.v_proj: Linear\)"):

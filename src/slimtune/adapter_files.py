@@ -67,6 +67,7 @@ from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
 from slimtune.methods.prefix import PrefixTuningConfig
 from slimtune.methods.prompt_tuning import PromptEncoderConfig
+from slimtune.methods.targets import check_not_peft_model
 from slimtune.peft_conversion import warn_if_peft_drops
 
 CONFIG_NAME = "adapter_config.json"
@@ -365,6 +366,7 @@ def load_adapter(
     model is left as it was.
     """
     check_adapter_name(adapter_name)  # before any file is read
+    check_not_peft_model(model)  # (inside add_adapter it would read as the file's fault)
     state = find_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; pick another adapter_name or delete it first.")

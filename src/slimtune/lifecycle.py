@@ -400,7 +400,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = False,
-           adapter_names: Sequence[str] | None = None) -> nn.Module:
+           adapter_names: str | Sequence[str] | None = None) -> nn.Module:
     """Remove slimtune entirely, giving back the original module objects.
 
     With ``merge_adapters=True`` the active adapters (or ``adapter_names``) are merged first, as
@@ -409,7 +409,7 @@ def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = Fa
     """
     state = get_state(model)
     check_in_place_fits(model)
-    state.check_known(list(adapter_names or []))
+    state.check_known([adapter_names] if isinstance(adapter_names, str) else list(adapter_names or []))
     if merge_adapters:
         merge_adapter(model, adapter_names, safe_merge=safe_merge)
     else:
@@ -426,7 +426,7 @@ def unload(model: nn.Module, merge_adapters: bool = False, safe_merge: bool = Fa
 
 
 def merge_and_unload(model: nn.Module, safe_merge: bool = False,
-                     adapter_names: Sequence[str] | None = None) -> nn.Module:
+                     adapter_names: str | Sequence[str] | None = None) -> nn.Module:
     """Merge the active adapters (or ``adapter_names``) and remove slimtune: see :func:`unload` and
     :func:`merge_adapter` (``safe_merge``, PEFT's argument: check every merged weight before changing any)."""
     return unload(model, merge_adapters=True, safe_merge=safe_merge, adapter_names=adapter_names)
