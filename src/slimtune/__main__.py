@@ -14,15 +14,20 @@ import atexit
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
 
 from slimtune.cli import main
 from slimtune.distributed.context import launched_by_torchrun
 
 
 def _exit_rank(code: int) -> None:
-    """End this torchrun rank with ``code``: the exit hooks run (a W&B run finishes, temporary folders go), logging
-    is closed and the output flushed, then the process ends without the interpreter's teardown."""
-    atexit._run_exitfuncs()  # what an ordinary exit runs first, while everything is alive
+    """End this torchrun rank with ``code``: as an ordinary exit, the threads that are not daemons are waited for
+    and the exit hooks run (a W&B run finishes, temporary folders go); logging is closed and the output flushed,
+    then the process ends without the interpreter's teardown."""
+    wait_for_threads: Callable[[], None] = vars(threading)["_shutdown"]  # (private: what an ordinary exit runs)
+    wait_for_threads()
+    atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
