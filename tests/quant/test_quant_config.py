@@ -27,8 +27,9 @@ def test_defaults_are_qlora():
     (dict(blocksize=64.0), r"blocksize=64.0 is not supported; use an integer power of two"),
     (dict(bits=4.0), r"bits=4.0 is not supported; use 4 .* an int"),
     (dict(bits=True), r"bits=True is not supported"),
-    (dict(bits=8, quant_type="fp4"), r"quant_type='fp4' and blocksize=64 are 4-bit options; bits=8 .*ignore"),
-    (dict(bits=8, blocksize=128), r"blocksize=128 are 4-bit options"),
+    (dict(bits=8, quant_type="fp4"), r"^quant_type='fp4': a 4-bit option; bits=8 .*ignore"),  # (not the defaults)
+    (dict(bits=8, blocksize=128), r"^blocksize=128: a 4-bit option"),
+    (dict(bits=8, quant_type="fp4", blocksize=128), r"^quant_type='fp4' and blocksize=128: 4-bit options; .*them"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -61,9 +61,13 @@ class QuantConfig:
             raise ValueError(f"blocksize={self.blocksize!r} is not supported; use an integer power of two from 32 "
                              f"to 4096: {list(BLOCKSIZES)}")
         if self.bits == 8 and (self.quant_type != "nf4" or self.blocksize != 64):
-            raise ValueError(f"quant_type={self.quant_type!r} and blocksize={self.blocksize!r} are 4-bit options; "
-                             "bits=8 stores row-wise int8 and would ignore them: leave them at their defaults "
-                             "(\"nf4\", 64) with bits=8, or use bits=4")
+            changed = [f"{name}={value!r}" for name, value, default in (("quant_type", self.quant_type, "nf4"),
+                                                                        ("blocksize", self.blocksize, 64))
+                       if value != default]
+            what, them = ("4-bit options", "them") if len(changed) > 1 else ("a 4-bit option", "it")
+            raise ValueError(f"{' and '.join(changed)}: {what}; bits=8 stores row-wise int8 and would ignore {them}: "
+                             "leave quant_type and blocksize at their defaults (\"nf4\", 64) with bits=8, or use "
+                             "bits=4")
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant={self.double_quant!r} must be True or False")
         if self.compute_dtype is not None:
