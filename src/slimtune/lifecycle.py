@@ -47,7 +47,10 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     prefix's dimensions); ``config`` itself is not changed, so it can serve other models.
     """
     if not isinstance(config, MethodConfig):
-        raise TypeError(f"config must be a slimtune method config (e.g. LoraConfig), got {type(config).__name__}.")
+        kind = f"{type(config).__module__.split('.')[0]}.{type(config).__name__}"
+        hint = " (PEFT's): use slimtune's, e.g. slimtune.LoraConfig.from_dict(config.to_dict())" \
+            if kind.startswith("peft.") else ""
+        raise TypeError(f"config must be a slimtune method config (e.g. slimtune.LoraConfig), got {kind}{hint}.")
     check_adapter_name(adapter_name)
     check_field_types(config)
     config = copy.deepcopy(config)
