@@ -501,6 +501,8 @@ def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing(tmp_path
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"adapter name 'a/b' cannot name a file or folder"):
         slimtune.add_adapter(model, config, adapter_name="a/b")  # (save_adapter of several writes a folder each)
+    with pytest.raises(ValueError, match=r"cannot name a file or folder.*at most 200 bytes in UTF-8"):
+        slimtune.add_adapter(model, config, adapter_name="é" * 101)  # (101 characters, 202 bytes)
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]"):
         slimtune.unload(model, adapter_names=["nope"])  # (it was ignored: every adapter was removed)
     with pytest.raises(ValueError, match="set_adapter needs at least one adapter name.*disable_adapters"):
@@ -509,3 +511,6 @@ def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing(tmp_path
     assert [n for n, _ in tuner_layers(model)] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
         model.state_dict().keys()
+    longest = "é" * 100  # the longest name: saved as a folder of several adapters names it (SlimtuneCallback)
+    slimtune.add_adapter(model, config, adapter_name=longest)
+    slimtune.save_adapter(model, tmp_path / f"adapter-{longest}", longest)

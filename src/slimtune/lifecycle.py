@@ -95,7 +95,7 @@ def check_adapter_name(adapter_name: object) -> str:
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name {adapter_name!r} is not valid: an adapter name is one non-empty string "
                          "without '.' (it becomes a module key), e.g. \"default\" or \"math\".")
-    return check_name(adapter_name, "adapter name")
+    return check_name(adapter_name, "adapter name", most_bytes=200)  # (room for "adapter-NAME", temporary names)
 
 
 def _take_host_mode(model: nn.Module, existing: set[int]) -> None:

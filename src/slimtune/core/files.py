@@ -358,14 +358,15 @@ def check_replaceable(final: str | os.PathLike, ours: Callable[[str], bool], inp
                              "replacing it would delete; write into an empty or new folder.")
 
 
-def check_name(name: object, what: str) -> str:
+def check_name(name: object, what: str, most_bytes: int = 255) -> str:
     """``name`` if it can be one path component (an adapter name, a sub-folder): a non-empty string
-    without ``/``, ``\\``, NUL or a leading dot (so neither ``..`` nor a hidden name), at most 255
-    characters; else a ``ValueError`` saying so."""
-    if not isinstance(name, str) or not name or len(name) > 255 or name.startswith(".") or \
-            any(c in name for c in "/\\\0"):
-        raise ValueError(f"{what} {name!r} cannot name a file or folder: use a non-empty name without '/', '\\', "
-                         "NUL or a leading dot (at most 255 characters).")
+    without ``/``, ``\\``, NUL or a leading dot (so neither ``..`` nor a hidden name), at most ``most_bytes``
+    bytes in UTF-8 (a file system's limit is 255 bytes, which folder names made from it must leave room in);
+    else a ``ValueError`` saying so."""
+    if not isinstance(name, str) or not name or len(name.encode("utf-8", "surrogatepass")) > most_bytes or \
+            name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"{what} {name!r:.80} cannot name a file or folder: use a non-empty name without '/', "
+                         f"'\\', NUL or a leading dot, of at most {most_bytes} bytes in UTF-8.")
     return name
 
 
