@@ -326,9 +326,7 @@ def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load
 
 
 @pytest.mark.parametrize("key, value", [("lora_bias", True), ("trainable_token_indices", [5, 6]),
-                                        ("layer_replication", [[0, 1], [0, 1]]), ("use_qalora", True),
-                                        ("velora_config", {"num_groups": 4}),
-                                        ("monteclora_config", {"num_experts": 4})])
+                                        ("layer_replication", [[0, 1], [0, 1]]), ("use_qalora", True)])
 def test_peft_options_that_change_the_adapter_are_refused_by_name(key, value, tmp_path):
     base = FAMILIES["llama"][0]()
     slimtune.save_adapter(slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(target_modules=["q_proj"])),
@@ -337,6 +335,30 @@ def test_peft_options_that_change_the_adapter_are_refused_by_name(key, value, tm
     (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, key: value}))
     with pytest.raises(ValueError, match=rf"{key}=.*: PEFT's {key} changes the adapter's weights or forward"):
         slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["velora", "monteclora"])
+def test_lora_variants_that_change_only_training_load_as_plain_lora(variant, tmp_path):
+    """VeLoRA (compressed activations) and MonteCLoRA (noise sampled around A) change only how PEFT trains: their
+    files hold the extra state too, and a frozen load computes PEFT's inference outputs, with a warning."""
+    from peft.tuners.lora.config import MontecloraConfig, VeloraConfig
+
+    base = FAMILIES["llama"][0]()
+    extra = {"velora_config": VeloraConfig(num_groups=4)} if variant == "velora" else \
+        {"monteclora_config": MontecloraConfig()}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                       **extra))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    theirs.train()
+    theirs(**sample_inputs("llama"), labels=sample_inputs("llama")["input_ids"]).loss.backward()  # (its state)
+    theirs.save_pretrained(tmp_path)
+    inputs = sample_inputs("llama")
+    with pytest.warns(UserWarning, match=f"{variant}_config"):
+        ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs.eval(), inputs), atol=TOL, rtol=0)
 
 
 def test_settings_of_an_initialisation_or_a_runtime_load_without_a_word(tmp_path):

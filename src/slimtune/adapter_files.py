@@ -77,6 +77,9 @@ PICKLE_NAME = "adapter_model.bin"
 # are reset rather than followed (a tokenizer to download, another folder to read).
 INIT_ONLY = {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
              "tokenizer_kwargs": None, "init_from": None}
+# Tensors of PEFT's LoRA variants that change only how training runs (VeLoRA's compressed activations, MonteCLoRA's
+# sampler of A's noise): at inference such an adapter is plain LoRA, as slimtune loads it (its config field warns).
+TRAINING_ONLY = re.compile(r"\.lora_(velora_embed|monteclora_sampler)(\.|$)")
 # Size fields: each unit adds at least one value to the adapter, so none can exceed the values in its file.
 SIZE_FIELDS = ("num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules",
                "encoder_hidden_size", "encoder_num_layers")
@@ -379,7 +382,7 @@ def load_adapter(
         raise ValueError(f"{path} holds {folded_encoder(config)}: its file holds what its encoder computed, not the "
                          "encoder, so it cannot be trained further (PEFT refuses it too); load it with "
                          "is_trainable=False, or train a new adapter.")
-    tensors = read_adapter_tensors(path, allow_pickle)
+    tensors = {k: v for k, v in read_adapter_tensors(path, allow_pickle).items() if not TRAINING_ONLY.search(k)}
     _check_sizes(config, tensors, config_file)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     with undone_on_error(model, adapter_name):

@@ -264,8 +264,7 @@ class LoraConfig(MethodConfig):
         "runtime_config"}
     unsupported_keys: ClassVar[frozenset[str]] = frozenset(
         {"lora_bias", "trainable_token_indices", "layer_replication", "target_parameters", "alora_invocation_tokens",
-         "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "megatron_config", "velora_config",
-         "monteclora_config"})
+         "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "megatron_config"})
 
     r: int = 8
     lora_alpha: float = 8
