@@ -278,6 +278,13 @@ def test_a_bitsandbytes_8bit_base_runs_on_x_alone_and_the_norm_uses_its_dequanti
     _assert_same_gradients(mine, peft_params)
 
 
+def test_a_peft_file_with_dora_on_an_embedding_is_refused_pointing_to_peft(tmp_path):
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                      use_dora=True)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config.json: DoRA .*Embedding.*an embedding: load it with PEFT"):
+        slimtune.load_adapter(tiny_llama(), tmp_path)
+
+
 def test_contradicting_options_are_refused():
     with pytest.raises(ValueError, match="use_dora=True"):
         slimtune.LoraFAConfig(use_dora=True)

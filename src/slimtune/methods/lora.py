@@ -25,14 +25,16 @@ def make_lora_layer(base: nn.Module, config: LoraConfig) -> TunerLayer:
     if config.use_dora:
         if isinstance(base, nn.Embedding):
             raise ValueError(
-                f"DoRA (use_dora=True) adapts linear layers only, but target_modules matched an "
+                f"DoRA (use_dora=True) adapts linear layers only in slimtune, but target_modules matched an "
                 f"nn.Embedding({base.num_embeddings}, {base.embedding_dim}). Remove the embedding from "
-                "target_modules, or use a separate adapter with use_dora=False for it."
+                "target_modules, or use a separate adapter with use_dora=False for it (an adapter file with DoRA on "
+                "an embedding: load it with PEFT)."
             )
         if is_adaptable_linear(base):
             return DoraLinear(base)
         raise TypeError(f"DoRA cannot wrap a {type(base).__name__}; supported: nn.Linear, transformers Conv1D, "
-                        "slimtune quantized linear. Pick other target_modules.")
+                        "slimtune quantized linear. Pick other target_modules (an adapter file with DoRA on such a "
+                        "layer: load it with PEFT).")
     if isinstance(base, nn.Embedding):
         return LoraEmbedding(base)
     if is_adaptable_linear(base):
