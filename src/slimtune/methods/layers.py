@@ -204,6 +204,9 @@ def mergeable_weight(base: nn.Module) -> torch.Tensor:
             "slimtune.export.merge_for_export(model), and pass requantize=slimtune.quant.QuantConfig(...) to quantize "
             "the merged model again (PEFT's merge into bitsandbytes layers dequantizes, adds and requantizes likewise)."
         )
+    reset = getattr(getattr(base, "state", None), "reset_grads", None)
+    if callable(reset):  # a bitsandbytes 8-bit layer keeping 16-bit weights caches their int8 codes for its forward:
+        reset()  # dropped, so that the next forward codes the weight written now (as PEFT's merge does)
     return weight
 
 

@@ -33,7 +33,7 @@ from slimtune.quant.state import (
 
 __all__ = ["QuantSummary", "quantize", "quant_summary", "dequantize_model", "requantization_error",
            "skipped_linear_names", "keep_in_fp32_patterns", "make_quantized_layer", "layer_from_state", "dense_weight",
-           "as_quantized_layer"]
+           "as_quantized_layer", "forget_quantization"]
 
 
 def skipped_linear_names(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -153,7 +153,29 @@ def as_quantized_layer(module: nn.Module) -> QuantizedLinear | None:
     in_features, out_features = linear_dims(module)
     state.pop("bias", None)
     layer = layer_from_state(state, "", in_features, out_features, False, torch.float32, None)
+    layer.conv1d = from_conv1d(module)
     return layer.to(weight_of(module).device)
+
+
+def from_conv1d(module: nn.Module) -> bool:
+    """Whether transformers made this bitsandbytes layer from a GPT-2 ``Conv1D`` (its ``source_cls``; the weight
+    then stored as ``(out, in)``), which an export must write back as one."""
+    return getattr(getattr(module, "source_cls", None), "__name__", None) == "Conv1D"
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Drop what says ``model`` is quantized once none of its layers is (transformers' ``hf_quantizer``, the
+    config's ``quantization_config`` …, as its ``dequantize()`` does): saved, it must load as the plain model."""
+    if any(isinstance(m, QuantizedLinear) or is_bitsandbytes_quantized(m) for m in model.modules()):
+        return
+    for name in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        if name in vars(model):
+            delattr(model, name)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if getattr(model, "is_quantized", False):
+        setattr(model, "is_quantized", False)  # noqa: B010 - transformers' flag (nn.Module declares no such field)
 
 
 @dataclass
@@ -234,6 +256,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             in_f, out_f = linear_dims(linear)
             adopted = layer_from_state(stored.pop(name), "", in_f, out_f, bias_of(linear) is not None,
                                        config.resolved_compute_dtype(weight_of(linear).device), None)
+            adopted.conv1d = from_conv1d(linear)
             replace_module(model, name, adopted.to(weight_of(linear).device))
             continue
         w, bias = linear_weight(linear), bias_of(linear)
@@ -259,11 +282,14 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     full-precision export needs.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) or is_bitsandbytes_quantized(m)]
+    # a bitsandbytes 8-bit layer records no dtype: the model's (its first floating-point weight's), as transformers
+    unrecorded = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name in names:
         module = model.get_submodule(name)
         q = as_quantized_layer(module)
         assert q is not None  # names holds quantized layers only
-        w = q.dequantize(dtype or q.dtype)
+        own = unrecorded if is_bitsandbytes_quantized(module) and isinstance(q, Linear8bit) else q.dtype
+        w = q.dequantize(dtype or own)
         bias = bias_of(module)
         linear = nn.Linear(q.in_features, q.out_features, bias=bias is not None, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=False)
@@ -271,6 +297,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             linear.bias = nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
         setattr(linear, "conv1d", q.conv1d)  # noqa: B010 - what restore_conv1d reads (nn.Linear has no such field)
         replace_module(model, name, linear)
+    forget_quantization(model)
     return restore_conv1d(model)
 
 
