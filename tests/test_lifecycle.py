@@ -488,8 +488,12 @@ def test_calls_that_cannot_mean_anything_are_refused_and_change_nothing(tmp_path
     wrapped = get_peft_model(tiny_llama(), PeftLoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(TypeError, match=r"holds PEFT's layers \(the model itself: PeftModel\).*unload"):
         slimtune.add_adapter(wrapped, config)
-    with pytest.raises(TypeError, match=r"got peft.LoraConfig \(PEFT's\): use slimtune's, e.g. slimtune.LoraConfig"):
-        slimtune.add_adapter(tiny_llama(), PeftLoraConfig(r=2, target_modules=["q_proj"]))
+    from peft import IA3Config as PeftIA3Config
+
+    theirs = PeftIA3Config(target_modules=["q_proj"], feedforward_modules=[])
+    with pytest.raises(TypeError, match=r"got peft.IA3Config \(PEFT's\): use slimtune's, slimtune.config_from_dict"):
+        slimtune.add_adapter(tiny_llama(), theirs)
+    assert type(slimtune.config_from_dict(theirs.to_dict())) is slimtune.IA3Config  # (what the message says works)
     slimtune.save_adapter(slimtune.add_adapter(tiny_llama(), config), tmp_path)
     with pytest.raises(TypeError, match=r"holds PEFT's layers \(the model itself: PeftModel\).*unload"):
         slimtune.load_adapter(wrapped, tmp_path)  # (not the adapter file's fault)

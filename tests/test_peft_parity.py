@@ -313,7 +313,7 @@ def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load
     with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal' needs an even rank; this layer's is r=3"):
         slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=3, target_modules=["q_proj"],
                                                                       init_lora_weights="orthogonal"))
-    for init in ("orthogonal", "eva"):  # inits that leave the base as it is: the saved adapter is plain LoRA
+    for init in ("orthogonal", "eva", "mica"):  # inits that leave the base as it is: the saved adapter is plain LoRA
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                                            init_lora_weights="orthogonal"))
         with torch.no_grad():
@@ -321,8 +321,12 @@ def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load
         theirs.save_pretrained(tmp_path / init)
         saved = json.loads((tmp_path / init / "adapter_config.json").read_text())
         (tmp_path / init / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": init}))
-        loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path / init)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path / init)
         torch.testing.assert_close(logits(loaded, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
+        said = [str(w.message) for w in seen if "init_lora_weights" in str(w.message)]
+        assert len(said) == (init == "mica") and all("trains only lora_A" in text for text in said), said
 
 
 @pytest.mark.parametrize("key, value", [("lora_bias", True), ("trainable_token_indices", [5, 6]),

@@ -31,6 +31,7 @@ import json
 import os
 import re
 import typing
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -198,8 +199,12 @@ def config_from_file(config_file: Path, data: dict[str, Any]) -> MethodConfig:
         raise InvalidFileError(config_file, f"peft_type={peft_type!r:.80} is not a method slimtune knows; known types: "
                                             f"{sorted(REGISTRY.config_classes())}.", "peft_type")
     cls = REGISTRY.config_classes()[peft_type]
-    if data.get("init_lora_weights") == "eva":  # EVA only chose A's start from activations: a saved one is plain LoRA
-        data = {**data, "init_lora_weights": True}
+    if data.get("init_lora_weights") == "mica":
+        warnings.warn(f"{config_file}: init_lora_weights='mica': PEFT's MiCA computes as plain LoRA, as which it "
+                      "loads, but trains only lora_A (lora_B frozen): training it further here trains lora_B too.",
+                      stacklevel=3)
+    if data.get("init_lora_weights") in ("eva", "mica"):  # they only chose the start (EVA: A's from activations;
+        data = {**data, "init_lora_weights": True}  # MiCA: B's from the weight's minor directions): plain LoRA
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in data and field.init and not fits_type(data[field.name], hints[field.name]):

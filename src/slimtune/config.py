@@ -30,7 +30,7 @@ TASK_TYPES = {
 BIAS_MODES = ("none", "all", "lora_only")
 LORA_INITS = (True, False, "gaussian", "orthogonal")
 # PEFT's initialisations that change the base weights too (a saved adapter needs that changed base)
-CONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+CONVERTED_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 ConfigT = TypeVar("ConfigT", bound="MethodConfig")
 

@@ -48,8 +48,8 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     """
     if not isinstance(config, MethodConfig):
         kind = f"{type(config).__module__.split('.')[0]}.{type(config).__name__}"
-        hint = " (PEFT's): use slimtune's, e.g. slimtune.LoraConfig.from_dict(config.to_dict())" \
-            if kind.startswith("peft.") else ""
+        hint = " (PEFT's): use slimtune's, slimtune.config_from_dict(config.to_dict())" if kind.startswith("peft.") \
+            else ""
         raise TypeError(f"config must be a slimtune method config (e.g. slimtune.LoraConfig), got {kind}{hint}.")
     check_adapter_name(adapter_name)
     check_field_types(config)

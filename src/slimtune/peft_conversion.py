@@ -45,6 +45,7 @@ def warn_if_peft_drops(model: nn.Module, adapter_name: str, wrapped: Sequence[st
         warnings.warn(
             f"adapter {adapter_name!r} adapts {len(dropped)} layers named {leaves} "
             f"(e.g. {dropped[0]}): on a {model_type(model)} model PEFT reads those names as the fused experts' weights "
-            "(target_parameters), so PEFT loads this adapter without them, silently, and computes otherwise; "
+            "(target_parameters), so PEFT loads this adapter without them, silently, and computes otherwise (or "
+            "refuses it, where one of a fused pair such as gate_proj / up_proj is named without the other); "
             "slimtune loads it whole. For an adapter PEFT loads the same, leave those names out of target_modules "
             "(e.g. adapt the attention projections).", stacklevel=3)
