@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import FAMILIES, logits, sample_inputs, tiny_bart_cls, tiny_bert_cls, tiny_llama, tiny_llama_cls
 
 import slimtune
+from slimtune.gguf_export import write_gguf_lora
 
 TOL = 1e-5
 
@@ -313,7 +314,7 @@ def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load
     with pytest.raises(ValueError, match=r"init_lora_weights='orthogonal' needs an even rank; this layer's is r=3"):
         slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(r=3, target_modules=["q_proj"],
                                                                       init_lora_weights="orthogonal"))
-    for init in ("orthogonal", "eva", "mica"):  # inits that leave the base as it is: the saved adapter is plain LoRA
+    for init in ("orthogonal", "eva", "mica", "MiCA"):  # inits that leave the base as it is: plain LoRA when saved
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                                            init_lora_weights="orthogonal"))
         with torch.no_grad():
@@ -326,7 +327,7 @@ def test_orthogonal_init_starts_at_the_base_and_peft_files_with_other_inits_load
             loaded = slimtune.load_adapter(copy.deepcopy(base), tmp_path / init)
         torch.testing.assert_close(logits(loaded, inputs), logits(theirs, inputs), atol=TOL, rtol=0)
         said = [str(w.message) for w in seen if "init_lora_weights" in str(w.message)]
-        assert len(said) == (init == "mica") and all("trains only lora_A" in text for text in said), said
+        assert len(said) == (init.lower() == "mica") and all("trains only lora_A" in text for text in said), said
 
 
 @pytest.mark.parametrize("key, value", [("lora_bias", True), ("trainable_token_indices", [5, 6]),
@@ -363,6 +364,9 @@ def test_lora_variants_that_change_only_training_load_as_plain_lora(variant, tmp
     with pytest.warns(UserWarning, match=f"{variant}_config"):
         ours = slimtune.load_adapter(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(logits(ours, inputs), logits(theirs.eval(), inputs), atol=TOL, rtol=0)
+    with pytest.warns(UserWarning, match=f"{variant}_config"):  # the other readers of such a file: plain LoRA too
+        slimtune.combine_adapter_files([tmp_path, tmp_path], [1.0, 1.0], tmp_path / "combined")
+        write_gguf_lora(tmp_path, base.config, tmp_path / "adapter.gguf")
 
 
 def test_settings_of_an_initialisation_or_a_runtime_load_without_a_word(tmp_path):

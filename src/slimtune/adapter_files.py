@@ -199,12 +199,12 @@ def config_from_file(config_file: Path, data: dict[str, Any]) -> MethodConfig:
         raise InvalidFileError(config_file, f"peft_type={peft_type!r:.80} is not a method slimtune knows; known types: "
                                             f"{sorted(REGISTRY.config_classes())}.", "peft_type")
     cls = REGISTRY.config_classes()[peft_type]
-    if data.get("init_lora_weights") == "mica":
+    if isinstance(data.get("init_lora_weights"), str) and data["init_lora_weights"].lower() == "mica":  # (as PEFT)
         warnings.warn(f"{config_file}: init_lora_weights='mica': PEFT's MiCA computes as plain LoRA, as which it "
                       "loads, but trains only lora_A (lora_B frozen): training it further here trains lora_B too.",
                       stacklevel=3)
-    if data.get("init_lora_weights") in ("eva", "mica"):  # they only chose the start (EVA: A's from activations;
-        data = {**data, "init_lora_weights": True}  # MiCA: B's from the weight's minor directions): plain LoRA
+    if str(data.get("init_lora_weights")).lower() in ("eva", "mica"):  # they only chose the start (EVA: A's from
+        data = {**data, "init_lora_weights": True}  # activations; MiCA: B's from the weight's minor directions)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in data and field.init and not fits_type(data[field.name], hints[field.name]):
@@ -255,6 +255,11 @@ def without_init_fields(config: MethodConfig) -> MethodConfig:
 
 
 def read_adapter_tensors(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter folder ``path``, but PEFT's training-only state (:data:`TRAINING_ONLY`)."""
+    return {k: v for k, v in _stored_tensors(path, allow_pickle).items() if not TRAINING_ONLY.search(k)}
+
+
+def _stored_tensors(path: str | os.PathLike, allow_pickle: bool) -> dict[str, torch.Tensor]:
     folder = Path(path)
     weights = folder / WEIGHTS_NAME
     if weights.exists() and not weights.is_file():
@@ -387,7 +392,7 @@ def load_adapter(
         raise ValueError(f"{path} holds {folded_encoder(config)}: its file holds what its encoder computed, not the "
                          "encoder, so it cannot be trained further (PEFT refuses it too); load it with "
                          "is_trainable=False, or train a new adapter.")
-    tensors = {k: v for k, v in read_adapter_tensors(path, allow_pickle).items() if not TRAINING_ONLY.search(k)}
+    tensors = read_adapter_tensors(path, allow_pickle)
     _check_sizes(config, tensors, config_file)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     with undone_on_error(model, adapter_name):

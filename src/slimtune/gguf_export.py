@@ -44,6 +44,7 @@ from tokenizers import pre_tokenizers
 from torch import nn
 from transformers import AutoConfig
 
+from slimtune.adapter_files import TRAINING_ONLY
 from slimtune.core.files import atomic_file, check_creatable
 from slimtune.gguf_quants import QUANT_TYPES, check_quant, encode, permute_qk, tensor_type
 
@@ -348,8 +349,8 @@ def write_gguf_lora(adapter_dir: str | os.PathLike, base_config: Any, path: str 
     _check_config(config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(weights_file).items():
-        if key.endswith(".base_layer.weight"):  # PEFT may store untouched base weights: llama.cpp skips them too
-            continue
+        if key.endswith(".base_layer.weight") or TRAINING_ONLY.search(key):  # PEFT may store untouched base weights
+            continue  # (llama.cpp skips them too), and a LoRA variant's training-only state
         match = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$", key)
         gname = gguf_tensor_name(f"{match.group(1)}.weight") if match else None
         if match is None or gname is None or gname.endswith(("_norm.weight", "token_embd.weight")):

@@ -43,17 +43,24 @@ def test_merging_into_8bit_layers_that_keep_16bit_weights_uses_the_merged_weight
     assert (merged - adapted).abs().max() < 0.05 < (merged - base).abs().max()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_an_export_of_a_bitsandbytes_model_is_a_plain_folder_with_its_layers(family, tmp_path):
+FOUR_BITS = {"load_in_4bit": True, "bnb_4bit_compute_dtype": torch.float32}
+SIXTEEN_BIT_WEIGHTS = {"load_in_8bit": True, "llm_int8_has_fp16_weight": True}
+
+
+@pytest.mark.parametrize("family, options", [("llama", FOUR_BITS), ("gpt2", FOUR_BITS), ("gpt2", SIXTEEN_BIT_WEIGHTS)],
+                         ids=["llama-4bit", "gpt2-4bit", "gpt2-8bit-16-bit-weights"])
+def test_an_export_of_a_bitsandbytes_model_is_a_plain_folder_with_its_layers(family, options, tmp_path):
     """merge_for_export drops transformers' quantization marks (the saved folder would load quantized again) and
-    gives GPT-2's Conv1D layers back (a folder of nn.Linear weights loads transposed or not at all)."""
+    gives GPT-2's Conv1D layers back (a folder of nn.Linear weights loads transposed or not at all), also from
+    8-bit layers that keep 16-bit weights."""
     build = tiny_llama if family == "llama" else tiny_gpt2
-    model = _loaded(build(), tmp_path / "base", load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = _loaded(build(), tmp_path / "base", **options)
     targets = ["q_proj", "v_proj"] if family == "llama" else ["c_attn", "c_proj", "c_fc"]
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     adapted = _logits(model)
     merged, report = merge_for_export(model)
-    assert report.dequantized_layers > 0 and not getattr(merged.config, "quantization_config", None)
+    assert (report.dequantized_layers > 0) == (options is FOUR_BITS)  # (16-bit weights are no quantized layers)
+    assert not getattr(merged.config, "quantization_config", None)
     merged.save_pretrained(tmp_path / "merged")
     back = type(merged).from_pretrained(tmp_path / "merged").eval()
     if family == "gpt2":
@@ -61,7 +68,8 @@ def test_an_export_of_a_bitsandbytes_model_is_a_plain_folder_with_its_layers(fam
 
         assert isinstance(back.transformer.h[0].attn.c_attn, Conv1D)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in back.modules())
-    torch.testing.assert_close(_logits(back), adapted, atol=1e-4, rtol=0)
+    # (8-bit layers compute with int8 codes of their 16-bit weights; the export, with the weights)
+    torch.testing.assert_close(_logits(back), adapted, atol=1e-4 if options is FOUR_BITS else 1e-2, rtol=0)
 
 
 def test_dequantizing_an_8bit_model_keeps_the_models_dtype(tmp_path):

@@ -26,6 +26,7 @@ from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linea
 from slimtune.quant.state import (
     bitsandbytes_state,
     is_8bit_prefix,
+    is_bitsandbytes_layer,
     is_bitsandbytes_quantized,
     read_4bit_state,
     read_8bit_state,
@@ -166,7 +167,7 @@ def from_conv1d(module: nn.Module) -> bool:
 def forget_quantization(model: nn.Module) -> None:
     """Drop what says ``model`` is quantized once none of its layers is (transformers' ``hf_quantizer``, the
     config's ``quantization_config`` …, as its ``dequantize()`` does): saved, it must load as the plain model."""
-    if any(isinstance(m, QuantizedLinear) or is_bitsandbytes_quantized(m) for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) or is_bitsandbytes_layer(m) for m in model.modules()):
         return
     for name in ("hf_quantizer", "quantization_method", "_weight_conversions"):
         if name in vars(model):
@@ -272,30 +273,32 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every quantized layer (slimtune's, and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``) by a frozen
-    ``nn.Linear`` holding its dequantized weight (a GPT-2 ``Conv1D`` again for one made from it, so that
-    ``save_pretrained`` writes its checkpoint layout).
+    """Replace every quantized layer (slimtune's, and bitsandbytes' ``Linear4bit`` / ``Linear8bitLt``, also one
+    keeping 16-bit weights) by a frozen ``nn.Linear`` holding its dequantized weight (a GPT-2 ``Conv1D`` again for
+    one made from it, so that ``save_pretrained`` writes its checkpoint layout).
 
     ``dtype`` defaults to each layer's original dtype (a bitsandbytes 8-bit layer's: float32). Works inside adapter
     wrappers too (their ``base_layer`` is replaced, by an ``nn.Linear`` the wrapper's math expects:
     :func:`restore_conv1d` turns it back once the adapter is merged and unloaded), which is what merging into a
     full-precision export needs.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) or is_bitsandbytes_quantized(m)]
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear) or is_bitsandbytes_layer(m)]
     # a bitsandbytes 8-bit layer records no dtype: the model's (its first floating-point weight's), as transformers
     unrecorded = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name in names:
         module = model.get_submodule(name)
         q = as_quantized_layer(module)
-        assert q is not None  # names holds quantized layers only
-        own = unrecorded if is_bitsandbytes_quantized(module) and isinstance(q, Linear8bit) else q.dtype
-        w = q.dequantize(dtype or own)
+        if q is None:  # a bitsandbytes 8-bit layer keeping 16-bit weights: its weight as it is
+            w, conv1d = weight_of(module).detach().to(dtype or weight_of(module).dtype), from_conv1d(module)
+        else:
+            own = unrecorded if is_bitsandbytes_quantized(module) and isinstance(q, Linear8bit) else q.dtype
+            w, conv1d = q.dequantize(dtype or own), q.conv1d
         bias = bias_of(module)
-        linear = nn.Linear(q.in_features, q.out_features, bias=bias is not None, device="meta")
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
-        setattr(linear, "conv1d", q.conv1d)  # noqa: B010 - what restore_conv1d reads (nn.Linear has no such field)
+        setattr(linear, "conv1d", conv1d)  # noqa: B010 - what restore_conv1d reads (nn.Linear has no such field)
         replace_module(model, name, linear)
     forget_quantization(model)
     return restore_conv1d(model)

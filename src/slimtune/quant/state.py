@@ -30,7 +30,8 @@ from slimtune.quant.codebooks import QUANT_TYPES
 from slimtune.quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE
 
 __all__ = ["write_4bit_state", "read_4bit_state", "write_8bit_state", "read_8bit_state", "quant_state_key",
-           "is_4bit_prefix", "is_8bit_prefix", "is_bitsandbytes_quantized", "bitsandbytes_state"]
+           "is_4bit_prefix", "is_8bit_prefix", "is_bitsandbytes_layer", "is_bitsandbytes_quantized",
+           "bitsandbytes_state"]
 
 _QS = "weight.quant_state.bitsandbytes__"
 
@@ -45,6 +46,12 @@ def is_4bit_prefix(keys, prefix: str) -> bool:
 
 def is_8bit_prefix(keys, prefix: str) -> bool:
     return prefix + "SCB" in keys
+
+
+def is_bitsandbytes_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of bitsandbytes' linear layers, its weight quantized or not (an 8-bit layer keeping
+    16-bit weights, ``has_fp16_weights=True``)."""
+    return isinstance(module, nn.Linear) and type(module).__module__.split(".")[0] == "bitsandbytes"
 
 
 def is_bitsandbytes_quantized(module: nn.Module) -> bool:
