@@ -9,6 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
+import transformers
 from tiny_models import logits, tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -33,6 +34,8 @@ def _saved(base, tmp_path, targets):
     return model.eval(), [str(w.message) for w in seen if "PEFT reads those names" in str(w.message)]
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="PEFT converts mixture-of-experts targets only under transformers 5")
 def test_an_adapter_peft_would_load_without_its_dense_layers_is_saved_with_a_warning(tmp_path):
     base = _moe_with_a_dense_layer()
     ours, said = _saved(base, tmp_path / "mlp", ["q_proj", "down_proj"])
