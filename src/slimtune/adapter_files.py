@@ -136,13 +136,18 @@ def wrapped_module_names(model: nn.Module, adapter_name: str) -> list[str]:
     PEFT writes it (its own "all-linear" can mean other layers, e.g. the fused experts of a mixture-of-experts
     model under transformers 5). A last name component is used where it picks exactly the wrapped modules, the
     full name where it would also pick others."""
-    wrapped = [name for name, layer in tuner_layers(model) if adapter_name in layer.adapter_names]
+    wrapped = wrapped_modules(model, adapter_name)
     under = tuple(name + "." for name in wrapped)  # a wrapper's own children are not the base model's
     chosen = set(wrapped)
     other_leaves = {n.rpartition(".")[2] for n, _ in model.named_modules()
                     if n and n not in chosen and not n.startswith(under)}
     leaves = {name: name.rpartition(".")[2] for name in wrapped}
     return sorted({leaf if leaf not in other_leaves else name for name, leaf in leaves.items()})
+
+
+def wrapped_modules(model: nn.Module, adapter_name: str) -> list[str]:
+    """The full names of the modules an adapter wraps."""
+    return [name for name, layer in tuner_layers(model) if adapter_name in layer.adapter_names]
 
 
 def adapter_file_contents(model: nn.Module, adapter_name: str = "default") -> dict[str, bytes]:
@@ -170,8 +175,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     folder = Path(path)
     contents = adapter_file_contents(model, adapter_name)
     if json.loads(contents[CONFIG_NAME])["peft_type"] == "LORA":
-        warn_if_peft_drops(model, adapter_name, [name for name, layer in tuner_layers(model)
-                                                 if adapter_name in layer.adapter_names])
+        warn_if_peft_drops(model, adapter_name, wrapped_modules(model, adapter_name))
     ours = ADAPTER_FILES | {name.split("/")[0] for name in contents}
     check_replaceable(folder, ours.__contains__, what="the adapter")
     try:
@@ -199,12 +203,13 @@ def config_from_file(config_file: Path, data: dict[str, Any]) -> MethodConfig:
         raise InvalidFileError(config_file, f"peft_type={peft_type!r:.80} is not a method slimtune knows; known types: "
                                             f"{sorted(REGISTRY.config_classes())}.", "peft_type")
     cls = REGISTRY.config_classes()[peft_type]
-    if isinstance(data.get("init_lora_weights"), str) and data["init_lora_weights"].lower() == "mica":  # (as PEFT)
+    init = str(data.get("init_lora_weights")).lower()  # (PEFT reads "MiCA" as "mica")
+    if init == "mica":
         warnings.warn(f"{config_file}: init_lora_weights='mica': PEFT's MiCA computes as plain LoRA, as which it "
                       "loads, but trains only lora_A (lora_B frozen): training it further here trains lora_B too.",
                       stacklevel=3)
-    if str(data.get("init_lora_weights")).lower() in ("eva", "mica"):  # they only chose the start (EVA: A's from
-        data = {**data, "init_lora_weights": True}  # activations; MiCA: B's from the weight's minor directions)
+    if init in ("eva", "mica"):  # they only chose the start (EVA: A's from activations; MiCA: B's from the
+        data = {**data, "init_lora_weights": True}  # weight's minor directions): a saved one is plain LoRA
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.name in data and field.init and not fits_type(data[field.name], hints[field.name]):
