@@ -171,6 +171,10 @@ def _check_combination(adapters: Sequence[str], weights: Sequence[float], config
             kind = "DoRA" if getattr(config, "use_dora", False) else config.peft_type
             raise ValueError(f"adapter {name!r} is {kind}: only plain LoRA adapters (ΔW = s B A) combine exactly. "
                              "Merge it instead, or combine LoRA adapters only.")
+        if config.target_parameters:
+            raise ValueError(f"adapter {name!r} adapts parameters (target_parameters={config.target_parameters}): "
+                             "their per-expert factors have no weighted combination here (nor in PEFT). Merge it "
+                             "instead (slimtune.merge_adapter), or combine adapters of target_modules only.")
         if config.modules_to_save or config.bias != "none":
             raise ValueError(f"adapter {name!r} also trains biases or modules_to_save ({config.bias=}, "
                              f"{config.modules_to_save=}); those have no weighted combination.")

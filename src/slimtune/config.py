@@ -263,7 +263,7 @@ class LoraConfig(MethodConfig):
         "megatron_core", "loftq_config", "qalora_group_size", "eva_config", "corda_config", "lora_ga_config",
         "runtime_config"}
     unsupported_keys: ClassVar[frozenset[str]] = frozenset(
-        {"lora_bias", "trainable_token_indices", "layer_replication", "target_parameters", "alora_invocation_tokens",
+        {"lora_bias", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
          "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "megatron_config"})
 
     r: int = 8
@@ -281,6 +281,9 @@ class LoraConfig(MethodConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    # nn.Parameters adapted directly (a mixture of experts' fused (experts, out, in) weights): names or dotted
+    # suffixes of ``<module>.<parameter>``, e.g. ["experts.gate_up_proj", "experts.down_proj"] (PEFT's field)
+    target_parameters: list[str] | None = None
 
     @classmethod
     def from_dict(cls: type[ConfigT], data: dict[str, Any]) -> ConfigT:
@@ -288,6 +291,13 @@ class LoraConfig(MethodConfig):
         this adapter (see :func:`check_weight_tying`), and dropped where it cannot (PEFT ignores it there too)."""
         check_weight_tying(data)
         return super().from_dict({k: v for k, v in data.items() if k != "ensure_weight_tying"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`MethodConfig.to_dict`; ``target_parameters`` only where set (PEFT before 0.17 refuses the key)."""
+        data = super().to_dict()
+        if data.get("target_parameters") is None:
+            del data["target_parameters"]
+        return data
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -305,6 +315,20 @@ class LoraConfig(MethodConfig):
                     "original base), which slimtune loads." if converted else "")
             )
         check_layer_targets(self)
+        self.target_parameters = str_list("target_parameters", self.target_parameters, allow_str=False) or None
+        if self.target_parameters:
+            check_parameter_targets(self)
+
+
+def check_parameter_targets(config: LoraConfig) -> None:
+    """What LoRA on parameters (``target_parameters``) cannot do, refused as PEFT refuses it: the update is added to
+    the weight before the module runs, so there is no input to drop out or to normalise against."""
+    for field_name, value, allowed in (("lora_dropout", config.lora_dropout, 0.0),
+                                       ("use_dora", config.use_dora, False)):
+        if value != allowed:
+            raise ValueError(f"{field_name}={value!r} cannot apply to target_parameters={config.target_parameters}: "
+                             "LoRA on a parameter adds B A to the weight itself. Use "
+                             f"{field_name}={allowed!r}, or a separate adapter for the target_modules that need it.")
 
 
 # The layers PEFT's ensure_weight_tying ties to their twin when the model ties its embeddings (its

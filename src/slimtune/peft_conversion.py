@@ -48,4 +48,5 @@ def warn_if_peft_drops(model: nn.Module, adapter_name: str, wrapped: Sequence[st
             "(target_parameters), so PEFT loads this adapter without them, silently, and computes otherwise (or "
             "refuses it, where one of a fused pair such as gate_proj / up_proj is named without the other); "
             "slimtune loads it whole. For an adapter PEFT loads the same, leave those names out of target_modules "
-            "(e.g. adapt the attention projections).", stacklevel=3)
+            "(e.g. adapt the attention projections); the experts themselves take LoRA through target_parameters "
+            "(e.g. ['experts.gate_up_proj', 'experts.down_proj']).", stacklevel=3)

@@ -140,8 +140,12 @@ class LayerMethod(Method):
         names = find_targets(model, getattr(config, "target_modules", None), getattr(config, "exclude_modules", None),
                              getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None),
                              getattr(config, "modules_to_save", None), skip=skip)
-        warn_unused_patterns(config, names)
+        warn_unused_patterns(config, [*names, *self.pattern_targets(model, config)])
         return names
+
+    def pattern_targets(self, model: nn.Module, config: MethodConfig) -> list[str]:
+        """Names beyond the wrapped modules that ``rank_pattern`` / ``alpha_pattern`` keys may pick."""
+        return []
 
     def plan(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Module]]:
         """``(name, module to wrap or an existing wrapper this method can add to)`` for every target."""

@@ -44,6 +44,9 @@ class DeltaLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_parameters:
+            raise ValueError(f"target_parameters={self.target_parameters}: Delta-LoRA adapts linear layers only; use "
+                             "LoraConfig for parameters (and target_modules here).")
         if self.lora_dropout:
             raise ValueError(f"DeltaLoraConfig(lora_dropout={self.lora_dropout!r}): Delta-LoRA runs without "
                              "dropout on the LoRA path (the W update assumes B A is the model's own update); "

@@ -12,12 +12,15 @@ from typing import ClassVar
 from torch import nn
 
 from slimtune.config import LoraConfig, MethodConfig
-from slimtune.methods.contract import LayerMethod
+from slimtune.core.modules import replace_module
+from slimtune.core.state import AdapterState
+from slimtune.methods.contract import LayerMethod, saved_modules, tuner_layers
 from slimtune.methods.default_targets import LOW_RANK_TARGETS, model_type
 from slimtune.methods.dora import DoraLinear
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear
-from slimtune.methods.targets import is_adaptable_linear
+from slimtune.methods.lora_parameters import PARAMETER_INITS, LoraParameters, parameter_keys, parameter_targets
+from slimtune.methods.targets import is_adaptable_linear, warn_unused_patterns
 
 
 def make_lora_layer(base: nn.Module, config: LoraConfig) -> TunerLayer:
@@ -53,7 +56,7 @@ MAMBA_DIRECT_WEIGHTS = frozenset({"out_proj", "conv1d"})
 class LoraMethod(LayerMethod):
     peft_type: ClassVar[str] = "LORA"
     config_class: ClassVar[type[MethodConfig]] = LoraConfig
-    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LoraLinear, LoraEmbedding)
+    layer_types: ClassVar[tuple[type[TunerLayer], ...]] = (LoraLinear, LoraEmbedding, LoraParameters)
     default_targets: ClassVar[Mapping[str, list[str] | str]] = LOW_RANK_TARGETS
 
     def make_layer(self, base: nn.Module, config: MethodConfig) -> TunerLayer:
@@ -64,6 +67,11 @@ class LoraMethod(LayerMethod):
         """PEFT's targets, less those a Mamba-style model reads the weight of directly (its fused kernels take
         ``out_proj.weight`` and ``conv1d.weight`` as tensors, so LoRA there would be skipped, yet merged): refused,
         as PEFT refuses them."""
+        assert isinstance(config, LoraConfig)
+        self.fill_default_targets(model, config)
+        if config.target_parameters and not config.target_modules:  # (PEFT: [] adapts the parameters alone)
+            warn_unused_patterns(config, self.pattern_targets(model, config))
+            return []
         names = super().target_names(model, config, skip)
         if model_type(model) in MAMBA_MODEL_TYPES:
             bad = sorted({n.rpartition(".")[2] for n in names} & MAMBA_DIRECT_WEIGHTS)
@@ -72,3 +80,46 @@ class LoraMethod(LayerMethod):
                                  f"kernels read their weights directly (as PEFT refuses: {sorted(MAMBA_DIRECT_WEIGHTS)}"
                                  "); leave them out, e.g. exclude_modules=" + repr(bad) + ".")
         return names
+
+    def pattern_targets(self, model: nn.Module, config: MethodConfig) -> list[str]:
+        return parameter_keys(model, getattr(config, "target_parameters", None) or [])
+
+    def parameter_plan(self, model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+        """The modules whose parameters ``target_parameters`` names; raises when it names none (PEFT's rule: a
+        list entry equals ``<module>.<parameter>`` or is a dotted suffix of it)."""
+        if config.init_lora_weights not in PARAMETER_INITS:
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} cannot initialise LoRA on "
+                             f"target_parameters; use one of {list(PARAMETER_INITS)}.")
+        inside = {f"{n}.{child}" for n, layer in tuner_layers(model) for child, _ in layer.named_children()}
+        plan = parameter_targets(model, config.target_parameters or [], inside | {n for n, _ in saved_modules(model)})
+        if not plan:
+            names = [f"{n}.{p}" for n, m in model.named_modules() for p, _ in m.named_parameters(recurse=False)
+                     if n and getattr(m, p).ndim in (2, 3) and not isinstance(m, (nn.Linear, nn.Embedding))]
+            raise ValueError(f"target_parameters={config.target_parameters} matched no parameter. Weights held by "
+                             f"modules other than linear layers: {names[:8] or 'none'}"
+                             f"{' …' if len(names) > 8 else ''} (linear layers: use target_modules).")
+        return plan
+
+    def checked_plans(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Module]]:
+        """Check the modules and the parameters ``config`` targets (raising as :meth:`check`); the parameters' plan."""
+        assert isinstance(config, LoraConfig)
+        modules = {name for name, _ in self.plan(model, config)}
+        plan = self.parameter_plan(model, config) if config.target_parameters else []
+        both = [name for name, _ in plan if name in modules]
+        if both:
+            raise ValueError(f"{both[0]} is named by target_modules and, through its parameters, by target_parameters "
+                             f"{config.target_parameters}: a layer is adapted one way. Leave it out of one list.")
+        return plan
+
+    def check(self, model: nn.Module, config: MethodConfig) -> None:
+        self.checked_plans(model, config)
+
+    def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
+        assert isinstance(config, LoraConfig)
+        plan = self.checked_plans(model, config)
+        super().add(model, config, adapter_name, state)
+        for name, module in plan:
+            layer = module if isinstance(module, LoraParameters) else LoraParameters(module)
+            layer.add_adapter(adapter_name, config, name)
+            if layer is not module:
+                replace_module(model, name, layer)

@@ -32,6 +32,9 @@ class LoraFAConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_parameters:
+            raise ValueError(f"target_parameters={self.target_parameters}: LoRA-FA adapts linear layers only; use "
+                             "LoraConfig for parameters (and target_modules here).")
         if self.use_dora:
             raise ValueError("LoraFAConfig(use_dora=True) contradicts itself: DoRA trains the direction through "
                              "A and B; use LoraConfig(use_dora=True), or LoRA-FA with use_dora=False.")
