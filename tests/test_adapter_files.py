@@ -257,8 +257,10 @@ def test_a_failed_load_beside_other_adapters_keeps_which_are_active_and_frozen(t
     inputs = sample_inputs("llama")
     before, grads = logits(model, inputs), {n: p.requires_grad for n, p in model.named_parameters()}
     assert any(grads.values()) and not all(grads.values())
+    rng = torch.random.get_rng_state()
     with pytest.raises(InvalidFileError, match="NaN|inf|finite"):
         slimtune.load_adapter(model, bad, "b", activate=activate)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # (the new layers' initial draws are taken back)
     assert get_state(model).active == ["a", "c"] and "b" not in get_state(model).configs
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)

@@ -13,6 +13,7 @@ import slimtune
 from slimtune.core.state import get_state
 from slimtune.methods.contract import tuner_layers
 from slimtune.methods.layers import TunerLayer
+from slimtune.quant import QuantConfig, quantize
 
 
 def test_switching_reproduces_each_adapters_own_outputs(family):
@@ -428,6 +429,28 @@ def test_refused_switches_and_merges_change_nothing():
     after = _state_of(model)
     assert after[1] == before[1] and all(torch.equal(after[0][k], v) for k, v in before[0].items())
     assert slimtune.lifecycle._merged_names(model, model.slimtune_state) == ["a"]
+
+
+@pytest.mark.parametrize("build", ["bottleneck", "quantized"])
+def test_a_merge_a_layer_can_never_take_changes_no_weight(build):
+    """Refused before any layer merges, even without safe_merge (the layers merged first were unmerged again:
+    W + ΔW - ΔW, not bit-identical)."""
+    model = tiny_llama()
+    if build == "quantized":  # the embedding merges, the 4-bit q_proj cannot
+        quantize(model, QuantConfig())
+        targets, names = ["embed_tokens", "q_proj"], ["a"]
+    else:
+        targets, names = ["q_proj", "o_proj"], ["a", "n"]
+    torch.manual_seed(0)
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules=targets, init_lora_weights=False), "a")
+    if build == "bottleneck":
+        slimtune.add_adapter(model, slimtune.BottleneckConfig(target_modules=["down_proj"]), "n")
+    before = _state_of(model)
+    with pytest.raises(slimtune.NotMergeableError):
+        slimtune.merge_adapter(model, names)
+    after = _state_of(model)
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert slimtune.lifecycle._merged_names(model, model.slimtune_state) == []
 
 
 def test_an_adapter_loaded_frozen_stays_frozen_when_others_come_and_go(tmp_path):

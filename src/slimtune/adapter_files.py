@@ -60,10 +60,10 @@ from slimtune.core.files import (
     write_file,
     writer_in_progress,
 )
-from slimtune.core.state import find_state, get_state
+from slimtune.core.state import check_adapter_name, find_state, get_state
 from slimtune.core.tensor_files import SafetensorsReader, check_finite, read_pickled_tensors
 from slimtune.errors import InvalidFileError, SaveError
-from slimtune.lifecycle import add_adapter, bias_mode, bias_names, check_adapter_name, undone_on_error
+from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
 from slimtune.methods.prefix import PrefixTuningConfig
@@ -444,9 +444,10 @@ def _copy_checked(live: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]
             raise InvalidFileError(weights, f"tensor {key!r} does not belong to any module or parameter of this "
                                             "adapter's config; " + (
                                                 "it adapts one expert's own layer, as transformers 4 laid mixtures of "
-                                                "experts out, and transformers 5 fuses the experts into one tensor, "
-                                                "which slimtune does not adapt: load it with PEFT (it converts such "
-                                                "files), or train the adapter again." if experts else
+                                                "experts out, and transformers 5 fuses the experts into one tensor "
+                                                "(adapted through target_parameters): load it with PEFT, which "
+                                                "converts such files (save it from there for slimtune), or train "
+                                                "the adapter again." if experts else
                                                 "was the adapter trained on another architecture, or the file "
                                                 "altered?"), key)
         if target.shape != value.shape:

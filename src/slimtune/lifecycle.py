@@ -21,12 +21,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimtune.config import TASK_HEAD_MODULES, MethodConfig, check_field_types
-from slimtune.core.files import check_name
 from slimtune.core.modules import replace_module, tied_weights
-from slimtune.core.state import AdapterState, create_state, drop_state, find_state, get_state
+from slimtune.core.rollback import restored_on_error
+from slimtune.core.state import AdapterState, check_adapter_name, create_state, drop_state, find_state, get_state
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
 from slimtune.methods.layerdrop import LayerDropConfig
@@ -70,15 +71,16 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     frozen = frozen_active_parameters(model)
     heads = _modules_to_save(model, config)
     first = state is None or not state.configs
-    state = state or create_state(model)
-    existing = {id(m) for m in model.modules()}
-    method.add(model, config, adapter_name, state)
-    for name in heads:
-        module = model.get_submodule(name)
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
-            replace_module(model, name, module)
-        module.add_adapter(adapter_name)
+    with restored_on_error(model):  # a layer refusing late (or memory running out) leaves the model as it was
+        state = state or create_state(model)
+        existing = {id(m) for m in model.modules()}
+        method.add(model, config, adapter_name, state)
+        for name in heads:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                replace_module(model, name, module)
+            module.add_adapter(adapter_name)
     _take_host_mode(model, existing)
     _warn_on_tied_weights(model, adapter_name, heads)
     _declare_tied_weights(model)
@@ -87,15 +89,6 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
     for param in frozen:  # an adapter loaded frozen stays so (as in PEFT)
         param.requires_grad_(False)
     return model
-
-
-def check_adapter_name(adapter_name: object) -> str:
-    """``adapter_name`` if it can name an adapter: a non-empty string without '.' (it becomes a module key) that can
-    name a folder (an adapter saved beside others is saved under its name), as load_adapter takes it."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name {adapter_name!r} is not valid: an adapter name is one non-empty string "
-                         "without '.' (it becomes a module key), e.g. \"default\" or \"math\".")
-    return check_name(adapter_name, "adapter name", most_bytes=200)  # (room for "adapter-NAME", temporary names)
 
 
 def _take_host_mode(model: nn.Module, existing: set[int]) -> None:
@@ -170,13 +163,18 @@ def in_head_copy(name: str) -> bool:
 @contextlib.contextmanager
 def undone_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
     """Add adapter ``adapter_name`` inside the block; if the block raises, the adapter is removed and the adapters
-    that were active, and every parameter's ``requires_grad``, are as before it (a failed load changes nothing)."""
+    that were active, every parameter's ``requires_grad`` and torch's random generators (the adapter's initial
+    values were drawn from them) are as before it (a failed load changes nothing)."""
     state = find_state(model)
     active = list(state.active) if state is not None else []
     grads = {id(p): p.requires_grad for p in model.parameters()}
+    rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     except BaseException:
+        torch.random.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
         state = find_state(model)
         if state is not None and adapter_name in state.configs:
             remove_adapter(model, adapter_name)
@@ -358,6 +356,8 @@ def _merge(model: nn.Module, state: AdapterState, names: list[str], safe_merge: 
             raise ValueError(f"{name}'s weight is trained in place by adapter {owned[id(weight)]!r} "
                              f"({state.configs[owned[id(weight)]].peft_type}): {mine} merged into it would be "
                              "overwritten when that adapter is switched. Keep them unmerged, or merge both.")
+    for layer, _ in layers.values():  # a layer no merge can change refuses before any weight moves
+        layer.check_mergeable()
     methods = _methods_present(state)
     for peft_type in [t for t in methods if not REGISTRY.method(t).changes_base_weights]:  # may refuse: first
         if mine := [a for a in names if state.configs[a].peft_type == peft_type]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import slimtune
 from slimtune.quant import (
     Linear4bit,
     Linear8bit,
@@ -109,6 +110,30 @@ def test_an_inf_or_nan_weight_is_refused_and_the_model_left_unchanged(make_llama
     from transformers import AutoModelForCausalLM
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight: the weight has inf or NaN values in 1 "):
         load_quantized(lambda: AutoModelForCausalLM.from_config(model.config), tmp_path, config)
+
+
+@pytest.mark.parametrize("extra, what", [(lambda: nn.Linear(5, 5, dtype=torch.float64), "is torch.float64"),
+                                         (lambda: nn.Linear(32, 0), r"is empty \(0, 32\)")], ids=["float64", "empty"])
+def test_a_layer_that_cannot_be_quantized_is_refused_before_any_is(make_llama, extra, what):
+    """A layer registered after the decoder that cannot be quantized: refused before the others change (they were
+    quantized first, and a retry skipping it was refused as "already quantized")."""
+    model = make_llama()
+    model.extra = extra()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"extra: the weight {what}, .*the model is unchanged.*skip_modules"):
+        quantize(model, QuantConfig())
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    quantize(model, QuantConfig(skip_modules=["extra"]))
+    assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit) and type(model.extra) is nn.Linear
+
+
+def test_a_model_holding_adapters_is_refused(make_llama):
+    """Quantizing after add_adapter would turn the adapters' own A and B into frozen 4-bit layers."""
+    model = slimtune.add_adapter(make_llama(), slimtune.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"holds slimtune adapters \['default'\]: quantize the base model before"):
+        quantize(model, QuantConfig())
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
 
 
 def test_a_weight_that_overflows_the_dtype_asked_for_is_named_as_such(make_llama, tmp_path):

@@ -122,6 +122,8 @@ def test_adapter_save_failing_at_any_write_call_keeps_the_previous_adapter(tmp_p
             outcomes["old" if now == old else "new"] += 1
             if message is not None and now == old:
                 assert "The previous adapter is intact" in message, message
+            elif message is not None:  # (the sync after the rename failed: the message says what is there)
+                assert "The new adapter is in place" in message and "previous" not in message, message
             assert leftovers(folder.parent) == [], f"{injector.failed} #{at}: leftovers"
     assert outcomes["old"] > 0
     report({"suite": "save_failures", "kind": "adapter save", "write_calls": calls, "failures_injected": 2 * calls,

@@ -82,8 +82,10 @@ class HubSite(TunerLayer):
         self.composition = None  # a new active set replaces any composition
 
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        if not (adapter_names or self.active_adapters):
-            return
+        if adapter_names or self.active_adapters:
+            self.check_mergeable()
+
+    def check_mergeable(self) -> None:
         raise NotMergeableError("bottleneck adapters cannot be merged into the base weights: the non-linearity "
                                 "between W_down and W_up makes them non-linear in h.")
 

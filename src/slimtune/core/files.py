@@ -225,6 +225,7 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
             old.mkdir()
             os.replace(final, old / final.name)  # the old folder moves inside its marker folder
         os.replace(tmp, final)
+        kept = f"The new {final.name} is in place, but the rename may not survive a power cut."
         fsync_folder(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as error:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from slimtune.core.files import check_name
+
 if TYPE_CHECKING:
     from slimtune.config import MethodConfig
 
@@ -75,3 +77,16 @@ def drop_state(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(state.original_requires_grad.get(name, param.requires_grad))
     del model.__dict__[STATE_ATTR]
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """``adapter_name`` if it can name an adapter: a non-empty string without '.' (it becomes a module key) that can
+    name a folder (an adapter saved beside others is saved under its name), as load_adapter takes it."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} is not valid: an adapter name is one non-empty string "
+                         "without '.' (it becomes a module key), e.g. \"default\" or \"math\".")
+    if adapter_name == "__base__" or hasattr(nn.ParameterDict, adapter_name):  # (ModuleDict's are among these)
+        why = "mixed_batch reads '__base__' as the base model" if adapter_name == "__base__" else \
+            "it is an attribute of the containers that hold adapters by name (nn.ModuleDict, nn.ParameterDict)"
+        raise ValueError(f"adapter name {adapter_name!r} is taken: {why}; pick another name, e.g. \"default\".")
+    return check_name(adapter_name, "adapter name", most_bytes=200)  # (room for "adapter-NAME", temporary names)

@@ -239,6 +239,10 @@ def _default(f: dataclasses.Field) -> Any:
     return factory() if callable(factory) else None
 
 
+NOT_MERGEABLE = ("bottleneck adapters cannot be merged into the base weight: the non-linearity between W_down and W_up "
+                 "makes the adapter non-linear in h. Keep them as separate modules (they add a small latency).")
+
+
 class BottleneckLinear(TunerLayer):
     """A linear layer followed by bottleneck adapters: ``h = W x + b``, then ``h ← h + W_up · act(W_down · h)``.
 
@@ -279,10 +283,10 @@ class BottleneckLinear(TunerLayer):
         return h
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        raise NotMergeableError(
-            "bottleneck adapters cannot be merged into the base weight: the non-linearity between W_down and W_up "
-            "makes the adapter non-linear in h. Keep them as separate modules (they add a small latency)."
-        )
+        raise NotMergeableError(NOT_MERGEABLE)
+
+    def check_mergeable(self) -> None:
+        raise NotMergeableError(NOT_MERGEABLE)
 
     def extra_repr(self) -> str:
         sizes = {n: m.out_features for n, m in self.adapter_down.items()}

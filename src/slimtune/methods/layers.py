@@ -115,6 +115,11 @@ class TunerLayer(nn.Module):
         """The adapter's change to ``base_layer.weight``, in the weight's layout. Methods override."""
         raise NotMergeableError(f"{type(self).__name__} adapters cannot be merged into the base weight.")
 
+    def check_mergeable(self) -> None:
+        """Raise :class:`NotMergeableError` if no merge can fold this layer's adapters into its base (asked of every
+        layer before a merge changes any)."""
+        mergeable_weight(self.base_layer)
+
     @property
     def merge_calls(self) -> list[list[str]]:
         """The merged adapters grouped by the :meth:`merge` calls that folded them in: merging them back call by

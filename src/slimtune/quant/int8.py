@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from slimtune.quant.nf4 import QUANTIZABLE_DTYPES
+
 __all__ = ["quantize_int8_rowwise", "dequantize_int8_rowwise"]
 
 # bitsandbytes multiplies by this fp64 constant (≈ 1/127) rather than dividing by 127.
@@ -26,7 +28,7 @@ def quantize_int8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(CB int8 (out, in), SCB fp32 (out,))`` for a 2-D weight ``w`` (out, in)."""
     if w.dim() != 2:
         raise ValueError(f"int8 row-wise quantization needs a 2-D weight (out, in), got shape {tuple(w.shape)}")
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if w.dtype not in QUANTIZABLE_DTYPES:
         raise ValueError(f"the weight to quantize must be float32, float16 or bfloat16, got {w.dtype}")
     w = w.detach()
     rows, cols = w.shape

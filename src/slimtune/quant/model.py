@@ -20,6 +20,7 @@ from slimtune.core.modules import (
     replace_module,
     weight_of,
 )
+from slimtune.core.state import find_state
 from slimtune.quant import nf4
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.linear import Linear4bit, Linear8bit, QuantizedLinear, linear_weight
@@ -231,6 +232,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     if done:
         raise ValueError(f"the model is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
                          "quantize the full-precision model, or call dequantize_model() first")
+    adapters = find_state(model)
+    if adapters is not None:
+        raise ValueError(f"the model holds slimtune adapters {list(adapters.configs)}: quantize the base model before "
+                         "adding adapters (here the adapters' own layers would be quantized too), or merge them first "
+                         "(slimtune.merge_and_unload)")
     skipped = set(skipped_linear_names(model, config))
     names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
     stored: dict[str, dict[str, torch.Tensor]] = {}
@@ -248,7 +254,14 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             raise ValueError(f"{name}: {error}; the model is unchanged") from None
         if state is not None:
             stored[name] = state
-        elif not torch.isfinite(linear_weight(model.get_submodule(name))).all():
+            continue
+        weight = linear_weight(model.get_submodule(name))
+        if weight.dtype not in nf4.QUANTIZABLE_DTYPES or not weight.numel():
+            what = f"is empty {tuple(weight.shape)}" if not weight.numel() else f"is {weight.dtype}"
+            raise ValueError(f"{name}: the weight {what}, which cannot be quantized (float32, float16 or bfloat16 "
+                             f"weights can); the model is unchanged. Leave it full precision with "
+                             f"QuantConfig(skip_modules=[{name.rpartition('.')[2]!r}, ...]).")
+        if not torch.isfinite(weight).all():
             raise ValueError(f"{name}: the weight has inf or NaN values, which a quantized layer cannot hold (they "
                              "would decode as NaN); the model is unchanged. A diverged or damaged checkpoint?")
     for name in names:  # names only: holding the modules would keep every fp32 weight alive

@@ -108,8 +108,11 @@ def check_blocksize(blocksize: int) -> int:
     return blocksize
 
 
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_float(w: torch.Tensor, what: str) -> None:
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if w.dtype not in QUANTIZABLE_DTYPES:
         raise ValueError(f"{what} must be float32, float16 or bfloat16, got {w.dtype}")
 
 

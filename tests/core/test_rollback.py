@@ -1,0 +1,75 @@
+"""A change that fails part-way leaves the model as it was: add_adapter with one layer refusing late, on a fresh
+model and beside an adapter whose layers it shares; names the adapter containers cannot hold."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+import slimtune
+from slimtune.methods.layers import TunerLayer
+
+# orthogonal init needs an even rank: the last layer's rank 3 is refused after the other layers were wrapped
+LATE_REFUSAL = {"target_modules": "all-linear", "init_lora_weights": "orthogonal",
+                "rank_pattern": {"layers.1.mlp.down_proj": 3}}
+IDS = torch.arange(2, 12).reshape(2, 5)
+
+
+def _picture(model: torch.nn.Module) -> tuple:
+    """Everything a failed add must not change: module tree, tensors, trainability, modes, bookkeeping, outputs."""
+    state = getattr(model, "slimtune_state", None)
+    layers = {n: (type(m).__name__, list(m.active_adapters), {a: sorted(m.adapter_names) for a in m.adapter_attrs})
+              for n, m in model.named_modules() if isinstance(m, TunerLayer)}
+    with torch.no_grad():
+        out = model(IDS).logits
+    return (repr(model), {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()}, [m.training for m in model.modules()],
+            None if state is None else (list(state.configs), list(state.active)), layers, out)
+
+
+def _assert_same(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0]
+    assert before[1].keys() == after[1].keys() and all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert before[2:6] == after[2:6]
+    assert torch.equal(before[6], after[6])
+
+
+def test_a_late_refusal_on_a_fresh_model_changes_nothing():
+    model = tiny_llama().eval()
+    before = _picture(model)
+    with pytest.raises(ValueError, match="needs an even rank"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(**LATE_REFUSAL))
+    _assert_same(before, _picture(model))
+    assert not hasattr(model, "slimtune_state")
+    # and the model takes a valid adapter as a fresh one does
+    fresh = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(target_modules=["q_proj"]))
+    slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"]))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
+        sum(p.numel() for p in fresh.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora-beside", "dora-upgrade"])
+def test_a_late_refusal_beside_another_adapter_leaves_its_layers_alone(use_dora):
+    torch.manual_seed(0)
+    model = slimtune.add_adapter(tiny_llama(), slimtune.LoraConfig(target_modules=["q_proj", "down_proj"],
+                                                                   init_lora_weights=False), "a")
+    model.eval()
+    before = _picture(model)
+    held = model.model.layers[1].mlp.down_proj
+    with pytest.raises(ValueError, match="needs an even rank"):  # into a's layers (or upgrading them to DoRA)
+        slimtune.add_adapter(model, slimtune.LoraConfig(use_dora=use_dora, **LATE_REFUSAL), "d")
+    _assert_same(before, _picture(model))
+    assert model.model.layers[1].mlp.down_proj is held and list(held.scaling) == ["a"]
+
+
+@pytest.mark.parametrize("name, why", [("__base__", "mixed_batch reads '__base__' as the base model"),
+                                       ("train", "it is an attribute of the containers"),
+                                       ("get", "it is an attribute")])
+def test_names_the_adapter_containers_cannot_hold_are_refused_up_front(name, why):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"adapter name '{name}' is taken: {why}"):
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"]), name)
+    assert not hasattr(model, "slimtune_state")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
