@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).parent / "train"))  # the tiny model and recipe helpers live there
 from run_helpers import tiny_recipe, write_recipe  # noqa: E402
@@ -156,7 +157,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     }[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    hf_logging.enable_progress_bar()
     assert main(["train", str(recipe_file), override, "--no-progress"]) == 2
+    assert hf_logging.is_progress_bar_enabled()  # main() quiets transformers while it runs, not after
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
     assert re.search(expected, err), err

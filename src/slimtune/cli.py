@@ -15,9 +15,11 @@ set ``SLIMTUNE_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimtune.errors import SlimtuneError
@@ -383,11 +385,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_transformers() -> None:
-    """transformers draws a progress bar for every model load ("Loading weights"): noise here."""
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers draws a progress bar for every model load ("Loading weights"): noise here. Switched back on
+    after the command where it was on (main() may run inside a user's process)."""
     from transformers.utils import logging as hf_logging
 
+    was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: merge needs --adapter PATH (the adapter to merge).", file=sys.stderr)
         return 2
     try:
-        if args.command != "recipes" and not getattr(args, "dry_run", False):
-            _quiet_transformers()
-        return args.func(args)
+        quiet = args.command != "recipes" and not getattr(args, "dry_run", False)
+        with _quiet_transformers() if quiet else contextlib.nullcontext():
+            return args.func(args)
     except USER_ERRORS as error:
         if os.environ.get("SLIMTUNE_DEBUG"):
             raise

@@ -25,7 +25,9 @@ from slimtune.methods.lora import LoraMethod
 from slimtune.perf import losses
 from slimtune.train import progress
 from slimtune.train.batching import BatchIterator, collate
-from slimtune.train.losses import evaluate_loss, label_tokens, loss_sum
+from slimtune.train.generation import generate_text
+from slimtune.train.losses import chunked_loss_refusal, evaluate_loss, label_tokens, loss_sum
+from slimtune.train.packing import packing_refusal
 from slimtune.train.progress import MetricsLog, peak_memory_mb, plot_loss
 from slimtune.train.recipe import TrainingSection
 from slimtune.train.schedule import lr_multiplier
@@ -119,6 +121,19 @@ def test_eval_loss_is_the_models_own_mean_token_loss(tokenizer, token_rows):
     counts = [sum(t != -100 for t in r["labels"][1:]) for r in token_rows[:4]]
     pooled = sum(loss * c for loss, c in zip(one_by_one, counts)) / sum(counts)
     assert evaluate_loss(model, token_rows[:4], 3, tokenizer.pad_token_id, CPU) == pytest.approx(pooled, rel=1e-5)
+
+
+def test_evaluation_gives_every_module_its_own_mode_back(tokenizer, token_rows):
+    """A model in train() holding a block the user put in eval(): both are as they were after an evaluation, a
+    sample generation and the run's probes (the chunked-loss and packing checks)."""
+    model = tiny_llama(vocab_size=len(tokenizer)).train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    evaluate_loss(model, token_rows[:2], 2, tokenizer.pad_token_id, CPU)
+    generate_text(model, tokenizer, "hello", max_new_tokens=2, silent=True)
+    chunked_loss_refusal(model, "auto")
+    packing_refusal(model, CPU)
+    assert [m.training for m in model.modules()] == modes
 
 
 def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):

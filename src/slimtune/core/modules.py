@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TypeGuard, cast
 
 import torch
@@ -189,3 +190,16 @@ def block_list(model: nn.Module, name: str) -> nn.ModuleList:
     blocks = model.get_submodule(name)
     assert isinstance(blocks, nn.ModuleList)  # block_lists names ModuleLists only
     return blocks
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in ``eval()`` mode within the block; afterwards every module's own mode is back (a model in
+    ``train()`` may hold modules the user put in ``eval()``, which ``model.train(was_training)`` would flip)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training

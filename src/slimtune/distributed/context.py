@@ -121,6 +121,7 @@ def process_group(device: str = "auto", timeout_s: float = 600.0) -> Iterator[Di
         yield DistContext(dist.get_rank(), dist.get_world_size(), local, dev, str(dist.get_backend()))
         return
     alone = not launched_by_torchrun()
+    callers = {name: os.environ.get(name) for name in TORCHRUN_VARIABLES}
     if alone:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
@@ -135,6 +136,9 @@ def process_group(device: str = "auto", timeout_s: float = 600.0) -> Iterator[Di
         finally:
             dist.destroy_process_group()
     finally:
-        if alone:  # the next run in this process is again a group of one, on a new port
-            for name in TORCHRUN_VARIABLES:
-                os.environ.pop(name, None)
+        if alone:  # the caller's variables back (the next run in this process is again a group of one)
+            for name, value in callers.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

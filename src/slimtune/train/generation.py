@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
+from slimtune.core.modules import evaluating
 from slimtune.methods.prompts import active_prompt
 from slimtune.train.examples import is_text_example
 from slimtune.train.templates import encode_prompt, encode_texts
@@ -132,10 +133,8 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
         prompt_ids(tokenizer, prompt, use_chat_template, raw, system)
     check_length(model, len(tokens), 0 if encoder_decoder else max_new_tokens)  # encoder: its own positions
     ids = torch.tensor([tokens], device=device, dtype=torch.long)
-    was_training = model.training
-    model.eval()
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    try:
+    with evaluating(model):
         # The 4-bit model itself: its layers decode each weight into a reused buffer per token. A dequantized
         # copy decodes ~1.7x faster on a CPU (SmolLM2-135M, 64 tokens: 6.5 s vs 10.8 s) but holds every weight
         # in fp32 beside the model (+0.4 GiB peak for the demo), so none is made.
@@ -146,6 +145,4 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
             # the model's generation_config may ask for sampling (top_p ...): greedy means greedy
             top_p=None, top_k=None, **sampling,
         )
-    finally:
-        model.train(was_training)
     return tokenizer.decode(out[0] if encoder_decoder else out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.core.modules import evaluating
 from slimtune.perf.losses import causal_lm_loss, router_aux_coef, split_logits
 from slimtune.train.batching import collate
 from slimtune.train.tokenization import IGNORE_INDEX
@@ -48,10 +49,8 @@ def chunked_loss_refusal(model: nn.Module, mode: str) -> str | None:
     head = getattr(model, "get_output_embeddings", lambda: None)()
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or getattr(head, "out_features", 0) or 2)
     probe = (torch.arange(PROBE_TOKENS) * 7919 % vocab).to(next(model.parameters()).device)[None]
-    was_training = model.training
-    model.eval()  # eval mode and a forked RNG leave the run's random stream alone
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    try:  # eval mode and a forked RNG leave the run's random stream alone
+        with evaluating(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
             split = split_logits(model, {"input_ids": probe})
             own = model(input_ids=probe, use_cache=False).logits.float()
         # compared logit by logit, relative to their size: a scale the split misses changes every logit by the same
@@ -67,8 +66,6 @@ def chunked_loss_refusal(model: nn.Module, mode: str) -> str | None:
         if mode == "chunked":
             raise
         return str(why)
-    finally:
-        model.train(was_training)
 
 
 def chunked_loss_works(model: nn.Module, mode: str) -> bool:
@@ -117,16 +114,12 @@ def evaluate_loss(model: nn.Module, rows: Sequence[dict[str, list[int]]], batch_
     autocast = autocast_context(device, mixed_precision)
     if chunked is None:
         chunked = chunked_loss_works(model, loss)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with evaluating(model):
         for start in range(0, len(rows), batch_size):
             batch = to_device(collate(rows[start:start + batch_size], pad_id), device)
             total += float(loss_sum(model, batch, autocast, chunked))
             count += label_tokens(batch)
-    finally:
-        model.train(was_training)
     if count == 0:
         raise ValueError("the evaluation set has no label tokens; check the data and max_seq_length.")
     return total / count

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.core.modules import evaluating
 from slimtune.train.batching import collate
 from slimtune.train.tokenization import pack_rows
 
@@ -34,22 +35,18 @@ def packing_refusal(model: nn.Module, device: torch.device) -> str | None:
     config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
     vocab = int(getattr(config, "vocab_size", 0) or 0) or 2
     second = {"input_ids": _tokens(vocab, 11)}
-    was_training = model.training
-    model.eval()  # and a forked RNG: the run's random stream is left alone
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            packed = []
-            for start in (3, 5):  # the first example's tokens change, its length does not
-                first = {"input_ids": _tokens(vocab, start)}
-                (row,) = pack_rows([{**first, "labels": first["input_ids"]}, {**second, "labels": second["input_ids"]}],
-                                   2 * PROBE_TOKENS)
-                batch = collate([row], pad_id=0)
-                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-                packed.append(model(**inputs, use_cache=False).logits[0, PROBE_TOKENS:].float())
-            ids = torch.tensor([second["input_ids"]], device=device)
-            alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0].float()
-    finally:
-        model.train(was_training)
+    # eval mode and a forked RNG: the run's random stream is left alone
+    with evaluating(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        packed = []
+        for start in (3, 5):  # the first example's tokens change, its length does not
+            first = {"input_ids": _tokens(vocab, start)}
+            (row,) = pack_rows([{**first, "labels": first["input_ids"]}, {**second, "labels": second["input_ids"]}],
+                               2 * PROBE_TOKENS)
+            batch = collate([row], pad_id=0)
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            packed.append(model(**inputs, use_cache=False).logits[0, PROBE_TOKENS:].float())
+        ids = torch.tensor([second["input_ids"]], device=device)
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[0].float()
     scale = max(float(alone.abs().max()), 1.0)
     leak = float((packed[0] - packed[1]).abs().max())
     name = type(getattr(model, "module", model)).__name__
