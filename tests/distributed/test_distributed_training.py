@@ -113,6 +113,20 @@ def test_two_rank_fsdp_checkpoint_resumes_on_one_rank(two_ranks, single, tmp_pat
     assert_same_adapter(adapter(single / "lora"), adapter(copy))
 
 
+@NEEDS_FSDP_QLORA
+def test_fsdp_qlora_on_one_rank_trains_the_adapter_of_the_plain_engine(tmp_path):
+    """One rank (a recipe with a distributed section run in this process), blocks of 64 over the tiny model's
+    32-wide rows: each layer's 4-bit codes are buffers on the meta device while the adapter is made, and the adapter
+    must still be made on the rank's device (it was made on meta: 'Cannot copy out of meta tensor')."""
+    for name, strategy in (("plain", None), ("fsdp", "fsdp")):
+        recipe = recipe_file(tmp_path, name, quantized=True, batch=4, strategy=strategy)
+        spec = yaml.safe_load(recipe.read_text())
+        spec["quantization"]["blocksize"] = 64
+        recipe.write_text(yaml.safe_dump(spec))
+        assert main(["train", str(recipe), "--no-progress"]) == 0
+    assert_same_adapter(adapter(tmp_path / "plain"), adapter(tmp_path / "fsdp"))
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_method_with_only_vectors_to_train_resumes(tmp_path, strategy, capsys):
     """VeRA trains vectors only (no weight-decay group): its distributed checkpoint resumes to the same adapter

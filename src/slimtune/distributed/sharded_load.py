@@ -22,7 +22,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -117,24 +117,33 @@ def stand_ins(model: nn.Module, device: torch.device) -> Iterator[None]:
     adapter added here is made on ``device`` from the same random numbers as in one process (adapters are put
     where their base layer's tensors are, and meta tensors draw no random numbers). Nothing may read the
     base weights here (they are one zero each): :func:`why_not_per_rank` admits only such methods."""
-    originals: dict[int, nn.Parameter] = {}
-    replaced: dict[int, nn.Parameter] = {}
+    originals: dict[int, torch.Tensor] = {}
+    replaced: dict[int, torch.Tensor] = {}
     for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is not None and p.is_meta:
-                if id(p) not in replaced:
-                    zero = torch.zeros((), dtype=p.dtype, device=device).expand(p.shape)
-                    replaced[id(p)], originals[id(p)] = nn.Parameter(zero, requires_grad=p.requires_grad), p
-                module._parameters[attr] = replaced[id(p)]
+        for store in _tensor_stores(module):  # (a 4-bit layer's codes are buffers)
+            for attr, t in store.items():
+                if t is not None and t.is_meta:
+                    if id(t) not in replaced:
+                        zero = torch.zeros((), dtype=t.dtype, device=device).expand(t.shape)
+                        is_param = isinstance(t, nn.Parameter)
+                        replaced[id(t)] = nn.Parameter(zero, requires_grad=t.requires_grad) if is_param else zero
+                        originals[id(t)] = t
+                    store[attr] = replaced[id(t)]
     back = {id(stand_in): originals[key] for key, stand_in in replaced.items()}
     try:
         yield
     finally:
         for module in model.modules():
-            for attr, p in module._parameters.items():
-                if p is not None and id(p) in back:
-                    back[id(p)].requires_grad_(p.requires_grad)  # the adapter froze the base
-                    module._parameters[attr] = back[id(p)]
+            for store in _tensor_stores(module):
+                for attr, t in store.items():
+                    if t is not None and id(t) in back:
+                        if isinstance(t, nn.Parameter):
+                            back[id(t)].requires_grad_(t.requires_grad)  # the adapter froze the base
+                        store[attr] = back[id(t)]
+
+
+def _tensor_stores(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    return cast("dict[str, Any]", module._parameters), cast("dict[str, Any]", module._buffers)
 
 
 def _shard(p: torch.Tensor, read: Callable[[int, int], torch.Tensor], ctx: DistContext,
