@@ -26,6 +26,7 @@ PYTEST := -m pytest -q --durations=10 -p no:randomly
 install: $(STAMP)
 
 $(STAMP): $(LOCK) pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else "make install: requirements/lock.txt pins releases that need Python 3.11 or newer (this is %d.%d); run make with PYTHON=python3.11, or on 3.10 install the ranges: pip install torch==2.13.0 && pip install -e .[dev]" % sys.version_info[:2])'
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet $(TORCH)

@@ -108,6 +108,19 @@ def test_rows_sharing_one_adapter_and_the_active_adapter(family):
         assert torch.equal(active[i, ids.shape[1]:], expected)
 
 
+def _qualname(frame) -> str:
+    """frame.f_code.co_qualname (Python 3.11+), or on 3.10 the defining class found through self's MRO."""
+    code = frame.f_code
+    if hasattr(code, "co_qualname"):
+        return code.co_qualname
+    owner = frame.f_locals.get("self")
+    for cls in type(owner).__mro__ if owner is not None else ():
+        func = cls.__dict__.get(code.co_name)
+        if getattr(func, "__code__", None) is code:
+            return f"{cls.__qualname__}.{code.co_name}"
+    return code.co_name
+
+
 def _slimtune_code_in_forwards(fn) -> set[str]:
     """The slimtune functions that run inside transformers' model code (its forwards) while ``fn()`` runs:
     the cost a serving path adds to the model's own, whatever the function is called."""
@@ -122,7 +135,7 @@ def _slimtune_code_in_forwards(fn) -> set[str]:
 
     def profile(frame, event, arg):
         if event == "call" and "slimtune/" in frame.f_code.co_filename and inside_model(frame):
-            seen.add(frame.f_code.co_qualname)
+            seen.add(_qualname(frame))
 
     sys.setprofile(profile)
     try:
