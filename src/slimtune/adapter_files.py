@@ -66,6 +66,7 @@ from slimtune.errors import InvalidFileError, SaveError
 from slimtune.lifecycle import add_adapter, bias_mode, bias_names, undone_on_error
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import PEFT_PREFIX, saved_modules, tuner_layers
+from slimtune.methods.lora_parameters import LoraParameters
 from slimtune.methods.prefix import PrefixTuningConfig
 from slimtune.methods.prompt_tuning import PromptEncoderConfig
 from slimtune.methods.targets import check_not_peft_model
@@ -136,7 +137,9 @@ def wrapped_module_names(model: nn.Module, adapter_name: str) -> list[str]:
     PEFT writes it (its own "all-linear" can mean other layers, e.g. the fused experts of a mixture-of-experts
     model under transformers 5). A last name component is used where it picks exactly the wrapped modules, the
     full name where it would also pick others."""
-    wrapped = wrapped_modules(model, adapter_name)
+    # (the modules whose parameters target_parameters adapts are not target_modules: PEFT refuses to wrap them)
+    wrapped = [n for n in wrapped_modules(model, adapter_name)
+               if not isinstance(model.get_submodule(n), LoraParameters)]
     under = tuple(name + "." for name in wrapped)  # a wrapper's own children are not the base model's
     chosen = set(wrapped)
     other_leaves = {n.rpartition(".")[2] for n, _ in model.named_modules()

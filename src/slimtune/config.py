@@ -323,8 +323,8 @@ class LoraConfig(MethodConfig):
 def check_parameter_targets(config: LoraConfig) -> None:
     """What LoRA on parameters (``target_parameters``) cannot do, refused as PEFT refuses it: the update is added to
     the weight before the module runs, so there is no input to drop out or to normalise against."""
-    for field_name, value, allowed in (("lora_dropout", config.lora_dropout, 0.0),
-                                       ("use_dora", config.use_dora, False)):
+    for field_name, value, allowed in (("lora_dropout", config.lora_dropout, 0.0), ("use_dora", config.use_dora, False),
+                                       ("fan_in_fan_out", config.fan_in_fan_out, False)):
         if value != allowed:
             raise ValueError(f"{field_name}={value!r} cannot apply to target_parameters={config.target_parameters}: "
                              "LoRA on a parameter adds B A to the weight itself. Use "

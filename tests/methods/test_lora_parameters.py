@@ -264,3 +264,34 @@ def test_a_config_without_parameters_saves_no_such_key():
     """PEFT before 0.17 refuses the key: a LoRA adapter of linear layers only is written as before."""
     assert "target_parameters" not in slimtune.LoraConfig(target_modules=["q_proj"]).to_dict()
     assert slimtune.LoraConfig(target_parameters=BOTH).to_dict()["target_parameters"] == BOTH
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"modules_to_save": ["experts"]}, "is trained whole .* and adapted through target_parameters"),
+    ({"modules_to_save": ["layers.1"]}, "is trained whole"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out=True cannot apply to target_parameters"),
+])
+def test_what_peft_refuses_beside_parameters_is_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        slimtune.add_adapter(TinyMoE(), _config(slimtune.LoraConfig, **settings))
+
+
+def test_all_linear_beside_parameters_saves_only_linear_layers_as_target_modules(tmp_path):
+    """"all-linear" is written out as the layers it picked: the modules adapted through their parameters are not
+    among them (a file naming `experts` in target_modules loaded in neither slimtune nor PEFT)."""
+    model = slimtune.add_adapter(TinyMoE(), _config(slimtune.LoraConfig, target_modules="all-linear"))
+    slimtune.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["head", "q_proj"] and saved["target_parameters"] == BOTH
+    theirs = peft.PeftModel.from_pretrained(TinyMoE(), tmp_path)
+    assert close(theirs(X), model(X)) and close(slimtune.load_adapter(TinyMoE(), tmp_path)(X), model(X))
+
+
+def test_under_autocast_the_adapted_weight_keeps_its_dtype():
+    """As PEFT: the update is added in the weight's dtype, not rounded to bf16 by autocast with the whole stack."""
+    model = slimtune.add_adapter(TinyMoE(), _config(slimtune.LoraConfig))
+    layer = model.layers[0].experts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = layer.adapted_weight("gate_up_proj", ["default"])
+    assert adapted.dtype == torch.float32
+    assert torch.equal(adapted, layer.adapted_weight("gate_up_proj", ["default"]))

@@ -189,6 +189,12 @@ def memory_model(shape: ModelShape, layout: AdapterLayout, acts: ActivationModel
         comps.append(Component("activations", "activations kept for backward", acts.saved,
                                f"{on_path} layers × {human(max(acts.per_layer, default=0))} at {tokens:,} tokens "
                                f"(batch {batch} × seq {seq})"))
+    if layout.adapted_weights:  # W + s·B A, one copy per block kept for backward (one at a time when recomputed)
+        each = [n * prec.weight for n in layout.adapted_weights]
+        comps.append(Component("activations", "adapted weights kept for backward", max(each) if acts.recompute_layer
+                               else sum(each), f"target_parameters: {len(each)} blocks' adapted weights × "
+                               f"{prec.weight} B" + (" (one block at a time: recomputed)" if acts.recompute_layer
+                                                     else "")))
     comps.append(Component("logits", "loss (chunked)" if chunked else "loss (full logits)", logits, logits_why))
     dequant = 0
     if quant is not None and not prec.triton:

@@ -32,6 +32,7 @@ from slimtune.lifecycle import add_adapter
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lokr import LokrLinear
 from slimtune.methods.lora_layers import LoraLinear
+from slimtune.methods.lora_parameters import LoraParameters
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.model import skipped_linear_names
 from slimtune.train.models import DEFAULT_MODEL, DEFAULT_MODEL_PACKAGE, default_gguf_path, is_hub_id
@@ -303,6 +304,9 @@ class AdapterLayout:
     adapted_layers: set[int]  # indices of decoder blocks holding trainable parameters
     virtual_tokens: int = 0  # prompt tuning / P-tuning: tokens prepended to every row
     total_params: int = 0  # the model's parameters with the adapter (the denominator of the trainable share)
+    # target_parameters: per decoder block, the elements of the weights LoRA adds to before the block runs (each
+    # adapted copy is kept for backward by the module that uses it)
+    adapted_weights: list[int] = field(default_factory=list)
 
     @property
     def trainable_params(self) -> int:
@@ -329,6 +333,12 @@ def adapter_layout(shape: ModelShape, method: MethodConfig) -> AdapterLayout:
     prefix = shape.block_prefix + "."
     adapted = {int(index) for n, _ in trainable if n.startswith(prefix)
                and (index := n[len(prefix):].split(".", 1)[0]).isdigit()}
+    per_block: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraParameters):
+            block = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else name
+            per_block[block] = per_block.get(block, 0) + sum(getattr(module.base_layer, p).numel()
+                                                             for p in module.adapted_parameters())
     embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     hooks = bool(model._forward_pre_hooks or model._forward_hooks)  # prompt learning: trainable virtual tokens
     embedding_trainable = hooks or any(n.startswith(embed + ".") for n, _ in trainable)
@@ -339,7 +349,8 @@ def adapter_layout(shape: ModelShape, method: MethodConfig) -> AdapterLayout:
                          forward_hooks=hooks, adapted_layers=adapted,
                          virtual_tokens=int(getattr(method, "num_virtual_tokens", 0) or 0)
                          if method.peft_type in ("PROMPT_TUNING", "P_TUNING") else 0,
-                         total_params=sum(p.numel() for p in model.parameters()))
+                         total_params=sum(p.numel() for p in model.parameters()),
+                         adapted_weights=list(per_block.values()))
 
 
 def _wrapped(name: str, module: TunerLayer) -> WrappedLinear:

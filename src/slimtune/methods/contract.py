@@ -177,7 +177,11 @@ class LayerMethod(Method):
         self.plan(model, config)
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
-        plan = self.plan(model, config)
+        self.add_planned(model, config, adapter_name, self.plan(model, config))
+
+    def add_planned(self, model: nn.Module, config: MethodConfig, adapter_name: str,
+                    plan: list[tuple[str, nn.Module]]) -> None:
+        """:meth:`add` with the :meth:`plan` made already."""
         if hasattr(config, "fan_in_fan_out"):
             bases = {n: m.base_layer if isinstance(m, TunerLayer) else m for n, m in plan}
             settle_fan_in_fan_out(config, {n: m for n, m in bases.items() if not isinstance(m, nn.Embedding)})

@@ -20,7 +20,7 @@ from slimtune.methods.dora import DoraLinear
 from slimtune.methods.layers import TunerLayer
 from slimtune.methods.lora_layers import LoraEmbedding, LoraLinear
 from slimtune.methods.lora_parameters import PARAMETER_INITS, LoraParameters, parameter_keys, parameter_targets
-from slimtune.methods.targets import is_adaptable_linear, warn_unused_patterns
+from slimtune.methods.targets import is_adaptable_linear, is_saved_module, warn_unused_patterns
 
 
 def make_lora_layer(base: nn.Module, config: LoraConfig) -> TunerLayer:
@@ -100,24 +100,31 @@ class LoraMethod(LayerMethod):
                              f"{' …' if len(names) > 8 else ''} (linear layers: use target_modules).")
         return plan
 
-    def checked_plans(self, model: nn.Module, config: MethodConfig) -> list[tuple[str, nn.Module]]:
-        """Check the modules and the parameters ``config`` targets (raising as :meth:`check`); the parameters' plan."""
+    def checked_plans(self, model: nn.Module, config: MethodConfig
+                      ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+        """The modules to wrap and those whose parameters to adapt, checked together (raising as :meth:`check`)."""
         assert isinstance(config, LoraConfig)
-        modules = {name for name, _ in self.plan(model, config)}
+        modules = self.plan(model, config)
         plan = self.parameter_plan(model, config) if config.target_parameters else []
-        both = [name for name, _ in plan if name in modules]
+        both = [name for name, _ in plan if name in {n for n, _ in modules}]
         if both:
             raise ValueError(f"{both[0]} is named by target_modules and, through its parameters, by target_parameters "
                              f"{config.target_parameters}: a layer is adapted one way. Leave it out of one list.")
-        return plan
+        parts = {name: name.split(".") for name, _ in plan}  # the module itself, or one it sits in, trained whole:
+        saved = [name for name, _ in plan if config.modules_to_save and any(
+            is_saved_module(".".join(parts[name][:i]), config.modules_to_save) for i in range(1, len(parts[name]) + 1))]
+        if saved:
+            raise ValueError(f"{saved[0]} is trained whole (modules_to_save={config.modules_to_save}) and adapted "
+                             f"through target_parameters {config.target_parameters}; pick one (as PEFT refuses both).")
+        return modules, plan
 
     def check(self, model: nn.Module, config: MethodConfig) -> None:
         self.checked_plans(model, config)
 
     def add(self, model: nn.Module, config: MethodConfig, adapter_name: str, state: AdapterState) -> None:
         assert isinstance(config, LoraConfig)
-        plan = self.checked_plans(model, config)
-        super().add(model, config, adapter_name, state)
+        modules, plan = self.checked_plans(model, config)
+        self.add_planned(model, config, adapter_name, modules)
         for name, module in plan:
             layer = module if isinstance(module, LoraParameters) else LoraParameters(module)
             layer.add_adapter(adapter_name, config, name)

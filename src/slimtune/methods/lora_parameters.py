@@ -108,8 +108,13 @@ class LoraParameters(TunerLayer):
         return (torch.bmm(left, right) * self.scaling[adapter_name][name]).reshape(weight.shape)
 
     def adapted_weight(self, name: str, adapter_names: Sequence[str]) -> torch.Tensor:
-        """The weight with these adapters' updates added (one ``baddbmm`` for one adapter of the weight's dtype)."""
+        """The weight with these adapters' updates added (one ``baddbmm`` for one adapter of the weight's dtype), in
+        the weight's dtype: autocast would round the whole stack to its dtype (as PEFT, it is switched off here)."""
         weight = getattr(self.base_layer, name)
+        with torch.autocast(weight.device.type, enabled=False):
+            return self._added(weight, name, adapter_names)
+
+    def _added(self, weight: torch.Tensor, name: str, adapter_names: Sequence[str]) -> torch.Tensor:
         out = weight
         for adapter_name in adapter_names:
             left, right = self.factors(adapter_name, name)
