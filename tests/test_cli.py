@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import utils as hub_utils
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).parent / "train"))  # the tiny model and recipe helpers live there
@@ -158,8 +159,11 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tmp_path, capsys):
     before = sorted(p.name for p in tmp_path.iterdir())
     recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
     hf_logging.enable_progress_bar()
+    hub_utils.disable_progress_bars()  # the caller's own choice for huggingface_hub's bars
     assert main(["train", str(recipe_file), override, "--no-progress"]) == 2
     assert hf_logging.is_progress_bar_enabled()  # main() quiets transformers while it runs, not after
+    assert hub_utils.are_progress_bars_disabled()
+    hub_utils.enable_progress_bars()
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and "Traceback" not in err
     assert re.search(expected, err), err

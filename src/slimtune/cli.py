@@ -389,15 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_transformers() -> Iterator[None]:
     """transformers draws a progress bar for every model load ("Loading weights"): noise here. Switched back on
     after the command where it was on (main() may run inside a user's process)."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    was_on = hf_logging.is_progress_bar_enabled()
+    was_on, hub_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if was_on:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # (which switches huggingface_hub's on too: left as the caller had it)
+            if hub_off:
+                hub_utils.disable_progress_bars()
 
 
 def main(argv: list[str] | None = None) -> int:

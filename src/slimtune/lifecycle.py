@@ -21,12 +21,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from slimtune.config import TASK_HEAD_MODULES, MethodConfig, check_field_types
 from slimtune.core.modules import replace_module, tied_weights
-from slimtune.core.rollback import restored_on_error
+from slimtune.core.rollback import restored_on_error, rng_state, set_rng_state
 from slimtune.core.state import AdapterState, check_adapter_name, create_state, drop_state, find_state, get_state
 from slimtune.methods import REGISTRY, method_for
 from slimtune.methods.contract import saved_modules, tuner_layers
@@ -81,13 +80,13 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
                 module = ModulesToSave(module)
                 replace_module(model, name, module)
             module.add_adapter(adapter_name)
-    _take_host_mode(model, existing)
-    _warn_on_tied_weights(model, adapter_name, heads)
-    _declare_tied_weights(model)
-    state.configs[adapter_name] = config
-    _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
-    for param in frozen:  # an adapter loaded frozen stays so (as in PEFT)
-        param.requires_grad_(False)
+        _take_host_mode(model, existing)
+        _warn_on_tied_weights(model, adapter_name, heads)  # (a warning turned into an error undoes the add too)
+        _declare_tied_weights(model)
+        state.configs[adapter_name] = config
+        _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
+        for param in frozen:  # an adapter loaded frozen stays so (as in PEFT)
+            param.requires_grad_(False)
     return model
 
 
@@ -168,13 +167,11 @@ def undone_on_error(model: nn.Module, adapter_name: str) -> Iterator[None]:
     state = find_state(model)
     active = list(state.active) if state is not None else []
     grads = {id(p): p.requires_grad for p in model.parameters()}
-    rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    rng = rng_state()
     try:
         yield
     except BaseException:
-        torch.random.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
+        set_rng_state(rng)
         state = find_state(model)
         if state is not None and adapter_name in state.configs:
             remove_adapter(model, adapter_name)

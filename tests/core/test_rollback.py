@@ -2,9 +2,11 @@
 model and beside an adapter whose layers it shares; names the adapter containers cannot hold."""
 
 import copy
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_models import tiny_llama
 
 import slimtune
@@ -65,7 +67,8 @@ def test_a_late_refusal_beside_another_adapter_leaves_its_layers_alone(use_dora)
 
 @pytest.mark.parametrize("name, why", [("__base__", "mixed_batch reads '__base__' as the base model"),
                                        ("train", "it is an attribute of the containers"),
-                                       ("get", "it is an attribute")])
+                                       ("get", "it is an attribute"), ("training", "it is an attribute"),
+                                       ("_modules", "it is an attribute")])
 def test_names_the_adapter_containers_cannot_hold_are_refused_up_front(name, why):
     model = tiny_llama()
     before = copy.deepcopy(model.state_dict())
@@ -73,3 +76,58 @@ def test_names_the_adapter_containers_cannot_hold_are_refused_up_front(name, why
         slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj"]), name)
     assert not hasattr(model, "slimtune_state")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tables_a_method_shares_across_adapters_are_restored_too(tmp_path):
+    """An AdapterHub adapter whose initial weights hold a NaN is refused after every site was wrapped and hooked: the
+    hooks' table in the state (a dict inside a dict) is restored with the rest, so the same adapter added again
+    gets its hooks (the stale entries made it skip them: the forward failed)."""
+    source = tiny_llama()
+    slimtune.add_adapter(source, slimtune.BottleneckConfig(placement="adapterhub", adapter_type="houlsby"), "h")
+    slimtune.save_adapter(source, tmp_path, "h")
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    first = next(iter(tensors))
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", adapter_type="pfeiffer"), "p")
+    with pytest.raises(ValueError):
+        slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", adapter_type="houlsby",
+                                                              init_from=str(tmp_path)), "h")
+    slimtune.add_adapter(model, slimtune.BottleneckConfig(placement="adapterhub", adapter_type="houlsby"), "h",
+                         activate=True)
+    assert model(IDS).logits.shape == (2, 5, 128)
+
+
+def test_a_warning_turned_into_an_error_undoes_the_add_and_the_random_draws():
+    """Everything add_adapter does is taken back, the steps after the layers were wrapped included (the tied-weights
+    warning, under -W error), and so are the random numbers the new layers drew."""
+    model = tiny_llama(tie_word_embeddings=True).eval()
+    before = _picture(model)
+    rng = torch.random.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="shared with"):
+            slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["q_proj", "lm_head"]))
+    _assert_same(before, _picture(model))
+    assert not hasattr(model, "slimtune_state") and torch.equal(torch.random.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("config", [slimtune.PromptTuningConfig(num_virtual_tokens=2), slimtune.IA3Config(),
+                                    slimtune.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])],
+                         ids=["prompt-hooks", "ia3", "lora-head-copy"])
+def test_memory_running_out_at_the_end_of_an_add_changes_nothing(config, monkeypatch):
+    """A failure after the method built everything (hooks on the model, wrappers, head copies): all taken back."""
+    model = tiny_llama().eval()
+    before = _picture(model)
+    hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()]
+
+    def out_of_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(slimtune.lifecycle, "_take_host_mode", out_of_memory)
+    with pytest.raises(MemoryError):
+        slimtune.add_adapter(model, config)
+    _assert_same(before, _picture(model))
+    assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks

@@ -129,11 +129,21 @@ def test_a_layer_that_cannot_be_quantized_is_refused_before_any_is(make_llama, e
 
 
 def test_a_model_holding_adapters_is_refused(make_llama):
-    """Quantizing after add_adapter would turn the adapters' own A and B into frozen 4-bit layers."""
+    """Quantizing after add_adapter would turn the adapters' own A and B into frozen 4-bit layers (also when a part of
+    the model is given alone)."""
     model = slimtune.add_adapter(make_llama(), slimtune.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match=r"holds slimtune adapters \['default'\]: quantize the base model before"):
         quantize(model, QuantConfig())
+    with pytest.raises(ValueError, match=r"holds an adapter \(layers.0.self_attn.q_proj.base_layer\)"):
+        quantize(model.model, QuantConfig())
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def test_an_empty_layer_stays_quantizable_to_8_bits(make_llama):
+    model = make_llama()
+    model.extra = nn.Linear(32, 0)
+    quantize(model, QuantConfig(bits=8))
+    assert isinstance(model.extra, Linear8bit)
 
 
 def test_a_weight_that_overflows_the_dtype_asked_for_is_named_as_such(make_llama, tmp_path):

@@ -129,11 +129,14 @@ def test_evaluation_gives_every_module_its_own_mode_back(tokenizer, token_rows):
     model = tiny_llama(vocab_size=len(tokenizer)).train()
     model.model.layers[0].eval()
     modes = [m.training for m in model.modules()]
+    calls, own_train = [], model.train
+    model.train = lambda mode=True: (calls.append(mode), own_train(mode))[1]  # (transformers' train() does work)
     evaluate_loss(model, token_rows[:2], 2, tokenizer.pad_token_id, CPU)
     generate_text(model, tokenizer, "hello", max_new_tokens=2, silent=True)
     chunked_loss_refusal(model, "auto")
     packing_refusal(model, CPU)
     assert [m.training for m in model.modules()] == modes
+    assert len(calls) >= 8 and calls == [False, True] * (len(calls) // 2)  # the model's own train(), there and back
 
 
 def test_accumulation_equals_the_full_batch(tmp_path, tokenizer, token_rows):

@@ -201,5 +201,6 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        model.train(modes[0][1])  # (what a module's own train() does on a change of mode, e.g. transformers' kernels)
         for module, training in modes:
             module.training = training

@@ -79,13 +79,18 @@ def drop_state(model: nn.Module) -> None:
     del model.__dict__[STATE_ATTR]
 
 
+# The containers layers keep adapters in, by name: a name that is one of their attributes (``train``, ``keys``,
+# ``training``, ``_modules`` …) cannot be a key there.
+ADAPTER_HOLDERS = (nn.ModuleDict(), nn.ParameterDict())
+
+
 def check_adapter_name(adapter_name: object) -> str:
     """``adapter_name`` if it can name an adapter: a non-empty string without '.' (it becomes a module key) that can
     name a folder (an adapter saved beside others is saved under its name), as load_adapter takes it."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter name {adapter_name!r} is not valid: an adapter name is one non-empty string "
                          "without '.' (it becomes a module key), e.g. \"default\" or \"math\".")
-    if adapter_name == "__base__" or hasattr(nn.ParameterDict, adapter_name):  # (ModuleDict's are among these)
+    if adapter_name == "__base__" or any(hasattr(holder, adapter_name) for holder in ADAPTER_HOLDERS):
         why = "mixed_batch reads '__base__' as the base model" if adapter_name == "__base__" else \
             "it is an attribute of the containers that hold adapters by name (nn.ModuleDict, nn.ParameterDict)"
         raise ValueError(f"adapter name {adapter_name!r} is taken: {why}; pick another name, e.g. \"default\".")

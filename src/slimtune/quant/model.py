@@ -233,10 +233,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         raise ValueError(f"the model is already quantized ({len(done)} quantized layers, e.g. {done[0]!r}); "
                          "quantize the full-precision model, or call dequantize_model() first")
     adapters = find_state(model)
-    if adapters is not None:
-        raise ValueError(f"the model holds slimtune adapters {list(adapters.configs)}: quantize the base model before "
-                         "adding adapters (here the adapters' own layers would be quantized too), or merge them first "
-                         "(slimtune.merge_and_unload)")
+    wrapper = next((n for n, _ in model.named_modules() if n.rpartition(".")[2] in ("base_layer", "original_module")),
+                   None)  # (an adapter's wrapper, slimtune's or PEFT's, in a part of the model given alone)
+    if adapters is not None or wrapper is not None:
+        held = f"slimtune adapters {list(adapters.configs)}" if adapters is not None else f"an adapter ({wrapper})"
+        raise ValueError(f"the model holds {held}: quantize the base model before adding adapters (here the "
+                         "adapters' own layers would be quantized too), or merge them first (merge_and_unload)")
     skipped = set(skipped_linear_names(model, config))
     names = [n for n, m in model.named_modules() if is_dense_linear(m) and n not in skipped]
     stored: dict[str, dict[str, torch.Tensor]] = {}
@@ -256,11 +258,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             stored[name] = state
             continue
         weight = linear_weight(model.get_submodule(name))
-        if weight.dtype not in nf4.QUANTIZABLE_DTYPES or not weight.numel():
-            what = f"is empty {tuple(weight.shape)}" if not weight.numel() else f"is {weight.dtype}"
+        empty = not weight.numel() and config.bits == 4  # (an empty 8-bit layer works)
+        if weight.dtype not in nf4.QUANTIZABLE_DTYPES or empty:
+            what = f"is empty {tuple(weight.shape)}" if empty else f"is {weight.dtype}"
             raise ValueError(f"{name}: the weight {what}, which cannot be quantized (float32, float16 or bfloat16 "
                              f"weights can); the model is unchanged. Leave it full precision with "
-                             f"QuantConfig(skip_modules=[{name.rpartition('.')[2]!r}, ...]).")
+                             f"QuantConfig(skip_modules=[{name!r}, ...]).")
         if not torch.isfinite(weight).all():
             raise ValueError(f"{name}: the weight has inf or NaN values, which a quantized layer cannot hold (they "
                              "would decode as NaN); the model is unchanged. A diverged or damaged checkpoint?")
