@@ -83,6 +83,9 @@ def add_adapter(model: nn.Module, config: MethodConfig, adapter_name: str = "def
         _take_host_mode(model, existing)
         _warn_on_tied_weights(model, adapter_name, heads)  # (a warning turned into an error undoes the add too)
         _declare_tied_weights(model)
+    # Activation may write into existing tensors (a sparse method swaps trained values in), which a snapshot does
+    # not restore: a failure here removes the adapter through the methods' own steps and re-activates the others.
+    with undone_on_error(model, adapter_name):
         state.configs[adapter_name] = config
         _activate(model, state, [adapter_name] if (first if activate is None else activate) else state.active)
         for param in frozen:  # an adapter loaded frozen stays so (as in PEFT)

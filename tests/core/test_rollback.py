@@ -131,3 +131,28 @@ def test_memory_running_out_at_the_end_of_an_add_changes_nothing(config, monkeyp
         slimtune.add_adapter(model, config)
     _assert_same(before, _picture(model))
     assert [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()] == hooks
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, MemoryError])
+def test_a_failed_activation_beside_a_sparse_adapter_puts_its_trained_values_back(failure, monkeypatch):
+    """Activating the new adapter swaps an active Selective adapter's trained values out of the weights (in place,
+    which no snapshot restores): a failure there removes the new adapter and re-activates the old one, values in."""
+    model = slimtune.add_adapter(tiny_llama(), slimtune.SelectiveConfig(target_modules=["q_proj"]), "s").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.5)  # "trained"
+    trained = model(IDS).logits.detach()
+    apply_bias_modes = slimtune.lifecycle._apply_bias_modes
+
+    def fails_at_the_end(*args):
+        apply_bias_modes(*args)
+        raise failure
+
+    monkeypatch.setattr(slimtune.lifecycle, "_apply_bias_modes", fails_at_the_end)
+    with pytest.raises(failure):
+        slimtune.add_adapter(model, slimtune.LoraConfig(target_modules=["v_proj"]), "x", activate=True)
+    monkeypatch.undo()
+    assert model.slimtune_state.active == ["s"] and list(model.slimtune_state.configs) == ["s"]
+    assert torch.equal(model(IDS).logits, trained)
+    assert model.model.layers[0].self_attn.q_proj.weight.requires_grad

@@ -139,11 +139,16 @@ def test_a_model_holding_adapters_is_refused(make_llama):
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
 
 
-def test_an_empty_layer_stays_quantizable_to_8_bits(make_llama):
+def test_an_empty_layer_stays_quantizable_to_8_bits_where_it_has_inputs(make_llama):
     model = make_llama()
     model.extra = nn.Linear(32, 0)
     quantize(model, QuantConfig(bits=8))
     assert isinstance(model.extra, Linear8bit)
+    model = make_llama()
+    model.extra = nn.Linear(0, 8)  # row scales over no inputs: refused before any layer changes
+    with pytest.raises(ValueError, match=r"extra: the weight is empty \(8, 0\).*the model is unchanged"):
+        quantize(model, QuantConfig(bits=8))
+    assert not any(isinstance(m, Linear8bit) for m in model.modules())
 
 
 def test_a_weight_that_overflows_the_dtype_asked_for_is_named_as_such(make_llama, tmp_path):

@@ -258,7 +258,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             stored[name] = state
             continue
         weight = linear_weight(model.get_submodule(name))
-        empty = not weight.numel() and config.bits == 4  # (an empty 8-bit layer works)
+        empty = not weight.numel() and (config.bits == 4 or not weight.shape[1])  # (8-bit: no outputs is fine)
         if weight.dtype not in nf4.QUANTIZABLE_DTYPES or empty:
             what = f"is empty {tuple(weight.shape)}" if empty else f"is {weight.dtype}"
             raise ValueError(f"{name}: the weight {what}, which cannot be quantized (float32, float16 or bfloat16 "
