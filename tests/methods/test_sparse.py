@@ -242,6 +242,8 @@ def _gemma2(layers=4):
 
 
 class _Identity(torch.nn.Module):
+    attention_type = "sliding_attention"  # (block 0's, which transformers 4's Gemma 2 loop reads off the block)
+
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states
 
@@ -267,6 +269,22 @@ def test_a_skipped_block_is_the_identity_and_the_others_keep_their_position(monk
 
     depths, blocks = parameter_depths(model)  # code walking the blocks still finds them all, in order
     assert blocks == 4 and depths["model.layers.3.mlp.up_proj.weight"] == 4
+
+
+def test_a_skipped_block_keeps_its_attention_type(monkeypatch):
+    """transformers 4's Gemma 2 loop reads each block's ``attention_type`` (a mask kind) off the block itself, so
+    what runs in a skipped block's place carries it."""
+    model = slimtune.apply_layerdrop(_gemma2(), 0.5).train()
+    for block, kind in zip(model.model.layers, model.config.layer_types):
+        block.attention_type = kind  # (as transformers 4 sets it; 5 reads config.layer_types[i])
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 8)))
+    blocks = model.model.layers
+    _drop_only(monkeypatch, 2, 4)
+    blocks.in_forward = True  # (as inside the model's forward)
+    stand_ins = list(blocks)[:2]
+    assert [type(b).__name__ for b in stand_ins] == ["PassThrough"] * 2
+    assert [b.attention_type for b in stand_ins] == ["sliding_attention", "full_attention"]
 
 
 def test_layerdrop_never_skips_a_block_later_blocks_read_from(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from slimtune.quant import (
     quantize,
     requantization_error,
 )
-from slimtune.quant.model import absmax_int4_error
+from slimtune.quant.model import absmax_int4_error, forget_quantization
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,3 +208,15 @@ def test_layers_a_quantized_layer_cannot_stand_in_for_stay_in_full_precision(bui
         after = model(ids).logits  # runs (the packed weight read as a tensor, or a router's tuple, broke it)
     assert type(model.get_submodule(kept)) is not Linear4bit and isinstance(model.get_submodule(quantized), Linear4bit)
     assert torch.isfinite(after).all() and (after - before).abs().max() < 0.5
+
+
+def test_a_model_forgetting_its_quantization_writes_its_config(make_llama):
+    """transformers 4 records the dtype before quantization as a torch.dtype (``_pre_quantization_dtype``), which its
+    JSON writer drops only beside a quantization_config: once that is gone, save_pretrained failed on it."""
+    model = make_llama()
+    model.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    model.config._pre_quantization_dtype = torch.float16
+    forget_quantization(model)
+    assert not getattr(model.config, "quantization_config", None)
+    assert "_pre_quantization_dtype" not in vars(model.config)
+    json.loads(model.config.to_json_string())

@@ -18,7 +18,13 @@ from slimtune.methods.contract import Method
 
 
 class PassThrough(nn.Module):
-    """A skipped block that returns its input hidden states (what a block returning a tensor computes as identity)."""
+    """A skipped block that returns its input hidden states (what a block returning a tensor computes as identity).
+    It carries the block's ``attention_type``, which transformers 4's Gemma 2/3 and Qwen loops read off each block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        if isinstance(getattr(block, "attention_type", None), str):
+            self.attention_type = block.attention_type
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         return kwargs["hidden_states"] if hidden_states is None else hidden_states
@@ -50,6 +56,7 @@ class LayerDropList(nn.ModuleList):
         self.disabled = False
         self.in_forward = False  # blocks are dropped only in the forward of the module holding the list
         self.returned_tensor: dict[int, bool] = {}  # id(block) → whether its last output was the hidden states alone
+        self.stand_ins: dict[int, PassThrough] = {}  # id(block) → what runs in its place when it is skipped
         self.hooks = [block.register_forward_hook(self._note_output) for block in self._modules.values()]
         self.hooks += [owner.register_forward_pre_hook(self._enter),
                        owner.register_forward_hook(self._leave, always_call=True)]
@@ -80,7 +87,7 @@ class LayerDropList(nn.ModuleList):
             if k or returned_tensor is None or owns_shared_state(layer):
                 kept.append(layer)
             elif returned_tensor:
-                kept.append(PASS_THROUGH)
+                kept.append(self.stand_ins.setdefault(id(layer), PassThrough(layer)))
         return kept
 
     def __iter__(self):
@@ -94,8 +101,6 @@ class LayerDropList(nn.ModuleList):
     def extra_repr(self) -> str:
         return f"layerdrop={self.p}"
 
-
-PASS_THROUGH = PassThrough()
 
 
 @dataclass

@@ -176,6 +176,8 @@ def forget_quantization(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
+    if config is not None and "_pre_quantization_dtype" in vars(config):  # (transformers 4: a torch.dtype, which
+        del config._pre_quantization_dtype  # its JSON writer drops only beside a quantization_config)
     if getattr(model, "is_quantized", False):
         setattr(model, "is_quantized", False)  # noqa: B010 - transformers' flag (nn.Module declares no such field)
 
