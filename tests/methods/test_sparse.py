@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from tiny_models import (
     logits,
     one_thread,  # noqa: F401 (a fixture, used by pytestmark)
@@ -241,11 +242,14 @@ def _gemma2(layers=4):
         layer_types=["sliding_attention", "full_attention"] * (layers // 2)))
 
 
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
 class _Identity(torch.nn.Module):
     attention_type = "sliding_attention"  # (block 0's, which transformers 4's Gemma 2 loop reads off the block)
 
     def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+        return (hidden_states,) if TRANSFORMERS_4 else hidden_states  # (as the blocks return it)
 
 
 def _drop_only(monkeypatch, first_kept: int, blocks: int):
@@ -285,6 +289,31 @@ def test_a_skipped_block_keeps_its_attention_type(monkeypatch):
     stand_ins = list(blocks)[:2]
     assert [type(b).__name__ for b in stand_ins] == ["PassThrough"] * 2
     assert [b.attention_type for b in stand_ins] == ["sliding_attention", "full_attention"]
+    h = torch.randn(1, 8, 32)
+    assert all(torch.equal(out[0] if TRANSFORMERS_4 else out, h) for out in (b(h) for b in stand_ins))
+
+
+def test_a_skipped_block_returning_a_tuple_of_its_output_alone_stands_in_with_a_tuple(monkeypatch):
+    """transformers 4's blocks return ``(hidden_states,)``: the stand-in returns the same (a block left out of the
+    list instead moved every later block's mask by one)."""
+    blocks = torch.nn.ModuleList(_TupleBlock() for _ in range(3))
+    owner = torch.nn.Module()
+    owner.layers = blocks
+    dropped = slimtune.methods.layerdrop.LayerDropList(blocks, 0.5, owner).train()
+    h = torch.randn(1, 4, 8)
+    for block in blocks:
+        dropped._note_output(block, (h,), block(h))
+    _drop_only(monkeypatch, 1, 3)
+    dropped.in_forward = True
+    first = list(dropped)[0]
+    assert type(first).__name__ == "PassThrough" and len(list(dropped)) == 3
+    out = first(h)
+    assert isinstance(out, tuple) and len(out) == 1 and torch.equal(out[0], h)
+
+
+class _TupleBlock(torch.nn.Module):
+    def forward(self, hidden_states):
+        return (hidden_states * 2,)
 
 
 def test_layerdrop_never_skips_a_block_later_blocks_read_from(monkeypatch):

@@ -21,13 +21,15 @@ class PassThrough(nn.Module):
     """A skipped block that returns its input hidden states (what a block returning a tensor computes as identity).
     It carries the block's ``attention_type``, which transformers 4's Gemma 2/3 and Qwen loops read off each block."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, as_tuple: bool = False) -> None:
         super().__init__()
+        self.as_tuple = as_tuple  # (transformers 4's blocks return ``(hidden_states,)``)
         if isinstance(getattr(block, "attention_type", None), str):
             self.attention_type = block.attention_type
 
-    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return kwargs["hidden_states"] if hidden_states is None else hidden_states
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        hidden = kwargs["hidden_states"] if hidden_states is None else hidden_states
+        return (hidden,) if self.as_tuple else hidden
 
 
 def owns_shared_state(block: nn.Module) -> bool:
@@ -42,10 +44,11 @@ class LayerDropList(nn.ModuleList):
     Shares its entries with the list it replaces (same module names and state-dict keys); in eval
     mode, and outside the forward of the module holding it (code that walks the blocks), it is the plain list.
     If every block would be skipped, one random block runs. A skipped block that
-    returned a tensor when it last ran is replaced by a :class:`PassThrough`, so the list keeps its length and
-    every block its position (Gemma 2/3 and Qwen pick a block's attention mask by its index in the loop); a block
-    returning a tuple is left out of the list (a tensor in its place would be read as one), and a block not seen
-    yet runs. A block whose result later blocks read (T5's position bias) always runs. Fan et al., 2019,
+    returned the hidden states (or a tuple of them alone, as transformers 4's blocks) when it last ran is replaced by
+    a :class:`PassThrough` returning the same, so the list keeps its length and every block its position (Gemma 2/3
+    and Qwen pick a block's attention mask by its index in the loop); a block returning more is left out of the list
+    (a tensor in its place would be read as a tuple), and a block not seen yet runs. A block whose result later
+    blocks read (T5's position bias) always runs. Fan et al., 2019,
     arXiv:1909.11556.
     """
 
@@ -55,7 +58,9 @@ class LayerDropList(nn.ModuleList):
         self.p = p
         self.disabled = False
         self.in_forward = False  # blocks are dropped only in the forward of the module holding the list
-        self.returned_tensor: dict[int, bool] = {}  # id(block) → whether its last output was the hidden states alone
+        # id(block) → what its last output was: the hidden states alone ("tensor"), a tuple of them alone ("tuple"), or
+        # more ("other")
+        self.returned: dict[int, str] = {}
         self.stand_ins: dict[int, PassThrough] = {}  # id(block) → what runs in its place when it is skipped
         self.hooks = [block.register_forward_hook(self._note_output) for block in self._modules.values()]
         self.hooks += [owner.register_forward_pre_hook(self._enter),
@@ -68,7 +73,8 @@ class LayerDropList(nn.ModuleList):
         self.in_forward = False
 
     def _note_output(self, block: nn.Module, args: Any, output: Any) -> None:
-        self.returned_tensor[id(block)] = isinstance(output, torch.Tensor)
+        alone = isinstance(output, tuple) and len(output) == 1 and isinstance(output[0], torch.Tensor)
+        self.returned[id(block)] = "tensor" if isinstance(output, torch.Tensor) else "tuple" if alone else "other"
 
     def close(self) -> None:
         """Remove the hooks that watch the blocks' outputs (the list is being taken out of the model)."""
@@ -83,11 +89,15 @@ class LayerDropList(nn.ModuleList):
             keep[torch.randint(len(layers), ())] = True
         kept = []
         for layer, k in zip(layers, keep.tolist()):
-            returned_tensor = self.returned_tensor.get(id(layer))
-            if k or returned_tensor is None or owns_shared_state(layer):
+            returned = self.returned.get(id(layer))
+            if k or returned is None or owns_shared_state(layer):
                 kept.append(layer)
-            elif returned_tensor:
-                kept.append(self.stand_ins.setdefault(id(layer), PassThrough(layer)))
+            elif returned != "other":
+                as_tuple = returned == "tuple"
+                stand_in = self.stand_ins.get(id(layer))
+                if stand_in is None or stand_in.as_tuple != as_tuple:
+                    stand_in = self.stand_ins[id(layer)] = PassThrough(layer, as_tuple)
+                kept.append(stand_in)
         return kept
 
     def __iter__(self):
