@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import slimtune
@@ -200,6 +201,8 @@ def _gated_deltanet():
     (_gated_deltanet, "lm_head", "model.layers.0.linear_attn.out_proj"),  # A_log without Mamba's D: called, quantized
 ], ids=["router", "mamba", "gated deltanet"])
 def test_layers_a_quantized_layer_cannot_stand_in_for_stay_in_full_precision(build, kept, quantized):
+    if build is _phimoe and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4's PhiMoE has no router module of its own (its gate is block_sparse_moe.gate)")
     model = build()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():

@@ -326,10 +326,16 @@ def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow
         raise InvalidFileError(folder, f"a weights file is damaged or truncated ({error}); download or save the model "
                                        "again.") from None
     except Exception as error:  # noqa: BLE001 - told apart below; anything else goes on as it was
-        if type(error).__name__ == "UnpicklingError":  # torch's weights-only reader refused it: no code ran
-            raise InvalidFileError(folder, f"its pickle weights hold more than tensors ({str(error).splitlines()[0]})"
+        chain: list[BaseException] = [error]  # (transformers 4 raises an OSError while handling UnpicklingError)
+        while chain[-1].__context__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__context__)
+        refused = next((e for e in chain if type(e).__name__ == "UnpicklingError"), None)
+        if refused is not None:  # torch's weights-only reader refused it: no code ran
+            raise InvalidFileError(folder, f"its pickle weights hold more than tensors ({str(refused).splitlines()[0]})"
                                            "; they are not loaded. Use safetensors weights from a trusted source."
                                    ) from None
+        if isinstance(error, RuntimeError) and "Only Tensors of floating point" in str(error):  # (int8 codes read as
+            refuse_unannounced_quantization(folder, checkpoint_keys(folder))  # a weight, by transformers 4)
         if isinstance(error, RuntimeError) and ("mismatched" in str(error) or "size mismatch" in str(error)):
             refuse_unannounced_quantization(folder, checkpoint_keys(folder))
             raise InvalidFileError(folder, f"the weights do not fit the model its config.json describes ({error}); "
