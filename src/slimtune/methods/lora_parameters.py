@@ -72,6 +72,7 @@ class LoraParameters(TunerLayer):
         a_layers: dict[str, nn.Linear] = {}
         b_layers: dict[str, nn.Linear] = {}
         self.scaling[adapter_name] = {}
+        init = config.init_lora_weights  # (A: nn.Linear's Kaiming-uniform, as PEFT; False: B too, non-zero)
         for name in names:
             param = getattr(self.base_layer, name)
             experts, d_in, d_out, _ = parameter_geometry(param, self.base_layer)
@@ -82,7 +83,6 @@ class LoraParameters(TunerLayer):
             a_layers[name] = nn.Linear(d_in, r * experts, bias=False, device=device, dtype=dtype)
             b_layers[name] = nn.Linear(r * experts, d_out, bias=False, device=device, dtype=dtype)
             self.scaling[adapter_name][name] = lora_scaling(alpha, r, config.use_rslora)
-            init = config.init_lora_weights  # (A: nn.Linear's Kaiming-uniform, as PEFT; False: B too, non-zero)
             with torch.no_grad():
                 if init == "gaussian":
                     nn.init.normal_(a_layers[name].weight, std=1.0 / r)
@@ -127,8 +127,8 @@ class LoraParameters(TunerLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         active = self.unmerged_active()
-        weights = {name: self.adapted_weight(name, [a for a in active if self.holds(a, name)])
-                   for name in self.adapted_parameters() if any(self.holds(a, name) for a in active)}
+        adapters = {name: [a for a in active if self.holds(a, name)] for name in self.adapted_parameters()}
+        weights = {name: self.adapted_weight(name, held) for name, held in adapters.items() if held}
         if not weights:
             return self.base_layer(*args, **kwargs)
         return functional_call(self.base_layer, weights, args, kwargs, tie_weights=False, strict=False)
