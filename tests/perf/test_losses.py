@@ -118,6 +118,54 @@ def test_never_materializes_the_full_logits():
     assert default_chunk_size(128256) == 523 and default_chunk_size(10**9) == 16
 
 
+class _LogitPasses(TorchDispatchMode):
+    """Records, for the ops that take or make a tensor of ``shape`` (one chunk's logits), the new tensors of
+    that shape (not an input written in place) and the exponentials taken over one."""
+
+    EXP = ("exp", "exp_", "logsumexp", "softmax", "_softmax", "log_softmax", "_log_softmax")
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.buffers, self.exps = torch.Size(shape), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        if func.__name__.split(".")[0] in self.EXP and any(a.shape == self.shape for a in inputs):
+            self.exps += 1
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.shape == self.shape and t.untyped_storage().data_ptr() not in storages:
+                self.buffers += 1
+        return out
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_one_logits_buffer_and_one_exp_pass_per_chunk(grad):
+    """The softmax and the logsumexp are written into the chunk's logits with one exponential: torch.logsumexp
+    and then exp(z − lse) took two passes of exp over the vocabulary (and a temporary as large as the logits)."""
+    h, w, b, y = _problem(tokens=64, vocab=1000, dtype=torch.float32)
+    y[:] = 1  # every token a label: 64 label tokens, 4 chunks of 16
+    with torch.set_grad_enabled(grad), _LogitPasses((16, 1000)) as mode:
+        loss = chunked_cross_entropy(h, w, y, b, chunk_size=16)
+    assert (mode.buffers, mode.exps) == (4, 4)
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.T + b, y), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_vocabulary_entries():
+    """Logits of -inf (a bias masking part of the vocabulary) give the same loss and gradients as on full logits."""
+    h, w, b, y = _problem(tokens=30, vocab=200, dtype=torch.float64)
+    with torch.no_grad():
+        b[150:] = float("-inf")
+    y[y >= 150] = 3
+    ref = F.cross_entropy(h @ w.T + b, y)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss = chunked_cross_entropy(h, w, y, b, chunk_size=7)
+    torch.testing.assert_close(loss, ref)
+    for got, want in zip(torch.autograd.grad(loss, (h, w)), ref_grads):
+        torch.testing.assert_close(got, want)
+
+
 class _ZeroFilled(TorchDispatchMode):
     """Records the sizes of the zero-filled tensors created (the chunked loss's gradient buffers)."""
 

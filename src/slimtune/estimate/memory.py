@@ -117,16 +117,16 @@ def loss_bytes(shape: ModelShape, tokens: int, label_tokens: int, chunked: bool,
     Full: logits ``(tokens, V)`` in the head's dtype, their label rows copied (and upcast to fp32 under
     autocast), log_softmax's fp32 output; in backward the saved output, two fp32 gradients of it and the
     full-size gradient of the logits. Chunked (slimtune.perf.losses): per chunk of
-    ``C = 256 MiB / (4 V)`` label tokens the fp32 logits and logsumexp's temporary, plus the gradient of the
-    hidden states kept for backward.
+    ``C = 256 MiB / (4 V)`` label tokens the fp32 logits (softmax and its gradient are written into them), plus
+    the gradient of the hidden states kept for backward.
     """
     v, n = shape.vocab, label_tokens
     if chunked:
         c = min(n, default_chunk_size(v))
         extra = c * v * 2 if prec.autocast else 0
         cast = v * shape.hidden * 2 if prec.autocast and prec.weight == 4 else 0
-        total = 2 * c * v * 4 + extra + cast + tokens * shape.hidden * prec.weight + c * shape.hidden * 4
-        return total, f"chunked cross-entropy: {c:,} tokens × {v:,} vocab fp32 logits + logsumexp temp"
+        total = c * v * 4 + extra + cast + tokens * shape.hidden * prec.weight + c * shape.hidden * 4
+        return total, f"chunked cross-entropy: {c:,} tokens × {v:,} vocab fp32 logits"
     e_l = prec.matmul
     forward = tokens * v * e_l + n * v * e_l + (n * v * 4 if e_l != 4 else 0) + n * v * 4
     backward = 0 if forward_only else max(3 * n * v * 4, n * v * 4 + tokens * v * e_l + n * v * e_l)

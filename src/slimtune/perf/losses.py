@@ -5,7 +5,7 @@ much again for their gradient).
 For each chunk of ``C`` label tokens (``h`` ``(C, H)``, ``W`` ``(V, H)``, targets ``y``)::
 
     z    = (h Wᵀ + b) in fp32            (C, V)   the only vocabulary-sized buffer, freed per chunk
-    loss = Σ logsumexp(z) − z[y]
+    loss = Σ logsumexp(z) − z[y]                  (one exp pass: softmax(z) is written into z on the way)
     dz   = softmax(z) − onehot(y)        (times 1/N for the mean)     computed right away, in place:
     dh   = dz W          dW += dzᵀ h     db += Σ dz                  stored until backward
 
@@ -92,6 +92,15 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 
+def _softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax of ``z`` over its last dimension, written into ``z``; logsumexp ``(C, 1)``): one pass of ``exp``
+    and no second vocabulary-sized buffer (``torch.logsumexp`` allocates one, and softmax would need a second
+    ``exp``). Logits of -inf (masked entries) are fine; a row without a finite logit gives NaN, as F.cross_entropy."""
+    m = z.amax(-1, keepdim=True)
+    total = z.sub_(m).exp_().sum(-1, keepdim=True)
+    return z.div_(total), total.log_().add_(m)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, reduction, transform):
@@ -116,10 +125,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if bias is not None:
                     z += bias.to(acc)
                 z, slope = transform.apply(z)
-                lse = torch.logsumexp(z, dim=-1)  # (C,)
-                total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+                total -= z.gather(1, yc[:, None]).sum()
+                dz, lse = _softmax_(z)
+                total += lse.sum()
                 if need_h or need_w or need_b:
-                    dz = z.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
                     dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
                     if slope is not None:  # through the transform: d(logits)/d(h Wᵀ + b)
                         dz.mul_(slope)
