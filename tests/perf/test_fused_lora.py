@@ -221,6 +221,26 @@ def test_fallbacks_and_switching_back():
     copy.deepcopy(model)  # no bound state left behind
 
 
+def test_merged_and_disabled_adapters_are_not_added_again():
+    """A merged adapter is in W already and a disabled one adds nothing: the fused node must not add either."""
+    model = tiny_llama()
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                    init_lora_weights=False))
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        plain = layer.base_layer(x)
+        adapted = layer(x)
+        use_fused_lora(model)
+        assert not torch.allclose(adapted, plain)
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-6, atol=1e-6)
+        slimtune.merge_adapter(model)
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+        slimtune.unmerge_adapter(model)
+        with slimtune.disable_adapters(model):
+            torch.testing.assert_close(layer(x), plain, rtol=1e-6, atol=1e-6)
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="no LoRA linear layer"):
         use_fused_lora(tiny_llama())

@@ -42,6 +42,11 @@ from slimtune.quant.linear import Linear4bit, QuantizedLinear
 __all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "fusable", "FusedLoraForward"]
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it would return ``t`` (a dispatch per tensor, per layer, per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Tensor:
     """``t Wᵀ`` (forward) or ``t W`` (backward) for the frozen base weight, in ``t``'s dtype: through the
     quantized layer's own matmul backend when it has one (the fast path's kernels)."""
@@ -49,7 +54,7 @@ def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Ten
         return base.matmul_backend(t, base, transpose)
     if isinstance(base, Linear4bit) and kernels.use_triton_for(t.device, None):
         return kernels.matmul_4bit(t, kernels.weight_4bit(base), transpose)
-    weight = base.transient_weight(t.dtype) if isinstance(base, QuantizedLinear) else weight_of(base).to(t.dtype)
+    weight = base.transient_weight(t.dtype) if isinstance(base, QuantizedLinear) else _as(weight_of(base), t.dtype)
     return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
 
 
@@ -58,7 +63,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, bias, base, scaling, p, seed, dtypes):
         mm_dtype, out_dtype, lora_dtype = dtypes
         ctx.kept = None
-        xb = x.to(mm_dtype)  # x (M, in): fused_lora_linear flattens the leading dimensions outside the node
+        xb = _as(x, mm_dtype)  # x (M, in): fused_lora_linear flattens the leading dimensions outside the node
         if (isinstance(base, Linear4bit) and base.matmul_backend is None and xb.shape[0] == 1
                 and base.in_features % 2 == 0 and kernels.use_triton_for(xb.device, None)):
             out = kernels.gemv_4bit(xb, kernels.weight_4bit(base))  # batch-1 generation
@@ -69,16 +74,16 @@ class _FusedLoraLinear(torch.autograd.Function):
         else:
             out = _base_matmul(xb, base, transpose=True)  # (M, out)
         if bias is not None:
-            out = out + bias.to(out.dtype)
-        out = out.to(out_dtype)
-        xl = x.to(lora_dtype)
+            out = out + _as(bias, out.dtype)
+        out = _as(out, out_dtype)
+        xl = _as(x, lora_dtype)
         if p:
             xl = xl * dropout_mask(xl, p, seed)
-        xa = xl @ lora_A.to(lora_dtype).T  # (M, r)
+        xa = xl @ _as(lora_A, lora_dtype).T  # (M, r)
         if lora_dtype == out.dtype:
-            out.addmm_(xa, lora_B.to(lora_dtype).T, alpha=scaling)
+            out.addmm_(xa, _as(lora_B, lora_dtype).T, alpha=scaling)
         else:  # LoraLinear's rounding: the LoRA term in its own dtype, then cast
-            out = out + (xa @ lora_B.to(lora_dtype).T * scaling).to(out.dtype)
+            out = out + (xa @ _as(lora_B, lora_dtype).T * scaling).to(out.dtype)
         ctx.base, ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = base, scaling, p, seed, dtypes
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(x if lora_A.requires_grad else None, xa if lora_B.requires_grad else None,
@@ -92,26 +97,26 @@ class _FusedLoraLinear(torch.autograd.Function):
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (M, out)
         grad_x = grad_A = grad_B = grad_bias = None
-        gl = g.to(lora_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_B = (gl.T @ xa).mul_(s).to(lora_B.dtype)  # (out, r)
+        gl = _as(g, lora_dtype)
+        if ctx.needs_input_grad[2]:  # (out, r), as the transpose of xaᵀ g: BLAS's faster order for this shape
+            grad_B = _as((xa.T @ gl).T.mul_(s), lora_B.dtype)
         need_x, need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_x or need_A:
-            g_xa = (gl @ lora_B.to(lora_dtype)).mul_(s)  # (M, r) = dL/d(xa)
+            g_xa = (gl @ _as(lora_B, lora_dtype)).mul_(s)  # (M, r) = dL/d(xa)
             mask = dropout_mask(g_xa.new_empty(g.shape[0], lora_A.shape[1]), ctx.p, ctx.seed) if ctx.p else None
             if need_A:
-                xl = x2.to(lora_dtype)
-                grad_A = (g_xa.T @ (xl * mask if mask is not None else xl)).to(lora_A.dtype)  # (r, in)
+                xl = _as(x2, lora_dtype)
+                grad_A = _as(g_xa.T @ (xl * mask if mask is not None else xl), lora_A.dtype)  # (r, in)
             if need_x:
-                gb = g.to(mm_dtype)
+                gb = _as(g, mm_dtype)
                 base_x = gb @ ctx.kept if ctx.kept is not None else _base_matmul(gb, ctx.base, transpose=False)
-                grad_x = base_x.to(ctx.x_dtype)  # (M, in)
+                grad_x = _as(base_x, ctx.x_dtype)  # (M, in)
                 if mask is None and grad_x.dtype == lora_dtype:
-                    grad_x.addmm_(g_xa, lora_A.to(lora_dtype))  # accumulated in place: no (M, in) temporary
+                    grad_x.addmm_(g_xa, _as(lora_A, lora_dtype))  # accumulated in place: no (M, in) temporary
                 elif mask is not None and grad_x.dtype == lora_dtype:
-                    grad_x.addcmul_(g_xa @ lora_A.to(lora_dtype), mask)  # the masked term in one pass
+                    grad_x.addcmul_(g_xa @ _as(lora_A, lora_dtype), mask)  # the masked term in one pass
                 else:
-                    lora_x = g_xa @ lora_A.to(lora_dtype)
+                    lora_x = g_xa @ _as(lora_A, lora_dtype)
                     grad_x += (lora_x * mask if mask is not None else lora_x).to(ctx.x_dtype)
         ctx.kept = None
         if ctx.needs_input_grad[3]:
@@ -165,27 +170,31 @@ class FusedLoraForward:
     def __init__(self, layer: LoraLinear) -> None:
         self.layer = layer
 
-    def fallback_reason(self, args: tuple, kwargs: dict) -> str | None:
+    def fallback_reason(self, args: tuple, kwargs: dict, active: list[str] | None = None) -> str | None:
+        """Why this call runs the class's forward (None: the fused node serves it); ``active``: the layer's
+        ``unmerged_active()`` when the caller has it."""
         layer = self.layer
         base = layer.base_layer
         if args or kwargs:
             return "extra forward arguments"
-        if len(layer.unmerged_active()) != 1:
+        active = layer.unmerged_active() if active is None else active
+        if len(active) != 1:
             return "not exactly one active unmerged adapter"
         if not isinstance(base, (nn.Linear, QuantizedLinear)):
             return f"base layer {type(base).__name__}"
         if isinstance(base, nn.Linear) and base.weight.requires_grad:
             return "trainable base weight"
-        dropout = layer.lora_dropout[layer.unmerged_active()[0]]
+        dropout = layer.lora_dropout[active[0]]
         if not isinstance(dropout, (nn.Identity, nn.Dropout)):
             return f"dropout module {type(dropout).__name__}"
         return None
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         layer = self.layer
-        if self.fallback_reason(args, kwargs) is not None:
+        active = layer.unmerged_active()
+        if self.fallback_reason(args, kwargs, active) is not None:
             return type(layer).forward(layer, x, *args, **kwargs)
-        name = layer.unmerged_active()[0]
+        name = active[0]
         dropout = layer.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
         A, B = layer.lora_parameters(name)
