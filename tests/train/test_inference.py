@@ -111,7 +111,9 @@ def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, met
     with torch.no_grad():
         start = torch.tensor([[model.config.decoder_start_token_id]])
         adapted = model(input_ids=ids, decoder_input_ids=start).logits
-        torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=start).logits, adapted, atol=1e-5, rtol=0)
+        # (the loaded model runs the fast path's fused LoRA node, the reference LoraLinear: their roundings differ by
+        # CPU, 1.1e-5 on an AVX-512 one; without the adapter the logits move by more than 1e-3)
+        torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=start).logits, adapted, atol=1e-4, rtol=1e-4)
         with slimtune.disable_adapters(model):
             assert (model(input_ids=ids, decoder_input_ids=start).logits - adapted).abs().max() > 1e-3
     data = tmp_path / "eval.jsonl"
@@ -124,7 +126,7 @@ def test_a_seq2seq_adapter_generates_with_its_seq2seq_base(tmp_path, capsys, met
         merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged")
         with torch.no_grad():
             merged_logits = merged(input_ids=ids, decoder_input_ids=start).logits
-        torch.testing.assert_close(merged_logits, adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged_logits, adapted, atol=1e-4, rtol=1e-4)  # merged W + s·BA rounds differently
 
 
 def test_an_adapter_of_a_classifier_is_refused_by_name(tmp_path):
