@@ -12,6 +12,8 @@ alternate between the three runs so machine noise hits them alike:
 - ``floor``: the same model without an adapter, every weight frozen, the input embeddings' output requiring
   grad (``enable_input_require_grads``): forward + backward compute the activation gradients a LoRA step
   needs and no weight gradients.
+- with ``--compile``, also ``slimtune+compile``: the same as ``slimtune`` with the decoder compiled by the user
+  (``model.model.compile()``, torch.compile's defaults; not what ``slimtune train`` runs), its compile time printed.
 
 The first step's losses of slimtune and PEFT must agree within 1e-4 (both B factors start at zero).
 """
@@ -19,6 +21,7 @@ The first step's losses of slimtune and PEFT must agree within 1e-4 (both B fact
 from __future__ import annotations
 
 import copy
+import time
 
 import peft
 import torch
@@ -33,6 +36,7 @@ from slimtune.perf.losses import causal_lm_loss
 def main() -> None:
     parser = step_parser(__doc__.splitlines()[0])
     parser.set_defaults(steps=5)
+    parser.add_argument("--compile", action="store_true", help="add a run with the decoder torch.compile'd")
     args = parser.parse_args()
 
     base = smollm2_shaped()
@@ -50,6 +54,13 @@ def main() -> None:
     }
     optimizers = {"slimtune": make_optimizer("adamw", [p for p in ours.parameters() if p.requires_grad], lr=1e-4),
                   "peft": torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4, fused=True)}
+    if args.compile:
+        compiled = slimtune.add_adapter(copy.deepcopy(base), slimtune.LoraConfig(**lora))
+        enable_fast_path(compiled, "auto")
+        compiled.model.compile()
+        runs["slimtune+compile"] = (compiled, lambda: causal_lm_loss(compiled, batch, reduction="mean"))
+        optimizers["slimtune+compile"] = make_optimizer(
+            "adamw", [p for p in compiled.parameters() if p.requires_grad], lr=1e-4)
 
     def step(name: str) -> float:
         model, loss_of = runs[name]
@@ -61,10 +72,12 @@ def main() -> None:
             p.grad = None
         return loss.item()
 
-    first = {}
-    for name, (model, _) in runs.items():  # warm-up, and the first-step losses
+    first, first_s = {}, {}
+    for name, (model, _) in runs.items():  # warm-up (and compilation), and the first-step losses
         model.train()
+        start = time.perf_counter()
         first[name] = step(name)
+        first_s[name] = time.perf_counter() - start
     t = interleaved_medians(step, list(runs), args.steps)
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in runs.items()}
     assert trainable["slimtune"] == trainable["peft"], trainable
@@ -75,16 +88,20 @@ def main() -> None:
     print("optimizers: " + ", ".join(f"{name} AdamW (fused={opt.param_groups[0]['fused']})"
                                      for name, opt in optimizers.items()))
     print(f"trainable params: {trainable['slimtune']:,} (slimtune and peft)")
-    print("| run | s/step | first-step loss |")
-    print("|---|---|---|")
+    print("| run | s/step | first-step loss | first step s (compiles) |")
+    print("|---|---|---|---|")
     for name in runs:
-        print(f"| {name} | {t[name]:.3f} | {first[name]:.6f} |")
+        print(f"| {name} | {t[name]:.3f} | {first[name]:.6f} | {first_s[name]:.1f} |")
     gap = abs(first["slimtune"] - first["peft"])
     print(f"first-step loss |slimtune − peft| = {gap:.2e} ({'OK' if gap <= 1e-4 else 'DIFFERENT WORK'}, ≤ 1e-4)")
     goal = max(0.9 * t["peft"], 1.05 * t["floor"])
     print(f"step time  slimtune/peft: {t['slimtune'] / t['peft']:.3f}   slimtune/floor: "
           f"{t['slimtune'] / t['floor']:.3f}   goal ≤ max(0.9× peft, 1.05× floor) = {goal:.3f} s: "
           f"{'met' if t['slimtune'] <= goal else 'NOT met'}")
+    if args.compile:
+        c = t["slimtune+compile"]
+        print(f"slimtune+compile: /peft {c / t['peft']:.3f}   /floor {c / t['floor']:.3f}   "
+              f"/slimtune {c / t['slimtune']:.3f}   |first-step loss − peft| = {abs(first['slimtune+compile'] - first['peft']):.2e}")
 
 
 if __name__ == "__main__":
