@@ -125,9 +125,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if bias is not None:
                     z += bias.to(acc)
                 z, slope = transform.apply(z)
-                total -= z.gather(1, yc[:, None]).sum()
+                zy = z.gather(1, yc[:, None])  # (C, 1), before z turns into the softmax
                 dz, lse = _softmax_(z)
-                total += lse.sum()
+                total += (lse - zy).sum()  # row by row: two large sums would cancel in fp32 at large logits
                 if need_h or need_w or need_b:
                     dz[torch.arange(len(yc), device=dz.device), yc] -= 1.0
                     if slope is not None:  # through the transform: d(logits)/d(h Wᵀ + b)
