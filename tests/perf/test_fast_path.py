@@ -11,7 +11,7 @@ from tiny_models import sample_inputs, tiny_llama
 
 import slimtune
 from slimtune.perf.fast_path import enable_fast_path, plan_fast_path
-from slimtune.perf.fused_lora import FusedLoraForward
+from slimtune.perf.fused_lora import is_fused
 from slimtune.quant import Linear4bit, QuantConfig, quantize
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -56,7 +56,7 @@ def test_triton_mode_routes_base_and_lora_through_the_kernels_with_the_same_resu
     layers = [m for m in fast.modules() if isinstance(m, Linear4bit)]
     assert path.triton and all(m.matmul_backend is not None for m in layers)
     assert path.fused_lora_layers == len(layers) == 14
-    assert all(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in fast.modules()
+    assert all(is_fused(m) for m in fast.modules()
                if type(m).__name__ == "LoraLinear")
     inputs = sample_inputs("llama")
     for model in (reference, fast):

@@ -11,7 +11,7 @@ from tiny_models import tiny_llama
 
 import slimtune
 from slimtune.perf.fast_path import enable_fast_path
-from slimtune.perf.fused_lora import FusedLoraForward, dropout_mask, fused_lora_linear, use_fused_lora
+from slimtune.perf.fused_lora import dropout_mask, fallback_reason, fused_lora_linear, is_fused, use_fused_lora
 from slimtune.quant import Linear4bit, QuantConfig, quantize
 
 
@@ -207,14 +207,13 @@ def test_fallbacks_and_switching_back():
                     adapter_name="other")
     layer = model.model.layers[0].self_attn.q_proj
     use_fused_lora(model)
-    forward = layer.__dict__["forward"]
-    assert isinstance(forward, FusedLoraForward)
+    assert is_fused(layer)
     x = torch.randn(3, 32)
     layer.set_active(["default", "other"])  # two active adapters: the class's forward runs
-    assert "exactly one" in forward.fallback_reason((), {})
+    assert "exactly one" in fallback_reason(layer)
     torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
     layer.set_active(["default"])
-    assert forward.fallback_reason((), {}) is None
+    assert fallback_reason(layer) is None
     torch.testing.assert_close(layer(x), type(layer).forward(layer, x), rtol=1e-6, atol=1e-6)
     assert use_fused_lora(model, enabled=False) == 2
     assert "forward" not in layer.__dict__
@@ -258,3 +257,13 @@ def test_the_fast_path_names_an_8bit_base_as_such():
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear"))
     chosen = enable_fast_path(model)
     assert chosen.quantized_layers == 0 and chosen.other_quantized_layers == 14 and "8-bit" in str(chosen)
+
+
+def test_gradients_come_back_contiguous():
+    """dB is computed as (xaᵀ g)ᵀ; handed back transposed, torch.autograd.grad returned a tensor .view(-1) refuses."""
+    base = torch.nn.Linear(12, 20, bias=False).requires_grad_(False)
+    x = torch.randn(5, 12, requires_grad=True)
+    A, B = torch.randn(3, 12, requires_grad=True), torch.randn(20, 3, requires_grad=True)
+    out = fused_lora_linear(x, base, A, B, 2.0)
+    for grad in torch.autograd.grad(out.square().sum(), (x, A, B)):
+        assert grad.is_contiguous()

@@ -220,3 +220,21 @@ def test_another_ranks_write_probe_is_no_part_of_the_run_folder(tmp_path, monkey
     monkeypatch.setattr(runner.tempfile, "TemporaryDirectory", probe)
     assert runner.validate(recipe, resume) is None
     assert outcomes == ["checking", None] and list(recipe.output_dir.iterdir()) == []
+
+
+def test_training_compile_trains_as_the_eager_run(tmp_path, capsys):
+    """training.compile: true compiles each block (seconds: one graph for all) and trains to the eager run's losses,
+    dropout masks included."""
+    losses = {}
+    for compiled in (False, True):
+        folder = tmp_path / str(compiled)
+        folder.mkdir()
+        recipe = tiny_recipe(folder, quantized=False, training={"max_steps": 2, "gradient_accumulation_steps": 1,
+                                                                  "save_every": 0, "compile": compiled},
+                             demo={"enabled": False})
+        assert main(["train", str(write_recipe(folder / "r.yaml", recipe)), "--no-progress"]) == 0
+        assert ("torch.compile on 2 blocks" in capsys.readouterr().out) is compiled
+        rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [row[key] for row in rows for key in ("loss", "eval_loss") if key in row]
+    assert len(losses[True]) >= 4
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimtune.perf import kernels
-from slimtune.perf.fused_lora import FusedLoraForward, fusable, use_fused_lora
+from slimtune.perf.fused_lora import fusable, is_fused, use_fused_lora
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
 KERNEL_MODES = ("auto", "triton", "torch")
@@ -41,6 +41,7 @@ class FastPath:
     fused_lora_layers: int  # LoRA layers routed through the fused autograd node
     quantized_layers: int = 0  # 4-bit layers in the model (none: a full-precision base)
     other_quantized_layers: int = 0  # 8-bit ones, or another library's packed layers (their own matmuls)
+    compiled_blocks: int = 0  # transformer blocks torch.compile'd (slimtune.perf.compilation; recipes' compile)
 
     def __str__(self) -> str:
         if self.quantized_layers:
@@ -50,8 +51,9 @@ class FastPath:
             base = f"8-bit or packed base ({self.other_quantized_layers} layers, each runs its own matmul)"
         else:
             base = "full-precision base (torch matmuls)"
+        compiled = f"; torch.compile on {self.compiled_blocks} blocks" if self.compiled_blocks else ""
         return (f"kernels={self.mode}: {base}; fused LoRA on {self.fused_lora_layers} layers; "
-                "chunked cross-entropy where the model allows it")
+                f"chunked cross-entropy where the model allows it{compiled}")
 
 
 def plan_fast_path(mode: str, device: torch.device, triton_reason: str | None) -> tuple[bool, bool]:
@@ -79,7 +81,7 @@ def enable_fast_path(model: nn.Module, mode: str = "auto") -> FastPath:
             quantized += 1
     if any(fusable(m) for m in model.modules()):
         use_fused_lora(model, enabled=fuse)
-    fused = sum(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in model.modules())
+    fused = sum(is_fused(m) for m in model.modules())
     other = sum(isinstance(m, QuantizedLinear) and not isinstance(m, Linear4bit) or isinstance(m, nn.Linear)
                 and not m.weight.is_floating_point() for m in model.modules())
     return FastPath(mode, triton, fused, quantized, other)

@@ -28,6 +28,7 @@ weight, extra forward arguments) keep the original forward call by call.
 
 from __future__ import annotations
 
+import types
 from typing import TypeGuard
 
 import torch
@@ -39,7 +40,8 @@ from slimtune.methods.lora_layers import LoraLinear
 from slimtune.perf import kernels
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
-__all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "fusable", "FusedLoraForward"]
+__all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "fusable", "fused_forward", "fallback_reason",
+           "is_fused"]
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -98,8 +100,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (M, out)
         grad_x = grad_A = grad_B = grad_bias = None
         gl = _as(g, lora_dtype)
-        if ctx.needs_input_grad[2]:  # (out, r), as the transpose of xaᵀ g: BLAS's faster order for this shape
-            grad_B = _as((xa.T @ gl).T.mul_(s), lora_B.dtype)
+        if ctx.needs_input_grad[2]:  # (out, r), from xaᵀ g (BLAS's faster order for this shape), made contiguous
+            grad_B = _as((xa.T @ gl).T.contiguous().mul_(s), lora_B.dtype)
         need_x, need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_x or need_A:
             g_xa = (gl @ _as(lora_B, lora_dtype)).mul_(s)  # (M, r) = dL/d(xa)
@@ -161,44 +163,49 @@ def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lo
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class FusedLoraForward:
-    """Replacement ``forward`` of one :class:`LoraLinear` (set as an instance attribute by :func:`use_fused_lora`).
+# With dropout the node draws its mask's seed from the global RNG (torch.manual_seed reproduces it), which
+# torch.compile cannot trace: a compiled block runs those layers eagerly (a graph break each), the rest compiled.
+_fused_lora_linear_eager = torch.compiler.disable(fused_lora_linear)
 
-    Falls back to the class's forward for what the fused function does not cover.
-    """
 
-    def __init__(self, layer: LoraLinear) -> None:
-        self.layer = layer
+def fallback_reason(layer: LoraLinear, args: tuple = (), kwargs: dict | None = None,
+                    active: list[str] | None = None) -> str | None:
+    """Why a call of ``layer`` with these extra arguments runs the class's forward (None: the fused node serves it);
+    ``active``: the layer's ``unmerged_active()`` when the caller has it."""
+    base = layer.base_layer
+    if args or kwargs:
+        return "extra forward arguments"
+    active = layer.unmerged_active() if active is None else active
+    if len(active) != 1:
+        return "not exactly one active unmerged adapter"
+    if not isinstance(base, (nn.Linear, QuantizedLinear)):
+        return f"base layer {type(base).__name__}"
+    if isinstance(base, nn.Linear) and base.weight.requires_grad:
+        return "trainable base weight"
+    dropout = layer.lora_dropout[active[0]]
+    if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+        return f"dropout module {type(dropout).__name__}"
+    return None
 
-    def fallback_reason(self, args: tuple, kwargs: dict, active: list[str] | None = None) -> str | None:
-        """Why this call runs the class's forward (None: the fused node serves it); ``active``: the layer's
-        ``unmerged_active()`` when the caller has it."""
-        layer = self.layer
-        base = layer.base_layer
-        if args or kwargs:
-            return "extra forward arguments"
-        active = layer.unmerged_active() if active is None else active
-        if len(active) != 1:
-            return "not exactly one active unmerged adapter"
-        if not isinstance(base, (nn.Linear, QuantizedLinear)):
-            return f"base layer {type(base).__name__}"
-        if isinstance(base, nn.Linear) and base.weight.requires_grad:
-            return "trainable base weight"
-        dropout = layer.lora_dropout[active[0]]
-        if not isinstance(dropout, (nn.Identity, nn.Dropout)):
-            return f"dropout module {type(dropout).__name__}"
-        return None
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        layer = self.layer
-        active = layer.unmerged_active()
-        if self.fallback_reason(args, kwargs, active) is not None:
-            return type(layer).forward(layer, x, *args, **kwargs)
-        name = active[0]
-        dropout = layer.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
-        A, B = layer.lora_parameters(name)
-        return fused_lora_linear(x, layer.base_layer, A, B, layer.scaling[name], p)
+def fused_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The ``forward`` :func:`use_fused_lora` binds to each layer (an instance attribute); the class's forward runs
+    what the fused node does not cover. One function bound to every layer, not a callable object per layer:
+    torch.compile guards an object by identity, so a compiled decoder block would be recompiled for each block."""
+    active = layer.unmerged_active()
+    if fallback_reason(layer, args, kwargs, active) is not None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    name = active[0]
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
+    A, B = layer.lora_parameters(name)
+    run = _fused_lora_linear_eager if p else fused_lora_linear
+    return run(x, layer.base_layer, A, B, layer.scaling[name], p)
+
+
+def is_fused(module: nn.Module) -> bool:
+    """Whether :func:`use_fused_lora` routed ``module`` through the fused node."""
+    return getattr(module.__dict__.get("forward"), "__func__", None) is fused_forward
 
 
 def fusable(module: nn.Module) -> TypeGuard[LoraLinear]:
@@ -223,16 +230,15 @@ def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
     for module in model.modules():
         if not fusable(module):
             continue
-        installed = isinstance(module.__dict__.get("forward"), FusedLoraForward)
+        installed = is_fused(module)
         layer: nn.Module = module  # nn.Module types forward as an attribute: the instance's shadows the class's
         if enabled and not installed:
-            layer.forward = FusedLoraForward(module)
+            layer.forward = types.MethodType(fused_forward, module)
             changed += 1
         elif not enabled and installed:
             del layer.forward
             changed += 1
-    if enabled and not changed and not any(isinstance(m.__dict__.get("forward"), FusedLoraForward)
-                                           for m in model.modules()):
+    if enabled and not changed and not any(is_fused(m) for m in model.modules()):
         raise ValueError("use_fused_lora found no LoRA linear layer to fuse; add a LoRA adapter first "
                          "(slimtune.add_adapter(model, LoraConfig(...))). DoRA and LoRA-FA layers, and layers over "
                          "another library's packed weights, keep their own forward.")

@@ -29,13 +29,12 @@ from typing import Any, Literal, get_args, get_type_hints
 import yaml
 
 from slimtune.config import MethodConfig
-from slimtune.methods import config_classes, method_for
-from slimtune.methods.contract import Method
-from slimtune.methods.prompts import PromptLearningConfig
+from slimtune.methods import config_classes
 from slimtune.optim import OPTIMIZER_ALIASES, OPTIMIZER_NAMES
 from slimtune.quant import QuantConfig
 from slimtune.train.adapter_start import method_from_adapter
 from slimtune.train.ludwig import is_ludwig_config, ludwig_to_recipe_dict
+from slimtune.train.recipe_checks import check_combinations
 from slimtune.train.schema import RecipeError, build, parse_yaml, unknown_key_error
 
 # Shipped recipes live inside the package (so a wheel carries them); the repository's top-level
@@ -136,6 +135,8 @@ class TrainingSection:
     # keep each 4-bit layer's dequantized weight from forward to backward: one dequantization per step instead
     # of two, for the weights' memory (small with gradient checkpointing: one block's at a time)
     keep_dequantized: bool = False
+    # torch.compile each transformer block (slimtune.perf.compilation): seconds to compile, a faster step
+    compile: bool = False
     max_steps: int | None = None  # optimizer steps; null = ``epochs`` passes over the data
     epochs: float = 1.0
     batch_size: int = 1
@@ -345,11 +346,6 @@ def _build_method(data: Any, task_default: str) -> MethodConfig:
     return build(classes[peft_type], data, "method", skip=frozenset({"peft_type"}))
 
 
-def method_sets_param_groups(config: MethodConfig) -> bool:
-    """Whether the method defines the optimizer's parameter groups itself (LoRA+ as a method)."""
-    return type(method_for(config)).param_groups is not Method.param_groups
-
-
 def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     """Validate a parsed recipe dict into a :class:`Recipe` (raises :class:`RecipeError`)."""
     if not isinstance(data, dict):
@@ -368,33 +364,7 @@ def recipe_from_dict(data: Any, name: str = "recipe") -> Recipe:
     method = _build_method(data.get("method"), "CAUSAL_LM") if adapter is None else \
         method_from_adapter(adapter, data.get("method"))
     distributed = build(DistributedSection, data["distributed"], "distributed") if "distributed" in data else None
-    if method.task_type not in (None, "CAUSAL_LM"):
-        raise RecipeError(f"method.task_type: {method.task_type!r} is not supported by `slimtune train`, "
-                          "which fine-tunes causal language models; use CAUSAL_LM.")
-    if method.inference_mode:
-        raise RecipeError("method.inference_mode: true marks an adapter for inference only (PEFT freezes it), so "
-                          "`slimtune train` would train nothing; remove it (saved adapters are marked so by slimtune).")
-    training = sections["training"]
-    for key in ("loraplus_lr_ratio", "layerwise_lr_decay"):
-        if getattr(training, key) is not None and method_sets_param_groups(method):
-            raise RecipeError(f"training.{key}: method {method.peft_type} sets the optimizer's parameter groups itself "
-                              f"(its own learning rates per group); drop training.{key}, or use peft_type LORA.")
-    if training.keep_dequantized and quantization is None:
-        raise RecipeError("training.keep_dequantized: true keeps a quantized base's decoded weights for backward, and "
-                          "this recipe has no quantization section (a full-precision base); drop the key, or add "
-                          "quantization.")
-    if quantization is not None and method.peft_type == "DELTA_LORA":
-        raise RecipeError("method.peft_type: DELTA_LORA moves the base weights after every step, which a quantized "
-                          "base cannot take (its weights are fixed codes); drop the quantization section, or use "
-                          "peft_type LORA.")
-    if distributed is not None and distributed.strategy == "fsdp" and method.peft_type in ("BITFIT", "SELECTIVE"):
-        raise RecipeError(f"distributed.strategy: fsdp cannot train {method.peft_type}: it trains base weights in "
-                          "place, which FSDP2 replaces with shards the adapter does not hold; use strategy: ddp "
-                          "(auto picks it).")
-    if sections["data"].packing and isinstance(method, PromptLearningConfig):
-        raise RecipeError(f"data.packing: true cannot train {method.peft_type}: its virtual tokens (or prefix) "
-                          "apply once per packed row, so every example after the first would see none, or see the "
-                          "other examples; set data.packing: false.")
+    check_combinations(method, quantization, distributed, sections)
     return Recipe(method=method, quantization=quantization, description=description, name=name,
                   distributed=distributed, **sections)
 

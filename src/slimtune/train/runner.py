@@ -10,6 +10,7 @@ leaves nothing behind. The run folder's layout is :class:`~slimtune.train.run_fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from slimtune.estimate.fit import DoesNotFitError, check_fits
 from slimtune.estimate.model_shapes import apply_config_overrides, resolve_config
 from slimtune.lifecycle import add_adapter, disable_adapters
 from slimtune.perf.activation_checkpointing import checkpoint_layers
+from slimtune.perf.compilation import compile_blocks
 from slimtune.perf.fast_path import FastPath, enable_fast_path
 from slimtune.quant import QuantizedLinear, quant_summary
 from slimtune.report import TrainableReport, trainable_parameters
@@ -229,7 +231,7 @@ def load_model(recipe: Recipe, device: torch.device, log: Callable[[str], None])
 # ---- 4. method -------------------------------------------------------------------------------------------
 def add_method(model: PreTrainedModel, recipe: Recipe) -> FastPath:
     """The recipe's adapter (initialised from ``training.seed``, or loaded from ``model.adapter``), the fast path,
-    activation checkpointing, no KV cache."""
+    activation checkpointing, no KV cache, compiled blocks (``training.compile``)."""
     random.seed(recipe.training.seed)
     torch.manual_seed(recipe.training.seed)  # the adapter's initial weights
     if recipe.model.adapter is None:
@@ -244,6 +246,11 @@ def add_method(model: PreTrainedModel, recipe: Recipe) -> FastPath:
     if recipe.model.gradient_checkpointing:
         checkpoint_layers(model, offload=recipe.model.gradient_checkpointing == "offload")
     model.config.use_cache = False  # training never reuses a KV cache
+    if recipe.training.compile:
+        try:
+            fast = dataclasses.replace(fast, compiled_blocks=compile_blocks(model))
+        except ValueError as error:
+            raise RecipeError(f"training.compile: true, but {error}; drop training.compile for this model.") from None
     return fast
 
 

@@ -1,0 +1,35 @@
+"""``torch.compile`` one transformer block at a time (regional compilation): recipes' ``training.compile: true``.
+
+Every block of a decoder runs the same code on its own weights, so the graph compiled for the first block serves
+them all (torch.compile takes a module's parameters as inputs, not constants): compiling costs one block's
+time, seconds, where compiling the whole decoder as one graph takes minutes. What breaks that sharing is state
+that differs by block and that the compiler guards by identity, e.g. a per-layer callable object set as a
+layer's ``forward`` (the fused LoRA layers are bound to one function for this reason). A block is compiled
+again for evaluation (no gradients), for the first block when its input needs no gradient, and once for a
+second sequence length (dynamic shapes from then on).
+
+Measured on the development CPU (``bench/lora_step.py --compile``): the LoRA step 0.83 × the eager one, after a
+first step of 12 s (30 blocks).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimtune.core.modules import transformer_blocks
+
+__all__ = ["compile_blocks", "compiled_blocks"]
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Compile each transformer block of ``model`` in place (``nn.Module.compile``, torch.compile's defaults);
+    returns how many. Raises ValueError for a model without a list of transformer blocks."""
+    blocks = transformer_blocks(model)
+    for _, block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def compiled_blocks(model: nn.Module) -> int:
+    """How many modules of ``model`` are compiled in place."""
+    return sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
