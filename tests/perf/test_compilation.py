@@ -10,7 +10,7 @@ from tiny_models import tiny_llama
 from torch._dynamo.utils import counters
 
 import slimtune
-from slimtune.perf.compilation import compile_blocks, compiled_blocks
+from slimtune.perf.compilation import compile_blocks, compiled_blocks, cpu_compiler
 from slimtune.perf.fast_path import enable_fast_path
 from slimtune.perf.losses import causal_lm_loss
 
@@ -19,6 +19,7 @@ def _grads(model):
     return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile's CPU code needs a C++ compiler")
 def test_one_graph_serves_every_block_and_trains_as_eager():
     """Each fused LoRA layer's forward was a callable object of its own, which torch.compile guards by identity:
     every block compiled again (and after 8, the rest ran eagerly). Now the first block compiles once (its input
@@ -43,6 +44,12 @@ def test_one_graph_serves_every_block_and_trains_as_eager():
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_model_without_blocks_is_refused():
+def test_a_model_without_blocks_or_a_cpu_without_a_compiler_is_refused(monkeypatch):
     with pytest.raises(ValueError):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert cpu_compiler() is None
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler .* '/nonexistent/c\\+\\+' was not found"):
+        compile_blocks(model)
+    assert compiled_blocks(model) == 0

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimtune.cli import main
 from slimtune.estimate.fit import DoesNotFitError
+from slimtune.perf.compilation import cpu_compiler
 from slimtune.quant import Linear4bit
 from slimtune.train import runner
 from slimtune.train.recipe import RecipeError, recipe_from_dict
@@ -222,6 +223,7 @@ def test_another_ranks_write_probe_is_no_part_of_the_run_folder(tmp_path, monkey
     assert outcomes == ["checking", None] and list(recipe.output_dir.iterdir()) == []
 
 
+@pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile's CPU code needs a C++ compiler")
 def test_training_compile_trains_as_the_eager_run(tmp_path, capsys):
     """training.compile: true compiles each block (seconds: one graph for all) and trains to the eager run's losses,
     dropout masks included."""

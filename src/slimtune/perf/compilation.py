@@ -14,17 +14,32 @@ first step of 12 s (30 blocks).
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from torch import nn
 
 from slimtune.core.modules import transformer_blocks
 
-__all__ = ["compile_blocks", "compiled_blocks"]
+__all__ = ["compile_blocks", "compiled_blocks", "cpu_compiler"]
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU code would use (``$CXX``, else g++), or None when there is none."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def compile_blocks(model: nn.Module) -> int:
     """Compile each transformer block of ``model`` in place (``nn.Module.compile``, torch.compile's defaults);
-    returns how many. Raises ValueError for a model without a list of transformer blocks."""
+    returns how many. Raises ValueError for a model without a list of transformer blocks, or on a CPU without a
+    C++ compiler (torch.compile would fail at the first step)."""
     blocks = transformer_blocks(model)
+    on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and cpu_compiler() is None:
+        wanted = os.environ.get("CXX") or "g++"
+        raise ValueError(f"torch.compile needs a C++ compiler for a model on the CPU and {wanted!r} was not found; "
+                         "install one (e.g. apt install g++) or set CXX to it")
     for _, block in blocks:
         block.compile()
     return len(blocks)
