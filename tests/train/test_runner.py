@@ -240,3 +240,13 @@ def test_training_compile_trains_as_the_eager_run(tmp_path, capsys):
         losses[compiled] = [row[key] for row in rows for key in ("loss", "eval_loss") if key in row]
     assert len(losses[True]) >= 4
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+
+
+def test_training_compile_is_refused_in_a_run_torchrun_started(tmp_path, monkeypatch):
+    """A recipe without a distributed section still runs distributed under torchrun (or --nproc-per-node): the
+    recipe check could not see it, so the run compiled blocks under DDP/FSDP."""
+    recipe = recipe_from_dict(tiny_recipe(tmp_path, quantized=False, training={"compile": True}))
+    model, _ = runner.load_model(recipe, runner._device(recipe), lambda _: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(RecipeError, match=r"^training\.compile: true in a distributed run .* drop training\.compile"):
+        runner.add_method(model, recipe)

@@ -6,7 +6,8 @@ time, seconds, where compiling the whole decoder as one graph takes minutes. Wha
 that differs by block and that the compiler guards by identity, e.g. a per-layer callable object set as a
 layer's ``forward`` (the fused LoRA layers are bound to one function for this reason). A block is compiled
 again for evaluation (no gradients), for the first block when its input needs no gradient, and once for a
-second sequence length (dynamic shapes from then on).
+second sequence length (dynamic shapes from then on). Random ops (a model's own dropout) draw from torch's generator
+as in eager mode (inductor's ``fallback_random``), so a compiled run trains as the eager one.
 
 Measured on the development CPU (``bench/lora_step.py --compile``): the LoRA step 0.83 × the eager one, after a
 first step of 12 s (30 blocks).
@@ -24,6 +25,11 @@ from slimtune.core.modules import transformer_blocks
 __all__ = ["compile_blocks", "compiled_blocks", "cpu_compiler"]
 
 
+# Random ops (a model's own dropout) drawn from torch's global generator as in eager mode: the same masks, so a
+# compiled run trains as the eager one and torch.manual_seed reproduces it (inductor's own RNG draws others).
+_OPTIONS = {"fallback_random": True}
+
+
 def cpu_compiler() -> str | None:
     """The C++ compiler torch.compile's CPU code would use (``$CXX``, else g++), or None when there is none."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
@@ -31,7 +37,7 @@ def cpu_compiler() -> str | None:
 
 
 def compile_blocks(model: nn.Module) -> int:
-    """Compile each transformer block of ``model`` in place (``nn.Module.compile``, torch.compile's defaults);
+    """Compile each transformer block of ``model`` in place (``nn.Module.compile``; random ops as in eager mode);
     returns how many. Raises ValueError for a model without a list of transformer blocks, or on a CPU without a
     C++ compiler (torch.compile would fail at the first step)."""
     blocks = transformer_blocks(model)
@@ -41,7 +47,7 @@ def compile_blocks(model: nn.Module) -> int:
         raise ValueError(f"torch.compile needs a C++ compiler for a model on the CPU and {wanted!r} was not found; "
                          "install one (e.g. apt install g++) or set CXX to it")
     for _, block in blocks:
-        block.compile()
+        block.compile(options=_OPTIONS)
     return len(blocks)
 
 

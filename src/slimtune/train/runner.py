@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from slimtune.adapter_files import load_adapter, save_adapter
@@ -247,6 +248,9 @@ def add_method(model: PreTrainedModel, recipe: Recipe) -> FastPath:
         checkpoint_layers(model, offload=recipe.model.gradient_checkpointing == "offload")
     model.config.use_cache = False  # training never reuses a KV cache
     if recipe.training.compile:
+        if dist.is_available() and dist.is_initialized():  # torchrun without a distributed section
+            raise RecipeError("training.compile: true in a distributed run (started by torchrun or --nproc-per-node): "
+                              "compiled blocks are not supported under DDP/FSDP yet; drop training.compile.")
         try:
             fast = dataclasses.replace(fast, compiled_blocks=compile_blocks(model))
         except ValueError as error:
