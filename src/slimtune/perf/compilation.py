@@ -21,6 +21,7 @@ import shutil
 from torch import nn
 
 from slimtune.core.modules import transformer_blocks
+from slimtune.perf.fused_lora import prepare_for_compile
 
 __all__ = ["compile_blocks", "compiled_blocks", "cpu_compiler"]
 
@@ -46,6 +47,7 @@ def compile_blocks(model: nn.Module) -> int:
         wanted = os.environ.get("CXX") or "g++"
         raise ValueError(f"torch.compile needs a C++ compiler for a model on the CPU and {wanted!r} was not found; "
                          "install one (e.g. apt install g++) or set CXX to it")
+    prepare_for_compile()
     for _, block in blocks:
         block.compile(options=_OPTIONS)
     return len(blocks)

@@ -29,6 +29,7 @@ weight, extra forward arguments) keep the original forward call by call.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import TypeGuard
 
 import torch
@@ -41,7 +42,7 @@ from slimtune.perf import kernels
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
 __all__ = ["fused_lora_linear", "dropout_mask", "use_fused_lora", "fusable", "fused_forward", "fallback_reason",
-           "is_fused"]
+           "is_fused", "prepare_for_compile"]
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -165,7 +166,14 @@ def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lo
 
 # With dropout the node draws its mask's seed from the global RNG (torch.manual_seed reproduces it), which
 # torch.compile cannot trace: a compiled block runs those layers eagerly (a graph break each), the rest compiled.
-_fused_lora_linear_eager = torch.compiler.disable(fused_lora_linear)
+# The wrapper is made by prepare_for_compile (slimtune.perf.compilation), as making it imports torch._dynamo:
+# seconds that a run which compiles nothing does not pay.
+_WITH_DROPOUT: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def prepare_for_compile() -> None:
+    """Have layers with dropout run the fused node outside compiled graphs (see above); idempotent."""
+    _WITH_DROPOUT.setdefault("run", torch.compiler.disable(fused_lora_linear))
 
 
 def fallback_reason(layer: LoraLinear, args: tuple = (), kwargs: dict | None = None,
@@ -199,7 +207,7 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and layer.training else 0.0
     A, B = layer.lora_parameters(name)
-    run = _fused_lora_linear_eager if p else fused_lora_linear
+    run = _WITH_DROPOUT.get("run", fused_lora_linear) if p else fused_lora_linear
     return run(x, layer.base_layer, A, B, layer.scaling[name], p)
 
 
