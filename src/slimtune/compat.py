@@ -11,6 +11,10 @@ parameter names, an attribute) so a renamed argument is followed the day it ship
 - transformers 5 renames checkpoint keys while loading (a model's conversion mapping: GPT-NeoX's
   ``embed_out`` is its ``lm_head``) and merges some (a mixture of experts' per-expert matrices into one
   3-D parameter); releases before it load keys as stored.
+- transformers 5.25 turns the Hub's layer kernels on in ``from_pretrained`` by default (``use_kernels=None`` means
+  on): it needs the ``kernels`` package, fetches kernels from the Hub and swaps layers' forwards. slimtune loads
+  with ``use_kernels=False`` wherever the release knows the argument: the model's own forwards, which its adapters
+  wrap and its tests check, and no download.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ try:  # transformers 5: how a model's checkpoint keys map onto its parameters
     KEYS_CONVERTED_ON_LOAD = True
 except ImportError:  # earlier releases load keys as stored
     KEYS_CONVERTED_ON_LOAD = False
+
+def from_pretrained_kwargs() -> dict[str, Any]:
+    """Keyword arguments for every ``from_pretrained`` of a model slimtune makes (see the module docstring)."""
+    return {"use_kernels": False} if hasattr(transformers.PreTrainedModel, "set_use_kernels") else {}
+
 
 # A model's cache argument, newest name first.
 MODEL_CACHE_NAMES = ("cache", "past_key_values")

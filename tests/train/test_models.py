@@ -498,3 +498,22 @@ def test_quantized_weights_without_a_quantization_config_are_refused_or_loaded_a
     save_file({k: v for k, v in tensors.items() if k != state}, folder / "model.safetensors")
     with pytest.raises(ValueError, match=r"weight is stored as torch\.(int8|uint8) \(quantized codes\?\) without a"):
         models.load_model(str(folder), quantization=QuantConfig(bits=bits, skip_modules=[]))
+
+
+def test_models_load_without_the_hubs_layer_kernels(monkeypatch):
+    """transformers 5.25 swaps layers for the Hub's `kernels` in from_pretrained unless use_kernels=False (its
+    default is on): every load of slimtune's says False where the release knows the argument."""
+    import transformers
+    from run_helpers import tiny_model_dir
+
+    seen = []
+    original = transformers.PreTrainedModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels", "absent"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    models.load_model(tiny_model_dir())
+    knows = hasattr(transformers.PreTrainedModel, "set_use_kernels")
+    assert seen and all(v is (False if knows else "absent") for v in seen), seen

@@ -33,7 +33,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slimtune.compat import gguf_dequantize_config
+from slimtune.compat import from_pretrained_kwargs, gguf_dequantize_config
 from slimtune.config import TASK_TYPES
 from slimtune.core.dtypes import parse_dtype
 from slimtune.core.files import atomic_folder, cache_root
@@ -117,7 +117,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
                          "PEFT folders.")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     restore_pre_tokenizer(tokenizer, fields.get("tokenizer.ggml.pre"))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **from_pretrained_kwargs(), **kwargs)
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # weights are dense already; the leftover config only blocks saving
         quantizer.remove_quantization_config(model)
@@ -321,7 +321,7 @@ def _load_full_precision(model_cls: Any, folder: Path, dtype: torch.dtype, allow
     and naming the folder when a file is damaged, a shape differs, or a pickle holds more than tensors."""
     try:
         model, info = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=None if allow_pickle else True,
-                                                output_loading_info=True, **extra)
+                                                output_loading_info=True, **from_pretrained_kwargs(), **extra)
     except SafetensorError as error:
         raise InvalidFileError(folder, f"a weights file is damaged or truncated ({error}); download or save the model "
                                        "again.") from None

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import transformers
 
+from slimtune.compat import from_pretrained_kwargs
 from slimtune.core.modules import is_dense_linear, weight_of
 from slimtune.core.tensor_files import SafetensorsReader
 from slimtune.errors import InvalidFileError
@@ -71,7 +72,8 @@ def load_quantized_model(model_cls: Any, folder: Path, dtype: torch.dtype, devic
         else:
             logger.warning("Loading %s in full precision, then quantizing it: %s", folder, why)
     try:
-        model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra).to(device)
+        model = model_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **from_pretrained_kwargs(),
+                                          **extra).to(device)
     except ImportError as error:
         if not prequantized:
             raise
