@@ -33,6 +33,7 @@ try:  # transformers 5: how a model's checkpoint keys map onto its parameters
 except ImportError:  # earlier releases load keys as stored
     KEYS_CONVERTED_ON_LOAD = False
 
+
 def from_pretrained_kwargs() -> dict[str, Any]:
     """Keyword arguments for every ``from_pretrained`` of a model slimtune makes (see the module docstring)."""
     return {"use_kernels": False} if hasattr(transformers.PreTrainedModel, "set_use_kernels") else {}
