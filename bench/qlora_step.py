@@ -9,6 +9,9 @@ reported, so a burst of machine noise hits one round, not the comparison):
 - ``slimtune``: ``slimtune.train.models.load_model`` with a ``quantization`` section (meta-device model,
   NF4 + double quantization per layer from the file), LoRA r=16 on all linear layers, the fast path
   ``slimtune train`` enables (``enable_fast_path(model, "auto")``) and the trainer's chunked loss.
+- with ``--compile``, also ``slimtune+compile``: the same with each decoder block torch.compile'd, as recipes'
+  ``training.compile: true`` does (``slimtune.perf.compilation.compile_blocks``): the 4-bit decode is traced
+  into each block's graph; its first step (compiling) is printed.
 - ``peft+bnb``: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4, double quant))`` then
   ``peft.get_peft_model`` with the same LoRA; transformers' loss.
 - ``floor``: the same model unquantized and without an adapter, every weight frozen, the input embeddings'
@@ -48,9 +51,10 @@ def _settings(model, dropout: float, optimizer) -> dict:
             "optimizer": "none" if optimizer is None else f"AdamW{' (fused)' if fused else ''}"}
 
 
-def run_slimtune(folder: Path, args) -> dict:
+def run_slimtune(folder: Path, args, compile_blocks: bool = False) -> dict:
     import slimtune
     from slimtune.optim import make_optimizer
+    from slimtune.perf import compilation
     from slimtune.perf.fast_path import enable_fast_path
     from slimtune.perf.losses import causal_lm_loss
     from slimtune.quant import QuantConfig
@@ -65,6 +69,8 @@ def run_slimtune(folder: Path, args) -> dict:
     for module in model.modules():
         if hasattr(module, "keep_dequantized"):
             module.keep_dequantized = args.keep_dequantized
+    if compile_blocks:
+        compilation.compile_blocks(model)
     loss = lambda m, b: causal_lm_loss(m, b, reduction="mean")  # noqa: E731 - the trainer's loss
     return {"load_s": load_s, "fast_path": str(fast), **_steps(model, args, loss, make_optimizer)}
 
@@ -115,12 +121,14 @@ def _steps(model, args, loss_of, build_optimizer) -> dict:
             p.grad = None
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
-    return {"step_s": median(times[1:]), "first_loss": losses[0], "peak_rss": peak_rss_bytes(),
+    return {"step_s": median(times[1:]), "first_step_s": times[0], "first_loss": losses[0],
+            "peak_rss": peak_rss_bytes(),
             "trainable": sum(p.numel() for p in trainable) if optimizer is not None else 0,
             "settings": _settings(model, 0.0, optimizer)}
 
 
-WORKERS = {"slimtune": run_slimtune, "peft+bnb": run_peft, "floor": run_floor}
+WORKERS = {"slimtune": run_slimtune, "peft+bnb": run_peft, "floor": run_floor,
+           "slimtune+compile": lambda folder, args: run_slimtune(folder, args, compile_blocks=True)}
 
 
 def _run_worker(worker: str, folder: Path, args) -> dict:
@@ -139,6 +147,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="run every worker this many times, in turn")
     parser.add_argument("--keep-dequantized", action="store_true",
                         help="slimtune keeps each dequantized weight for its backward (training.keep_dequantized)")
+    parser.add_argument("--compile", action="store_true", help="add a run with each block torch.compile'd")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.set_defaults(steps=5)
@@ -148,12 +157,12 @@ def main() -> None:
         print("RESULT " + json.dumps(WORKERS[args.worker](args.model, args)))
         return
 
-    runs: dict[str, list[dict]] = {name: [] for name in WORKERS}
+    runs: dict[str, list[dict]] = {name: [] for name in WORKERS if args.compile or name != "slimtune+compile"}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "smollm2-shaped"
         smollm2_shaped().save_pretrained(folder)
         for _ in range(args.rounds):
-            for name in WORKERS:
+            for name in runs:
                 runs[name].append(_run_worker(name, folder, args))
     best = {name: min(results, key=lambda r: r["step_s"]) for name, results in runs.items()}
     ours, theirs, floor = best["slimtune"], best["peft+bnb"], best["floor"]
@@ -165,12 +174,12 @@ def main() -> None:
         print(f"settings {name:9s}: {r['settings']}")
     print(f"slimtune fast path: {ours['fast_path']}")
     print(f"trainable params: slimtune {ours['trainable']:,}, peft {theirs['trainable']:,}")
-    print("| run      | load s | s/step (each round)   | peak RSS MiB (VmHWM) | first-step loss |")
-    print("|---|---|---|---|---|")
+    print("| run      | load s | s/step (each round)   | peak RSS MiB (VmHWM) | first-step loss | first step s |")
+    print("|---|---|---|---|---|---|")
     for name, r in best.items():
         rounds = ", ".join(f"{x['step_s']:.3f}" for x in runs[name])
         print(f"| {name} | {r['load_s']:.2f} | {r['step_s']:.3f} ({rounds}) | {r['peak_rss'] / mib:.0f} | "
-              f"{r['first_loss']:.6f} |")
+              f"{r['first_loss']:.6f} | {r['first_step_s']:.1f} |")
     gap = abs(ours["first_loss"] - theirs["first_loss"])
     print(f"first-step loss |slimtune − peft+bnb| = {gap:.2e} ({'OK' if gap <= 1e-4 else 'DIFFERENT WORK'}, ≤ 1e-4)")
     goal = max(0.8 * theirs["step_s"], 1.05 * floor["step_s"])
@@ -179,6 +188,14 @@ def main() -> None:
           f"{'met' if ours['step_s'] <= goal else 'NOT met'}")
     print(f"peak RSS   slimtune/peft+bnb: {ours['peak_rss'] / theirs['peak_rss']:.3f}   goal ≤ 0.8: "
           f"{'met' if ours['peak_rss'] <= 0.8 * theirs['peak_rss'] else 'NOT met'}")
+    if args.compile:
+        c = best["slimtune+compile"]
+        gap = abs(c["first_loss"] - theirs["first_loss"])
+        print(f"slimtune+compile: step /peft+bnb {c['step_s'] / theirs['step_s']:.3f}   /floor "
+              f"{c['step_s'] / floor['step_s']:.3f}   /slimtune {c['step_s'] / ours['step_s']:.3f}: goal "
+              f"{'met' if c['step_s'] <= goal else 'NOT met'}; peak RSS /peft+bnb "
+              f"{c['peak_rss'] / theirs['peak_rss']:.3f}; "
+              f"first-step loss gap {gap:.2e}")
 
 
 if __name__ == "__main__":

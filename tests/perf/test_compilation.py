@@ -10,9 +10,10 @@ from tiny_models import tiny_gpt2, tiny_llama
 from torch._dynamo.utils import counters
 
 import slimtune
-from slimtune.perf.compilation import compile_blocks, compiled_blocks, cpu_compiler
+from slimtune.perf.compilation import compile_blocks, compile_options, compiled_blocks, cpu_compiler
 from slimtune.perf.fast_path import enable_fast_path
 from slimtune.perf.losses import causal_lm_loss
+from slimtune.quant import QuantConfig, quantize
 
 
 def _grads(model):
@@ -63,9 +64,75 @@ def test_a_models_own_dropout_draws_the_eager_masks():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
 
 
+def _saved_elements(model, batch) -> int:
+    """How many elements autograd keeps from a forward for its backward (a training step's activation memory)."""
+    counts = []
+
+    def pack(t):
+        counts.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = causal_lm_loss(model, batch)
+    loss.backward()
+    return sum(counts)
+
+
+@pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile's CPU code needs a C++ compiler")
+@pytest.mark.parametrize(("bits", "targets", "keep_dequantized"),
+                         [(4, "all-linear", False), (4, ["q_proj", "v_proj"], True), (8, "all-linear", False)])
+def test_a_quantized_base_decodes_inside_the_compiled_graph_and_trains_as_eager(bits, targets, keep_dequantized):
+    """The eager 4-bit decode (tables cached by id, reused buffers) broke each block's graph in pieces; the
+    traceable one (nf4.decode_4bit) compiles into the block's one graph, with the same weights. The compiler
+    must not keep the decoded weights from forward to backward (it merged the two decodes of a weight): no more
+    is saved for backward than in the eager step, which decodes again, unless keep_dequantized asks to keep."""
+    model = tiny_llama(layers=3)
+    quantize(model, QuantConfig(bits=bits, compute_dtype="float32"))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                    init_lora_weights=False))
+    model.train()
+    enable_fast_path(model, "auto")
+    for module in model.modules():
+        if hasattr(module, "keep_dequantized"):
+            module.keep_dequantized = keep_dequantized
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(compiled)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    losses = [causal_lm_loss(m, batch) for m in (model, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    want, got = _grads(model), _grads(compiled)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    eager_saved, compiled_saved = _saved_elements(model, batch), _saved_elements(compiled, batch)
+    assert compiled_saved <= eager_saved, (compiled_saved, eager_saved)  # 3 blocks' weights: 27,648 elements
+
+
+def test_blocks_over_a_4bit_base_on_the_cpu_compile_to_scalar_code():
+    """Inductor's vectorized code for the decode's table look-ups is slower than its scalar code (see
+    compilation._SCALAR); other models keep the vectorized kernels."""
+    four, eight = tiny_llama(), tiny_llama()
+    quantize(four, QuantConfig(compute_dtype="float32"))
+    quantize(eight, QuantConfig(bits=8, compute_dtype="float32"))
+    assert compile_options(four) == {"fallback_random": True, "cpp.simdlen": 0}
+    assert compile_options(eight) == compile_options(tiny_llama()) == {"fallback_random": True}
+
+
 def test_a_model_without_blocks_or_a_cpu_without_a_compiler_is_refused(monkeypatch):
     with pytest.raises(ValueError):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    kernels = tiny_llama()
+    quantize(kernels, QuantConfig(compute_dtype="float32"))
+    kernels.model.layers[1].mlp.up_proj.matmul_backend = lambda x, layer, transpose: x  # as the Triton kernels
+    with pytest.raises(ValueError, match="run the Triton kernels .* set training.kernels: torch"):
+        compile_blocks(kernels)
+    assert compiled_blocks(kernels) == 0
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert cpu_compiler() is None
     model = tiny_llama()

@@ -199,3 +199,17 @@ def test_cuda_quantization_bit_exact_with_bitsandbytes_cuda_kernel(bnbF, quant_t
                 codes, absmax2, offset = nf4.double_quantize(absmax)
                 assert torch.equal(codes, st.absmax) and torch.equal(absmax2, st.state2.absmax), where
                 assert torch.equal(offset, st.offset), where
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize(("shape", "blocksize"), [((48, 64), 64), ((7, 37), 64), ((5, 33), 32), ((3, 300), 128)])
+def test_traceable_decode_equals_the_eager_decode_bit_for_bit(quant_type, shape, blocksize):
+    """decode_4bit is what compiled blocks run: short last blocks and an odd count (the pad nibble) included."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    packed, absmax = nf4.quantize_4bit(w, quant_type, blocksize)
+    code = codebooks.codebook(quant_type)
+    want = nf4.dequantize_4bit(packed, absmax, shape, quant_type, blocksize)
+    for second in (False, True):  # the backward's expression (see decode_4bit) gives the same bits
+        got = nf4.decode_4bit(packed, absmax, shape, code, blocksize, second=second)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert torch.equal(got, want), second

@@ -132,8 +132,6 @@ def test_overrides_are_yaml_values_and_create_sections():
      r"^method\.peft_type: DELTA_LORA moves the base weights .* drop the quantization section"),
     ({"training": {"keep_dequantized": True}, **MINIMAL},
      r"^training\.keep_dequantized: true keeps a quantized base's decoded weights .* no quantization section"),
-    ({"training": {"compile": True}, "quantization": {"bits": 4}, **MINIMAL},
-     r"^training\.compile: true with a quantization section: .* drop training\.compile, or the quantization"),
     ({"training": {"compile": True}, "model": {"gradient_checkpointing": True}, **MINIMAL},
      r"^training\.compile: true with model\.gradient_checkpointing: .* set model\.gradient_checkpointing: false"),
     ({"training": {"compile": True}, "distributed": {"strategy": "ddp"}, **MINIMAL},

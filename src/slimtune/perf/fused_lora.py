@@ -57,7 +57,8 @@ def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Ten
         return base.matmul_backend(t, base, transpose)
     if isinstance(base, Linear4bit) and kernels.use_triton_for(t.device, None):
         return kernels.matmul_4bit(t, kernels.weight_4bit(base), transpose)
-    weight = base.transient_weight(t.dtype) if isinstance(base, QuantizedLinear) else _as(weight_of(base), t.dtype)
+    weight = (base.transient_weight(t.dtype, backward=not transpose) if isinstance(base, QuantizedLinear)
+              else _as(weight_of(base), t.dtype))
     return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
 
 

@@ -49,8 +49,14 @@ def quantize_int8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cb, scb
 
 
-def dequantize_int8_rowwise(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``CB * SCB / 127`` (as ``CB * SCB * (1/127)`` in fp32), cast to ``dtype``; shape (out, in)."""
+def dequantize_int8_rowwise(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.float32,
+                            second: bool = False) -> torch.Tensor:
+    """``CB * SCB / 127`` (as ``CB * SCB * (1/127)`` in fp32), cast to ``dtype``; shape (out, in).
+
+    ``second=True``: the same values written as another expression (the product's factors swapped), for the
+    backward's decode in a compiled graph, which the compiler would otherwise merge with the forward's and so
+    keep the decoded weight alive from one to the other (see nf4.decode_4bit)."""
     if cb.dim() != 2 or scb.shape != (cb.shape[0],):
         raise ValueError(f"int8 weight {tuple(cb.shape)} needs one scale per row, got SCB of shape {tuple(scb.shape)}")
-    return (cb * scb.float().view(-1, 1) * _INV_127).to(dtype)
+    scales = scb.float().view(-1, 1)
+    return ((scales * cb if second else cb * scales) * _INV_127).to(dtype)

@@ -57,7 +57,7 @@ class _DequantLinear(torch.autograd.Function):
             return None, None
         if ctx.layer.matmul_backend is not None:
             return ctx.layer.matmul_backend(grad_out, ctx.layer, False), None
-        w = ctx.kept if ctx.kept is not None else ctx.layer.transient_weight(grad_out.dtype)  # (out, in)
+        w = ctx.kept if ctx.kept is not None else ctx.layer.transient_weight(grad_out.dtype, backward=True)
         ctx.kept = None
         return grad_out @ w, None  # dL/dx = dL/dy · W; the frozen weight gets no gradient
 
@@ -116,8 +116,10 @@ class QuantizedLinear(nn.Module):
         """The weight ``(out_features, in_features)`` in ``dtype`` (default: ``compute_dtype``)."""
         raise NotImplementedError
 
-    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight for one matmul, which nothing may keep afterwards (it may live in a reused buffer)."""
+    def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        """The weight ``(out, in)`` for one matmul, which nothing may keep afterwards (it may live in a reused
+        buffer). ``backward``: the decode in a backward pass, which a compiled graph must not merge with the
+        forward's (it would keep the decoded weight from one to the other)."""
         return self.dequantize(dtype)
 
     def storage_tensors(self) -> dict[str, torch.Tensor]:
@@ -275,10 +277,20 @@ class Linear4bit(QuantizedLinear):
         return nf4.double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_quant_map)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inside a compiled block
+            return self._traced_decode(dtype or self.compute_dtype, second=False)
         return nf4.dequantize_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
                                    self.quant_type, self.blocksize, dtype or self.compute_dtype, code=self.quant_map)
 
-    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def _traced_decode(self, dtype: torch.dtype, second: bool) -> torch.Tensor:
+        """The decode a compiled graph holds (fused into one pass over the bytes; its memory planned by the
+        compiler): see nf4.decode_4bit."""
+        return nf4.decode_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
+                               self.quant_map.float(), self.blocksize, second=second).to(dtype)
+
+    def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_decode(dtype, second=backward)
         if self.weight.device.type != "cpu":  # GPUs: the kernels path; no shared buffer across streams
             return self.dequantize(dtype)
         buffer = scratch_buffer(self.weight.device, 2 * self.weight.numel())
@@ -352,6 +364,10 @@ class Linear8bit(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return int8.dequantize_int8_rowwise(self.weight, self.SCB, dtype or self.compute_dtype)
+
+    def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        second = backward and torch.compiler.is_compiling()
+        return int8.dequantize_int8_rowwise(self.weight, self.SCB, dtype, second=second)
 
     def storage_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "SCB": self.SCB}

@@ -45,6 +45,7 @@ __all__ = [
     "nearest_code",
     "quantize_4bit",
     "dequantize_4bit",
+    "decode_4bit",
     "quantize_blockwise",
     "dequantize_blockwise",
     "double_quantize",
@@ -272,6 +273,35 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
     if full < n:
         values[full:n].mul_(absmax[full // blocksize])
     return values[:n].view(tuple(shape)).to(dtype)
+
+
+def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], code: torch.Tensor,
+                blocksize: int = 64, second: bool = False) -> torch.Tensor:
+    """:func:`dequantize_4bit`'s fp32 weight, bit for bit, as plain tensor ops (no cached tables, no reused
+    buffers): the form ``torch.compile`` traces, whose code generator fuses it into one pass over the packed bytes
+    (measured 1.3-1.6x faster than the eager decode on the development CPU). ``absmax``: the fp32 block scales.
+
+    ``second=True`` writes the same values as another expression (scale × code where the first form has code ×
+    scale), for the backward's decode of a weight the forward decoded too: the compiler merges identical
+    expressions, and would then keep the forward's fp32 weight alive until the backward instead of decoding it
+    again (the memory QLoRA exists to save)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    nibbles = packed.reshape(-1).to(torch.int32)
+    full = n - n % blocksize
+
+    def scaled(values: torch.Tensor) -> torch.Tensor:  # (bytes,): one nibble of each byte, times its block's scale
+        head = values[: full // 2].view(-1, blocksize // 2)  # a byte's two elements share a block (sizes are even)
+        scales = absmax[: full // blocksize, None]
+        head = (scales * head if second else head * scales).view(-1)
+        if full == n:
+            return head
+        tail, last = values[full // 2:], absmax[-1]  # the short last block (and the pad nibble of an odd count)
+        return torch.cat((head, last * tail if second else tail * last))
+
+    pairs = torch.stack((scaled(code[nibbles >> 4]), scaled(code[nibbles & 15])), dim=-1)  # high nibble first
+    return pairs.reshape(-1)[:n].view(tuple(shape))
 
 
 @functools.lru_cache(maxsize=8)

@@ -49,16 +49,12 @@ def check_combinations(method: MethodConfig, quantization: QuantConfig | None, d
                           "apply once per packed row, so every example after the first would see none, or see the "
                           "other examples; set data.packing: false.")
     if training.compile:
-        _check_compile(quantization, distributed, sections["model"].gradient_checkpointing)
+        _check_compile(distributed, sections["model"].gradient_checkpointing)
 
 
-def _check_compile(quantization: QuantConfig | None, distributed: Any, checkpointing: Any) -> None:
+def _check_compile(distributed: Any, checkpointing: Any) -> None:
     """training.compile: true beside what makes each block compile again (then torch.compile gives up after 8
     and runs the rest eagerly) or what it was not tried with."""
-    if quantization is not None:
-        raise RecipeError("training.compile: true with a quantization section: the 4-bit layers' decode breaks the "
-                          "compiled graph in every block (measured slower than without compiling); drop "
-                          "training.compile, or the quantization section.")
     if checkpointing:
         raise RecipeError("training.compile: true with model.gradient_checkpointing: each checkpointed block has a "
                           "forward of its own, which makes every block compile again; set "
