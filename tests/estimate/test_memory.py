@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import TEST_CPU, make_recipe, tiny_model
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, Qwen3MoeConfig
 
 import slimtune
 from slimtune.estimate import adapter_layout, device_profile, model_shape, predict, recipe_with
@@ -172,6 +172,22 @@ def test_chunked_loss_removes_the_full_vocabulary_logits(tiny_folder):
     assert full.memory.component("logits") >= 3 * (seq - 1) * vocab * 4
     assert chunked.memory.component("logits") < full.memory.component("logits")
     assert chunked.memory.train_peak < full.memory.train_peak
+
+
+def test_a_softcapped_models_chunked_loss_counts_the_capped_logits_beside_the_raw_ones(tmp_path):
+    """LogitTransform.apply writes cap · tanh(z / cap) into a second chunk-sized fp32 buffer (z's own keeps the
+    slope for backward): the estimate counted one."""
+    seq, vocab = 64, 512
+
+    def logits(cap):
+        folder = tmp_path / str(cap)
+        Gemma2Config(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2, head_dim=16,
+                     num_attention_heads=4, num_key_value_heads=2, final_logit_softcapping=cap).save_pretrained(folder)
+        return predict(make_recipe(folder, data={"max_seq_length": seq}), TEST_CPU, timing=False)
+
+    capped, plain = logits(30.0), logits(None)
+    assert capped.chunked and plain.chunked
+    assert capped.memory.component("logits") - plain.memory.component("logits") == (seq - 1) * vocab * 4
 
 
 def test_an_evaluation_batch_larger_than_the_training_batch_sets_the_peak(tiny_folder):

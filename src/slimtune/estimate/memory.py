@@ -15,7 +15,7 @@ from slimtune.estimate.model_shapes import AdapterLayout, LinearShape, ModelShap
 from slimtune.optim import OPTIMIZER_ALIASES
 from slimtune.optim.adamw_8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from slimtune.optim.paged_adamw import MIN_PAGED_SIZE
-from slimtune.perf.losses import default_chunk_size
+from slimtune.perf.losses import default_chunk_size, logit_transform
 from slimtune.quant.config import QuantConfig
 from slimtune.quant.nf4 import NESTED_BLOCKSIZE
 
@@ -118,12 +118,14 @@ def loss_bytes(shape: ModelShape, tokens: int, label_tokens: int, chunked: bool,
     autocast), log_softmax's fp32 output; in backward the saved output, two fp32 gradients of it and the
     full-size gradient of the logits. Chunked (slimtune.perf.losses): per chunk of
     ``C = 256 MiB / (4 V)`` label tokens the fp32 logits (softmax and its gradient are written into them), plus
-    the gradient of the hidden states kept for backward.
+    the gradient of the hidden states kept for backward; a softcapped model (Gemma 2/3) holds the capped logits
+    beside the raw ones (whose buffer keeps the cap's slope for backward).
     """
     v, n = shape.vocab, label_tokens
     if chunked:
         c = min(n, default_chunk_size(v))
         extra = c * v * 2 if prec.autocast else 0
+        extra += c * v * 4 if logit_transform(shape.meta).softcap is not None else 0
         cast = v * shape.hidden * 2 if prec.autocast and prec.weight == 4 else 0
         total = c * v * 4 + extra + cast + tokens * shape.hidden * prec.weight + c * shape.hidden * 4
         return total, f"chunked cross-entropy: {c:,} tokens × {v:,} vocab fp32 logits"

@@ -16,7 +16,7 @@ backward (``training.keep_dequantized: true`` asks for that explicitly). The Tri
 called from compiled blocks yet.
 
 Measured on the development CPU: the LoRA step 0.83 × the eager one, after a first step of 12 s (30 blocks;
-``bench/lora_step.py --compile``); the QLoRA step 0.81 × the eager one, first step 10 s (``bench/qlora_step.py
+``bench/lora_step.py --compile``); the QLoRA step 0.81-0.91 × the eager one, first step 10 s (``bench/qlora_step.py
 --compile``).
 """
 
