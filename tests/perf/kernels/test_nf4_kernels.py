@@ -74,6 +74,11 @@ def test_matmul_covers_partial_tiles_odd_widths_and_multi_block_lanes(out_f, in_
     monkeypatch.setattr(nf4_matmul, "INTERPRETER_TILE", {**nf4_matmul.INTERPRETER_TILE, **tile})
     layer = quantized(out_f, in_f, blocksize, seed=4)
     w, weight = kernels.weight_4bit(layer), layer.dequantize(torch.float32)
+    # The scales followed by NaN: a tile lane past its row's end read the scale after the last (a NaN there gave
+    # NaN outputs, 0 · NaN, in the last column, on whatever that memory held).
+    scales = w.block_scales()
+    guarded = torch.cat((scales, torch.full((256,), float("nan"))))[: scales.numel()]
+    monkeypatch.setattr(type(w), "block_scales", lambda self: guarded)
     for seed in (5, 6):
         torch.manual_seed(seed)
         x, g = torch.randn(37, in_f), torch.randn(19, out_f)  # 37 and 19 rows: partial row tiles
@@ -112,10 +117,21 @@ def test_fused_lora_at_batch_one_runs_the_gemv_and_matches(monkeypatch):
 
 
 @interpreter
-@pytest.mark.parametrize("out_f,in_f,blocksize,dq", [(96, 128, 64, True), (33, 66, 32, False), (17, 4096, 4096, True)])
-def test_gemv_kernel(out_f, in_f, blocksize, dq):
+@pytest.mark.parametrize("out_f,in_f,blocksize,dq", [(96, 128, 64, True), (33, 66, 32, False), (17, 4096, 4096, True),
+                                                    (40, 96, 32, False)])
+def test_gemv_kernel(out_f, in_f, blocksize, dq, monkeypatch):
+    from slimtune.perf.kernels import gemv
+
     layer = quantized(out_f, in_f, blocksize, dq)
     w, weight = kernels.weight_4bit(layer), layer.dequantize(torch.float32)
+    real = gemv.scale_args  # the scales followed by NaN: a step's blocks past a row's end must not be read
+
+    def guarded(w4):
+        absmax, *rest = real(w4)
+        pad = torch.full((256,), float("nan")) if absmax.is_floating_point() else torch.zeros(256, dtype=absmax.dtype)
+        return (torch.cat((absmax, pad))[: absmax.numel()], *rest)
+
+    monkeypatch.setattr(gemv, "scale_args", guarded)
     torch.manual_seed(2)
     x = torch.randn(1, 3, in_f)  # three rows of x: three programs along the grid's second axis
     torch.testing.assert_close(kernels.gemv_4bit(x, w, use_triton=True), x @ weight.T)

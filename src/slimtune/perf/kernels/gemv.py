@@ -52,8 +52,11 @@ def _gemv_4bit_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_absmax_ptr
             acc += tl.sum(part, axis=1) * scale
         elif ALIGNED:  # BKH / HALF whole blocks per row: one scale per block
             KB: tl.constexpr = BKH // HALF
-            blk = (o[:, None] * K + 2 * j0) // BLOCKSIZE + tl.arange(0, KB)[None, :]  # (BN, KB)
-            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, o[:, None] < N,
+            kb = tl.arange(0, KB)[None, :]
+            blk = (o[:, None] * K + 2 * j0) // BLOCKSIZE + kb  # (BN, KB)
+            # a last step's blocks past the row's end are the next row's, or past the last scale: not read
+            inside = (o[:, None] < N) & (2 * j0 + kb * BLOCKSIZE < K)
+            scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, inside,
                                 DOUBLE_QUANT, NESTED)
             acc += tl.sum(tl.sum(tl.reshape(part, (BN, KB, HALF)), axis=2) * scale, axis=1)
         else:  # rows not made of whole blocks: the scale of each byte

@@ -36,16 +36,19 @@ from slimtune.perf.kernels.nf4_dequant import interpreting, kernel_dtype, wide
 
 
 @triton.jit
-def _scaled(w, scale_ptr, first, lanes, BLOCKSIZE: tl.constexpr, ALONG: tl.constexpr, ACROSS: tl.constexpr,
+def _scaled(w, scale_ptr, first, lanes, valid, BLOCKSIZE: tl.constexpr, ALONG: tl.constexpr, ACROSS: tl.constexpr,
             COLUMNS: tl.constexpr):
     """``w`` (a tile whose ``ALONG``-long side runs along ``in``, block-aligned) times its block scales: one
-    scale per ``BLOCKSIZE`` elements of each lane (``first``: the first code number of each lane)."""
+    scale per ``BLOCKSIZE`` elements of each lane (``first``: the first code number of each lane; ``valid``:
+    how many of a lane's elements lie in its row of W; the blocks past them are the next row's, or past the
+    last scale: their scale is 0, so the tile's padding decodes to 0, never to a stray scale's NaN)."""
     if BLOCKSIZE >= ALONG:  # the whole lane lies in one block
         scale = tl.load(scale_ptr + first // BLOCKSIZE, mask=lanes, other=0.0)
         return w * (scale[None, :] if COLUMNS else scale[:, None])
     K: tl.constexpr = ALONG // BLOCKSIZE  # blocks per lane
-    blocks = first[None, :] // BLOCKSIZE + tl.arange(0, K)[:, None]  # (K, lanes)
-    scale = tl.load(scale_ptr + blocks, mask=lanes[None, :], other=0.0)
+    k = tl.arange(0, K)[:, None]
+    blocks = first[None, :] // BLOCKSIZE + k  # (K, lanes)
+    scale = tl.load(scale_ptr + blocks, mask=lanes[None, :] & (k * BLOCKSIZE < valid), other=0.0)
     if COLUMNS:  # w (ALONG, ACROSS): rows along ``in``
         return tl.reshape(tl.reshape(w, (K, BLOCKSIZE, ACROSS)) * scale[:, None, :], (ALONG, ACROSS))
     return tl.reshape(tl.reshape(w, (ACROSS, K, BLOCKSIZE)) * tl.trans(scale)[:, :, None], (ACROSS, ALONG))
@@ -62,14 +65,14 @@ def _decode_tile(packed_ptr, code_ptr, scale_ptr, r0, p0, rr, rp, R, P, IN, BLOC
         byte = tl.load(packed_ptr + rp[:, None] * (IN // 2) + j[None, :], mask=mask, other=0).to(tl.int32)
         w = tl.trans(tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))))  # (BR, BP)
         if ALIGNED:
-            return _scaled(w, scale_ptr, rp * IN + r0, rp < P, BLOCKSIZE, BR, BP, True)
+            return _scaled(w, scale_ptr, rp * IN + r0, rp < P, R - r0, BLOCKSIZE, BR, BP, True)
     elif PAIRS:  # op(W) = W: p runs along ``in`` (contiguous): bytes (BR, BP / 2)
         j = p0 // 2 + tl.arange(0, BP // 2)
         mask = (rr[:, None] < R) & (j[None, :] < (P + 1) // 2)
         byte = tl.load(packed_ptr + rr[:, None] * (IN // 2) + j[None, :], mask=mask, other=0).to(tl.int32)
         w = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))  # (BR, BP)
         if ALIGNED:
-            return _scaled(w, scale_ptr, rr * IN + p0, rr < R, BLOCKSIZE, BP, BR, False)
+            return _scaled(w, scale_ptr, rr * IN + p0, rr < R, P - p0, BLOCKSIZE, BP, BR, False)
     else:  # odd ``in``: a byte's two codes may sit in two rows of W, decode element by element
         e = (rp[None, :] * IN + rr[:, None]) if TRANSPOSE else (rr[:, None] * IN + rp[None, :])  # (BR, BP)
         byte = tl.load(packed_ptr + e // 2, mask=(rr[:, None] < R) & (rp[None, :] < P), other=0).to(tl.int32)
