@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -31,17 +33,19 @@ from slimtune.core.modules import transformer_blocks
 from slimtune.perf.fused_lora import prepare_for_compile
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
+InductorOptions = dict[str, str | int | bool | Callable[..., Any]]  # torch.compile's ``options``
+
 __all__ = ["compile_blocks", "compiled_blocks", "compile_options", "cpu_compiler"]
 
 
 # Random ops (a model's own dropout) drawn from torch's global generator as in eager mode: the same masks, so a
 # compiled run trains as the eager one and torch.manual_seed reproduces it (inductor's own RNG draws others).
-_OPTIONS = {"fallback_random": True}
+_OPTIONS: InductorOptions = {"fallback_random": True}
 # Inductor's vectorized C++ for the 4-bit decode's table look-ups (64-bit lane indices, a bounds check and a scalar
 # load per lane) measured 2.5x slower than its scalar C++ on the development CPU (1.18 vs 0.46 ms for a 1536 x 576
 # weight; eager 0.63 ms); the blocks' other element-wise kernels lose less than that gains (QLoRA step 0.99 s
 # against 1.10 s vectorized, bench shape). So blocks over a 4-bit base on the CPU compile to scalar code.
-_SCALAR = {"cpp.simdlen": 0}
+_SCALAR: InductorOptions = {"cpp.simdlen": 0}
 
 
 def cpu_compiler() -> str | None:
@@ -71,7 +75,7 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
-def compile_options(model: nn.Module) -> dict[str, object]:
+def compile_options(model: nn.Module) -> InductorOptions:
     """The inductor options :func:`compile_blocks` uses for ``model`` (scalar C++ over a 4-bit base on the CPU)."""
     cpu_4bit = any(isinstance(m, Linear4bit) and m.weight.device.type == "cpu" for m in model.modules())
     return {**_OPTIONS, **_SCALAR} if cpu_4bit else dict(_OPTIONS)
