@@ -277,20 +277,13 @@ class Linear4bit(QuantizedLinear):
         return nf4.double_dequantize(self.absmax, self.nested_absmax, self.nested_offset, self.nested_quant_map)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # inside a compiled block
-            return self._traced_decode(dtype or self.compute_dtype, second=False)
         return nf4.dequantize_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
                                    self.quant_type, self.blocksize, dtype or self.compute_dtype, code=self.quant_map)
 
-    def _traced_decode(self, dtype: torch.dtype, second: bool) -> torch.Tensor:
-        """The decode a compiled graph holds (fused into one pass over the bytes; its memory planned by the
-        compiler): see nf4.decode_4bit."""
-        return nf4.decode_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
-                               self.quant_map.float(), self.blocksize, second=second).to(dtype)
-
     def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self._traced_decode(dtype, second=backward)
+        if torch.compiler.is_compiling():  # the backward's decode written apart from the forward's (see decode_4bit)
+            return nf4.decode_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
+                                   self.quant_map.float(), self.blocksize, second=backward).to(dtype)
         if self.weight.device.type != "cpu":  # GPUs: the kernels path; no shared buffer across streams
             return self.dequantize(dtype)
         buffer = scratch_buffer(self.weight.device, 2 * self.weight.numel())

@@ -232,7 +232,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
 
     ``code`` overrides the standard code book (e.g. a ``quant_map`` read from a checkpoint). ``out``: an
     fp32 buffer of at least ``2 · packed.numel()`` elements to decode into (reused across calls, it saves
-    the allocation); the result is then a view of it when ``dtype`` is fp32.
+    the allocation); the result is then a view of it when ``dtype`` is fp32. Inside a graph torch.compile
+    traces, :func:`decode_4bit` computes it (``out`` unused: the compiler plans the memory).
     """
     check_blocksize(blocksize)
     n = 1
@@ -245,6 +246,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
                          f"{blocksize} needs {-(-n // blocksize)}")
     if code is None:
         code = codebook(quant_type, packed.device)
+    if torch.compiler.is_compiling():  # the tables and buffers below are cached by identity: not traceable
+        return decode_4bit(packed, absmax.reshape(-1).float(), shape, code.float(), blocksize).to(dtype)
     words = _decoding_words(code, packed.device)  # (256,) pairs of fp32
     absmax = absmax.reshape(-1).float()
     data = packed.reshape(-1)

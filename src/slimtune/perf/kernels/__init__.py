@@ -163,8 +163,6 @@ def dequantize_4bit(w: Weight4bit, dtype: torch.dtype = torch.float32, use_trito
     """The weight ``(out, in)`` in ``dtype``; bit-identical to :func:`slimtune.quant.nf4.dequantize_4bit`."""
     if use_triton_for(w.packed.device, use_triton):
         return _kernel_module("nf4_dequant").dequantize_4bit_triton(w, dtype)
-    if torch.compiler.is_compiling():
-        return nf4.decode_4bit(w.packed, w.block_scales(), w.shape, w.code.float(), w.blocksize).to(dtype)
     return nf4.dequantize_4bit(w.packed, w.block_scales(), w.shape, blocksize=w.blocksize, dtype=dtype, code=w.code)
 
 
