@@ -13,7 +13,8 @@ import slimtune
 from slimtune.perf.compilation import compile_blocks, compile_options, compiled_blocks, cpu_compiler
 from slimtune.perf.fast_path import enable_fast_path
 from slimtune.perf.losses import causal_lm_loss
-from slimtune.quant import QuantConfig, quantize
+from slimtune.quant import QuantConfig, cpu_decode, quantize
+from slimtune.quant.linear import Linear4bit
 
 
 def _grads(model):
@@ -79,13 +80,16 @@ def _saved_elements(model, batch) -> int:
 
 
 @pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile's CPU code needs a C++ compiler")
-@pytest.mark.parametrize(("bits", "targets", "keep_dequantized"),
-                         [(4, "all-linear", False), (4, ["q_proj", "v_proj"], True), (8, "all-linear", False)])
-def test_a_quantized_base_decodes_inside_the_compiled_graph_and_trains_as_eager(bits, targets, keep_dequantized):
-    """The eager 4-bit decode (tables cached by id, reused buffers) broke each block's graph in pieces; the
-    traceable one (nf4.decode_4bit) compiles into the block's one graph, with the same weights. The compiler
-    must not keep the decoded weights from forward to backward (it merged the two decodes of a weight): no more
-    is saved for backward than in the eager step, which decodes again, unless keep_dequantized asks to keep."""
+@pytest.mark.parametrize(("bits", "targets", "keep_dequantized", "cpu_kernel"),
+                         [(4, "all-linear", False, True), (4, "all-linear", False, False),
+                          (4, ["q_proj", "v_proj"], True, True), (8, "all-linear", False, True)])
+def test_a_quantized_base_decodes_inside_the_compiled_graph_and_trains_as_eager(bits, targets, keep_dequantized,
+                                                                                cpu_kernel, monkeypatch):
+    """The eager 4-bit decode (tables cached by id, reused buffers, or the C++ kernel called through ctypes)
+    broke each block's graph in pieces; the traceable one (nf4.decode_4bit) compiles into the block's one graph,
+    with the same weights, whether the eager layers run the C++ kernel or not. The compiler must not keep the
+    decoded weights from forward to backward (it merged the two decodes of a weight): no more is saved for
+    backward than in the eager step, which decodes again, unless keep_dequantized asks to keep."""
     model = tiny_llama(layers=3)
     quantize(model, QuantConfig(bits=bits, compute_dtype="float32"))
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
@@ -95,16 +99,28 @@ def test_a_quantized_base_decodes_inside_the_compiled_graph_and_trains_as_eager(
     for module in model.modules():
         if hasattr(module, "keep_dequantized"):
             module.keep_dequantized = keep_dequantized
+        if isinstance(module, Linear4bit):
+            module.cpu_kernel = cpu_kernel
     compiled = copy.deepcopy(model)
     torch._dynamo.reset()
     counters.clear()
     compile_blocks(compiled)
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
-    losses = [causal_lm_loss(m, batch) for m in (model, compiled)]
-    for loss in losses:
-        loss.backward()
+    decoded, decode = [], cpu_decode.decode
+    monkeypatch.setattr(cpu_decode, "decode", lambda *args, **kwargs: decoded.append(1) or decode(*args, **kwargs))
+    losses = []
+    for m in (model, compiled):
+        losses.append(causal_lm_loss(m, batch))
+        losses[-1].backward()
+        decoded.append(0)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    eager_calls, compiled_calls = decoded.index(0), len(decoded) - decoded.index(0) - 2
+    layers = sum(isinstance(m, Linear4bit) for m in model.modules())
+    kernel = bits == 4 and cpu_kernel and cpu_decode.status() is None
+    assert compiled_calls == 0  # traced: the kernel would break the graph
+    # (the first block's q/k/v need no input gradient: 2 · 21 - 3 decodes)
+    assert eager_calls == (0 if not kernel else layers if keep_dequantized else 2 * layers - 3)
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     want, got = _grads(model), _grads(compiled)

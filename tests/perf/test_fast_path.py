@@ -12,7 +12,7 @@ from tiny_models import sample_inputs, tiny_llama
 import slimtune
 from slimtune.perf.fast_path import enable_fast_path, plan_fast_path
 from slimtune.perf.fused_lora import is_fused
-from slimtune.quant import Linear4bit, QuantConfig, quantize
+from slimtune.quant import Linear4bit, QuantConfig, cpu_decode, quantize
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
@@ -73,14 +73,18 @@ def test_triton_mode_routes_base_and_lora_through_the_kernels_with_the_same_resu
     assert not back.triton and back.fused_lora_layers == 0 and all(m.matmul_backend is None for m in layers)
 
 
-def test_auto_on_cpu_keeps_the_pure_torch_base_and_fuses_the_lora_layers():
+def test_auto_on_cpu_decodes_with_the_cpu_kernel_and_fuses_the_lora_layers():
     model = _qlora()
     path = enable_fast_path(model)
     assert (path.mode, path.triton, path.fused_lora_layers) == ("auto", False, 14)
-    assert all(m.matmul_backend is None for m in model.modules() if isinstance(m, Linear4bit))
-    assert "pure-torch" in str(path)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert all(m.matmul_backend is None and m.cpu_kernel for m in layers)
+    reason = cpu_decode.status()
+    assert f"via C++ decode kernel ({cpu_decode.isa()}) + matmul" in str(path) if reason is None else \
+        f"pure-torch dequantize (the C++ decode kernel is unavailable: {reason}) + matmul" in str(path)
     torch_path = enable_fast_path(model, "torch")
-    assert torch_path.fused_lora_layers == 0
+    assert torch_path.fused_lora_layers == 0 and not any(m.cpu_kernel for m in layers)
+    assert "via pure-torch dequantize + matmul" in str(torch_path)
 
 
 def test_the_log_line_says_which_base_it_found():

@@ -23,13 +23,13 @@ Measured on the development CPU: the LoRA step 0.83 × the eager one, after a fi
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from slimtune.core.modules import transformer_blocks
+from slimtune.core.toolchain import cpu_compiler
 from slimtune.perf.fused_lora import prepare_for_compile
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
@@ -46,12 +46,6 @@ _OPTIONS: InductorOptions = {"fallback_random": True}
 # weight; eager 0.63 ms); the blocks' other element-wise kernels lose less than that gains (QLoRA step 0.99 s
 # against 1.10 s vectorized, bench shape). So blocks over a 4-bit base on the CPU compile to scalar code.
 _SCALAR: InductorOptions = {"cpp.simdlen": 0}
-
-
-def cpu_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU code would use (``$CXX``, else g++), or None when there is none."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for path in map(shutil.which, names) if path), None)
 
 
 def compile_blocks(model: nn.Module) -> int:

@@ -2,15 +2,16 @@
 the CLI's ``--kernels``, :func:`enable_fast_path` for library users).
 
 - ``auto``: on CUDA (with triton), the Triton kernels for the 4-bit base (W decoded inside the matmul, the
-  batch-1 GEMV in generation) and the fused LoRA autograd node; elsewhere the fastest pure-torch path.
+  batch-1 GEMV in generation) and the fused LoRA autograd node; on CPUs the 4-bit weight decoded by the C++
+  kernel of :mod:`slimtune.quant.cpu_decode` (built on first use; the pure-torch gather where it cannot be) and
+  the fused LoRA node.
 - ``triton``: the kernels and fused LoRA, or a clear error where Triton cannot run.
 - ``torch``: the pure-torch reference everywhere.
 
 The chunked cross-entropy (no full-vocabulary logits) is the trainer's ``training.loss: auto``, used on every
-device where the model allows it. On CPUs the pure-torch path is the fast one (the 4-bit weight decoded by a
-one-word-per-byte gather into a reused buffer), with the fused LoRA node: it adds the LoRA terms into the
-base matmul's output and input gradient in place (``addmm_``), where the plain layers write and add two more
-activation-sized tensors per layer in each direction.
+device where the model allows it. On CPUs the 4-bit weight is decoded into a reused buffer for each matmul
+and the fused LoRA node adds the LoRA terms into the base matmul's output and input gradient in place
+(``addmm_``), where the plain layers write and add two more activation-sized tensors per layer in each direction.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from slimtune.perf import kernels
 from slimtune.perf.fused_lora import fusable, is_fused, use_fused_lora
+from slimtune.quant import cpu_decode
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
 KERNEL_MODES = ("auto", "triton", "torch")
@@ -42,10 +44,11 @@ class FastPath:
     quantized_layers: int = 0  # 4-bit layers in the model (none: a full-precision base)
     other_quantized_layers: int = 0  # 8-bit ones, or another library's packed layers (their own matmuls)
     compiled_blocks: int = 0  # transformer blocks torch.compile'd (slimtune.perf.compilation; recipes' compile)
+    decode: str = "pure-torch dequantize"  # how the 4-bit weight is decoded when the Triton kernels do not run
 
     def __str__(self) -> str:
         if self.quantized_layers:
-            how = "Triton kernels" if self.triton else "pure-torch dequantize + matmul"
+            how = "Triton kernels" if self.triton else f"{self.decode} + matmul"
             base = f"4-bit base ({self.quantized_layers} layers) via {how}"
         elif self.other_quantized_layers:
             base = f"8-bit or packed base ({self.other_quantized_layers} layers, each runs its own matmul)"
@@ -74,14 +77,27 @@ def enable_fast_path(model: nn.Module, mode: str = "auto") -> FastPath:
     device = tensor.device if tensor is not None else torch.device("cpu")
     triton, fuse = plan_fast_path(mode, device, kernels.triton_status(device))
     backend = functools.partial(kernels.linear_4bit, use_triton=True) if triton else None
-    quantized = 0
+    quantized, on_cpu = 0, False
     for module in model.modules():
         if isinstance(module, Linear4bit):
             module.matmul_backend = backend
+            module.cpu_kernel = mode != "torch"
             quantized += 1
+            on_cpu = on_cpu or module.weight.device.type == "cpu"
     if any(fusable(m) for m in model.modules()):
         use_fused_lora(model, enabled=fuse)
     fused = sum(is_fused(m) for m in model.modules())
     other = sum(isinstance(m, QuantizedLinear) and not isinstance(m, Linear4bit) or isinstance(m, nn.Linear)
                 and not m.weight.is_floating_point() for m in model.modules())
-    return FastPath(mode, triton, fused, quantized, other)
+    return FastPath(mode, triton, fused, quantized, other, decode=_decode_path(mode, on_cpu))
+
+
+def _decode_path(mode: str, on_cpu: bool) -> str:
+    """How :func:`enable_fast_path` has a model's 4-bit weights decoded outside the Triton kernels (builds the CPU
+    kernel on first use)."""
+    if not on_cpu or mode == "torch":
+        return "pure-torch dequantize"
+    reason = cpu_decode.status()
+    if reason is not None:
+        return f"pure-torch dequantize (the C++ decode kernel is unavailable: {reason})"
+    return f"C++ decode kernel ({cpu_decode.isa()})"

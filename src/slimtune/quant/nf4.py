@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from slimtune.quant import cpu_decode
 from slimtune.quant.codebooks import (
     GRID_BINS,
     byte_pair_words,
@@ -227,13 +228,16 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], quant_type: str = "nf4",
                     blocksize: int = 64, dtype: torch.dtype = torch.float32,
-                    code: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    code: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    cpu_kernel: bool = True) -> torch.Tensor:
     """``code[q] * absmax[block]`` in fp32, cast to ``dtype``, reshaped to ``shape``.
 
     ``code`` overrides the standard code book (e.g. a ``quant_map`` read from a checkpoint). ``out``: an
     fp32 buffer of at least ``2 · packed.numel()`` elements to decode into (reused across calls, it saves
-    the allocation); the result is then a view of it when ``dtype`` is fp32. Inside a graph torch.compile
-    traces, :func:`decode_4bit` computes it (``out`` unused: the compiler plans the memory).
+    the allocation); the result is then a view of it when ``dtype`` is fp32. On a CPU the C++ kernel of
+    :mod:`slimtune.quant.cpu_decode` decodes (the same bits; ``cpu_kernel=False`` or a kernel that cannot
+    be built: the pure-torch gather below). Inside a graph torch.compile traces, :func:`decode_4bit`
+    computes it (``out`` unused: the compiler plans the memory; see slimtune.perf.compilation).
     """
     check_blocksize(blocksize)
     n = 1
@@ -248,13 +252,16 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
         code = codebook(quant_type, packed.device)
     if torch.compiler.is_compiling():  # the tables and buffers below are cached by identity: not traceable
         return decode_4bit(packed, absmax.reshape(-1).float(), shape, code.float(), blocksize).to(dtype)
-    words = _decoding_words(code, packed.device)  # (256,) pairs of fp32
     absmax = absmax.reshape(-1).float()
     data = packed.reshape(-1)
     reuse = out is not None
     if out is None:
         out = torch.empty(2 * data.numel(), dtype=torch.float32, device=packed.device)
     values = out.reshape(-1)[: 2 * data.numel()]  # (n or n + 1,)
+    if _kernel_serves(packed, code, cpu_kernel) and cpu_decode.status() is None:
+        cpu_decode.decode(data.contiguous(), absmax.contiguous(), code.float().contiguous(), n, blocksize, values)
+        return values[:n].view(tuple(shape)).to(dtype)
+    words = _decoding_words(code, packed.device)  # (256,) pairs of fp32
     pairs = values.view(torch.float64)  # (bytes,): element 2b and 2b + 1 as one word
     full = n - n % blocksize
     # Chunks of whole blocks bound the int32 index copy (4 bytes per packed byte) on large weights.
@@ -276,6 +283,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
     if full < n:
         values[full:n].mul_(absmax[full // blocksize])
     return values[:n].view(tuple(shape)).to(dtype)
+
+
+def _kernel_serves(packed: torch.Tensor, code: torch.Tensor, cpu_kernel: bool) -> bool:
+    return cpu_kernel and packed.device.type == "cpu" and code.numel() == 16
 
 
 def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], code: torch.Tensor,
