@@ -33,7 +33,9 @@ __all__ = ["DeviceProfile", "PROFILES", "parse_memory", "device_profile", "cpu_c
 GiB = 2**30
 # Bytes moved per weight by slimtune's pure-torch 4-bit decode (slimtune.quant.nf4.dequantize_4bit): read the
 # packed byte (0.5), widen it to an int32 index (write 2, read 2), gather an 8-byte pair of fp32 codes (write 4),
-# scale by the block's absmax in place (read 4, write 4); a bf16 matmul adds a cast (read 4, write 2).
+# scale by the block's absmax in place (read 4, write 4); a bf16 matmul adds a cast (read 4, write 2). On CPUs it
+# is the unit of the calibrated decode rate, which times the decode the process runs (the C++ kernel of
+# slimtune.quant.cpu_decode where it builds: 4.5 bytes per weight really moved, ~4.5x the gather's rate).
 DEQUANT_BYTES_PER_WEIGHT = {4: 16.5, 2: 22.5}
 # glibc keeps freed heap memory for reuse: on the fitting configurations of bench/estimate_check.py --fit
 # (QLoRA and LoRA, seq 256, r 16, dropout 0.05), the peak RSS sat 0.66 and 0.63 of the step's activation +
