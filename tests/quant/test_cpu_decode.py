@@ -122,3 +122,17 @@ def test_bad_arguments_are_refused_with_what_was_expected():
         cpu_decode.decode(packed.reshape(-1), absmax, codebook("nf4").double(), 256, 64, out)
     with pytest.raises(ValueError, match="absmax must be .* at least 4 elements"):
         cpu_decode.decode(packed.reshape(-1), absmax[:3], codebook("nf4"), 256, 64, out)
+
+
+@needs_kernel
+def test_decoding_into_a_buffer_autograd_saved_is_caught():
+    """The kernel writes through a pointer; the buffer's version still moves, so a backward that saved the buffer
+    (a misuse of a reused buffer) fails loudly instead of using the new weight."""
+    packed, absmax = _weight((4, 64), "nf4", 64)
+    buffer = torch.empty(256)
+    weight = nf4.dequantize_4bit(packed, absmax, (4, 64), out=buffer)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = (x @ weight.T).sum()  # saves weight, a view of buffer, for x's gradient
+    nf4.dequantize_4bit(packed, absmax, (4, 64), out=buffer)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

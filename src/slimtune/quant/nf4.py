@@ -260,6 +260,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
     values = out.reshape(-1)[: 2 * data.numel()]  # (n or n + 1,)
     if _kernel_serves(packed, code, cpu_kernel) and cpu_decode.status() is None:
         cpu_decode.decode(data.contiguous(), absmax.contiguous(), code.float().contiguous(), n, blocksize, values)
+        torch.autograd.graph.increment_version(values)  # written through a pointer: autograd must see the change
         return values[:n].view(tuple(shape)).to(dtype)
     words = _decoding_words(code, packed.device)  # (256,) pairs of fp32
     pairs = values.view(torch.float64)  # (bytes,): element 2b and 2b + 1 as one word
