@@ -12,7 +12,7 @@ from tiny_models import tiny_llama
 import slimtune
 from slimtune.perf.fast_path import enable_fast_path
 from slimtune.perf.fused_lora import dropout_mask, fallback_reason, fused_lora_linear, is_fused, use_fused_lora
-from slimtune.quant import Linear4bit, QuantConfig, quantize
+from slimtune.quant import Linear4bit, QuantConfig, cpu_decode, quantize
 
 
 def _grads(model):
@@ -267,3 +267,33 @@ def test_gradients_come_back_contiguous():
     out = fused_lora_linear(x, base, A, B, 2.0)
     for grad in torch.autograd.grad(out.square().sum(), (x, A, B)):
         assert grad.is_contiguous()
+
+
+@pytest.mark.skipif(cpu_decode.status() is not None, reason="the CPU decode kernel cannot be built here")
+def test_generation_steps_over_a_4bit_base_run_the_cpu_gemv(monkeypatch):
+    """One new token per step: each fused layer's base matmul is the GEMV (W decoded on the fly), within fp32
+    rounding of decode + matmul; a training step never calls it (its backward decodes W anyway)."""
+    model = tiny_llama(layers=2)
+    quantize(model, QuantConfig(compute_dtype="float32"))
+    slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    enable_fast_path(model, "auto")
+    calls = []
+    gemv = cpu_decode.gemv
+    monkeypatch.setattr(cpu_decode, "gemv", lambda x, *a, **k: calls.append(x.shape[0]) or gemv(x, *a, **k))
+    ids = torch.tensor([[5, 9, 11]])
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert calls == [3] * 14  # 2 blocks x 7 fused layers, 3 rows each
+        for m in model.modules():
+            if isinstance(m, Linear4bit):
+                m.cpu_kernel = False
+        reference = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.cpu_kernel = True
+    model.train()
+    calls.clear()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == []

@@ -136,3 +136,35 @@ def test_decoding_into_a_buffer_autograd_saved_is_caught():
     nf4.dequantize_4bit(packed, absmax, (4, 64), out=buffer)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", [0, len(cpu_decode.ISA_NAMES) - 1])
+@pytest.mark.parametrize(("out_features", "in_features", "blocksize"), [(96, 128, 64), (7, 64, 32), (33, 512, 256)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_the_gemv_equals_decode_then_matmul(isa, out_features, in_features, blocksize, rows):
+    packed, absmax = _weight((out_features, in_features), "nf4", blocksize, seed=rows)
+    weight = nf4.dequantize_4bit(packed, absmax, (out_features, in_features), blocksize=blocksize)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(9))
+    done = cpu_decode.gemv(x, packed.reshape(-1), absmax, codebook("nf4"), out_features, blocksize, isa_cap=isa)
+    assert done is not None
+    y, used = done
+    best = cpu_decode.ISA_NAMES.index(cpu_decode.isa())
+    assert used == (2 if isa == 2 and best == 2 else 0)  # AVX2 CPUs: the portable loop (decode + BLAS is faster)
+    torch.testing.assert_close(y, x @ weight.T, rtol=1e-5, atol=1e-5 * float(weight.abs().max()) * in_features ** 0.5)
+
+
+@needs_kernel
+def test_the_gemv_declines_what_it_does_not_cover(monkeypatch):
+    packed, absmax = _weight((16, 96), "nf4", 64)  # a row of 96 is not whole blocks of 64
+    assert cpu_decode.gemv(torch.randn(1, 96), packed.reshape(-1), absmax, codebook("nf4"), 16, 64) is None
+    packed, absmax = _weight((16, 128), "nf4", 64)
+    code = codebook("nf4")
+    assert cpu_decode.gemv(torch.randn(cpu_decode.GEMV_ROWS + 1, 128), packed.reshape(-1), absmax, code, 16, 64) is None
+    with pytest.raises(ValueError, match="gemv: x must be a contiguous torch.float32 CPU tensor"):
+        cpu_decode.gemv(torch.randn(1, 128).double(), packed.reshape(-1), absmax, code, 16, 64)
+    with pytest.raises(ValueError, match="gemv: absmax must be .* at least 32 elements"):
+        cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax[:31], code, 16, 64)
+    monkeypatch.setattr(cpu_decode._library(), "slimtune_decode_isa", lambda: 1)  # an AVX2 CPU: decode + BLAS instead
+    assert cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax, code, 16, 64) is None
+    assert cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax, code, 16, 64, isa_cap=0) is not None

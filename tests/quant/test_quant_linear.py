@@ -249,3 +249,25 @@ def test_int8_codes_differ_from_bitsandbytes_int8params_only_by_its_fp16_cast():
     ours32, ours16 = quantize_int8_rowwise(w), quantize_int8_rowwise(w.half())
     assert torch.equal(ours16[0], theirs) and torch.equal(ours16[1], their_scb.float())
     assert not torch.equal(ours32[0], theirs) and (ours32[0].int() - theirs.int()).abs().max() <= 1
+
+
+@pytest.mark.skipif(linear_mod.cpu_decode.status() is not None, reason="the CPU decode kernel cannot be built here")
+def test_a_few_rows_without_gradients_run_the_cpu_gemv(monkeypatch):
+    """Generation feeds one token (a few rows) at a time: the GEMV decodes W on the fly instead of writing the fp32
+    weight; with a gradient to compute, more rows, or cpu_kernel off, the layer decodes and multiplies."""
+    layer = Linear4bit.from_linear(_linear(out_f=40, in_f=128), compute_dtype=torch.float32)
+    calls = []
+    gemv = linear_mod.cpu_decode.gemv
+    monkeypatch.setattr(linear_mod.cpu_decode, "gemv", lambda x, *a, **k: calls.append(x.shape[0]) or gemv(x, *a, **k))
+    weight = layer.dequantize(torch.float32)
+    x = torch.randn(2, 3, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == [6]
+    torch.testing.assert_close(y, F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5)
+    layer(x.requires_grad_()).sum().backward()  # training: decode + matmul, as its backward
+    with torch.no_grad():
+        layer(torch.randn(9, 128))  # more rows than the GEMV takes
+        layer.cpu_kernel = False
+        layer(torch.randn(1, 128))
+    assert calls == [6]

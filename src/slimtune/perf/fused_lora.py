@@ -17,7 +17,8 @@ input (the mask is regenerated from a seed, as in :mod:`slimtune.methods.lora_fa
 Since q/k/v (and gate/up) share their input x, keeping x instead of a per-layer ``dropout(x)`` copy
 saves activation memory whenever dropout is on. A 4-bit base on CUDA uses the Triton kernels of
 :mod:`slimtune.perf.kernels` (W decoded inside the matmul; the batch-1 GEMV in generation); elsewhere W is
-dequantized by the pure-torch reference for the duration of one matmul.
+dequantized for the duration of one matmul (on a CPU by the C++ kernel of :mod:`slimtune.quant.cpu_decode`; with no
+gradient to record and at most 8 rows, generation, by its GEMV, which decodes W on the fly).
 
 Dtypes follow :class:`~slimtune.methods.lora.LoraLinear` exactly: under autocast every matmul runs in
 the autocast dtype; otherwise the base runs in its compute dtype (quantized) or the weight's dtype and
@@ -62,9 +63,17 @@ def _base_matmul(t: torch.Tensor, base: nn.Module, transpose: bool) -> torch.Ten
     return t @ (weight.T if transpose else weight)  # a dequantized W lives for this matmul only
 
 
+def _few_rows_matmul(x: torch.Tensor, base: nn.Module, grad: bool) -> torch.Tensor | None:
+    """The quantized base's kernel for a few rows (see QuantizedLinear.few_rows_matmul), when no gradient is
+    recorded (generation, evaluation); training keeps decode + matmul, as its backward does."""
+    if grad or not isinstance(base, QuantizedLinear) or base.matmul_backend is not None:
+        return None
+    return base.few_rows_matmul(x)
+
+
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, base, scaling, p, seed, dtypes):
+    def forward(ctx, x, lora_A, lora_B, bias, base, scaling, p, seed, dtypes, grad):
         mm_dtype, out_dtype, lora_dtype = dtypes
         ctx.kept = None
         xb = _as(x, mm_dtype)  # x (M, in): fused_lora_linear flattens the leading dimensions outside the node
@@ -75,6 +84,8 @@ class _FusedLoraLinear(torch.autograd.Function):
               and ctx.needs_input_grad[0]):
             ctx.kept = base.dequantize(mm_dtype)  # decoded once per step: backward's g W reuses it
             out = xb @ ctx.kept.T
+        elif (few := _few_rows_matmul(xb, base, grad)) is not None:
+            out = few  # generation on a CPU: W decoded on the fly
         else:
             out = _base_matmul(xb, base, transpose=True)  # (M, out)
         if bias is not None:
@@ -125,7 +136,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         ctx.kept = None
         if ctx.needs_input_grad[3]:
             grad_bias = g.sum(0).to(ctx.base.bias.dtype)
-        return grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None
+        return grad_x, grad_A, grad_B, grad_bias, None, None, None, None, None, None
 
 
 def _dtypes(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -160,8 +171,9 @@ def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_A: torch.Tensor, lo
     # The leading dimensions are flattened and restored outside the node: a view made inside a custom
     # autograd function may not be modified in place (Falcon adds into its projections' outputs), one made
     # here may.
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, lora_A, lora_B, base.bias))
     out = _FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), lora_A, lora_B, base.bias, base, float(scaling),
-                                 float(dropout_p), seed, _dtypes(x, base, lora_A))
+                                 float(dropout_p), seed, _dtypes(x, base, lora_A), grad)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

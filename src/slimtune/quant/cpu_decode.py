@@ -30,12 +30,14 @@ import torch
 from slimtune.core.files import cache_root
 from slimtune.core.toolchain import cpu_compiler
 
-__all__ = ["status", "isa", "decode", "ISA_NAMES", "ENV_SWITCH"]
+__all__ = ["status", "isa", "decode", "gemv", "GEMV_ROWS", "ISA_NAMES", "ENV_SWITCH"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_4bit.cpp"
 ENV_SWITCH = "SLIMTUNE_CPU_KERNELS"  # "0": never build or use the kernel
 ISA_NAMES = ("portable C++", "AVX2", "AVX-512")
 _BEST_ISA = len(ISA_NAMES) - 1
+GEMV_ROWS = 8  # the most rows of x the GEMV takes (batch-1 to batch-8 generation)
+_GEMV_GRAIN_VALUES = 1 << 16
 _GRAIN_VALUES = 1 << 18  # values per thread's task at least: one task for most weights of small models
 # The loaded library, or the reason there is none ("lib" / "reason").
 _STATE: dict[str, object] = {}
@@ -93,6 +95,10 @@ def _load() -> None:
         return
     lib.slimtune_decode_4bit.restype = ctypes.c_int
     lib.slimtune_decode_4bit.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.slimtune_gemv_4bit.restype = ctypes.c_int
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.slimtune_gemv_4bit.argtypes = [pointer, size, pointer, pointer, pointer, pointer, size, size, size, size,
+                                       ctypes.c_int]
     lib.slimtune_decode_isa.restype = ctypes.c_int
     lib.slimtune_decode_isa.argtypes = []
     _STATE["lib"] = lib
@@ -120,19 +126,49 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def _check(what: str, tensors: dict[str, tuple[torch.Tensor, torch.dtype, int]], blocksize: int) -> None:
+    """What the kernels read through raw pointers: contiguous CPU tensors of the right dtype and enough elements."""
+    for name, (t, dtype, least) in tensors.items():
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.numel() < least:
+            raise ValueError(f"{what}: {name} must be a contiguous {dtype} CPU tensor of at least {least} "
+                             f"elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if blocksize % 32:
+        raise ValueError(f"{what}: blocksize={blocksize} must be a multiple of 32")
+
+
 def decode(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
            out: torch.Tensor, isa_cap: int = _BEST_ISA) -> int:
     """Write the ``n`` fp32 values of a 4-bit weight into ``out`` (contiguous fp32, at least ``n``); returns the
     instruction set used (an index of :data:`ISA_NAMES`, at most ``isa_cap``). ``packed``: uint8, ``(n + 1) // 2``
     bytes; ``absmax``: fp32, one scale per block; ``code``: the 16 fp32 code values; all contiguous, on the CPU."""
-    tensors = {"packed": (packed, torch.uint8, (n + 1) // 2), "absmax": (absmax, torch.float32, -(-n // blocksize)),
-               "code": (code, torch.float32, 16), "out": (out, torch.float32, n)}
-    for name, (t, dtype, least) in tensors.items():
-        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.numel() < least:
-            raise ValueError(f"decode: {name} must be a contiguous {dtype} CPU tensor of at least {least} "
-                             f"elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if blocksize % 32:
-        raise ValueError(f"decode: blocksize={blocksize} must be a multiple of 32")
+    _check("decode", {"packed": (packed, torch.uint8, (n + 1) // 2), "code": (code, torch.float32, 16),
+                      "absmax": (absmax, torch.float32, -(-n // blocksize)), "out": (out, torch.float32, n)}, blocksize)
     grain = max(1, _GRAIN_VALUES // blocksize)
     return _library().slimtune_decode_4bit(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(),
                                            n, blocksize, grain, isa_cap)
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int,
+         blocksize: int, isa_cap: int | None = None) -> tuple[torch.Tensor, int] | None:
+    """``x Wᵀ`` for a few rows (``x`` fp32 ``(rows, in)``, rows at most :data:`GEMV_ROWS`) with the 4-bit ``W``
+    ``(out_features, in)`` decoded on the fly, each packed byte read once: token-by-token generation. Returns
+    ``(y (rows, out_features) fp32, instruction set used)`` (AVX-512 or the portable loop), or None where it does
+    not apply: more rows, a row of W that is not whole blocks, the kernel unavailable, a CPU without AVX-512 (the
+    decode kernel and a BLAS matmul are faster there than the portable loop, which ``isa_cap=0`` still asks for).
+    The sum runs in another order than a BLAS matmul: equal within fp32 rounding, not bit for bit."""
+    rows, in_features = x.shape
+    if not 1 <= rows <= GEMV_ROWS or in_features % blocksize or status() is not None:
+        return None
+    if isa_cap is None:
+        if _library().slimtune_decode_isa() < _BEST_ISA:
+            return None
+        isa_cap = _BEST_ISA
+    x = x.contiguous()
+    n = out_features * in_features
+    _check("gemv", {"x": (x, torch.float32, rows * in_features), "packed": (packed, torch.uint8, n // 2),
+                    "absmax": (absmax, torch.float32, n // blocksize), "code": (code, torch.float32, 16)}, blocksize)
+    y = torch.empty(rows, out_features, dtype=torch.float32)
+    grain = max(1, _GEMV_GRAIN_VALUES // in_features)
+    used = _library().slimtune_gemv_4bit(x.data_ptr(), rows, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+                                         y.data_ptr(), out_features, in_features, blocksize, grain, isa_cap)
+    return y, used

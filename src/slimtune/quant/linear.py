@@ -21,7 +21,7 @@ from torch import nn
 
 from slimtune.core.dtypes import default_compute_dtype, dtype_name
 from slimtune.core.modules import bias_of, is_conv1d, is_dense_linear, weight_of
-from slimtune.quant import int8, nf4
+from slimtune.quant import cpu_decode, int8, nf4
 from slimtune.quant.codebooks import check_quant_type, codebook, dynamic_map
 from slimtune.quant.state import (
     is_bitsandbytes_quantized,
@@ -49,7 +49,8 @@ class _DequantLinear(torch.autograd.Function):
         if layer.keep_dequantized and ctx.needs_input_grad[0]:
             ctx.kept = layer.dequantize(x.dtype)
             return F.linear(x, ctx.kept)
-        return F.linear(x, layer.transient_weight(x.dtype))
+        few = None if ctx.needs_input_grad[0] else layer.few_rows_matmul(x)  # generation: a token at a time
+        return few if few is not None else F.linear(x, layer.transient_weight(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -115,6 +116,11 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)`` in ``dtype`` (default: ``compute_dtype``)."""
         raise NotImplementedError
+
+    def few_rows_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x Wᵀ`` for an ``x`` of a few rows by a kernel that decodes W on the fly (token-by-token generation), or
+        None where there is none: the caller decodes W and multiplies."""
+        return None
 
     def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
         """The weight ``(out, in)`` for one matmul, which nothing may keep afterwards (it may live in a reused
@@ -283,6 +289,18 @@ class Linear4bit(QuantizedLinear):
         return nf4.dequantize_4bit(self.weight, self.block_absmax(), (self.out_features, self.in_features),
                                    self.quant_type, self.blocksize, dtype or self.compute_dtype, code=self.quant_map,
                                    cpu_kernel=self.cpu_kernel)
+
+    def few_rows_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """On a CPU, fp32 ``x`` with at most ``cpu_decode.GEMV_ROWS`` rows: the C++ GEMV (each packed byte read once,
+        no fp32 weight written; within fp32 rounding of decode + matmul, summed in another order)."""
+        rows = x.numel() // max(1, self.in_features)
+        if (not self.cpu_kernel or rows > cpu_decode.GEMV_ROWS or x.device.type != "cpu"
+                or x.dtype != torch.float32 or torch.compiler.is_compiling()):
+            return None
+        done = cpu_decode.gemv(x.reshape(rows, self.in_features), self.weight.reshape(-1),
+                               self.block_absmax().float().contiguous(), self.quant_map.float().contiguous(),
+                               self.out_features, self.blocksize)
+        return None if done is None else done[0].view(*x.shape[:-1], self.out_features)
 
     def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the backward's decode written apart from the forward's (see decode_4bit)

@@ -80,6 +80,57 @@ __attribute__((target("avx2"))) void decode_avx2(const uint8_t* packed, const fl
 }
 #endif
 
+// GEMV for a few rows: y[m, o] = sum_i x[m, i] * W[o, i] for m < rows (at most kGemvRows) and output features
+// [o0, o1), W decoded on the fly (each row of W whole blocks: in % blocksize == 0): each packed byte is read once
+// and no fp32 weight is written. x (rows, in) and y (rows, out), fp32, row-major.
+constexpr int64_t kGemvRows = 8;
+
+void gemv_scalar(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, const float* code,
+                 float* y, int64_t o0, int64_t o1, int64_t out, int64_t in, int64_t blocksize) {
+  for (int64_t o = o0; o < o1; ++o) {
+    float acc[kGemvRows] = {0};
+    const uint8_t* bytes = packed + o * in / 2;
+    for (int64_t i = 0; i < in; i += 2) {
+      const float scale = absmax[(o * in + i) / blocksize];
+      const float high = code[bytes[i / 2] >> 4] * scale, low = code[bytes[i / 2] & 15] * scale;
+      for (int64_t m = 0; m < rows; ++m) acc[m] += high * x[m * in + i] + low * x[m * in + i + 1];
+    }
+    for (int64_t m = 0; m < rows; ++m) y[m * out + o] = acc[m];
+  }
+}
+
+#ifdef SLIMTUNE_X86
+__attribute__((target("avx512f"))) void gemv_avx512(const float* x, int64_t rows, const uint8_t* packed,
+                                                    const float* absmax, const float* code, float* y, int64_t o0,
+                                                    int64_t o1, int64_t out, int64_t in, int64_t blocksize) {
+  const __m512 table = _mm512_loadu_ps(code);
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  const __m512i first_half = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second_half = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t o = o0; o < o1; ++o) {
+    __m512 acc[kGemvRows];
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* bytes = packed + o * in / 2;
+    const float* scales = absmax + o * in / blocksize;
+    for (int64_t b = 0; b < in / blocksize; ++b) {
+      const __m512 scale = _mm512_set1_ps(scales[b]);
+      for (int64_t j = b * blocksize; j < (b + 1) * blocksize; j += 32) {
+        const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j / 2)));
+        const __m512 high = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(wide, 4), table), scale);
+        const __m512 low = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(wide, low_nibble), table), scale);
+        const __m512 w0 = _mm512_permutex2var_ps(high, first_half, low);
+        const __m512 w1 = _mm512_permutex2var_ps(high, second_half, low);
+        for (int64_t m = 0; m < rows; ++m) {
+          acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * in + j), acc[m]);
+          acc[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * in + j + 16), acc[m]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) y[m * out + o] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+#endif
+
 int detect_isa() {
 #ifdef SLIMTUNE_X86
   __builtin_cpu_init();
@@ -116,6 +167,22 @@ int slimtune_decode_4bit(const uint8_t* packed, const float* absmax, const float
     const uint8_t byte = packed[i / 2];
     out[i] = code[i % 2 ? byte & 15 : byte >> 4] * absmax[blocks];
   }
+  return isa;
+}
+
+// y (rows, out) = x (rows, in) W^T for rows <= 8 and in % blocksize == 0 (returns -1 otherwise, writing nothing),
+// output features split across torch's intra-op threads. Returns the instruction set used: AVX-512 or the portable
+// loop (an AVX2 CPU is better served by slimtune_decode_4bit and a BLAS matmul).
+int slimtune_gemv_4bit(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, const float* code,
+                       float* y, int64_t out, int64_t in, int64_t blocksize, int64_t grain, int isa_cap) {
+  if (rows < 1 || rows > kGemvRows || in % blocksize != 0) return -1;
+  const int isa = isa_cap >= kAvx512 && slimtune_decode_isa() == kAvx512 ? kAvx512 : kScalar;
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+#ifdef SLIMTUNE_X86
+    if (isa == kAvx512) return gemv_avx512(x, rows, packed, absmax, code, y, o0, o1, out, in, blocksize);
+#endif
+    gemv_scalar(x, rows, packed, absmax, code, y, o0, o1, out, in, blocksize);
+  });
   return isa;
 }
 
