@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import slimtune
 from slimtune.perf.compilation import compile_options, cpu_compiler
-from slimtune.quant import Linear4bit, QuantConfig, quantize
+from slimtune.quant import Linear4bit, QuantConfig, cpu_decode, quantize
 from slimtune.serving import Decoder, decoder
 
 NEW = 5
@@ -232,7 +232,7 @@ def test_work_per_layer_does_not_grow_with_the_adapters():
 def test_4bit_base_runs_through_the_kernels(monkeypatch):
     model = slimtune.add_adapter(quantize(tiny_llama(), QuantConfig()),
                                  slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    calls = {"gemv": 0, "matmul": 0}
+    calls = {"gemv": 0, "matmul": 0, "cpu gemv": 0}
 
     def counted(name, fn):
         def run(*args, **kwargs):
@@ -242,10 +242,14 @@ def test_4bit_base_runs_through_the_kernels(monkeypatch):
 
     monkeypatch.setattr(decoder, "gemv_4bit", counted("gemv", decoder.gemv_4bit))
     monkeypatch.setattr(decoder, "matmul_4bit", counted("matmul", decoder.matmul_4bit))
+    monkeypatch.setattr(cpu_decode, "gemv", counted("cpu gemv", cpu_decode.gemv))
     ids = sample_inputs("llama", batch=3, seq=8)["input_ids"]
     out, logits = Decoder(model).generate(ids, max_new_tokens=NEW, ignore_eos=True, return_logits=True)
     quantized = sum(isinstance(m, Linear4bit) for m in model.modules())
-    assert calls == {"gemv": quantized * (NEW - 1), "matmul": quantized}  # 3 rows per step; 24 in the prefill
+    # 3 rows per step; 24 in the prefill. On an AVX-512 CPU the C++ GEMV takes the layers whose rows are whole
+    # blocks of 64 (down_proj, in 64; the others have in 32), the kernels' GEMV the rest.
+    cpu = 2 * (NEW - 1) if cpu_decode.gemv_ready() else 0
+    assert calls == {"gemv": quantized * (NEW - 1) - cpu, "matmul": quantized, "cpu gemv": cpu}
     for i in range(3):
         expected_tokens, expected_logits = alone(model, ids[i: i + 1])
         assert torch.equal(out[i, 8:], expected_tokens)
@@ -253,17 +257,23 @@ def test_4bit_base_runs_through_the_kernels(monkeypatch):
 
 
 @pytest.mark.skipif(cpu_compiler() is None, reason="torch.compile's CPU code needs a C++ compiler")
-def test_a_compiled_4bit_step_decodes_inside_its_graph_with_the_eager_tokens():
+def test_a_compiled_4bit_step_decodes_inside_its_graph_with_the_eager_tokens(monkeypatch):
     """The pure-torch 4-bit decode broke the compiled step at every layer (2.8x slower than eager on the development
-    CPU, and a warning said so); traced (quant.nf4.decode_4bit), the step compiles whole, to the same tokens."""
-    model = slimtune.add_adapter(quantize(tiny_llama(), QuantConfig(compute_dtype="float32")),
+    CPU, and a warning said so); traced (quant.nf4.decode_4bit for the prompt, the CPU GEMV's operator for each new
+    token where the kernel serves), the step compiles whole, to the same tokens."""
+    model = slimtune.add_adapter(quantize(tiny_llama(), QuantConfig(compute_dtype="float32", blocksize=32)),
                                  slimtune.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids = sample_inputs("llama", batch=2, seq=8)["input_ids"]
+    calls, gemv = [], cpu_decode.gemv
+    monkeypatch.setattr(cpu_decode, "gemv", lambda *args, **kwargs: calls.append(1) or gemv(*args, **kwargs))
     want, want_logits = Decoder(model).generate(ids, max_new_tokens=NEW, ignore_eos=True, return_logits=True)
+    eager_calls = len(calls)
     torch._dynamo.reset()
     counters.clear()
     got, logits = Decoder(model, compile=True).generate(ids, max_new_tokens=NEW, ignore_eos=True, return_logits=True)
     assert not counters["graph_break"], dict(counters["graph_break"])
+    per_token = 14 * (NEW - 1)  # 2 blocks x 7 layers for each token after the first (the prompt has 16 rows)
+    assert eager_calls == len(calls) - eager_calls == (per_token if cpu_decode.gemv_ready() else 0)
     assert torch.equal(got, want)
     torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=0)
 

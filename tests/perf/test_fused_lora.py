@@ -274,7 +274,7 @@ def test_generation_steps_over_a_4bit_base_run_the_cpu_gemv(monkeypatch):
     """One new token per step: each fused layer's base matmul is the GEMV (W decoded on the fly), within fp32
     rounding of decode + matmul; a training step never calls it (its backward decodes W anyway)."""
     model = tiny_llama(layers=2)
-    quantize(model, QuantConfig(compute_dtype="float32"))
+    quantize(model, QuantConfig(compute_dtype="float32", blocksize=32))  # rows of whole blocks (hidden size 32)
     slimtune.add_adapter(model, slimtune.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     enable_fast_path(model, "auto")
     calls = []

@@ -31,6 +31,7 @@ from torch import nn
 from slimtune.core.modules import transformer_blocks
 from slimtune.core.toolchain import cpu_compiler
 from slimtune.perf.fused_lora import prepare_for_compile
+from slimtune.quant import cpu_decode
 from slimtune.quant.linear import Linear4bit, QuantizedLinear
 
 InductorOptions = dict[str, str | int | bool | Callable[..., Any]]  # torch.compile's ``options``
@@ -70,8 +71,11 @@ def compile_blocks(model: nn.Module) -> int:
 
 
 def compile_options(model: nn.Module) -> InductorOptions:
-    """The inductor options :func:`compile_blocks` uses for ``model`` (scalar C++ over a 4-bit base on the CPU)."""
+    """The inductor options :func:`compile_blocks` uses for ``model`` (scalar C++ over a 4-bit base on the CPU).
+    Loads the CPU decode kernel there first: traced graphs call its GEMV (generation) only if it is loaded."""
     cpu_4bit = any(isinstance(m, Linear4bit) and m.weight.device.type == "cpu" for m in model.modules())
+    if cpu_4bit:
+        cpu_decode.status()
     return {**_OPTIONS, **_SCALAR} if cpu_4bit else dict(_OPTIONS)
 
 

@@ -30,7 +30,8 @@ import torch
 from slimtune.core.files import cache_root
 from slimtune.core.toolchain import cpu_compiler
 
-__all__ = ["status", "isa", "decode", "gemv", "GEMV_ROWS", "ISA_NAMES", "ENV_SWITCH"]
+__all__ = ["status", "isa", "decode", "gemv", "gemv_ready", "gemv_op", "few_rows_matmul", "GEMV_ROWS", "ISA_NAMES",
+           "ENV_SWITCH"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_4bit.cpp"
 ENV_SWITCH = "SLIMTUNE_CPU_KERNELS"  # "0": never build or use the kernel
@@ -39,7 +40,8 @@ _BEST_ISA = len(ISA_NAMES) - 1
 GEMV_ROWS = 8  # the most rows of x the GEMV takes (batch-1 to batch-8 generation)
 _GEMV_GRAIN_VALUES = 1 << 16
 _GRAIN_VALUES = 1 << 18  # values per thread's task at least: one task for most weights of small models
-# The loaded library, or the reason there is none ("lib" / "reason").
+# The loaded library, or the reason there is none ("lib" / "reason"), and whether the GEMV serves ("gemv"): a plain
+# dict, which torch.compile reads as a constant while tracing.
 _STATE: dict[str, object] = {}
 
 
@@ -102,6 +104,7 @@ def _load() -> None:
     lib.slimtune_decode_isa.restype = ctypes.c_int
     lib.slimtune_decode_isa.argtypes = []
     _STATE["lib"] = lib
+    _STATE["gemv"] = lib.slimtune_decode_isa() == _BEST_ISA
 
 
 def status() -> str | None:
@@ -172,3 +175,44 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     used = _library().slimtune_gemv_4bit(x.data_ptr(), rows, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
                                          y.data_ptr(), out_features, in_features, blocksize, grain, isa_cap)
     return y, used
+
+
+def gemv_ready() -> bool:
+    """Whether :func:`gemv` serves by default (the kernel loaded, on an AVX-512 CPU), without calling into the
+    library: what code torch.compile traces asks (the kernel must have been loaded before, see :func:`status`)."""
+    return _STATE.get("gemv") is True
+
+
+@torch.library.custom_op("slimtune::gemv_4bit", mutates_args=())
+def gemv_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int,
+            blocksize: int) -> torch.Tensor:
+    """:func:`gemv` as an operator graphs compiled by torch.compile call (they cannot trace ctypes): the compiled
+    generation step multiplies by the GEMV as the eager one does."""
+    done = gemv(x, packed, absmax, code, out_features, blocksize)
+    if done is None:
+        raise RuntimeError(f"slimtune's CPU GEMV does not serve x {tuple(x.shape)} with blocksize {blocksize}")
+    return done[0]
+
+
+@gemv_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int,
+      blocksize: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def few_rows_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int,
+                    blocksize: int) -> torch.Tensor | None:
+    """``x Wᵀ`` for fp32 CPU ``x (..., in)`` of at most :data:`GEMV_ROWS` rows by :func:`gemv` (by its operator in a
+    graph torch.compile traces); None where the GEMV does not serve (the caller decodes W and multiplies)."""
+    in_features = x.shape[-1]
+    rows = x.numel() // max(1, in_features)
+    if not 1 <= rows <= GEMV_ROWS or x.device.type != "cpu" or x.dtype != torch.float32 or in_features % blocksize:
+        return None
+    args = (x.reshape(rows, in_features), packed.reshape(-1), absmax.float().contiguous(), code.float().contiguous(),
+            out_features, blocksize)
+    if torch.compiler.is_compiling():
+        y = gemv_op(*args) if gemv_ready() else None
+    else:
+        done = gemv(*args)
+        y = None if done is None else done[0]
+    return None if y is None else y.view(*x.shape[:-1], out_features)

@@ -292,15 +292,12 @@ class Linear4bit(QuantizedLinear):
 
     def few_rows_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """On a CPU, fp32 ``x`` with at most ``cpu_decode.GEMV_ROWS`` rows: the C++ GEMV (each packed byte read once,
-        no fp32 weight written; within fp32 rounding of decode + matmul, summed in another order)."""
-        rows = x.numel() // max(1, self.in_features)
-        if (not self.cpu_kernel or rows > cpu_decode.GEMV_ROWS or x.device.type != "cpu"
-                or x.dtype != torch.float32 or torch.compiler.is_compiling()):
+        no fp32 weight written; within fp32 rounding of decode + matmul, summed in another order); in a graph
+        torch.compile traces, its operator (``slimtune::gemv_4bit``)."""
+        if not self.cpu_kernel:
             return None
-        done = cpu_decode.gemv(x.reshape(rows, self.in_features), self.weight.reshape(-1),
-                               self.block_absmax().float().contiguous(), self.quant_map.float().contiguous(),
-                               self.out_features, self.blocksize)
-        return None if done is None else done[0].view(*x.shape[:-1], self.out_features)
+        return cpu_decode.few_rows_matmul(x, self.weight, self.block_absmax(), self.quant_map, self.out_features,
+                                          self.blocksize)
 
     def transient_weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the backward's decode written apart from the forward's (see decode_4bit)

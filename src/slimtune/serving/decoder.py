@@ -13,7 +13,8 @@ What makes it cost (nearly) what the base model costs on the same decode path:
 - A wrapper with nothing to add (its adapters merged, or used by no row) runs its base layer's
   ``forward`` directly: a merged model decodes through the very calls of the plain model.
 - 4-bit layers (:class:`~slimtune.quant.Linear4bit`) run through :mod:`slimtune.perf.kernels`: the GEMV
-  kernel up to 16 rows, the fused dequantize-matmul above (CUDA with Triton; elsewhere the pure-torch path).
+  kernel up to 16 rows, the fused dequantize-matmul above (CUDA with Triton; on CPUs the C++ GEMV of
+  :mod:`slimtune.quant.cpu_decode` up to 8 rows, elsewhere the pure-torch path).
 - Last-position logits only. ``compile=True`` runs the one-token steps through ``torch.compile`` (CUDA
   graphs on a GPU) on a static key/value cache (fixed shapes; its length rounded up to a multiple of 64 so
   one compiled step serves many requests). Eager steps keep transformers' dynamic cache: a static one
@@ -75,7 +76,13 @@ class Linear4bitForward:
         layer, w, triton = self.layer, self.weight, self.use_triton
         xc = x.to(layer.compute_dtype)
         rows = xc.numel() // layer.in_features
-        out = gemv_4bit(xc, w, triton) if rows <= GEMV_ROWS and self.gemv_ok else matmul_4bit(xc, w, True, triton)
+        few = None if triton else layer.few_rows_matmul(xc)  # CPUs: the C++ GEMV (slimtune.quant.cpu_decode)
+        if few is not None:
+            out = few
+        elif rows <= GEMV_ROWS and self.gemv_ok:
+            out = gemv_4bit(xc, w, triton)
+        else:
+            out = matmul_4bit(xc, w, True, triton)
         if layer.bias is not None:
             out = out + layer.bias.to(out.dtype)
         return out.to(x.dtype)
