@@ -168,3 +168,17 @@ def test_the_gemv_declines_what_it_does_not_cover(monkeypatch):
     monkeypatch.setattr(cpu_decode._library(), "slimtune_decode_isa", lambda: 1)  # an AVX2 CPU: decode + BLAS instead
     assert cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax, code, 16, 64) is None
     assert cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax, code, 16, 64, isa_cap=0) is not None
+
+
+def test_an_unwritable_cache_is_reported_not_raised(monkeypatch, tmp_path):
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(blocked))
+    monkeypatch.setattr(cpu_decode, "_STATE", {})
+    reason = cpu_decode.status()
+    if cpu_decode.cpu_compiler() is None:
+        pytest.skip("no C++ compiler: the build is never tried")
+    assert reason is not None and reason.startswith("cannot write the kernel to ") and "SLIMTUNE_CACHE" in reason
+    packed, absmax = _weight((8, 64), "nf4", 64)
+    torch.testing.assert_close(nf4.dequantize_4bit(packed, absmax, (8, 64)),
+                               nf4.dequantize_4bit(packed, absmax, (8, 64), cpu_kernel=False), rtol=0, atol=0)

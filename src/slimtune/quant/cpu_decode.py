@@ -11,8 +11,12 @@ against the installed torch's headers (about 1.5 s), into ``<slimtune cache>/cpu
 temporary name, then renamed: concurrent processes never load a half-written file), and called through
 ``ctypes``. Where it cannot be built (no compiler, a failed build) or is switched off (``SLIMTUNE_CPU_KERNELS=0``,
 or a layer's ``cpu_kernel = False``: ``kernels: torch``), the pure-torch decode runs: :func:`status` says why.
-Graphs torch.compile traces decode with ``nf4.decode_4bit``'s tensor ops instead (see slimtune.perf.compilation:
-the kernel as a custom operator measured no faster there).
+Graphs torch.compile traces decode with ``nf4.decode_4bit``'s tensor ops instead (the decode kernel as a custom
+operator measured no faster in compiled training blocks).
+
+For generation the library also has a GEMV (:func:`gemv`, :func:`few_rows_matmul`): ``x Wᵀ`` for at most 8 rows
+with W decoded on the fly, each packed byte read once and no fp32 weight written (AVX-512; on other CPUs the decode
+kernel and a BLAS matmul serve instead); in compiled generation steps it is the operator ``slimtune::gemv_4bit``.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ def _compile(compiler: str, target: Path) -> str | None:
     """Build the shared library at ``target`` (atomically); the compiler's complaint when it fails."""
     torch_dir = Path(torch.__file__).resolve().parent
     lib_dir = torch_dir / "lib"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        return f"cannot write the kernel to {target.parent} ({error}); set SLIMTUNE_CACHE to a writable folder"
     os.close(fd)
     tmp = Path(name)
     command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC",

@@ -258,7 +258,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
     if out is None:
         out = torch.empty(2 * data.numel(), dtype=torch.float32, device=packed.device)
     values = out.reshape(-1)[: 2 * data.numel()]  # (n or n + 1,)
-    if _kernel_serves(packed, code, cpu_kernel) and cpu_decode.status() is None:
+    if (cpu_kernel and packed.device.type == "cpu" and packed.dtype == torch.uint8 and code.numel() == 16
+            and cpu_decode.status() is None):
         cpu_decode.decode(data.contiguous(), absmax.contiguous(), code.float().contiguous(), n, blocksize, values)
         torch.autograd.graph.increment_version(values)  # written through a pointer: autograd must see the change
         return values[:n].view(tuple(shape)).to(dtype)
@@ -284,10 +285,6 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[
     if full < n:
         values[full:n].mul_(absmax[full // blocksize])
     return values[:n].view(tuple(shape)).to(dtype)
-
-
-def _kernel_serves(packed: torch.Tensor, code: torch.Tensor, cpu_kernel: bool) -> bool:
-    return cpu_kernel and packed.device.type == "cpu" and code.numel() == 16
 
 
 def decode_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], code: torch.Tensor,
