@@ -16,7 +16,9 @@ storage as is, the layouts are the same):
 - batch-1 GEMV: Triton vs ``bnb.matmul_4bit`` on one row (bitsandbytes' gemv_4bit), in effective GB/s
   of weight read, and the dense bf16 GEMV.
 
-Without CUDA only the CPU rows run (pure torch vs bitsandbytes' CPU dequantize); the GPU figures stay open.
+Without CUDA only the CPU rows run: the dequantize (slimtune's C++ decode kernel, its pure-torch gather, and
+bitsandbytes' CPU dequantize), then the batch-1 fp32 GEMV (slimtune's C++ GEMV, slimtune's decode + matmul,
+``bnb.matmul_4bit``); the GPU figures stay open.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 import torch
 
 from slimtune.perf import kernels
+from slimtune.quant import cpu_decode, nf4
 
 
 def timed(fn, device: str, iters: int) -> float:
@@ -68,6 +71,26 @@ def row(name: str, seconds: float, value: float, unit: str, ref: float | None = 
     print(f"  {name:<44} {seconds * 1e3:9.3f} ms  {value:9.2f} {unit:<7} {ratio}")
 
 
+def cpu_gemv(bnb, param, w, iters: int) -> None:
+    """Batch-1 fp32 GEMV on the CPU (the compute dtype there): one generated token's matmul."""
+    rows, cols = w.shape
+    print("batch-1 fp32 GEMV on the CPU (GB/s of 4-bit weight read; ratio vs bitsandbytes)")
+    x1 = torch.randn(1, cols)
+    weight_bytes = rows * cols // 2 + w.absmax.numel()
+    scales, wt = w.block_scales(), param.t()
+    t_bnb = timed(lambda: bnb.matmul_4bit(x1, wt, quant_state=param.quant_state), "cpu", iters)
+    ref = weight_bytes / t_bnb / 1e9
+    row("bitsandbytes matmul_4bit", t_bnb, ref, "GB/s", ref)
+    if cpu_decode.few_rows_matmul(x1, w.packed, scales, w.code, rows, w.blocksize) is not None:
+        t_g = timed(lambda: cpu_decode.few_rows_matmul(x1, w.packed, w.block_scales(), w.code, rows, w.blocksize),
+                    "cpu", iters)
+        row("slimtune C++ GEMV (W decoded on the fly)", t_g, weight_bytes / t_g / 1e9, "GB/s", ref)
+    else:
+        print(f"  slimtune C++ GEMV: not on this CPU ({cpu_decode.status() or 'no AVX-512'})")
+    t_d = timed(lambda: x1 @ kernels.dequantize_4bit(w, torch.float32, use_triton=False).T, "cpu", iters)
+    row("slimtune decode + matmul", t_d, weight_bytes / t_d / 1e9, "GB/s", ref)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=14336)
@@ -80,24 +103,33 @@ def main() -> None:
     n = args.rows * args.cols
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
           f"bitsandbytes {bnb.__version__}; weight {args.rows} x {args.cols} NF4 + DQ, blocksize 64")
-    iters = args.iters if device == "cuda" else 3
+    iters = args.iters if device == "cuda" else 10
 
     print("dequantize to bf16 (effective bandwidth; ratio vs bitsandbytes)")
     moved = n // 2 + w.absmax.numel() + 4 * w.nested_absmax.numel() + 2 * n  # read packed + scales, write bf16
     t_bnb = timed(lambda: bnb.functional.dequantize_4bit(param.data, param.quant_state), device, iters)
     t_torch = timed(lambda: kernels.dequantize_4bit(w, torch.bfloat16, use_triton=False), device, iters)
+    scales = w.block_scales()
+    t_gather = timed(lambda: nf4.dequantize_4bit(w.packed, scales, w.shape, dtype=torch.bfloat16, code=w.code,
+                                                 cpu_kernel=False), device, iters)
     dense = torch.empty(n, dtype=torch.bfloat16, device=device)
     copy_dst = torch.empty_like(dense)
     t_copy = timed(lambda: copy_dst.copy_(dense), device, iters)
     ref = moved / t_bnb / 1e9
     row("bitsandbytes dequantize_4bit", t_bnb, ref, "GB/s", ref)
-    row("slimtune pure torch", t_torch, moved / t_torch / 1e9, "GB/s", ref)
+    if device == "cpu":
+        how = f"C++ kernel, {cpu_decode.isa()}" if cpu_decode.status() is None else "pure torch: no C++ kernel"
+        row(f"slimtune ({how})", t_torch, moved / t_torch / 1e9, "GB/s", ref)
+        row("slimtune pure-torch gather (cpu_kernel=False)", t_gather, moved / t_gather / 1e9, "GB/s", ref)
+    else:
+        row("slimtune pure torch", t_torch, moved / t_torch / 1e9, "GB/s", ref)
     if device == "cuda":
         t_tri = timed(lambda: kernels.dequantize_4bit(w, torch.bfloat16, use_triton=True), device, iters)
         row("slimtune Triton", t_tri, moved / t_tri / 1e9, "GB/s", ref)
     row("device copy of the bf16 weight (limit)", t_copy, 2 * 2 * n / t_copy / 1e9, "GB/s", ref)
     if device != "cuda":
-        print("no CUDA device: the Triton, matmul and GEMV figures need a GPU (open)")
+        cpu_gemv(bnb, param, w, iters)
+        print("no CUDA device: the Triton, matmul and GPU GEMV figures need a GPU (open)")
         return
 
     x = torch.randn(args.tokens, args.cols, device=device, dtype=torch.bfloat16)
