@@ -165,7 +165,7 @@ def test_the_gemv_declines_what_it_does_not_cover(monkeypatch):
         cpu_decode.gemv(torch.randn(1, 128).double(), packed.reshape(-1), absmax, code, 16, 64)
     with pytest.raises(ValueError, match="gemv: absmax must be .* at least 32 elements"):
         cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax[:31], code, 16, 64)
-    monkeypatch.setattr(cpu_decode._library(), "slimtune_decode_isa", lambda: 1)  # an AVX2 CPU: decode + BLAS instead
+    monkeypatch.setitem(cpu_decode._STATE, "gemv", False)  # as loaded on an AVX2 CPU: decode + BLAS instead
     assert cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax, code, 16, 64) is None
     assert cpu_decode.gemv(torch.randn(1, 128), packed.reshape(-1), absmax, code, 16, 64, isa_cap=0) is not None
 

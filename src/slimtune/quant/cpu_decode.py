@@ -170,7 +170,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torc
     if not 1 <= rows <= GEMV_ROWS or in_features % blocksize or status() is not None:
         return None
     if isa_cap is None:
-        if _library().slimtune_decode_isa() < _BEST_ISA:
+        if not gemv_ready():  # probed once when the library loaded, not per call (a call per layer and token)
             return None
         isa_cap = _BEST_ISA
     x = x.contiguous()
